@@ -1,0 +1,1902 @@
+"""mml.py: the MMLandmarks benchmark (CVPR 2026) in one readable file.
+
+18,557 US landmarks, each seen four ways: ground photos (G), aerial images (S, "satellite"),
+a Wikipedia text (T) and a GPS point (C, "coordinates"). One model embeds all four into one
+space with a CLIP-style contrastive loss, so a photo finds its aerial view (G2S), an aerial
+view its photos (S2G), a photo, an aerial view or a sentence its location (G2C, S2C, T2C),
+and a sentence its images (T2G, T2S).
+
+    pip install -r requirements.txt
+    python mml.py train                  # CPU, no data needed: ~1 min to build a synthetic
+                                         #   world in the real layout, then ~6 min of training
+    python mml.py eval                   # every task of the protocol, official and strict
+    python mml.py train --data /data/MMLandmarks --img-size 224 --batch-size 512 ...  # 1 GPU
+    torchrun --standalone --nproc_per_node=8 mml.py train --data /data/MMLandmarks ...
+    python mml.py prepare --data /data/MMLandmarks --img-size 224   # decode images once
+    python mml.py bench                  # where the time goes, on this machine
+
+Sections, in the order the data flows: config, geometry, synthetic world, data, model, loss,
+metrics, train, eval, bench, command line.
+Shape letters: B batch, D embedding width, Q queries, G gallery, P positives per query,
+L tokens, S image side, W processes (world size).
+"""
+import argparse
+import csv
+import dataclasses
+import difflib
+import hashlib
+import io
+import itertools
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision.transforms.v2.functional as TF
+from PIL import Image, ImageDraw, ImageEnhance, ImageOps
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+
+# ---- config -------------------------------------------------------------------------------
+
+
+def opt(default, help):
+    """A Config field whose help text becomes its --help line."""
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class Config:
+    # data
+    data: str = opt("", "dataset root in the released layout; empty: a synthetic world in "
+                        "data/synthetic, generated on first use")
+    scale: float = opt(1.0, "size of the synthetic world (1.0: 800 train / 80 query landmarks)")
+    subset: int = opt(0, "train on the first N training landmarks only (0: all)")
+    n_val: int = opt(1024, "training landmarks held out for validation, at most 10%% of them")
+    outdoor_only: bool = opt(False, "train on the outdoor ground photos only (the subset CSV)")
+    last_sat_only: bool = opt(False, "train on each landmark's latest aerial image only")
+    train_text: str = opt("first", "training sentence: first | random (PROTOCOL section 2)")
+    query_text: str = opt("first,random,no_cues", "query sentences the text tasks are run with")
+    img_size: int = opt(64, "images are resized (short side) and centre-cropped to S x S")
+    cache: str = opt("", "image cache folder made by `prepare` (default: DATA/cache)")
+    workers: int = opt(min(8, os.cpu_count() or 1), "DataLoader worker processes")
+    seed: int = opt(0, "seed of everything random: hold-out, sampling, augmentation, init")
+    # model
+    modalities: str = opt("GSTC", "modalities to train: any two or more of G S T C")
+    embed_dim: int = opt(128, "width D of the shared embedding space (the authors: 512)")
+    img_width: int = opt(32, "channels of the image CNNs' first stage (x2 per stage)")
+    share_image_trunk: bool = opt(False, "ground and aerial share one CNN trunk (the authors' "
+                                         "frozen CLIP did), with separate heads")
+    vocab_size: int = opt(2000, "BPE vocabulary of the text tokenizer")
+    max_len: int = opt(40, "tokens per sentence, padded or truncated")
+    text_width: int = opt(128, "text transformer width")
+    text_layers: int = opt(2, "text transformer layers")
+    gps_width: int = opt(256, "GPS MLP width (GeoCLIP: 1024)")
+    gps_depth: int = opt(2, "GPS MLP hidden layers per scale (GeoCLIP: 3)")
+    gps_init: str = opt("", "GeoCLIP location-encoder state dict to start the GPS encoder from")
+    # training
+    loss: str = opt("complete", "complete: all modality pairs; imagebind: ground vs each other")
+    batch_size: int = opt(128, "global batch (split across torchrun processes)")
+    epochs: int = opt(30, "passes over the training landmarks, one sample each")
+    max_steps: int = opt(0, "stop after this many steps (0: epochs decide); the lr "
+                            "schedule spans them")
+    lr: float = opt(2e-3, "peak AdamW learning rate")
+    weight_decay: float = opt(0.05, "AdamW weight decay (not on biases, norms, logit scale)")
+    warmup: float = opt(0.05, "fraction of the steps spent warming the lr up linearly")
+    grad_clip: float = opt(1.0, "clip the gradient norm to this (0: off)")
+    bf16: bool = opt(True, "bf16 autocast on GPUs that support it (always fp32 on the CPU)")
+    compile: bool = opt(False, "torch.compile the model")
+    log_every: int = opt(10, "steps between log lines")
+    out: str = opt("runs/mml", "run folder: checkpoints, log.jsonl, eval/")
+    resume: bool = opt(False, "continue from OUT/last.pt exactly where it stopped")
+    overfit_batch: bool = opt(False, "train on one fixed batch: the loss must fall to ~0")
+    max_bad_steps: int = opt(10, "stop after this many non-finite losses in a row")
+    # evaluation
+    ckpt: str = opt("", "checkpoint to evaluate (default: OUT/best.pt)")
+    tasks: str = opt("", "comma-separated tasks, e.g. G2S,T2C-no_cues (default: all)")
+    chunk: int = opt(512, "queries scored at once; memory ~ 6 bytes x chunk x gallery")
+    eval_batch: int = opt(256, "batch size when embedding queries and galleries")
+    # bench and prepare
+    bench_queries: int = opt(200, "queries timed for the per-query baseline in `bench`")
+    splits: str = opt("train,query,index", "splits `prepare` decodes into the cache")
+
+
+COMMANDS = ("train", "eval", "synth", "prepare", "bench")
+
+
+class UserError(Exception):
+    """A mistake in the input (a path, a file, a flag): printed as one line, no traceback."""
+
+
+def is_master() -> bool:
+    """True in a single process, and in process 0 of a torchrun group."""
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def print0(*args):
+    if is_master():
+        print(*args, flush=True)
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+# ---- geometry -----------------------------------------------------------------------------
+
+EARTH_RADIUS_KM = 6371.0
+
+
+def equal_earth(latlon: torch.Tensor) -> torch.Tensor:
+    """(..., 2) degrees (lat, lon) -> (..., 2) Equal Earth (x, y), x in [-1, 1].
+
+    The equal-area projection GeoCLIP feeds its location encoder (Savric et al. 2018), with
+    GeoCLIP's scaling SF/180 so that longitude 180 lands on x = 1; its pretrained weights
+    expect that scaling (the MMLandmarks authors' copy leaves it out).
+    """
+    a1, a2, a3, a4, sf = 1.340264, -0.081106, 0.000893, 0.003796, 66.50336
+    lat, lon = torch.deg2rad(latlon[..., 0]), torch.deg2rad(latlon[..., 1])
+    theta = torch.asin(math.sqrt(3) / 2 * torch.sin(lat))
+    x = (2 * math.sqrt(3) * lon * torch.cos(theta)
+         / (3 * (9 * a4 * theta**8 + 7 * a3 * theta**6 + 3 * a2 * theta**2 + a1)))
+    y = a4 * theta**9 + a3 * theta**7 + a2 * theta**3 + a1 * theta
+    return torch.stack((x, y), dim=-1) * sf / 180
+
+
+def haversine_km(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Great-circle distance in km between (..., 2) tensors of (lat, lon) degrees."""
+    a, b = torch.deg2rad(a.double()), torch.deg2rad(b.double())
+    dlat, dlon = b[..., 0] - a[..., 0], b[..., 1] - a[..., 1]
+    h = torch.sin(dlat / 2) ** 2 + torch.cos(a[..., 0]) * torch.cos(b[..., 0]) * torch.sin(dlon / 2) ** 2
+    return 2 * EARTH_RADIUS_KM * torch.asin(torch.sqrt(h.clamp(0, 1)))
+
+
+# ---- synthetic world ----------------------------------------------------------------------
+# A small world written in the released layout, so that a demo run and every test read data
+# through the same code a real user's run does. It is learnable across modalities: location
+# decides the land cover seen from above and from the ground; each landmark's category decides
+# its footprint and silhouette, its colour the roof and the facade; the text names category,
+# colour, size, land cover, city and state. Several landmarks share category and colour, so
+# retrieval has to combine cues and never becomes trivial.
+
+CITIES = [  # (city, state, lat, lon): landmarks cluster around these
+    ("New York", "New York", 40.71, -74.01), ("Los Angeles", "California", 34.05, -118.24),
+    ("Chicago", "Illinois", 41.88, -87.63), ("Houston", "Texas", 29.76, -95.37),
+    ("Phoenix", "Arizona", 33.45, -112.07), ("Philadelphia", "Pennsylvania", 39.95, -75.17),
+    ("San Antonio", "Texas", 29.42, -98.49), ("San Diego", "California", 32.72, -117.16),
+    ("Dallas", "Texas", 32.78, -96.80), ("San Francisco", "California", 37.77, -122.42),
+    ("Seattle", "Washington", 47.61, -122.33), ("Denver", "Colorado", 39.74, -104.99),
+    ("Boston", "Massachusetts", 42.36, -71.06), ("Nashville", "Tennessee", 36.16, -86.78),
+    ("Detroit", "Michigan", 42.33, -83.05), ("Portland", "Oregon", 45.52, -122.68),
+    ("Las Vegas", "Nevada", 36.17, -115.14), ("Memphis", "Tennessee", 35.15, -90.05),
+    ("Atlanta", "Georgia", 33.75, -84.39), ("Miami", "Florida", 25.76, -80.19),
+    ("Minneapolis", "Minnesota", 44.98, -93.27), ("New Orleans", "Louisiana", 29.95, -90.07),
+    ("Salt Lake City", "Utah", 40.76, -111.89), ("Kansas City", "Missouri", 39.10, -94.58),
+    ("Albuquerque", "New Mexico", 35.08, -106.65), ("Charlotte", "North Carolina", 35.23, -80.84),
+    ("Washington", "District of Columbia", 38.91, -77.04), ("Pittsburgh", "Pennsylvania", 40.44, -79.99),
+    ("Omaha", "Nebraska", 41.26, -95.93), ("Boise", "Idaho", 43.62, -116.20),
+    ("Billings", "Montana", 45.78, -108.50), ("Cleveland", "Ohio", 41.50, -81.69),
+    ("Richmond", "Virginia", 37.54, -77.44), ("Oklahoma City", "Oklahoma", 35.47, -97.52),
+    ("Buffalo", "New York", 42.89, -78.88), ("Jacksonville", "Florida", 30.33, -81.66),
+    ("Tucson", "Arizona", 32.22, -110.97), ("Sacramento", "California", 38.58, -121.49),
+]
+COLOURS = {"red": (178, 52, 44), "blue": (48, 82, 168), "white": (228, 228, 222),
+           "black": (42, 42, 48), "yellow": (222, 190, 62), "orange": (214, 122, 42),
+           "purple": (118, 62, 140), "brown": (116, 80, 52), "teal": (40, 140, 140)}
+COVER = {"forest": (46, 92, 50), "farmland": (152, 160, 86), "desert": (206, 182, 136),
+         "pine forest": (30, 66, 52), "city": (128, 128, 126)}
+# Front views: polygons with x in [-0.5, 0.5] and y from 0 (ground) up to 1.
+SILHOUETTES = {
+    "church": [(-.4, 0), (.4, 0), (.4, .5), (.1, .5), (.1, .72), (0, 1), (-.1, .72), (-.1, .5), (-.4, .5)],
+    "tower": [(-.12, 0), (.12, 0), (.1, .9), (0, 1), (-.1, .9)],
+    "stadium": [(-.5, 0), (.5, 0), (.44, .32), (-.44, .32)],
+    "lighthouse": [(-.15, 0), (.15, 0), (.08, .84), (.13, .84), (.13, .9), (0, 1), (-.13, .9),
+                   (-.13, .84), (-.08, .84)],
+    "capitol": [(-.45, 0), (.45, 0), (.45, .45), (.2, .45)] + [
+        (.2 * math.cos(a * math.pi / 8), .45 + .3 * math.sin(a * math.pi / 8)) for a in range(9)]
+        + [(-.45, .45)],
+    "museum": [(-.45, 0), (.45, 0), (.45, .5), (0, .68), (-.45, .5)],
+    "castle": [(-.4, 0), (.4, 0)] + [(x / 10, .7 - .08 * (i % 2)) for i, x in
+                                      enumerate([4, 3, 3, 1, 1, -1, -1, -3, -3, -4])],
+    "obelisk": [(-.2, 0), (.2, 0), (.2, .08), (.06, .08), (.04, .9), (0, 1), (-.04, .9),
+                (-.06, .08), (-.2, .08)],
+    "skyscraper": [(-.2, 0), (.2, 0), (.2, .6), (.12, .6), (.12, .85), (.04, .85), (.02, 1),
+                   (-.04, .85), (-.12, .85), (-.12, .6), (-.2, .6)],
+}
+CATEGORIES = list(SILHOUETTES)
+NAME_WORDS = ["Old", "Grand", "North", "Lake", "Cedar", "Liberty", "Union", "Harbor", "Pioneer",
+              "Summit", "River", "Founders", "Mission", "Oak", "Sunset", "Eagle", "Granite", "Elm"]
+
+
+def land_cover(lat: float, lon: float) -> tuple[str, np.ndarray]:
+    """What the ground looks like at a place, smooth in location: (name, RGB)."""
+    dry = np.clip((-lon - 97) / 12, 0, 1) * np.clip((43 - lat) / 6, 0, 1)  # the south-west
+    cold = np.clip((lat - 42) / 4, 0, 1)                                   # the north
+    wave = 0.5 + 0.5 * math.sin(lat * 0.9) * math.cos(lon * 0.7)           # farm or forest
+    urban = max(math.exp(-((lat - c[2]) ** 2 + (lon - c[3]) ** 2) / 0.15**2) for c in CITIES)
+    weights = {"desert": dry, "pine forest": (1 - dry) * cold * (1 - wave),
+               "forest": (1 - dry) * (1 - cold) * (1 - wave), "farmland": (1 - dry) * wave,
+               "city": 2.5 * urban}
+    rgb = sum(w * np.array(COVER[k], float) for k, w in weights.items()) / sum(weights.values())
+    return max(weights, key=weights.get), rgb
+
+
+def place_landmark(rng: random.Random) -> dict:
+    """A random landmark: where it is and what it looks like."""
+    city, state, clat, clon = rng.choice(CITIES)
+    rural = rng.random() < 0.3          # rural landmarks spread far from the city
+    spread = rng.uniform(1.0, 2.5) if rural else 0.08
+    lat = min(48.5, max(25.5, clat + rng.gauss(0, spread)))
+    lon = min(-67.5, max(-124, clon + rng.gauss(0, spread)))
+    colour = rng.choice(list(COLOURS))
+    return {"lat": lat, "lon": lon, "city": city, "state": state, "rural": rural,
+            "category": rng.choice(CATEGORIES), "colour": colour,
+            "rgb": np.clip(np.array(COLOURS[colour]) + [rng.gauss(0, 14) for _ in range(3)], 0, 255),
+            "size": rng.uniform(0.25, 0.6), "year": rng.randint(1780, 2010),
+            "name": f"{rng.choice(NAME_WORDS)} {rng.choice(NAME_WORDS)}"}
+
+
+def rgb(a) -> tuple:
+    return tuple(int(v) for v in np.clip(a, 0, 255))
+
+
+def draw_footprint(d: ImageDraw.ImageDraw, lm: dict, c: float, r: float, cover: np.ndarray):
+    """The landmark seen from above, centred at (c, c) with half-width r, by category."""
+    roof, box = rgb(lm["rgb"]), (c - r, c - r, c + r, c + r)
+    shape = lm["category"]
+    if shape == "church":
+        d.rectangle((c - r, c - r / 3, c + r, c + r / 3), fill=roof)
+        d.rectangle((c - r / 3, c - r, c + r / 3, c + r), fill=roof)
+    elif shape == "stadium":
+        d.ellipse(box, fill=roof)
+        d.ellipse((c - r / 2, c - r / 3, c + r / 2, c + r / 3), fill=(70, 150, 60))
+    elif shape == "lighthouse":
+        d.rectangle((c + r / 2, c - 3 * r, c + 3 * r, c + 3 * r), fill=(40, 80, 150))
+        d.ellipse((c - r / 2, c - r / 2, c + r / 2, c + r / 2), fill=roof, outline=(240, 240, 240))
+    elif shape == "capitol":
+        d.rectangle(box, fill=roof)
+        d.ellipse((c - r / 2, c - r / 2, c + r / 2, c + r / 2), fill=rgb(lm["rgb"] * 0.7 + 60))
+    elif shape == "museum":
+        d.rectangle((c - r, c - r * 0.7, c + r, c + r * 0.7), fill=roof)
+        d.rectangle((c - r / 2, c - r / 3, c + r / 2, c + r / 3), fill=rgb(cover))
+    elif shape == "castle":
+        d.rectangle((c - r * 0.8, c - r * 0.8, c + r * 0.8, c + r * 0.8), fill=roof)
+        for sx, sy in itertools.product((-1, 1), (-1, 1)):
+            x, y = c + sx * r * 0.8, c + sy * r * 0.8
+            d.ellipse((x - r / 4, y - r / 4, x + r / 4, y + r / 4), fill=rgb(lm["rgb"] * 0.7))
+    elif shape == "obelisk":
+        d.ellipse(box, fill=(170, 170, 165))
+        d.rectangle((c - r / 5, c - r / 5, c + r / 5, c + r / 5), fill=roof)
+    elif shape == "skyscraper":
+        d.rectangle((c - r * 0.6, c - r * 0.6, c + r * 0.6, c + r * 0.6), fill=roof)
+        d.rectangle((c - r / 3, c - r / 3, c + r / 3, c + r / 3), fill=rgb(lm["rgb"] * 0.8 + 40))
+    else:  # tower
+        d.rectangle((c - r / 3, c - r / 3, c + r / 3, c + r / 3), fill=roof)
+
+
+def render_satellite(lm: dict | None, lat: float, lon: float, rng: random.Random,
+                     size: int = 96) -> Image.Image:
+    """An aerial tile centred at (lat, lon): land cover, fields, roads and, if lm is given,
+    the landmark's footprint. rng varies what changes between years: light, angle, offset."""
+    _, cover = land_cover(lat, lon)
+    canvas = Image.new("RGB", (2 * size, 2 * size), rgb(cover))
+    d = ImageDraw.Draw(canvas)
+    ground = random.Random(f"{lat:.4f},{lon:.4f}")  # the same fields and roads every year
+    for _ in range(30):
+        x, y, w, h = (ground.uniform(0, 2 * size) for _ in range(4))
+        d.rectangle((x, y, x + w / 4, y + h / 4), fill=rgb(cover + [ground.gauss(0, 18)] * 3))
+    for _ in range(ground.randint(0, 3)):
+        d.line([(ground.uniform(0, 2 * size), 0), (ground.uniform(0, 2 * size), 2 * size)],
+               fill=(95, 95, 95), width=3)
+    if lm is not None:
+        draw_footprint(d, lm, size, lm["size"] * size / 2, cover)
+    shift = (size + rng.uniform(-4, 4), size + rng.uniform(-4, 4))
+    canvas = canvas.rotate(rng.uniform(-25, 25), resample=Image.BILINEAR, center=shift)
+    tile = canvas.crop((int(shift[0]) - size // 2, int(shift[1]) - size // 2,
+                        int(shift[0]) + size // 2, int(shift[1]) + size // 2))
+    return ImageEnhance.Brightness(tile).enhance(rng.uniform(0.75, 1.25))
+
+
+def render_ground(lm: dict | None, lat: float, lon: float, rng: random.Random,
+                  w: int = 128, h: int = 96, indoor: bool = False) -> Image.Image:
+    """A photo from the ground: sky, terrain in the local land cover and, if lm is given,
+    the landmark's silhouette in its facade colour, from a random viewpoint and distance."""
+    _, cover = land_cover(lat, lon)
+    img = Image.new("RGB", (w, h))
+    d = ImageDraw.Draw(img)
+    facade = lm["rgb"] * rng.uniform(0.8, 1.1) if lm is not None else None
+    if indoor:  # walls in a lighter facade colour, a floor, a few frames
+        d.rectangle((0, 0, w, h), fill=rgb(facade * 0.6 + 90))
+        d.rectangle((0, h * 0.75, w, h), fill=(110, 80, 55))
+        for _ in range(3):
+            x, y = rng.uniform(0, w * 0.8), rng.uniform(h * 0.1, h * 0.5)
+            d.rectangle((x, y, x + w / 8, y + h / 6), outline=(60, 40, 30), width=2)
+        return img
+    sky = np.array([rng.uniform(90, 150), rng.uniform(140, 190), rng.uniform(200, 250)])
+    horizon = int(h * rng.uniform(0.6, 0.8))
+    for y in range(horizon):  # a sky gradient, lighter towards the horizon
+        d.line([(0, y), (w, y)], fill=rgb(sky + (255 - sky) * 0.5 * y / horizon))
+    d.rectangle((0, horizon, w, h), fill=rgb(cover * 0.85))
+    for _ in range(12):
+        x, y = rng.uniform(0, w), rng.uniform(horizon, h)
+        d.ellipse((x, y, x + 6, y + 3), fill=rgb(cover * rng.uniform(0.6, 1.1)))
+    if lm is not None:
+        height = h * (0.4 + lm["size"]) * rng.uniform(0.75, 1.05)
+        cx = w / 2 + rng.uniform(-0.2, 0.2) * w
+        poly = [(cx + x * height, horizon + 2 - y * height) for x, y in SILHOUETTES[lm["category"]]]
+        d.polygon(poly, fill=rgb(facade))
+        for _ in range(4):  # windows
+            x, y = cx + rng.uniform(-0.1, 0.1) * height, horizon - rng.uniform(0.1, 0.4) * height
+            d.rectangle((x, y, x + 2, y + 3), fill=rgb(facade * 0.4))
+    return img.transpose(Image.FLIP_LEFT_RIGHT) if rng.random() < 0.5 else img
+
+
+def describe(lm: dict) -> tuple[dict, str]:
+    """The landmark's Wikipedia article {section: text} and its first sentence without cues."""
+    size = "small" if lm["size"] < 0.35 else "large" if lm["size"] > 0.5 else "mid-sized"
+    place = f"rural {lm['state']}" if lm["rural"] else f"{lm['city']}, {lm['state']}"
+    cover, _ = land_cover(lm["lat"], lm["lon"])
+    kind = lm["category"]
+    intro = (f"The {lm['name']} {kind.title()} is a {size} {lm['colour']} {kind} in {place}. "
+             f"It was completed in {lm['year']}.\n"
+             f"Visitors know it for its {lm['colour']} roof. It draws crowds every summer.")
+    sections = {
+        "Introduction": intro,
+        "History": f"Work on the {kind} began in {lm['year'] - 3}. It lies near {lm['city']}.\n"
+                   f"The site was restored in {lm['year'] + 60}. It is listed as a landmark.",
+        "Architecture": f"The {kind} has a {lm['colour']} roof and a {size} footprint. "
+                        f"It is surrounded by {cover}.",
+    }
+    no_cues = f"The {lm['name']} {kind.title()} is a {size} {lm['colour']} {kind}"
+    return sections, no_cues
+
+
+def shard(split_dir: Path, kind: str, image_id: str) -> Path:
+    """ROOT/split/kind/a/b/c/id.ext: the released sharding by the id's first three digits."""
+    ext = {"ground": ".jpg", "satellite": ".png", "text": ".json"}[kind]
+    return split_dir / kind / image_id[0] / image_id[1] / image_id[2] / (image_id + ext)
+
+
+def write_csv(path: Path, header: list[str], rows):
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
+
+
+def synthesize(out: Path, scale: float = 1.0, seed: int = 0) -> dict:
+    """Write a synthetic world in the released layout to `out`; return its counts.
+
+    Written to a temporary folder and renamed into place, so an interrupted run never leaves
+    a half-written world that a later run would take for a whole one.
+    """
+    rng = random.Random(seed)
+    n_train, n_query = max(40, int(800 * scale)), max(20, int(80 * scale))
+    n_index_ground, n_index_sat = max(60, int(1200 * scale)), max(60, int(600 * scale))
+    tmp = out.with_name(out.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    new_id = lambda: f"{rng.getrandbits(64):016x}"  # noqa: E731 (the released 16-hex-digit ids)
+    landmark_ids = rng.sample(range(10**5, 10**7), n_train + n_query)
+    counts, master = {}, []
+
+    def save(img: Image.Image, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        img.save(path, quality=90) if path.suffix == ".jpg" else img.save(path, compress_level=1)
+
+    for split, ids in (("train", landmark_ids[:n_train]), ("query", landmark_ids[n_train:])):
+        d = tmp / split
+        rows = {k: [] for k in ("meta", "ground", "subset", "sat", "text", "sentences", "lic")}
+        for lid in ids:
+            lm = place_landmark(rng)
+            ground, outdoor = [], []
+            for k in range(rng.randint(3, 8)):
+                gid, indoor = new_id(), k > 0 and rng.random() < 0.15
+                save(render_ground(lm, lm["lat"], lm["lon"], rng, indoor=indoor), shard(d, "ground", gid))
+                ground.append(gid)
+                outdoor += [] if indoor else [gid]
+            sats = [new_id() for _ in range(rng.randint(2, 5))]  # oldest first
+            for sid in sats:
+                save(render_satellite(lm, lm["lat"], lm["lon"], rng), shard(d, "satellite", sid))
+            tid = new_id()
+            sections, no_cues = describe(lm)
+            shard(d, "text", tid).parent.mkdir(parents=True, exist_ok=True)
+            shard(d, "text", tid).write_text(json.dumps(sections))
+            name = f"{lm['name']} {lm['category'].title()} ({lm['city']})"
+            rows["meta"].append((lid, name, f"{lm['lat']:.6f}", f"{lm['lon']:.6f}"))
+            rows["ground"].append((lid, " ".join(ground)))
+            rows["subset"].append((lid, " ".join(outdoor)))
+            rows["sat"].append((lid, " ".join(sats)))
+            rows["text"].append((lid, tid))
+            rows["sentences"].append((lid, no_cues))
+            rows["lic"] += [(lid, i, "CC BY-SA 4.0") for i in ground + sats]
+            bbox = [f"{lm['lat'] - 0.001:.6f}", f"{lm['lon'] - 0.001:.6f}",
+                    f"{lm['lat'] + 0.001:.6f}", f"{lm['lon'] + 0.001:.6f}"]
+            master.append([lid, name, name, f"{lm['lat']:.6f}", f"{lm['lon']:.6f}", *bbox,
+                           f"Q{lid}", "way", lid * 7, lm["category"], lm["state"],
+                           f"building > {lm['category']}"])
+        p = f"mml_{split}"
+        write_csv(d / f"{p}.csv", ["landmark_id", "CommonsCategory", "lat", "lon"], rows["meta"])
+        write_csv(d / f"{p}_ground.csv", ["landmark_id", "images"], rows["ground"])
+        write_csv(d / f"{p}_text.csv", ["landmark_id", "json"], rows["text"])
+        write_csv(d / f"{p}_licenses.csv", ["landmark_id", "images", "license"], rows["lic"])
+        if split == "train":
+            write_csv(d / f"{p}_ground_subset.csv", ["landmark_id", "images"], rows["subset"])
+            write_csv(d / f"{p}_satellite.csv", ["landmark_id", "images"], rows["sat"])
+        else:  # the query split lists the latest aerial image apart from all years
+            write_csv(d / f"{p}_satellite.csv", ["landmark_id", "images"],
+                      [(lid, s.split()[-1]) for lid, s in rows["sat"]])
+            write_csv(d / f"{p}_all_satellite.csv", ["landmark_id", "images"], rows["sat"])
+            write_csv(d / f"{p}_text_sentences.csv", ["landmark_id", "sentences"], rows["sentences"])
+        counts[split] = {"landmarks": len(ids), "text": len(ids),
+                         "ground": sum(len(r[1].split()) for r in rows["ground"]),
+                         "satellite": sum(len(r[1].split()) for r in rows["sat"])}
+
+    # Index distractors: photos of other buildings and of plain landscape; aerial tiles at
+    # random places, half with a building on them. Their centres make up the GPS gallery.
+    d, ground_rows, sat_rows = tmp / "index", [], []
+    for i in range(n_index_ground):
+        lm = place_landmark(rng)
+        gid = new_id()
+        save(render_ground(lm if i % 2 else None, lm["lat"], lm["lon"], rng), shard(d, "ground", gid))
+        ground_rows.append((gid, f"{rng.getrandbits(40):x}"))
+    for i in range(n_index_sat):
+        lm = place_landmark(rng)
+        sid = new_id()
+        save(render_satellite(lm if i % 2 else None, lm["lat"], lm["lon"], rng), shard(d, "satellite", sid))
+        sat_rows.append((sid, f"{lm['lat']:.6f}", f"{lm['lon']:.6f}", rng.randint(2010, 2022)))
+    write_csv(d / "mml_index_ground.csv", ["images", "gldv2_id"], ground_rows)
+    write_csv(d / "mml_index_satellite.csv", ["images", "lat", "lon", "year"], sat_rows)
+    counts["index"] = {"ground": n_index_ground, "satellite": n_index_sat}
+    write_csv(tmp / "mmlandmarks.csv",
+              ["landmark_id", "CommonsCategory", "WikipediaPage", "lat", "lon", "min_lat",
+               "min_lon", "max_lat", "max_lon", "QID", "osm_type", "osm_id", "category",
+               "state", "hierarchical_category"], master)
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return counts
+
+
+def default_world(cfg: Config) -> Path:
+    """The dataset root to use: --data, or the synthetic world (generated on first use)."""
+    if cfg.data:
+        return Path(cfg.data)
+    root = Path("data") / ("synthetic" if cfg.scale == 1 else f"synthetic-x{cfg.scale:g}")
+    if not (root / "mmlandmarks.csv").exists():  # written last: its presence means complete
+        if is_master():
+            t = time.time()
+            print0(f"no --data given: generating a synthetic world in {root} ...")
+            counts = synthesize(root, cfg.scale)
+            print0(f"  done in {time.time() - t:.0f}s: {json.dumps(counts)}")
+        barrier()
+    return root
+
+
+# ---- data ---------------------------------------------------------------------------------
+# The reader follows the released layout (PROTOCOL section 2): per split, a CSV of landmarks
+# with GPS and one CSV per modality listing image ids; files sharded by id under
+# split/{ground,satellite,text}/a/b/c/. Everything is read with the csv module into plain
+# lists, so 800k index rows take about a second.
+
+
+def read_table(path: Path, columns: list[str]) -> dict[str, list[str]]:
+    """One CSV of the release as {column: values}, checking that the columns are there."""
+    if not path.is_file():
+        raise UserError(f"{path}: file not found (expected a CSV with columns {','.join(columns)})")
+    with open(path, newline="") as f:
+        reader = csv.reader(f)
+        header = next(reader, [])
+        for c in columns:
+            if c not in header:
+                raise UserError(f"{path}: no column {c!r} (expected {','.join(columns)}, "
+                                f"found {','.join(header)})")
+        rows = list(reader)
+    short = next((n for n, r in enumerate(rows, 2) if len(r) < len(header)), None)
+    if short is not None:
+        raise UserError(f"{path}, line {short}: {len(rows[short - 2])} fields, expected {len(header)}")
+    return {c: [r[header.index(c)] for r in rows] for c in columns}
+
+
+def parse_numbers(path: Path, table: dict, columns: list[str], dtype) -> np.ndarray:
+    """(N, len(columns)) numbers from CSV columns; a bad cell is an error naming its line."""
+    try:
+        return np.array([table[c] for c in columns], dtype=dtype).T
+    except ValueError:
+        for n, row in enumerate(zip(*(table[c] for c in columns)), 2):
+            try:
+                [dtype(v) for v in row]
+            except ValueError:
+                raise UserError(f"{path}, line {n}: {','.join(row)} is not a number") from None
+        raise
+
+
+def parse_latlon(path: Path, table: dict) -> np.ndarray:
+    """(N, 2) latitude and longitude in degrees; NaN or out of range is an error."""
+    latlon = parse_numbers(path, table, ["lat", "lon"], float)
+    ok = (np.abs(latlon[:, 0]) <= 90) & (np.abs(latlon[:, 1]) <= 180)  # False for NaN too
+    if not ok.all():
+        n = int(np.argmin(ok))
+        raise UserError(f"{path}, line {n + 2}: GPS ({latlon[n, 0]}, {latlon[n, 1]}) is not "
+                        f"a latitude in [-90, 90] and a longitude in [-180, 180]")
+    return latlon
+
+
+@dataclass
+class Split:
+    """One split's landmarks as parallel lists: row i describes one landmark."""
+    dir: Path                  # ROOT/train or ROOT/query
+    ids: np.ndarray            # (N,) landmark ids
+    latlon: np.ndarray         # (N, 2) degrees
+    ground: list[list[str]]    # ground photo ids
+    sat: list[list[str]]       # aerial image ids of every year, oldest first
+    latest: list[str]          # the latest aerial image (the query split's evaluation view)
+    text: list[str]            # Wikipedia article (json) id
+    no_cues: list[str] | None  # first sentence without geographic cues (query split only)
+
+    def take(self, rows) -> "Split":
+        rows = list(rows)
+        pick = lambda xs: None if xs is None else [xs[i] for i in rows]  # noqa: E731
+        return Split(self.dir, self.ids[rows], self.latlon[rows], pick(self.ground),
+                     pick(self.sat), pick(self.latest), pick(self.text), pick(self.no_cues))
+
+
+def check_root(root: Path, sub: str = "") -> Path:
+    if not root.is_dir():
+        raise UserError(f"{root}: dataset root not found (expected the MMLandmarks layout: "
+                        f"mmlandmarks.csv, train/, query/, index/)")
+    if sub and not (root / sub).is_dir():
+        raise UserError(f"{root / sub}: split folder not found (expected mml_{sub}*.csv and "
+                        f"ground/, satellite/ inside)")
+    return root / sub
+
+
+def read_split(root: Path, split: str, outdoor_only: bool = False) -> Split:
+    """Read ROOT/{train,query}: landmarks, GPS, image lists, text ids (PROTOCOL section 2)."""
+    d, p = check_root(root, split), f"mml_{split}"
+    meta = read_table(d / f"{p}.csv", ["landmark_id", "lat", "lon"])
+    ids = parse_numbers(d / f"{p}.csv", meta, ["landmark_id"], int)[:, 0]
+    latlon = parse_latlon(d / f"{p}.csv", meta)
+
+    def by_landmark(name: str, column: str, optional=False, partial=False) -> dict | None:
+        """{landmark id: value} of one CSV, checked against the landmark list both ways
+        (partial: the CSV may leave landmarks out, as the outdoor subset does)."""
+        if optional and not (d / name).is_file():
+            return None
+        t = read_table(d / name, ["landmark_id", column])
+        col = dict(zip(parse_numbers(d / name, t, ["landmark_id"], int)[:, 0].tolist(), t[column]))
+        known = set(ids.tolist())
+        extra = [i for i in col if i not in known]
+        absent = [] if partial else [i for i in ids.tolist() if i not in col]
+        for missing, here, there in ((extra, f"{p}.csv", name), (absent, name, f"{p}.csv")):
+            if missing:
+                more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+                raise UserError(f"{d / here}: landmark {', '.join(map(str, missing[:5]))}{more}"
+                                f" listed in {there} but missing here")
+        return col
+
+    ground = by_landmark(f"{p}_ground_subset.csv" if outdoor_only else f"{p}_ground.csv",
+                         "images", partial=outdoor_only)
+    if split == "query":  # the latest aerial image is listed apart from all the years
+        latest = by_landmark(f"{p}_satellite.csv", "images")
+        sat = by_landmark(f"{p}_all_satellite.csv", "images", optional=True) or latest
+    else:
+        sat = by_landmark(f"{p}_satellite.csv", "images")
+        latest = {i: s.split()[-1] if s.split() else "" for i, s in sat.items()}
+    text = by_landmark(f"{p}_text.csv", "json")
+    no_cues = by_landmark(f"{p}_text_sentences.csv", "sentences", optional=True)
+    keep = [n for n, i in enumerate(ids.tolist()) if ground.get(i, "").split() and sat[i].split()]
+    if len(keep) < len(ids):  # the outdoor subset leaves out landmarks with no outdoor photo
+        print0(f"{d}: {len(ids) - len(keep)} landmarks without ground or aerial images left out")
+    rows = ids[keep].tolist()
+    return Split(d, ids[keep], latlon[keep], [ground[i].split() for i in rows],
+                 [sat[i].split() for i in rows], [latest[i] for i in rows],
+                 [text[i] for i in rows], None if no_cues is None else [no_cues[i] for i in rows])
+
+
+@dataclass
+class Index:
+    """The distractors: GLDv2 ground photos and aerial tiles whose centres are GPS candidates."""
+    dir: Path
+    ground: list[str]          # ground photo ids
+    sat: list[str]             # aerial image ids
+    sat_latlon: np.ndarray     # (N, 2) the aerial tiles' centres, degrees
+
+
+def read_index(root: Path) -> Index:
+    d = check_root(root, "index")
+    ground = read_table(d / "mml_index_ground.csv", ["images"])["images"]
+    sat = read_table(d / "mml_index_satellite.csv", ["images", "lat", "lon"])
+    return Index(d, ground, sat["images"], parse_latlon(d / "mml_index_satellite.csv", sat))
+
+
+def read_train(cfg: Config, root: Path) -> tuple[Split, Split]:
+    """The training split, cut to --subset, minus a seeded hold-out for validation: (train, val)."""
+    split = read_split(root, "train", cfg.outdoor_only)
+    if cfg.subset:
+        split = split.take(range(min(cfg.subset, len(split.ids))))
+    n_val = min(cfg.n_val, len(split.ids) // 10)  # 1,024 of 17,557 on the real data
+    perm = np.random.default_rng(cfg.seed).permutation(len(split.ids))
+    return split.take(np.sort(perm[n_val:])), split.take(np.sort(perm[:n_val]))
+
+
+def load_image(path: Path, size: int, draft: bool = True) -> np.ndarray:
+    """(S, S, 3) uint8: decode, resize the short side to S, keep the centre square.
+
+    draft() lets the JPEG decoder skip detail: it decodes at 1/2, 1/4 or 1/8 scale, never
+    below the requested size, which makes 800-px photos 2-3x cheaper (see `bench`).
+    """
+    with Image.open(path) as im:
+        if draft:
+            im.draft("RGB", (size, size))
+        return np.array(ImageOps.fit(im.convert("RGB"), (size, size), Image.BILINEAR))
+
+
+class UnreadableFile(Exception):
+    """A data file (image or article) that is missing or cannot be decoded."""
+
+
+class ImageStore:
+    """Decoded S x S images of one split and kind (ground or satellite), looked up by id.
+
+    They come from the `prepare` cache when one exists for this split and kind: one uint8
+    array (N, S, S, 3) on disk, memory-mapped, plus a manifest of ids. A cache made for
+    another size, or one that lacks images this run needs, is refused, never silently used.
+    """
+
+    def __init__(self, split_dir: Path, kind: str, size: int, cache: Path | None, needed=()):
+        self.dir, self.kind, self.size, self.rows, self.array = split_dir, kind, size, None, None
+        self.cache = cache / f"{split_dir.name}_{kind}" if cache else None
+        if self.cache and self.cache.with_suffix(".json").is_file():
+            m = json.loads(self.cache.with_suffix(".json").read_text())
+            if m["size"] != size:
+                raise UserError(f"{self.cache}.json: the cache holds {m['size']} px images, not "
+                                f"--img-size {size}; rerun `python mml.py prepare --img-size {size}` "
+                                f"or move the cache away")
+            self.rows, self.broken = {i: n for n, i in enumerate(m["ids"])}, set(m["broken"])
+            lacking = [i for i in needed if i not in self.rows]
+            if lacking:
+                raise UserError(f"{self.cache}.json: the cache lacks {len(lacking)} images of this "
+                                f"run (first: {lacking[0]}); the file list changed: rerun `prepare`")
+
+    def path(self, image_id: str) -> Path:
+        return shard(self.dir, self.kind, image_id)
+
+    def __getstate__(self):  # a memory map is reopened in each worker, not pickled into it
+        return {**self.__dict__, "array": None}
+
+    def __call__(self, image_id: str) -> np.ndarray:
+        if self.rows is None:
+            try:
+                return load_image(self.path(image_id), self.size)
+            except (OSError, ValueError, SyntaxError) as e:  # missing, truncated, not an image
+                raise UnreadableFile(f"{self.path(image_id)}: {e}") from None
+        if image_id in self.broken:
+            raise UnreadableFile(f"{self.path(image_id)}: could not be decoded when cached")
+        if self.array is None:
+            self.array = np.memmap(self.cache.with_suffix(".u8"), np.uint8, "r",
+                                   shape=(len(self.rows), self.size, self.size, 3))
+        return np.array(self.array[self.rows[image_id]])
+
+
+def decode_or_none(job: tuple) -> np.ndarray | None:
+    try:
+        return load_image(*job)
+    except (OSError, ValueError, SyntaxError):
+        return None
+
+
+def build_cache(split_dir: Path, kind: str, ids: list[str], size: int, cache: Path, pool) -> int:
+    """Decode images into cache/{split}_{kind}.u8 (N, S, S, 3) and write the manifest last,
+    so that an interrupted build is never mistaken for a whole one. Returns the unreadable count."""
+    store, name = ImageStore(split_dir, kind, size, None), cache / f"{split_dir.name}_{kind}"
+    name.with_suffix(".json").unlink(missing_ok=True)
+    out = np.memmap(name.with_suffix(".u8"), np.uint8, "w+", shape=(max(1, len(ids)), size, size, 3))
+    broken = []
+    for row, img in enumerate(pool.imap(decode_or_none, ((store.path(i), size) for i in ids), chunksize=32)):
+        if img is None:
+            broken.append(ids[row])
+        else:
+            out[row] = img
+    out.flush()
+    tmp = name.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({"size": size, "ids": ids, "broken": broken}))
+    os.replace(tmp, name.with_suffix(".json"))
+    return len(broken)
+
+
+def prepare(cfg: Config):
+    """Decode every image of --splits once into the cache: training then reads pixels, not JPEGs."""
+    root = default_world(cfg)
+    cache = Path(cfg.cache) if cfg.cache else root / "cache"
+    jobs = []  # (split folder, kind, image ids)
+    for split in cfg.splits.split(","):
+        if split == "index":
+            index = read_index(root)
+            jobs += [(index.dir, "ground", index.ground), (index.dir, "satellite", index.sat)]
+        else:
+            s = read_split(root, split)
+            jobs += [(s.dir, "ground", [i for g in s.ground for i in g]),
+                     (s.dir, "satellite", list(dict.fromkeys(i for g in s.sat + [s.latest] for i in g)))]
+    n, S = sum(len(ids) for *_, ids in jobs), cfg.img_size
+    print0(f"prepare: {n} images at {S}x{S} px -> {n * S * S * 3 / 1e9:.2f} GB in {cache}")
+    cache.mkdir(parents=True, exist_ok=True)
+    with torch.multiprocessing.get_context("fork").Pool(max(1, cfg.workers)) as pool:
+        for split_dir, kind, ids in jobs:
+            t = time.time()
+            broken = build_cache(split_dir, kind, ids, S, cache, pool)
+            print0(f"  {split_dir.name} {kind}: {len(ids)} images, {broken} unreadable, "
+                   f"{len(ids) / (time.time() - t):.0f} images/s")
+
+
+def image_stores(cfg: Config, split_dir: Path, needed: dict) -> dict:
+    """{"G": store, "S": store} for one split; needed: {"G": ids, "S": ids} the run will read."""
+    root = split_dir.parent
+    cache = Path(cfg.cache) if cfg.cache else root / "cache"
+    return {m: ImageStore(split_dir, kind, cfg.img_size, cache, needed.get(m, ()))
+            for m, kind in (("G", "ground"), ("S", "satellite"))}
+
+
+def read_article(path: Path) -> dict:
+    """A Wikipedia article: an ordered {section title: text}, paragraphs split by newlines."""
+    try:
+        article = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise UnreadableFile(f"{path}: {e}") from None
+    if not isinstance(article, dict) or not article:
+        raise UnreadableFile(f"{path}: expected a JSON object {{section title: text}}")
+    return article
+
+
+def pick_sentence(article: dict, mode: str, rng: random.Random) -> str:
+    """The authors' sentence picking (PROTOCOL section 2), naive on purpose so numbers compare:
+    first: lead section, first paragraph, text before the first '. '; random: any of each."""
+    if mode == "first":
+        return str(next(iter(article.values()))).split("\n")[0].split(". ")[0]
+    paragraph = rng.choice(str(rng.choice(list(article.values()))).split("\n"))
+    return rng.choice(paragraph.split(". "))
+
+
+def train_tokenizer(texts, cfg: Config) -> Tokenizer:
+    """A lower-cased BPE tokenizer learnt from training text only. It travels inside every
+    checkpoint (as JSON), so evaluation maps words to exactly the ids training used. (BPE, not
+    WordPiece: the tokenizers library's WordPiece trainer numbers tied tokens differently from
+    run to run, which would break reproducible runs and exact --resume.)"""
+    tok = Tokenizer(models.BPE(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=cfg.vocab_size, special_tokens=["[PAD]", "[UNK]"], show_progress=False))
+    tok.enable_padding(pad_id=0, pad_token="[PAD]", length=cfg.max_len)  # id 0 is padding
+    tok.enable_truncation(cfg.max_len)
+    return tok
+
+
+def tokenize(tok: Tokenizer, sentences: list[str]) -> torch.Tensor:
+    return torch.tensor([e.ids for e in tok.encode_batch(sentences)], dtype=torch.long)  # (N, L)
+
+
+def augment(img: torch.Tensor, rng: random.Random, rotate: bool) -> torch.Tensor:
+    """(3, S, S) uint8 -> the same, jittered as the authors did: light colour jitter, blur or
+    sharpen, and aerial views turned by a multiple of 90 degrees (north is not special)."""
+    img = TF.adjust_brightness(img, rng.uniform(0.8, 1.2))
+    img = TF.adjust_contrast(img, rng.uniform(0.8, 1.2))
+    img = TF.adjust_saturation(img, rng.uniform(0.8, 1.2))
+    r = rng.random()
+    if r < 0.2:
+        img = TF.gaussian_blur(img, [3, 3], [rng.uniform(0.3, 1.0)])
+    elif r < 0.4:
+        img = TF.adjust_sharpness(img, 2.0)
+    return torch.rot90(img, rng.randrange(4), dims=(1, 2)) if rotate else img
+
+
+class LandmarkSet(torch.utils.data.Dataset):
+    """Landmarks -> one sample each: {"G": (3,S,S) uint8, "S": (3,S,S) uint8, "T": (L,) ids,
+    "C": (2,) lat/lon, "bad": unreadable files, one per line}, active modalities only.
+
+    Training (augment=True) draws a random ground photo, a random year's aerial image (or the
+    latest, --last-sat-only) and a --train-text sentence, and jitters the images; validation
+    takes the first photo, the latest aerial view and the first sentence, unchanged. Keys are
+    (epoch, row), and all randomness comes from a generator seeded by (seed, epoch, row): a
+    sample is the same whichever worker draws it, which makes --resume exact.
+
+    A file that cannot be read is skipped for another view of the same landmark and listed
+    in "bad"; the training loop counts and reports these at the end of each epoch.
+    """
+
+    def __init__(self, split: Split, stores: dict, tok: Tokenizer, cfg: Config, augment: bool):
+        self.split, self.stores, self.tok, self.cfg, self.train = split, stores, tok, cfg, augment
+
+    def __len__(self):
+        return len(self.split.ids)
+
+    def view(self, m: str, ids: list[str], rng: random.Random, bad: list) -> torch.Tensor:
+        for image_id in rng.sample(ids, len(ids)) if self.train else ids:
+            try:
+                img = torch.from_numpy(self.stores[m](image_id)).permute(2, 0, 1)  # (3, S, S)
+                return augment(img, rng, rotate=m == "S") if self.train else img
+            except UnreadableFile as e:
+                bad.append(str(e))
+        return torch.zeros(3, self.cfg.img_size, self.cfg.img_size, dtype=torch.uint8)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict:
+        epoch, i = key
+        rng, s, mods, bad = random.Random(f"{self.cfg.seed}/{epoch}/{i}"), self.split, self.cfg.modalities, []
+        out = {}
+        if "G" in mods:
+            out["G"] = self.view("G", s.ground[i], rng, bad)
+        if "S" in mods:
+            sats = s.sat[i] if self.train and not self.cfg.last_sat_only else [s.latest[i]]
+            out["S"] = self.view("S", sats, rng, bad)
+        if "T" in mods:
+            try:
+                article = read_article(shard(s.dir, "text", s.text[i]))
+                sentence = pick_sentence(article, self.cfg.train_text if self.train else "first", rng)
+            except UnreadableFile as e:
+                bad.append(str(e))
+                sentence = ""
+            out["T"] = torch.tensor(self.tok.encode(sentence).ids)
+        if "C" in mods:
+            out["C"] = torch.tensor(s.latlon[i], dtype=torch.float32)
+        out["bad"] = "\n".join(bad)
+        return out
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """(epoch, row) keys for one process: each epoch a fresh permutation seeded by (seed, epoch),
+    cut into global batches of B; process r of W takes the r-th B/W slice of each. So one run
+    sees the same global batches whatever the number of processes, and the run can resume
+    from any batch (set_epoch's start)."""
+
+    def __init__(self, n: int, batch: int, seed: int, rank: int = 0, world: int = 1):
+        self.n, self.batch, self.seed, self.rank, self.world = n, batch, seed, rank, world
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch: int, start: int = 0):
+        self.epoch, self.start = epoch, start
+
+    def __len__(self):
+        return (self.n // self.batch - self.start) * (self.batch // self.world)
+
+    def __iter__(self):
+        perm = np.random.default_rng([self.seed, self.epoch]).permutation(self.n)
+        local = self.batch // self.world
+        for b in range(self.start, self.n // self.batch):  # the last partial batch is dropped
+            first = b * self.batch + self.rank * local
+            yield from ((self.epoch, int(i)) for i in perm[first:first + local])
+
+
+# ---- model --------------------------------------------------------------------------------
+# Four encoders, one per modality, each ending in a projection to the shared width D and an
+# L2 normalisation, so that a dot product between any two embeddings is a cosine similarity.
+# GroupNorm rather than BatchNorm in the CNNs: a sample's embedding must not depend on the
+# rest of its batch (in evaluation, or on another GPU's share of the batch).
+
+
+class ResBlock(nn.Module):
+    """Two 3x3 convolutions with a shortcut; halves the side, (B,C,S,S) -> (B,C',S/2,S/2)."""
+
+    def __init__(self, c_in: int, c_out: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=2, padding=1, bias=False)
+        self.norm1 = nn.GroupNorm(8, c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
+        self.norm2 = nn.GroupNorm(8, c_out)
+        self.skip = nn.Conv2d(c_in, c_out, 1, stride=2, bias=False)
+
+    def forward(self, x):
+        y = F.gelu(self.norm1(self.conv1(x)))
+        return F.gelu(self.norm2(self.conv2(y)) + self.skip(x))
+
+
+def image_trunk(width: int) -> nn.Sequential:
+    """(B, 3, S, S) float -> (B, 8 * width) features: a stem and three residual stages."""
+    return nn.Sequential(
+        nn.Conv2d(3, width, 3, stride=2, padding=1, bias=False), nn.GroupNorm(8, width), nn.GELU(),
+        ResBlock(width, 2 * width), ResBlock(2 * width, 4 * width), ResBlock(4 * width, 8 * width),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten())
+
+
+class ImageEncoder(nn.Module):
+    """(B, 3, S, S) uint8 -> (B, D) unit vectors. A shared trunk may be passed in."""
+
+    def __init__(self, width: int, dim: int, trunk: nn.Module | None = None):
+        super().__init__()
+        self.trunk = trunk if trunk is not None else image_trunk(width)
+        self.head = nn.Linear(8 * width, dim)
+
+    def forward(self, img):
+        x = img.float() / 127.5 - 1  # pixels to [-1, 1]; uint8 until here: 4x less to copy
+        return F.normalize(self.head(self.trunk(x)).float(), dim=-1)
+
+
+class TextEncoder(nn.Module):
+    """(B, L) token ids, 0 = padding -> (B, D): a small pre-norm transformer, mean-pooled."""
+
+    def __init__(self, vocab: int, max_len: int, width: int, layers: int, dim: int):
+        super().__init__()
+        self.tokens = nn.Embedding(vocab, width)
+        self.pos = nn.Parameter(torch.randn(max_len, width) * 0.02)
+        layer = nn.TransformerEncoderLayer(width, max(1, width // 64), 4 * width, dropout=0.0,
+                                           activation="gelu", batch_first=True, norm_first=True)
+        self.blocks = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, dim)
+
+    def forward(self, ids):
+        pad = ids == 0                                             # (B, L)
+        pad[:, 0] = False  # an empty sentence keeps one token: an all-masked row would be NaN
+        x = self.tokens(ids) + self.pos[: ids.shape[1]]            # (B, L, width)
+        x = self.norm(self.blocks(x, src_key_padding_mask=pad))
+        keep = (~pad).unsqueeze(-1).to(x.dtype)                    # (B, L, 1)
+        pooled = (x * keep).sum(1) / keep.sum(1)                   # (B, width)
+        return F.normalize(self.head(pooled).float(), dim=-1)
+
+
+class RandomFourierFeatures(nn.Module):
+    """(B, 2) -> (B, 2n): [cos(2 pi v b^T), sin(2 pi v b^T)] with b ~ N(0, sigma^2) fixed.
+
+    b is a buffer, so it is saved with the weights (GeoCLIP's key `capsule.0.b`). At
+    sigma = 256 the phases reach thousands of radians: they are computed in float32 even
+    under bf16 autocast, which would round them to noise.
+    """
+
+    def __init__(self, n: int, sigma: float):
+        super().__init__()
+        self.register_buffer("b", torch.randn(n, 2) * sigma)
+
+    def forward(self, v):
+        with torch.autocast(v.device.type, enabled=False):
+            phase = 2 * math.pi * v.float() @ self.b.T             # (B, n)
+            return torch.cat([torch.cos(phase), torch.sin(phase)], dim=-1)
+
+
+class GPSEncoder(nn.Module):
+    """(B, 2) lat/lon degrees -> (B, D): GeoCLIP's location encoder (Vivanco et al. 2023).
+
+    Equal Earth projection, then per scale sigma in (2^0, 2^4, 2^8) random Fourier features
+    and an MLP with a linear head; the three scales' outputs are summed. Module names follow
+    GeoCLIP (LocEnc{k}.capsule / .head), so with --gps-width 1024 --gps-depth 3
+    --embed-dim 512 its pretrained state dict loads unchanged (--gps-init).
+    """
+    SIGMAS = (2**0, 2**4, 2**8)
+
+    def __init__(self, width: int, depth: int, dim: int, n_freq: int = 256):
+        super().__init__()
+        for k, sigma in enumerate(self.SIGMAS):
+            layers, d = [RandomFourierFeatures(n_freq, sigma)], 2 * n_freq
+            for _ in range(depth):
+                layers += [nn.Linear(d, width), nn.ReLU()]
+                d = width
+            self.add_module(f"LocEnc{k}", nn.ModuleDict(
+                {"capsule": nn.Sequential(*layers), "head": nn.Sequential(nn.Linear(d, dim))}))
+
+    def forward(self, latlon):
+        v = equal_earth(latlon.float())                            # (B, 2)
+        out = sum(enc["head"](enc["capsule"](v)) for enc in self.children())
+        return F.normalize(out.float(), dim=-1)
+
+
+class MML(nn.Module):
+    """The four encoders and the learnable temperature. forward: batch -> ({m: (B, D)}, scale)."""
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        m, D, enc = cfg.modalities, cfg.embed_dim, {}
+        if "G" in m:
+            enc["G"] = ImageEncoder(cfg.img_width, D)
+        if "S" in m:
+            shared = enc["G"].trunk if cfg.share_image_trunk and "G" in enc else None
+            enc["S"] = ImageEncoder(cfg.img_width, D, trunk=shared)
+        if "T" in m:
+            enc["T"] = TextEncoder(cfg.vocab_size, cfg.max_len, cfg.text_width, cfg.text_layers, D)
+        if "C" in m:
+            enc["C"] = GPSEncoder(cfg.gps_width, cfg.gps_depth, D)
+        self.enc = nn.ModuleDict(enc)
+        # CLIP's initial temperature 0.07, learnt in log space (Radford et al. 2021)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+
+    def forward(self, batch: dict):
+        # the scale is returned, not read off the module, so that DDP sees it used in forward
+        return {m: self.enc[m](batch[m]) for m in self.enc}, self.logit_scale.exp()
+
+
+# ---- loss ---------------------------------------------------------------------------------
+
+
+def loss_pairs(modalities: str, kind: str) -> list[str]:
+    """complete: every pair of modalities (the authors' default); imagebind: ground vs each."""
+    if kind == "imagebind":
+        return ["G" + m for m in modalities if m != "G"]
+    return [a + b for a, b in itertools.combinations(modalities, 2)]
+
+
+class GatherWithGrad(torch.autograd.Function):
+    """(B, D) on each of W processes -> (W*B, D) on every process, with gradients flowing back.
+
+    A plain dist.all_gather returns tensors without history: each process's loss would push
+    gradient only into its own B rows and treat the others' as constants, so the model
+    would learn from a fraction of its negatives. Every row enters every process's loss, so
+    the gradient of a row is the sum over processes: backward all-reduces and keeps our slice.
+    """
+
+    @staticmethod
+    def forward(ctx, x):
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        B = grad.shape[0] // dist.get_world_size()
+        return grad[dist.get_rank() * B:(dist.get_rank() + 1) * B]
+
+
+def contrastive_loss(emb: dict, scale: torch.Tensor, pairs: list[str], gather: bool = True):
+    """Symmetric InfoNCE (CLIP) for each pair of modalities, averaged over the pairs.
+
+    emb: {modality: (B, D) unit vectors}. Row i of one modality matches row i of the other;
+    the other B-1 rows (W*B-1 under torchrun) are the negatives. Under torchrun each process
+    scores its own B rows against all W*B columns (open_clip's "local loss"), so its labels
+    are offset by rank*B. Each process's loss is a mean over its rows and DDP averages the
+    processes' gradients, so the update is exactly that of the mean over the global batch;
+    scaling the loss by W as well would multiply the gradients by W (open_clip issue 616).
+    Returns (loss, {pair: loss}). Call it outside autocast: logits up to 100 need float32.
+    """
+    world = dist.get_world_size() if gather and dist.is_initialized() else 1
+    cols = {m: GatherWithGrad.apply(e) if world > 1 else e for m, e in emb.items()}  # (W*B, D)
+    B = next(iter(emb.values())).shape[0]
+    labels = torch.arange(B, device=scale.device) + (dist.get_rank() * B if world > 1 else 0)
+    parts = {}
+    for a, b in pairs:
+        logits_ab = scale * emb[a] @ cols[b].T                     # (B, W*B)
+        logits_ba = scale * emb[b] @ cols[a].T                     # (B, W*B)
+        parts[a + b] = (F.cross_entropy(logits_ab, labels) + F.cross_entropy(logits_ba, labels)) / 2
+    return sum(parts.values()) / len(parts), parts
+
+
+# ---- metrics ------------------------------------------------------------------------------
+# PROTOCOL section 4. A positive is a gallery item with the query's landmark id; label -1
+# marks an index distractor. The authors' official numbers treat distractors as junk: removed
+# from the ranking before R@k and mAP@1k (after taking the top 1,000 for mAP), seen only by
+# medR. The strict numbers rank the distractors like any other item. Both are reported.
+
+
+def count_at_least(scores: torch.Tensor, t: torch.Tensor, n_junk: int) -> tuple:
+    """Items scoring >= t per row, among the distractors (the first n_junk columns) and among
+    the rest: (c, G), (c, 1) -> two (c,). A count, not a sort: one pass over the scores."""
+    return ((scores[:, :n_junk] >= t).sum(1, dtype=torch.int32),
+            (scores[:, n_junk:] >= t).sum(1, dtype=torch.int32))
+
+
+def rank_queries(q: torch.Tensor, g: torch.Tensor, q_labels: torch.Tensor, g_labels: torch.Tensor,
+                 map_top: int = 1000, chunk: int = 512, top: int = 5) -> dict:
+    """Per query (Q,): 0-based position of its first positive in the full ranking
+    ("first_strict") and with distractors removed ("first_official"), AP over the top
+    map_top under both ("ap_strict", "ap_official"), and its `top` best gallery items (Q, top).
+
+    No sort of the gallery. A positive's position is a count: the items scoring at least as
+    high as it. The first positive is counted against the whole gallery (medR needs its
+    position however low). AP needs only positives within the top map_top, and every item
+    above such a positive lies in the top map_top too, so those are counted among the top
+    map_top scores alone (topk: a selection, not a sort). Ties go against the query: an item
+    whose score equals a positive's ranks before it, unless it is a positive too. Scores are
+    float32 with TF32 off, since rounding at 100k+ items creates ties. Memory stays bounded
+    by the chunk: about 6 bytes x chunk x G.
+    """
+    Q, G = len(q), len(g)
+    junk = g_labels == -1
+    n_junk, order = int(junk.sum()), None
+    if not bool(junk[:n_junk].all()):  # distractors first: counting them is then a slice
+        order = torch.argsort((~junk).int(), stable=True)
+        g, g_labels = g[order], g_labels[order]
+    # each query's positives as gallery indices: sort the labels once, find each query's run
+    by_label = torch.argsort(g_labels, stable=True)
+    sorted_labels = g_labels[by_label]
+    start = torch.searchsorted(sorted_labels, q_labels)
+    n_good = torch.searchsorted(sorted_labels, q_labels, right=True) - start  # (Q,)
+    if bool((n_good == 0).any()):
+        raise ValueError(f"query {int(torch.nonzero(n_good == 0)[0])} has no positive in the gallery")
+    slots = torch.arange(int(n_good.max()), device=g.device)                   # (P,)
+    pos_index = by_label[(start[:, None] + slots).clamp(max=G - 1)]           # (Q, P)
+    is_pos = slots < n_good[:, None]                                           # (Q, P)
+    K = min(map_top, G)
+    res = {"first_strict": torch.zeros(Q, dtype=torch.long, device=g.device),
+           "first_official": torch.zeros(Q, dtype=torch.long, device=g.device),
+           "ap_strict": torch.zeros(Q, dtype=torch.float64, device=g.device),
+           "ap_official": torch.zeros(Q, dtype=torch.float64, device=g.device),
+           "top": torch.zeros(Q, min(top, G), dtype=torch.long, device=g.device)}
+    precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        for s in range(0, Q, chunk):
+            part = slice(s, s + chunk)
+            scores = q[part].float() @ g.float().T                            # (c, G)
+            top_scores, top_index = scores.topk(K, dim=1)                      # (c, K) best first
+            res["top"][part] = top_index[:, :res["top"].shape[1]]
+            pos = scores.gather(1, pos_index[part]).masked_fill(~is_pos[part], -math.inf)
+            pos = pos.sort(dim=1, descending=True).values                     # (c, P) best first
+            # the first positive, counted against the whole gallery
+            t = pos[:, :1]
+            junk_above, labelled_above = count_at_least(scores, t, n_junk)
+            official = labelled_above - (pos >= t).sum(1)  # non-positives of the query split
+            res["first_official"][part], res["first_strict"][part] = official, official + junk_above
+            # every positive within the top K, counted among the top K scores
+            top_junk, kth = top_index < n_junk, top_scores[:, -1:]             # (c, K), (c, 1)
+            for j in range(pos.shape[1]):
+                t = pos[:, j:j + 1]                                            # (c, 1)
+                valid = j < n_good[part]
+                inside, edge = valid & (t > kth)[:, 0], valid & (t == kth)[:, 0]
+                if not bool((inside | edge).any()):
+                    break  # the remaining positives all score below the K-th item
+                at_least = top_scores >= t
+                junk_above = (at_least & top_junk).sum(1, dtype=torch.int32)
+                labelled_above = (at_least & ~top_junk).sum(1, dtype=torch.int32)
+                if bool(edge.any()):  # ties with the K-th item may go on past the top K
+                    junk_above[edge], labelled_above[edge] = count_at_least(scores[edge], t[edge], n_junk)
+                official = labelled_above - (pos >= t).sum(1) + j  # j positives rank before it
+                strict = official + junk_above
+                hit = inside | (edge & (strict < map_top))
+                for name, row in (("ap_strict", strict.double()), ("ap_official", official.double())):
+                    # the authors' AP: mean of the precisions just before and at each hit
+                    before = torch.where(row > 0, j / row.clamp(min=1), 1.0)
+                    res[name][part] += torch.where(hit, (before + (j + 1) / (row + 1)) / 2, 0.0)
+    finally:
+        torch.set_float32_matmul_precision(precision)
+    res["ap_strict"] /= n_good
+    res["ap_official"] /= n_good
+    if order is not None:
+        res["top"] = order[res["top"]]
+    return res
+
+
+def summarise(ranks: dict, ks=(1, 5, 10), map_top: int = 1000) -> dict:
+    """Per-query ranks -> {"official": {R@k, mAP, medR}, "strict": {...}}, in percent but medR.
+    medR is the median 1-based position in the full ranking under both protocols (the
+    authors' medR already counts distractors), numpy's median (mean of the middle two)."""
+    med = float(np.median(ranks["first_strict"].cpu().numpy() + 1))
+    m = "mAP@1k" if map_top == 1000 else f"mAP@{map_top}"
+    return {p: {**{f"R@{k}": 100 * (ranks[f"first_{p}"] < k).double().mean().item() for k in ks},
+                m: 100 * ranks[f"ap_{p}"].mean().item(), "medR": med} for p in ("official", "strict")}
+
+
+def retrieval_metrics(query_emb, gallery_emb, query_labels, gallery_labels, ks=(1, 5, 10),
+                      map_top=1000) -> dict:
+    """Official and strict R@k, mAP@map_top and medR of a retrieval task (PROTOCOL section 4)."""
+    return summarise(rank_queries(query_emb, gallery_emb, query_labels, gallery_labels, map_top),
+                     ks, map_top)
+
+
+def geo_metrics(pred_latlon: torch.Tensor, true_latlon: torch.Tensor) -> dict:
+    """% of predictions within 1, 25, 200, 750, 2500 km of the truth, and the median error."""
+    km = haversine_km(pred_latlon, true_latlon)
+    return {**{f"acc@{t}km": 100 * (km <= t).double().mean().item() for t in (1, 25, 200, 750, 2500)},
+            "median_km": float(np.median(km.cpu().numpy()))}
+
+
+# ---- train --------------------------------------------------------------------------------
+# One process per GPU under torchrun (nanoGPT's shape): RANK in the environment means
+# distributed; process 0 logs, validates and writes checkpoints while the others wait at a
+# barrier. Without torchrun all of this reduces to rank 0 of 1 and no extra code runs.
+
+
+def setup_distributed() -> torch.device:
+    """Join the torchrun group if there is one; the device this process computes on."""
+    if "RANK" in os.environ and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def lr_factor(step: int, total: int, warmup: int) -> float:
+    """Linear warmup, then cosine decay to zero."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def save_checkpoint(state: dict, path: Path):
+    """Write to a temporary file and rename it into place: a crash mid-write never leaves a
+    half-written checkpoint where the last good one was."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path) -> dict:
+    if not path.is_file():
+        raise UserError(f"{path}: no checkpoint there (train one with `python mml.py train`, "
+                        f"or name one with --ckpt)")
+    try:  # weights_only=False: our own files, which carry the config and RNG states too
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise UserError(f"{path}: not a readable mml checkpoint ({type(e).__name__}: {e})") from None
+
+
+def fmt_time(seconds: float) -> str:
+    return f"{int(seconds // 3600)}:{int(seconds % 3600 // 60):02d}:{int(seconds % 60):02d}"
+
+
+def autocast_for(device: torch.device, cfg: Config):
+    """bf16 autocast on a GPU that has it, else a no-op: the one precision switch."""
+    bf16 = device.type == "cuda" and cfg.bf16 and torch.cuda.is_bf16_supported()
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    """Tensors to the device; pinned memory makes the copy asynchronous (non_blocking)."""
+    out = {m: x.to(device, non_blocking=True) for m, x in batch.items() if torch.is_tensor(x)}
+    for m, x in out.items():  # convolutions run fastest on channels-last images on GPUs
+        if x.dim() == 4 and device.type == "cuda":
+            out[m] = x.contiguous(memory_format=torch.channels_last)
+    return out
+
+
+@torch.no_grad()
+def validate(model: MML, val_set: LandmarkSet, cfg: Config, pairs: list[str], device) -> dict:
+    """Loss over the held-out landmarks in fixed batches, and an in-set retrieval R@1 for the
+    first pair (ground to aerial with the default modalities): a quick check, not the benchmark."""
+    model.eval()
+    n, B = len(val_set), min(cfg.batch_size, len(val_set))
+    loader = torch.utils.data.DataLoader(val_set, batch_size=B, sampler=[(0, i) for i in range(n)],
+                                         num_workers=min(cfg.workers, 2))
+    total, embs = 0.0, []
+    for batch in loader:
+        with autocast_for(device, cfg):
+            emb, scale = model(to_device(batch, device))
+        total += contrastive_loss(emb, scale, pairs, gather=False)[0].item() * len(batch["bad"])  # x rows
+        embs.append(emb)
+    model.train()
+    a, b = pairs[0]
+    emb = {m: torch.cat([e[m] for e in embs]) for m in (a, b)}
+    labels = torch.arange(n, device=device)
+    r1 = retrieval_metrics(emb[a], emb[b], labels, labels)["official"]["R@1"]
+    return {"val_loss": total / n, f"val_{a}2{b}_R@1": r1, "chance_R@1": 100 / n}
+
+
+def train(cfg: Config):
+    device = setup_distributed()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    out = Path(cfg.out)
+    root = default_world(cfg)
+    train_split, val_split = read_train(cfg, root)
+    if len(train_split.ids) < 2 or len(val_split.ids) < 2:
+        raise UserError(f"{root}: {len(train_split.ids)} training and {len(val_split.ids)} validation "
+                        f"landmarks; need at least 2 of each")
+    ckpt = load_checkpoint(out / "last.pt") if cfg.resume else None
+    if ckpt:
+        tok = Tokenizer.from_str(ckpt["tokenizer"])
+    else:  # learnt once, on process 0, and sent to the others: every process must agree
+        tok_json = [None]
+        if rank == 0:
+            docs = (read_article(shard(train_split.dir, "text", t)) for t in train_split.text)
+            tok_json = [train_tokenizer((str(v) for d in docs for v in d.values()), cfg).to_str()]
+        if world > 1:
+            dist.broadcast_object_list(tok_json)
+        tok = Tokenizer.from_str(tok_json[0])
+    stores = image_stores(cfg, train_split.dir, {
+        "G": [i for g in train_split.ground + val_split.ground for i in g],
+        "S": [i for g in train_split.sat + val_split.sat for i in g]})
+    train_set = LandmarkSet(train_split, stores, tok, cfg, augment=True)
+    val_set = LandmarkSet(val_split, stores, tok, cfg, augment=False)
+
+    # A global batch never larger than the landmarks, and divisible by the process count.
+    B = min(cfg.batch_size, len(train_set)) // world * world
+    if cfg.batch_size % world:
+        raise UserError(f"--batch-size {cfg.batch_size} is the global batch: it must divide "
+                        f"evenly over {world} processes")
+    if B < cfg.batch_size:
+        print0(f"batch {cfg.batch_size} > {len(train_set)} training landmarks: using {B}")
+    sampler = EpochSampler(len(train_set), B, cfg.seed, rank, world)
+    loader = torch.utils.data.DataLoader(
+        train_set, batch_size=B // world, sampler=sampler, num_workers=cfg.workers,
+        pin_memory=device.type == "cuda", persistent_workers=cfg.workers > 0,
+        prefetch_factor=4 if cfg.workers > 0 else None)
+    steps_per_epoch = len(train_set) // B
+    total = cfg.max_steps or cfg.epochs * steps_per_epoch
+
+    torch.manual_seed(cfg.seed)  # the same initial weights on every process
+    raw = MML(cfg).to(device)
+    if device.type == "cuda":
+        raw = raw.to(memory_format=torch.channels_last)
+    if cfg.gps_init and not ckpt:
+        raw.enc["C"].load_state_dict(torch.load(cfg.gps_init, map_location=device))
+    decay = [p for p in raw.parameters() if p.dim() >= 2]  # weights; not biases, norms, scale
+    rest = [p for p in raw.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": rest, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98))
+    warmup = max(1, round(cfg.warmup * total))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, warmup))
+    step, best = 0, math.inf
+    if ckpt:
+        raw.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        sched.load_state_dict(ckpt["scheduler"])
+        step, best = ckpt["step"], ckpt["best_val_loss"]
+        random.setstate(ckpt["rng"]["python"])
+        np.random.set_state(ckpt["rng"]["numpy"])
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        print0(f"resumed {out / 'last.pt'} at step {step}")
+    # Keep `raw` for saving: checkpoints then never carry compile's `_orig_mod.` or DDP's
+    # `module.` prefixes (nanoGPT and open_clip both had to patch those out later).
+    model = torch.compile(raw) if cfg.compile else raw
+    if world > 1:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    torch.set_float32_matmul_precision("high")  # TF32 matmuls for training (not evaluation)
+
+    pairs = loss_pairs(cfg.modalities, cfg.loss)
+    n_params = sum(p.numel() for p in raw.parameters())
+    print0(f"training {cfg.modalities} ({cfg.loss}: {' '.join(pairs)}), {n_params / 1e6:.2f}M parameters, "
+           f"{len(train_set)} landmarks ({len(val_set)} held out), batch {B} on {world} x {device.type}, "
+           f"{steps_per_epoch} steps/epoch, {total} steps")
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        log = open(out / "log.jsonl", "a")
+    fixed = next(iter(loader)) if cfg.overfit_batch else None
+    start_step, t_start, bad_in_row, skipped = step, time.time(), 0, 0
+    t_log, step_log = t_start, step
+    while step < total:
+        epoch, first = divmod(step, steps_per_epoch)
+        sampler.set_epoch(epoch, first)
+        unreadable = []
+        for batch in loader if fixed is None else itertools.repeat(fixed, steps_per_epoch - first):
+            unreadable += [line for s in batch["bad"] for line in s.split("\n") if line]
+            with autocast_for(device, cfg):
+                emb, scale = model(to_device(batch, device))
+            loss, parts = contrastive_loss(emb, scale, pairs)  # float32, outside autocast
+            values = torch.stack([loss.detach(), *(v.detach() for v in parts.values())])
+            if world > 1:  # every process must agree on skipping a step: decide on the mean
+                dist.all_reduce(values)
+                values /= world
+            values = values.tolist()
+            if math.isfinite(values[0]):
+                bad_in_row = 0
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg.grad_clip:
+                    nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip)
+                opt.step()
+                with torch.no_grad():  # CLIP caps the scale at 100 so training cannot blow up
+                    raw.logit_scale.clamp_(max=math.log(100))
+            else:
+                bad_in_row, skipped = bad_in_row + 1, skipped + 1
+                print0(f"step {step}: loss is {values[0]}, step skipped")
+                if bad_in_row >= cfg.max_bad_steps:
+                    raise UserError(f"{bad_in_row} non-finite losses in a row at step {step}: stopping; "
+                                    f"the last good checkpoint is {out / 'last.pt'} (try a lower --lr)")
+            sched.step()
+            step += 1
+            if rank == 0 and (step % cfg.log_every == 0 or step == total):
+                now = time.time()
+                rec = {"epoch": epoch, "step": step, "loss": values[0],
+                       **{f"loss_{k}": v for k, v in zip(parts, values[1:])},
+                       "lr": sched.get_last_lr()[0], "logit_scale": scale.item(),
+                       "samples_per_s": (step - step_log) * B / (now - t_log), "elapsed_s": now - t_start}
+                eta = (total - step) * (now - t_start) / (step - start_step)
+                print(f"epoch {epoch} step {step}/{total} | loss {rec['loss']:.3f} ("
+                      + " ".join(f"{k} {v:.2f}" for k, v in zip(parts, values[1:]))
+                      + f") | lr {rec['lr']:.2e} | scale {rec['logit_scale']:.1f} | "
+                      f"{rec['samples_per_s']:.0f} samples/s | {fmt_time(rec['elapsed_s'])} elapsed, "
+                      f"ETA {fmt_time(eta)}", flush=True)
+                log.write(json.dumps(rec) + "\n")
+                log.flush()
+                t_log, step_log = now, step
+            if step >= total:
+                break
+        n_bad = torch.tensor(len(unreadable))
+        if world > 1:
+            dist.all_reduce(n_bad)
+        if n_bad:
+            print0(f"epoch {epoch}: {int(n_bad)} unreadable files skipped for other views "
+                   f"(first: {unreadable[0] if unreadable else 'on another process'})")
+        if rank == 0:  # validate and save; the other processes wait at the barrier below
+            val = validate(raw, val_set, cfg, pairs, device)
+            improved = val["val_loss"] < best
+            best = min(best, val["val_loss"])
+            print(f"epoch {epoch} | " + " | ".join(f"{k} {v:.3f}" for k, v in val.items())
+                  + (" | new best" if improved else ""), flush=True)
+            log.write(json.dumps({"epoch": epoch, "step": step, **val, "unreadable": int(n_bad)}) + "\n")
+            log.flush()
+            state = {"model": raw.state_dict(), "optimizer": opt.state_dict(),
+                     "scheduler": sched.state_dict(), "step": step, "epoch": epoch,
+                     "config": dataclasses.asdict(cfg), "tokenizer": tok.to_str(),
+                     "best_val_loss": best, "rng": {"python": random.getstate(),
+                     "numpy": np.random.get_state(), "torch": torch.get_rng_state()}}
+            save_checkpoint(state, out / "last.pt")
+            if improved:
+                save_checkpoint(state, out / "best.pt")
+        barrier()
+    if rank == 0:
+        took = time.time() - t_start
+        print(f"done: {step - start_step} steps in {fmt_time(took)} "
+              f"({(step - start_step) * B / max(took, 1e-9):.0f} samples/s with validation), "
+              f"{skipped} skipped; best val loss {best:.3f}; checkpoints in {out}/")
+        log.close()
+
+
+# ---- eval ---------------------------------------------------------------------------------
+# PROTOCOL section 3: every query ground photo is its own query; the aerial queries are the
+# latest tile of each query landmark; galleries are the index distractors (label -1) plus the
+# query split's own items; the GPS gallery is the index tiles' centres plus the query
+# landmarks' coordinates, and a geolocalisation guess is the top-1 GPS item.
+
+TASKS = ("G2S", "S2G", "G2C", "S2C", "T2G", "T2S", "T2C")
+TEXT_MODES = ("first", "random", "no_cues")
+
+
+def task_names(cfg: Config) -> list[str]:
+    """The tasks to run: all of them, or --tasks (T2C picks T2C in every --query-text mode)."""
+    every = [t for t in TASKS if t[0] != "T"] + [
+        f"{t}-{m}" for t in TASKS if t[0] == "T" for m in cfg.query_text.split(",")]
+    chosen = []
+    for name in filter(None, cfg.tasks.split(",")):
+        match = [t for t in every if name in (t, t.split("-")[0])]
+        if not match:
+            raise UserError(f"--tasks: no task {name!r} (known: {', '.join(every)})")
+        chosen += match
+    return list(dict.fromkeys(chosen)) or every
+
+
+class ImageList(torch.utils.data.Dataset):
+    """Image ids -> ((3, S, S) uint8, "" or why the file could not be read)."""
+
+    def __init__(self, store: ImageStore, ids: list[str]):
+        self.store, self.ids = store, ids
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        try:
+            return torch.from_numpy(self.store(self.ids[i])).permute(2, 0, 1), ""
+        except UnreadableFile as e:
+            return torch.zeros(3, self.store.size, self.store.size, dtype=torch.uint8), str(e)
+
+
+def gather_rows(x: torch.Tensor, n: int) -> torch.Tensor:
+    """Process r holds rows [n*r/W, n*(r+1)/W) of an (n, D) result: give every process all n."""
+    world = dist.get_world_size()
+    sizes = [n * (r + 1) // world - n * r // world for r in range(world)]
+    padded = x.new_zeros(max(sizes), x.shape[1])
+    padded[:len(x)] = x
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[:s] for p, s in zip(parts, sizes)])
+
+
+@torch.no_grad()
+def embed(encoder: nn.Module, data, what: str, cfg: Config, device) -> torch.Tensor:
+    """(N, D) float32 embeddings of an ImageList or of a tensor of inputs (tokens, lat/lon),
+    in batches. Under torchrun each process embeds its share and all receive every row."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    n = len(data)
+    lo, hi = n * rank // world, n * (rank + 1) // world
+    if torch.is_tensor(data):
+        batches = ((x, ()) for x in data[lo:hi].split(cfg.eval_batch))
+    else:
+        batches = torch.utils.data.DataLoader(
+            torch.utils.data.Subset(data, range(lo, hi)), batch_size=cfg.eval_batch,
+            num_workers=cfg.workers, pin_memory=device.type == "cuda")
+    parts, t0, t_print = [], time.time(), time.time()
+    for x, errors in batches:
+        bad = [e for e in errors if e]
+        if bad:  # unlike training: a missing gallery image would change the benchmark
+            raise UserError(f"{bad[0]} (evaluation needs every file of the protocol)")
+        with autocast_for(device, cfg):
+            parts.append(encoder(to_device({"x": x}, device)["x"]).float())
+        done = sum(len(p) for p in parts) * world
+        if time.time() - t_print > 10:
+            rate = done / (time.time() - t0)
+            print0(f"  embedding {what}: {done}/{n}, {rate:.0f}/s, ETA {fmt_time((n - done) / rate)}")
+            t_print = time.time()
+    emb = torch.cat(parts) if parts else torch.zeros(0, cfg.embed_dim, device=device)
+    return gather_rows(emb, n) if world > 1 else emb
+
+
+def print_tables(results: dict):
+    """The results laid out like the authors' tables (PROTOCOL section 5)."""
+    cols = ("mAP@1k", "R@1", "R@5", "R@10")
+    print(f"\n{'task':<16}{'medR':>8} | official (distractors as junk)      | strict (distractors ranked)")
+    print(f"{'':<24} | " + "".join(f"{c:>8}" for c in cols) + "   | " + "".join(f"{c:>8}" for c in cols))
+    for task, r in results.items():
+        print(f"{task:<16}{r['official']['medR']:>8.1f} | "
+              + "".join(f"{r['official'][c]:>8.2f}" for c in cols) + "   | "
+              + "".join(f"{r['strict'][c]:>8.2f}" for c in cols))
+    geo = {t: r["geo"] for t, r in results.items() if "geo" in r}
+    if geo:
+        keys = ("acc@1km", "acc@25km", "acc@200km", "acc@750km", "acc@2500km", "median_km")
+        print(f"\n{'geolocalisation':<16}" + "".join(f"{k.split('@')[-1]:>9}" for k in keys) + "  (% within; median error in km)")
+        for task, g in geo.items():
+            print(f"{task:<16}" + "".join(f"{g[k]:>9.1f}" for k in keys))
+
+
+def evaluate(cfg: Config):
+    device = setup_distributed()
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    ckpt = load_checkpoint(Path(cfg.ckpt))
+    model = MML(cfg).to(device).eval()
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        raise UserError(f"{cfg.ckpt}: the weights do not fit the model its config describes "
+                        f"({str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e})") from None
+    tok = Tokenizer.from_str(ckpt["tokenizer"])
+    root = default_world(cfg)
+    query = read_split(root, "query")
+    try:
+        index, no_index = read_index(root), ""
+    except UserError as e:
+        index, no_index = None, str(e)
+    def missing_input(task: str) -> str:
+        """Why a task cannot run on this checkpoint and data ("" when it can)."""
+        absent = [m for m in task[0] + task[2] if m not in cfg.modalities]
+        if absent:
+            return f"the checkpoint has no {absent[0]} encoder (trained on {cfg.modalities})"
+        if index is None:
+            return no_index
+        if task.endswith("no_cues") and query.no_cues is None:
+            return f"{query.dir / 'mml_query_text_sentences.csv'}: not found"
+        return ""
+
+    tasks = []
+    for task in task_names(cfg):
+        why = missing_input(task)
+        if why and cfg.tasks:  # asked for by name: an error; otherwise a note
+            raise UserError(f"task {task}: {why}")
+        if why:
+            print0(f"skipping {task}: {why}")
+        else:
+            tasks.append(task)
+    if not tasks:
+        return
+
+    # Query and gallery sides, each embedded once and only when a task needs it.
+    per_photo = [len(g) for g in query.ground]
+    q_photo_ids = [i for g in query.ground for i in g]
+    stores = image_stores(cfg, query.dir, {"G": q_photo_ids, "S": query.latest})
+    index_stores = image_stores(cfg, index.dir, {"G": index.ground, "S": index.sat})
+    lm = torch.as_tensor(query.ids, device=device)
+    lm_latlon = torch.as_tensor(query.latlon, dtype=torch.float32, device=device)
+    junk = lambda n: torch.full((n,), -1, dtype=torch.long, device=device)  # noqa: E731
+    sides: dict = {}
+
+    def side(key: str) -> tuple:
+        """key -> (emb (N, D), labels (N,), ids, lat/lon (N, 2))."""
+        if key in sides:
+            return sides[key]
+        enc = model.enc
+        if key == "qG":  # every query ground photo, labelled with its landmark
+            counts = torch.as_tensor(per_photo, device=device)
+            s = (embed(enc["G"], ImageList(stores["G"], q_photo_ids), "query ground", cfg, device),
+                 lm.repeat_interleave(counts), q_photo_ids, lm_latlon.repeat_interleave(counts, dim=0))
+        elif key == "qS":  # the latest aerial image of each query landmark
+            s = (embed(enc["S"], ImageList(stores["S"], query.latest), "query aerial", cfg, device),
+                 lm, query.latest, lm_latlon)
+        elif key.startswith("qT"):
+            mode = key.split("-", 1)[1]
+            if mode == "no_cues":
+                texts = query.no_cues
+            else:
+                try:
+                    texts = [pick_sentence(read_article(shard(query.dir, "text", t)), mode,
+                                           random.Random(f"{cfg.seed}/{i}")) for t, i in zip(query.text, query.ids.tolist())]
+                except UnreadableFile as e:
+                    raise UserError(str(e)) from None
+            s = (embed(enc["T"], tokenize(tok, texts), f"{mode} sentences", cfg, device), lm,
+                 [str(i) for i in query.ids.tolist()], lm_latlon)
+        elif key == "gG":  # index photos (distractors), then the query photos
+            e = embed(enc["G"], ImageList(index_stores["G"], index.ground), "index ground", cfg, device)
+            q = side("qG")
+            s = (torch.cat([e, q[0]]), torch.cat([junk(len(e)), q[1]]), index.ground + q[2], None)
+        elif key == "gS":  # index tiles (distractors), then the query landmarks' latest tiles
+            e = embed(enc["S"], ImageList(index_stores["S"], index.sat), "index aerial", cfg, device)
+            q = side("qS")
+            s = (torch.cat([e, q[0]]), torch.cat([junk(len(e)), q[1]]), index.sat + q[2], None)
+        else:  # "gC": the index tiles' centres, then the query landmarks' coordinates
+            latlon = torch.cat([torch.as_tensor(index.sat_latlon, dtype=torch.float32, device=device), lm_latlon])
+            s = (embed(enc["C"], latlon, "GPS gallery", cfg, device), torch.cat([junk(len(index.sat)), lm]),
+                 index.sat + [str(i) for i in query.ids.tolist()], latlon)
+        sides[key] = s
+        return s
+
+    out = Path(cfg.out) / "eval"
+    results = {}
+    for task in tasks:
+        q_key = "qT-" + task.split("-", 1)[1] if task[0] == "T" else "q" + task[0]
+        (q, q_labels, q_ids, q_latlon), (g, g_labels, g_ids, g_latlon) = side(q_key), side("g" + task[2])
+        if rank != 0:  # every process embeds its share above; process 0 ranks and reports
+            continue
+        t0 = time.time()
+        ranks = rank_queries(q, g, q_labels, g_labels, chunk=cfg.chunk)
+        res = summarise(ranks)
+        header, rows = ["query_id", "landmark_id", "rank", "rank_official", "top5"], [
+            [q_ids[i], int(q_labels[i]), int(ranks["first_strict"][i]) + 1, int(ranks["first_official"][i]) + 1,
+             " ".join(g_ids[j] for j in ranks["top"][i].tolist())] for i in range(len(q))]
+        if task[2] == "C":
+            pred = g_latlon[ranks["top"][:, 0]]                               # (Q, 2)
+            res["geo"] = geo_metrics(pred, q_latlon)
+            km = haversine_km(pred, q_latlon).tolist()
+            header += ["pred_lat", "pred_lon", "error_km"]
+            rows = [r + [f"{a:.6f}", f"{b:.6f}", f"{k:.3f}"] for r, (a, b), k in zip(rows, pred.tolist(), km)]
+        res["queries"], res["gallery"], res["distractors"] = len(q), len(g), int((g_labels == -1).sum())
+        res["rank_seconds"] = time.time() - t0
+        out.mkdir(parents=True, exist_ok=True)
+        write_csv(out / f"{task}.csv", header, rows)
+        results[task] = res
+        print(f"{task}: {len(q)} queries x {len(g)} gallery ({res['distractors']} distractors) "
+              f"ranked in {res['rank_seconds']:.2f}s", flush=True)
+    if rank == 0:
+        tmp = out / "metrics.json.tmp"
+        tmp.write_text(json.dumps({"checkpoint": str(cfg.ckpt), "data": str(root), "tasks": results}, indent=1))
+        os.replace(tmp, out / "metrics.json")
+        print_tables(results)
+        print(f"\nper-query results and metrics.json in {out}/")
+    barrier()
+
+
+# ---- bench --------------------------------------------------------------------------------
+# `python mml.py bench` measures each phase in one run on this machine: decoding, training
+# steps, embedding, ranking. Ratios between rows are meaningful; absolute numbers only
+# together with the device they were measured on, which every row names.
+
+
+def timed(fn, min_seconds: float = 1.0, sync=lambda: None) -> float:
+    """Seconds per call of fn, averaged over as many calls as fill min_seconds (after one)."""
+    fn()
+    sync()
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < min_seconds:
+        fn()
+        n += 1
+    sync()
+    return (time.perf_counter() - t0) / n
+
+
+def argsort_ranks(q, g, q_labels, g_labels, map_top: int = 1000) -> dict:
+    """The authors' way, for comparison: per query, score, sort the whole gallery, walk it."""
+    res = {k: [] for k in ("first_strict", "first_official", "ap_strict", "ap_official")}
+    for i in range(len(q)):
+        order = torch.argsort(g @ q[i], descending=True)
+        hit, junk = g_labels[order] == q_labels[i], g_labels[order] == -1
+        strict = torch.nonzero(hit)[:, 0]
+        official = torch.nonzero(hit[~junk])[:, 0]
+        kept = int((strict < map_top).sum())  # top map_top of the full ranking, then junk out
+        for name, rows in (("strict", strict), ("official", official)):
+            res[f"first_{name}"].append(int(rows[0]))
+            res[f"ap_{name}"].append(sum(((j / r if r else 1) + (j + 1) / (r + 1)) / 2
+                                         for j, r in enumerate(rows[:kept].tolist())) / len(strict))
+    return {k: torch.tensor(v) for k, v in res.items()}
+
+
+def fake_embeddings(n_queries: int, n_landmarks: int, n_labelled: int, n_junk: int, dim: int,
+                    device, seed: int = 0) -> tuple:
+    """Random unit vectors shaped like a task: queries and labelled gallery items scattered
+    around a random centre per landmark (so positives rank high, as with a trained model),
+    distractors anywhere. -> (q (Q, D), g (G, D), q_labels, g_labels), distractors first."""
+    gen = torch.Generator(device).manual_seed(seed)
+    centres = F.normalize(torch.randn(n_landmarks, dim, generator=gen, device=device), dim=-1)
+    q_labels = torch.arange(n_queries, device=device) % n_landmarks
+    lab = torch.arange(n_labelled, device=device) % n_landmarks
+    near = lambda labels: F.normalize(centres[labels] + 0.1 * torch.randn(  # noqa: E731
+        len(labels), dim, generator=gen, device=device), dim=-1)
+    g = torch.cat([F.normalize(torch.randn(n_junk, dim, generator=gen, device=device), dim=-1), near(lab)])
+    return near(q_labels), g, q_labels, torch.cat([torch.full((n_junk,), -1, device=device), lab])
+
+
+def bench(cfg: Config):
+    device = setup_distributed()
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"bench on {name}, torch {torch.__version__}; S = {cfg.img_size}, B = {cfg.batch_size}, D = {cfg.embed_dim}")
+    table = []
+
+    def report(what: str, value: float, unit: str, how: str):
+        table.append((what, value, unit, how))
+        print(f"  {what:<44}{value:>12,.1f} {unit:<13} {how}", flush=True)
+
+    # data: real-sized files (800-px JPEG photo, 800x800 PNG tile), with noise for the
+    # texture real photos have and flat renders lack (it is what makes decoding slow)
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp, torch.multiprocessing.get_context("fork").Pool(1) as pool:
+        rng, noise = random.Random(0), np.random.default_rng(0)
+        lm = place_landmark(rng)
+        split_dir = Path(tmp) / "bench"
+        for kind, img in (("ground", render_ground(lm, lm["lat"], lm["lon"], rng, 800, 600)),
+                          ("satellite", render_satellite(lm, lm["lat"], lm["lon"], rng, 800))):
+            pixels = np.asarray(img).astype(np.int16) + noise.integers(-24, 24, (*img.size[::-1], 3))
+            path = shard(split_dir, kind, "0123456789abcdef")
+            path.parent.mkdir(parents=True)
+            Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(path, quality=90)
+        photo, tile = shard(split_dir, "ground", "0123456789abcdef"), shard(split_dir, "satellite", "0123456789abcdef")
+        how = "one process (= per worker), CPU"
+        report("decode+resize 800x600 JPEG, full decode", 1 / timed(lambda: load_image(photo, cfg.img_size, draft=False)), "images/s", how)
+        report("decode+resize 800x600 JPEG, draft()", 1 / timed(lambda: load_image(photo, cfg.img_size)), "images/s", how)
+        report("decode+resize 800x800 PNG", 1 / timed(lambda: load_image(tile, cfg.img_size)), "images/s", how)
+        build_cache(split_dir, "ground", ["0123456789abcdef"], cfg.img_size, Path(tmp), pool)
+        cached = ImageStore(split_dir, "ground", cfg.img_size, Path(tmp), ["0123456789abcdef"])
+        report("read a cached image (prepare)", 1 / timed(lambda: cached("0123456789abcdef")), "images/s", how)
+
+    # training steps on random inputs of the configured shape (data loading excluded)
+    pairs, B, S = loss_pairs(cfg.modalities, cfg.loss), cfg.batch_size, cfg.img_size
+    gen = torch.Generator().manual_seed(0)
+    batch = {"G": torch.randint(0, 256, (B, 3, S, S), dtype=torch.uint8, generator=gen),
+             "S": torch.randint(0, 256, (B, 3, S, S), dtype=torch.uint8, generator=gen),
+             "T": torch.randint(1, cfg.vocab_size, (B, cfg.max_len), generator=gen),
+             "C": torch.rand(B, 2, generator=gen) * torch.tensor([50.0, 60.0]) + torch.tensor([24.0, -125.0])}
+    batch = to_device({m: x for m, x in batch.items() if m in cfg.modalities}, device)
+    torch.set_float32_matmul_precision("high")
+    variants = [("fp32", False, False)] + ([("bf16", True, False), ("bf16 + compile", True, True)]
+                                            if device.type == "cuda" else [])
+    step_rate = 0.0
+    for label, bf16, compiled in variants:
+        run_cfg = dataclasses.replace(cfg, bf16=bf16)
+        torch.manual_seed(0)
+        raw = MML(cfg).to(device)
+        model = torch.compile(raw) if compiled else raw
+        opt = torch.optim.AdamW(raw.parameters(), lr=1e-4)
+
+        def step():
+            with autocast_for(device, run_cfg):
+                emb, scale = model(batch)
+            loss = contrastive_loss(emb, scale, pairs)[0]
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        seconds = timed(step, 3.0 if device.type == "cuda" else 5.0, sync)
+        peak = f", peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if device.type == "cuda" else ""
+        report(f"train step, {label}", B / seconds, "samples/s", f"{device.type}, batch {B}{peak}")
+        step_rate = max(step_rate, B / seconds)
+
+    # the real loader on the dataset (the synthetic world by default), against the step rate
+    root = default_world(cfg)
+    tr, _ = read_train(cfg, root)
+    tok = train_tokenizer((str(v) for t in tr.text[:200] for v in read_article(shard(tr.dir, "text", t)).values()), cfg)
+    needed = {"G": [i for g in tr.ground for i in g], "S": [i for g in tr.sat for i in g]}
+    loader_set = LandmarkSet(tr, image_stores(cfg, tr.dir, needed), tok, cfg, augment=True)
+    B_load = min(B, len(loader_set))
+    loader = torch.utils.data.DataLoader(loader_set, batch_size=B_load, sampler=EpochSampler(len(loader_set), B_load, 0),
+                                         num_workers=cfg.workers, pin_memory=device.type == "cuda")
+    batches = iter(loader)
+    next(batches)  # workers started
+    t0, n = time.perf_counter(), 0
+    for b in itertools.islice(batches, 30):
+        n += len(b["bad"])
+        if time.perf_counter() - t0 > 20:
+            break
+    rate = n / (time.perf_counter() - t0)
+    report(f"training loader, {cfg.workers} workers", rate, "samples/s",
+           f"{root}; {'keeps up with' if rate >= step_rate else 'slower than'} the fastest step")
+    del batches, loader
+
+    # embedding throughput, forward only
+    raw.eval()
+    with torch.no_grad():
+        for m in cfg.modalities:
+            x = batch[m][:cfg.eval_batch]
+
+            def forward():
+                with autocast_for(device, cfg):
+                    raw.enc[m](x)
+            report(f"embed {m}", len(x) / timed(forward, 2.0, sync), "items/s", f"{device.type}, batch {len(x)}, autocast")
+
+    # ranking at full scale: G2S 18,688 x (99,539 + 1,000), S2G 1,000 x (714,554 + 18,688)
+    for task, nq, n_lm, n_lab, n_junk in (("G2S", 18688, 1000, 1000, 99539), ("S2G", 1000, 1000, 18688, 714554)):
+        q, g, ql, gl = fake_embeddings(nq, n_lm, n_lab, n_junk, 512, device)
+        sync()
+        t0 = time.perf_counter()
+        ranks = rank_queries(q, g, ql, gl, chunk=cfg.chunk)
+        sync()
+        fast = time.perf_counter() - t0
+        sample = torch.randperm(nq, generator=torch.Generator().manual_seed(0))[:cfg.bench_queries].to(device)
+        torch.set_float32_matmul_precision("highest")
+        t0 = time.perf_counter()
+        loop = argsort_ranks(q[sample], g, ql[sample], gl)
+        sync()
+        slow = (time.perf_counter() - t0) * nq / len(sample)
+        same = all(torch.equal(loop[k], ranks[k][sample].cpu()) for k in ("first_strict", "first_official")) and all(
+            torch.allclose(loop[k].double(), ranks[k][sample].cpu(), atol=1e-9) for k in ("ap_strict", "ap_official"))
+        report(f"rank {task} {nq} x {len(g)}, chunked counts", fast, "s", f"{device.type}, D = 512, all queries")
+        report(f"rank {task}, per-query argsort loop", slow, "s",
+               f"{device.type}, {len(sample)} queries timed, x {nq / len(sample):.0f}")
+        report(f"rank {task}, speed-up (metrics {'identical' if same else 'DIFFER'})", slow / fast, "x", "same device, same run")
+        if not same:
+            raise SystemExit("bench: the chunked ranking disagrees with the per-query loop")
+        del q, g, ranks
+
+
+# ---- command line -------------------------------------------------------------------------
+
+MODEL_FIELDS = ("modalities", "embed_dim", "img_width", "share_image_trunk", "vocab_size",
+                "max_len", "text_width", "text_layers", "gps_width", "gps_depth", "img_size")
+
+
+def parse_args(argv=None) -> tuple[str, Config, set]:
+    """Command, Config and the names of the options given explicitly. The options are made
+    from the Config fields; an unknown one is an error naming the closest valid option."""
+    p = argparse.ArgumentParser(prog="mml.py", description=__doc__.split("\n\n")[0],
+                                allow_abbrev=False)  # abbreviations would hide typos too
+    p.add_argument("command", choices=COMMANDS)
+    flags = []
+    for f in dataclasses.fields(Config):
+        flags.append("--" + f.name.replace("_", "-"))
+        help = f.metadata["help"] + f" (default: {f.default})"
+        if f.type is bool:
+            p.add_argument(flags[-1], action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help)
+        else:
+            p.add_argument(flags[-1], type=f.type, default=argparse.SUPPRESS, help=help, metavar=f.type.__name__.upper())
+    args, unknown = p.parse_known_args(argv)
+    for u in unknown:
+        close = difflib.get_close_matches(u.split("=")[0], flags, n=1)
+        p.error(f"unknown option {u}" + (f"; did you mean {close[0]}?" if close else ""))
+    given = {k for k in vars(args) if k != "command"}
+    return args.command, Config(**{k: v for k, v in vars(args).items() if k != "command"}), given
+
+
+def resolve(command: str, cfg: Config, given: set) -> Config:
+    """Settings that follow from others, all in one place: checks; where eval and --resume take
+    the model from (its checkpoint); where eval writes (beside its checkpoint)."""
+    mods = cfg.modalities.upper()
+    if len(set(mods)) < 2 or set(mods) - set("GSTC") or len(set(mods)) != len(mods):
+        raise UserError(f"--modalities {cfg.modalities}: expected two or more distinct letters of GSTC")
+    if cfg.loss not in ("complete", "imagebind") or (cfg.loss == "imagebind" and "G" not in mods):
+        raise UserError(f"--loss {cfg.loss}: expected complete, or imagebind with G in --modalities")
+    if cfg.train_text not in ("first", "random"):
+        raise UserError(f"--train-text {cfg.train_text}: expected first or random")
+    if set(cfg.query_text.split(",")) - set(TEXT_MODES):
+        raise UserError(f"--query-text {cfg.query_text}: expected some of {','.join(TEXT_MODES)}")
+    cfg = dataclasses.replace(cfg, modalities="".join(m for m in "GSTC" if m in mods))
+    if command == "synth" and "out" not in given:
+        cfg.out = "data/synthetic"
+    if command == "eval":
+        if "ckpt" not in given:
+            cfg.ckpt = str(Path(cfg.out) / "best.pt")
+        elif "out" not in given:
+            cfg.out = str(Path(cfg.ckpt).parent)
+        saved = load_checkpoint(Path(cfg.ckpt))["config"]
+        cfg = dataclasses.replace(cfg, **{k: saved[k] for k in MODEL_FIELDS if k in saved})
+    if command == "train" and cfg.resume:  # the run's own settings, except those given now
+        path = Path(cfg.out) / "last.pt"
+        try:
+            cfg = dataclasses.replace(Config(**load_checkpoint(path)["config"]), **{k: getattr(cfg, k) for k in given})
+        except TypeError as e:
+            raise UserError(f"{path}: its config does not fit this mml.py ({e})") from None
+    return cfg
+
+
+def synth(cfg: Config):
+    t = time.time()
+    counts = synthesize(Path(cfg.out), cfg.scale, cfg.seed)
+    print(f"synthetic world in {cfg.out} ({time.time() - t:.0f}s): {json.dumps(counts)}")
+
+
+def main(argv=None):
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # workers are forked after use
+    command, cfg, given = parse_args(argv)
+    try:
+        cfg = resolve(command, cfg, given)
+        {"train": train, "eval": evaluate, "synth": synth, "prepare": prepare, "bench": bench}[command](cfg)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,474 @@
+"""Tests for mml.py: pure functions against brute-force references and known values, the data
+layer against a hand-written fixture, the real commands on a tiny synthetic world, and the
+distributed loss and evaluation against a single process.  Run: python -m pytest -q"""
+import json
+import math
+import os
+import random
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from PIL import Image
+
+import mml
+
+HERE = Path(__file__).resolve().parent
+# a model small enough that a CPU trains it in seconds
+TINY = ["--img-size", "32", "--img-width", "8", "--embed-dim", "32", "--text-width", "32",
+        "--gps-width", "32", "--vocab-size", "300", "--max-len", "16", "--workers", "0",
+        "--batch-size", "16", "--log-every", "1"]
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory) -> Path:
+    """A tiny synthetic world (80 train, 20 query landmarks), shared by the tests that only read it."""
+    root = tmp_path_factory.mktemp("world") / "w"
+    mml.synthesize(root, scale=0.1, seed=0)
+    return root
+
+
+def run(*argv):
+    mml.main([str(a) for a in argv])
+
+
+# ---- geometry -----------------------------------------------------------------------------
+
+
+def equal_earth_by_hand(lat: float, lon: float) -> tuple:
+    """The Equal Earth formulas of PROTOCOL section 6, written out again in plain floats."""
+    A1, A2, A3, A4, SF = 1.340264, -0.081106, 0.000893, 0.003796, 66.50336
+    th = math.asin(math.sqrt(3) / 2 * math.sin(math.radians(lat)))
+    x = 2 * math.sqrt(3) * math.radians(lon) * math.cos(th) / (3 * (9 * A4 * th**8 + 7 * A3 * th**6 + 3 * A2 * th**2 + A1))
+    y = A4 * th**9 + A3 * th**7 + A2 * th**3 + A1 * th
+    return x * SF / 180, y * SF / 180
+
+
+def test_equal_earth_known_points():
+    points = [(0.0, 0.0), (40.71, -74.01), (-33.87, 151.21), (64.15, -21.94), (0.0, 180.0)]
+    got = mml.equal_earth(torch.tensor(points, dtype=torch.float64))
+    for (lat, lon), (x, y) in zip(points, got.tolist()):
+        assert (x, y) == pytest.approx(equal_earth_by_hand(lat, lon), abs=1e-12)
+    assert got[0].tolist() == [0.0, 0.0]
+    assert got[4, 0].item() == pytest.approx(1.0, abs=1e-5)  # GeoCLIP's scaling: lon 180 -> x = 1
+
+
+def test_haversine_known_distances():
+    quarter = mml.haversine_km(torch.tensor([0.0, 0.0]), torch.tensor([90.0, 0.0])).item()
+    assert quarter == pytest.approx(math.pi / 2 * 6371.0, rel=1e-12)
+    pairs = torch.tensor([[[40.7128, -74.0060], [34.0522, -118.2437]],   # New York - Los Angeles
+                          [[51.5074, -0.1278], [48.8566, 2.3522]],       # London - Paris
+                          [[41.8781, -87.6298], [41.8781, -87.6298]]])   # same place
+    km = mml.haversine_km(pairs[:, 0], pairs[:, 1])
+    assert km[0].item() == pytest.approx(3936, abs=5)
+    assert km[1].item() == pytest.approx(343.5, abs=1.5)
+    assert km[2].item() == 0
+
+
+# ---- metrics ------------------------------------------------------------------------------
+
+
+def brute_force(q, g, ql, gl, map_top=1000, strict=False):
+    """The protocol, one query at a time with a full argsort (no ties in random data)."""
+    out = {"first": [], "ap": []}
+    for i in range(len(q)):
+        order = np.argsort(-(g @ q[i]).numpy(), kind="stable")
+        labels = gl.numpy()[order]
+        top = labels[:map_top]
+        ranked, top = (labels, top) if strict else (labels[labels != -1], top[top != -1])
+        out["first"].append(int(np.flatnonzero(ranked == int(ql[i]))[0]))
+        n_good = int((gl == ql[i]).sum())
+        ap = 0.0
+        for hit, row in enumerate(np.flatnonzero(top == int(ql[i]))[:n_good]):
+            ap += ((hit / row if row > 0 else 1) + (hit + 1) / (row + 1)) / 2 / n_good
+        out["ap"].append(ap)
+    first = np.array(out["first"])
+    return {**{f"R@{k}": 100 * np.mean(first < k) for k in (1, 5, 10)},
+            "mAP@1k": 100 * np.mean(out["ap"]), "medR": None}
+
+
+def random_task(n_q, n_lm, per_lm, n_junk, dim=16, seed=0, noise=0.8):
+    gen = torch.Generator().manual_seed(seed)
+    centres = torch.randn(n_lm, dim, generator=gen)
+    ql = torch.randint(0, n_lm, (n_q,), generator=gen)
+    gl_lab = torch.arange(n_lm).repeat_interleave(per_lm)
+    near = lambda lab: F.normalize(centres[lab] + noise * torch.randn(len(lab), dim, generator=gen), dim=-1)  # noqa: E731
+    g = torch.cat([near(gl_lab), F.normalize(torch.randn(n_junk, dim, generator=gen), dim=-1)])
+    gl = torch.cat([gl_lab, torch.full((n_junk,), -1)])
+    perm = torch.randperm(len(g), generator=gen)  # distractors mixed in, not first
+    return near(ql), g[perm], ql, gl[perm]
+
+
+@pytest.mark.parametrize("per_lm,n_junk", [(1, 0), (1, 300), (4, 0), (4, 300)])
+def test_retrieval_metrics_match_brute_force(per_lm, n_junk):
+    q, g, ql, gl = random_task(60, 30, per_lm, n_junk)
+    got = mml.retrieval_metrics(q, g, ql, gl)
+    for protocol in ("official", "strict"):
+        want = brute_force(q, g, ql, gl, strict=protocol == "strict")
+        for k in ("R@1", "R@5", "R@10", "mAP@1k"):
+            assert got[protocol][k] == pytest.approx(want[k], abs=1e-9), (protocol, k)
+    # medR: position in the full ranking, distractors counted, under both protocols
+    firsts = [int(np.flatnonzero(gl.numpy()[np.argsort(-(g @ q[i]).numpy())] == int(ql[i]))[0]) + 1 for i in range(len(q))]
+    assert got["official"]["medR"] == got["strict"]["medR"] == np.median(firsts)
+    if n_junk:  # distractors only ever hurt
+        assert got["strict"]["R@1"] <= got["official"]["R@1"]
+
+
+def test_map_cut_at_top_and_chunking_do_not_change_results():
+    q, g, ql, gl = random_task(50, 10, 6, 200, noise=1.5)
+    for protocol in ("official", "strict"):
+        want = brute_force(q, g, ql, gl, map_top=20, strict=protocol == "strict")
+        got = mml.summarise(mml.rank_queries(q, g, ql, gl, map_top=20, chunk=7), map_top=20)
+        assert got[protocol]["mAP@20"] == pytest.approx(want["mAP@1k"], abs=1e-9)
+        assert got[protocol]["R@5"] == pytest.approx(want["R@5"], abs=1e-9)
+
+
+def test_medr_is_numpys_median_on_an_even_count():
+    # four queries whose positive sits at positions 1, 2, 3 and 10: median 2.5, not torch's 2
+    g = torch.eye(10)
+    q = torch.stack([g[0], 0.9 * g[0] + 0.5 * g[1], 0.9 * g[0] + 0.8 * g[1] + 0.5 * g[2],
+                     torch.linspace(1, 0.1, 10)])  # scores against the identity are q itself
+    q = F.normalize(q, dim=-1)
+    gl = torch.arange(10)
+    ql = torch.tensor([0, 1, 2, 9])  # each query's landmark
+    ranks = mml.rank_queries(q, g, ql, gl)
+    assert (ranks["first_strict"] + 1).tolist() == [1, 2, 3, 10]
+    assert mml.summarise(ranks)["strict"]["medR"] == 2.5
+
+
+def test_ties_go_against_the_query():
+    """The documented policy: an item scoring exactly the positive's score ranks before it,
+    unless it is a positive too; a tied distractor counts only in the strict ranking."""
+    e = torch.eye(4)
+    g = torch.stack([e[0], e[0], e[0], e[1]])  # three identical items, then another
+    q = e[0:1]
+    # gallery: distractor, negative, positive, all tied at score 1
+    r = mml.rank_queries(q, g, torch.tensor([7]), torch.tensor([-1, 3, 7, 5]))
+    assert r["first_strict"].item() == 2 and r["first_official"].item() == 1
+    # two tied positives and a tied negative: the positives take positions 1 and 2 (0-based)
+    r = mml.rank_queries(q, g, torch.tensor([7]), torch.tensor([7, 3, 7, 5]))
+    assert r["first_strict"].item() == 1
+    assert r["ap_strict"].item() == pytest.approx(((0 / 1 + 1 / 2) / 2 + (1 / 2 + 2 / 3) / 2) / 2)
+
+
+def test_geo_metrics_known_errors():
+    true = torch.tensor([[40.0, -100.0]] * 4)
+    # 0 km, ~11.1 km (0.1 degree of latitude), ~111 km, ~1112 km
+    pred = torch.tensor([[40.0, -100.0], [40.1, -100.0], [41.0, -100.0], [50.0, -100.0]])
+    m = mml.geo_metrics(pred, true)
+    assert (m["acc@1km"], m["acc@25km"], m["acc@200km"], m["acc@750km"], m["acc@2500km"]) == (25, 50, 75, 75, 100)
+    assert m["median_km"] == pytest.approx((11.1195 + 111.195) / 2, abs=0.01)
+
+
+# ---- loss and model -----------------------------------------------------------------------
+
+
+def test_loss_equals_an_explicit_loop():
+    gen = torch.Generator().manual_seed(0)
+    emb = {m: F.normalize(torch.randn(6, 8, generator=gen), dim=-1) for m in "GSTC"}
+    scale = torch.tensor(10.0)
+    for kind, pairs in (("complete", ["GS", "GT", "GC", "ST", "SC", "TC"]), ("imagebind", ["GS", "GT", "GC"])):
+        assert mml.loss_pairs("GSTC", kind) == pairs
+        total, parts = mml.contrastive_loss(emb, scale, pairs)
+        want = []
+        for a, b in pairs:
+            terms = []
+            for x, y in ((a, b), (b, a)):
+                for i in range(6):
+                    logits = [scale.item() * float(emb[x][i] @ emb[y][j]) for j in range(6)]
+                    terms.append(-logits[i] + math.log(sum(math.exp(v) for v in logits)))
+            want.append(sum(terms) / len(terms))
+            assert parts[a + b].item() == pytest.approx(want[-1], rel=1e-5)
+        assert total.item() == pytest.approx(sum(want) / len(want), rel=1e-5)
+
+
+def test_gps_encoder_equals_hand_computation():
+    torch.manual_seed(0)
+    enc = mml.GPSEncoder(width=16, depth=2, dim=8, n_freq=4)
+    points = [(40.71, -74.01), (29.76, -95.37), (47.61, -122.33)]
+    got = enc(torch.tensor(points))
+    for p, row in zip(points, got):
+        v = torch.tensor(equal_earth_by_hand(*p), dtype=torch.float32)
+        total = 0
+        for k in range(3):
+            scale = getattr(enc, f"LocEnc{k}")
+            b = scale["capsule"][0].b
+            assert b.std().item() == pytest.approx(2.0 ** (4 * k), rel=0.9)  # sigma 1, 16, 256
+            phase = 2 * math.pi * (b @ v)
+            h = torch.cat([torch.cos(phase), torch.sin(phase)])  # all cosines first
+            for layer in (1, 3):
+                lin = scale["capsule"][layer]
+                h = torch.relu(lin.weight @ h + lin.bias)
+            total = total + scale["head"][0].weight @ h + scale["head"][0].bias
+        assert torch.allclose(row, F.normalize(total, dim=0), atol=1e-4)
+
+
+def test_gps_encoder_loads_geoclip_key_layout():
+    """At GeoCLIP's sizes, a state dict with GeoCLIP's keys and shapes loads strictly."""
+    geoclip = {}
+    for k in range(3):
+        geoclip[f"LocEnc{k}.capsule.0.b"] = torch.randn(256, 2)
+        for i, (o, n) in zip((1, 3, 5), ((1024, 512), (1024, 1024), (1024, 1024))):
+            geoclip[f"LocEnc{k}.capsule.{i}.weight"], geoclip[f"LocEnc{k}.capsule.{i}.bias"] = torch.randn(o, n), torch.randn(o)
+        geoclip[f"LocEnc{k}.head.0.weight"], geoclip[f"LocEnc{k}.head.0.bias"] = torch.randn(512, 1024), torch.randn(512)
+    enc = mml.GPSEncoder(width=1024, depth=3, dim=512)
+    enc.load_state_dict(geoclip, strict=True)
+    assert torch.equal(enc.LocEnc2.capsule[0].b, geoclip["LocEnc2.capsule.0.b"])
+
+
+def test_parse_args_builds_config_and_names_the_nearest_option(capsys):
+    cmd, cfg, given = mml.parse_args(["train", "--batch-size", "7", "--no-bf16", "--modalities", "GS"])
+    assert (cmd, cfg.batch_size, cfg.bf16, cfg.modalities, given) == ("train", 7, False, "GS", {"batch_size", "bf16", "modalities"})
+    with pytest.raises(SystemExit):
+        mml.parse_args(["train", "--batchsize", "7"])
+    assert "did you mean --batch-size" in capsys.readouterr().err
+    with pytest.raises(mml.UserError, match="modalities"):
+        mml.resolve("train", mml.Config(modalities="G"), set())
+
+
+# ---- data ---------------------------------------------------------------------------------
+
+
+def write(path: Path, text: str):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def image(path: Path, colour, size=(40, 30)):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, colour).save(path)
+
+
+@pytest.fixture
+def fixture_root(tmp_path) -> Path:
+    """Two query landmarks and one index, written by hand in the released layout."""
+    r = tmp_path / "mml"
+    q = r / "query"
+    write(r / "mmlandmarks.csv", "landmark_id,CommonsCategory,WikipediaPage,lat,lon\n")
+    write(q / "mml_query.csv", "landmark_id,CommonsCategory,lat,lon\n11,Alpha Tower,40.5,-73.25\n22,Beta Dome,-10,120\n")
+    write(q / "mml_query_ground.csv", "landmark_id,images\n11,aaa0000000000001 aaa0000000000002\n22,bbb0000000000001\n")
+    write(q / "mml_query_satellite.csv", "landmark_id,images\n22,ddd0000000000002\n11,ccc0000000000003\n")
+    write(q / "mml_query_all_satellite.csv",
+          "landmark_id,images\n11,ccc0000000000001 ccc0000000000002 ccc0000000000003\n22,ddd0000000000001 ddd0000000000002\n")
+    write(q / "mml_query_text.csv", "landmark_id,json\n11,eee0000000000001\n22,fff0000000000001\n")
+    write(q / "mml_query_text_sentences.csv", "landmark_id,sentences\n11,A tall tower\n22,\"A dome, white\"\n")
+    write(q / "text/e/e/e/eee0000000000001.json", json.dumps(
+        {"Introduction": "Alpha is a tower in Ohio. It is tall.\nSecond paragraph.", "History": "Built once. Then again."}))
+    image(q / "ground/a/a/a/aaa0000000000001.jpg", (200, 0, 0))
+    image(q / "satellite/c/c/c/ccc0000000000003.png", (0, 200, 0), (50, 50))
+    write(r / "index/mml_index_ground.csv", "images,gldv2_id\n9990000000000001,x\n9990000000000002,y\n")
+    write(r / "index/mml_index_satellite.csv", "images,lat,lon,year\n8880000000000001,30.25,-90.5,2015\n")
+    return r
+
+
+def test_reader_on_a_hand_written_fixture(fixture_root):
+    s = mml.read_split(fixture_root, "query")
+    assert s.ids.tolist() == [11, 22]
+    assert s.latlon.tolist() == [[40.5, -73.25], [-10.0, 120.0]]
+    assert s.ground == [["aaa0000000000001", "aaa0000000000002"], ["bbb0000000000001"]]
+    assert s.latest == ["ccc0000000000003", "ddd0000000000002"]  # matched by id, not by row
+    assert s.sat[0] == ["ccc0000000000001", "ccc0000000000002", "ccc0000000000003"]
+    assert s.no_cues == ["A tall tower", "A dome, white"]
+    store = mml.ImageStore(s.dir, "ground", 16, None)
+    assert store.path("aaa0000000000001") == fixture_root / "query/ground/a/a/a/aaa0000000000001.jpg"
+    assert store("aaa0000000000001").shape == (16, 16, 3)
+    assert abs(int(store("aaa0000000000001")[8, 8, 0]) - 200) < 4
+    article = mml.read_article(mml.shard(s.dir, "text", s.text[0]))
+    assert mml.pick_sentence(article, "first", random.Random(0)) == "Alpha is a tower in Ohio"
+    pieces = {"Alpha is a tower in Ohio", "It is tall.", "Second paragraph.", "Built once", "Then again."}
+    assert {mml.pick_sentence(article, "random", random.Random(i)) for i in range(200)} == pieces
+    index = mml.read_index(fixture_root)
+    assert index.ground == ["9990000000000001", "9990000000000002"]
+    assert index.sat_latlon.tolist() == [[30.25, -90.5]]
+
+
+@pytest.mark.parametrize("break_it,message", [
+    (lambda r: os.rename(r, r.with_name("gone")), r"mml: dataset root not found"),
+    (lambda r: os.rename(r / "query", r / "q2"), r"query: split folder not found"),
+    (lambda r: os.remove(r / "query/mml_query_text.csv"), r"mml_query_text.csv: file not found"),
+    (lambda r: write(r / "query/mml_query.csv", "landmark_id,CommonsCategory,lat\n11,A,40\n"), r"mml_query.csv: no column 'lon'"),
+    (lambda r: write(r / "query/mml_query_ground.csv", "landmark_id,images\n11,a\n"),
+     r"mml_query_ground.csv: landmark 22 listed in mml_query.csv but missing here"),
+    (lambda r: write(r / "query/mml_query_text.csv", "landmark_id,json\n" + "".join(f"{i},x\n" for i in [11, 22, 1, 2, 3, 4, 5, 6, 7])),
+     r"mml_query.csv: landmark 1, 2, 3, 4, 5 and 2 more listed in mml_query_text.csv but missing here"),
+    (lambda r: write(r / "query/mml_query.csv", "landmark_id,CommonsCategory,lat,lon\n11,A,40,-73\n22,B,nan,120\n"),
+     r"mml_query.csv, line 3: GPS \(nan, 120.0\) is not a latitude"),
+    (lambda r: write(r / "index/mml_index_satellite.csv", "images,lat,lon,year\n8,30,-190,2015\n"),
+     r"mml_index_satellite.csv, line 2: GPS \(30.0, -190.0\)"),
+])
+def test_bad_input_gives_one_clear_line(fixture_root, capsys, break_it, message):
+    break_it(fixture_root)
+    with pytest.raises(SystemExit) as exit:  # prepare reads the query split, then the index
+        run("prepare", "--data", fixture_root, "--splits", "query,index", "--cache", fixture_root.parent / "c")
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and len(err.strip().splitlines()) == 1
+    assert err.startswith("error: ") and re.search(message, err), err
+
+
+def test_synthetic_world_reads_back_with_the_generators_counts(tmp_path):
+    counts = mml.synthesize(tmp_path / "a", scale=0.05, seed=3)
+    for split in ("train", "query"):
+        s = mml.read_split(tmp_path / "a", split)
+        assert counts[split] == {"landmarks": len(s.ids), "text": len(s.text),
+                                 "ground": sum(map(len, s.ground)), "satellite": sum(map(len, s.sat))}
+        assert all(mml.shard(s.dir, "text", t).is_file() for t in s.text)
+        assert all(mml.shard(s.dir, "ground", i).is_file() for g in s.ground for i in g)
+    index = mml.read_index(tmp_path / "a")
+    assert counts["index"] == {"ground": len(index.ground), "satellite": len(index.sat)}
+    assert counts["index"]["ground"] > counts["query"]["landmarks"] and counts["index"]["satellite"] > counts["query"]["landmarks"]
+    # the outdoor subset leaves out indoor photos; no-cue sentences lose city and state
+    outdoor = mml.read_split(tmp_path / "a", "train", outdoor_only=True)
+    assert sum(map(len, outdoor.ground)) < counts["train"]["ground"]
+    q = mml.read_split(tmp_path / "a", "query")
+    first = mml.pick_sentence(mml.read_article(mml.shard(q.dir, "text", q.text[0])), "first", random.Random(0))
+    assert first.startswith(q.no_cues[0]) and len(first) > len(q.no_cues[0])
+    # deterministic for a seed: byte for byte
+    mml.synthesize(tmp_path / "b", scale=0.05, seed=3)
+    for f in ["train/mml_train.csv", "index/mml_index_satellite.csv", "query/mml_query_ground.csv"]:
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes()
+    photo = mml.shard(q.dir, "ground", q.ground[0][0]).relative_to(tmp_path / "a")
+    assert (tmp_path / "a" / photo).read_bytes() == (tmp_path / "b" / photo).read_bytes()
+
+
+def test_image_cache_is_used_checked_and_exact(world, tmp_path):
+    cache = tmp_path / "cache"
+    run("prepare", "--data", world, "--img-size", 24, "--splits", "query", "--cache", cache, "--workers", 1)
+    q = mml.read_split(world, "query")
+    photos, tiles = [i for g in q.ground for i in g], q.latest
+    direct = mml.ImageStore(q.dir, "ground", 24, None)
+    cached = mml.ImageStore(q.dir, "ground", 24, cache, photos)
+    for i in photos[:10]:  # the same decode: identical pixels
+        assert np.array_equal(cached(i), direct(i))
+        # draft() decodes the JPEG at reduced scale: close to a full decode, not identical
+        full = mml.load_image(direct.path(i), 24, draft=False)
+        assert np.abs(cached(i).astype(int) - full).mean() < 6
+    tile_store = mml.ImageStore(q.dir, "satellite", 24, cache, tiles)
+    path = tile_store.path(tiles[0])
+    exact = np.asarray(Image.open(path).convert("RGB").resize((24, 24), Image.BILINEAR))
+    assert np.array_equal(tile_store(tiles[0]), mml.load_image(path, 24))
+    assert np.abs(tile_store(tiles[0]).astype(int) - exact).max() <= 1  # a PNG is lossless
+    # used: the pixels come from the cache even when the file is gone
+    moved = tmp_path / "moved.png"
+    os.rename(path, moved)
+    assert np.array_equal(tile_store(tiles[0]), mml.load_image(moved, 24))
+    os.rename(moved, path)
+    with pytest.raises(mml.UnreadableFile):
+        direct(photos[0] + "x")
+    # refused: another image size, or a file list the cache does not cover
+    with pytest.raises(mml.UserError, match="holds 24 px images, not --img-size 32"):
+        mml.ImageStore(q.dir, "ground", 32, cache, photos)
+    with pytest.raises(mml.UserError, match="lacks 1 images"):
+        mml.ImageStore(q.dir, "ground", 24, cache, photos + ["0000000000000000"])
+
+
+# ---- training -----------------------------------------------------------------------------
+
+
+def log_records(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+def test_overfit_one_batch_drives_the_loss_to_zero(world, tmp_path):
+    run("train", "--data", world, "--out", tmp_path, *TINY, "--overfit-batch", "--max-steps", 150, "--lr", "3e-3")
+    losses = [r["loss"] for r in log_records(tmp_path) if "loss" in r]
+    assert losses[0] > 2.0 and losses[-1] < 0.05, (losses[0], losses[-1])
+
+
+def test_resume_is_exact(world, tmp_path, monkeypatch):
+    """4 epochs straight == 2 epochs, a crash, --resume, 2 more: bit-identical weights."""
+    args = ["--data", world, *TINY, "--epochs", 4, "--train-text", "random"]
+    run("train", "--out", tmp_path / "a", *args)
+    real_save = mml.save_checkpoint
+
+    def save_then_crash(state, path):
+        real_save(state, path)
+        if state["epoch"] == 1 and path.name == "last.pt":
+            raise KeyboardInterrupt  # as if the machine went down right after the save
+    monkeypatch.setattr(mml, "save_checkpoint", save_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        run("train", "--out", tmp_path / "b", *args)
+    monkeypatch.setattr(mml, "save_checkpoint", real_save)
+    run("train", "--out", tmp_path / "b", "--resume")  # the run's own settings come from last.pt
+    a, b = (torch.load(tmp_path / x / "last.pt", weights_only=False) for x in "ab")
+    assert a["step"] == b["step"] == 4 * (72 // 16)
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k
+    assert a["best_val_loss"] == b["best_val_loss"]
+
+
+@pytest.mark.parametrize("modalities", ["GS", "GT", "GC", "ST", "SC", "TC", "GST", "GSC", "GTC", "STC", "GSTC"])
+def test_every_modality_set_and_loss_trains(world, modalities):
+    """One optimiser step on a real batch: finite loss, every encoder's weights move."""
+    cfg = mml.resolve("train", mml.parse_args(["train", *TINY, "--modalities", modalities])[1], set())
+    tr, _ = mml.read_train(cfg, world)
+    tok = mml.train_tokenizer(["a tower in a city", "a red dome"], cfg)
+    data = mml.LandmarkSet(tr, mml.image_stores(cfg, tr.dir, {}), tok, cfg, augment=True)
+    batch = torch.utils.data.default_collate([data[(0, i)] for i in range(8)])
+    for loss in ["complete"] + (["imagebind"] if "G" in modalities else []):
+        torch.manual_seed(0)
+        model = mml.MML(cfg)
+        before = {m: [p.clone() for p in e.parameters()] for m, e in model.enc.items()}
+        emb, scale = model(mml.to_device(batch, torch.device("cpu")))
+        total, parts = mml.contrastive_loss(emb, scale, mml.loss_pairs(cfg.modalities, loss))
+        assert math.isfinite(total.item()) and len(parts) == (len(modalities) - 1 if loss == "imagebind" else math.comb(len(modalities), 2))
+        total.backward()
+        torch.optim.SGD(model.parameters(), lr=0.1).step()
+        for m, e in model.enc.items():
+            assert any(not torch.equal(p, q) for p, q in zip(e.parameters(), before[m])), (loss, m)
+
+
+def test_nonfinite_losses_are_skipped_then_stop_the_run(world, tmp_path, monkeypatch, capsys):
+    real = mml.contrastive_loss
+    calls = {"n": 0}
+
+    def sometimes_nan(emb, scale, pairs, gather=True):
+        loss, parts = real(emb, scale, pairs, gather)
+        calls["n"] += gather  # training calls gather; validation does not
+        return (loss * float("nan") if gather and calls["n"] in (2, 3) else loss), parts
+    monkeypatch.setattr(mml, "contrastive_loss", sometimes_nan)
+    run("train", "--data", world, "--out", tmp_path, *TINY, "--epochs", 1)
+    out = capsys.readouterr().out
+    assert "step 1: loss is nan, step skipped" in out and "2 skipped" in out
+    good = torch.load(tmp_path / "last.pt", weights_only=False)
+    assert all(torch.isfinite(v).all() for v in good["model"].values())
+
+    monkeypatch.setattr(mml, "contrastive_loss", lambda e, s, p, gather=True: (real(e, s, p, gather)[0] * float("inf"), {}))
+    with pytest.raises(SystemExit):
+        run("train", "--data", world, "--out", tmp_path, *TINY, "--epochs", 2, "--max-bad-steps", 3)
+    assert "3 non-finite losses in a row" in capsys.readouterr().err
+    kept = torch.load(tmp_path / "last.pt", weights_only=False)  # the good checkpoint survives
+    assert all(torch.equal(v, good["model"][k]) for k, v in kept["model"].items())
+
+
+def test_unreadable_images_are_skipped_in_training_and_fatal_in_eval(world, tmp_path, capsys):
+    import shutil
+    root = tmp_path / "w"
+    shutil.copytree(world, root)
+    cfg = mml.resolve("train", mml.parse_args(["train", *TINY])[1], set())
+    tr, _ = mml.read_train(cfg, root)
+    for photo in tr.ground[0][:-1]:  # landmark 0 keeps one good photo
+        mml.shard(tr.dir, "ground", photo).write_bytes(b"not a jpeg")
+    for tile in tr.sat[1]:  # landmark 1 has no readable aerial image at all
+        os.remove(mml.shard(tr.dir, "satellite", tile))
+    data = mml.LandmarkSet(tr, mml.image_stores(cfg, tr.dir, {}), mml.train_tokenizer(["a b"], cfg), cfg, augment=True)
+    sample = data[(0, 0)]
+    assert sample["G"].float().mean() > 10  # another view of the same landmark stood in
+    assert all(line.split(":")[0].endswith(".jpg") for line in sample["bad"].splitlines())
+    assert len(data[(0, 1)]["bad"].splitlines()) == len(tr.sat[1])
+    run("train", "--data", root, "--out", tmp_path / "run", *TINY, "--epochs", 2)
+    assert "unreadable files skipped for other views" in capsys.readouterr().out
+    counts = [r["unreadable"] for r in log_records(tmp_path / "run") if "unreadable" in r]
+    assert len(counts) == 2 and all(c >= len(tr.sat[1]) for c in counts)  # counted each epoch
+    q = mml.read_split(root, "query")
+    mml.shard(q.dir, "ground", q.ground[3][1]).write_bytes(b"")
+    with pytest.raises(SystemExit):
+        run("eval", "--data", root, "--ckpt", tmp_path / "run/last.pt", "--tasks", "G2S", "--workers", 0)
+    err = capsys.readouterr().err
+    assert q.ground[3][1] in err and "evaluation needs every file" in err
