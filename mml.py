@@ -606,18 +606,23 @@ def read_split(root: Path, split: str, outdoor_only: bool = False) -> Split:
 
 @dataclass
 class Index:
-    """The distractors: GLDv2 ground photos and aerial tiles whose centres are GPS candidates."""
+    """The distractors. Evaluation may run without one of the lists (None): it then skips
+    the tasks whose gallery needs it."""
     dir: Path
-    ground: list[str]          # ground photo ids
-    sat: list[str]             # aerial image ids
-    sat_latlon: np.ndarray     # (N, 2) the aerial tiles' centres, degrees
+    ground: list[str] | None       # GLDv2 ground photo ids
+    sat: list[str] | None          # aerial image ids
+    sat_latlon: np.ndarray | None  # (N, 2) the tiles' centres: the GPS gallery's distractors
 
 
-def read_index(root: Path) -> Index:
-    d = check_root(root, "index")
-    ground = read_table(d / "mml_index_ground.csv", ["images"])["images"]
-    sat = read_table(d / "mml_index_satellite.csv", ["images", "lat", "lon"])
-    return Index(d, ground, sat["images"], parse_latlon(d / "mml_index_satellite.csv", sat))
+def read_index(root: Path, required: bool = True) -> Index:
+    d = root / "index" if not required and not (root / "index").is_dir() else check_root(root, "index")
+    index = Index(d, None, None, None)
+    if required or (d / "mml_index_ground.csv").is_file():
+        index.ground = read_table(d / "mml_index_ground.csv", ["images"])["images"]
+    if required or (d / "mml_index_satellite.csv").is_file():
+        sat = read_table(d / "mml_index_satellite.csv", ["images", "lat", "lon"])
+        index.sat, index.sat_latlon = sat["images"], parse_latlon(d / "mml_index_satellite.csv", sat)
+    return index
 
 
 def read_train(cfg: Config, root: Path) -> tuple[Split, Split]:
@@ -1536,17 +1541,16 @@ def evaluate(cfg: Config):
     tok = Tokenizer.from_str(ckpt["tokenizer"])
     root = default_world(cfg)
     query = read_split(root, "query")
-    try:
-        index, no_index = read_index(root), ""
-    except UserError as e:
-        index, no_index = None, str(e)
+    index = read_index(root, required=False)
+
     def missing_input(task: str) -> str:
         """Why a task cannot run on this checkpoint and data ("" when it can)."""
         absent = [m for m in task[0] + task[2] if m not in cfg.modalities]
         if absent:
             return f"the checkpoint has no {absent[0]} encoder (trained on {cfg.modalities})"
-        if index is None:
-            return no_index
+        kind = "ground" if task[2] == "G" else "satellite"  # the GPS gallery is the tiles' centres
+        if getattr(index, "ground" if kind == "ground" else "sat") is None:
+            return f"{index.dir / f'mml_index_{kind}.csv'}: not found"
         if task.endswith("no_cues") and query.no_cues is None:
             return f"{query.dir / 'mml_query_text_sentences.csv'}: not found"
         return ""
@@ -1567,7 +1571,7 @@ def evaluate(cfg: Config):
     per_photo = [len(g) for g in query.ground]
     q_photo_ids = [i for g in query.ground for i in g]
     stores = image_stores(cfg, query.dir, {"G": q_photo_ids, "S": query.latest})
-    index_stores = image_stores(cfg, index.dir, {"G": index.ground, "S": index.sat})
+    index_stores = image_stores(cfg, index.dir, {"G": index.ground or [], "S": index.sat or []})
     lm = torch.as_tensor(query.ids, device=device)
     lm_latlon = torch.as_tensor(query.latlon, dtype=torch.float32, device=device)
     junk = lambda n: torch.full((n,), -1, dtype=torch.long, device=device)  # noqa: E731
@@ -1847,6 +1851,16 @@ def parse_args(argv=None) -> tuple[str, Config, set]:
     return args.command, Config(**{k: v for k, v in vars(args).items() if k != "command"}), given
 
 
+def saved_config(path: Path) -> dict:
+    """The Config a checkpoint was trained with, checked against this file's Config."""
+    saved, known = load_checkpoint(path)["config"], {f.name for f in dataclasses.fields(Config)}
+    odd = sorted(set(saved) ^ known)
+    if odd:
+        raise UserError(f"{path}: its config does not fit this mml.py (options {', '.join(odd)} "
+                        f"are in one and not the other)")
+    return saved
+
+
 def resolve(command: str, cfg: Config, given: set) -> Config:
     """Settings that follow from others, all in one place: checks; where eval and --resume take
     the model from (its checkpoint); where eval writes (beside its checkpoint)."""
@@ -1867,14 +1881,11 @@ def resolve(command: str, cfg: Config, given: set) -> Config:
             cfg.ckpt = str(Path(cfg.out) / "best.pt")
         elif "out" not in given:
             cfg.out = str(Path(cfg.ckpt).parent)
-        saved = load_checkpoint(Path(cfg.ckpt))["config"]
-        cfg = dataclasses.replace(cfg, **{k: saved[k] for k in MODEL_FIELDS if k in saved})
+        saved = saved_config(Path(cfg.ckpt))
+        cfg = dataclasses.replace(cfg, **{k: saved[k] for k in MODEL_FIELDS})
     if command == "train" and cfg.resume:  # the run's own settings, except those given now
-        path = Path(cfg.out) / "last.pt"
-        try:
-            cfg = dataclasses.replace(Config(**load_checkpoint(path)["config"]), **{k: getattr(cfg, k) for k in given})
-        except TypeError as e:
-            raise UserError(f"{path}: its config does not fit this mml.py ({e})") from None
+        cfg = dataclasses.replace(Config(**saved_config(Path(cfg.out) / "last.pt")),
+                                  **{k: getattr(cfg, k) for k in given})
     return cfg
 
 

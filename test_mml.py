@@ -472,3 +472,207 @@ def test_unreadable_images_are_skipped_in_training_and_fatal_in_eval(world, tmp_
         run("eval", "--data", root, "--ckpt", tmp_path / "run/last.pt", "--tasks", "G2S", "--workers", 0)
     err = capsys.readouterr().err
     assert q.ground[3][1] in err and "evaluation needs every file" in err
+
+
+def test_tokenizer_is_deterministic_and_pads_to_max_len():
+    cfg = mml.Config(vocab_size=120, max_len=12)
+    texts = [f"The {w} tower is a red church in Denver, Colorado. It was built." for w in ("old", "grand", "oak")] * 5
+    a, b = mml.train_tokenizer(texts, cfg), mml.train_tokenizer(texts, cfg)
+    assert a.to_str() == b.to_str()
+    ids = mml.tokenize(a, ["red church", ""])
+    assert ids.shape == (2, 12) and ids[1].eq(0).all() and ids[0, 0] != 0
+
+
+# ---- evaluation ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def trained(world, tmp_path_factory) -> Path:
+    """A tiny model trained for three epochs on the tiny world."""
+    out = tmp_path_factory.mktemp("run")
+    run("train", "--data", world, "--out", out, *TINY, "--epochs", 3)
+    return out
+
+
+def read_rows(path: Path) -> list[dict]:
+    import csv
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_eval_runs_every_task_with_the_protocols_galleries(world, trained, tmp_path):
+    run("eval", "--data", world, "--ckpt", trained / "best.pt", "--out", tmp_path, "--workers", 0, "--chunk", 7)
+    tasks = json.loads((tmp_path / "eval/metrics.json").read_text())["tasks"]
+    text = [f"{t}-{m}" for t in ("T2G", "T2S", "T2C") for m in ("first", "random", "no_cues")]
+    assert list(tasks) == ["G2S", "S2G", "G2C", "S2C"] + text
+    q, index = mml.read_split(world, "query"), mml.read_index(world)
+    photos = sum(map(len, q.ground))
+    gallery = {"S": (len(index.sat) + len(q.ids), len(index.sat)), "G": (len(index.ground) + photos, len(index.ground)),
+               "C": (len(index.sat) + len(q.ids), len(index.sat))}
+    for name, r in tasks.items():
+        assert (r["gallery"], r["distractors"]) == gallery[name[2]], name
+        assert r["queries"] == (photos if name[0] == "G" else len(q.ids))
+        rows = read_rows(tmp_path / f"eval/{name}.csv")
+        assert len(rows) == r["queries"]
+        ranks = np.array([int(x["rank"]) for x in rows])
+        official = np.array([int(x["rank_official"]) for x in rows])
+        # the summary is the per-query file, summarised
+        for k in (1, 5, 10):
+            assert r["strict"][f"R@{k}"] == pytest.approx(100 * np.mean(ranks <= k))
+            assert r["official"][f"R@{k}"] == pytest.approx(100 * np.mean(official <= k))
+        assert r["strict"]["medR"] == r["official"]["medR"] == np.median(ranks)
+        assert (official <= ranks).all()
+        if name[2] == "C":
+            true = torch.tensor(q.latlon, dtype=torch.float64)[torch.tensor(
+                [list(q.ids).index(int(x["landmark_id"])) for x in rows])]
+            pred = torch.tensor([[float(x["pred_lat"]), float(x["pred_lon"])] for x in rows], dtype=torch.float64)
+            km = mml.haversine_km(pred, true).numpy()
+            assert np.allclose(km, [float(x["error_km"]) for x in rows], atol=2e-3)
+            assert r["geo"]["acc@750km"] == pytest.approx(100 * np.mean(km <= 750), abs=1e-6)
+    # a sentence query carries its landmark id; a photo query its own id
+    assert read_rows(tmp_path / "eval/T2S-first.csv")[0]["query_id"] == str(q.ids[0])
+    assert read_rows(tmp_path / "eval/G2S.csv")[0]["query_id"] == q.ground[0][0]
+
+
+def test_eval_recomputes_g2s_exactly(world, trained, tmp_path):
+    """G2S from the command equals the brute force on embeddings made by hand."""
+    run("eval", "--data", world, "--ckpt", trained / "best.pt", "--out", tmp_path, "--tasks", "G2S", "--workers", 0)
+    got = json.loads((tmp_path / "eval/metrics.json").read_text())["tasks"]["G2S"]
+    ckpt = torch.load(trained / "best.pt", weights_only=False)
+    cfg = mml.Config(**ckpt["config"])
+    model = mml.MML(cfg).eval()
+    model.load_state_dict(ckpt["model"])
+    q, index = mml.read_split(world, "query"), mml.read_index(world)
+
+    def emb(split_dir, kind, ids, enc):
+        store = mml.ImageStore(split_dir, kind, cfg.img_size, None)
+        with torch.no_grad():
+            return enc(torch.stack([torch.from_numpy(store(i)).permute(2, 0, 1) for i in ids]))
+    qe = emb(q.dir, "ground", [i for g in q.ground for i in g], model.enc["G"])
+    ge = torch.cat([emb(index.dir, "satellite", index.sat, model.enc["S"]), emb(q.dir, "satellite", q.latest, model.enc["S"])])
+    ql = torch.tensor(np.repeat(q.ids, [len(g) for g in q.ground]))
+    gl = torch.cat([torch.full((len(index.sat),), -1), torch.tensor(q.ids)])
+    for protocol in ("official", "strict"):
+        want = brute_force(qe, ge, ql, gl, strict=protocol == "strict")
+        for k in ("R@1", "R@5", "R@10", "mAP@1k"):
+            assert got[protocol][k] == pytest.approx(want[k], abs=1e-6), (protocol, k)
+
+
+def test_eval_bad_input(world, trained, tmp_path, capsys):
+    def fails(*argv) -> str:
+        with pytest.raises(SystemExit) as e:
+            run("eval", "--workers", 0, *argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and len(err.strip().splitlines()) == 1
+        return err
+    assert "no checkpoint there" in fails("--data", world, "--ckpt", tmp_path / "nope.pt")
+    ckpt = torch.load(trained / "best.pt", weights_only=False)
+    del ckpt["model"]["enc.T.head.weight"]
+    torch.save(ckpt, tmp_path / "broken.pt")
+    assert "do not fit the model" in fails("--data", world, "--ckpt", tmp_path / "broken.pt")
+    ckpt["config"]["no_such_option"] = 1
+    torch.save(ckpt, tmp_path / "other.pt")
+    assert "no_such_option" in fails("--data", world, "--ckpt", tmp_path / "other.pt")
+    # without an index ground list: the tasks searching ground photos are skipped, or fail by name
+    import shutil
+    root = tmp_path / "w"
+    shutil.copytree(world, root)
+    os.remove(root / "index/mml_index_ground.csv")
+    assert "task S2G: " in fails("--data", root, "--ckpt", trained / "best.pt", "--tasks", "S2G")
+    run("eval", "--data", root, "--ckpt", trained / "best.pt", "--out", tmp_path / "partial", "--workers", 0)
+    out = capsys.readouterr().out
+    assert "skipping S2G: " in out and "mml_index_ground.csv: not found" in out and "skipping T2G-first" in out
+    assert list(json.loads((tmp_path / "partial/eval/metrics.json").read_text())["tasks"])[:3] == ["G2S", "G2C", "S2C"]
+
+
+# ---- several processes --------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ddp_setup():
+    """A small four-modality model and one fixed global batch of 8."""
+    cfg = mml.resolve("train", mml.parse_args(["train", *TINY])[1], set())
+    gen = torch.Generator().manual_seed(1)
+    batch = {"G": torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8, generator=gen),
+             "S": torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8, generator=gen),
+             "T": torch.randint(0, 300, (8, 16), generator=gen),
+             "C": torch.rand(8, 2, generator=gen) * 40 + torch.tensor([25.0, -120.0])}
+    torch.manual_seed(0)
+    return cfg, mml.MML(cfg), batch
+
+
+def loss_and_grads(model, emb, scale, kind) -> dict:
+    total, parts = mml.contrastive_loss(emb, scale, mml.loss_pairs("GSTC", kind))
+    model.zero_grad()
+    total.backward()
+    return {"loss": torch.stack([total.detach(), *(p.detach() for p in parts.values())]),
+            "grads": {n: p.grad.clone() for n, p in model.named_parameters()}}
+
+
+def ddp_worker(rank: int, port: int, out: str):
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    cfg, model, batch = ddp_setup()
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    results = {}
+    for kind in ("complete", "imagebind"):
+        emb, scale = ddp({m: x[4 * rank:4 * rank + 4] for m, x in batch.items()})  # this process's half
+        r = loss_and_grads(model, emb, scale, kind)
+        dist.all_reduce(r["loss"])
+        r["loss"] /= 2  # the mean of the two halves' losses is the global batch's loss
+        results[kind] = r
+    if rank == 0:
+        torch.save(results, out)
+    dist.destroy_process_group()
+
+
+def test_two_processes_give_the_gradients_of_one_big_batch(tmp_path):
+    torch.multiprocessing.spawn(ddp_worker, args=(free_port(), str(tmp_path / "ddp.pt")), nprocs=2)
+    ddp = torch.load(tmp_path / "ddp.pt")
+    _, model, batch = ddp_setup()
+    for kind in ("complete", "imagebind"):
+        emb, scale = model(batch)
+        one = loss_and_grads(model, emb, scale, kind)
+        assert torch.allclose(ddp[kind]["loss"], one["loss"], atol=1e-5)
+        for name, g in one["grads"].items():
+            assert torch.allclose(ddp[kind]["grads"][name], g, atol=1e-5), (kind, name)
+        assert one["grads"]["logit_scale"].abs() > 0
+
+
+def torchrun(*argv):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(HERE / "mml.py"), *map(str, argv)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def test_torchrun_eval_equals_one_process(world, trained, tmp_path):
+    args = ["--data", world, "--ckpt", trained / "best.pt", "--workers", 0, "--tasks", "G2S,S2G,S2C,T2S-first"]
+    run("eval", *args, "--out", tmp_path / "one")
+    torchrun("eval", *args, "--out", tmp_path / "two")
+    one, two = (json.loads((tmp_path / d / "eval/metrics.json").read_text())["tasks"] for d in ("one", "two"))
+    for task in one:
+        for protocol in ("official", "strict", "geo"):
+            if protocol in one[task]:
+                assert one[task][protocol] == pytest.approx(two[task][protocol], abs=1e-9), (task, protocol)
+        assert read_rows(tmp_path / f"one/eval/{task}.csv") == read_rows(tmp_path / f"two/eval/{task}.csv")
+
+
+def test_torchrun_training_matches_one_process_and_resumes_across_counts(world, tmp_path):
+    args = ["--data", world, *TINY, "--lr", "1e-3"]
+    run("train", *args, "--epochs", 2, "--out", tmp_path / "one")
+    torchrun("train", *args, "--epochs", 2, "--out", tmp_path / "two")
+    # one epoch, then one more after --resume: with 1 then 1 process, and with 2 then 1
+    for out, first in (("ref", run), ("mixed", torchrun)):
+        first("train", *args, "--epochs", 1, "--out", tmp_path / out)
+        run("train", *args, "--epochs", 2, "--out", tmp_path / out, "--resume")
+    for a, b in (("one", "two"), ("ref", "mixed")):
+        a, b = (torch.load(tmp_path / x / "last.pt", weights_only=False) for x in (a, b))
+        assert a["step"] == b["step"] == 8 and set(a["model"]) == set(b["model"])  # no "module." prefixes
+        for k, v in a["model"].items():  # summation order differs; Adam turns the float noise
+            # of zero-gradient weights (attention key biases) into steps of up to lr: hence 1e-4
+            assert torch.allclose(b["model"][k], v, atol=1e-4), k
