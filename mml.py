@@ -24,8 +24,6 @@ import argparse
 import csv
 import dataclasses
 import difflib
-import hashlib
-import io
 import itertools
 import json
 import math
@@ -59,7 +57,7 @@ class Config:
     # data
     data: str = opt("", "dataset root in the released layout; empty: a synthetic world in "
                         "data/synthetic, generated on first use")
-    scale: float = opt(1.0, "size of the synthetic world (1.0: 800 train / 80 query landmarks)")
+    scale: float = opt(1.0, "size of the synthetic world (1.0: 1,600 train / 100 query landmarks)")
     subset: int = opt(0, "train on the first N training landmarks only (0: all)")
     n_val: int = opt(1024, "training landmarks held out for validation, at most 10%% of them")
     outdoor_only: bool = opt(False, "train on the outdoor ground photos only (the subset CSV)")
@@ -70,6 +68,7 @@ class Config:
     cache: str = opt("", "image cache folder made by `prepare` (default: DATA/cache)")
     workers: int = opt(min(8, os.cpu_count() or 1), "DataLoader worker processes")
     seed: int = opt(0, "seed of everything random: hold-out, sampling, augmentation, init")
+    device: str = opt("", "cuda or cpu (default: cuda when a GPU is visible)")
     # model
     modalities: str = opt("GSTC", "modalities to train: any two or more of G S T C")
     embed_dim: int = opt(128, "width D of the shared embedding space (the authors: 512)")
@@ -86,7 +85,7 @@ class Config:
     # training
     loss: str = opt("complete", "complete: all modality pairs; imagebind: ground vs each other")
     batch_size: int = opt(128, "global batch (split across torchrun processes)")
-    epochs: int = opt(30, "passes over the training landmarks, one sample each")
+    epochs: int = opt(25, "passes over the training landmarks, one sample each")
     max_steps: int = opt(0, "stop after this many steps (0: epochs decide); the lr "
                             "schedule spans them")
     lr: float = opt(2e-3, "peak AdamW learning rate")
@@ -381,8 +380,8 @@ def synthesize(out: Path, scale: float = 1.0, seed: int = 0) -> dict:
     a half-written world that a later run would take for a whole one.
     """
     rng = random.Random(seed)
-    n_train, n_query = max(40, int(800 * scale)), max(20, int(80 * scale))
-    n_index_ground, n_index_sat = max(60, int(1200 * scale)), max(60, int(600 * scale))
+    n_train, n_query = max(40, int(1600 * scale)), max(20, int(100 * scale))
+    n_index_ground, n_index_sat = max(60, int(2000 * scale)), max(60, int(1000 * scale))
     tmp = out.with_name(out.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -1197,13 +1196,17 @@ def geo_metrics(pred_latlon: torch.Tensor, true_latlon: torch.Tensor) -> dict:
 # barrier. Without torchrun all of this reduces to rank 0 of 1 and no extra code runs.
 
 
-def setup_distributed() -> torch.device:
-    """Join the torchrun group if there is one; the device this process computes on."""
+def setup_distributed(cfg: Config) -> torch.device:
+    """Join the torchrun group if there is one (NCCL on GPUs, gloo on the CPU); return the
+    device this process computes on."""
+    cuda = cfg.device != "cpu" and torch.cuda.is_available()
+    if cfg.device == "cuda" and not cuda:
+        raise UserError("--device cuda: no CUDA GPU is visible to PyTorch")
     if "RANK" in os.environ and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        if torch.cuda.is_available():
+        dist.init_process_group("nccl" if cuda else "gloo")
+        if cuda:
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
 
 
 def lr_factor(step: int, total: int, warmup: int) -> float:
@@ -1273,7 +1276,7 @@ def validate(model: MML, val_set: LandmarkSet, cfg: Config, pairs: list[str], de
 
 
 def train(cfg: Config):
-    device = setup_distributed()
+    device = setup_distributed(cfg)
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     out = Path(cfg.out)
     root = default_world(cfg)
@@ -1323,13 +1326,11 @@ def train(cfg: Config):
     rest = [p for p in raw.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": rest, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98))
-    warmup = max(1, round(cfg.warmup * total))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, warmup))
+    warmup = max(1, round(cfg.warmup * total))  # the lr is a function of the step alone
     step, best = 0, math.inf
     if ckpt:
         raw.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
-        sched.load_state_dict(ckpt["scheduler"])
         step, best = ckpt["step"], ckpt["best_val_loss"]
         random.setstate(ckpt["rng"]["python"])
         np.random.set_state(ckpt["rng"]["numpy"])
@@ -1359,6 +1360,8 @@ def train(cfg: Config):
         unreadable = []
         for batch in loader if fixed is None else itertools.repeat(fixed, steps_per_epoch - first):
             unreadable += [line for s in batch["bad"] for line in s.split("\n") if line]
+            for group in opt.param_groups:
+                group["lr"] = cfg.lr * lr_factor(step, total, warmup)
             with autocast_for(device, cfg):
                 emb, scale = model(to_device(batch, device))
             loss, parts = contrastive_loss(emb, scale, pairs)  # float32, outside autocast
@@ -1382,13 +1385,12 @@ def train(cfg: Config):
                 if bad_in_row >= cfg.max_bad_steps:
                     raise UserError(f"{bad_in_row} non-finite losses in a row at step {step}: stopping; "
                                     f"the last good checkpoint is {out / 'last.pt'} (try a lower --lr)")
-            sched.step()
             step += 1
             if rank == 0 and (step % cfg.log_every == 0 or step == total):
                 now = time.time()
                 rec = {"epoch": epoch, "step": step, "loss": values[0],
                        **{f"loss_{k}": v for k, v in zip(parts, values[1:])},
-                       "lr": sched.get_last_lr()[0], "logit_scale": scale.item(),
+                       "lr": opt.param_groups[0]["lr"], "logit_scale": scale.item(),
                        "samples_per_s": (step - step_log) * B / (now - t_log), "elapsed_s": now - t_start}
                 eta = (total - step) * (now - t_start) / (step - start_step)
                 print(f"epoch {epoch} step {step}/{total} | loss {rec['loss']:.3f} ("
@@ -1415,8 +1417,7 @@ def train(cfg: Config):
                   + (" | new best" if improved else ""), flush=True)
             log.write(json.dumps({"epoch": epoch, "step": step, **val, "unreadable": int(n_bad)}) + "\n")
             log.flush()
-            state = {"model": raw.state_dict(), "optimizer": opt.state_dict(),
-                     "scheduler": sched.state_dict(), "step": step, "epoch": epoch,
+            state = {"model": raw.state_dict(), "optimizer": opt.state_dict(), "step": step, "epoch": epoch,
                      "config": dataclasses.asdict(cfg), "tokenizer": tok.to_str(),
                      "best_val_loss": best, "rng": {"python": random.getstate(),
                      "numpy": np.random.get_state(), "torch": torch.get_rng_state()}}
@@ -1523,13 +1524,14 @@ def print_tables(results: dict):
     geo = {t: r["geo"] for t, r in results.items() if "geo" in r}
     if geo:
         keys = ("acc@1km", "acc@25km", "acc@200km", "acc@750km", "acc@2500km", "median_km")
-        print(f"\n{'geolocalisation':<16}" + "".join(f"{k.split('@')[-1]:>9}" for k in keys) + "  (% within; median error in km)")
+        print(f"\n{'geolocalisation':<16}" + "".join(f"{k.split('@')[-1]:>11}" for k in keys)
+              + "   (% of queries within; median error)")
         for task, g in geo.items():
-            print(f"{task:<16}" + "".join(f"{g[k]:>9.1f}" for k in keys))
+            print(f"{task:<16}" + "".join(f"{g[k]:>11.1f}" for k in keys))
 
 
 def evaluate(cfg: Config):
-    device = setup_distributed()
+    device = setup_distributed(cfg)
     rank = dist.get_rank() if dist.is_initialized() else 0
     ckpt = load_checkpoint(Path(cfg.ckpt))
     model = MML(cfg).to(device).eval()
@@ -1701,7 +1703,7 @@ def fake_embeddings(n_queries: int, n_landmarks: int, n_labelled: int, n_junk: i
 
 
 def bench(cfg: Config):
-    device = setup_distributed()
+    device = setup_distributed(cfg)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"bench on {name}, torch {torch.__version__}; S = {cfg.img_size}, B = {cfg.batch_size}, D = {cfg.embed_dim}")
@@ -1852,13 +1854,13 @@ def parse_args(argv=None) -> tuple[str, Config, set]:
 
 
 def saved_config(path: Path) -> dict:
-    """The Config a checkpoint was trained with, checked against this file's Config."""
-    saved, known = load_checkpoint(path)["config"], {f.name for f in dataclasses.fields(Config)}
-    odd = sorted(set(saved) ^ known)
-    if odd:
-        raise UserError(f"{path}: its config does not fit this mml.py (options {', '.join(odd)} "
-                        f"are in one and not the other)")
-    return saved
+    """The Config a checkpoint was trained with. Options added to mml.py since then take their
+    defaults; an option this mml.py does not know means the checkpoint is not for it."""
+    saved, defaults = load_checkpoint(path)["config"], dataclasses.asdict(Config())
+    unknown = sorted(set(saved) - set(defaults))
+    if unknown:
+        raise UserError(f"{path}: its config does not fit this mml.py (unknown options: {', '.join(unknown)})")
+    return defaults | saved
 
 
 def resolve(command: str, cfg: Config, given: set) -> Config:

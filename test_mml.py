@@ -1,6 +1,7 @@
 """Tests for mml.py: pure functions against brute-force references and known values, the data
 layer against a hand-written fixture, the real commands on a tiny synthetic world, and the
 distributed loss and evaluation against a single process.  Run: python -m pytest -q"""
+import dataclasses
 import json
 import math
 import os
@@ -24,14 +25,14 @@ HERE = Path(__file__).resolve().parent
 # a model small enough that a CPU trains it in seconds
 TINY = ["--img-size", "32", "--img-width", "8", "--embed-dim", "32", "--text-width", "32",
         "--gps-width", "32", "--vocab-size", "300", "--max-len", "16", "--workers", "0",
-        "--batch-size", "16", "--log-every", "1"]
+        "--batch-size", "16", "--log-every", "1", "--device", "cpu"]
 
 
 @pytest.fixture(scope="session")
 def world(tmp_path_factory) -> Path:
     """A tiny synthetic world (80 train, 20 query landmarks), shared by the tests that only read it."""
     root = tmp_path_factory.mktemp("world") / "w"
-    mml.synthesize(root, scale=0.1, seed=0)
+    mml.synthesize(root, scale=0.05, seed=0)
     return root
 
 
@@ -313,7 +314,7 @@ def test_bad_input_gives_one_clear_line(fixture_root, capsys, break_it, message)
 
 
 def test_synthetic_world_reads_back_with_the_generators_counts(tmp_path):
-    counts = mml.synthesize(tmp_path / "a", scale=0.05, seed=3)
+    counts = mml.synthesize(tmp_path / "a", scale=0.03, seed=3)
     for split in ("train", "query"):
         s = mml.read_split(tmp_path / "a", split)
         assert counts[split] == {"landmarks": len(s.ids), "text": len(s.text),
@@ -330,7 +331,7 @@ def test_synthetic_world_reads_back_with_the_generators_counts(tmp_path):
     first = mml.pick_sentence(mml.read_article(mml.shard(q.dir, "text", q.text[0])), "first", random.Random(0))
     assert first.startswith(q.no_cues[0]) and len(first) > len(q.no_cues[0])
     # deterministic for a seed: byte for byte
-    mml.synthesize(tmp_path / "b", scale=0.05, seed=3)
+    mml.synthesize(tmp_path / "b", scale=0.03, seed=3)
     for f in ["train/mml_train.csv", "index/mml_index_satellite.csv", "query/mml_query_ground.csv"]:
         assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes()
     photo = mml.shard(q.dir, "ground", q.ground[0][0]).relative_to(tmp_path / "a")
@@ -469,7 +470,7 @@ def test_unreadable_images_are_skipped_in_training_and_fatal_in_eval(world, tmp_
     q = mml.read_split(root, "query")
     mml.shard(q.dir, "ground", q.ground[3][1]).write_bytes(b"")
     with pytest.raises(SystemExit):
-        run("eval", "--data", root, "--ckpt", tmp_path / "run/last.pt", "--tasks", "G2S", "--workers", 0)
+        run("eval", "--data", root, "--ckpt", tmp_path / "run/last.pt", "--tasks", "G2S", "--workers", 0, "--device", "cpu")
     err = capsys.readouterr().err
     assert q.ground[3][1] in err and "evaluation needs every file" in err
 
@@ -501,7 +502,7 @@ def read_rows(path: Path) -> list[dict]:
 
 
 def test_eval_runs_every_task_with_the_protocols_galleries(world, trained, tmp_path):
-    run("eval", "--data", world, "--ckpt", trained / "best.pt", "--out", tmp_path, "--workers", 0, "--chunk", 7)
+    run("eval", "--data", world, "--ckpt", trained / "best.pt", "--out", tmp_path, "--workers", 0, "--device", "cpu", "--chunk", 7)
     tasks = json.loads((tmp_path / "eval/metrics.json").read_text())["tasks"]
     text = [f"{t}-{m}" for t in ("T2G", "T2S", "T2C") for m in ("first", "random", "no_cues")]
     assert list(tasks) == ["G2S", "S2G", "G2C", "S2C"] + text
@@ -536,7 +537,7 @@ def test_eval_runs_every_task_with_the_protocols_galleries(world, trained, tmp_p
 
 def test_eval_recomputes_g2s_exactly(world, trained, tmp_path):
     """G2S from the command equals the brute force on embeddings made by hand."""
-    run("eval", "--data", world, "--ckpt", trained / "best.pt", "--out", tmp_path, "--tasks", "G2S", "--workers", 0)
+    run("eval", "--data", world, "--ckpt", trained / "best.pt", "--out", tmp_path, "--tasks", "G2S", "--workers", 0, "--device", "cpu")
     got = json.loads((tmp_path / "eval/metrics.json").read_text())["tasks"]["G2S"]
     ckpt = torch.load(trained / "best.pt", weights_only=False)
     cfg = mml.Config(**ckpt["config"])
@@ -561,7 +562,7 @@ def test_eval_recomputes_g2s_exactly(world, trained, tmp_path):
 def test_eval_bad_input(world, trained, tmp_path, capsys):
     def fails(*argv) -> str:
         with pytest.raises(SystemExit) as e:
-            run("eval", "--workers", 0, *argv)
+            run("eval", "--workers", 0, "--device", "cpu", *argv)
         err = capsys.readouterr().err
         assert e.value.code == 2 and len(err.strip().splitlines()) == 1
         return err
@@ -579,7 +580,7 @@ def test_eval_bad_input(world, trained, tmp_path, capsys):
     shutil.copytree(world, root)
     os.remove(root / "index/mml_index_ground.csv")
     assert "task S2G: " in fails("--data", root, "--ckpt", trained / "best.pt", "--tasks", "S2G")
-    run("eval", "--data", root, "--ckpt", trained / "best.pt", "--out", tmp_path / "partial", "--workers", 0)
+    run("eval", "--data", root, "--ckpt", trained / "best.pt", "--out", tmp_path / "partial", "--workers", 0, "--device", "cpu")
     out = capsys.readouterr().out
     assert "skipping S2G: " in out and "mml_index_ground.csv: not found" in out and "skipping T2G-first" in out
     assert list(json.loads((tmp_path / "partial/eval/metrics.json").read_text())["tasks"])[:3] == ["G2S", "G2C", "S2C"]
@@ -651,7 +652,7 @@ def torchrun(*argv):
 
 
 def test_torchrun_eval_equals_one_process(world, trained, tmp_path):
-    args = ["--data", world, "--ckpt", trained / "best.pt", "--workers", 0, "--tasks", "G2S,S2G,S2C,T2S-first"]
+    args = ["--data", world, "--ckpt", trained / "best.pt", "--workers", 0, "--device", "cpu", "--tasks", "G2S,S2G,S2C,T2S-first"]
     run("eval", *args, "--out", tmp_path / "one")
     torchrun("eval", *args, "--out", tmp_path / "two")
     one, two = (json.loads((tmp_path / d / "eval/metrics.json").read_text())["tasks"] for d in ("one", "two"))
@@ -676,3 +677,52 @@ def test_torchrun_training_matches_one_process_and_resumes_across_counts(world, 
         for k, v in a["model"].items():  # summation order differs; Adam turns the float noise
             # of zero-gradient weights (attention key biases) into steps of up to lr: hence 1e-4
             assert torch.allclose(b["model"][k], v, atol=1e-4), k
+
+
+# ---- GPU (run where one is visible; `python mml.py bench` measures the speed) -------------
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@gpu
+def test_gpu_bf16_step_is_close_to_fp32_and_keeps_fourier_features_in_fp32():
+    cfg, model, batch = ddp_setup()
+    device = torch.device("cuda")
+    model = model.to(device)
+    batch = mml.to_device(batch, device)
+    enc = model.enc["C"].LocEnc2.capsule[0]  # sigma = 256: phases of thousands of radians
+    v = mml.equal_earth(batch["C"])
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        in_autocast = enc(v)
+    assert in_autocast.dtype == torch.float32 and torch.equal(in_autocast, enc(v))
+    losses = {}
+    for bf16 in (False, True):
+        with mml.autocast_for(device, dataclasses.replace(cfg, bf16=bf16)):
+            emb, scale = model(batch)
+        loss = mml.contrastive_loss(emb, scale, mml.loss_pairs("GSTC", "complete"))[0]
+        model.zero_grad()
+        loss.backward()
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+        losses[bf16] = loss.item()
+    assert losses[True] == pytest.approx(losses[False], rel=0.02)
+
+
+@gpu
+def test_gpu_ranking_equals_cpu():
+    q, g, ql, gl = random_task(300, 50, 5, 3000, dim=64)
+    cpu = mml.rank_queries(q, g, ql, gl, map_top=100, chunk=64)
+    cuda = mml.rank_queries(q.cuda(), g.cuda(), ql.cuda(), gl.cuda(), map_top=100, chunk=64)
+    for k in ("first_strict", "first_official", "top"):
+        assert torch.equal(cpu[k], cuda[k].cpu()), k
+    for k in ("ap_strict", "ap_official"):
+        assert torch.allclose(cpu[k], cuda[k].cpu(), atol=1e-12), k
+
+
+@gpu
+def test_gpu_train_and_eval_commands(world, tmp_path):
+    gpu_args = [a if a != "cpu" else "cuda" for a in TINY]
+    run("train", "--data", world, "--out", tmp_path, *gpu_args, "--epochs", 2, "--workers", 2)
+    assert torch.load(tmp_path / "last.pt", weights_only=False)["step"] == 2 * (72 // 16)
+    run("eval", "--data", world, "--ckpt", tmp_path / "best.pt", "--device", "cuda", "--workers", 2)
+    tasks = json.loads((tmp_path / "eval/metrics.json").read_text())["tasks"]
+    assert len(tasks) == 13 and all(0 <= r["strict"]["R@10"] <= r["official"]["R@10"] <= 100 for r in tasks.values())
