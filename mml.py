@@ -212,6 +212,19 @@ SILHOUETTES = {
     "skyscraper": [(-.2, 0), (.2, 0), (.2, .6), (.12, .6), (.12, .85), (.04, .85), (.02, 1),
                    (-.04, .85), (-.12, .85), (-.12, .6), (-.2, .6)],
 }
+# Top views: (shape, box (x0, y0, x1, y1) in half-widths around the centre, paint)
+FOOTPRINTS = {
+    "church": [("rect", (-1, -.33, 1, .33), "roof"), ("rect", (-.33, -1, .33, 1), "roof")],
+    "tower": [("rect", (-.33, -.33, .33, .33), "roof")],
+    "stadium": [("ellipse", (-1, -1, 1, 1), "roof"), ("ellipse", (-.5, -.33, .5, .33), (70, 150, 60))],
+    "lighthouse": [("rect", (.5, -3, 3, 3), (40, 80, 150)), ("ellipse", (-.5, -.5, .5, .5), "roof")],
+    "capitol": [("rect", (-1, -1, 1, 1), "roof"), ("ellipse", (-.5, -.5, .5, .5), "light")],
+    "museum": [("rect", (-1, -.7, 1, .7), "roof"), ("rect", (-.5, -.33, .5, .33), "cover")],
+    "castle": [("rect", (-.8, -.8, .8, .8), "roof")] + [
+        ("ellipse", (x - .25, y - .25, x + .25, y + .25), "dark") for x in (-.8, .8) for y in (-.8, .8)],
+    "obelisk": [("ellipse", (-1, -1, 1, 1), (170, 170, 165)), ("rect", (-.2, -.2, .2, .2), "roof")],
+    "skyscraper": [("rect", (-.6, -.6, .6, .6), "roof"), ("rect", (-.33, -.33, .33, .33), "light")],
+}
 CATEGORIES = list(SILHOUETTES)
 NAME_WORDS = ["Old", "Grand", "North", "Lake", "Cedar", "Liberty", "Union", "Harbor", "Pioneer",
               "Summit", "River", "Founders", "Mission", "Oak", "Sunset", "Eagle", "Granite", "Elm"]
@@ -250,37 +263,11 @@ def rgb(a) -> tuple:
 
 
 def draw_footprint(d: ImageDraw.ImageDraw, lm: dict, c: float, r: float, cover: np.ndarray):
-    """The landmark seen from above, centred at (c, c) with half-width r, by category."""
-    roof, box = rgb(lm["rgb"]), (c - r, c - r, c + r, c + r)
-    shape = lm["category"]
-    if shape == "church":
-        d.rectangle((c - r, c - r / 3, c + r, c + r / 3), fill=roof)
-        d.rectangle((c - r / 3, c - r, c + r / 3, c + r), fill=roof)
-    elif shape == "stadium":
-        d.ellipse(box, fill=roof)
-        d.ellipse((c - r / 2, c - r / 3, c + r / 2, c + r / 3), fill=(70, 150, 60))
-    elif shape == "lighthouse":
-        d.rectangle((c + r / 2, c - 3 * r, c + 3 * r, c + 3 * r), fill=(40, 80, 150))
-        d.ellipse((c - r / 2, c - r / 2, c + r / 2, c + r / 2), fill=roof, outline=(240, 240, 240))
-    elif shape == "capitol":
-        d.rectangle(box, fill=roof)
-        d.ellipse((c - r / 2, c - r / 2, c + r / 2, c + r / 2), fill=rgb(lm["rgb"] * 0.7 + 60))
-    elif shape == "museum":
-        d.rectangle((c - r, c - r * 0.7, c + r, c + r * 0.7), fill=roof)
-        d.rectangle((c - r / 2, c - r / 3, c + r / 2, c + r / 3), fill=rgb(cover))
-    elif shape == "castle":
-        d.rectangle((c - r * 0.8, c - r * 0.8, c + r * 0.8, c + r * 0.8), fill=roof)
-        for sx, sy in itertools.product((-1, 1), (-1, 1)):
-            x, y = c + sx * r * 0.8, c + sy * r * 0.8
-            d.ellipse((x - r / 4, y - r / 4, x + r / 4, y + r / 4), fill=rgb(lm["rgb"] * 0.7))
-    elif shape == "obelisk":
-        d.ellipse(box, fill=(170, 170, 165))
-        d.rectangle((c - r / 5, c - r / 5, c + r / 5, c + r / 5), fill=roof)
-    elif shape == "skyscraper":
-        d.rectangle((c - r * 0.6, c - r * 0.6, c + r * 0.6, c + r * 0.6), fill=roof)
-        d.rectangle((c - r / 3, c - r / 3, c + r / 3, c + r / 3), fill=rgb(lm["rgb"] * 0.8 + 40))
-    else:  # tower
-        d.rectangle((c - r / 3, c - r / 3, c + r / 3, c + r / 3), fill=roof)
+    """The landmark seen from above, centred at (c, c) with half-width r (FOOTPRINTS)."""
+    paints = {"roof": lm["rgb"], "dark": lm["rgb"] * 0.7, "light": lm["rgb"] * 0.7 + 60, "cover": cover}
+    for shape, box, paint in FOOTPRINTS[lm["category"]]:
+        fill = rgb(paints[paint]) if isinstance(paint, str) else paint
+        (d.rectangle if shape == "rect" else d.ellipse)([c + v * r for v in box], fill=fill)
 
 
 def render_satellite(lm: dict | None, lat: float, lon: float, rng: random.Random,
@@ -379,6 +366,8 @@ def synthesize(out: Path, scale: float = 1.0, seed: int = 0) -> dict:
     Written to a temporary folder and renamed into place, so an interrupted run never leaves
     a half-written world that a later run would take for a whole one.
     """
+    if out.exists() and any(out.iterdir()) and not (out / "mmlandmarks.csv").is_file():
+        raise UserError(f"{out}: exists and is not a synthetic world; not overwriting it")
     rng = random.Random(seed)
     n_train, n_query = max(40, int(1600 * scale)), max(20, int(100 * scale))
     n_index_ground, n_index_sat = max(60, int(2000 * scale)), max(60, int(1000 * scale))
@@ -683,7 +672,7 @@ class ImageStore:
         if self.rows is None:
             try:
                 return load_image(self.path(image_id), self.size)
-            except (OSError, ValueError, SyntaxError) as e:  # missing, truncated, not an image
+            except Exception as e:  # missing, truncated, not an image: decoders raise all sorts
                 raise UnreadableFile(f"{self.path(image_id)}: {e}") from None
         if image_id in self.broken:
             raise UnreadableFile(f"{self.path(image_id)}: could not be decoded when cached")
@@ -696,7 +685,7 @@ class ImageStore:
 def decode_or_none(job: tuple) -> np.ndarray | None:
     try:
         return load_image(*job)
-    except (OSError, ValueError, SyntaxError):
+    except Exception:  # counted as broken in the manifest: see ImageStore
         return None
 
 
