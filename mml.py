@@ -1661,11 +1661,14 @@ def timed(fn, min_seconds: float = 1.0, sync=lambda: None) -> float:
 
 
 def argsort_ranks(q, g, q_labels, g_labels, map_top: int = 1000) -> dict:
-    """The authors' way, for comparison: per query, score, sort the whole gallery, walk it."""
+    """The authors' way, for comparison: per query, score, sort the whole gallery, walk it.
+    Ties are broken the documented way (positives after the items they tie with)."""
     res = {k: [] for k in ("first_strict", "first_official", "ap_strict", "ap_official")}
     for i in range(len(q)):
-        order = torch.argsort(g @ q[i], descending=True)
-        hit, junk = g_labels[order] == q_labels[i], g_labels[order] == -1
+        positive = g_labels == q_labels[i]
+        by_kind = torch.argsort(positive.int(), stable=True)  # negatives first, then by score:
+        order = by_kind[torch.argsort(g[by_kind] @ q[i], descending=True, stable=True)]
+        hit, junk = positive[order], g_labels[order] == -1
         strict = torch.nonzero(hit)[:, 0]
         official = torch.nonzero(hit[~junk])[:, 0]
         kept = int((strict < map_top).sum())  # top map_top of the full ranking, then junk out
@@ -1673,21 +1676,27 @@ def argsort_ranks(q, g, q_labels, g_labels, map_top: int = 1000) -> dict:
             res[f"first_{name}"].append(int(rows[0]))
             res[f"ap_{name}"].append(sum(((j / r if r else 1) + (j + 1) / (r + 1)) / 2
                                          for j, r in enumerate(rows[:kept].tolist())) / len(strict))
-    return {k: torch.tensor(v) for k, v in res.items()}
+    return {k: torch.tensor(v, dtype=torch.float64 if k.startswith("ap") else torch.long) for k, v in res.items()}
 
 
 def fake_embeddings(n_queries: int, n_landmarks: int, n_labelled: int, n_junk: int, dim: int,
                     device, seed: int = 0) -> tuple:
     """Random unit vectors shaped like a task: queries and labelled gallery items scattered
     around a random centre per landmark (so positives rank high, as with a trained model),
-    distractors anywhere. -> (q (Q, D), g (G, D), q_labels, g_labels), distractors first."""
+    distractors anywhere. -> (q (Q, D), g (G, D), q_labels, g_labels), distractors first.
+
+    Rounded to multiples of 2^-10, so that every score is a multiple of 2^-20 below 1 in size
+    and exact in float32 whatever the order of summation (a GEMM and a GEMV, a CPU and a GPU
+    all agree): the bench compares two rankings, not two roundings.
+    """
     gen = torch.Generator(device).manual_seed(seed)
+    unit = lambda x: torch.round(F.normalize(x, dim=-1) * 1024) / 1024  # noqa: E731
     centres = F.normalize(torch.randn(n_landmarks, dim, generator=gen, device=device), dim=-1)
     q_labels = torch.arange(n_queries, device=device) % n_landmarks
     lab = torch.arange(n_labelled, device=device) % n_landmarks
-    near = lambda labels: F.normalize(centres[labels] + 0.1 * torch.randn(  # noqa: E731
-        len(labels), dim, generator=gen, device=device), dim=-1)
-    g = torch.cat([F.normalize(torch.randn(n_junk, dim, generator=gen, device=device), dim=-1), near(lab)])
+    near = lambda labels: unit(centres[labels] + 0.1 * torch.randn(  # noqa: E731
+        len(labels), dim, generator=gen, device=device))
+    g = torch.cat([unit(torch.randn(n_junk, dim, generator=gen, device=device)), near(lab)])
     return near(q_labels), g, q_labels, torch.cat([torch.full((n_junk,), -1, device=device), lab])
 
 

@@ -2,6 +2,7 @@
 layer against a hand-written fixture, the real commands on a tiny synthetic world, and the
 distributed loss and evaluation against a single process.  Run: python -m pytest -q"""
 import dataclasses
+import datetime
 import json
 import math
 import os
@@ -22,6 +23,9 @@ from PIL import Image
 import mml
 
 HERE = Path(__file__).resolve().parent
+# The gloo tests talk over loopback; left to itself gloo resolves the host's name, which can
+# hang in a sandbox or VM without DNS.
+os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
 # a model small enough that a CPU trains it in seconds
 TINY = ["--img-size", "32", "--img-width", "8", "--embed-dim", "32", "--text-width", "32",
         "--gps-width", "32", "--vocab-size", "300", "--max-len", "16", "--workers", "0",
@@ -616,7 +620,8 @@ def loss_and_grads(model, emb, scale, kind) -> dict:
 
 
 def ddp_worker(rank: int, port: int, out: str):
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=60))
     cfg, model, batch = ddp_setup()
     ddp = torch.nn.parallel.DistributedDataParallel(model)
     results = {}
@@ -632,7 +637,14 @@ def ddp_worker(rank: int, port: int, out: str):
 
 
 def test_two_processes_give_the_gradients_of_one_big_batch(tmp_path):
-    torch.multiprocessing.spawn(ddp_worker, args=(free_port(), str(tmp_path / "ddp.pt")), nprocs=2)
+    procs = torch.multiprocessing.spawn(ddp_worker, args=(free_port(), str(tmp_path / "ddp.pt")), nprocs=2, join=False)
+    for _ in range(60):  # a stuck process group fails the test instead of hanging the suite
+        if procs.join(timeout=2):
+            break
+    else:
+        for p in procs.processes:
+            p.kill()
+        pytest.fail("two gloo processes did not finish in 120 s")
     ddp = torch.load(tmp_path / "ddp.pt")
     _, model, batch = ddp_setup()
     for kind in ("complete", "imagebind"):
