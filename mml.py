@@ -29,6 +29,7 @@ import json
 import math
 import os
 import random
+import resource
 import shutil
 import sys
 import time
@@ -1305,7 +1306,10 @@ def train(cfg: Config):
     steps_per_epoch = len(train_set) // B
     total = cfg.max_steps or cfg.epochs * steps_per_epoch
 
-    torch.manual_seed(cfg.seed)  # the same initial weights on every process
+    # The same seed on every process: identical initial weights. No per-rank offset is needed
+    # (nanoGPT has one for its data): every random draw of the data is keyed by (seed, epoch,
+    # row), and each process draws its own rows.
+    torch.manual_seed(cfg.seed)
     raw = MML(cfg).to(device)
     if device.type == "cuda":
         raw = raw.to(memory_format=torch.channels_last)
@@ -1665,9 +1669,9 @@ def argsort_ranks(q, g, q_labels, g_labels, map_top: int = 1000) -> dict:
     Ties are broken the documented way (positives after the items they tie with)."""
     res = {k: [] for k in ("first_strict", "first_official", "ap_strict", "ap_official")}
     for i in range(len(q)):
-        positive = g_labels == q_labels[i]
-        by_kind = torch.argsort(positive.int(), stable=True)  # negatives first, then by score:
-        order = by_kind[torch.argsort(g[by_kind] @ q[i], descending=True, stable=True)]
+        scores, positive = g @ q[i], g_labels == q_labels[i]
+        by_kind = torch.cat([torch.nonzero(~positive)[:, 0], torch.nonzero(positive)[:, 0]])
+        order = by_kind[torch.argsort(scores[by_kind], descending=True, stable=True)]
         hit, junk = positive[order], g_labels[order] == -1
         strict = torch.nonzero(hit)[:, 0]
         official = torch.nonzero(hit[~junk])[:, 0]
@@ -1762,8 +1766,9 @@ def bench(cfg: Config):
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         seconds = timed(step, 3.0 if device.type == "cuda" else 5.0, sync)
-        peak = f", peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if device.type == "cuda" else ""
-        report(f"train step, {label}", B / seconds, "samples/s", f"{device.type}, batch {B}{peak}")
+        peak = (f"peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if device.type == "cuda" else
+                f"peak RSS of the process so far {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB")
+        report(f"train step, {label}", B / seconds, "samples/s", f"{device.type}, batch {B}, {peak}")
         step_rate = max(step_rate, B / seconds)
 
     # the real loader on the dataset (the synthetic world by default), against the step rate
