@@ -32,6 +32,7 @@ import random
 import resource
 import shutil
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -619,7 +620,7 @@ def read_train(cfg: Config, root: Path) -> tuple[Split, Split]:
     split = read_split(root, "train", cfg.outdoor_only)
     if cfg.subset:
         split = split.take(range(min(cfg.subset, len(split.ids))))
-    n_val = min(cfg.n_val, len(split.ids) // 10)  # 1,024 of 17,557 on the real data
+    n_val = min(cfg.n_val, max(2, len(split.ids) // 10))  # 1,024 of 17,557 on the real data
     perm = np.random.default_rng(cfg.seed).permutation(len(split.ids))
     return split.take(np.sort(perm[n_val:])), split.take(np.sort(perm[:n_val]))
 
@@ -1314,7 +1315,12 @@ def train(cfg: Config):
     if device.type == "cuda":
         raw = raw.to(memory_format=torch.channels_last)
     if cfg.gps_init and not ckpt:
-        raw.enc["C"].load_state_dict(torch.load(cfg.gps_init, map_location=device))
+        try:
+            raw.enc["C"].load_state_dict(torch.load(cfg.gps_init, map_location=device))
+        except Exception as e:  # a missing file, another format, other sizes
+            raise UserError(f"--gps-init {cfg.gps_init}: not a state dict for this GPS encoder (it "
+                            f"needs C in --modalities; GeoCLIP's needs --gps-width 1024 --gps-depth 3 "
+                            f"--embed-dim 512): {str(e).splitlines()[0]}") from None
     decay = [p for p in raw.parameters() if p.dim() >= 2]  # weights; not biases, norms, scale
     rest = [p for p in raw.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
@@ -1709,15 +1715,12 @@ def bench(cfg: Config):
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"bench on {name}, torch {torch.__version__}; S = {cfg.img_size}, B = {cfg.batch_size}, D = {cfg.embed_dim}")
-    table = []
 
-    def report(what: str, value: float, unit: str, how: str):
-        table.append((what, value, unit, how))
+    def report(what: str, value: float, unit: str, how: str):  # one row of the table
         print(f"  {what:<44}{value:>12,.1f} {unit:<13} {how}", flush=True)
 
     # data: real-sized files (800-px JPEG photo, 800x800 PNG tile), with noise for the
     # texture real photos have and flat renders lack (it is what makes decoding slow)
-    import tempfile
     with tempfile.TemporaryDirectory() as tmp, torch.multiprocessing.get_context("fork").Pool(1) as pool:
         rng, noise = random.Random(0), np.random.default_rng(0)
         lm = place_landmark(rng)
@@ -1806,6 +1809,7 @@ def bench(cfg: Config):
     # ranking at full scale: G2S 18,688 x (99,539 + 1,000), S2G 1,000 x (714,554 + 18,688)
     for task, nq, n_lm, n_lab, n_junk in (("G2S", 18688, 1000, 1000, 99539), ("S2G", 1000, 1000, 18688, 714554)):
         q, g, ql, gl = fake_embeddings(nq, n_lm, n_lab, n_junk, 512, device)
+        rank_queries(q[:64], g, ql[:64], gl)  # warm-up: library start-up is not ranking time
         sync()
         t0 = time.perf_counter()
         ranks = rank_queries(q, g, ql, gl, chunk=cfg.chunk)

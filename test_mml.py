@@ -228,6 +228,17 @@ def test_gps_encoder_loads_geoclip_key_layout():
     assert torch.equal(enc.LocEnc2.capsule[0].b, geoclip["LocEnc2.capsule.0.b"])
 
 
+def test_gps_init_starts_training_from_a_saved_location_encoder(world, tmp_path):
+    torch.manual_seed(5)
+    saved = mml.GPSEncoder(width=32, depth=2, dim=32).state_dict()
+    torch.save(saved, tmp_path / "gps.pt")
+    run("train", "--data", world, "--out", tmp_path / "run", *TINY, "--epochs", 1, "--lr", 0, "--gps-init", tmp_path / "gps.pt")
+    model = torch.load(tmp_path / "run/last.pt", weights_only=False)["model"]
+    assert all(torch.equal(model[f"enc.C.{k}"], v) for k, v in saved.items())
+    with pytest.raises(SystemExit):  # GeoCLIP's sizes do not fit the small default encoder
+        run("train", "--data", world, "--out", tmp_path / "run2", *TINY, "--gps-init", tmp_path / "run/last.pt")
+
+
 def test_parse_args_builds_config_and_names_the_nearest_option(capsys):
     cmd, cfg, given = mml.parse_args(["train", "--batch-size", "7", "--no-bf16", "--modalities", "GS"])
     assert (cmd, cfg.batch_size, cfg.bf16, cfg.modalities, given) == ("train", 7, False, "GS", {"batch_size", "bf16", "modalities"})
