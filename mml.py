@@ -7,9 +7,10 @@ view its photos (S2G), a photo, an aerial view or a sentence its location (G2C, 
 and a sentence its images (T2G, T2S).
 
     pip install -r requirements.txt
-    python mml.py train                  # CPU, no data needed: ~1 min to build a synthetic
-                                         #   world in the real layout, then ~6 min of training
-    python mml.py eval                   # every task of the protocol, official and strict
+    python mml.py train                  # no data needed: writes a synthetic world in the
+                                         #   released layout (~30 s), trains (~4 min on 2 CPU
+                                         #   cores); validation G2S R@1 ~86% (chance 0.6%)
+    python mml.py eval                   # every task of the protocol, official and strict (10 s)
     python mml.py train --data /data/MMLandmarks --img-size 224 --batch-size 512 ...  # 1 GPU
     torchrun --standalone --nproc_per_node=8 mml.py train --data /data/MMLandmarks ...
     python mml.py prepare --data /data/MMLandmarks --img-size 224   # decode images once
@@ -577,12 +578,10 @@ def read_split(root: Path, split: str, outdoor_only: bool = False) -> Split:
 
     ground = by_landmark(f"{p}_ground_subset.csv" if outdoor_only else f"{p}_ground.csv",
                          "images", partial=outdoor_only)
-    if split == "query":  # the latest aerial image is listed apart from all the years
-        latest = by_landmark(f"{p}_satellite.csv", "images")
+    sat = latest = by_landmark(f"{p}_satellite.csv", "images")  # ids listed oldest first
+    if split == "query":  # there this CSV lists the latest image alone, and another all years
         sat = by_landmark(f"{p}_all_satellite.csv", "images", optional=True) or latest
-    else:
-        sat = by_landmark(f"{p}_satellite.csv", "images")
-        latest = {i: s.split()[-1] if s.split() else "" for i, s in sat.items()}
+    latest = {i: (s.split() or [""])[-1] for i, s in latest.items()}
     text = by_landmark(f"{p}_text.csv", "json")
     no_cues = by_landmark(f"{p}_text_sentences.csv", "sentences", optional=True)
     keep = [n for n, i in enumerate(ids.tolist()) if ground.get(i, "").split() and sat[i].split()]
