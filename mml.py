@@ -377,7 +377,7 @@ def synthesize(out: Path, scale: float = 1.0, seed: int = 0) -> dict:
     tmp = out.with_name(out.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
-    new_id = lambda: f"{rng.getrandbits(64):016x}"  # noqa: E731 (the released 16-hex-digit ids)
+    new_id = lambda: f"{rng.getrandbits(64):016x}"  # the released 16-hex-digit ids
     landmark_ids = rng.sample(range(10**5, 10**7), n_train + n_query)
     counts, master = {}, []
 
@@ -537,7 +537,7 @@ class Split:
 
     def take(self, rows) -> "Split":
         rows = list(rows)
-        pick = lambda xs: None if xs is None else [xs[i] for i in rows]  # noqa: E731
+        pick = lambda xs: None if xs is None else [xs[i] for i in rows]
         return Split(self.dir, self.ids[rows], self.latlon[rows], pick(self.ground),
                      pick(self.sat), pick(self.latest), pick(self.text), pick(self.no_cues))
 
@@ -1574,7 +1574,7 @@ def evaluate(cfg: Config):
     index_stores = image_stores(cfg, index.dir, {"G": index.ground or [], "S": index.sat or []})
     lm = torch.as_tensor(query.ids, device=device)
     lm_latlon = torch.as_tensor(query.latlon, dtype=torch.float32, device=device)
-    junk = lambda n: torch.full((n,), -1, dtype=torch.long, device=device)  # noqa: E731
+    junk = lambda n: torch.full((n,), -1, dtype=torch.long, device=device)
     sides: dict = {}
 
     def side(key: str) -> tuple:
@@ -1699,11 +1699,11 @@ def fake_embeddings(n_queries: int, n_landmarks: int, n_labelled: int, n_junk: i
     all agree): the bench compares two rankings, not two roundings.
     """
     gen = torch.Generator(device).manual_seed(seed)
-    unit = lambda x: torch.round(F.normalize(x, dim=-1) * 1024) / 1024  # noqa: E731
+    unit = lambda x: torch.round(F.normalize(x, dim=-1) * 1024) / 1024
     centres = F.normalize(torch.randn(n_landmarks, dim, generator=gen, device=device), dim=-1)
     q_labels = torch.arange(n_queries, device=device) % n_landmarks
     lab = torch.arange(n_labelled, device=device) % n_landmarks
-    near = lambda labels: unit(centres[labels] + 0.1 * torch.randn(  # noqa: E731
+    near = lambda labels: unit(centres[labels] + 0.1 * torch.randn(
         len(labels), dim, generator=gen, device=device))
     g = torch.cat([unit(torch.randn(n_junk, dim, generator=gen, device=device)), near(lab)])
     return near(q_labels), g, q_labels, torch.cat([torch.full((n_junk,), -1, device=device), lab])

@@ -104,7 +104,7 @@ def random_task(n_q, n_lm, per_lm, n_junk, dim=16, seed=0, noise=0.8):
     centres = torch.randn(n_lm, dim, generator=gen)
     ql = torch.randint(0, n_lm, (n_q,), generator=gen)
     gl_lab = torch.arange(n_lm).repeat_interleave(per_lm)
-    near = lambda lab: F.normalize(centres[lab] + noise * torch.randn(len(lab), dim, generator=gen), dim=-1)  # noqa: E731
+    near = lambda lab: F.normalize(centres[lab] + noise * torch.randn(len(lab), dim, generator=gen), dim=-1)
     g = torch.cat([near(gl_lab), F.normalize(torch.randn(n_junk, dim, generator=gen), dim=-1)])
     gl = torch.cat([gl_lab, torch.full((n_junk,), -1)])
     perm = torch.randperm(len(g), generator=gen)  # distractors mixed in, not first
