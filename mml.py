@@ -604,7 +604,7 @@ class Index:
 
 
 def read_index(root: Path, required: bool = True) -> Index:
-    d = root / "index" if not required and not (root / "index").is_dir() else check_root(root, "index")
+    d = check_root(root, "index") if required else root / "index"
     index = Index(d, None, None, None)
     if required or (d / "mml_index_ground.csv").is_file():
         index.ground = read_table(d / "mml_index_ground.csv", ["images"])["images"]
@@ -1548,8 +1548,9 @@ def evaluate(cfg: Config):
         absent = [m for m in task[0] + task[2] if m not in cfg.modalities]
         if absent:
             return f"the checkpoint has no {absent[0]} encoder (trained on {cfg.modalities})"
-        kind = "ground" if task[2] == "G" else "satellite"  # the GPS gallery is the tiles' centres
-        if getattr(index, "ground" if kind == "ground" else "sat") is None:
+        # the ground gallery needs the index photos; the aerial and GPS galleries its tiles
+        listed, kind = (index.ground, "ground") if task[2] == "G" else (index.sat, "satellite")
+        if listed is None:
             return f"{index.dir / f'mml_index_{kind}.csv'}: not found"
         if task.endswith("no_cues") and query.no_cues is None:
             return f"{query.dir / 'mml_query_text_sentences.csv'}: not found"

@@ -1,6 +1,7 @@
 """Tests for mml.py: pure functions against brute-force references and known values, the data
 layer against a hand-written fixture, the real commands on a tiny synthetic world, and the
 distributed loss and evaluation against a single process.  Run: python -m pytest -q"""
+import csv
 import dataclasses
 import datetime
 import json
@@ -8,6 +9,7 @@ import math
 import os
 import random
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -464,7 +466,6 @@ def test_nonfinite_losses_are_skipped_then_stop_the_run(world, tmp_path, monkeyp
 
 
 def test_unreadable_images_are_skipped_in_training_and_fatal_in_eval(world, tmp_path, capsys):
-    import shutil
     root = tmp_path / "w"
     shutil.copytree(world, root)
     cfg = mml.resolve("train", mml.parse_args(["train", *TINY])[1], set())
@@ -511,7 +512,6 @@ def trained(world, tmp_path_factory) -> Path:
 
 
 def read_rows(path: Path) -> list[dict]:
-    import csv
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
 
@@ -590,7 +590,6 @@ def test_eval_bad_input(world, trained, tmp_path, capsys):
     torch.save(ckpt, tmp_path / "other.pt")
     assert "no_such_option" in fails("--data", world, "--ckpt", tmp_path / "other.pt")
     # without an index ground list: the tasks searching ground photos are skipped, or fail by name
-    import shutil
     root = tmp_path / "w"
     shutil.copytree(world, root)
     os.remove(root / "index/mml_index_ground.csv")
