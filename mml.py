@@ -29,9 +29,11 @@ import itertools
 import json
 import math
 import os
+import pickle
 import random
 import resource
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -50,66 +52,99 @@ from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
 # ---- config -------------------------------------------------------------------------------
 
 
-def opt(default, help):
-    """A Config field whose help text becomes its --help line."""
-    return field(default=default, metadata={"help": help})
+def opt(default, help: str, cmds: str = "train", low=None, high=None):
+    """A Config field: its help becomes its --help line; cmds names the commands that take
+    it; low and high bound a number (checked in `resolve`, so a typo fails in one line)."""
+    return field(default=default, metadata={"help": help, "cmds": cmds.split(),
+                                            "range": (low, high)})
+
+
+DATA, IMAGES = "train eval prepare bench", "train eval locate prepare bench"
 
 
 @dataclass
 class Config:
     # data
-    data: str = opt("", "dataset root in the released layout; empty: a synthetic world in "
-                        "data/synthetic, generated on first use")
-    scale: float = opt(1.0, "size of the synthetic world (1.0: 1,600 train / 100 query landmarks)")
-    subset: int = opt(0, "train on the first N training landmarks only (0: all)")
-    n_val: int = opt(1024, "training landmarks held out for validation, at most 10%% of them")
+    data: str = opt("", "dataset root in the released layout (default: a synthetic world in "
+                        "data/synthetic, generated on first use; eval: the checkpoint's)",
+                    DATA + " synth")
+    scale: float = opt(1.0, "size of the synthetic world (1.0: 1,600 train / 100 query "
+                            "landmarks)", DATA + " synth", 0.01, 100)
+    subset: int = opt(0, "train on the first N training landmarks only (0: all)", low=0)
+    n_val: int = opt(1024, "training landmarks held out for validation, at most 10%% of them",
+                     low=2)
     outdoor_only: bool = opt(False, "train on the outdoor ground photos only (the subset CSV)")
     last_sat_only: bool = opt(False, "train on each landmark's latest aerial image only")
     train_text: str = opt("first", "training sentence: first | random (PROTOCOL section 2)")
-    query_text: str = opt("first,random,no_cues", "query sentences the text tasks are run with")
-    img_size: int = opt(64, "images are resized (short side) and centre-cropped to S x S")
-    cache: str = opt("", "image cache folder made by `prepare` (default: DATA/cache)")
-    workers: int = opt(min(8, os.cpu_count() or 1), "DataLoader worker processes")
-    seed: int = opt(0, "seed of everything random: hold-out, sampling, augmentation, init")
-    device: str = opt("", "cuda or cpu (default: cuda when a GPU is visible)")
+    query_text: str = opt("first,random,no_cues", "query sentences the text tasks are run with",
+                          "eval")
+    img_size: int = opt(64, "images are resized (short side) and centre-cropped to S x S",
+                        "train prepare bench", 16, 1024)
+    cache: str = opt("", "image cache folder made by `prepare` (default: DATA/cache)", DATA)
+    workers: int = opt(min(8, os.cpu_count() or 1), "DataLoader worker processes",
+                       IMAGES, 0, 256)
+    seed: int = opt(0, "seed of everything random: hold-out, sampling, augmentation, init",
+                    "train eval synth bench")
+    device: str = opt("", "cuda or cpu (default: cuda when a GPU is visible)",
+                      "train eval locate bench")
     # model
-    modalities: str = opt("GSTC", "modalities to train: any two or more of G S T C")
-    embed_dim: int = opt(128, "width D of the shared embedding space (the authors: 512)")
-    img_width: int = opt(32, "channels of the image CNNs' first stage (x2 per stage)")
-    share_image_trunk: bool = opt(False, "ground and aerial share one CNN trunk (the authors' "
-                                         "frozen CLIP did), with separate heads")
-    vocab_size: int = opt(2000, "BPE vocabulary of the text tokenizer")
-    max_len: int = opt(40, "tokens per sentence, padded or truncated")
-    text_width: int = opt(128, "text transformer width")
-    text_layers: int = opt(2, "text transformer layers")
-    gps_width: int = opt(256, "GPS MLP width (GeoCLIP: 1024)")
-    gps_depth: int = opt(2, "GPS MLP hidden layers per scale (GeoCLIP: 3)")
+    modalities: str = opt("GSTC", "modalities to train: any two or more of G S T C",
+                          "train bench")
+    embed_dim: int = opt(128, "width D of the shared embedding space (the authors: 512)",
+                         "train bench", 2, 65536)
+    img_width: int = opt(32, "channels of the image CNNs' first stage (x2 per stage; a "
+                             "multiple of 8)", "train bench", 8, 4096)
+    share_image_trunk: bool = opt(False, "ground and aerial share one CNN trunk (the "
+                                         "authors' frozen CLIP did), with separate heads")
+    vocab_size: int = opt(2000, "BPE vocabulary of the text tokenizer", "train bench",
+                          32, 10**6)
+    max_len: int = opt(40, "tokens per sentence, padded or truncated", "train bench", 2, 4096)
+    text_width: int = opt(128, "text transformer width (a multiple of 64, or below 64)",
+                          "train bench", 8, 65536)
+    text_layers: int = opt(2, "text transformer layers", "train bench", 1, 256)
+    gps_width: int = opt(256, "GPS MLP width (GeoCLIP: 1024)", "train bench", 1, 65536)
+    gps_depth: int = opt(2, "GPS MLP hidden layers per scale (GeoCLIP: 3)", "train bench",
+                         0, 64)
     gps_init: str = opt("", "GeoCLIP location-encoder state dict to start the GPS encoder from")
     # training
-    loss: str = opt("complete", "complete: all modality pairs; imagebind: ground vs each other")
-    batch_size: int = opt(128, "global batch (split across torchrun processes)")
-    epochs: int = opt(25, "passes over the training landmarks, one sample each")
+    loss: str = opt("complete", "complete: all modality pairs; imagebind: ground vs each other",
+                    "train bench")
+    batch_size: int = opt(128, "global batch (split across torchrun processes)",
+                          "train bench", 2, 10**6)
+    epochs: int = opt(25, "passes over the training landmarks, one sample each", low=1)
     max_steps: int = opt(0, "stop after this many steps (0: epochs decide); the lr "
-                            "schedule spans them")
-    lr: float = opt(2e-3, "peak AdamW learning rate")
-    weight_decay: float = opt(0.05, "AdamW weight decay (not on biases, norms, logit scale)")
-    warmup: float = opt(0.05, "fraction of the steps spent warming the lr up linearly")
-    grad_clip: float = opt(1.0, "clip the gradient norm to this (0: off)")
-    bf16: bool = opt(True, "bf16 autocast on GPUs that support it (always fp32 on the CPU)")
-    compile: bool = opt(False, "torch.compile the model")
-    log_every: int = opt(10, "steps between log lines")
-    out: str = opt("runs/mml", "run folder: checkpoints, log.jsonl, eval/")
-    resume: bool = opt(False, "continue from OUT/last.pt exactly where it stopped")
+                            "schedule spans them", low=0)
+    lr: float = opt(2e-3, "peak AdamW learning rate", low=0.0)
+    weight_decay: float = opt(0.05, "AdamW weight decay (not on biases, norms, logit scale)",
+                              low=0.0)
+    warmup: float = opt(0.05, "fraction of the steps spent warming the lr up linearly",
+                        low=0.0, high=1.0)
+    grad_clip: float = opt(1.0, "clip the gradient norm to this (0: off)", low=0.0)
+    bf16: bool = opt(True, "bf16 autocast on GPUs that support it (always fp32 on the CPU)",
+                     "train eval locate bench")
+    compile: bool = opt(False, "torch.compile the model", "train bench")
+    log_every: int = opt(10, "steps between log lines", low=1)
+    out: str = opt("runs/mml", "run folder: checkpoints, log.jsonl, eval/ (synth: the world)",
+                   "train eval synth")
+    resume: bool = opt(False, "continue the run in --out from its last.pt, exactly where it "
+                              "stopped")
+    overwrite: bool = opt(False, "start over in an --out that holds a run: its checkpoints, "
+                                 "log and metrics are replaced")
+    select: str = opt("loss", "best.pt is the epoch of lowest validation loss (the authors' "
+                              "rule) or of highest mean validation R@1 (recall)")
     overfit_batch: bool = opt(False, "train on one fixed batch: the loss must fall to ~0")
-    max_bad_steps: int = opt(10, "stop after this many non-finite losses in a row")
+    max_bad_steps: int = opt(10, "stop after this many non-finite losses in a row", low=1)
     # evaluation
-    ckpt: str = opt("", "checkpoint to evaluate (default: OUT/best.pt)")
-    tasks: str = opt("", "comma-separated tasks, e.g. G2S,T2C-no_cues (default: all)")
-    chunk: int = opt(512, "queries scored at once; memory ~ 6 bytes x chunk x gallery")
-    eval_batch: int = opt(256, "batch size when embedding queries and galleries")
+    ckpt: str = opt("", "checkpoint to evaluate (default: OUT/best.pt)", "eval")
+    tasks: str = opt("", "comma-separated tasks, e.g. G2S,T2C-no_cues (default: all)", "eval")
+    chunk: int = opt(512, "queries scored at once; memory ~ 6 bytes x chunk x gallery",
+                     "eval bench", 1)
+    eval_batch: int = opt(256, "batch size when embedding queries and galleries",
+                          "eval locate bench", 1)
     # bench and prepare
-    bench_queries: int = opt(200, "queries timed for the per-query baseline in `bench`")
-    splits: str = opt("train,query,index", "splits `prepare` decodes into the cache")
+    bench_queries: int = opt(200, "queries timed for the per-query baseline in `bench`",
+                             "bench", 1)
+    splits: str = opt("train,query,index", "splits `prepare` decodes into the cache", "prepare")
 
 
 COMMANDS = ("train", "eval", "synth", "prepare", "bench")
@@ -363,20 +398,35 @@ def write_csv(path: Path, header: list[str], rows):
         w.writerows(rows)
 
 
+SYNTH_MARKER = "mml_synthetic.json"  # only mml writes it: a folder with it is mml's to replace
+
+
+def refuse_unless_synthetic(folder: Path):
+    """mml replaces a folder only if it wrote it: an empty one, or a world with SYNTH_MARKER."""
+    if folder.exists() and not (folder / SYNTH_MARKER).is_file() and (
+            not folder.is_dir() or any(folder.iterdir())):
+        raise UserError(f"{folder}: not empty and not a synthetic world written by mml (no "
+                        f"{SYNTH_MARKER}); refusing to replace it (--out names where to write)")
+
+
 def synthesize(out: Path, scale: float = 1.0, seed: int = 0) -> dict:
     """Write a synthetic world in the released layout to `out`; return its counts.
 
     Written to a temporary folder and renamed into place, so an interrupted run never leaves
-    a half-written world that a later run would take for a whole one.
+    a half-written world that a later run would take for a whole one. Both folders carry
+    SYNTH_MARKER from their first moment, so mml only ever replaces worlds of its own.
     """
-    if out.exists() and any(out.iterdir()) and not (out / "mmlandmarks.csv").is_file():
-        raise UserError(f"{out}: exists and is not a synthetic world; not overwriting it")
+    tmp = out.with_name(out.name + ".tmp")
+    refuse_unless_synthetic(out)
+    refuse_unless_synthetic(tmp)
+    if tmp.exists():  # left by an interrupted run
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    marker = {"generator": "mml.py synthesize", "scale": scale, "seed": seed}
+    (tmp / SYNTH_MARKER).write_text(json.dumps(marker))
     rng = random.Random(seed)
     n_train, n_query = max(40, int(1600 * scale)), max(20, int(100 * scale))
     n_index_ground, n_index_sat = max(60, int(2000 * scale)), max(60, int(1000 * scale))
-    tmp = out.with_name(out.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
     new_id = lambda: f"{rng.getrandbits(64):016x}"  # the released 16-hex-digit ids
     landmark_ids = rng.sample(range(10**5, 10**7), n_train + n_query)
     counts, master = {}, []
@@ -453,24 +503,29 @@ def synthesize(out: Path, scale: float = 1.0, seed: int = 0) -> dict:
               ["landmark_id", "CommonsCategory", "WikipediaPage", "lat", "lon", "min_lat",
                "min_lon", "max_lat", "max_lon", "QID", "osm_type", "osm_id", "category",
                "state", "hierarchical_category"], master)
+    (tmp / SYNTH_MARKER).write_text(json.dumps({**marker, "counts": counts}))
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)
     return counts
 
 
+def synthetic_root(scale: float) -> Path:
+    """Where `train`, `prepare` and `synth` put the synthetic world of a given --scale."""
+    return Path("data") / ("synthetic" if scale == 1 else f"synthetic-x{scale:g}")
+
+
 def default_world(cfg: Config) -> Path:
     """The dataset root to use: --data, or the synthetic world (generated on first use)."""
     if cfg.data:
         return Path(cfg.data)
-    root = Path("data") / ("synthetic" if cfg.scale == 1 else f"synthetic-x{cfg.scale:g}")
-    if not (root / "mmlandmarks.csv").exists():  # written last: its presence means complete
-        if is_master():
-            t = time.time()
-            print0(f"no --data given: generating a synthetic world in {root} ...")
-            counts = synthesize(root, cfg.scale)
-            print0(f"  done in {time.time() - t:.0f}s: {json.dumps(counts)}")
-        barrier()
+    root = synthetic_root(cfg.scale)
+    if is_master() and not root.exists():  # renamed into place when whole
+        t = time.time()
+        print0(f"no --data given: generating a synthetic world in {root} ...")
+        counts = synthesize(root, cfg.scale)
+        print0(f"  done in {time.time() - t:.0f}s: {json.dumps(counts)}")
+    barrier()  # every process, whether or not the world had to be written
     return root
 
 
@@ -692,20 +747,34 @@ def decode_or_none(job: tuple) -> np.ndarray | None:
 
 def build_cache(split_dir: Path, kind: str, ids: list[str], size: int, cache: Path, pool) -> int:
     """Decode images into cache/{split}_{kind}.u8 (N, S, S, 3) and write the manifest last,
-    so that an interrupted build is never mistaken for a whole one. Returns the unreadable count."""
+    so that an interrupted build is never mistaken for a whole one. Returns the unreadable count.
+    An existing array is replaced only if its manifest says mml made it."""
     store, name = ImageStore(split_dir, kind, size, None), cache / f"{split_dir.name}_{kind}"
-    name.with_suffix(".json").unlink(missing_ok=True)
-    out = np.memmap(name.with_suffix(".u8"), np.uint8, "w+", shape=(max(1, len(ids)), size, size, 3))
+    manifest, array = name.with_suffix(".json"), name.with_suffix(".u8")
+    head = ""
+    if manifest.is_file():
+        with open(manifest) as f:
+            head = f.read(100)
+    if (array.exists() or manifest.exists()) and '"generator": "mml.py prepare"' not in head:
+        raise UserError(f"{array}: exists and was not made by `mml.py prepare`; refusing to "
+                        f"replace it (--cache names another folder)")
+    tmp = name.with_suffix(".u8.tmp")
+    out = np.memmap(tmp, np.uint8, "w+", shape=(max(1, len(ids)), size, size, 3))
     broken = []
-    for row, img in enumerate(pool.imap(decode_or_none, ((store.path(i), size) for i in ids), chunksize=32)):
+    jobs = ((store.path(i), size) for i in ids)
+    for row, img in enumerate(pool.imap(decode_or_none, jobs, chunksize=32)):
         if img is None:
             broken.append(ids[row])
         else:
             out[row] = img
     out.flush()
+    del out
+    manifest.unlink(missing_ok=True)  # never an old manifest beside a new array
+    os.replace(tmp, array)
     tmp = name.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"size": size, "ids": ids, "broken": broken}))
-    os.replace(tmp, name.with_suffix(".json"))
+    tmp.write_text(json.dumps({"generator": "mml.py prepare", "size": size, "ids": ids,
+                               "broken": broken}))
+    os.replace(tmp, manifest)
     return len(broken)
 
 
@@ -1214,14 +1283,46 @@ def save_checkpoint(state: dict, path: Path):
     os.replace(tmp, path)
 
 
+def load_tensors(path: Path, what: str) -> dict:
+    """torch.load that never runs code: weights_only=True unpickles tensors, numbers, strings,
+    lists and dicts only. A file that needs more could execute anything while loading (a
+    checkpoint is a pickle), so it is refused, never unpickled."""
+    if not path.is_file():
+        raise UserError(f"{path}: no {what} there")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise UserError(f"{path}: not an mml {what}: it needs more than tensors and plain data "
+                        f"to load, and may contain code, so it is not unpickled") from None
+    except Exception as e:  # truncated, not a torch file at all
+        raise UserError(f"{path}: not a readable {what} ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    if not isinstance(obj, dict):
+        raise UserError(f"{path}: not an mml {what} (holds a {type(obj).__name__}, not a dict)")
+    return obj
+
+
+def load_matching(module: nn.Module, state: dict, what: str):
+    """load_state_dict, but a mismatch names the first key that is missing, unexpected or of
+    another shape, with both shapes, in one line."""
+    own = module.state_dict()
+    for key in list(own) + [k for k in state if k not in own]:
+        mine, theirs = own.get(key), state.get(key)
+        if mine is None or theirs is None or tuple(mine.shape) != tuple(theirs.shape):
+            shape = lambda t: "absent" if t is None else tuple(getattr(t, "shape", ()))
+            raise UserError(f"{what}: does not fit this model: {key} is {shape(theirs)} in the "
+                            f"file and {shape(mine)} in the model")
+    module.load_state_dict(state)
+
+
 def load_checkpoint(path: Path) -> dict:
     if not path.is_file():
         raise UserError(f"{path}: no checkpoint there (train one with `python mml.py train`, "
                         f"or name one with --ckpt)")
-    try:  # weights_only=False: our own files, which carry the config and RNG states too
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:
-        raise UserError(f"{path}: not a readable mml checkpoint ({type(e).__name__}: {e})") from None
+    ckpt = load_tensors(path, "checkpoint")
+    if not {"model", "config", "tokenizer", "step"} <= set(ckpt):
+        raise UserError(f"{path}: not an mml checkpoint (no model, config, tokenizer and step)")
+    return ckpt
 
 
 def fmt_time(seconds: float) -> str:
@@ -1245,8 +1346,9 @@ def to_device(batch: dict, device: torch.device) -> dict:
 
 @torch.no_grad()
 def validate(model: MML, val_set: LandmarkSet, cfg: Config, pairs: list[str], device) -> dict:
-    """Loss over the held-out landmarks in fixed batches, and an in-set retrieval R@1 for the
-    first pair (ground to aerial with the default modalities): a quick check, not the benchmark."""
+    """Loss over the held-out landmarks in fixed batches, and for each trained pair an in-set
+    retrieval R@1 (the first modality's items searching the second's), with their mean
+    "val_R@1" (what --select recall picks by): a quick check, not the benchmark."""
     model.eval()
     n, B = len(val_set), min(cfg.batch_size, len(val_set))
     loader = torch.utils.data.DataLoader(val_set, batch_size=B, sampler=[(0, i) for i in range(n)],
@@ -1255,14 +1357,65 @@ def validate(model: MML, val_set: LandmarkSet, cfg: Config, pairs: list[str], de
     for batch in loader:
         with autocast_for(device, cfg):
             emb, scale = model(to_device(batch, device))
-        total += contrastive_loss(emb, scale, pairs, gather=False)[0].item() * len(batch["bad"])  # x rows
+        rows = len(batch["bad"])
+        total += contrastive_loss(emb, scale, pairs, gather=False)[0].item() * rows
         embs.append(emb)
     model.train()
-    a, b = pairs[0]
-    emb = {m: torch.cat([e[m] for e in embs]) for m in (a, b)}
+    emb = {m: torch.cat([e[m] for e in embs]) for m in embs[0]}
     labels = torch.arange(n, device=device)
-    r1 = retrieval_metrics(emb[a], emb[b], labels, labels)["official"]["R@1"]
-    return {"val_loss": total / n, f"val_{a}2{b}_R@1": r1, "chance_R@1": 100 / n}
+    r1 = {f"val_{a}2{b}_R@1": retrieval_metrics(emb[a], emb[b], labels, labels)["official"]["R@1"]
+          for a, b in pairs}
+    return {"val_loss": total / n, "val_R@1": sum(r1.values()) / len(r1), **r1,
+            "chance_R@1": 100 / n}
+
+
+class StopSignal:
+    """SIGTERM (a cluster's preemption or time limit) and SIGINT (Ctrl-C) ask the training
+    loop to stop: it finishes the step, saves last.pt and exits. A second signal exits at once.
+    Used as `with StopSignal() as stop:`; the previous handlers come back on exit."""
+
+    def __enter__(self):
+        self.signum, self.previous = 0, {}
+        for s in (signal.SIGTERM, signal.SIGINT):
+            self.previous[s] = signal.signal(s, self.handle)
+        return self
+
+    def handle(self, signum, frame):
+        if self.signum:
+            raise SystemExit(128 + signum)
+        self.signum = signum
+        print(f"{signal.Signals(signum).name}: stopping after this step (send it again to stop "
+              f"at once)", file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+def ignore_stop_signals(worker_id: int):
+    """In loader workers: a scheduler signals the whole process group, and a worker killed by
+    it would take the main process's last step with it. The main process decides when to stop."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def start_over(out: Path):
+    """--overwrite: remove what an earlier run of mml wrote in `out`, and nothing else."""
+    for name in ("last.pt", "best.pt", "log.jsonl", "eval/metrics.json"):
+        (out / name).unlink(missing_ok=True)
+
+
+def read_articles(split: Split) -> tuple[list[dict | None], list[str]]:
+    """Every Wikipedia article of a split, read once: (article, or None where unreadable;
+    why each unreadable one failed). Training goes on without them, as without a bad image."""
+    articles, bad = [], []
+    for text_id in split.text:
+        try:
+            articles.append(read_article(shard(split.dir, "text", text_id)))
+        except UnreadableFile as e:
+            articles.append(None)
+            bad.append(str(e))
+    return articles, bad
 
 
 def train(cfg: Config):
@@ -1270,18 +1423,24 @@ def train(cfg: Config):
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     out = Path(cfg.out)
     root = default_world(cfg)
+    # the checkpoint records the data as an absolute path: eval reads it from anywhere
+    cfg = dataclasses.replace(cfg, data=str(root.resolve()))
     train_split, val_split = read_train(cfg, root)
     if len(train_split.ids) < 2 or len(val_split.ids) < 2:
-        raise UserError(f"{root}: {len(train_split.ids)} training and {len(val_split.ids)} validation "
-                        f"landmarks; need at least 2 of each")
+        raise UserError(f"{root}: {len(train_split.ids)} training and {len(val_split.ids)} "
+                        f"validation landmarks; need at least 2 of each")
     ckpt = load_checkpoint(out / "last.pt") if cfg.resume else None
     if ckpt:
         tok = Tokenizer.from_str(ckpt["tokenizer"])
     else:  # learnt once, on process 0, and sent to the others: every process must agree
         tok_json = [None]
         if rank == 0:
-            docs = (read_article(shard(train_split.dir, "text", t)) for t in train_split.text)
-            tok_json = [train_tokenizer((str(v) for d in docs for v in d.values()), cfg).to_str()]
+            articles, bad = read_articles(train_split)
+            if bad:
+                print(f"{len(bad)} unreadable articles left out of the tokenizer (first: "
+                      f"{bad[0]})")
+            texts = (str(v) for a in articles if a for v in a.values())
+            tok_json = [train_tokenizer(texts, cfg).to_str()]
         if world > 1:
             dist.broadcast_object_list(tok_json)
         tok = Tokenizer.from_str(tok_json[0])
@@ -1302,7 +1461,7 @@ def train(cfg: Config):
     loader = torch.utils.data.DataLoader(
         train_set, batch_size=B // world, sampler=sampler, num_workers=cfg.workers,
         pin_memory=device.type == "cuda", persistent_workers=cfg.workers > 0,
-        prefetch_factor=4 if cfg.workers > 0 else None)
+        prefetch_factor=4 if cfg.workers > 0 else None, worker_init_fn=ignore_stop_signals)
     steps_per_epoch = len(train_set) // B
     total = cfg.max_steps or cfg.epochs * steps_per_epoch
 
@@ -1314,120 +1473,142 @@ def train(cfg: Config):
     if device.type == "cuda":
         raw = raw.to(memory_format=torch.channels_last)
     if cfg.gps_init and not ckpt:
-        try:
-            raw.enc["C"].load_state_dict(torch.load(cfg.gps_init, map_location=device))
-        except Exception as e:  # a missing file, another format, other sizes
-            raise UserError(f"--gps-init {cfg.gps_init}: not a state dict for this GPS encoder (it "
-                            f"needs C in --modalities; GeoCLIP's needs --gps-width 1024 --gps-depth 3 "
-                            f"--embed-dim 512): {str(e).splitlines()[0]}") from None
+        if "C" not in raw.enc:
+            raise UserError("--gps-init: needs C in --modalities")
+        load_matching(raw.enc["C"], load_tensors(Path(cfg.gps_init), "state dict"),
+                      f"--gps-init {cfg.gps_init}")
     decay = [p for p in raw.parameters() if p.dim() >= 2]  # weights; not biases, norms, scale
     rest = [p for p in raw.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": rest, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98))
     warmup = max(1, round(cfg.warmup * total))  # the lr is a function of the step alone
-    step, best = 0, math.inf
+    # best.pt is the epoch of lowest validation loss (the authors' rule) or highest R@1
+    better = (lambda a, b: a < b) if cfg.select == "loss" else (lambda a, b: a > b)
+    step, best = 0, math.inf if cfg.select == "loss" else -math.inf
     if ckpt:
         raw.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
-        step, best = ckpt["step"], ckpt["best_val_loss"]
-        random.setstate(ckpt["rng"]["python"])
-        np.random.set_state(ckpt["rng"]["numpy"])
-        torch.set_rng_state(ckpt["rng"]["torch"])
+        step, best = ckpt["step"], ckpt["best"]
+        torch.set_rng_state(ckpt["torch_rng"])
         print0(f"resumed {out / 'last.pt'} at step {step}")
+    elif rank == 0 and cfg.overwrite:
+        start_over(out)
     # Keep `raw` for saving: checkpoints then never carry compile's `_orig_mod.` or DDP's
     # `module.` prefixes (nanoGPT and open_clip both had to patch those out later).
     model = torch.compile(raw) if cfg.compile else raw
     if world > 1:
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        ids = [device.index] if device.type == "cuda" else None
+        model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
     torch.set_float32_matmul_precision("high")  # TF32 matmuls for training (not evaluation)
 
     pairs = loss_pairs(cfg.modalities, cfg.loss)
     n_params = sum(p.numel() for p in raw.parameters())
-    print0(f"training {cfg.modalities} ({cfg.loss}: {' '.join(pairs)}), {n_params / 1e6:.2f}M parameters, "
-           f"{len(train_set)} landmarks ({len(val_set)} held out), batch {B} on {world} x {device.type}, "
-           f"{steps_per_epoch} steps/epoch, {total} steps")
+    print0(f"training {cfg.modalities} ({cfg.loss}: {' '.join(pairs)}), {n_params / 1e6:.2f}M "
+           f"parameters, {len(train_set)} landmarks ({len(val_set)} held out) from {root}, "
+           f"batch {B} on {world} x {device.type}, {steps_per_epoch} steps/epoch, {total} steps")
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         log = open(out / "log.jsonl", "a")
     fixed = next(iter(loader)) if cfg.overfit_batch else None
     start_step, t_start, bad_in_row, skipped = step, time.time(), 0, 0
     t_log, step_log = t_start, step
-    while step < total:
-        epoch, first = divmod(step, steps_per_epoch)
-        sampler.set_epoch(epoch, first)
-        unreadable = []
-        for batch in loader if fixed is None else itertools.repeat(fixed, steps_per_epoch - first):
-            unreadable += [line for s in batch["bad"] for line in s.split("\n") if line]
-            for group in opt.param_groups:
-                group["lr"] = cfg.lr * lr_factor(step, total, warmup)
-            with autocast_for(device, cfg):
-                emb, scale = model(to_device(batch, device))
-            loss, parts = contrastive_loss(emb, scale, pairs)  # float32, outside autocast
-            values = torch.stack([loss.detach(), *(v.detach() for v in parts.values())])
-            if world > 1:  # every process must agree on skipping a step: decide on the mean
-                dist.all_reduce(values)
-                values /= world
-            values = values.tolist()
-            if math.isfinite(values[0]):
-                bad_in_row = 0
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if cfg.grad_clip:
-                    nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip)
-                opt.step()
-                with torch.no_grad():  # CLIP caps the scale at 100 so training cannot blow up
-                    raw.logit_scale.clamp_(max=math.log(100))
-            else:
-                bad_in_row, skipped = bad_in_row + 1, skipped + 1
-                print0(f"step {step}: loss is {values[0]}, step skipped")
-                if bad_in_row >= cfg.max_bad_steps:
-                    raise UserError(f"{bad_in_row} non-finite losses in a row at step {step}: stopping; "
-                                    f"the last good checkpoint is {out / 'last.pt'} (try a lower --lr)")
-            step += 1
-            if rank == 0 and (step % cfg.log_every == 0 or step == total):
-                now = time.time()
-                rec = {"epoch": epoch, "step": step, "loss": values[0],
-                       **{f"loss_{k}": v for k, v in zip(parts, values[1:])},
-                       "lr": opt.param_groups[0]["lr"], "logit_scale": scale.item(),
-                       "samples_per_s": (step - step_log) * B / (now - t_log), "elapsed_s": now - t_start}
-                eta = (total - step) * (now - t_start) / (step - start_step)
-                print(f"epoch {epoch} step {step}/{total} | loss {rec['loss']:.3f} ("
-                      + " ".join(f"{k} {v:.2f}" for k, v in zip(parts, values[1:]))
-                      + f") | lr {rec['lr']:.2e} | scale {rec['logit_scale']:.1f} | "
-                      f"{rec['samples_per_s']:.0f} samples/s | {fmt_time(rec['elapsed_s'])} elapsed, "
-                      f"ETA {fmt_time(eta)}", flush=True)
-                log.write(json.dumps(rec) + "\n")
-                log.flush()
-                t_log, step_log = now, step
-            if step >= total:
-                break
-        n_bad = torch.tensor(len(unreadable))
-        if world > 1:
-            dist.all_reduce(n_bad)
-        if n_bad:
-            print0(f"epoch {epoch}: {int(n_bad)} unreadable files skipped for other views "
-                   f"(first: {unreadable[0] if unreadable else 'on another process'})")
-        if rank == 0:  # validate and save; the other processes wait at the barrier below
-            val = validate(raw, val_set, cfg, pairs, device)
-            improved = val["val_loss"] < best
-            best = min(best, val["val_loss"])
-            print(f"epoch {epoch} | " + " | ".join(f"{k} {v:.3f}" for k, v in val.items())
-                  + (" | new best" if improved else ""), flush=True)
-            log.write(json.dumps({"epoch": epoch, "step": step, **val, "unreadable": int(n_bad)}) + "\n")
-            log.flush()
-            state = {"model": raw.state_dict(), "optimizer": opt.state_dict(), "step": step, "epoch": epoch,
-                     "config": dataclasses.asdict(cfg), "tokenizer": tok.to_str(),
-                     "best_val_loss": best, "rng": {"python": random.getstate(),
-                     "numpy": np.random.get_state(), "torch": torch.get_rng_state()}}
-            save_checkpoint(state, out / "last.pt")
-            if improved:
-                save_checkpoint(state, out / "best.pt")
-        barrier()
+    with StopSignal() as stop:
+        while step < total:
+            epoch, first = divmod(step, steps_per_epoch)
+            sampler.set_epoch(epoch, first)
+            unreadable, stopping = [], False
+            batches = loader if fixed is None else itertools.repeat(fixed, steps_per_epoch - first)
+            for batch in batches:
+                unreadable += [line for s in batch["bad"] for line in s.split("\n") if line]
+                for group in opt.param_groups:
+                    group["lr"] = cfg.lr * lr_factor(step, total, warmup)
+                with autocast_for(device, cfg):
+                    emb, scale = model(to_device(batch, device))
+                loss, parts = contrastive_loss(emb, scale, pairs)  # float32, outside autocast
+                # one all-reduce carries the losses and whether any process was told to stop,
+                # so that every process skips the same steps and stops after the same step
+                values = torch.stack([loss.detach(), *(v.detach() for v in parts.values()),
+                                      torch.tensor(float(stop.signum > 0), device=device)])
+                if world > 1:
+                    dist.all_reduce(values)
+                    values[:-1] /= world
+                *values, stop_votes = values.tolist()
+                stopping = stop_votes > 0
+                if math.isfinite(values[0]):
+                    bad_in_row = 0
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    if cfg.grad_clip:
+                        nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip)
+                    opt.step()
+                    with torch.no_grad():  # CLIP caps the scale at 100 so training cannot blow up
+                        raw.logit_scale.clamp_(max=math.log(100))
+                else:
+                    bad_in_row += 1
+                    skipped += 1
+                    print0(f"step {step}: loss is {values[0]}, step skipped")
+                    if bad_in_row >= cfg.max_bad_steps:
+                        raise UserError(f"{bad_in_row} non-finite losses in a row at step {step}:"
+                                        f" stopping; the last good checkpoint is "
+                                        f"{out / 'last.pt'} (try a lower --lr)")
+                step += 1
+                if rank == 0 and (step % cfg.log_every == 0 or step == total or stopping):
+                    now = time.time()
+                    rec = {"epoch": epoch, "step": step, "loss": values[0],
+                           **{f"loss_{k}": v for k, v in zip(parts, values[1:])},
+                           "lr": opt.param_groups[0]["lr"], "logit_scale": scale.item(),
+                           "samples_per_s": (step - step_log) * B / (now - t_log),
+                           "elapsed_s": now - t_start}
+                    eta = (total - step) * (now - t_start) / (step - start_step)
+                    print(f"epoch {epoch} step {step}/{total} | loss {rec['loss']:.3f} ("
+                          + " ".join(f"{k} {v:.2f}" for k, v in zip(parts, values[1:]))
+                          + f") | lr {rec['lr']:.2e} | scale {rec['logit_scale']:.1f} | "
+                          f"{rec['samples_per_s']:.0f} samples/s | {fmt_time(rec['elapsed_s'])} "
+                          f"elapsed, ETA {fmt_time(eta)}", flush=True)
+                    log.write(json.dumps(rec) + "\n")
+                    log.flush()
+                    t_log, step_log = now, step
+                if step >= total or stopping:
+                    break
+            n_bad = torch.tensor(len(unreadable))
+            if world > 1:
+                dist.all_reduce(n_bad)
+            if n_bad:
+                print0(f"epoch {epoch}: {int(n_bad)} unreadable files skipped for other views "
+                       f"(first: {unreadable[0] if unreadable else 'on another process'})")
+            epoch_done = step % steps_per_epoch == 0 or step >= total
+            if rank == 0:  # validate and save; the other processes wait at the barrier below
+                state = {"model": raw.state_dict(), "optimizer": opt.state_dict(), "step": step,
+                         "epoch": epoch, "config": dataclasses.asdict(cfg),
+                         "tokenizer": tok.to_str(), "torch_rng": torch.get_rng_state()}
+                if epoch_done:
+                    val = validate(raw, val_set, cfg, pairs, device)
+                    value = val["val_loss" if cfg.select == "loss" else "val_R@1"]
+                    improved = better(value, best)
+                    best = value if improved else best
+                    print(f"epoch {epoch} | " + " | ".join(f"{k} {v:.3f}" for k, v in val.items())
+                          + (" | new best" if improved else ""), flush=True)
+                    log.write(json.dumps({"epoch": epoch, "step": step, **val,
+                                          "unreadable": int(n_bad)}) + "\n")
+                    log.flush()
+                    state |= {"best": best, "val": val}
+                    # best.pt first: a crash between the two saves then leaves last.pt at the
+                    # epoch before, whose resume redoes this epoch and rewrites best.pt the same
+                    if improved:
+                        save_checkpoint(state, out / "best.pt")
+                else:  # stopped mid-epoch: nothing validated yet
+                    state["best"] = best
+                save_checkpoint(state, out / "last.pt")
+            barrier()
+            if stopping and step < total:
+                print0(f"stopped at step {step} of {total}: saved {out / 'last.pt'}; continue "
+                       f"with `python mml.py train --out {out} --resume`")
+                raise SystemExit(128 + (stop.signum or signal.SIGTERM))
     if rank == 0:
         took = time.time() - t_start
         print(f"done: {step - start_step} steps in {fmt_time(took)} "
               f"({(step - start_step) * B / max(took, 1e-9):.0f} samples/s with validation), "
-              f"{skipped} skipped; best val loss {best:.3f}; checkpoints in {out}/")
+              f"{skipped} skipped; best val {cfg.select} {best:.3f}; checkpoints in {out}/")
         log.close()
 
 
@@ -1442,12 +1623,13 @@ TEXT_MODES = ("first", "random", "no_cues")
 
 
 def task_names(cfg: Config) -> list[str]:
-    """The tasks to run: all of them, or --tasks (T2C picks T2C in every --query-text mode)."""
+    """The tasks to run: all of them, or --tasks (T2C picks T2C in every --query-text mode);
+    names in any case, spaces allowed after commas."""
     every = [t for t in TASKS if t[0] != "T"] + [
         f"{t}-{m}" for t in TASKS if t[0] == "T" for m in cfg.query_text.split(",")]
     chosen = []
-    for name in filter(None, cfg.tasks.split(",")):
-        match = [t for t in every if name in (t, t.split("-")[0])]
+    for name in filter(None, (n.strip().lower() for n in cfg.tasks.split(","))):
+        match = [t for t in every if name in (t.lower(), t.split("-")[0].lower())]
         if not match:
             raise UserError(f"--tasks: no task {name!r} (known: {', '.join(every)})")
         chosen += match
@@ -1533,13 +1715,10 @@ def evaluate(cfg: Config):
     rank = dist.get_rank() if dist.is_initialized() else 0
     ckpt = load_checkpoint(Path(cfg.ckpt))
     model = MML(cfg).to(device).eval()
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as e:
-        raise UserError(f"{cfg.ckpt}: the weights do not fit the model its config describes "
-                        f"({str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e})") from None
+    load_matching(model, ckpt["model"], cfg.ckpt)
     tok = Tokenizer.from_str(ckpt["tokenizer"])
-    root = default_world(cfg)
+    root = check_root(Path(cfg.data))  # never generated here: a checkpoint names its data
+    print0(f"evaluating {cfg.ckpt} (step {ckpt['step']}, epoch {ckpt['epoch']}) on {root}")
     query = read_split(root, "query")
     index = read_index(root, required=False)
 
@@ -1627,7 +1806,7 @@ def evaluate(cfg: Config):
         t0 = time.time()
         ranks = rank_queries(q, g, q_labels, g_labels, chunk=cfg.chunk)
         res = summarise(ranks)
-        header, rows = ["query_id", "landmark_id", "rank", "rank_official", "top5"], [
+        header, rows = ["query_id", "landmark_id", "rank_strict", "rank_official", "top5"], [
             [q_ids[i], int(q_labels[i]), int(ranks["first_strict"][i]) + 1, int(ranks["first_official"][i]) + 1,
              " ".join(g_ids[j] for j in ranks["top"][i].tolist())] for i in range(len(q))]
         if task[2] == "C":
@@ -1643,10 +1822,14 @@ def evaluate(cfg: Config):
         results[task] = res
         print(f"{task}: {len(q)} queries x {len(g)} gallery ({res['distractors']} distractors) "
               f"ranked in {res['rank_seconds']:.2f}s", flush=True)
-    if rank == 0:
-        tmp = out / "metrics.json.tmp"
-        tmp.write_text(json.dumps({"checkpoint": str(cfg.ckpt), "data": str(root), "tasks": results}, indent=1))
-        os.replace(tmp, out / "metrics.json")
+    if rank == 0:  # merged by task: results of other tasks, other checkpoints, stay
+        source = {"checkpoint": str(cfg.ckpt), "step": ckpt["step"], "epoch": ckpt["epoch"]}
+        path = out / "metrics.json"
+        earlier = json.loads(path.read_text())["tasks"] if path.is_file() else {}
+        merged = {"data": str(root), **source, "config": ckpt["config"],
+                  "tasks": earlier | {t: {**r, **source} for t, r in results.items()}}
+        path.with_suffix(".json.tmp").write_text(json.dumps(merged, indent=1))
+        os.replace(path.with_suffix(".json.tmp"), path)
         print_tables(results)
         print(f"\nper-query results and metrics.json in {out}/")
     barrier()
@@ -1777,7 +1960,8 @@ def bench(cfg: Config):
     # the real loader on the dataset (the synthetic world by default), against the step rate
     root = default_world(cfg)
     tr, _ = read_train(cfg, root)
-    tok = train_tokenizer((str(v) for t in tr.text[:200] for v in read_article(shard(tr.dir, "text", t)).values()), cfg)
+    articles, _ = read_articles(tr.take(range(min(200, len(tr.ids)))))
+    tok = train_tokenizer((str(v) for a in articles if a for v in a.values()), cfg)
     needed = {"G": [i for g in tr.ground for i in g], "S": [i for g in tr.sat for i in g]}
     loader_set = LandmarkSet(tr, image_stores(cfg, tr.dir, needed), tok, cfg, augment=True)
     B_load = min(B, len(loader_set))
@@ -1866,35 +2050,82 @@ def saved_config(path: Path) -> dict:
     saved, defaults = load_checkpoint(path)["config"], dataclasses.asdict(Config())
     unknown = sorted(set(saved) - set(defaults))
     if unknown:
-        raise UserError(f"{path}: its config does not fit this mml.py (unknown options: {', '.join(unknown)})")
+        raise UserError(f"{path}: its config does not fit this mml.py (unknown options: "
+                        f"{', '.join(unknown)})")
     return defaults | saved
+
+
+def check_ranges(cfg: Config):
+    """Every number within its field's (low, high): one line naming the option otherwise."""
+    for f in dataclasses.fields(Config):
+        low, high = f.metadata["range"]
+        value = getattr(cfg, f.name)
+        if (low is not None and value < low) or (high is not None and value > high):
+            kind = "an integer" if f.type is int else "a number"
+            bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
+            raise UserError(f"--{f.name.replace('_', '-')} {value}: expected {kind} {bounds}")
+    if cfg.img_width % 8:  # GroupNorm(8, ...) in the image CNN
+        raise UserError(f"--img-width {cfg.img_width}: expected a multiple of 8")
+    if cfg.text_width % max(1, cfg.text_width // 64):  # one attention head per 64 channels
+        raise UserError(f"--text-width {cfg.text_width}: expected a multiple of 64, or below 64")
+
+
+def adopt_saved(cfg: Config, given: set, path: Path, fields) -> tuple[Config, dict]:
+    """cfg with `fields` taken from the checkpoint at path; one given otherwise is an error.
+    Returns (cfg, the checkpoint's whole saved config)."""
+    saved = saved_config(path)
+    for k in fields:
+        if k in given and getattr(cfg, k) != saved[k]:
+            raise UserError(f"--{k.replace('_', '-')} {getattr(cfg, k)}: {path} was trained with "
+                            f"{saved[k]}; leave the option out to use the checkpoint's")
+    return dataclasses.replace(cfg, **{k: saved[k] for k in fields}), saved
 
 
 def resolve(command: str, cfg: Config, given: set) -> Config:
     """Settings that follow from others, all in one place: checks; where eval and --resume take
     the model from (its checkpoint); where eval writes (beside its checkpoint)."""
+    check_ranges(cfg)
     mods = cfg.modalities.upper()
     if len(set(mods)) < 2 or set(mods) - set("GSTC") or len(set(mods)) != len(mods):
-        raise UserError(f"--modalities {cfg.modalities}: expected two or more distinct letters of GSTC")
+        raise UserError(f"--modalities {cfg.modalities}: expected two or more distinct letters "
+                        f"of GSTC")
     if cfg.loss not in ("complete", "imagebind") or (cfg.loss == "imagebind" and "G" not in mods):
-        raise UserError(f"--loss {cfg.loss}: expected complete, or imagebind with G in --modalities")
-    if cfg.train_text not in ("first", "random"):
-        raise UserError(f"--train-text {cfg.train_text}: expected first or random")
+        raise UserError(f"--loss {cfg.loss}: expected complete, or imagebind with G in "
+                        f"--modalities")
+    if cfg.share_image_trunk and not {"G", "S"} <= set(mods):
+        raise UserError(f"--share-image-trunk: needs both G and S in --modalities (got {mods})")
+    for name, value, allowed in (("train-text", cfg.train_text, ("first", "random")),
+                                 ("select", cfg.select, ("loss", "recall"))):
+        if value not in allowed:
+            raise UserError(f"--{name} {value}: expected {' or '.join(allowed)}")
     if set(cfg.query_text.split(",")) - set(TEXT_MODES):
         raise UserError(f"--query-text {cfg.query_text}: expected some of {','.join(TEXT_MODES)}")
     cfg = dataclasses.replace(cfg, modalities="".join(m for m in "GSTC" if m in mods))
     if command == "synth" and "out" not in given:
-        cfg.out = "data/synthetic"
+        cfg.out = str(synthetic_root(cfg.scale))
     if command == "eval":
         if "ckpt" not in given:
             cfg.ckpt = str(Path(cfg.out) / "best.pt")
         elif "out" not in given:
             cfg.out = str(Path(cfg.ckpt).parent)
-        saved = saved_config(Path(cfg.ckpt))
-        cfg = dataclasses.replace(cfg, **{k: saved[k] for k in MODEL_FIELDS})
+        # the checkpoint's model, and its data unless --data names other data
+        cfg, saved = adopt_saved(cfg, given, Path(cfg.ckpt), MODEL_FIELDS)
+        cfg.data = cfg.data if "data" in given else saved["data"]
+    out = Path(cfg.out)
     if command == "train" and cfg.resume:  # the run's own settings, except those given now
-        cfg = dataclasses.replace(Config(**saved_config(Path(cfg.out) / "last.pt")),
-                                  **{k: getattr(cfg, k) for k in given})
+        if cfg.overwrite:
+            raise UserError("--resume continues the run in --out, --overwrite replaces it: "
+                            "give one of them")
+        if not (out / "last.pt").is_file():
+            raise UserError(f"{out / 'last.pt'}: no run to resume there (--resume continues the "
+                            f"run in --out: name its folder with --out)")
+        cfg, saved = adopt_saved(cfg, given, out / "last.pt", MODEL_FIELDS)
+        cfg = dataclasses.replace(Config(**saved), **{k: getattr(cfg, k) for k in given})
+    elif command == "train" and not cfg.overwrite:
+        held = [n for n in ("last.pt", "best.pt", "log.jsonl") if (out / n).exists()]
+        if held:
+            raise UserError(f"{out}: holds a run already ({', '.join(held)}): continue it with "
+                            f"--resume, or start over with --overwrite")
     return cfg
 
 

@@ -10,6 +10,7 @@ import os
 import random
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -235,7 +236,7 @@ def test_gps_init_starts_training_from_a_saved_location_encoder(world, tmp_path)
     saved = mml.GPSEncoder(width=32, depth=2, dim=32).state_dict()
     torch.save(saved, tmp_path / "gps.pt")
     run("train", "--data", world, "--out", tmp_path / "run", *TINY, "--epochs", 1, "--lr", 0, "--gps-init", tmp_path / "gps.pt")
-    model = torch.load(tmp_path / "run/last.pt", weights_only=False)["model"]
+    model = torch.load(tmp_path / "run/last.pt", weights_only=True)["model"]
     assert all(torch.equal(model[f"enc.C.{k}"], v) for k, v in saved.items())
     with pytest.raises(SystemExit):  # GeoCLIP's sizes do not fit the small default encoder
         run("train", "--data", world, "--out", tmp_path / "run2", *TINY, "--gps-init", tmp_path / "run/last.pt")
@@ -399,26 +400,72 @@ def test_overfit_one_batch_drives_the_loss_to_zero(world, tmp_path):
     assert losses[0] > 2.0 and losses[-1] < 0.05, (losses[0], losses[-1])
 
 
-def test_resume_is_exact(world, tmp_path, monkeypatch):
-    """4 epochs straight == 2 epochs, a crash, --resume, 2 more: bit-identical weights."""
+@pytest.mark.parametrize("crash_after", ["last.pt", "best.pt"])
+def test_resume_is_exact(world, tmp_path, monkeypatch, crash_after):
+    """4 epochs straight == 2 epochs, a crash, --resume, 2 more: bit-identical weights. The
+    crash comes right after last.pt, or between best.pt and last.pt: best.pt is right too."""
     args = ["--data", world, *TINY, "--epochs", 4, "--train-text", "random"]
     run("train", "--out", tmp_path / "a", *args)
     real_save = mml.save_checkpoint
 
     def save_then_crash(state, path):
         real_save(state, path)
-        if state["epoch"] == 1 and path.name == "last.pt":
+        if state["epoch"] == 1 and path.name == crash_after:
             raise KeyboardInterrupt  # as if the machine went down right after the save
     monkeypatch.setattr(mml, "save_checkpoint", save_then_crash)
     with pytest.raises(KeyboardInterrupt):
         run("train", "--out", tmp_path / "b", *args)
     monkeypatch.setattr(mml, "save_checkpoint", real_save)
     run("train", "--out", tmp_path / "b", "--resume")  # the run's own settings come from last.pt
-    a, b = (torch.load(tmp_path / x / "last.pt", weights_only=False) for x in "ab")
-    assert a["step"] == b["step"] == 4 * (72 // 16)
-    for k, v in a["model"].items():
-        assert torch.equal(v, b["model"][k]), k
-    assert a["best_val_loss"] == b["best_val_loss"]
+    for name in ("last.pt", "best.pt"):
+        a, b = (torch.load(tmp_path / x / name, weights_only=True) for x in "ab")
+        assert a["step"] == b["step"] and a["best"] == b["best"]
+        for k, v in a["model"].items():
+            assert torch.equal(v, b["model"][k]), k
+    assert a["step"] <= 4 * (72 // 16)
+
+
+def train_until_sigterm(cmd: list, after_step: int, env=None) -> tuple[int, str]:
+    """Start a training command, send SIGTERM to its whole process group (as a scheduler
+    does) once it logs `after_step`; return (last step logged, its output)."""
+    proc = subprocess.Popen([str(a) for a in cmd], stdout=subprocess.PIPE, text=True, env=env,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if re.match(rf"epoch \d+ step {after_step}/", line):
+            os.killpg(proc.pid, signal.SIGTERM)
+            break
+    lines.append(proc.stdout.read())
+    proc.wait(timeout=120)
+    logged = [int(s) for s in re.findall(r"epoch \d+ step (\d+)/", "".join(lines))]
+    return (max(logged) if logged else 0), "".join(lines)
+
+
+def test_sigterm_saves_the_step_and_resume_matches_an_uninterrupted_run(world, tmp_path):
+    """SIGTERM mid-run (loader worker included): last.pt at a step no earlier than the last
+    one logged, and --resume reaches the weights of an uninterrupted run, bit for bit."""
+    args = ["--data", world, *TINY, "--batch-size", 8, "--epochs", 3, "--workers", 1]
+    run("train", "--out", tmp_path / "a", *args)
+    logged, output = train_until_sigterm(
+        [sys.executable, HERE / "mml.py", "train", "--out", tmp_path / "b", *args], 3)
+    assert "Traceback" not in output and "--resume`" in output, output
+    assert torch.load(tmp_path / "b/last.pt", weights_only=True)["step"] >= logged >= 3
+    run("train", "--out", tmp_path / "b", "--resume")
+    a, b = (torch.load(tmp_path / x / "last.pt", weights_only=True) for x in "ab")
+    assert a["step"] == b["step"] == 3 * (72 // 8) and a["best"] == b["best"]
+    assert all(torch.equal(v, b["model"][k]) for k, v in a["model"].items())
+
+
+def test_select_recall_keeps_the_epoch_of_best_validation_recall(world, tmp_path):
+    run("train", "--data", world, "--out", tmp_path, *TINY, "--epochs", 4, "--select", "recall")
+    epochs = [r for r in log_records(tmp_path) if "val_R@1" in r]
+    pairs = ["GS", "GT", "GC", "ST", "SC", "TC"]
+    for r in epochs:  # the mean over the trained pairs
+        assert r["val_R@1"] == pytest.approx(np.mean([r[f"val_{p[0]}2{p[1]}_R@1"] for p in pairs]))
+    best = torch.load(tmp_path / "best.pt", weights_only=True)
+    want = max(epochs, key=lambda r: r["val_R@1"])  # the first of equals, as training keeps it
+    assert best["epoch"] == want["epoch"] and best["best"] == want["val_R@1"]
 
 
 @pytest.mark.parametrize("modalities", ["GS", "GT", "GC", "ST", "SC", "TC", "GST", "GSC", "GTC", "STC", "GSTC"])
@@ -454,14 +501,14 @@ def test_nonfinite_losses_are_skipped_then_stop_the_run(world, tmp_path, monkeyp
     run("train", "--data", world, "--out", tmp_path, *TINY, "--epochs", 1)
     out = capsys.readouterr().out
     assert "step 1: loss is nan, step skipped" in out and "2 skipped" in out
-    good = torch.load(tmp_path / "last.pt", weights_only=False)
+    good = torch.load(tmp_path / "last.pt", weights_only=True)
     assert all(torch.isfinite(v).all() for v in good["model"].values())
 
     monkeypatch.setattr(mml, "contrastive_loss", lambda e, s, p, gather=True: (real(e, s, p, gather)[0] * float("inf"), {}))
     with pytest.raises(SystemExit):
-        run("train", "--data", world, "--out", tmp_path, *TINY, "--epochs", 2, "--max-bad-steps", 3)
+        run("train", "--out", tmp_path, "--resume", "--epochs", 2, "--max-bad-steps", 3)
     assert "3 non-finite losses in a row" in capsys.readouterr().err
-    kept = torch.load(tmp_path / "last.pt", weights_only=False)  # the good checkpoint survives
+    kept = torch.load(tmp_path / "last.pt", weights_only=True)  # the good checkpoint survives
     assert all(torch.equal(v, good["model"][k]) for k, v in kept["model"].items())
 
 
@@ -530,7 +577,7 @@ def test_eval_runs_every_task_with_the_protocols_galleries(world, trained, tmp_p
         assert r["queries"] == (photos if name[0] == "G" else len(q.ids))
         rows = read_rows(tmp_path / f"eval/{name}.csv")
         assert len(rows) == r["queries"]
-        ranks = np.array([int(x["rank"]) for x in rows])
+        ranks = np.array([int(x["rank_strict"]) for x in rows])
         official = np.array([int(x["rank_official"]) for x in rows])
         # the summary is the per-query file, summarised
         for k in (1, 5, 10):
@@ -545,6 +592,14 @@ def test_eval_runs_every_task_with_the_protocols_galleries(world, trained, tmp_p
             km = mml.haversine_km(pred, true).numpy()
             assert np.allclose(km, [float(x["error_km"]) for x in rows], atol=2e-3)
             assert r["geo"]["acc@750km"] == pytest.approx(100 * np.mean(km <= 750), abs=1e-6)
+    # a later evaluation of some tasks (any case, spaces after commas) keeps the others
+    run("eval", "--data", world, "--ckpt", trained / "last.pt", "--out", tmp_path, "--workers", 0,
+        "--device", "cpu", "--tasks", "t2c, g2s")
+    again = json.loads((tmp_path / "eval/metrics.json").read_text())["tasks"]
+    assert list(again) == list(tasks)
+    for name, r in again.items():
+        updated = name.startswith("T2C") or name == "G2S"
+        assert r["checkpoint"] == str(trained / ("last.pt" if updated else "best.pt")), name
     # a sentence query carries its landmark id; a photo query its own id
     assert read_rows(tmp_path / "eval/T2S-first.csv")[0]["query_id"] == str(q.ids[0])
     assert read_rows(tmp_path / "eval/G2S.csv")[0]["query_id"] == q.ground[0][0]
@@ -554,7 +609,7 @@ def test_eval_recomputes_g2s_exactly(world, trained, tmp_path):
     """G2S from the command equals the brute force on embeddings made by hand."""
     run("eval", "--data", world, "--ckpt", trained / "best.pt", "--out", tmp_path, "--tasks", "G2S", "--workers", 0, "--device", "cpu")
     got = json.loads((tmp_path / "eval/metrics.json").read_text())["tasks"]["G2S"]
-    ckpt = torch.load(trained / "best.pt", weights_only=False)
+    ckpt = torch.load(trained / "best.pt", weights_only=True)
     cfg = mml.Config(**ckpt["config"])
     model = mml.MML(cfg).eval()
     model.load_state_dict(ckpt["model"])
@@ -582,10 +637,10 @@ def test_eval_bad_input(world, trained, tmp_path, capsys):
         assert e.value.code == 2 and len(err.strip().splitlines()) == 1
         return err
     assert "no checkpoint there" in fails("--data", world, "--ckpt", tmp_path / "nope.pt")
-    ckpt = torch.load(trained / "best.pt", weights_only=False)
+    ckpt = torch.load(trained / "best.pt", weights_only=True)
     del ckpt["model"]["enc.T.head.weight"]
     torch.save(ckpt, tmp_path / "broken.pt")
-    assert "do not fit the model" in fails("--data", world, "--ckpt", tmp_path / "broken.pt")
+    assert "enc.T.head.weight is absent in the file and (32, 32)" in fails("--data", world, "--ckpt", tmp_path / "broken.pt")
     ckpt["config"]["no_such_option"] = 1
     torch.save(ckpt, tmp_path / "other.pt")
     assert "no_such_option" in fails("--data", world, "--ckpt", tmp_path / "other.pt")
@@ -598,6 +653,126 @@ def test_eval_bad_input(world, trained, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "skipping S2G: " in out and "mml_index_ground.csv: not found" in out and "skipping T2G-first" in out
     assert list(json.loads((tmp_path / "partial/eval/metrics.json").read_text())["tasks"])[:3] == ["G2S", "G2C", "S2C"]
+
+
+# ---- reliability: a user's slips and a cluster's signals -----------------------------------
+
+
+def tree_bytes(root: Path) -> dict:
+    return {p.relative_to(root): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def fails_in_one_line(capsys, *argv) -> str:
+    with pytest.raises(SystemExit) as e:
+        run(*argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and len(err.strip().splitlines()) == 1, err
+    return err
+
+
+def test_synth_never_replaces_what_mml_did_not_write(fixture_root, tmp_path, capsys):
+    before = tree_bytes(fixture_root)  # a folder in the released layout, with mmlandmarks.csv
+    assert "not a synthetic world written by mml" in fails_in_one_line(
+        capsys, "synth", "--out", fixture_root, "--scale", 0.01)
+    assert tree_bytes(fixture_root) == before
+    (tmp_path / "fresh.tmp").mkdir()  # nor a foreign folder where it would stage its work
+    (tmp_path / "fresh.tmp/notes.txt").write_text("mine")
+    assert "fresh.tmp: not empty" in fails_in_one_line(
+        capsys, "synth", "--out", tmp_path / "fresh", "--scale", 0.01)
+    assert (tmp_path / "fresh.tmp/notes.txt").read_text() == "mine"
+    # a world mml wrote is regenerated in place
+    run("synth", "--out", tmp_path / "own", "--scale", 0.01, "--seed", 1)
+    run("synth", "--out", tmp_path / "own", "--scale", 0.01, "--seed", 2)
+    assert json.loads((tmp_path / f"own/{mml.SYNTH_MARKER}").read_text())["seed"] == 2
+    # synth writes where train reads, whatever the scale
+    for scale in (1.0, 0.5):
+        cfg = mml.resolve("synth", mml.Config(scale=scale), {"scale"})
+        assert Path(cfg.out) == mml.synthetic_root(scale)
+    # nor does prepare replace a file it did not make
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c/query_ground.u8").write_bytes(b"someone's")
+    assert "not made by `mml.py prepare`" in fails_in_one_line(
+        capsys, "prepare", "--data", fixture_root, "--splits", "query", "--cache", tmp_path / "c")
+    assert (tmp_path / "c/query_ground.u8").read_bytes() == b"someone's"
+
+
+class Trap:
+    """A pickle that creates a file when loaded: what a crafted checkpoint could do."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (self.path,))
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_unopened(world, trained, tmp_path, capsys):
+    sprung = tmp_path / "sprung"
+    ckpt = torch.load(trained / "last.pt", weights_only=True)
+    torch.save({**ckpt, "extra": Trap(sprung)}, tmp_path / "trap.pt")
+    (tmp_path / "run").mkdir()
+    torch.save({**ckpt, "extra": Trap(sprung)}, tmp_path / "run/last.pt")
+    for argv in (["eval", "--ckpt", tmp_path / "trap.pt"],
+                 ["train", "--out", tmp_path / "run", "--resume"],
+                 ["train", "--data", world, "--out", tmp_path / "new", *TINY,
+                  "--gps-init", tmp_path / "trap.pt"]):
+        assert "may contain code, so it is not unpickled" in fails_in_one_line(capsys, *argv)
+        assert not sprung.exists()
+
+
+def test_eval_reads_the_checkpoints_data_from_anywhere(world, trained, tmp_path, monkeypatch,
+                                                       capsys):
+    monkeypatch.chdir(tmp_path)  # no data/ here: nothing may be generated either
+    run("eval", "--ckpt", trained / "best.pt", "--out", tmp_path / "e", "--tasks", "S2C",
+        "--workers", 0)
+    assert f"on {world}" in capsys.readouterr().out.splitlines()[0]
+    metrics = json.loads((tmp_path / "e/eval/metrics.json").read_text())
+    saved = torch.load(trained / "best.pt", weights_only=True)
+    assert metrics["data"] == str(world) and metrics["config"]["embed_dim"] == 32
+    assert (metrics["step"], metrics["epoch"]) == (saved["step"], saved["epoch"])
+    assert metrics["tasks"]["S2C"]["checkpoint"] == str(trained / "best.pt")
+    assert sorted(os.listdir(tmp_path)) == ["e"]
+    # a model option given that differs from the checkpoint's: one line with both values
+    err = fails_in_one_line(capsys, "eval", "--ckpt", trained / "best.pt", "--embed-dim", 64)
+    assert "--embed-dim 64" in err and "trained with 32" in err
+
+
+def test_a_second_train_into_a_run_leaves_it_untouched(world, trained, capsys):
+    before = tree_bytes(trained)
+    err = fails_in_one_line(capsys, "train", "--data", world, "--out", trained, *TINY)
+    assert "holds a run already" in err and "--resume" in err and "--overwrite" in err
+    assert tree_bytes(trained) == before
+
+
+def test_overwrite_starts_over(world, tmp_path):
+    run("train", "--data", world, "--out", tmp_path, *TINY, "--epochs", 2)
+    run("train", "--data", world, "--out", tmp_path, *TINY, "--epochs", 1, "--overwrite")
+    assert [r["epoch"] for r in log_records(tmp_path) if "val_loss" in r] == [0]
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["step"] == 72 // 16
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--batch-size", 0], "--batch-size 0: expected an integer in [2, "),
+    (["--epochs", 0], "--epochs 0: expected an integer >= 1"),
+    (["--scale", 0], "--scale 0.0: expected a number in [0.01, 100]"),
+    (["--warmup", 1.5], "--warmup 1.5: expected a number in [0.0, 1.0]"),
+    (["--img-width", 12], "--img-width 12: expected a multiple of 8"),
+    (["--modalities", "TC", "--share-image-trunk"], "--share-image-trunk: needs both G and S"),
+    (["--select", "accuracy"], "--select accuracy: expected loss or recall"),
+    (["--resume"], "no run to resume there (--resume continues the run in --out"),
+])
+def test_options_out_of_range_fail_in_one_line(tmp_path, capsys, argv, message):
+    err = fails_in_one_line(capsys, "train", "--out", tmp_path / "none", *argv)
+    assert message in err, err
+
+
+def test_an_unreadable_article_is_skipped_and_counted(world, tmp_path, capsys):
+    root = tmp_path / "w"
+    shutil.copytree(world, root)
+    train = mml.read_split(root, "train")
+    mml.shard(train.dir, "text", train.text[0]).write_text("{not json")
+    run("train", "--data", root, "--out", tmp_path / "run", *TINY, "--epochs", 1)
+    assert "1 unreadable articles" in capsys.readouterr().out
 
 
 # ---- several processes --------------------------------------------------------------------
@@ -694,11 +869,27 @@ def test_torchrun_training_matches_one_process_and_resumes_across_counts(world, 
         first("train", *args, "--epochs", 1, "--out", tmp_path / out)
         run("train", *args, "--epochs", 2, "--out", tmp_path / out, "--resume")
     for a, b in (("one", "two"), ("ref", "mixed")):
-        a, b = (torch.load(tmp_path / x / "last.pt", weights_only=False) for x in (a, b))
+        a, b = (torch.load(tmp_path / x / "last.pt", weights_only=True) for x in (a, b))
         assert a["step"] == b["step"] == 8 and set(a["model"]) == set(b["model"])  # no "module." prefixes
         for k, v in a["model"].items():  # summation order differs; Adam turns the float noise
             # of zero-gradient weights (attention key biases) into steps of up to lr: hence 1e-4
             assert torch.allclose(b["model"][k], v, atol=1e-4), k
+
+
+def test_torchrun_processes_stop_together_on_sigterm(world, tmp_path):
+    """Both processes stop after one agreed step, process 0 saves, and one process resumes."""
+    args = ["--data", world, *TINY, "--batch-size", 8, "--epochs", 3, "--lr", "1e-3"]
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    logged, output = train_until_sigterm(
+        [*launch, HERE / "mml.py", "train", "--out", tmp_path / "two", *args], 3,
+        env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert "--resume`" in output, output
+    assert torch.load(tmp_path / "two/last.pt", weights_only=True)["step"] >= logged >= 3
+    run("train", "--out", tmp_path / "two", "--resume")
+    run("train", "--out", tmp_path / "one", *args)
+    a, b = (torch.load(tmp_path / x / "last.pt", weights_only=True) for x in ("one", "two"))
+    assert a["step"] == b["step"]
+    assert all(torch.allclose(v, b["model"][k], atol=1e-4) for k, v in a["model"].items())
 
 
 # ---- GPU (run where one is visible; `python mml.py bench` measures the speed) -------------
@@ -749,7 +940,7 @@ def test_gpu_ranking_equals_cpu():
 def test_gpu_train_and_eval_commands(world, tmp_path):
     gpu_args = [a if a != "cpu" else "cuda" for a in TINY]
     run("train", "--data", world, "--out", tmp_path, *gpu_args, "--epochs", 2, "--workers", 2)
-    assert torch.load(tmp_path / "last.pt", weights_only=False)["step"] == 2 * (72 // 16)
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["step"] == 2 * (72 // 16)
     run("eval", "--data", world, "--ckpt", tmp_path / "best.pt", "--device", "cuda", "--workers", 2)
     tasks = json.loads((tmp_path / "eval/metrics.json").read_text())["tasks"]
     assert len(tasks) == 13 and all(0 <= r["strict"]["R@10"] <= r["official"]["R@10"] <= 100 for r in tasks.values())
