@@ -145,6 +145,8 @@ class Config:
     bench_queries: int = opt(200, "queries timed for the per-query baseline in `bench`",
                              "bench", 1)
     splits: str = opt("train,query,index", "splits `prepare` decodes into the cache", "prepare")
+    phases: str = opt("decode,steps,loader,augment,embed,rank", "phases `bench` times, in order",
+                      "bench")
 
 
 COMMANDS = ("train", "eval", "synth", "prepare", "bench")
@@ -699,43 +701,52 @@ class ImageStore:
     """Decoded S x S images of one split and kind (ground or satellite), looked up by id.
 
     They come from the `prepare` cache when one exists for this split and kind: one uint8
-    array (N, S, S, 3) on disk, memory-mapped, plus a manifest of ids. A cache made for
-    another size, or one that lacks images this run needs, is refused, never silently used.
+    array (N, S, S, 3) on disk plus a manifest of ids. A cache made for another size, or one
+    that lacks images this run needs, is refused, never silently used.
     """
 
     def __init__(self, split_dir: Path, kind: str, size: int, cache: Path | None, needed=()):
-        self.dir, self.kind, self.size, self.rows, self.array = split_dir, kind, size, None, None
+        self.dir, self.kind, self.size, self.rows = split_dir, kind, size, None
+        self.file, self.pid = None, None
         self.cache = cache / f"{split_dir.name}_{kind}" if cache else None
         if self.cache and self.cache.with_suffix(".json").is_file():
             m = json.loads(self.cache.with_suffix(".json").read_text())
             if m["size"] != size:
                 raise UserError(f"{self.cache}.json: the cache holds {m['size']} px images, not "
-                                f"--img-size {size}; rerun `python mml.py prepare --img-size {size}` "
-                                f"or move the cache away")
+                                f"--img-size {size}; rerun `python mml.py prepare --img-size "
+                                f"{size}` or move the cache away")
             self.rows, self.broken = {i: n for n, i in enumerate(m["ids"])}, set(m["broken"])
             lacking = [i for i in needed if i not in self.rows]
             if lacking:
-                raise UserError(f"{self.cache}.json: the cache lacks {len(lacking)} images of this "
-                                f"run (first: {lacking[0]}); the file list changed: rerun `prepare`")
+                raise UserError(f"{self.cache}.json: the cache lacks {len(lacking)} images of "
+                                f"this run (first: {lacking[0]}); the file list changed: rerun "
+                                f"`prepare`")
 
     def path(self, image_id: str) -> Path:
         return shard(self.dir, self.kind, image_id)
 
-    def __getstate__(self):  # a memory map is reopened in each worker, not pickled into it
-        return {**self.__dict__, "array": None}
+    def __getstate__(self):  # an open file is reopened in each worker, not pickled into it
+        return {**self.__dict__, "file": None}
 
-    def __call__(self, image_id: str) -> np.ndarray:
+    def __call__(self, image_id: str, out: np.ndarray | None = None) -> np.ndarray:
+        """The image as (S, S, 3) uint8, written into `out` when given (a batch's slot)."""
+        out = np.empty((self.size, self.size, 3), np.uint8) if out is None else out
         if self.rows is None:
             try:
-                return load_image(self.path(image_id), self.size)
+                out[...] = load_image(self.path(image_id), self.size)
+                return out
             except Exception as e:  # missing, truncated, not an image: decoders raise all sorts
                 raise UnreadableFile(f"{self.path(image_id)}: {e}") from None
         if image_id in self.broken:
             raise UnreadableFile(f"{self.path(image_id)}: could not be decoded when cached")
-        if self.array is None:
-            self.array = np.memmap(self.cache.with_suffix(".u8"), np.uint8, "r",
-                                   shape=(len(self.rows), self.size, self.size, 3))
-        return np.array(self.array[self.rows[image_id]])
+        # One read straight into place: 5-10x faster than copying out of a memory map, whose
+        # first touch of each page faults. Each process opens the file itself: forked workers
+        # sharing one descriptor would share its read position.
+        if self.pid != os.getpid():
+            self.file, self.pid = open(self.cache.with_suffix(".u8"), "rb", buffering=0), os.getpid()
+        self.file.seek(self.rows[image_id] * out.nbytes)
+        self.file.readinto(out)
+        return out
 
 
 def decode_or_none(job: tuple) -> np.ndarray | None:
@@ -821,15 +832,6 @@ def read_article(path: Path) -> dict:
     return article
 
 
-def pick_sentence(article: dict, mode: str, rng: random.Random) -> str:
-    """The authors' sentence picking (PROTOCOL section 2), naive on purpose so numbers compare:
-    first: lead section, first paragraph, text before the first '. '; random: any of each."""
-    if mode == "first":
-        return str(next(iter(article.values()))).split("\n")[0].split(". ")[0]
-    paragraph = rng.choice(str(rng.choice(list(article.values()))).split("\n"))
-    return rng.choice(paragraph.split(". "))
-
-
 def train_tokenizer(texts, cfg: Config) -> Tokenizer:
     """A lower-cased BPE tokenizer learnt from training text only. It travels inside every
     checkpoint (as JSON), so evaluation maps words to exactly the ids training used. (BPE, not
@@ -849,77 +851,167 @@ def tokenize(tok: Tokenizer, sentences: list[str]) -> torch.Tensor:
     return torch.tensor([e.ids for e in tok.encode_batch(sentences)], dtype=torch.long)  # (N, L)
 
 
-def augment(img: torch.Tensor, rng: random.Random, rotate: bool) -> torch.Tensor:
-    """(3, S, S) uint8 -> the same, jittered as the authors did: light colour jitter, blur or
-    sharpen, and aerial views turned by a multiple of 90 degrees (north is not special)."""
-    img = TF.adjust_brightness(img, rng.uniform(0.8, 1.2))
-    img = TF.adjust_contrast(img, rng.uniform(0.8, 1.2))
-    img = TF.adjust_saturation(img, rng.uniform(0.8, 1.2))
-    r = rng.random()
-    if r < 0.2:
-        img = TF.gaussian_blur(img, [3, 3], [rng.uniform(0.3, 1.0)])
-    elif r < 0.4:
-        img = TF.adjust_sharpness(img, 2.0)
-    return torch.rot90(img, rng.randrange(4), dims=(1, 2)) if rotate else img
+class Sentences:
+    """A split's candidate sentences, tokenised once: the loop picks rows of `tokens` and never
+    parses JSON. An article splits the authors' way (PROTOCOL section 2), naive on purpose so
+    numbers compare: into sections, paragraphs at newlines, pieces at '. '. Three levels of
+    (start, count) rows record that tree: per article its sections, per section its
+    paragraphs, per paragraph its pieces. pick() walks it: "first" takes the first branch at
+    every level (lead section, first paragraph, first piece), "random" a random one, as the
+    authors' random choice does. With mode "first" only the first pieces are kept at all."""
+
+    def __init__(self, articles: list[dict | None], tok: Tokenizer, mode: str):
+        levels, self.texts = ([], [], []), []
+        keep = 1 if mode == "first" else None
+        for article in articles:  # an unreadable article (None) gives one empty sentence
+            sections = [str(s) for s in (article or {"": ""}).values()][:keep]
+            levels[0].append((len(levels[1]), len(sections)))
+            for section in sections:
+                paragraphs = section.split("\n")[:keep]
+                levels[1].append((len(levels[2]), len(paragraphs)))
+                for paragraph in paragraphs:
+                    pieces = paragraph.split(". ")[:keep]
+                    levels[2].append((len(self.texts), len(pieces)))
+                    self.texts += pieces
+        self.levels = [np.array(rows, dtype=np.int64) for rows in levels]
+        self.tokens = torch.cat([tokenize(tok, self.texts[i:i + 65536])              # (P, L)
+                                 for i in range(0, len(self.texts), 65536)])
+
+    def pick(self, i: int, mode: str, rng: random.Random) -> int:
+        """The row of `tokens` holding article i's sentence. randrange(n) draws exactly what
+        the authors' rng.choice over n items draws, so the same rng picks the same sentence."""
+        row = i
+        for level in self.levels:
+            start, count = level[row]
+            row = start + (rng.randrange(count) if mode == "random" else 0)
+        return int(row)
 
 
 class LandmarkSet(torch.utils.data.Dataset):
-    """Landmarks -> one sample each: {"G": (3,S,S) uint8, "S": (3,S,S) uint8, "T": (L,) ids,
-    "C": (2,) lat/lon, "bad": unreadable files, one per line}, active modalities only.
+    """Landmarks -> batches: a list of (epoch, row) keys -> {"G": (B,3,S,S) uint8, "S": (B,3,S,S)
+    uint8, "T": (B,L) ids, "C": (B,2) lat/lon, "bad": B strings of unreadable files, one per
+    line}, active modalities only.
 
-    Training (augment=True) draws a random ground photo, a random year's aerial image (or the
-    latest, --last-sat-only) and a --train-text sentence, and jitters the images; validation
-    takes the first photo, the latest aerial view and the first sentence, unchanged. Keys are
-    (epoch, row), and all randomness comes from a generator seeded by (seed, epoch, row): a
-    sample is the same whichever worker draws it, which makes --resume exact.
+    Training (train=True) draws a random ground photo, a random year's aerial image (or the
+    latest, --last-sat-only) and a --train-text sentence; validation takes the first photo,
+    the latest aerial view and the first sentence. All randomness of a sample comes from a
+    generator seeded by (seed, epoch, row): a sample is the same whichever worker draws it,
+    which makes --resume exact. Pixels stay uint8 and unjittered here: the training loop
+    augments whole batches on the device (`augment`), so workers only read.
+
+    Whole batches, not samples: in a loader worker the image arrays are made in shared memory
+    and each image is read straight into its slot, so a batch reaches the training process
+    without the two further copies of every pixel that collating samples costs (2x the
+    throughput of one worker). The arrays are (B, S, S, 3) as stored; the (B, 3, S, S) view
+    of them is channels-last in memory, the layout convolutions run fastest in on a GPU.
 
     A file that cannot be read is skipped for another view of the same landmark and listed
     in "bad"; the training loop counts and reports these at the end of each epoch.
     """
 
-    def __init__(self, split: Split, stores: dict, tok: Tokenizer, cfg: Config, augment: bool):
-        self.split, self.stores, self.tok, self.cfg, self.train = split, stores, tok, cfg, augment
+    def __init__(self, split: Split, stores: dict, sentences: Sentences, cfg: Config,
+                 train: bool):
+        self.split, self.stores, self.sentences, self.cfg = split, stores, sentences, cfg
+        self.train = train
 
     def __len__(self):
         return len(self.split.ids)
 
-    def view(self, m: str, ids: list[str], rng: random.Random, bad: list) -> torch.Tensor:
+    def view(self, m: str, ids: list[str], rng: random.Random, out: np.ndarray, bad: list):
+        """One of ids (a random one when training) read into out (S, S, 3)."""
         for image_id in rng.sample(ids, len(ids)) if self.train else ids:
             try:
-                img = torch.from_numpy(self.stores[m](image_id)).permute(2, 0, 1)  # (3, S, S)
-                return augment(img, rng, rotate=m == "S") if self.train else img
+                self.stores[m](image_id, out)
+                return
             except UnreadableFile as e:
                 bad.append(str(e))
-        return torch.zeros(3, self.cfg.img_size, self.cfg.img_size, dtype=torch.uint8)
+        out[...] = 0  # no readable view at all: a black image
 
-    def __getitem__(self, key: tuple[int, int]) -> dict:
-        epoch, i = key
-        rng, s, mods, bad = random.Random(f"{self.cfg.seed}/{epoch}/{i}"), self.split, self.cfg.modalities, []
-        out = {}
-        if "G" in mods:
-            out["G"] = self.view("G", s.ground[i], rng, bad)
-        if "S" in mods:
-            sats = s.sat[i] if self.train and not self.cfg.last_sat_only else [s.latest[i]]
-            out["S"] = self.view("S", sats, rng, bad)
+    def __getitem__(self, keys: list[tuple[int, int]]) -> dict:
+        s, S, mods, B = self.split, self.cfg.img_size, self.cfg.modalities, len(keys)
+        images = {m: torch.empty(B, S, S, 3, dtype=torch.uint8) for m in "GS" if m in mods}
+        if torch.utils.data.get_worker_info() is not None:  # in a worker: shared memory
+            images = {m: x.share_memory_() for m, x in images.items()}
+        rows, tokens, bad = [i for _, i in keys], [], []
+        for j, (epoch, i) in enumerate(keys):
+            rng, problems = random.Random(f"{self.cfg.seed}/{epoch}/{i}"), []
+            if "G" in mods:
+                self.view("G", s.ground[i], rng, images["G"][j].numpy(), problems)
+            if "S" in mods:
+                sats = s.sat[i] if self.train and not self.cfg.last_sat_only else [s.latest[i]]
+                self.view("S", sats, rng, images["S"][j].numpy(), problems)
+            if "T" in mods:
+                mode = self.cfg.train_text if self.train else "first"
+                tokens.append(self.sentences.pick(i, mode, rng))
+            bad.append("\n".join(problems))
+        out = {m: x.permute(0, 3, 1, 2) for m, x in images.items()}          # (B, 3, S, S)
         if "T" in mods:
-            try:
-                article = read_article(shard(s.dir, "text", s.text[i]))
-                sentence = pick_sentence(article, self.cfg.train_text if self.train else "first", rng)
-            except UnreadableFile as e:
-                bad.append(str(e))
-                sentence = ""
-            out["T"] = torch.tensor(self.tok.encode(sentence).ids)
+            out["T"] = self.sentences.tokens[tokens]                         # (B, L)
         if "C" in mods:
-            out["C"] = torch.tensor(s.latlon[i], dtype=torch.float32)
-        out["bad"] = "\n".join(bad)
-        return out
+            out["C"] = torch.tensor(s.latlon[rows], dtype=torch.float32)     # (B, 2)
+        return out | {"bad": bad}
+
+
+def augment_params(seed: int, epoch: int, step: int, n: int) -> torch.Tensor:
+    """(n, 2, 6) jitter for the n samples of one global batch, each view (ground, aerial) its
+    own: brightness, contrast and saturation factors in [0.8, 1.2]; a draw r (blur if r < 0.2,
+    sharpen if r < 0.4); the blur's sigma in [0.3, 1]; quarter turns in {0, 1, 2, 3}. Keyed by
+    (seed, epoch, step) and taken by position in the global batch, so a sample's jitter does
+    not depend on the number of loader workers or processes, and --resume repeats it."""
+    u = torch.from_numpy(np.random.default_rng([seed, epoch, step]).random((n, 2, 6)))
+    low = torch.tensor([0.8, 0.8, 0.8, 0.0, 0.3, 0.0], dtype=torch.float64)
+    span = torch.tensor([0.4, 0.4, 0.4, 1.0, 0.7, 4.0], dtype=torch.float64)
+    params = low + span * u
+    params[..., 5] = params[..., 5].floor()
+    return params.float()
+
+
+def grayscale(x: torch.Tensor) -> torch.Tensor:
+    """(B, 3, S, S) -> (B, 1, S, S) luma with ITU-R 601 weights, as torchvision computes it."""
+    return (0.2989 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
+
+
+def augment(images: torch.Tensor, params: torch.Tensor, rotate: bool) -> torch.Tensor:
+    """(B, 3, S, S) uint8 -> (B, 3, S, S) float in [0, 1], jittered as the authors did: light
+    colour jitter, blur or sharpen, and aerial views turned by a multiple of 90 degrees (north
+    is not special). Each sample by its own row of params (B, 6) from augment_params, all at
+    once on the images' device. Each step is torchvision's per-image function written for a
+    batch (tested against it): adjust_brightness, _contrast, _saturation, gaussian_blur with a
+    3x3 kernel, adjust_sharpness with factor 2, rot90."""
+    x = images.float() / 255
+    b, c, s, r, sigma, turns = (p.view(-1, 1, 1, 1) for p in params.T)  # each (B, 1, 1, 1)
+    x = (x * b).clamp(0, 1)
+    x = (c * x + (1 - c) * grayscale(x).mean((2, 3), keepdim=True)).clamp(0, 1)
+    x = (s * x + (1 - s) * grayscale(x)).clamp(0, 1)
+    # blur (r < 0.2) with the separable Gaussian kernel [w, 1, w] / (1 + 2w), w = exp(-1 /
+    # (2 sigma^2)), over a reflect-padded image, along rows then columns
+    blur = (r < 0.2).view(-1)
+    w = torch.exp(-0.5 / sigma[blur]**2)
+    pad = F.pad(x[blur], (1, 1, 1, 1), mode="reflect")                 # (b, 3, S+2, S+2)
+    rows = (pad[..., :-2] + pad[..., 2:]) * w + pad[..., 1:-1]         # (b, 3, S+2, S)
+    blurred = ((rows[..., :-2, :] + rows[..., 2:, :]) * w + rows[..., 1:-1, :]) / (1 + 2 * w)**2
+    # sharpen (0.2 <= r < 0.4): 2x - smooth, where smooth is x under the 3x3 kernel
+    # [[1,1,1],[1,5,1],[1,1,1]] / 13, border pixels kept (the kernel's 3x3 box sum, + 4 x)
+    sharp = ((r >= 0.2) & (r < 0.4)).view(-1)
+    y = x[sharp]                                                       # (b', 3, S, S)
+    rows = y[..., :-2] + y[..., 1:-1] + y[..., 2:]                     # (b', 3, S, S-2)
+    box = rows[..., :-2, :] + rows[..., 1:-1, :] + rows[..., 2:, :]    # (b', 3, S-2, S-2)
+    smooth = y.clone()
+    smooth[..., 1:-1, 1:-1] = (box + 4 * y[..., 1:-1, 1:-1]) / 13
+    x[blur] = blurred
+    x[sharp] = (2 * y - smooth).clamp(0, 1)
+    if rotate:
+        for k in (1, 2, 3):
+            chosen = turns.view(-1) == k
+            x[chosen] = torch.rot90(x[chosen], k, dims=(2, 3))
+    return x
 
 
 class EpochSampler(torch.utils.data.Sampler):
-    """(epoch, row) keys for one process: each epoch a fresh permutation seeded by (seed, epoch),
-    cut into global batches of B; process r of W takes the r-th B/W slice of each. So one run
-    sees the same global batches whatever the number of processes, and the run can resume
-    from any batch (set_epoch's start)."""
+    """Batches of (epoch, row) keys for one process: each epoch a fresh permutation seeded by
+    (seed, epoch), cut into global batches of B; process r of W takes the r-th B/W slice of
+    each. So one run sees the same global batches whatever the number of processes, and the
+    run can resume from any batch (set_epoch's start)."""
 
     def __init__(self, n: int, batch: int, seed: int, rank: int = 0, world: int = 1):
         self.n, self.batch, self.seed, self.rank, self.world = n, batch, seed, rank, world
@@ -929,14 +1021,14 @@ class EpochSampler(torch.utils.data.Sampler):
         self.epoch, self.start = epoch, start
 
     def __len__(self):
-        return (self.n // self.batch - self.start) * (self.batch // self.world)
+        return self.n // self.batch - self.start
 
     def __iter__(self):
         perm = np.random.default_rng([self.seed, self.epoch]).permutation(self.n)
         local = self.batch // self.world
         for b in range(self.start, self.n // self.batch):  # the last partial batch is dropped
             first = b * self.batch + self.rank * local
-            yield from ((self.epoch, int(i)) for i in perm[first:first + local])
+            yield [(self.epoch, int(i)) for i in perm[first:first + local]]
 
 
 # ---- model --------------------------------------------------------------------------------
@@ -971,7 +1063,8 @@ def image_trunk(width: int) -> nn.Sequential:
 
 
 class ImageEncoder(nn.Module):
-    """(B, 3, S, S) uint8 -> (B, D) unit vectors. A shared trunk may be passed in."""
+    """(B, 3, S, S) uint8, or float in [0, 1] -> (B, D) unit vectors. A shared trunk may be
+    passed in."""
 
     def __init__(self, width: int, dim: int, trunk: nn.Module | None = None):
         super().__init__()
@@ -979,7 +1072,9 @@ class ImageEncoder(nn.Module):
         self.head = nn.Linear(8 * width, dim)
 
     def forward(self, img):
-        x = img.float() / 127.5 - 1  # pixels to [-1, 1]; uint8 until here: 4x less to copy
+        if img.dtype == torch.uint8:  # unjittered pixels (evaluation): 4x less to copy
+            img = img.float() / 255
+        x = (img - 0.5) / 0.5  # [0, 1] to [-1, 1]
         return F.normalize(self.head(self.trunk(x)).float(), dim=-1)
 
 
@@ -1338,10 +1433,19 @@ def autocast_for(device: torch.device, cfg: Config):
 def to_device(batch: dict, device: torch.device) -> dict:
     """Tensors to the device; pinned memory makes the copy asynchronous (non_blocking)."""
     out = {m: x.to(device, non_blocking=True) for m, x in batch.items() if torch.is_tensor(x)}
-    for m, x in out.items():  # convolutions run fastest on channels-last images on GPUs
-        if x.dim() == 4 and device.type == "cuda":
-            out[m] = x.contiguous(memory_format=torch.channels_last)
-    return out
+    # images: channels-last on a GPU, where convolutions run fastest that way; plain
+    # (B, 3, S, S) on the CPU, where the elementwise jitter runs 1.4x faster on it
+    layout = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    return {m: x.contiguous(memory_format=layout) if x.dim() == 4 else x for m, x in out.items()}
+
+
+def jitter(inputs: dict, params: torch.Tensor) -> dict:
+    """A batch's image views, on their device, augmented by their rows of params (B, 2, 6)."""
+    for k, m in enumerate("GS"):
+        if m in inputs:
+            x = augment(inputs[m], params[:, k].to(inputs[m].device), rotate=m == "S")
+            inputs[m] = to_device({m: x}, x.device)[m]  # the device's layout again
+    return inputs
 
 
 @torch.no_grad()
@@ -1351,7 +1455,8 @@ def validate(model: MML, val_set: LandmarkSet, cfg: Config, pairs: list[str], de
     "val_R@1" (what --select recall picks by): a quick check, not the benchmark."""
     model.eval()
     n, B = len(val_set), min(cfg.batch_size, len(val_set))
-    loader = torch.utils.data.DataLoader(val_set, batch_size=B, sampler=[(0, i) for i in range(n)],
+    batches = [[(0, i) for i in range(s, min(s + B, n))] for s in range(0, n, B)]
+    loader = torch.utils.data.DataLoader(val_set, batch_size=None, sampler=batches,
                                          num_workers=min(cfg.workers, 2))
     total, embs = 0.0, []
     for batch in loader:
@@ -1430,15 +1535,17 @@ def train(cfg: Config):
         raise UserError(f"{root}: {len(train_split.ids)} training and {len(val_split.ids)} "
                         f"validation landmarks; need at least 2 of each")
     ckpt = load_checkpoint(out / "last.pt") if cfg.resume else None
+    # every article read once, here: the loop then only picks token ids
+    articles, bad = read_articles(train_split)
+    val_articles, val_bad = read_articles(val_split)
+    if bad or val_bad:
+        print0(f"{len(bad + val_bad)} unreadable articles: their landmarks train with an empty "
+               f"sentence (first: {(bad + val_bad)[0]})")
     if ckpt:
         tok = Tokenizer.from_str(ckpt["tokenizer"])
     else:  # learnt once, on process 0, and sent to the others: every process must agree
         tok_json = [None]
         if rank == 0:
-            articles, bad = read_articles(train_split)
-            if bad:
-                print(f"{len(bad)} unreadable articles left out of the tokenizer (first: "
-                      f"{bad[0]})")
             texts = (str(v) for a in articles if a for v in a.values())
             tok_json = [train_tokenizer(texts, cfg).to_str()]
         if world > 1:
@@ -1447,8 +1554,10 @@ def train(cfg: Config):
     stores = image_stores(cfg, train_split.dir, {
         "G": [i for g in train_split.ground + val_split.ground for i in g],
         "S": [i for g in train_split.sat + val_split.sat for i in g]})
-    train_set = LandmarkSet(train_split, stores, tok, cfg, augment=True)
-    val_set = LandmarkSet(val_split, stores, tok, cfg, augment=False)
+    train_set = LandmarkSet(train_split, stores, Sentences(articles, tok, cfg.train_text), cfg,
+                            train=True)
+    val_set = LandmarkSet(val_split, stores, Sentences(val_articles, tok, "first"), cfg,
+                          train=False)
 
     # A global batch never larger than the landmarks, and divisible by the process count.
     B = min(cfg.batch_size, len(train_set)) // world * world
@@ -1458,8 +1567,9 @@ def train(cfg: Config):
     if B < cfg.batch_size:
         print0(f"batch {cfg.batch_size} > {len(train_set)} training landmarks: using {B}")
     sampler = EpochSampler(len(train_set), B, cfg.seed, rank, world)
-    loader = torch.utils.data.DataLoader(
-        train_set, batch_size=B // world, sampler=sampler, num_workers=cfg.workers,
+    local = B // world  # this process's rows of each global batch
+    loader = torch.utils.data.DataLoader(  # batch_size None: the sampler yields batches
+        train_set, batch_size=None, sampler=sampler, num_workers=cfg.workers,
         pin_memory=device.type == "cuda", persistent_workers=cfg.workers > 0,
         prefetch_factor=4 if cfg.workers > 0 else None, worker_init_fn=ignore_stop_signals)
     steps_per_epoch = len(train_set) // B
@@ -1522,8 +1632,11 @@ def train(cfg: Config):
                 unreadable += [line for s in batch["bad"] for line in s.split("\n") if line]
                 for group in opt.param_groups:
                     group["lr"] = cfg.lr * lr_factor(step, total, warmup)
+                # this process's rows of the global batch's jitter, applied on the device
+                params = augment_params(cfg.seed, epoch, step, B)[rank * local:(rank + 1) * local]
+                inputs = jitter(to_device(batch, device), params)
                 with autocast_for(device, cfg):
-                    emb, scale = model(to_device(batch, device))
+                    emb, scale = model(inputs)
                 loss, parts = contrastive_loss(emb, scale, pairs)  # float32, outside autocast
                 # one all-reduce carries the losses and whether any process was told to stop,
                 # so that every process skips the same steps and stops after the same step
@@ -1692,6 +1805,14 @@ def embed(encoder: nn.Module, data, what: str, cfg: Config, device) -> torch.Ten
     return gather_rows(emb, n) if world > 1 else emb
 
 
+def query_sentences(query: Split, tok: Tokenizer) -> Sentences:
+    """Every sentence of the query articles; evaluation needs every one of them."""
+    articles, bad = read_articles(query)
+    if bad:
+        raise UserError(f"{bad[0]} (evaluation needs every file of the protocol)")
+    return Sentences(articles, tok, "random")
+
+
 def print_tables(results: dict):
     """The results laid out like the authors' tables (PROTOCOL section 5)."""
     cols = ("mAP@1k", "R@1", "R@5", "R@10")
@@ -1772,14 +1893,13 @@ def evaluate(cfg: Config):
         elif key.startswith("qT"):
             mode = key.split("-", 1)[1]
             if mode == "no_cues":
-                texts = query.no_cues
+                tokens = tokenize(tok, query.no_cues)
             else:
-                try:
-                    texts = [pick_sentence(read_article(shard(query.dir, "text", t)), mode,
-                                           random.Random(f"{cfg.seed}/{i}")) for t, i in zip(query.text, query.ids.tolist())]
-                except UnreadableFile as e:
-                    raise UserError(str(e)) from None
-            s = (embed(enc["T"], tokenize(tok, texts), f"{mode} sentences", cfg, device), lm,
+                table = query_sentences(query, tok)
+                rows = [table.pick(n, mode, random.Random(f"{cfg.seed}/{i}"))
+                        for n, i in enumerate(query.ids.tolist())]
+                tokens = table.tokens[rows]
+            s = (embed(enc["T"], tokens, f"{mode} sentences", cfg, device), lm,
                  [str(i) for i in query.ids.tolist()], lm_latlon)
         elif key == "gG":  # index photos (distractors), then the query photos
             e = embed(enc["G"], ImageList(index_stores["G"], index.ground), "index ground", cfg, device)
@@ -1893,105 +2013,139 @@ def fake_embeddings(n_queries: int, n_landmarks: int, n_labelled: int, n_junk: i
     return near(q_labels), g, q_labels, torch.cat([torch.full((n_junk,), -1, device=device), lab])
 
 
-def bench(cfg: Config):
-    device = setup_distributed(cfg)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"bench on {name}, torch {torch.__version__}; S = {cfg.img_size}, B = {cfg.batch_size}, D = {cfg.embed_dim}")
+def report(what: str, value: float, unit: str, how: str):
+    """One row of the bench's table."""
+    print(f"  {what:<46}{value:>12,.1f} {unit:<10} {how}", flush=True)
 
-    def report(what: str, value: float, unit: str, how: str):  # one row of the table
-        print(f"  {what:<44}{value:>12,.1f} {unit:<13} {how}", flush=True)
 
-    # data: real-sized files (800-px JPEG photo, 800x800 PNG tile), with noise for the
-    # texture real photos have and flat renders lack (it is what makes decoding slow)
-    with tempfile.TemporaryDirectory() as tmp, torch.multiprocessing.get_context("fork").Pool(1) as pool:
+def bench_decode(cfg: Config, device, sync):
+    """Decoding real-sized files (an 800-px JPEG photo, an 800x800 PNG tile, with noise for
+    the texture real photos have and flat renders lack), and reading the prepare cache."""
+    image_id, how = "0123456789abcdef", "one process (= per worker), CPU"
+    with tempfile.TemporaryDirectory() as tmp, \
+            torch.multiprocessing.get_context("fork").Pool(1) as pool:
         rng, noise = random.Random(0), np.random.default_rng(0)
         lm = place_landmark(rng)
         split_dir = Path(tmp) / "bench"
         for kind, img in (("ground", render_ground(lm, lm["lat"], lm["lon"], rng, 800, 600)),
                           ("satellite", render_satellite(lm, lm["lat"], lm["lon"], rng, 800))):
             pixels = np.asarray(img).astype(np.int16) + noise.integers(-24, 24, (*img.size[::-1], 3))
-            path = shard(split_dir, kind, "0123456789abcdef")
+            path = shard(split_dir, kind, image_id)
             path.parent.mkdir(parents=True)
             Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(path, quality=90)
-        photo, tile = shard(split_dir, "ground", "0123456789abcdef"), shard(split_dir, "satellite", "0123456789abcdef")
-        how = "one process (= per worker), CPU"
-        report("decode+resize 800x600 JPEG, full decode", 1 / timed(lambda: load_image(photo, cfg.img_size, draft=False)), "images/s", how)
-        report("decode+resize 800x600 JPEG, draft()", 1 / timed(lambda: load_image(photo, cfg.img_size)), "images/s", how)
-        report("decode+resize 800x800 PNG", 1 / timed(lambda: load_image(tile, cfg.img_size)), "images/s", how)
-        build_cache(split_dir, "ground", ["0123456789abcdef"], cfg.img_size, Path(tmp), pool)
-        cached = ImageStore(split_dir, "ground", cfg.img_size, Path(tmp), ["0123456789abcdef"])
-        report("read a cached image (prepare)", 1 / timed(lambda: cached("0123456789abcdef")), "images/s", how)
+        photo, tile = shard(split_dir, "ground", image_id), shard(split_dir, "satellite", image_id)
+        for what, fn in (("800x600 JPEG, full decode", lambda: load_image(photo, cfg.img_size, False)),
+                         ("800x600 JPEG, draft()", lambda: load_image(photo, cfg.img_size)),
+                         ("800x800 PNG", lambda: load_image(tile, cfg.img_size))):
+            report(f"decode+resize {what}", 1 / timed(fn), "images/s", how)
+        build_cache(split_dir, "ground", [image_id], cfg.img_size, Path(tmp), pool)
+        cached = ImageStore(split_dir, "ground", cfg.img_size, Path(tmp), [image_id])
+        report("read a cached image (prepare)", 1 / timed(lambda: cached(image_id)), "images/s", how)
 
-    # training steps on random inputs of the configured shape (data loading excluded)
-    pairs, B, S = loss_pairs(cfg.modalities, cfg.loss), cfg.batch_size, cfg.img_size
-    gen = torch.Generator().manual_seed(0)
+
+def random_batch(cfg: Config, B: int, device) -> dict:
+    """A batch of the configured shape with random content, on the device."""
+    gen, S = torch.Generator().manual_seed(0), cfg.img_size
     batch = {"G": torch.randint(0, 256, (B, 3, S, S), dtype=torch.uint8, generator=gen),
              "S": torch.randint(0, 256, (B, 3, S, S), dtype=torch.uint8, generator=gen),
              "T": torch.randint(1, cfg.vocab_size, (B, cfg.max_len), generator=gen),
-             "C": torch.rand(B, 2, generator=gen) * torch.tensor([50.0, 60.0]) + torch.tensor([24.0, -125.0])}
-    batch = to_device({m: x for m, x in batch.items() if m in cfg.modalities}, device)
+             "C": torch.rand(B, 2, generator=gen) * torch.tensor([26.0, 59.0])
+             + torch.tensor([24.0, -125.0])}
+    return to_device({m: x for m, x in batch.items() if m in cfg.modalities}, device)
+
+
+def step_rate(cfg: Config, device, sync, label: str, compiled: bool = False) -> float:
+    """Training samples/s of the model cfg describes, on random inputs (no data loading)."""
+    torch.manual_seed(0)
+    raw = MML(cfg).to(device)
+    model = torch.compile(raw) if compiled else raw
+    opt = torch.optim.AdamW([p for p in raw.parameters() if p.requires_grad], lr=1e-4)
+    pairs, batch = loss_pairs(cfg.modalities, cfg.loss), random_batch(cfg, cfg.batch_size, device)
+
+    def step():
+        with autocast_for(device, cfg):
+            emb, scale = model(batch)
+        loss = contrastive_loss(emb, scale, pairs)[0]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    seconds = timed(step, 3.0 if device.type == "cuda" else 5.0, sync)
+    peak = (f"peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if device.type == "cuda"
+            else f"peak RSS so far {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB")
+    n_params = sum(p.numel() for p in raw.parameters()) / 1e6
+    report(label, cfg.batch_size / seconds, "samples/s",
+           f"{device.type}, batch {cfg.batch_size}, S {cfg.img_size}, {n_params:.1f}M params, {peak}")
+    return cfg.batch_size / seconds
+
+
+def bench_steps(cfg: Config, device, sync) -> float:
+    """Training steps of the configured model: fp32, and on a GPU bf16 and bf16 + compile.
+    Returns the fastest rate, which the loader must keep up with."""
     torch.set_float32_matmul_precision("high")
-    variants = [("fp32", False, False)] + ([("bf16", True, False), ("bf16 + compile", True, True)]
-                                            if device.type == "cuda" else [])
-    step_rate = 0.0
-    for label, bf16, compiled in variants:
-        run_cfg = dataclasses.replace(cfg, bf16=bf16)
-        torch.manual_seed(0)
-        raw = MML(cfg).to(device)
-        model = torch.compile(raw) if compiled else raw
-        opt = torch.optim.AdamW(raw.parameters(), lr=1e-4)
+    rates = [step_rate(dataclasses.replace(cfg, bf16=False), device, sync, "train step, fp32")]
+    if device.type == "cuda":
+        rates.append(step_rate(cfg, device, sync, "train step, bf16"))
+        rates.append(step_rate(cfg, device, sync, "train step, bf16 + compile", compiled=True))
+    return max(rates)
 
-        def step():
-            with autocast_for(device, run_cfg):
-                emb, scale = model(batch)
-            loss = contrastive_loss(emb, scale, pairs)[0]
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        seconds = timed(step, 3.0 if device.type == "cuda" else 5.0, sync)
-        peak = (f"peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if device.type == "cuda" else
-                f"peak RSS of the process so far {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB")
-        report(f"train step, {label}", B / seconds, "samples/s", f"{device.type}, batch {B}, {peak}")
-        step_rate = max(step_rate, B / seconds)
 
-    # the real loader on the dataset (the synthetic world by default), against the step rate
+def bench_loader(cfg: Config, device, fastest_step: float):
+    """The real training loader on the dataset (the synthetic world by default): batches ready
+    for the step (collated, pinned on a GPU), against the fastest step."""
     root = default_world(cfg)
     tr, _ = read_train(cfg, root)
-    articles, _ = read_articles(tr.take(range(min(200, len(tr.ids)))))
-    tok = train_tokenizer((str(v) for a in articles if a for v in a.values()), cfg)
+    articles, _ = read_articles(tr)
+    tok = train_tokenizer((str(v) for a in articles[:200] if a for v in a.values()), cfg)
     needed = {"G": [i for g in tr.ground for i in g], "S": [i for g in tr.sat for i in g]}
-    loader_set = LandmarkSet(tr, image_stores(cfg, tr.dir, needed), tok, cfg, augment=True)
-    B_load = min(B, len(loader_set))
-    loader = torch.utils.data.DataLoader(loader_set, batch_size=B_load, sampler=EpochSampler(len(loader_set), B_load, 0),
-                                         num_workers=cfg.workers, pin_memory=device.type == "cuda")
-    batches = iter(loader)
-    next(batches)  # workers started
-    t0, n = time.perf_counter(), 0
-    for b in itertools.islice(batches, 30):
-        n += len(b["bad"])
-        if time.perf_counter() - t0 > 20:
+    data = LandmarkSet(tr, image_stores(cfg, tr.dir, needed), Sentences(articles, tok, cfg.train_text),
+                       cfg, train=True)
+    B = min(cfg.batch_size, len(data))
+    loader = torch.utils.data.DataLoader(
+        data, batch_size=None, sampler=EpochSampler(len(data), B, 0), num_workers=cfg.workers,
+        pin_memory=device.type == "cuda", persistent_workers=cfg.workers > 0)
+    next(iter(loader))  # the workers' start-up is not loading time
+    n, t0 = 0, time.perf_counter()
+    for epoch in itertools.count(1):  # whole epochs, for at least 3 seconds
+        loader.sampler.set_epoch(epoch)
+        n += sum(len(batch["bad"]) for batch in loader)
+        if time.perf_counter() - t0 > 3:
             break
     rate = n / (time.perf_counter() - t0)
+    cached = "from the cache" if image_stores(cfg, tr.dir, {})["G"].rows is not None else "decoding"
     report(f"training loader, {cfg.workers} workers", rate, "samples/s",
-           f"{root}; {'keeps up with' if rate >= step_rate else 'slower than'} the fastest step")
-    del batches, loader
+           f"{root}, {cached}, batch {B}; {'keeps up with' if rate >= fastest_step else 'slower than'}"
+           f" the fastest step")
 
-    # embedding throughput, forward only
-    raw.eval()
-    with torch.no_grad():
-        for m in cfg.modalities:
-            x = batch[m][:cfg.eval_batch]
 
-            def forward():
-                with autocast_for(device, cfg):
-                    raw.enc[m](x)
-            report(f"embed {m}", len(x) / timed(forward, 2.0, sync), "items/s", f"{device.type}, batch {len(x)}, autocast")
+def bench_augment(cfg: Config, device, sync):
+    """The batched jitter of both image views, on the training device."""
+    batch = random_batch(cfg, cfg.batch_size, device)
+    params = augment_params(0, 0, 0, cfg.batch_size)
+    seconds = timed(lambda: jitter(dict(batch), params), 2.0, sync)
+    report(f"augmentation, batched on {device.type}", cfg.batch_size / seconds, "samples/s",
+           f"ground and aerial view, batch {cfg.batch_size}, S {cfg.img_size}")
 
-    # ranking at full scale: G2S 18,688 x (99,539 + 1,000), S2G 1,000 x (714,554 + 18,688)
-    for task, nq, n_lm, n_lab, n_junk in (("G2S", 18688, 1000, 1000, 99539), ("S2G", 1000, 1000, 18688, 714554)):
+
+@torch.no_grad()
+def bench_embed(cfg: Config, device, sync):
+    """Forward passes of each encoder alone, as evaluation runs them."""
+    model = MML(cfg).to(device).eval()
+    batch = random_batch(cfg, cfg.eval_batch, device)
+    for m in cfg.modalities:
+        def forward():
+            with autocast_for(device, cfg):
+                model.enc[m](batch[m])
+        report(f"embed {m}", cfg.eval_batch / timed(forward, 2.0, sync), "items/s",
+               f"{device.type}, batch {cfg.eval_batch}, autocast")
+
+
+def bench_rank(cfg: Config, device, sync):
+    """Ranking at full scale, G2S 18,688 x (99,539 + 1,000) and S2G 1,000 x (714,554 + 18,688),
+    against the authors' per-query argsort on a sample of queries: the same metrics, or stop."""
+    for task, nq, n_lm, n_lab, n_junk in (("G2S", 18688, 1000, 1000, 99539),
+                                          ("S2G", 1000, 1000, 18688, 714554)):
         q, g, ql, gl = fake_embeddings(nq, n_lm, n_lab, n_junk, 512, device)
         rank_queries(q[:64], g, ql[:64], gl)  # warm-up: library start-up is not ranking time
         sync()
@@ -1999,21 +2153,48 @@ def bench(cfg: Config):
         ranks = rank_queries(q, g, ql, gl, chunk=cfg.chunk)
         sync()
         fast = time.perf_counter() - t0
-        sample = torch.randperm(nq, generator=torch.Generator().manual_seed(0))[:cfg.bench_queries].to(device)
+        sample = torch.randperm(nq, generator=torch.Generator().manual_seed(0))
+        sample = sample[:cfg.bench_queries].to(device)
         torch.set_float32_matmul_precision("highest")
         t0 = time.perf_counter()
         loop = argsort_ranks(q[sample], g, ql[sample], gl)
         sync()
         slow = (time.perf_counter() - t0) * nq / len(sample)
-        same = all(torch.equal(loop[k], ranks[k][sample].cpu()) for k in ("first_strict", "first_official")) and all(
-            torch.allclose(loop[k].double(), ranks[k][sample].cpu(), atol=1e-9) for k in ("ap_strict", "ap_official"))
-        report(f"rank {task} {nq} x {len(g)}, chunked counts", fast, "s", f"{device.type}, D = 512, all queries")
+        same = all(torch.equal(loop[k], ranks[k][sample].cpu()) for k in ("first_strict", "first_official"))
+        same &= all(torch.allclose(loop[k].double(), ranks[k][sample].cpu(), atol=1e-9)
+                    for k in ("ap_strict", "ap_official"))
+        report(f"rank {task} {nq} x {len(g)}, chunked counts", fast, "s",
+               f"{device.type}, D = 512, all queries, --chunk {cfg.chunk}")
         report(f"rank {task}, per-query argsort loop", slow, "s",
                f"{device.type}, {len(sample)} queries timed, x {nq / len(sample):.0f}")
-        report(f"rank {task}, speed-up (metrics {'identical' if same else 'DIFFER'})", slow / fast, "x", "same device, same run")
+        report(f"rank {task}, speed-up (metrics {'identical' if same else 'DIFFER'})", slow / fast,
+               "x", "same device, same run")
         if not same:
             raise SystemExit("bench: the chunked ranking disagrees with the per-query loop")
-        del q, g, ranks
+
+
+BENCH_PHASES = {"decode": bench_decode, "steps": bench_steps, "loader": bench_loader,
+                "augment": bench_augment, "embed": bench_embed, "rank": bench_rank}
+
+
+def bench(cfg: Config):
+    """Time each phase of a run on this machine and print one table: decoding and the cache,
+    training steps, the training loader against the fastest step, the batched augmentation,
+    embedding, and ranking against the authors' per-query loop (--phases picks some)."""
+    device = setup_distributed(cfg)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    name = (torch.cuda.get_device_name() if device.type == "cuda"
+            else f"CPU, {torch.get_num_threads()} threads")
+    print(f"bench on {name}, torch {torch.__version__}; S = {cfg.img_size}, "
+          f"B = {cfg.batch_size}, D = {cfg.embed_dim}")
+    fastest_step = 0.0
+    for phase in cfg.phases.split(","):
+        if phase == "steps":
+            fastest_step = bench_steps(cfg, device, sync)
+        elif phase == "loader":
+            bench_loader(cfg, device, fastest_step)
+        else:
+            BENCH_PHASES[phase](cfg, device, sync)
 
 
 # ---- command line -------------------------------------------------------------------------
@@ -2098,6 +2279,8 @@ def resolve(command: str, cfg: Config, given: set) -> Config:
                                  ("select", cfg.select, ("loss", "recall"))):
         if value not in allowed:
             raise UserError(f"--{name} {value}: expected {' or '.join(allowed)}")
+    if set(cfg.phases.split(",")) - set(BENCH_PHASES):
+        raise UserError(f"--phases {cfg.phases}: expected some of {','.join(BENCH_PHASES)}")
     if set(cfg.query_text.split(",")) - set(TEXT_MODES):
         raise UserError(f"--query-text {cfg.query_text}: expected some of {','.join(TEXT_MODES)}")
     cfg = dataclasses.replace(cfg, modalities="".join(m for m in "GSTC" if m in mods))

@@ -21,6 +21,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+import torchvision.transforms.v2.functional as TF
 from PIL import Image
 
 import mml
@@ -265,6 +266,31 @@ def image(path: Path, colour, size=(40, 30)):
     Image.new("RGB", size, colour).save(path)
 
 
+def authors_sentence(article: dict, mode: str, rng: random.Random) -> str:
+    """The authors' sentence picking, as they wrote it, one article at a time."""
+    if mode == "first":
+        return str(next(iter(article.values()))).split("\n")[0].split(". ")[0]
+    paragraph = rng.choice(str(rng.choice(list(article.values()))).split("\n"))
+    return rng.choice(paragraph.split(". "))
+
+
+def test_sentence_table_picks_what_the_authors_rule_picks(world):
+    """Every article of the world, tokenised once: the same rng picks the same sentence as
+    the authors' per-article code, and its token row is that sentence tokenised."""
+    split = mml.read_split(world, "query")
+    articles, bad = mml.read_articles(split)
+    tok = mml.train_tokenizer([str(v) for a in articles for v in a.values()], mml.Config())
+    table = mml.Sentences(articles, tok, "random")
+    first = mml.Sentences(articles, tok, "first")
+    assert not bad and len(first.texts) == len(articles) < len(table.texts)
+    for i, article in enumerate(articles):
+        for mode, t in (("first", first), ("random", table), ("first", table)):
+            row = t.pick(i, mode, random.Random(f"0/{i}"))
+            want = authors_sentence(article, mode, random.Random(f"0/{i}"))
+            assert t.texts[row] == want
+            assert torch.equal(t.tokens[row], mml.tokenize(tok, [want])[0])
+
+
 @pytest.fixture
 def fixture_root(tmp_path) -> Path:
     """Two query landmarks and one index, written by hand in the released layout."""
@@ -300,9 +326,14 @@ def test_reader_on_a_hand_written_fixture(fixture_root):
     assert store("aaa0000000000001").shape == (16, 16, 3)
     assert abs(int(store("aaa0000000000001")[8, 8, 0]) - 200) < 4
     article = mml.read_article(mml.shard(s.dir, "text", s.text[0]))
-    assert mml.pick_sentence(article, "first", random.Random(0)) == "Alpha is a tower in Ohio"
-    pieces = {"Alpha is a tower in Ohio", "It is tall.", "Second paragraph.", "Built once", "Then again."}
-    assert {mml.pick_sentence(article, "random", random.Random(i)) for i in range(200)} == pieces
+    tok = mml.train_tokenizer(["Alpha is a tower in Ohio. It is tall."], mml.Config(vocab_size=60))
+    for mode in ("first", "random"):
+        table = mml.Sentences([article], tok, mode)
+        picks = {table.texts[table.pick(0, mode, random.Random(i))] for i in range(200)}
+        assert picks == {authors_sentence(article, mode, random.Random(i)) for i in range(200)}
+        assert picks == ({"Alpha is a tower in Ohio"} if mode == "first" else {
+            "Alpha is a tower in Ohio", "It is tall.", "Second paragraph.", "Built once",
+            "Then again."})
     index = mml.read_index(fixture_root)
     assert index.ground == ["9990000000000001", "9990000000000002"]
     assert index.sat_latlon.tolist() == [[30.25, -90.5]]
@@ -346,7 +377,7 @@ def test_synthetic_world_reads_back_with_the_generators_counts(tmp_path):
     outdoor = mml.read_split(tmp_path / "a", "train", outdoor_only=True)
     assert sum(map(len, outdoor.ground)) < counts["train"]["ground"]
     q = mml.read_split(tmp_path / "a", "query")
-    first = mml.pick_sentence(mml.read_article(mml.shard(q.dir, "text", q.text[0])), "first", random.Random(0))
+    first = authors_sentence(mml.read_article(mml.shard(q.dir, "text", q.text[0])), "first", None)
     assert first.startswith(q.no_cues[0]) and len(first) > len(q.no_cues[0])
     # deterministic for a seed: byte for byte
     mml.synthesize(tmp_path / "b", scale=0.03, seed=3)
@@ -474,8 +505,10 @@ def test_every_modality_set_and_loss_trains(world, modalities):
     cfg = mml.resolve("train", mml.parse_args(["train", *TINY, "--modalities", modalities])[1], set())
     tr, _ = mml.read_train(cfg, world)
     tok = mml.train_tokenizer(["a tower in a city", "a red dome"], cfg)
-    data = mml.LandmarkSet(tr, mml.image_stores(cfg, tr.dir, {}), tok, cfg, augment=True)
-    batch = torch.utils.data.default_collate([data[(0, i)] for i in range(8)])
+    sentences = mml.Sentences(mml.read_articles(tr)[0], tok, "first")
+    data = mml.LandmarkSet(tr, mml.image_stores(cfg, tr.dir, {}), sentences, cfg, train=True)
+    batch = data[[(0, i) for i in range(8)]]
+    batch = mml.jitter(batch, mml.augment_params(0, 0, 0, 8))
     for loss in ["complete"] + (["imagebind"] if "G" in modalities else []):
         torch.manual_seed(0)
         model = mml.MML(cfg)
@@ -521,11 +554,13 @@ def test_unreadable_images_are_skipped_in_training_and_fatal_in_eval(world, tmp_
         mml.shard(tr.dir, "ground", photo).write_bytes(b"not a jpeg")
     for tile in tr.sat[1]:  # landmark 1 has no readable aerial image at all
         os.remove(mml.shard(tr.dir, "satellite", tile))
-    data = mml.LandmarkSet(tr, mml.image_stores(cfg, tr.dir, {}), mml.train_tokenizer(["a b"], cfg), cfg, augment=True)
-    sample = data[(0, 0)]
-    assert sample["G"].float().mean() > 10  # another view of the same landmark stood in
-    assert all(line.split(":")[0].endswith(".jpg") for line in sample["bad"].splitlines())
-    assert len(data[(0, 1)]["bad"].splitlines()) == len(tr.sat[1])
+    sentences = mml.Sentences(mml.read_articles(tr)[0], mml.train_tokenizer(["a b"], cfg), "first")
+    data = mml.LandmarkSet(tr, mml.image_stores(cfg, tr.dir, {}), sentences, cfg, train=True)
+    batch = data[[(0, 0), (0, 1)]]
+    assert batch["G"][0].float().mean() > 10  # another view of the same landmark stood in
+    assert all(line.split(":")[0].endswith(".jpg") for line in batch["bad"][0].splitlines())
+    assert len(batch["bad"][1].splitlines()) == len(tr.sat[1])
+    assert batch["S"][1].eq(0).all()  # no readable aerial view at all: a black image
     run("train", "--data", root, "--out", tmp_path / "run", *TINY, "--epochs", 2)
     assert "unreadable files skipped for other views" in capsys.readouterr().out
     counts = [r["unreadable"] for r in log_records(tmp_path / "run") if "unreadable" in r]
@@ -536,6 +571,89 @@ def test_unreadable_images_are_skipped_in_training_and_fatal_in_eval(world, tmp_
         run("eval", "--data", root, "--ckpt", tmp_path / "run/last.pt", "--tasks", "G2S", "--workers", 0, "--device", "cpu")
     err = capsys.readouterr().err
     assert q.ground[3][1] in err and "evaluation needs every file" in err
+
+
+def torchvision_jitter(image: torch.Tensor, p: list, rotate: bool) -> torch.Tensor:
+    """The jitter one image at a time with torchvision's functions: the reference."""
+    b, c, s, r, sigma, turns = p
+    y = TF.adjust_saturation(TF.adjust_contrast(TF.adjust_brightness(image, b), c), s)
+    if r < 0.2:
+        y = TF.gaussian_blur(y, [3, 3], [sigma])
+    elif r < 0.4:
+        y = TF.adjust_sharpness(y, 2.0)
+    return torch.rot90(y, int(turns), dims=(1, 2)) if rotate else y
+
+
+def test_batched_augmentation_equals_torchvision_per_image():
+    """Each transformation alone, then all together with drawn parameters: torchvision's
+    per-image functions on float images give the same pixels to 1e-6 (float rounding)."""
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (6, 3, 20, 20), dtype=torch.uint8, generator=gen)
+    x = images.float() / 255
+    none = [1.0, 1.0, 1.0, 0.5, 0.5, 0.0]  # factors 1, no filter, no turn: the identity
+    alone = {0: [0.8, 1.2], 1: [0.8, 1.2], 2: [0.8, 1.2], 3: [0.1, 0.3], 4: [0.3, 1.0], 5: [1, 3]}
+    assert torch.equal(mml.augment(images, torch.tensor([none] * 6), rotate=True), x)
+    for k, values in alone.items():
+        for v in values:
+            p = list(none)
+            p[k] = v
+            if k == 4:
+                p[3] = 0.1  # a sigma matters when blurring
+            got = mml.augment(images, torch.tensor([p] * 6), rotate=True)
+            want = torch.stack([torchvision_jitter(im, p, True) for im in x])
+            assert (got - want).abs().max() < 1e-6, (k, v)
+    params = mml.augment_params(3, 1, 7, 6)[:, 1]  # (6, 6): all kinds of draws
+    assert params[:, 5].unique().numel() > 1 and (params[:, 3] < 0.4).any()
+    got = mml.augment(images, params, rotate=True)
+    want = torch.stack([torchvision_jitter(im, p.tolist(), True) for im, p in zip(x, params)])
+    assert (got - want).abs().max() < 1e-6
+
+
+def test_aerial_views_are_turned_and_ground_photos_are_not():
+    gen = torch.Generator().manual_seed(1)
+    batch = {m: torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8, generator=gen) for m in "GS"}
+    params = torch.tensor([[1.0, 1.0, 1.0, 0.5, 0.5, 1.0]]).expand(4, 2, 6)  # one turn each
+    out = mml.jitter(dict(batch), params)
+    assert torch.equal(out["G"], batch["G"].float() / 255)
+    assert torch.equal(out["S"], torch.rot90(batch["S"].float() / 255, 1, dims=(2, 3)))
+
+
+def record_training_inputs(argv: list, out: Path, monkeypatch=None):
+    """Train with argv, saving every (pixels, jitter params) that `augment` receives."""
+    seen, real = [], mml.augment
+
+    def recording(images, params, rotate):
+        seen.append((images.clone(), params.clone()))
+        return real(images, params, rotate)
+    if monkeypatch:
+        monkeypatch.setattr(mml, "augment", recording)
+    else:
+        mml.augment = recording
+    run(*argv)
+    torch.save(seen, out)
+
+
+def record_as_process(rank: int, port: int, argv: list, out: str):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    record_training_inputs([*argv, "--out", f"{out}/run{rank}"], Path(f"{out}/{rank}.pt"))
+
+
+def test_a_samples_pixels_and_jitter_do_not_depend_on_workers_or_processes(world, tmp_path,
+                                                                            monkeypatch):
+    argv = ["train", "--data", world, *TINY, "--epochs", 1]
+    for workers in (0, 1, 2):
+        record_training_inputs([*argv, "--workers", workers, "--out", tmp_path / f"w{workers}"],
+                               tmp_path / f"w{workers}.pt", monkeypatch)
+    one = torch.load(tmp_path / "w0.pt")
+    assert len(one) == 2 * (72 // 16)  # two image views a step
+    for workers in (1, 2):
+        other = torch.load(tmp_path / f"w{workers}.pt")
+        assert all(torch.equal(a, c) and torch.equal(b, d) for (a, b), (c, d) in zip(one, other))
+    spawn_and_wait(record_as_process, (free_port(), argv, str(tmp_path)))
+    halves = [torch.load(tmp_path / f"{rank}.pt") for rank in (0, 1)]
+    for (pixels, params), (p0, j0), (p1, j1) in zip(one, *halves):  # rows split in two halves
+        assert torch.equal(pixels, torch.cat([p0, p1])) and torch.equal(params, torch.cat([j0, j1]))
 
 
 def test_tokenizer_is_deterministic_and_pads_to_max_len():
@@ -821,15 +939,19 @@ def ddp_worker(rank: int, port: int, out: str):
     dist.destroy_process_group()
 
 
-def test_two_processes_give_the_gradients_of_one_big_batch(tmp_path):
-    procs = torch.multiprocessing.spawn(ddp_worker, args=(free_port(), str(tmp_path / "ddp.pt")), nprocs=2, join=False)
-    for _ in range(60):  # a stuck process group fails the test instead of hanging the suite
+def spawn_and_wait(fn, args: tuple):
+    """fn(rank, *args) in two processes; a stuck process group fails instead of hanging."""
+    procs = torch.multiprocessing.spawn(fn, args=args, nprocs=2, join=False)
+    for _ in range(60):
         if procs.join(timeout=2):
-            break
-    else:
-        for p in procs.processes:
-            p.kill()
-        pytest.fail("two gloo processes did not finish in 120 s")
+            return
+    for p in procs.processes:
+        p.kill()
+    pytest.fail("two gloo processes did not finish in 120 s")
+
+
+def test_two_processes_give_the_gradients_of_one_big_batch(tmp_path):
+    spawn_and_wait(ddp_worker, (free_port(), str(tmp_path / "ddp.pt")))
     ddp = torch.load(tmp_path / "ddp.pt")
     _, model, batch = ddp_setup()
     for kind in ("complete", "imagebind"):
