@@ -45,7 +45,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-import torchvision.transforms.v2.functional as TF
+import torchvision
 from PIL import Image, ImageDraw, ImageEnhance, ImageOps
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
 
@@ -94,8 +94,16 @@ class Config:
                          "train bench", 2, 65536)
     img_width: int = opt(32, "channels of the image CNNs' first stage (x2 per stage; a "
                              "multiple of 8)", "train bench", 8, 4096)
-    share_image_trunk: bool = opt(False, "ground and aerial share one CNN trunk (the "
-                                         "authors' frozen CLIP did), with separate heads")
+    image_backbone: str = opt("small", "image encoders' backbone: small (a CNN from scratch) |"
+                                       " resnet18 | resnet50 | convnext_tiny | vit_b_16 "
+                                       "(torchvision's)", "train bench")
+    pretrained: bool = opt(False, "start torchvision backbones from their ImageNet weights "
+                                  "(downloaded once into torchvision's cache, TORCH_HOME)",
+                           "train bench")
+    freeze: str = opt("", "encoders whose backbone stays fixed while their heads train (the "
+                          "authors' setting): any of ground,satellite,text,gps or G,S,T,C")
+    share_image_trunk: bool = opt(False, "ground and aerial share one backbone (the authors' "
+                                         "frozen CLIP did), with separate heads")
     vocab_size: int = opt(2000, "BPE vocabulary of the text tokenizer", "train bench",
                           32, 10**6)
     max_len: int = opt(40, "tokens per sentence, padded or truncated", "train bench", 2, 4096)
@@ -105,6 +113,8 @@ class Config:
     gps_width: int = opt(256, "GPS MLP width (GeoCLIP: 1024)", "train bench", 1, 65536)
     gps_depth: int = opt(2, "GPS MLP hidden layers per scale (GeoCLIP: 3)", "train bench",
                          0, 64)
+    gps_preset: str = opt("", "geoclip: GeoCLIP's GPS encoder sizes (--gps-width 1024 "
+                              "--gps-depth 3 --embed-dim 512), which its weights need")
     gps_init: str = opt("", "GeoCLIP location-encoder state dict to start the GPS encoder from")
     # training
     loss: str = opt("complete", "complete: all modality pairs; imagebind: ground vs each other",
@@ -145,7 +155,8 @@ class Config:
     bench_queries: int = opt(200, "queries timed for the per-query baseline in `bench`",
                              "bench", 1)
     splits: str = opt("train,query,index", "splits `prepare` decodes into the cache", "prepare")
-    phases: str = opt("decode,steps,loader,augment,embed,rank", "phases `bench` times, in order",
+    phases: str = opt("decode,steps,backbones,loader,augment,embed,rank",
+                      "phases `bench` times, in order",
                       "bench")
 
 
@@ -1062,19 +1073,72 @@ def image_trunk(width: int) -> nn.Sequential:
         nn.AdaptiveAvgPool2d(1), nn.Flatten())
 
 
-class ImageEncoder(nn.Module):
-    """(B, 3, S, S) uint8, or float in [0, 1] -> (B, D) unit vectors. A shared trunk may be
-    passed in."""
+BACKBONES = ("small", "resnet18", "resnet50", "convnext_tiny", "vit_b_16")
 
-    def __init__(self, width: int, dim: int, trunk: nn.Module | None = None):
+
+def image_backbone(cfg: Config) -> tuple[nn.Module, int]:
+    """(B, 3, S, S) normalised pixels -> (B, width) features: (module, width). `small` is
+    the CNN above; the others are torchvision's ImageNet classifiers with their classifier
+    layer replaced by nothing (our head projects to D instead). Random weights here, always:
+    train loads the pretrained ones (load_pretrained), and eval the checkpoint's."""
+    if cfg.image_backbone == "small":
+        return image_trunk(cfg.img_width), 8 * cfg.img_width
+    size = {"image_size": cfg.img_size} if cfg.image_backbone == "vit_b_16" else {}
+    net = torchvision.models.get_model(cfg.image_backbone, weights=None, **size)
+    if cfg.image_backbone.startswith("resnet"):
+        width, net.fc = net.fc.in_features, nn.Identity()
+    elif cfg.image_backbone == "convnext_tiny":
+        width, net.classifier[2] = net.classifier[2].in_features, nn.Identity()
+    else:
+        width, net.heads = net.heads.head.in_features, nn.Identity()
+    return net, width
+
+
+def backbone_weights(name: str):
+    """torchvision's ImageNet weights of a backbone: their URL, image size and pixel statistics."""
+    return torchvision.models.get_model_weights(name).DEFAULT
+
+
+def load_pretrained(trunk: nn.Module, name: str):
+    """Start a torchvision backbone from ImageNet, through torchvision's weights API: taken
+    from its cache (TORCH_HOME/hub/checkpoints) when there, downloaded into it otherwise;
+    read with weights_only=True like every file mml loads. The classifier's keys are dropped."""
+    weights = backbone_weights(name)
+    path = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
+    try:
+        state = weights.get_state_dict(progress=is_master(), check_hash=True, weights_only=True)
+    except Exception as e:  # no network, a truncated download, a file of another format
+        raise UserError(f"--pretrained: {name}'s ImageNet weights are not usable at {path} and "
+                        f"not downloadable from {weights.url} ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else ''}); put that file there") from None
+    own = trunk.state_dict()
+    load_matching(trunk, {k: v for k, v in state.items() if k in own}, f"--pretrained {path}")
+
+
+class ImageEncoder(nn.Module):
+    """(B, 3, S, S) uint8, or float in [0, 1] -> (B, D) unit vectors: normalise the pixels
+    as the backbone expects, the backbone, a linear head. It may use another's backbone."""
+
+    def __init__(self, cfg: Config, dim: int, share_with: "ImageEncoder | None" = None):
         super().__init__()
-        self.trunk = trunk if trunk is not None else image_trunk(width)
-        self.head = nn.Linear(8 * width, dim)
+        if share_with is None:
+            self.trunk, width = image_backbone(cfg)
+        else:
+            self.trunk, width = share_with.trunk, share_with.head.in_features
+        self.head = nn.Linear(width, dim)
+        # small: [0, 1] to [-1, 1]; torchvision's: the ImageNet statistics its weights expect
+        if cfg.image_backbone == "small":
+            mean, std = (0.5,) * 3, (0.5,) * 3
+        else:
+            pixels = backbone_weights(cfg.image_backbone).transforms()
+            mean, std = pixels.mean, pixels.std
+        self.register_buffer("mean", torch.tensor(mean).view(3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(3, 1, 1), persistent=False)
 
     def forward(self, img):
         if img.dtype == torch.uint8:  # unjittered pixels (evaluation): 4x less to copy
             img = img.float() / 255
-        x = (img - 0.5) / 0.5  # [0, 1] to [-1, 1]
+        x = (img - self.mean) / self.std
         return F.normalize(self.head(self.trunk(x)).float(), dim=-1)
 
 
@@ -1145,17 +1209,23 @@ class GPSEncoder(nn.Module):
         return F.normalize(out.float(), dim=-1)
 
 
+def is_head(name: str) -> bool:
+    """Whether a parameter or module name lies in a projection head (what --freeze trains)."""
+    return "head" in name.split(".")
+
+
 class MML(nn.Module):
-    """The four encoders and the learnable temperature. forward: batch -> ({m: (B, D)}, scale)."""
+    """The four encoders and the learnable temperature. forward: batch -> ({m: (B, D)}, scale).
+    The backbones of the --freeze encoders get no gradient and stay in eval mode (their
+    BatchNorm statistics fixed); their heads train."""
 
     def __init__(self, cfg: Config):
         super().__init__()
         m, D, enc = cfg.modalities, cfg.embed_dim, {}
         if "G" in m:
-            enc["G"] = ImageEncoder(cfg.img_width, D)
+            enc["G"] = ImageEncoder(cfg, D)
         if "S" in m:
-            shared = enc["G"].trunk if cfg.share_image_trunk and "G" in enc else None
-            enc["S"] = ImageEncoder(cfg.img_width, D, trunk=shared)
+            enc["S"] = ImageEncoder(cfg, D, enc["G"] if cfg.share_image_trunk else None)
         if "T" in m:
             enc["T"] = TextEncoder(cfg.vocab_size, cfg.max_len, cfg.text_width, cfg.text_layers, D)
         if "C" in m:
@@ -1163,6 +1233,18 @@ class MML(nn.Module):
         self.enc = nn.ModuleDict(enc)
         # CLIP's initial temperature 0.07, learnt in log space (Radford et al. 2021)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        self.frozen = [f for f in cfg.freeze if f in self.enc]
+        for f in self.frozen:
+            for name, p in self.enc[f].named_parameters():
+                p.requires_grad_(is_head(name))
+        self.train()  # modules start in training mode: frozen backbones must not
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for f in self.frozen:  # module by module: a frozen backbone's BatchNorm stays fixed
+            for name, module in self.enc[f].named_modules():
+                module.training = mode and is_head(name)
+        return self
 
     def forward(self, batch: dict):
         # the scale is returned, not read off the module, so that DDP sees it used in forward
@@ -1582,13 +1664,17 @@ def train(cfg: Config):
     raw = MML(cfg).to(device)
     if device.type == "cuda":
         raw = raw.to(memory_format=torch.channels_last)
+    if cfg.pretrained and cfg.image_backbone != "small" and not ckpt:
+        for m in {"G", "S"} & set(raw.enc):  # a shared trunk loads twice: the same weights
+            load_pretrained(raw.enc[m].trunk, cfg.image_backbone)
     if cfg.gps_init and not ckpt:
         if "C" not in raw.enc:
             raise UserError("--gps-init: needs C in --modalities")
         load_matching(raw.enc["C"], load_tensors(Path(cfg.gps_init), "state dict"),
                       f"--gps-init {cfg.gps_init}")
-    decay = [p for p in raw.parameters() if p.dim() >= 2]  # weights; not biases, norms, scale
-    rest = [p for p in raw.parameters() if p.dim() < 2]
+    trained = [p for p in raw.parameters() if p.requires_grad]  # frozen ones: no optimizer state
+    decay = [p for p in trained if p.dim() >= 2]  # weights; not biases, norms, the scale
+    rest = [p for p in trained if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": rest, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98))
     warmup = max(1, round(cfg.warmup * total))  # the lr is a function of the step alone
@@ -1613,8 +1699,9 @@ def train(cfg: Config):
 
     pairs = loss_pairs(cfg.modalities, cfg.loss)
     n_params = sum(p.numel() for p in raw.parameters())
+    n_trained = sum(p.numel() for p in trained)
     print0(f"training {cfg.modalities} ({cfg.loss}: {' '.join(pairs)}), {n_params / 1e6:.2f}M "
-           f"parameters, {len(train_set)} landmarks ({len(val_set)} held out) from {root}, "
+           f"parameters ({n_trained / 1e6:.2f}M trained), {len(train_set)} landmarks ({len(val_set)} held out) from {root}, "
            f"batch {B} on {world} x {device.type}, {steps_per_epoch} steps/epoch, {total} steps")
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
@@ -2075,8 +2162,9 @@ def step_rate(cfg: Config, device, sync, label: str, compiled: bool = False) -> 
     peak = (f"peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if device.type == "cuda"
             else f"peak RSS so far {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB")
     n_params = sum(p.numel() for p in raw.parameters()) / 1e6
-    report(label, cfg.batch_size / seconds, "samples/s",
-           f"{device.type}, batch {cfg.batch_size}, S {cfg.img_size}, {n_params:.1f}M params, {peak}")
+    n_trained = sum(p.numel() for p in raw.parameters() if p.requires_grad) / 1e6
+    report(label, cfg.batch_size / seconds, "samples/s", f"{device.type}, batch {cfg.batch_size},"
+           f" S {cfg.img_size}, {n_params:.1f}M params ({n_trained:.1f}M trained), {peak}")
     return cfg.batch_size / seconds
 
 
@@ -2089,6 +2177,17 @@ def bench_steps(cfg: Config, device, sync) -> float:
         rates.append(step_rate(cfg, device, sync, "train step, bf16"))
         rates.append(step_rate(cfg, device, sync, "train step, bf16 + compile", compiled=True))
     return max(rates)
+
+
+def bench_backbones(cfg: Config, device, sync):
+    """Training steps with each image backbone at 224 px, trained whole and with frozen image
+    backbones (the authors' setting); a small batch on the CPU, where these are slow."""
+    B = cfg.batch_size if device.type == "cuda" else min(cfg.batch_size, 8)
+    for backbone in BACKBONES:
+        for freeze in ("", "GS"):
+            run = dataclasses.replace(cfg, image_backbone=backbone, img_size=224, batch_size=B,
+                                      freeze=freeze)
+            step_rate(run, device, sync, f"train step, {backbone}{', frozen' if freeze else ''}")
 
 
 def bench_loader(cfg: Config, device, fastest_step: float):
@@ -2173,14 +2272,16 @@ def bench_rank(cfg: Config, device, sync):
             raise SystemExit("bench: the chunked ranking disagrees with the per-query loop")
 
 
-BENCH_PHASES = {"decode": bench_decode, "steps": bench_steps, "loader": bench_loader,
+BENCH_PHASES = {"decode": bench_decode, "steps": bench_steps, "backbones": bench_backbones,
+                "loader": bench_loader,
                 "augment": bench_augment, "embed": bench_embed, "rank": bench_rank}
 
 
 def bench(cfg: Config):
     """Time each phase of a run on this machine and print one table: decoding and the cache,
-    training steps, the training loader against the fastest step, the batched augmentation,
-    embedding, and ranking against the authors' per-query loop (--phases picks some)."""
+    training steps, each image backbone's step, the training loader against the fastest step,
+    the batched augmentation, embedding, and ranking against the authors' per-query loop
+    (--phases picks some)."""
     device = setup_distributed(cfg)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     name = (torch.cuda.get_device_name() if device.type == "cuda"
@@ -2199,8 +2300,10 @@ def bench(cfg: Config):
 
 # ---- command line -------------------------------------------------------------------------
 
-MODEL_FIELDS = ("modalities", "embed_dim", "img_width", "share_image_trunk", "vocab_size",
-                "max_len", "text_width", "text_layers", "gps_width", "gps_depth", "img_size")
+MODEL_FIELDS = ("modalities", "embed_dim", "image_backbone", "img_width", "share_image_trunk",
+                "vocab_size", "max_len", "text_width", "text_layers", "gps_width", "gps_depth",
+                "img_size")
+ENCODER_NAMES = {"ground": "G", "satellite": "S", "text": "T", "gps": "C"}
 
 
 def parse_args(argv=None) -> tuple[str, Config, set]:
@@ -2262,6 +2365,41 @@ def adopt_saved(cfg: Config, given: set, path: Path, fields) -> tuple[Config, di
     return dataclasses.replace(cfg, **{k: saved[k] for k in fields}), saved
 
 
+def resolve_model(cfg: Config, given: set) -> Config:
+    """Backbone, image size, --freeze and the GPS preset, checked and made canonical."""
+    if cfg.image_backbone not in BACKBONES:
+        raise UserError(f"--image-backbone {cfg.image_backbone}: expected one of "
+                        f"{', '.join(BACKBONES)}")
+    if cfg.image_backbone != "small":  # the size the ImageNet weights were trained at
+        crop = backbone_weights(cfg.image_backbone).transforms().crop_size[0]
+        if "img_size" not in given:
+            cfg = dataclasses.replace(cfg, img_size=crop)
+        vit = cfg.image_backbone == "vit_b_16"
+        if vit and (cfg.img_size % 16 or cfg.pretrained and cfg.img_size != crop):
+            raise UserError(f"--img-size {cfg.img_size}: vit_b_16 takes {crop} px images with "
+                            f"--pretrained, and multiples of 16 without")
+    letters = []
+    for name in filter(None, (n.strip() for n in cfg.freeze.split(","))):
+        letter = ENCODER_NAMES.get(name.lower(), name.upper())
+        if letter not in "GSTC" or len(letter) != 1:
+            raise UserError(f"--freeze {cfg.freeze}: expected some of ground, satellite, text, "
+                            f"gps (or G, S, T, C)")
+        letters.append(letter)
+    freeze = "".join(m for m in "GSTC" if m in letters)
+    if cfg.share_image_trunk and len({"G", "S"} & set(freeze)) == 1:
+        raise UserError(f"--freeze {cfg.freeze}: the ground and aerial encoders share one "
+                        f"backbone (--share-image-trunk): freeze both or neither")
+    if cfg.gps_preset not in ("", "geoclip"):
+        raise UserError(f"--gps-preset {cfg.gps_preset}: expected geoclip")
+    if cfg.gps_preset == "geoclip":
+        for k, v in (("gps_width", 1024), ("gps_depth", 3), ("embed_dim", 512)):
+            if k in given and getattr(cfg, k) != v:
+                raise UserError(f"--gps-preset geoclip sets --{k.replace('_', '-')} {v}, not "
+                                f"{getattr(cfg, k)}")
+        cfg = dataclasses.replace(cfg, gps_width=1024, gps_depth=3, embed_dim=512)
+    return dataclasses.replace(cfg, freeze=freeze)
+
+
 def resolve(command: str, cfg: Config, given: set) -> Config:
     """Settings that follow from others, all in one place: checks; where eval and --resume take
     the model from (its checkpoint); where eval writes (beside its checkpoint)."""
@@ -2284,6 +2422,7 @@ def resolve(command: str, cfg: Config, given: set) -> Config:
     if set(cfg.query_text.split(",")) - set(TEXT_MODES):
         raise UserError(f"--query-text {cfg.query_text}: expected some of {','.join(TEXT_MODES)}")
     cfg = dataclasses.replace(cfg, modalities="".join(m for m in "GSTC" if m in mods))
+    cfg = resolve_model(cfg, given)
     if command == "synth" and "out" not in given:
         cfg.out = str(synthetic_root(cfg.scale))
     if command == "eval":

@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import urllib.error
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+import torchvision
 import torchvision.transforms.v2.functional as TF
 from PIL import Image
 
@@ -219,28 +221,113 @@ def test_gps_encoder_equals_hand_computation():
         assert torch.allclose(row, F.normalize(total, dim=0), atol=1e-4)
 
 
-def test_gps_encoder_loads_geoclip_key_layout():
-    """At GeoCLIP's sizes, a state dict with GeoCLIP's keys and shapes loads strictly."""
+def geoclip_state_dict() -> dict:
+    """Random tensors in GeoCLIP's location-encoder key layout and sizes."""
     geoclip = {}
     for k in range(3):
         geoclip[f"LocEnc{k}.capsule.0.b"] = torch.randn(256, 2)
         for i, (o, n) in zip((1, 3, 5), ((1024, 512), (1024, 1024), (1024, 1024))):
-            geoclip[f"LocEnc{k}.capsule.{i}.weight"], geoclip[f"LocEnc{k}.capsule.{i}.bias"] = torch.randn(o, n), torch.randn(o)
-        geoclip[f"LocEnc{k}.head.0.weight"], geoclip[f"LocEnc{k}.head.0.bias"] = torch.randn(512, 1024), torch.randn(512)
+            geoclip[f"LocEnc{k}.capsule.{i}.weight"] = torch.randn(o, n)
+            geoclip[f"LocEnc{k}.capsule.{i}.bias"] = torch.randn(o)
+        geoclip[f"LocEnc{k}.head.0.weight"] = torch.randn(512, 1024)
+        geoclip[f"LocEnc{k}.head.0.bias"] = torch.randn(512)
+    return geoclip
+
+
+def test_gps_encoder_loads_geoclip_key_layout():
+    """At GeoCLIP's sizes, a state dict with GeoCLIP's keys and shapes loads strictly."""
+    geoclip = geoclip_state_dict()
     enc = mml.GPSEncoder(width=1024, depth=3, dim=512)
     enc.load_state_dict(geoclip, strict=True)
     assert torch.equal(enc.LocEnc2.capsule[0].b, geoclip["LocEnc2.capsule.0.b"])
 
 
-def test_gps_init_starts_training_from_a_saved_location_encoder(world, tmp_path):
+def test_gps_init_starts_training_from_a_saved_location_encoder(world, tmp_path, capsys):
     torch.manual_seed(5)
     saved = mml.GPSEncoder(width=32, depth=2, dim=32).state_dict()
     torch.save(saved, tmp_path / "gps.pt")
-    run("train", "--data", world, "--out", tmp_path / "run", *TINY, "--epochs", 1, "--lr", 0, "--gps-init", tmp_path / "gps.pt")
+    run("train", "--data", world, "--out", tmp_path / "run", *TINY, "--epochs", 1, "--lr", 0,
+        "--gps-init", tmp_path / "gps.pt")
     model = torch.load(tmp_path / "run/last.pt", weights_only=True)["model"]
     assert all(torch.equal(model[f"enc.C.{k}"], v) for k, v in saved.items())
-    with pytest.raises(SystemExit):  # GeoCLIP's sizes do not fit the small default encoder
-        run("train", "--data", world, "--out", tmp_path / "run2", *TINY, "--gps-init", tmp_path / "run/last.pt")
+    # GeoCLIP's weights need its sizes: --gps-preset geoclip sets them, and they load
+    torch.save(geoclip_state_dict(), tmp_path / "geoclip.pt")
+    err = fails_in_one_line(capsys, "train", "--data", world, "--out", tmp_path / "run2", *TINY,
+                            "--gps-init", tmp_path / "geoclip.pt")
+    assert "LocEnc0.capsule.1.weight is (1024, 512) in the file and (32, 512) in the model" in err
+    run("train", "--data", world, "--out", tmp_path / "run3", *TINY, "--gps-width", 1024,
+        "--embed-dim", 512, "--gps-preset", "geoclip", "--epochs", 1, "--lr", 0,
+        "--gps-init", tmp_path / "geoclip.pt")  # TINY's sizes given again as the preset's
+    model = torch.load(tmp_path / "run3/last.pt", weights_only=True)["model"]
+    assert all(torch.equal(model[f"enc.C.{k}"], v) for k, v in
+               torch.load(tmp_path / "geoclip.pt", weights_only=True).items())
+    assert "--gps-preset geoclip sets --embed-dim 512, not 32" in fails_in_one_line(
+        capsys, "train", "--out", tmp_path / "x", "--gps-preset", "geoclip", "--embed-dim", 32)
+
+
+# ---- image backbones ----------------------------------------------------------------------
+
+
+@pytest.fixture
+def offline(monkeypatch, tmp_path):
+    """An empty torchvision cache, and any download attempt fails the test."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+
+    def no_network(url, *args, **kwargs):
+        raise urllib.error.URLError(f"no network in the tests ({url})")
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
+    return tmp_path / "torch_home/hub/checkpoints"
+
+
+@pytest.mark.parametrize("backbone,extra", [
+    ("resnet18", []),
+    ("resnet50", ["--freeze", "G,S"]),
+    ("convnext_tiny", ["--share-image-trunk", "--freeze", "ground,satellite"]),
+    ("vit_b_16", ["--share-image-trunk", "--freeze", "G,S"]),  # 32 px: 2x2 patches, untrained
+])
+def test_every_backbone_trains_a_step_and_evaluates_from_its_checkpoint(world, tmp_path, offline,
+                                                                       backbone, extra):
+    run("train", "--data", world, "--out", tmp_path / "run", *TINY, "--image-backbone", backbone,
+        "--modalities", "GSC", "--max-steps", 1, "--batch-size", 4, *extra)
+    ckpt = torch.load(tmp_path / "run/last.pt", weights_only=True)
+    assert ckpt["config"]["image_backbone"] == backbone and ckpt["step"] == 1
+    run("eval", "--ckpt", tmp_path / "run/last.pt", "--tasks", "S2C,G2S", "--workers", 0)
+    tasks = json.loads((tmp_path / "run/eval/metrics.json").read_text())["tasks"]
+    assert set(tasks) == {"S2C", "G2S"} and not offline.exists()  # nothing was downloaded
+
+
+def test_pretrained_weights_come_from_torchvisions_cache_and_frozen_backbones_stay(
+        world, tmp_path, offline, capsys):
+    """resnet18 from a weights file under torchvision's name in TORCH_HOME, no network; after
+    steps with ground, aerial and text frozen, their backbones (BatchNorm statistics
+    included) are bit-identical, and their heads and the GPS encoder have moved."""
+    weights = mml.backbone_weights("resnet18")
+    args = ["train", "--data", world, *TINY, "--image-backbone", "resnet18", "--pretrained"]
+    err = fails_in_one_line(capsys, *args, "--out", tmp_path / "none")
+    assert str(offline / "resnet18-f37072fd.pth") in err and weights.url in err
+    torch.manual_seed(3)
+    imagenet = torchvision.models.resnet18().state_dict()
+    offline.mkdir(parents=True, exist_ok=True)  # the failed download made it
+    torch.save(imagenet, offline / os.path.basename(weights.url))
+    run(*args, "--out", tmp_path / "run", "--freeze", "ground,satellite,text", "--max-steps", 3,
+        "--lr", "1e-2")
+    trained = torch.load(tmp_path / "run/last.pt", weights_only=True)["model"]
+    for m in "GS":
+        for k, v in imagenet.items():
+            if not k.startswith("fc."):
+                assert torch.equal(trained[f"enc.{m}.trunk.{k}"], v), (m, k)
+    cfg = mml.Config(**torch.load(tmp_path / "run/last.pt", weights_only=True)["config"])
+    torch.manual_seed(cfg.seed)
+    start = mml.MML(cfg).state_dict()  # the initial weights, as training made them
+    for k, v in start.items():
+        if k.startswith("enc.T.") and not mml.is_head(k):
+            assert torch.equal(trained[k], v), k
+    moved = [k for k, v in start.items() if not torch.equal(trained[k], v)]
+    assert {"enc.G.head.weight", "enc.S.head.weight", "enc.T.head.weight"} <= set(moved)
+    assert any(k.startswith("enc.C.LocEnc0.capsule") for k in moved)  # not frozen: trains
+    assert "--img-size 32: vit_b_16 takes 224 px images with --pretrained" in fails_in_one_line(
+        capsys, "train", "--out", tmp_path / "x", "--image-backbone", "vit_b_16", "--pretrained",
+        "--img-size", 32)
 
 
 def test_parse_args_builds_config_and_names_the_nearest_option(capsys):
