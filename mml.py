@@ -25,6 +25,8 @@ import argparse
 import csv
 import dataclasses
 import difflib
+import functools
+import hashlib
 import itertools
 import json
 import math
@@ -46,7 +48,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
-from PIL import Image, ImageDraw, ImageEnhance, ImageOps
+from PIL import Image, ImageDraw, ImageEnhance, ImageFont, ImageOps
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
 
 # ---- config -------------------------------------------------------------------------------
@@ -59,7 +61,7 @@ def opt(default, help: str, cmds: str = "train", low=None, high=None):
                                             "range": (low, high)})
 
 
-DATA, IMAGES = "train eval prepare bench", "train eval locate prepare bench"
+DATA = "train eval prepare bench"  # the commands that read the dataset
 
 
 @dataclass
@@ -82,7 +84,7 @@ class Config:
                         "train prepare bench", 16, 1024)
     cache: str = opt("", "image cache folder made by `prepare` (default: DATA/cache)", DATA)
     workers: int = opt(min(8, os.cpu_count() or 1), "DataLoader worker processes",
-                       IMAGES, 0, 256)
+                       DATA, 0, 256)
     seed: int = opt(0, "seed of everything random: hold-out, sampling, augmentation, init",
                     "train eval synth bench")
     device: str = opt("", "cuda or cpu (default: cuda when a GPU is visible)",
@@ -114,7 +116,8 @@ class Config:
     gps_depth: int = opt(2, "GPS MLP hidden layers per scale (GeoCLIP: 3)", "train bench",
                          0, 64)
     gps_preset: str = opt("", "geoclip: GeoCLIP's GPS encoder sizes (--gps-width 1024 "
-                              "--gps-depth 3 --embed-dim 512), which its weights need")
+                              "--gps-depth 3 --embed-dim 512), which its weights need",
+                          "train bench")
     gps_init: str = opt("", "GeoCLIP location-encoder state dict to start the GPS encoder from")
     # training
     loss: str = opt("complete", "complete: all modality pairs; imagebind: ground vs each other",
@@ -131,7 +134,7 @@ class Config:
                         low=0.0, high=1.0)
     grad_clip: float = opt(1.0, "clip the gradient norm to this (0: off)", low=0.0)
     bf16: bool = opt(True, "bf16 autocast on GPUs that support it (always fp32 on the CPU)",
-                     "train eval locate bench")
+                     "train eval bench")
     compile: bool = opt(False, "torch.compile the model", "train bench")
     log_every: int = opt(10, "steps between log lines", low=1)
     out: str = opt("runs/mml", "run folder: checkpoints, log.jsonl, eval/ (synth: the world)",
@@ -145,22 +148,41 @@ class Config:
     overfit_batch: bool = opt(False, "train on one fixed batch: the loss must fall to ~0")
     max_bad_steps: int = opt(10, "stop after this many non-finite losses in a row", low=1)
     # evaluation
-    ckpt: str = opt("", "checkpoint to evaluate (default: OUT/best.pt)", "eval")
+    ckpt: str = opt("", "the checkpoint (default: OUT/best.pt, runs/mml/best.pt unless --out)",
+                    "eval locate")
     tasks: str = opt("", "comma-separated tasks, e.g. G2S,T2C-no_cues (default: all)", "eval")
     chunk: int = opt(512, "queries scored at once; memory ~ 6 bytes x chunk x gallery",
                      "eval bench", 1)
     eval_batch: int = opt(256, "batch size when embedding queries and galleries",
                           "eval locate bench", 1)
+    viz: bool = opt(False, "also draw pictures: a grid of results per task, a map per x2C "
+                           "task, the training curves", "eval")
+    # locate
+    inputs: tuple = opt((), "ground photos to locate (aerial images with --satellite)",
+                        "locate")
+    text: tuple = opt((), "a description to locate (repeatable)", "locate")
+    satellite: bool = opt(False, "the inputs are aerial images", "locate")
+    top: int = opt(5, "locations per input", "locate", 1)
+    gallery: str = opt("", "a lat,lon[,name] CSV of candidate locations (default: the index "
+                           "tiles' centres and the training landmarks)", "locate")
+    json: bool = opt(False, "answer with one JSON list on standard output", "locate")
     # bench and prepare
     bench_queries: int = opt(200, "queries timed for the per-query baseline in `bench`",
                              "bench", 1)
     splits: str = opt("train,query,index", "splits `prepare` decodes into the cache", "prepare")
-    phases: str = opt("decode,steps,backbones,loader,augment,embed,rank",
+    phases: str = opt("decode,steps,backbones,loader,augment,embed,rank,locate",
                       "phases `bench` times, in order",
                       "bench")
 
 
-COMMANDS = ("train", "eval", "synth", "prepare", "bench")
+COMMANDS = {  # each command and its --help line
+    "train": "train a model (on a synthetic world generated on first use, without --data)",
+    "eval": "evaluate a checkpoint on every task of the protocol",
+    "locate": "the likeliest locations of photos, aerial images or sentences",
+    "synth": "write a synthetic world in the released layout",
+    "prepare": "decode every image once into a cache that training and eval read",
+    "bench": "time each phase of a run on this machine",
+}
 
 
 class UserError(Exception):
@@ -549,13 +571,15 @@ def default_world(cfg: Config) -> Path:
 # lists, so 800k index rows take about a second.
 
 
-def read_table(path: Path, columns: list[str]) -> dict[str, list[str]]:
-    """One CSV of the release as {column: values}, checking that the columns are there."""
+def read_table(path: Path, columns: list[str], lower: bool = False) -> dict[str, list[str]]:
+    """One CSV of the release as {column: values}, checking that the columns are there
+    (lower: matching the header in any case)."""
     if not path.is_file():
-        raise UserError(f"{path}: file not found (expected a CSV with columns {','.join(columns)})")
+        raise UserError(f"{path}: file not found (expected a CSV with columns "
+                        f"{','.join(columns)})")
     with open(path, newline="") as f:
         reader = csv.reader(f)
-        header = next(reader, [])
+        header = [h.strip().lower() if lower else h for h in next(reader, [])]
         for c in columns:
             if c not in header:
                 raise UserError(f"{path}: no column {c!r} (expected {','.join(columns)}, "
@@ -563,7 +587,8 @@ def read_table(path: Path, columns: list[str]) -> dict[str, list[str]]:
         rows = list(reader)
     short = next((n for n, r in enumerate(rows, 2) if len(r) < len(header)), None)
     if short is not None:
-        raise UserError(f"{path}, line {short}: {len(rows[short - 2])} fields, expected {len(header)}")
+        raise UserError(f"{path}, line {short}: {len(rows[short - 2])} fields, expected "
+                        f"{len(header)}")
     return {c: [r[header.index(c)] for r in rows] for c in columns}
 
 
@@ -1892,144 +1917,251 @@ def embed(encoder: nn.Module, data, what: str, cfg: Config, device) -> torch.Ten
     return gather_rows(emb, n) if world > 1 else emb
 
 
-def query_sentences(query: Split, tok: Tokenizer) -> Sentences:
-    """Every sentence of the query articles; evaluation needs every one of them."""
-    articles, bad = read_articles(query)
-    if bad:
-        raise UserError(f"{bad[0]} (evaluation needs every file of the protocol)")
-    return Sentences(articles, tok, "random")
+@dataclass
+class Side:
+    """One side of a task, embedded: queries, or a gallery (distractors first)."""
+    emb: torch.Tensor             # (N, D)
+    labels: torch.Tensor          # (N,) landmark ids; -1 marks a distractor
+    ids: list[str]                # image ids; landmark ids for sentences and points
+    latlon: torch.Tensor | None   # (N, 2) where each lies, when it matters (queries, GPS)
+    show: list                    # what the pictures draw: image paths, sentences, nothing
+
+
+class Sides:
+    """The queries and galleries of the protocol (PROTOCOL section 3), each built and embedded
+    once, when a task first asks for it. Under torchrun every process embeds its share of
+    each (`embed`), so all processes ask in the same order."""
+
+    def __init__(self, cfg: Config, model: MML, tok: Tokenizer, root: Path, device):
+        self.cfg, self.model, self.tok, self.root, self.device = cfg, model, tok, root, device
+        self.query = read_split(root, "query")
+        self.index = read_index(root, required=False)
+        self.query_lm = torch.as_tensor(self.query.ids, device=device)                    # (Q,)
+        self.query_latlon = torch.as_tensor(self.query.latlon, dtype=torch.float32,
+                                            device=device)                                # (Q, 2)
+        self.sentence_sides = {}
+
+    def images(self, split_dir: Path, kind: str, ids: list[str], what: str) -> tuple:
+        """Embeddings of images by id, and their paths."""
+        m = "G" if kind == "ground" else "S"
+        store = image_stores(self.cfg, split_dir, {m: ids})[m]
+        emb = embed(self.model.enc[m], ImageList(store, ids), what, self.cfg, self.device)
+        return emb, [store.path(i) for i in ids]
+
+    def with_distractors(self, emb: torch.Tensor, ids: list[str], show: list, own: Side) -> Side:
+        """A gallery: distractors (label -1) first, then the query split's own items."""
+        junk = torch.full((len(ids),), -1, dtype=torch.long, device=self.device)
+        latlon = None if own.latlon is None else torch.cat([
+            torch.as_tensor(self.index.sat_latlon, dtype=torch.float32, device=self.device),
+            own.latlon])
+        return Side(torch.cat([emb, own.emb]), torch.cat([junk, own.labels]), ids + own.ids,
+                    latlon, show + own.show)
+
+    @functools.cached_property
+    def query_photos(self) -> Side:
+        """Every query ground photo, labelled with its landmark: each is its own query."""
+        ids = [i for g in self.query.ground for i in g]
+        per_landmark = torch.as_tensor([len(g) for g in self.query.ground], device=self.device)
+        emb, paths = self.images(self.query.dir, "ground", ids, "query ground")
+        return Side(emb, self.query_lm.repeat_interleave(per_landmark), ids,
+                    self.query_latlon.repeat_interleave(per_landmark, dim=0), paths)
+
+    @functools.cached_property
+    def query_tiles(self) -> Side:
+        """The latest aerial image of each query landmark."""
+        emb, paths = self.images(self.query.dir, "satellite", self.query.latest, "query aerial")
+        return Side(emb, self.query_lm, self.query.latest, self.query_latlon, paths)
+
+    def query_sentences(self, mode: str) -> Side:
+        """One sentence per query landmark: first, random (seeded by the landmark id), or the
+        no_cues sentence of mml_query_text_sentences.csv."""
+        if mode not in self.sentence_sides:
+            if mode == "no_cues":
+                texts = self.query.no_cues
+                tokens = tokenize(self.tok, texts)
+            else:
+                articles, bad = read_articles(self.query)
+                if bad:
+                    raise UserError(f"{bad[0]} (evaluation needs every file of the protocol)")
+                table = Sentences(articles, self.tok, mode)
+                rows = [table.pick(n, mode, random.Random(f"{self.cfg.seed}/{i}"))
+                        for n, i in enumerate(self.query.ids.tolist())]
+                tokens, texts = table.tokens[rows], [table.texts[r] for r in rows]
+            emb = embed(self.model.enc["T"], tokens, f"{mode} sentences", self.cfg, self.device)
+            ids = [str(i) for i in self.query.ids.tolist()]
+            self.sentence_sides[mode] = Side(emb, self.query_lm, ids, self.query_latlon, texts)
+        return self.sentence_sides[mode]
+
+    @functools.cached_property
+    def photo_gallery(self) -> Side:
+        """The index photos (distractors), then every query photo."""
+        emb, paths = self.images(self.index.dir, "ground", self.index.ground, "index ground")
+        own = dataclasses.replace(self.query_photos, latlon=None)
+        return self.with_distractors(emb, self.index.ground, paths, own)
+
+    @functools.cached_property
+    def tile_gallery(self) -> Side:
+        """The index tiles (distractors), then each query landmark's latest tile."""
+        emb, paths = self.images(self.index.dir, "satellite", self.index.sat, "index aerial")
+        own = dataclasses.replace(self.query_tiles, latlon=None)
+        return self.with_distractors(emb, self.index.sat, paths, own)
+
+    def points(self, latlon: torch.Tensor, what: str) -> torch.Tensor:
+        return embed(self.model.enc["C"], latlon, what, self.cfg, self.device)
+
+    @functools.cached_property
+    def gps_gallery(self) -> Side:
+        """The index tiles' centres (distractors), then the query landmarks' coordinates: the
+        protocol's, where every query's true location is among the answers."""
+        own = Side(self.points(self.query_latlon, "query landmarks' GPS"), self.query_lm,
+                   [str(i) for i in self.query.ids.tolist()], self.query_latlon,
+                   [None] * len(self.query_lm))
+        centres = torch.as_tensor(self.index.sat_latlon, dtype=torch.float32, device=self.device)
+        emb = self.points(centres, "index tiles' GPS")
+        return self.with_distractors(emb, self.index.sat, [None] * len(emb), own)
+
+    @functools.cached_property
+    def open_gallery(self) -> Side:
+        """The index tiles' centres and the training landmarks, no query landmark: where a
+        geolocaliser has to find a place it has not been given (`locate`'s default)."""
+        latlon, names = open_gallery(self.root)
+        latlon = latlon.float().to(self.device)
+        labels = torch.full((len(latlon),), -1, dtype=torch.long, device=self.device)
+        return Side(self.points(latlon, "open GPS gallery"), labels, names, latlon, names)
+
+    def queries(self, task: str) -> Side:
+        if task[0] == "T":
+            return self.query_sentences(task.split("-", 1)[1])
+        return self.query_photos if task[0] == "G" else self.query_tiles
+
+    def gallery(self, task: str) -> Side:
+        if task[2] == "C":
+            return self.gps_gallery
+        return self.photo_gallery if task[2] == "G" else self.tile_gallery
+
+    def missing(self, task: str) -> str:
+        """Why a task cannot run on this checkpoint and data ("" when it can)."""
+        absent = [m for m in task[0] + task[2] if m not in self.cfg.modalities]
+        if absent:
+            return f"the checkpoint has no {absent[0]} encoder (trained on {self.cfg.modalities})"
+        # the ground gallery needs the index photos; the aerial and GPS galleries its tiles
+        index = self.index
+        listed, kind = (index.ground, "ground") if task[2] == "G" else (index.sat, "satellite")
+        if listed is None:
+            return f"{index.dir / f'mml_index_{kind}.csv'}: not found"
+        if task.endswith("no_cues") and self.query.no_cues is None:
+            return f"{self.query.dir / 'mml_query_text_sentences.csv'}: not found"
+        return ""
+
+
+def open_gallery(root: Path) -> tuple[torch.Tensor, list[str]]:
+    """(N, 2) lat/lon and names: the index tiles' centres (no name), then the training
+    landmarks (named by their Commons category). Never the query landmarks: they are the test."""
+    index = read_index(root, required=False)  # the tiles' list alone is needed
+    if index.sat is None:
+        read_table(index.dir / "mml_index_satellite.csv", ["images", "lat", "lon"])  # the error
+    path = check_root(root, "train") / "mml_train.csv"
+    train = read_table(path, ["CommonsCategory", "lat", "lon"])
+    latlon = np.concatenate([index.sat_latlon, parse_latlon(path, train)])   # (G, 2) float64
+    return torch.as_tensor(latlon), [""] * len(index.sat) + train["CommonsCategory"]
+
+
+@torch.no_grad()
+def nearest(q: torch.Tensor, g: torch.Tensor, k: int, chunk: int = 512) -> tuple:
+    """The k best gallery items of each query by cosine score, in float32 and in chunks of
+    queries: (Q, k) scores, (Q, k) gallery indices."""
+    precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        best = [(part.float() @ g.float().T).topk(min(k, len(g)), dim=1) for part in q.split(chunk)]
+    finally:
+        torch.set_float32_matmul_precision(precision)
+    return torch.cat([s for s, _ in best]), torch.cat([i for _, i in best])
 
 
 def print_tables(results: dict):
-    """The results laid out like the authors' tables (PROTOCOL section 5)."""
+    """The results laid out like the authors' tables (PROTOCOL section 5), then the
+    geolocalisation against the protocol's GPS gallery and against the open one."""
     cols = ("mAP@1k", "R@1", "R@5", "R@10")
-    print(f"\n{'task':<16}{'medR':>8} | official (distractors as junk)      | strict (distractors ranked)")
-    print(f"{'':<24} | " + "".join(f"{c:>8}" for c in cols) + "   | " + "".join(f"{c:>8}" for c in cols))
+    print(f"\n{'task':<16}{'medR':>8} | official (distractors as junk)      | strict "
+          f"(distractors ranked)")
+    print(f"{'':<24} | " + "".join(f"{c:>8}" for c in cols) + "   | "
+          + "".join(f"{c:>8}" for c in cols))
     for task, r in results.items():
         print(f"{task:<16}{r['official']['medR']:>8.1f} | "
               + "".join(f"{r['official'][c]:>8.2f}" for c in cols) + "   | "
               + "".join(f"{r['strict'][c]:>8.2f}" for c in cols))
-    geo = {t: r["geo"] for t, r in results.items() if "geo" in r}
-    if geo:
-        keys = ("acc@1km", "acc@25km", "acc@200km", "acc@750km", "acc@2500km", "median_km")
-        print(f"\n{'geolocalisation':<16}" + "".join(f"{k.split('@')[-1]:>11}" for k in keys)
-              + "   (% of queries within; median error)")
-        for task, g in geo.items():
-            print(f"{task:<16}" + "".join(f"{g[k]:>11.1f}" for k in keys))
+    keys = ("acc@1km", "acc@25km", "acc@200km", "acc@750km", "acc@2500km", "median_km")
+    for block, title in (("geo", "geolocalisation, the protocol's gallery (the true point is in "
+                                 "it)"),
+                         ("geo_open", "open world: index tiles and training landmarks only")):
+        geo = {t: r[block] for t, r in results.items() if block in r}
+        if geo:
+            print(f"\n{title}\n{'':<16}" + "".join(f"{k.split('@')[-1]:>11}" for k in keys)
+                  + "   (% of queries within; median error)")
+            for task, g in geo.items():
+                print(f"{task:<16}" + "".join(f"{g[k]:>11.1f}" for k in keys))
 
 
 def evaluate(cfg: Config):
+    """Every task of the protocol on one checkpoint: load the model and the data it names;
+    per task, embed the queries and the gallery (once each, shared between tasks), rank,
+    summarise official and strict metrics (and for x2C tasks the geolocalisation, also
+    against the open gallery), write the task's CSV and, with --viz, its picture; finally
+    merge metrics.json and print the tables."""
     device = setup_distributed(cfg)
     rank = dist.get_rank() if dist.is_initialized() else 0
     ckpt = load_checkpoint(Path(cfg.ckpt))
     model = MML(cfg).to(device).eval()
     load_matching(model, ckpt["model"], cfg.ckpt)
-    tok = Tokenizer.from_str(ckpt["tokenizer"])
     root = check_root(Path(cfg.data))  # never generated here: a checkpoint names its data
     print0(f"evaluating {cfg.ckpt} (step {ckpt['step']}, epoch {ckpt['epoch']}) on {root}")
-    query = read_split(root, "query")
-    index = read_index(root, required=False)
-
-    def missing_input(task: str) -> str:
-        """Why a task cannot run on this checkpoint and data ("" when it can)."""
-        absent = [m for m in task[0] + task[2] if m not in cfg.modalities]
-        if absent:
-            return f"the checkpoint has no {absent[0]} encoder (trained on {cfg.modalities})"
-        # the ground gallery needs the index photos; the aerial and GPS galleries its tiles
-        listed, kind = (index.ground, "ground") if task[2] == "G" else (index.sat, "satellite")
-        if listed is None:
-            return f"{index.dir / f'mml_index_{kind}.csv'}: not found"
-        if task.endswith("no_cues") and query.no_cues is None:
-            return f"{query.dir / 'mml_query_text_sentences.csv'}: not found"
-        return ""
-
+    sides = Sides(cfg, model, Tokenizer.from_str(ckpt["tokenizer"]), root, device)
     tasks = []
     for task in task_names(cfg):
-        why = missing_input(task)
+        why = sides.missing(task)
         if why and cfg.tasks:  # asked for by name: an error; otherwise a note
             raise UserError(f"task {task}: {why}")
         if why:
             print0(f"skipping {task}: {why}")
         else:
             tasks.append(task)
-    if not tasks:
-        return
-
-    # Query and gallery sides, each embedded once and only when a task needs it.
-    per_photo = [len(g) for g in query.ground]
-    q_photo_ids = [i for g in query.ground for i in g]
-    stores = image_stores(cfg, query.dir, {"G": q_photo_ids, "S": query.latest})
-    index_stores = image_stores(cfg, index.dir, {"G": index.ground or [], "S": index.sat or []})
-    lm = torch.as_tensor(query.ids, device=device)
-    lm_latlon = torch.as_tensor(query.latlon, dtype=torch.float32, device=device)
-    junk = lambda n: torch.full((n,), -1, dtype=torch.long, device=device)
-    sides: dict = {}
-
-    def side(key: str) -> tuple:
-        """key -> (emb (N, D), labels (N,), ids, lat/lon (N, 2))."""
-        if key in sides:
-            return sides[key]
-        enc = model.enc
-        if key == "qG":  # every query ground photo, labelled with its landmark
-            counts = torch.as_tensor(per_photo, device=device)
-            s = (embed(enc["G"], ImageList(stores["G"], q_photo_ids), "query ground", cfg, device),
-                 lm.repeat_interleave(counts), q_photo_ids, lm_latlon.repeat_interleave(counts, dim=0))
-        elif key == "qS":  # the latest aerial image of each query landmark
-            s = (embed(enc["S"], ImageList(stores["S"], query.latest), "query aerial", cfg, device),
-                 lm, query.latest, lm_latlon)
-        elif key.startswith("qT"):
-            mode = key.split("-", 1)[1]
-            if mode == "no_cues":
-                tokens = tokenize(tok, query.no_cues)
-            else:
-                table = query_sentences(query, tok)
-                rows = [table.pick(n, mode, random.Random(f"{cfg.seed}/{i}"))
-                        for n, i in enumerate(query.ids.tolist())]
-                tokens = table.tokens[rows]
-            s = (embed(enc["T"], tokens, f"{mode} sentences", cfg, device), lm,
-                 [str(i) for i in query.ids.tolist()], lm_latlon)
-        elif key == "gG":  # index photos (distractors), then the query photos
-            e = embed(enc["G"], ImageList(index_stores["G"], index.ground), "index ground", cfg, device)
-            q = side("qG")
-            s = (torch.cat([e, q[0]]), torch.cat([junk(len(e)), q[1]]), index.ground + q[2], None)
-        elif key == "gS":  # index tiles (distractors), then the query landmarks' latest tiles
-            e = embed(enc["S"], ImageList(index_stores["S"], index.sat), "index aerial", cfg, device)
-            q = side("qS")
-            s = (torch.cat([e, q[0]]), torch.cat([junk(len(e)), q[1]]), index.sat + q[2], None)
-        else:  # "gC": the index tiles' centres, then the query landmarks' coordinates
-            latlon = torch.cat([torch.as_tensor(index.sat_latlon, dtype=torch.float32, device=device), lm_latlon])
-            s = (embed(enc["C"], latlon, "GPS gallery", cfg, device), torch.cat([junk(len(index.sat)), lm]),
-                 index.sat + [str(i) for i in query.ids.tolist()], latlon)
-        sides[key] = s
-        return s
-
     out = Path(cfg.out) / "eval"
     results = {}
     for task in tasks:
-        q_key = "qT-" + task.split("-", 1)[1] if task[0] == "T" else "q" + task[0]
-        (q, q_labels, q_ids, q_latlon), (g, g_labels, g_ids, g_latlon) = side(q_key), side("g" + task[2])
+        q, g = sides.queries(task), sides.gallery(task)
+        opened = sides.open_gallery if task[2] == "C" else None
         if rank != 0:  # every process embeds its share above; process 0 ranks and reports
             continue
         t0 = time.time()
-        ranks = rank_queries(q, g, q_labels, g_labels, chunk=cfg.chunk)
+        ranks = rank_queries(q.emb, g.emb, q.labels, g.labels, chunk=cfg.chunk)
         res = summarise(ranks)
-        header, rows = ["query_id", "landmark_id", "rank_strict", "rank_official", "top5"], [
-            [q_ids[i], int(q_labels[i]), int(ranks["first_strict"][i]) + 1, int(ranks["first_official"][i]) + 1,
-             " ".join(g_ids[j] for j in ranks["top"][i].tolist())] for i in range(len(q))]
-        if task[2] == "C":
-            pred = g_latlon[ranks["top"][:, 0]]                               # (Q, 2)
-            res["geo"] = geo_metrics(pred, q_latlon)
-            km = haversine_km(pred, q_latlon).tolist()
-            header += ["pred_lat", "pred_lon", "error_km"]
-            rows = [r + [f"{a:.6f}", f"{b:.6f}", f"{k:.3f}"] for r, (a, b), k in zip(rows, pred.tolist(), km)]
-        res["queries"], res["gallery"], res["distractors"] = len(q), len(g), int((g_labels == -1).sum())
+        hits = g.labels[ranks["top"]] == q.labels[:, None]                    # (Q, 5)
+        header = ["query_id", "landmark_id", "rank_strict", "rank_official", "top5", "top5_hits"]
+        rows = [[q.ids[i], int(q.labels[i]), int(ranks["first_strict"][i]) + 1,
+                 int(ranks["first_official"][i]) + 1,
+                 " ".join(g.ids[j] for j in ranks["top"][i].tolist()),
+                 " ".join(str(int(h)) for h in hits[i])] for i in range(len(q.ids))]
+        if task[2] == "C":  # the top-1 point is the guess, in either gallery
+            for block, gallery in (("geo", g), ("geo_open", opened)):
+                pred = gallery.latlon[nearest(q.emb, gallery.emb, 1, cfg.chunk)[1][:, 0]]
+                res[block] = geo_metrics(pred, q.latlon)
+                km = haversine_km(pred, q.latlon).tolist()
+                prefix = "" if block == "geo" else "open_"
+                header += [f"{prefix}pred_lat", f"{prefix}pred_lon", f"{prefix}error_km"]
+                rows = [r + [f"{a:.6f}", f"{b:.6f}", f"{k:.3f}"]
+                        for r, (a, b), k in zip(rows, pred.tolist(), km)]
+        res["queries"], res["gallery"] = len(q.ids), len(g.ids)
+        res["distractors"] = int((g.labels == -1).sum())
         res["rank_seconds"] = time.time() - t0
         out.mkdir(parents=True, exist_ok=True)
         write_csv(out / f"{task}.csv", header, rows)
         results[task] = res
-        print(f"{task}: {len(q)} queries x {len(g)} gallery ({res['distractors']} distractors) "
-              f"ranked in {res['rank_seconds']:.2f}s", flush=True)
-    if rank == 0:  # merged by task: results of other tasks, other checkpoints, stay
+        print(f"{task}: {len(q.ids)} queries x {len(g.ids)} gallery ({res['distractors']} "
+              f"distractors) ranked in {res['rank_seconds']:.2f}s", flush=True)
+        if cfg.viz:
+            draw_task(task, q, g, ranks, hits, sides, out / f"{task}.png", cfg.seed)
+    if rank == 0 and results:  # merged by task: results of other tasks, other checkpoints, stay
         source = {"checkpoint": str(cfg.ckpt), "step": ckpt["step"], "epoch": ckpt["epoch"]}
         path = out / "metrics.json"
         earlier = json.loads(path.read_text())["tasks"] if path.is_file() else {}
@@ -2038,8 +2170,275 @@ def evaluate(cfg: Config):
         path.with_suffix(".json.tmp").write_text(json.dumps(merged, indent=1))
         os.replace(path.with_suffix(".json.tmp"), path)
         print_tables(results)
-        print(f"\nper-query results and metrics.json in {out}/")
+        if cfg.viz:
+            draw_curves(Path(cfg.ckpt).parent / "log.jsonl", out / "curves.png")
+        print(f"\nper-query results{', pictures' if cfg.viz else ''} and metrics.json in {out}/")
     barrier()
+
+
+# Pictures (`eval --viz`), with Pillow alone: per retrieval task a grid of seeded queries and
+# their top 5; per x2C task a map of the errors; the training curves from log.jsonl.
+GRID_THUMB, GRID_GAP, GRID_LINE, GRID_ROWS = 96, 8, 20, 8  # px, px, px, queries
+GREEN, RED = (0, 160, 0), (200, 30, 30)
+MAP_LAT, MAP_LON, MAP_PX = (24.0, 50.0), (-125.0, -66.0), 16  # contiguous US, px per degree
+ERROR_BANDS = ((1, (0, 140, 0)), (25, (20, 150, 150)), (200, (40, 80, 210)),
+               (750, (230, 140, 0)), (2500, (210, 30, 30)), (math.inf, (90, 0, 60)))
+
+
+def font(size: int = 13):
+    return ImageFont.load_default(size=size)  # Pillow's scalable font: legible at any size
+
+
+def grid_cell(row: int, col: int) -> tuple[int, int]:
+    """Top-left pixel of a grid's thumbnail; a line of text above each row."""
+    return (GRID_GAP + col * (GRID_THUMB + GRID_GAP),
+            GRID_LINE + row * (GRID_THUMB + GRID_GAP + GRID_LINE))
+
+
+def picture_queries(n: int, seed: int) -> list[int]:
+    """The queries a grid shows: GRID_ROWS of n, seeded, in order."""
+    return sorted(random.Random(seed).sample(range(n), min(GRID_ROWS, n)))
+
+
+def thumbnail(path) -> Image.Image:
+    try:
+        return Image.fromarray(load_image(Path(path), GRID_THUMB))
+    except Exception:  # the grid still shows the rest
+        return Image.new("RGB", (GRID_THUMB, GRID_THUMB), (128, 128, 128))
+
+
+def draw_task(task: str, q: Side, g: Side, ranks: dict, hits: torch.Tensor, sides: Sides,
+              path: Path, seed: int):
+    """A retrieval task's grid: each row a query (its image, or its sentence above the row)
+    and its top 5, bordered green where a result is the query's landmark, red otherwise,
+    distractors marked. An x2C task's map: a line from each true location to the guess."""
+    if task[2] == "C":
+        return draw_map(task, q, g.latlon[ranks["top"][:, 0]], sides, path)
+    n_junk, text = int((g.labels == -1).sum()), font()
+    rows = picture_queries(len(q.ids), seed)
+    width, height = grid_cell(0, 6)[0], grid_cell(len(rows), 0)[1]
+    img = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(img)
+    for r, i in enumerate(rows):
+        x, y = grid_cell(r, 0)
+        caption = q.show[i] if task[0] == "T" else f"query {q.ids[i]} (landmark {q.labels[i]})"
+        draw.text((x, y - GRID_LINE + 3), str(caption)[:100], fill="black", font=text)
+        if task[0] == "T":
+            draw.rectangle((x, y, x + GRID_THUMB - 1, y + GRID_THUMB - 1), fill=(230, 230, 230))
+            draw.text((x + 6, y + GRID_THUMB // 2 - 8), "sentence", fill="black", font=text)
+        else:
+            img.paste(thumbnail(q.show[i]), (x, y))
+        for c, j in enumerate(ranks["top"][i, :5].tolist(), 1):
+            x, y = grid_cell(r, c)
+            img.paste(thumbnail(g.show[j]), (x, y))
+            colour = GREEN if hits[i, c - 1] else RED
+            draw.rectangle((x, y, x + GRID_THUMB - 1, y + GRID_THUMB - 1), outline=colour, width=4)
+            if j < n_junk:
+                draw.rectangle((x + 4, y + GRID_THUMB - 20, x + GRID_THUMB - 5, y + GRID_THUMB - 5),
+                               fill="black")
+                draw.text((x + 8, y + GRID_THUMB - 19), "distractor", fill="white", font=text)
+    img.save(path)
+
+
+def map_xy(lat: float, lon: float) -> tuple[float, float]:
+    """Equirectangular: a degree is MAP_PX pixels both ways."""
+    return (lon - MAP_LON[0]) * MAP_PX, (MAP_LAT[1] - lat) * MAP_PX
+
+
+def draw_map(task: str, q: Side, pred: torch.Tensor, sides: Sides, path: Path):
+    """The contiguous US; training landmarks faint; a line from each query's true location
+    to its predicted one, coloured by error band; a legend with each band's share."""
+    width = int((MAP_LON[1] - MAP_LON[0]) * MAP_PX)
+    height = int((MAP_LAT[1] - MAP_LAT[0]) * MAP_PX)
+    img = Image.new("RGB", (width, height + 40), (250, 250, 246))
+    draw, text = ImageDraw.Draw(img), font()
+    train_points = sides.open_gallery.latlon[len(sides.index.sat):].tolist()
+    for lat, lon in train_points:
+        x, y = map_xy(lat, lon)
+        draw.ellipse((x - 1, y - 1, x + 1, y + 1), fill=(200, 200, 200))
+    km = haversine_km(pred, q.latlon).tolist()
+    band = [next(n for n, (limit, _) in enumerate(ERROR_BANDS) if k <= limit) for k in km]
+    for (true, guess), b in sorted(zip(zip(q.latlon.tolist(), pred.tolist()), band),
+                                   key=lambda t: -t[1]):  # the worst first, the best on top
+        colour = ERROR_BANDS[b][1]
+        draw.line((*map_xy(*true), *map_xy(*guess)), fill=colour, width=1)
+        x, y = map_xy(*true)
+        draw.ellipse((x - 2, y - 2, x + 2, y + 2), fill=colour)
+    draw.text((8, 6), f"{task}: {len(km)} queries, true location -> prediction", fill="black",
+              font=font(15))
+    for n, (limit, colour) in enumerate(ERROR_BANDS):
+        x = 8 + n * 155
+        share = 100 * band.count(n) / max(1, len(band))
+        label = f"<= {limit:g} km" if limit < math.inf else "> 2500 km"
+        draw.rectangle((x, height + 12, x + 14, height + 26), fill=colour)
+        draw.text((x + 20, height + 12), f"{label}: {share:.0f}%", fill="black", font=text)
+    img.save(path)
+
+
+def plot(draw: ImageDraw.ImageDraw, box: tuple, title: str, series: dict):
+    """Line plots in box (x0, y0, x1, y1): {name: (xs, ys)}, with their extremes labelled."""
+    x0, y0, x1, y1 = box
+    text, palette = font(), [(0, 0, 0), (31, 119, 180), (255, 127, 14), (44, 160, 44),
+                             (214, 39, 40), (148, 103, 189), (140, 86, 75)]
+    draw.text((x0 + 8, y0 + 4), title, fill="black", font=font(14))
+    left, top, right, bottom = x0 + 58, y0 + 26, x1 - 12, y1 - 22  # the plotting area
+    draw.rectangle((left, top, right, bottom), outline=(150, 150, 150))
+    points = [(x, y) for xs, ys in series.values() for x, y in zip(xs, ys) if math.isfinite(y)]
+    if not points:
+        return
+    lo_x, hi_x = min(p[0] for p in points), max(p[0] for p in points)
+    lo_y, hi_y = min(p[1] for p in points), max(p[1] for p in points)
+    hi_x, hi_y = max(hi_x, lo_x + 1e-12), max(hi_y, lo_y + 1e-12)
+    for value, y in ((hi_y, top), (lo_y, bottom - 12)):
+        draw.text((x0 + 4, y), f"{value:.3g}", fill="black", font=text)
+    for value, x in ((lo_x, left), (hi_x, right - 30)):
+        draw.text((x, bottom + 4), f"{value:g}", fill="black", font=text)
+    for n, (name, (xs, ys)) in enumerate(series.items()):
+        colour = palette[n % len(palette)]
+        line = [(left + (x - lo_x) / (hi_x - lo_x) * (right - left),
+                 bottom - (y - lo_y) / (hi_y - lo_y) * (bottom - top))
+                for x, y in zip(xs, ys) if math.isfinite(y)]
+        draw.line(line, fill=colour, width=2) if len(line) > 1 else draw.point(line, fill=colour)
+        draw.text((right - 70, top + 4 + 14 * n), name, fill=colour, font=text)
+
+
+def draw_curves(log: Path, path: Path):
+    """Training curves from a run's log.jsonl: losses by step, validation by epoch, the lr,
+    the logit scale and the throughput: 1200 x 540 px."""
+    if not log.is_file():
+        print(f"no training curves: {log} not found")
+        return
+    records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    steps = [r for r in records if "loss" in r]
+    epochs = [r for r in records if "val_loss" in r]
+    by = lambda rows, x, key: ([r[x] for r in rows], [r[key] for r in rows])
+    pairs = [k for k in (steps[0] if steps else {}) if k.startswith("loss_")]
+    recalls = [k for k in (epochs[0] if epochs else {}) if k.startswith("val_") and "R@1" in k]
+    panels = [("training loss by step", {"total": by(steps, "step", "loss"),
+                                         **{k[5:]: by(steps, "step", k) for k in pairs}}),
+              ("validation loss by epoch", {"val": by(epochs, "epoch", "val_loss")}),
+              ("validation R@1 (%) by epoch", {k[4:-4] or "mean": by(epochs, "epoch", k)
+                                               for k in recalls}),
+              ("learning rate by step", {"lr": by(steps, "step", "lr")}),
+              ("logit scale by step", {"scale": by(steps, "step", "logit_scale")}),
+              ("samples/s by step", {"rate": by(steps, "step", "samples_per_s")})]
+    img = Image.new("RGB", (1200, 540), "white")
+    draw = ImageDraw.Draw(img)
+    for n, (title, series) in enumerate(panels):
+        x, y = 400 * (n % 3), 270 * (n // 3)
+        plot(draw, (x, y, x + 400, y + 270), title, series)
+    img.save(path)
+
+
+class Locator:
+    """Where is this? The top locations of photos, aerial images or sentences in a GPS
+    gallery, by a trained model; `python mml.py locate` in Python:
+
+        from mml import Locator
+        where = Locator("runs/mml/best.pt")   # gallery: index tiles and training landmarks
+        where(["photo.jpg"], top=3)           # or kind="satellite", or kind="text" (sentences)
+        # -> [{"input": "photo.jpg", "top": [{"lat", "lon", "score", "prob", "name"}, ...]}]
+
+    prob is the softmax over the whole gallery at the model's learnt logit scale. The
+    gallery (the default, or a lat,lon[,name] CSV such as GeoCLIP's) is embedded once and
+    cached beside the checkpoint, in a file named after the gallery's content that records
+    the checkpoint's: reused while both are unchanged, rebuilt when either changes."""
+
+    def __init__(self, ckpt: str | Path, gallery: str | Path | None = None, device=None,
+                 batch: int = 256):
+        path = Path(ckpt)
+        saved = load_checkpoint(path)
+        self.cfg = dataclasses.replace(Config(**saved_config(path, saved)), eval_batch=batch,
+                                       workers=0)
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model = MML(self.cfg).to(self.device).eval()
+        load_matching(self.model, saved["model"], str(path))
+        self.tok = Tokenizer.from_str(saved["tokenizer"])
+        if gallery:
+            self.latlon, self.names = read_gallery(Path(gallery))
+        else:
+            self.latlon, self.names = open_gallery(check_root(Path(self.cfg.data)))
+        digest = hashlib.sha256(self.latlon.numpy().tobytes() + "\n".join(self.names).encode())
+        cache = path.with_name(f"{path.stem}.gallery-{digest.hexdigest()[:16]}.pt")
+        model_digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        if cache.is_file() and load_tensors(cache, "gallery cache")["checkpoint"] == model_digest:
+            self.emb = load_tensors(cache, "gallery cache")["embeddings"].to(self.device)
+            note(f"gallery: {len(self.names)} points, embeddings from {cache}")
+        else:
+            t = time.time()
+            self.emb = embed(self.model.enc["C"], self.latlon.float().to(self.device),
+                             "GPS gallery", self.cfg, self.device)                   # (G, D)
+            note(f"gallery: {len(self.names)} points embedded in {time.time() - t:.1f}s")
+            try:
+                save_checkpoint({"checkpoint": model_digest, "embeddings": self.emb.cpu()}, cache)
+            except OSError as e:  # a read-only folder: no cache, no harm
+                note(f"gallery embeddings not cached ({e})")
+
+    @torch.no_grad()
+    def __call__(self, inputs: list[str], kind: str = "ground", top: int = 5) -> list[dict]:
+        """One answer per input, in order: {"input", "top": [...]}, or {"input", "error"}."""
+        results, rows = [{"input": str(x)} for x in inputs], []
+        if kind == "text":
+            batch = tokenize(self.tok, list(inputs))
+            rows = list(range(len(inputs)))
+        else:
+            images = []
+            for n, x in enumerate(inputs):
+                try:
+                    images.append(torch.from_numpy(load_image(Path(x), self.cfg.img_size)))
+                    rows.append(n)
+                except Exception as e:  # missing, not an image: this input's error alone
+                    results[n]["error"] = f"{x}: cannot read it as an image ({e})"
+            batch = torch.stack(images).permute(0, 3, 1, 2) if images else None
+        if rows:
+            m = {"ground": "G", "satellite": "S", "text": "T"}[kind]
+            with autocast_for(self.device, self.cfg):
+                q = self.model.enc[m](to_device({m: batch}, self.device)[m]).float()  # (n, D)
+            scores = q @ self.emb.T                                                 # (n, G)
+            probs = torch.softmax(self.model.logit_scale.exp() * scores, dim=1)
+            best = scores.topk(min(top, len(self.names)), dim=1).indices
+            for n, (row, picks) in enumerate(zip(rows, best.tolist())):
+                results[row]["top"] = [
+                    {"lat": round(float(self.latlon[j, 0]), 6),
+                     "lon": round(float(self.latlon[j, 1]), 6), "score": float(scores[n, j]),
+                     "prob": float(probs[n, j]), "name": self.names[j]} for j in picks]
+        return results
+
+
+def note(*args):
+    """Progress and notes of `locate`: standard error, so that its standard output holds the
+    answers alone (with --json, JSON that pipes into other tools)."""
+    print(*args, file=sys.stderr, flush=True)
+
+
+def read_gallery(path: Path) -> tuple[torch.Tensor, list[str]]:
+    """A GPS gallery CSV: lat,lon and an optional name column (any case: GeoCLIP's has
+    LAT,LON)."""
+    if not path.is_file():
+        raise UserError(f"{path}: gallery not found (expected a CSV with columns lat,lon[,name])")
+    with open(path, newline="") as f:
+        named = "name" in [h.strip().lower() for h in f.readline().split(",")]
+    table = read_table(path, ["lat", "lon"] + ["name"] * named, lower=True)
+    latlon = torch.as_tensor(parse_latlon(path, table))                       # (G, 2) float64
+    return latlon, table.get("name", [""] * len(latlon))
+
+
+def locate(cfg: Config):
+    """`python mml.py locate`: answers on standard output, one block or one JSON list."""
+    if not cfg.inputs and not cfg.text:
+        raise UserError("locate: give image paths, or sentences with --text")
+    where = Locator(cfg.ckpt, cfg.gallery or None, cfg.device or None, cfg.eval_batch)
+    results = where(list(cfg.inputs), "satellite" if cfg.satellite else "ground", cfg.top)
+    results += where(list(cfg.text), "text", cfg.top)
+    if cfg.json:
+        print(json.dumps(results, indent=1))
+    for r in [] if cfg.json else results:
+        print(r["input"] if "top" in r else f"{r['input']}\n  error: {r['error']}")
+        for n, p in enumerate(r.get("top", []), 1):
+            print(f"  {n}. {p['lat']:10.5f} {p['lon']:11.5f}  score {p['score']:.3f}  "
+                  f"p {p['prob']:.3f}  {p['name']}")
+    if any("error" in r for r in results):
+        sys.exit(1)
 
 
 # ---- bench --------------------------------------------------------------------------------
@@ -2272,9 +2671,29 @@ def bench_rank(cfg: Config, device, sync):
             raise SystemExit("bench: the chunked ranking disagrees with the per-query loop")
 
 
+def bench_locate(cfg: Config, device, sync):
+    """`locate` with a 100,000-point gallery (GeoCLIP's size), whole calls: the first embeds
+    and caches the gallery, a later one reads the cache."""
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.manual_seed(0)
+        ckpt, gallery = Path(tmp) / "model.pt", Path(tmp) / "gallery.csv"
+        tok = train_tokenizer(["a red church in a city"], cfg)
+        save_checkpoint({"model": MML(cfg).state_dict(), "config": dataclasses.asdict(cfg),
+                         "tokenizer": tok.to_str(), "step": 0, "epoch": 0}, ckpt)
+        rng = np.random.default_rng(0)
+        write_csv(gallery, ["lat", "lon"], np.stack([rng.uniform(24, 50, 100_000),
+                                                     rng.uniform(-125, -66, 100_000)], 1))
+        for label in ("first call, embeds the gallery", "later call, reads the cache"):
+            t0 = time.perf_counter()
+            Locator(ckpt, gallery, device, cfg.eval_batch)(["a red church"], "text")
+            report(f"locate, 100,000 points: {label}", time.perf_counter() - t0, "s",
+                   f"{device.type}, GPS width {cfg.gps_width}, loading included")
+
+
 BENCH_PHASES = {"decode": bench_decode, "steps": bench_steps, "backbones": bench_backbones,
                 "loader": bench_loader,
-                "augment": bench_augment, "embed": bench_embed, "rank": bench_rank}
+                "augment": bench_augment, "embed": bench_embed, "rank": bench_rank,
+                "locate": bench_locate}
 
 
 def bench(cfg: Config):
@@ -2307,31 +2726,49 @@ ENCODER_NAMES = {"ground": "G", "satellite": "S", "text": "T", "gps": "C"}
 
 
 def parse_args(argv=None) -> tuple[str, Config, set]:
-    """Command, Config and the names of the options given explicitly. The options are made
-    from the Config fields; an unknown one is an error naming the closest valid option."""
+    """Command, Config and the names of the options given explicitly. Each command's options
+    are the Config fields that name it; an unknown one is an error naming the closest."""
     p = argparse.ArgumentParser(prog="mml.py", description=__doc__.split("\n\n")[0],
                                 allow_abbrev=False)  # abbreviations would hide typos too
-    p.add_argument("command", choices=COMMANDS)
-    flags = []
-    for f in dataclasses.fields(Config):
-        flags.append("--" + f.name.replace("_", "-"))
-        help = f.metadata["help"] + f" (default: {f.default})"
-        if f.type is bool:
-            p.add_argument(flags[-1], action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help)
-        else:
-            p.add_argument(flags[-1], type=f.type, default=argparse.SUPPRESS, help=help, metavar=f.type.__name__.upper())
+    commands = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    flags, quiet = {}, argparse.SUPPRESS  # quiet: an option not given is not set at all
+    for command, about in COMMANDS.items():
+        sub = commands.add_parser(command, help=about, description=about, allow_abbrev=False)
+        flags[command] = []
+        for f in (f for f in dataclasses.fields(Config) if command in f.metadata["cmds"]):
+            flag, help = "--" + f.name.replace("_", "-"), f.metadata["help"]
+            if "default" not in help and f.default is not False and f.default not in ("", ()):
+                help += f" (default: {f.default})"
+            if f.name == "inputs":
+                sub.add_argument("inputs", nargs="*", default=quiet, help=help, metavar="INPUT")
+            elif f.type is bool:
+                sub.add_argument(flag, action=argparse.BooleanOptionalAction, default=quiet,
+                                 help=help)
+            elif f.type is tuple:
+                sub.add_argument(flag, action="append", default=quiet, help=help, metavar="TEXT")
+            else:
+                sub.add_argument(flag, type=f.type, default=quiet, help=help,
+                                 metavar=f.type.__name__.upper())
+            flags[command].append(flag)
     args, unknown = p.parse_known_args(argv)
     for u in unknown:
-        close = difflib.get_close_matches(u.split("=")[0], flags, n=1)
-        p.error(f"unknown option {u}" + (f"; did you mean {close[0]}?" if close else ""))
-    given = {k for k in vars(args) if k != "command"}
-    return args.command, Config(**{k: v for k, v in vars(args).items() if k != "command"}), given
+        flag = u.split("=")[0]
+        elsewhere = [c for c, names in flags.items() if flag in names]
+        close = difflib.get_close_matches(flag, flags[args.command], n=1)
+        if args.command in ("eval", "locate") and flag in flags["train"]:
+            p.error(f"{args.command}: {flag} is the checkpoint's (a model and its training "
+                    f"settings come from it)")
+        p.error(f"{args.command}: unknown option {u}" + (
+            f" (an option of {' and '.join(elsewhere)})" if elsewhere else
+            f"; did you mean {close[0]}?" if close else ""))
+    given = {k: v for k, v in vars(args).items() if k != "command"}
+    return args.command, Config(**given), set(given)
 
 
-def saved_config(path: Path) -> dict:
-    """The Config a checkpoint was trained with. Options added to mml.py since then take their
-    defaults; an option this mml.py does not know means the checkpoint is not for it."""
-    saved, defaults = load_checkpoint(path)["config"], dataclasses.asdict(Config())
+def saved_config(path: Path, ckpt: dict | None = None) -> dict:
+    """The Config a checkpoint (at path, or loaded from there) was trained with. Options added
+    to mml.py since take their defaults; one this mml.py does not know is an error."""
+    saved, defaults = (ckpt or load_checkpoint(path))["config"], dataclasses.asdict(Config())
     unknown = sorted(set(saved) - set(defaults))
     if unknown:
         raise UserError(f"{path}: its config does not fit this mml.py (unknown options: "
@@ -2425,6 +2862,8 @@ def resolve(command: str, cfg: Config, given: set) -> Config:
     cfg = resolve_model(cfg, given)
     if command == "synth" and "out" not in given:
         cfg.out = str(synthetic_root(cfg.scale))
+    if command == "locate" and "ckpt" not in given:
+        cfg.ckpt = str(Path(cfg.out) / "best.pt")
     if command == "eval":
         if "ckpt" not in given:
             cfg.ckpt = str(Path(cfg.out) / "best.pt")
@@ -2462,7 +2901,9 @@ def main(argv=None):
     command, cfg, given = parse_args(argv)
     try:
         cfg = resolve(command, cfg, given)
-        {"train": train, "eval": evaluate, "synth": synth, "prepare": prepare, "bench": bench}[command](cfg)
+        run = {"train": train, "eval": evaluate, "locate": locate, "synth": synth,
+               "prepare": prepare, "bench": bench}
+        run[command](cfg)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -860,6 +860,118 @@ def test_eval_bad_input(world, trained, tmp_path, capsys):
     assert list(json.loads((tmp_path / "partial/eval/metrics.json").read_text())["tasks"])[:3] == ["G2S", "G2C", "S2C"]
 
 
+# ---- locate, the open world, pictures -----------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def located(tmp_path_factory) -> tuple[Path, Path]:
+    """(world, checkpoint): ground photos to GPS, learnt from 480 landmarks (the tiny world's
+    72 are too few to generalise to new places from): about 20 s on 2 cores."""
+    root = tmp_path_factory.mktemp("located")
+    mml.synthesize(root / "w", scale=0.3, seed=0)
+    run("train", "--data", root / "w", "--out", root / "run", *TINY, "--modalities", "GC",
+        "--img-width", 16, "--embed-dim", 64, "--gps-width", 64, "--batch-size", 32,
+        "--epochs", 15)
+    return root / "w", root / "run/last.pt"
+
+
+def test_locate_finds_query_landmarks_better_than_chance(located):
+    world, ckpt = located
+    q = mml.read_split(world, "query")
+    photos = [mml.shard(q.dir, "ground", i) for g in q.ground for i in g]
+    truth = torch.tensor(q.latlon).repeat_interleave(torch.tensor([len(g) for g in q.ground]), 0)
+    answers = mml.Locator(ckpt)(photos)
+    guess = torch.tensor([[a["top"][0]["lat"], a["top"][0]["lon"]] for a in answers])
+    located = (mml.haversine_km(guess, truth) <= 750).double().mean()
+    gallery, names = mml.open_gallery(world)  # what `locate` searches: random points of it
+    chance = (mml.haversine_km(gallery[None], truth[:, None]) <= 750).double().mean()
+    assert located > 1.5 * chance, (located, chance)  # measured: 0.38 against 0.17
+    named = {n for n in names if n}  # training landmarks answer with their names
+    assert any(p["name"] in named for a in answers for p in a["top"])
+
+
+def test_locate_answers_every_input_in_json(world, trained, tmp_path, capsys):
+    q = mml.read_split(world, "query")
+    photos = [mml.shard(q.dir, "ground", g[0]) for g in q.ground[:3]]
+    with pytest.raises(SystemExit) as e:  # the exit status is 1: an input failed
+        run("locate", "--ckpt", trained / "best.pt", *photos, tmp_path / "missing.jpg", "--json",
+            "--top", 3, "--text", "a tower")
+    assert e.value.code == 1
+    answers = json.loads(capsys.readouterr().out)  # standard output: the JSON alone
+    assert [a["input"] for a in answers] == [str(p) for p in photos] + [
+        str(tmp_path / "missing.jpg"), "a tower"]
+    assert "missing.jpg" in answers[-2]["error"] and "top" not in answers[-2]
+    for a in answers[:-2] + answers[-1:]:
+        assert len(a["top"]) == 3 and set(a["top"][0]) == {"lat", "lon", "score", "prob", "name"}
+        assert a["top"][0]["score"] >= a["top"][1]["score"] >= a["top"][2]["score"]
+        assert 0 < a["top"][2]["prob"] <= a["top"][0]["prob"] < 1
+    run("locate", "--ckpt", trained / "best.pt", photos[0])  # all answered: exit status 0
+    assert capsys.readouterr().out.startswith(f"{photos[0]}\n  1. ")
+
+
+def test_locate_caches_the_gallery_per_checkpoint_and_gallery(trained, tmp_path, monkeypatch):
+    shutil.copy(trained / "best.pt", tmp_path / "model.pt")
+    calls = []
+    real = mml.embed
+    monkeypatch.setattr(mml, "embed", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
+    first = mml.Locator(tmp_path / "model.pt")(["a red tower"], "text")
+    again = mml.Locator(tmp_path / "model.pt")(["a red tower"], "text")
+    assert first == again and len(calls) == 1  # reused
+    (tmp_path / "g.csv").write_text("LAT,LON\n40.7,-74.0\n34.05,-118.25\n")  # GeoCLIP's header
+    small = mml.Locator(tmp_path / "model.pt", tmp_path / "g.csv")(["a red tower"], "text", top=5)
+    assert len(calls) == 2 and len(small[0]["top"]) == 2 and small[0]["top"][0]["name"] == ""
+    assert sum(p["prob"] for p in small[0]["top"]) == pytest.approx(1)
+    ckpt = torch.load(tmp_path / "model.pt", weights_only=True)  # a new checkpoint, same path
+    ckpt["model"]["enc.C.LocEnc0.head.0.bias"] += 1
+    torch.save(ckpt, tmp_path / "model.pt")
+    mml.Locator(tmp_path / "model.pt")
+    assert len(calls) == 3
+    assert len(list(tmp_path.glob("model.gallery-*.pt"))) == 2  # one per gallery
+
+
+def test_open_world_geolocalisation_leaves_the_query_landmarks_out(world, trained, tmp_path):
+    run("eval", "--ckpt", trained / "best.pt", "--out", tmp_path, "--tasks", "S2C",
+        "--workers", 0)
+    gallery, _ = mml.open_gallery(world)
+    q = mml.read_split(world, "query")
+    assert not (mml.haversine_km(gallery[None], torch.tensor(q.latlon)[:, None]) < 1e-6).any()
+    # the open numbers are the open gallery's top-1 point, recomputed by hand
+    ckpt = torch.load(trained / "best.pt", weights_only=True)
+    model = mml.MML(mml.Config(**ckpt["config"])).eval()
+    model.load_state_dict(ckpt["model"])
+    store = mml.ImageStore(q.dir, "satellite", 32, None)
+    with torch.no_grad():
+        tiles = model.enc["S"](torch.stack([torch.from_numpy(store(i)).permute(2, 0, 1)
+                                            for i in q.latest]))
+        points = model.enc["C"](gallery.float())
+    pred = gallery.float()[(tiles @ points.T).argmax(1)]
+    want = mml.geo_metrics(pred, torch.tensor(q.latlon, dtype=torch.float32))
+    got = json.loads((tmp_path / "eval/metrics.json").read_text())["tasks"]["S2C"]
+    assert got["geo_open"] == pytest.approx(want, abs=1e-9)
+    rows = read_rows(tmp_path / "eval/S2C.csv")
+    assert [float(r["open_pred_lat"]) for r in rows] == pytest.approx(pred[:, 0].tolist(), abs=1e-5)
+
+
+def test_pictures_show_what_the_csv_says(world, trained, tmp_path):
+    run("eval", "--ckpt", trained / "best.pt", "--out", tmp_path, "--tasks", "G2S,T2S-first,G2C",
+        "--workers", 0, "--viz")
+    for task in ("G2S", "T2S-first"):
+        grid = Image.open(tmp_path / f"eval/{task}.png").convert("RGB")
+        rows = read_rows(tmp_path / f"eval/{task}.csv")
+        chosen = mml.picture_queries(len(rows), 0)
+        assert grid.size == (mml.grid_cell(0, 6)[0], mml.grid_cell(len(chosen), 0)[1])
+        for r, i in enumerate(chosen):
+            for c, hit in enumerate(rows[i]["top5_hits"].split(), 1):
+                x, y = mml.grid_cell(r, c)
+                assert grid.getpixel((x + 1, y + 1)) == (mml.GREEN if hit == "1" else mml.RED)
+    q = mml.read_split(world, "query")
+    for name, size in (("G2C", (944, 456)), ("curves", (1200, 540))):
+        picture = np.asarray(Image.open(tmp_path / f"eval/{name}.png").convert("RGB"))
+        assert picture.shape == (size[1], size[0], 3)
+        assert len(np.unique(picture.reshape(-1, 3), axis=0)) > 10  # lines and text, not blank
+    assert 0 < sum(map(len, q.ground)) == len(read_rows(tmp_path / "eval/G2C.csv"))
+
+
 # ---- reliability: a user's slips and a cluster's signals -----------------------------------
 
 
@@ -936,9 +1048,14 @@ def test_eval_reads_the_checkpoints_data_from_anywhere(world, trained, tmp_path,
     assert metrics["data"] == str(world) and metrics["config"]["embed_dim"] == 32
     assert (metrics["step"], metrics["epoch"]) == (saved["step"], saved["epoch"])
     assert metrics["tasks"]["S2C"]["checkpoint"] == str(trained / "best.pt")
-    assert sorted(os.listdir(tmp_path)) == ["e"]
-    # a model option given that differs from the checkpoint's: one line with both values
-    err = fails_in_one_line(capsys, "eval", "--ckpt", trained / "best.pt", "--embed-dim", 64)
+    assert sorted(os.listdir(tmp_path)) == ["e"]  # nothing generated
+    # the model is the checkpoint's: eval takes no model option, --resume none that differs
+    with pytest.raises(SystemExit):
+        run("eval", "--ckpt", trained / "best.pt", "--embed-dim", 64)
+    assert "eval: --embed-dim is the checkpoint's" in capsys.readouterr().err
+    shutil.copytree(trained, tmp_path / "run")
+    err = fails_in_one_line(capsys, "train", "--out", tmp_path / "run", "--resume",
+                            "--embed-dim", 64)
     assert "--embed-dim 64" in err and "trained with 32" in err
 
 
