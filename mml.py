@@ -7,19 +7,27 @@ view its photos (S2G), a photo, an aerial view or a sentence its location (G2C, 
 and a sentence its images (T2G, T2S).
 
     pip install -r requirements.txt
-    python mml.py train                  # no data needed: writes a synthetic world in the
-                                         #   released layout (~30 s), trains (~4 min on 2 CPU
-                                         #   cores); validation G2S R@1 ~86% (chance 0.6%)
-    python mml.py eval                   # every task of the protocol, official and strict (10 s)
+    python mml.py train        # no data needed: writes a synthetic world in the released
+                               #   layout (20 s), then trains (3.2 min on 2 CPU cores)
+    python mml.py eval         # all 13 tasks, official and strict (10 s); --viz: pictures
+    python mml.py locate photo.jpg          # where is it? the top 5 places
     python mml.py train --data /data/MMLandmarks --img-size 224 --batch-size 512 ...  # 1 GPU
     torchrun --standalone --nproc_per_node=8 mml.py train --data /data/MMLandmarks ...
     python mml.py prepare --data /data/MMLandmarks --img-size 224   # decode images once
-    python mml.py bench                  # where the time goes, on this machine
+    python mml.py bench        # where the time goes, on this machine
 
-Sections, in the order the data flows: config, geometry, synthetic world, data, model, loss,
-metrics, train, eval, bench, command line.
-Shape letters: B batch, D embedding width, Q queries, G gallery, P positives per query,
-L tokens, S image side, W processes (world size).
+`eval` reads best.pt, the epoch of lowest validation loss (the authors' rule): on the default
+run, validation G2S R@1 65% there (chance 0.6%), and 84% at the last epoch (--select recall).
+
+Reading path. The main path comes first, in the order the data flows: config (130 lines),
+geometry (30), data (490: the released layout, images and their cache, sentences, batches,
+augmentation), model (230), loss (55), metrics (130), train (360), eval (620: the protocol's
+tasks, `locate`, pictures), command line (190). The core a first reading needs is model,
+loss, metrics and train. Two appendices follow that a first reading skips: the synthetic
+world (320) and the bench (250). PROTOCOL N cites section N of the protocol in README.md.
+
+Shape letters: B batch, D embedding width, H image side in pixels, L tokens, Q queries,
+N gallery items, P positives per query, W processes (world size).
 """
 import argparse
 import csv
@@ -61,72 +69,64 @@ def opt(default, help: str, cmds: str = "train", low=None, high=None):
                                             "range": (low, high)})
 
 
-DATA = "train eval prepare bench"  # the commands that read the dataset
+DATA, MODEL = "train eval prepare bench", "train bench"  # the commands that take these
 
 
 @dataclass
 class Config:
     # data
     data: str = opt("", "dataset root in the released layout (default: a synthetic world in "
-                        "data/synthetic, generated on first use; eval: the checkpoint's)",
-                    DATA + " synth")
+                        "data/synthetic, made on first use; eval: the checkpoint's)", DATA)
     scale: float = opt(1.0, "size of the synthetic world (1.0: 1,600 train / 100 query "
                             "landmarks)", DATA + " synth", 0.01, 100)
     subset: int = opt(0, "train on the first N training landmarks only (0: all)", low=0)
-    n_val: int = opt(1024, "training landmarks held out for validation, at most 10%% of them",
-                     low=2)
+    n_val: int = opt(1024, "training landmarks held out for validation, at most 10%% of "
+                           "them", low=2)
     outdoor_only: bool = opt(False, "train on the outdoor ground photos only (the subset CSV)")
     last_sat_only: bool = opt(False, "train on each landmark's latest aerial image only")
-    train_text: str = opt("first", "training sentence: first | random (PROTOCOL section 2)")
-    query_text: str = opt("first,random,no_cues", "query sentences the text tasks are run with",
-                          "eval")
-    img_size: int = opt(64, "images are resized (short side) and centre-cropped to S x S",
-                        "train prepare bench", 16, 1024)
+    train_text: str = opt("first", "training sentence: first | random (PROTOCOL 2)")
+    query_text: str = opt("first,random,no_cues", "query sentences of the text tasks", "eval")
+    img_size: int = opt(64, "images are resized (short side) and centre-cropped to H x H "
+                            "(torchvision backbones: their weights' size)", MODEL + " prepare",
+                        16, 1024)
     cache: str = opt("", "image cache folder made by `prepare` (default: DATA/cache)", DATA)
-    workers: int = opt(min(8, os.cpu_count() or 1), "DataLoader worker processes",
-                       DATA, 0, 256)
+    workers: int = opt(min(8, os.cpu_count() or 1), "DataLoader worker processes", DATA, 0, 256)
     seed: int = opt(0, "seed of everything random: hold-out, sampling, augmentation, init",
                     "train eval synth bench")
     device: str = opt("", "cuda or cpu (default: cuda when a GPU is visible)",
                       "train eval locate bench")
     # model
-    modalities: str = opt("GSTC", "modalities to train: any two or more of G S T C",
-                          "train bench")
+    modalities: str = opt("GSTC", "modalities to train: any two or more of G S T C", MODEL)
     embed_dim: int = opt(128, "width D of the shared embedding space (the authors: 512)",
-                         "train bench", 2, 65536)
-    img_width: int = opt(32, "channels of the image CNNs' first stage (x2 per stage; a "
-                             "multiple of 8)", "train bench", 8, 4096)
-    image_backbone: str = opt("small", "image encoders' backbone: small (a CNN from scratch) |"
-                                       " resnet18 | resnet50 | convnext_tiny | vit_b_16 "
-                                       "(torchvision's)", "train bench")
+                         MODEL, 2, 65536)
+    image_backbone: str = opt("small", "small (a CNN from scratch) | resnet18 | resnet50 | "
+                                       "convnext_tiny | vit_b_16 (torchvision's)", MODEL)
     pretrained: bool = opt(False, "start torchvision backbones from their ImageNet weights "
-                                  "(downloaded once into torchvision's cache, TORCH_HOME)",
-                           "train bench")
+                                  "(downloaded once into torchvision's cache)", MODEL)
     freeze: str = opt("", "encoders whose backbone stays fixed while their heads train (the "
-                          "authors' setting): any of ground,satellite,text,gps or G,S,T,C")
+                          "authors' setting): some of ground,satellite,text,gps or G,S,T,C")
+    img_width: int = opt(32, "channels of the small CNN's first stage (x2 per stage; a "
+                             "multiple of 8)", MODEL, 8, 4096)
     share_image_trunk: bool = opt(False, "ground and aerial share one backbone (the authors' "
                                          "frozen CLIP did), with separate heads")
-    vocab_size: int = opt(2000, "BPE vocabulary of the text tokenizer", "train bench",
-                          32, 10**6)
-    max_len: int = opt(40, "tokens per sentence, padded or truncated", "train bench", 2, 4096)
+    vocab_size: int = opt(2000, "BPE vocabulary of the text tokenizer", MODEL, 32, 10**6)
+    max_len: int = opt(40, "tokens per sentence, padded or truncated", MODEL, 2, 4096)
     text_width: int = opt(128, "text transformer width (a multiple of 64, or below 64)",
-                          "train bench", 8, 65536)
-    text_layers: int = opt(2, "text transformer layers", "train bench", 1, 256)
-    gps_width: int = opt(256, "GPS MLP width (GeoCLIP: 1024)", "train bench", 1, 65536)
-    gps_depth: int = opt(2, "GPS MLP hidden layers per scale (GeoCLIP: 3)", "train bench",
-                         0, 64)
-    gps_preset: str = opt("", "geoclip: GeoCLIP's GPS encoder sizes (--gps-width 1024 "
-                              "--gps-depth 3 --embed-dim 512), which its weights need",
-                          "train bench")
+                          MODEL, 8, 65536)
+    text_layers: int = opt(2, "text transformer layers", MODEL, 1, 256)
+    gps_width: int = opt(256, "GPS MLP width (GeoCLIP: 1024)", MODEL, 1, 65536)
+    gps_depth: int = opt(2, "GPS MLP hidden layers per scale (GeoCLIP: 3)", MODEL, 0, 64)
+    gps_preset: str = opt("", "geoclip: GeoCLIP's GPS sizes (--gps-width 1024 --gps-depth 3 "
+                              "--embed-dim 512), which its weights need", MODEL)
     gps_init: str = opt("", "GeoCLIP location-encoder state dict to start the GPS encoder from")
     # training
     loss: str = opt("complete", "complete: all modality pairs; imagebind: ground vs each other",
-                    "train bench")
-    batch_size: int = opt(128, "global batch (split across torchrun processes)",
-                          "train bench", 2, 10**6)
+                    MODEL)
+    batch_size: int = opt(128, "global batch (split across torchrun processes)", MODEL, 2,
+                          10**6)
     epochs: int = opt(25, "passes over the training landmarks, one sample each", low=1)
-    max_steps: int = opt(0, "stop after this many steps (0: epochs decide); the lr "
-                            "schedule spans them", low=0)
+    max_steps: int = opt(0, "stop after this many steps (0: epochs decide); the lr schedule "
+                            "spans them", low=0)
     lr: float = opt(2e-3, "peak AdamW learning rate", low=0.0)
     weight_decay: float = opt(0.05, "AdamW weight decay (not on biases, norms, logit scale)",
                               low=0.0)
@@ -135,50 +135,46 @@ class Config:
     grad_clip: float = opt(1.0, "clip the gradient norm to this (0: off)", low=0.0)
     bf16: bool = opt(True, "bf16 autocast on GPUs that support it (always fp32 on the CPU)",
                      "train eval bench")
-    compile: bool = opt(False, "torch.compile the model", "train bench")
+    compile: bool = opt(False, "torch.compile the model", MODEL)
     log_every: int = opt(10, "steps between log lines", low=1)
     out: str = opt("runs/mml", "run folder: checkpoints, log.jsonl, eval/ (synth: the world)",
                    "train eval synth")
-    resume: bool = opt(False, "continue the run in --out from its last.pt, exactly where it "
-                              "stopped")
+    resume: bool = opt(False, "continue the run in --out from its last.pt, exactly")
     overwrite: bool = opt(False, "start over in an --out that holds a run: its checkpoints, "
                                  "log and metrics are replaced")
-    select: str = opt("loss", "best.pt is the epoch of lowest validation loss (the authors' "
-                              "rule) or of highest mean validation R@1 (recall)")
+    select: str = opt("loss", "best.pt: the epoch of lowest validation loss (the authors' "
+                              "rule), or of highest mean validation R@1 (recall)")
     overfit_batch: bool = opt(False, "train on one fixed batch: the loss must fall to ~0")
     max_bad_steps: int = opt(10, "stop after this many non-finite losses in a row", low=1)
-    # evaluation
+    # evaluation and locate
     ckpt: str = opt("", "the checkpoint (default: OUT/best.pt, runs/mml/best.pt unless --out)",
                     "eval locate")
     tasks: str = opt("", "comma-separated tasks, e.g. G2S,T2C-no_cues (default: all)", "eval")
     chunk: int = opt(512, "queries scored at once; memory ~ 6 bytes x chunk x gallery",
                      "eval bench", 1)
-    eval_batch: int = opt(256, "batch size when embedding queries and galleries",
+    eval_batch: int = opt(256, "batch when embedding queries and galleries",
                           "eval locate bench", 1)
-    viz: bool = opt(False, "also draw pictures: a grid of results per task, a map per x2C "
-                           "task, the training curves", "eval")
-    # locate
+    viz: bool = opt(False, "also draw pictures: a grid of results per retrieval task, a map "
+                           "per x2C task, the training curves", "eval")
     inputs: tuple = opt((), "ground photos to locate (aerial images with --satellite)",
                         "locate")
     text: tuple = opt((), "a description to locate (repeatable)", "locate")
     satellite: bool = opt(False, "the inputs are aerial images", "locate")
     top: int = opt(5, "locations per input", "locate", 1)
-    gallery: str = opt("", "a lat,lon[,name] CSV of candidate locations (default: the index "
+    gallery: str = opt("", "a lat,lon[,name] CSV of candidate places (default: the index "
                            "tiles' centres and the training landmarks)", "locate")
     json: bool = opt(False, "answer with one JSON list on standard output", "locate")
-    # bench and prepare
-    bench_queries: int = opt(200, "queries timed for the per-query baseline in `bench`",
-                             "bench", 1)
+    # prepare and bench
     splits: str = opt("train,query,index", "splits `prepare` decodes into the cache", "prepare")
     phases: str = opt("decode,steps,backbones,loader,augment,embed,rank,locate",
-                      "phases `bench` times, in order",
-                      "bench")
+                      "phases `bench` times, in order", "bench")
+    bench_queries: int = opt(200, "queries timed for the per-query baseline", "bench", 1)
 
 
 COMMANDS = {  # each command and its --help line
-    "train": "train a model (on a synthetic world generated on first use, without --data)",
+    "train": "train a model (on a synthetic world made on first use, without --data)",
     "eval": "evaluate a checkpoint on every task of the protocol",
-    "locate": "the likeliest locations of photos, aerial images or sentences",
+    "locate": "the likeliest places of photos, aerial images or sentences",
     "synth": "write a synthetic world in the released layout",
     "prepare": "decode every image once into a cache that training and eval read",
     "bench": "time each phase of a run on this machine",
@@ -214,7 +210,7 @@ def equal_earth(latlon: torch.Tensor) -> torch.Tensor:
 
     The equal-area projection GeoCLIP feeds its location encoder (Savric et al. 2018), with
     GeoCLIP's scaling SF/180 so that longitude 180 lands on x = 1; its pretrained weights
-    expect that scaling (the MMLandmarks authors' copy leaves it out).
+    expect that scaling (the MMLandmarks authors' copy leaves it out; PROTOCOL 6).
     """
     a1, a2, a3, a4, sf = 1.340264, -0.081106, 0.000893, 0.003796, 66.50336
     lat, lon = torch.deg2rad(latlon[..., 0]), torch.deg2rad(latlon[..., 1])
@@ -229,320 +225,16 @@ def haversine_km(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Great-circle distance in km between (..., 2) tensors of (lat, lon) degrees."""
     a, b = torch.deg2rad(a.double()), torch.deg2rad(b.double())
     dlat, dlon = b[..., 0] - a[..., 0], b[..., 1] - a[..., 1]
-    h = torch.sin(dlat / 2) ** 2 + torch.cos(a[..., 0]) * torch.cos(b[..., 0]) * torch.sin(dlon / 2) ** 2
+    h = (torch.sin(dlat / 2) ** 2
+         + torch.cos(a[..., 0]) * torch.cos(b[..., 0]) * torch.sin(dlon / 2) ** 2)
     return 2 * EARTH_RADIUS_KM * torch.asin(torch.sqrt(h.clamp(0, 1)))
 
 
-# ---- synthetic world ----------------------------------------------------------------------
-# A small world written in the released layout, so that a demo run and every test read data
-# through the same code a real user's run does. It is learnable across modalities: location
-# decides the land cover seen from above and from the ground; each landmark's category decides
-# its footprint and silhouette, its colour the roof and the facade; the text names category,
-# colour, size, land cover, city and state. Several landmarks share category and colour, so
-# retrieval has to combine cues and never becomes trivial.
-
-CITIES = [  # (city, state, lat, lon): landmarks cluster around these
-    ("New York", "New York", 40.71, -74.01), ("Los Angeles", "California", 34.05, -118.24),
-    ("Chicago", "Illinois", 41.88, -87.63), ("Houston", "Texas", 29.76, -95.37),
-    ("Phoenix", "Arizona", 33.45, -112.07), ("Philadelphia", "Pennsylvania", 39.95, -75.17),
-    ("San Antonio", "Texas", 29.42, -98.49), ("San Diego", "California", 32.72, -117.16),
-    ("Dallas", "Texas", 32.78, -96.80), ("San Francisco", "California", 37.77, -122.42),
-    ("Seattle", "Washington", 47.61, -122.33), ("Denver", "Colorado", 39.74, -104.99),
-    ("Boston", "Massachusetts", 42.36, -71.06), ("Nashville", "Tennessee", 36.16, -86.78),
-    ("Detroit", "Michigan", 42.33, -83.05), ("Portland", "Oregon", 45.52, -122.68),
-    ("Las Vegas", "Nevada", 36.17, -115.14), ("Memphis", "Tennessee", 35.15, -90.05),
-    ("Atlanta", "Georgia", 33.75, -84.39), ("Miami", "Florida", 25.76, -80.19),
-    ("Minneapolis", "Minnesota", 44.98, -93.27), ("New Orleans", "Louisiana", 29.95, -90.07),
-    ("Salt Lake City", "Utah", 40.76, -111.89), ("Kansas City", "Missouri", 39.10, -94.58),
-    ("Albuquerque", "New Mexico", 35.08, -106.65), ("Charlotte", "North Carolina", 35.23, -80.84),
-    ("Washington", "District of Columbia", 38.91, -77.04), ("Pittsburgh", "Pennsylvania", 40.44, -79.99),
-    ("Omaha", "Nebraska", 41.26, -95.93), ("Boise", "Idaho", 43.62, -116.20),
-    ("Billings", "Montana", 45.78, -108.50), ("Cleveland", "Ohio", 41.50, -81.69),
-    ("Richmond", "Virginia", 37.54, -77.44), ("Oklahoma City", "Oklahoma", 35.47, -97.52),
-    ("Buffalo", "New York", 42.89, -78.88), ("Jacksonville", "Florida", 30.33, -81.66),
-    ("Tucson", "Arizona", 32.22, -110.97), ("Sacramento", "California", 38.58, -121.49),
-]
-COLOURS = {"red": (178, 52, 44), "blue": (48, 82, 168), "white": (228, 228, 222),
-           "black": (42, 42, 48), "yellow": (222, 190, 62), "orange": (214, 122, 42),
-           "purple": (118, 62, 140), "brown": (116, 80, 52), "teal": (40, 140, 140)}
-COVER = {"forest": (46, 92, 50), "farmland": (152, 160, 86), "desert": (206, 182, 136),
-         "pine forest": (30, 66, 52), "city": (128, 128, 126)}
-# Front views: polygons with x in [-0.5, 0.5] and y from 0 (ground) up to 1.
-SILHOUETTES = {
-    "church": [(-.4, 0), (.4, 0), (.4, .5), (.1, .5), (.1, .72), (0, 1), (-.1, .72), (-.1, .5), (-.4, .5)],
-    "tower": [(-.12, 0), (.12, 0), (.1, .9), (0, 1), (-.1, .9)],
-    "stadium": [(-.5, 0), (.5, 0), (.44, .32), (-.44, .32)],
-    "lighthouse": [(-.15, 0), (.15, 0), (.08, .84), (.13, .84), (.13, .9), (0, 1), (-.13, .9),
-                   (-.13, .84), (-.08, .84)],
-    "capitol": [(-.45, 0), (.45, 0), (.45, .45), (.2, .45)] + [
-        (.2 * math.cos(a * math.pi / 8), .45 + .3 * math.sin(a * math.pi / 8)) for a in range(9)]
-        + [(-.45, .45)],
-    "museum": [(-.45, 0), (.45, 0), (.45, .5), (0, .68), (-.45, .5)],
-    "castle": [(-.4, 0), (.4, 0)] + [(x / 10, .7 - .08 * (i % 2)) for i, x in
-                                      enumerate([4, 3, 3, 1, 1, -1, -1, -3, -3, -4])],
-    "obelisk": [(-.2, 0), (.2, 0), (.2, .08), (.06, .08), (.04, .9), (0, 1), (-.04, .9),
-                (-.06, .08), (-.2, .08)],
-    "skyscraper": [(-.2, 0), (.2, 0), (.2, .6), (.12, .6), (.12, .85), (.04, .85), (.02, 1),
-                   (-.04, .85), (-.12, .85), (-.12, .6), (-.2, .6)],
-}
-# Top views: (shape, box (x0, y0, x1, y1) in half-widths around the centre, paint)
-FOOTPRINTS = {
-    "church": [("rect", (-1, -.33, 1, .33), "roof"), ("rect", (-.33, -1, .33, 1), "roof")],
-    "tower": [("rect", (-.33, -.33, .33, .33), "roof")],
-    "stadium": [("ellipse", (-1, -1, 1, 1), "roof"), ("ellipse", (-.5, -.33, .5, .33), (70, 150, 60))],
-    "lighthouse": [("rect", (.5, -3, 3, 3), (40, 80, 150)), ("ellipse", (-.5, -.5, .5, .5), "roof")],
-    "capitol": [("rect", (-1, -1, 1, 1), "roof"), ("ellipse", (-.5, -.5, .5, .5), "light")],
-    "museum": [("rect", (-1, -.7, 1, .7), "roof"), ("rect", (-.5, -.33, .5, .33), "cover")],
-    "castle": [("rect", (-.8, -.8, .8, .8), "roof")] + [
-        ("ellipse", (x - .25, y - .25, x + .25, y + .25), "dark") for x in (-.8, .8) for y in (-.8, .8)],
-    "obelisk": [("ellipse", (-1, -1, 1, 1), (170, 170, 165)), ("rect", (-.2, -.2, .2, .2), "roof")],
-    "skyscraper": [("rect", (-.6, -.6, .6, .6), "roof"), ("rect", (-.33, -.33, .33, .33), "light")],
-}
-CATEGORIES = list(SILHOUETTES)
-NAME_WORDS = ["Old", "Grand", "North", "Lake", "Cedar", "Liberty", "Union", "Harbor", "Pioneer",
-              "Summit", "River", "Founders", "Mission", "Oak", "Sunset", "Eagle", "Granite", "Elm"]
-
-
-def land_cover(lat: float, lon: float) -> tuple[str, np.ndarray]:
-    """What the ground looks like at a place, smooth in location: (name, RGB)."""
-    dry = np.clip((-lon - 97) / 12, 0, 1) * np.clip((43 - lat) / 6, 0, 1)  # the south-west
-    cold = np.clip((lat - 42) / 4, 0, 1)                                   # the north
-    wave = 0.5 + 0.5 * math.sin(lat * 0.9) * math.cos(lon * 0.7)           # farm or forest
-    urban = max(math.exp(-((lat - c[2]) ** 2 + (lon - c[3]) ** 2) / 0.15**2) for c in CITIES)
-    weights = {"desert": dry, "pine forest": (1 - dry) * cold * (1 - wave),
-               "forest": (1 - dry) * (1 - cold) * (1 - wave), "farmland": (1 - dry) * wave,
-               "city": 2.5 * urban}
-    rgb = sum(w * np.array(COVER[k], float) for k, w in weights.items()) / sum(weights.values())
-    return max(weights, key=weights.get), rgb
-
-
-def place_landmark(rng: random.Random) -> dict:
-    """A random landmark: where it is and what it looks like."""
-    city, state, clat, clon = rng.choice(CITIES)
-    rural = rng.random() < 0.3          # rural landmarks spread far from the city
-    spread = rng.uniform(1.0, 2.5) if rural else 0.08
-    lat = min(48.5, max(25.5, clat + rng.gauss(0, spread)))
-    lon = min(-67.5, max(-124, clon + rng.gauss(0, spread)))
-    colour = rng.choice(list(COLOURS))
-    return {"lat": lat, "lon": lon, "city": city, "state": state, "rural": rural,
-            "category": rng.choice(CATEGORIES), "colour": colour,
-            "rgb": np.clip(np.array(COLOURS[colour]) + [rng.gauss(0, 14) for _ in range(3)], 0, 255),
-            "size": rng.uniform(0.25, 0.6), "year": rng.randint(1780, 2010),
-            "name": f"{rng.choice(NAME_WORDS)} {rng.choice(NAME_WORDS)}"}
-
-
-def rgb(a) -> tuple:
-    return tuple(int(v) for v in np.clip(a, 0, 255))
-
-
-def draw_footprint(d: ImageDraw.ImageDraw, lm: dict, c: float, r: float, cover: np.ndarray):
-    """The landmark seen from above, centred at (c, c) with half-width r (FOOTPRINTS)."""
-    paints = {"roof": lm["rgb"], "dark": lm["rgb"] * 0.7, "light": lm["rgb"] * 0.7 + 60, "cover": cover}
-    for shape, box, paint in FOOTPRINTS[lm["category"]]:
-        fill = rgb(paints[paint]) if isinstance(paint, str) else paint
-        (d.rectangle if shape == "rect" else d.ellipse)([c + v * r for v in box], fill=fill)
-
-
-def render_satellite(lm: dict | None, lat: float, lon: float, rng: random.Random,
-                     size: int = 96) -> Image.Image:
-    """An aerial tile centred at (lat, lon): land cover, fields, roads and, if lm is given,
-    the landmark's footprint. rng varies what changes between years: light, angle, offset."""
-    _, cover = land_cover(lat, lon)
-    canvas = Image.new("RGB", (2 * size, 2 * size), rgb(cover))
-    d = ImageDraw.Draw(canvas)
-    ground = random.Random(f"{lat:.4f},{lon:.4f}")  # the same fields and roads every year
-    for _ in range(30):
-        x, y, w, h = (ground.uniform(0, 2 * size) for _ in range(4))
-        d.rectangle((x, y, x + w / 4, y + h / 4), fill=rgb(cover + [ground.gauss(0, 18)] * 3))
-    for _ in range(ground.randint(0, 3)):
-        d.line([(ground.uniform(0, 2 * size), 0), (ground.uniform(0, 2 * size), 2 * size)],
-               fill=(95, 95, 95), width=3)
-    if lm is not None:
-        draw_footprint(d, lm, size, lm["size"] * size / 2, cover)
-    shift = (size + rng.uniform(-4, 4), size + rng.uniform(-4, 4))
-    canvas = canvas.rotate(rng.uniform(-25, 25), resample=Image.BILINEAR, center=shift)
-    tile = canvas.crop((int(shift[0]) - size // 2, int(shift[1]) - size // 2,
-                        int(shift[0]) + size // 2, int(shift[1]) + size // 2))
-    return ImageEnhance.Brightness(tile).enhance(rng.uniform(0.75, 1.25))
-
-
-def render_ground(lm: dict | None, lat: float, lon: float, rng: random.Random,
-                  w: int = 128, h: int = 96, indoor: bool = False) -> Image.Image:
-    """A photo from the ground: sky, terrain in the local land cover and, if lm is given,
-    the landmark's silhouette in its facade colour, from a random viewpoint and distance."""
-    _, cover = land_cover(lat, lon)
-    img = Image.new("RGB", (w, h))
-    d = ImageDraw.Draw(img)
-    facade = lm["rgb"] * rng.uniform(0.8, 1.1) if lm is not None else None
-    if indoor:  # walls in a lighter facade colour, a floor, a few frames
-        d.rectangle((0, 0, w, h), fill=rgb(facade * 0.6 + 90))
-        d.rectangle((0, h * 0.75, w, h), fill=(110, 80, 55))
-        for _ in range(3):
-            x, y = rng.uniform(0, w * 0.8), rng.uniform(h * 0.1, h * 0.5)
-            d.rectangle((x, y, x + w / 8, y + h / 6), outline=(60, 40, 30), width=2)
-        return img
-    sky = np.array([rng.uniform(90, 150), rng.uniform(140, 190), rng.uniform(200, 250)])
-    horizon = int(h * rng.uniform(0.6, 0.8))
-    for y in range(horizon):  # a sky gradient, lighter towards the horizon
-        d.line([(0, y), (w, y)], fill=rgb(sky + (255 - sky) * 0.5 * y / horizon))
-    d.rectangle((0, horizon, w, h), fill=rgb(cover * 0.85))
-    for _ in range(12):
-        x, y = rng.uniform(0, w), rng.uniform(horizon, h)
-        d.ellipse((x, y, x + 6, y + 3), fill=rgb(cover * rng.uniform(0.6, 1.1)))
-    if lm is not None:
-        height = h * (0.4 + lm["size"]) * rng.uniform(0.75, 1.05)
-        cx = w / 2 + rng.uniform(-0.2, 0.2) * w
-        poly = [(cx + x * height, horizon + 2 - y * height) for x, y in SILHOUETTES[lm["category"]]]
-        d.polygon(poly, fill=rgb(facade))
-        for _ in range(4):  # windows
-            x, y = cx + rng.uniform(-0.1, 0.1) * height, horizon - rng.uniform(0.1, 0.4) * height
-            d.rectangle((x, y, x + 2, y + 3), fill=rgb(facade * 0.4))
-    return img.transpose(Image.FLIP_LEFT_RIGHT) if rng.random() < 0.5 else img
-
-
-def describe(lm: dict) -> tuple[dict, str]:
-    """The landmark's Wikipedia article {section: text} and its first sentence without cues."""
-    size = "small" if lm["size"] < 0.35 else "large" if lm["size"] > 0.5 else "mid-sized"
-    place = f"rural {lm['state']}" if lm["rural"] else f"{lm['city']}, {lm['state']}"
-    cover, _ = land_cover(lm["lat"], lm["lon"])
-    kind = lm["category"]
-    intro = (f"The {lm['name']} {kind.title()} is a {size} {lm['colour']} {kind} in {place}. "
-             f"It was completed in {lm['year']}.\n"
-             f"Visitors know it for its {lm['colour']} roof. It draws crowds every summer.")
-    sections = {
-        "Introduction": intro,
-        "History": f"Work on the {kind} began in {lm['year'] - 3}. It lies near {lm['city']}.\n"
-                   f"The site was restored in {lm['year'] + 60}. It is listed as a landmark.",
-        "Architecture": f"The {kind} has a {lm['colour']} roof and a {size} footprint. "
-                        f"It is surrounded by {cover}.",
-    }
-    no_cues = f"The {lm['name']} {kind.title()} is a {size} {lm['colour']} {kind}"
-    return sections, no_cues
-
-
-def shard(split_dir: Path, kind: str, image_id: str) -> Path:
-    """ROOT/split/kind/a/b/c/id.ext: the released sharding by the id's first three digits."""
-    ext = {"ground": ".jpg", "satellite": ".png", "text": ".json"}[kind]
-    return split_dir / kind / image_id[0] / image_id[1] / image_id[2] / (image_id + ext)
-
-
-def write_csv(path: Path, header: list[str], rows):
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(header)
-        w.writerows(rows)
-
-
-SYNTH_MARKER = "mml_synthetic.json"  # only mml writes it: a folder with it is mml's to replace
-
-
-def refuse_unless_synthetic(folder: Path):
-    """mml replaces a folder only if it wrote it: an empty one, or a world with SYNTH_MARKER."""
-    if folder.exists() and not (folder / SYNTH_MARKER).is_file() and (
-            not folder.is_dir() or any(folder.iterdir())):
-        raise UserError(f"{folder}: not empty and not a synthetic world written by mml (no "
-                        f"{SYNTH_MARKER}); refusing to replace it (--out names where to write)")
-
-
-def synthesize(out: Path, scale: float = 1.0, seed: int = 0) -> dict:
-    """Write a synthetic world in the released layout to `out`; return its counts.
-
-    Written to a temporary folder and renamed into place, so an interrupted run never leaves
-    a half-written world that a later run would take for a whole one. Both folders carry
-    SYNTH_MARKER from their first moment, so mml only ever replaces worlds of its own.
-    """
-    tmp = out.with_name(out.name + ".tmp")
-    refuse_unless_synthetic(out)
-    refuse_unless_synthetic(tmp)
-    if tmp.exists():  # left by an interrupted run
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    marker = {"generator": "mml.py synthesize", "scale": scale, "seed": seed}
-    (tmp / SYNTH_MARKER).write_text(json.dumps(marker))
-    rng = random.Random(seed)
-    n_train, n_query = max(40, int(1600 * scale)), max(20, int(100 * scale))
-    n_index_ground, n_index_sat = max(60, int(2000 * scale)), max(60, int(1000 * scale))
-    new_id = lambda: f"{rng.getrandbits(64):016x}"  # the released 16-hex-digit ids
-    landmark_ids = rng.sample(range(10**5, 10**7), n_train + n_query)
-    counts, master = {}, []
-
-    def save(img: Image.Image, path: Path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        img.save(path, quality=90) if path.suffix == ".jpg" else img.save(path, compress_level=1)
-
-    for split, ids in (("train", landmark_ids[:n_train]), ("query", landmark_ids[n_train:])):
-        d = tmp / split
-        rows = {k: [] for k in ("meta", "ground", "subset", "sat", "text", "sentences", "lic")}
-        for lid in ids:
-            lm = place_landmark(rng)
-            ground, outdoor = [], []
-            for k in range(rng.randint(3, 8)):
-                gid, indoor = new_id(), k > 0 and rng.random() < 0.15
-                save(render_ground(lm, lm["lat"], lm["lon"], rng, indoor=indoor), shard(d, "ground", gid))
-                ground.append(gid)
-                outdoor += [] if indoor else [gid]
-            sats = [new_id() for _ in range(rng.randint(2, 5))]  # oldest first
-            for sid in sats:
-                save(render_satellite(lm, lm["lat"], lm["lon"], rng), shard(d, "satellite", sid))
-            tid = new_id()
-            sections, no_cues = describe(lm)
-            shard(d, "text", tid).parent.mkdir(parents=True, exist_ok=True)
-            shard(d, "text", tid).write_text(json.dumps(sections))
-            name = f"{lm['name']} {lm['category'].title()} ({lm['city']})"
-            rows["meta"].append((lid, name, f"{lm['lat']:.6f}", f"{lm['lon']:.6f}"))
-            rows["ground"].append((lid, " ".join(ground)))
-            rows["subset"].append((lid, " ".join(outdoor)))
-            rows["sat"].append((lid, " ".join(sats)))
-            rows["text"].append((lid, tid))
-            rows["sentences"].append((lid, no_cues))
-            rows["lic"] += [(lid, i, "CC BY-SA 4.0") for i in ground + sats]
-            bbox = [f"{lm['lat'] - 0.001:.6f}", f"{lm['lon'] - 0.001:.6f}",
-                    f"{lm['lat'] + 0.001:.6f}", f"{lm['lon'] + 0.001:.6f}"]
-            master.append([lid, name, name, f"{lm['lat']:.6f}", f"{lm['lon']:.6f}", *bbox,
-                           f"Q{lid}", "way", lid * 7, lm["category"], lm["state"],
-                           f"building > {lm['category']}"])
-        p = f"mml_{split}"
-        write_csv(d / f"{p}.csv", ["landmark_id", "CommonsCategory", "lat", "lon"], rows["meta"])
-        write_csv(d / f"{p}_ground.csv", ["landmark_id", "images"], rows["ground"])
-        write_csv(d / f"{p}_text.csv", ["landmark_id", "json"], rows["text"])
-        write_csv(d / f"{p}_licenses.csv", ["landmark_id", "images", "license"], rows["lic"])
-        if split == "train":
-            write_csv(d / f"{p}_ground_subset.csv", ["landmark_id", "images"], rows["subset"])
-            write_csv(d / f"{p}_satellite.csv", ["landmark_id", "images"], rows["sat"])
-        else:  # the query split lists the latest aerial image apart from all years
-            write_csv(d / f"{p}_satellite.csv", ["landmark_id", "images"],
-                      [(lid, s.split()[-1]) for lid, s in rows["sat"]])
-            write_csv(d / f"{p}_all_satellite.csv", ["landmark_id", "images"], rows["sat"])
-            write_csv(d / f"{p}_text_sentences.csv", ["landmark_id", "sentences"], rows["sentences"])
-        counts[split] = {"landmarks": len(ids), "text": len(ids),
-                         "ground": sum(len(r[1].split()) for r in rows["ground"]),
-                         "satellite": sum(len(r[1].split()) for r in rows["sat"])}
-
-    # Index distractors: photos of other buildings and of plain landscape; aerial tiles at
-    # random places, half with a building on them. Their centres make up the GPS gallery.
-    d, ground_rows, sat_rows = tmp / "index", [], []
-    for i in range(n_index_ground):
-        lm = place_landmark(rng)
-        gid = new_id()
-        save(render_ground(lm if i % 2 else None, lm["lat"], lm["lon"], rng), shard(d, "ground", gid))
-        ground_rows.append((gid, f"{rng.getrandbits(40):x}"))
-    for i in range(n_index_sat):
-        lm = place_landmark(rng)
-        sid = new_id()
-        save(render_satellite(lm if i % 2 else None, lm["lat"], lm["lon"], rng), shard(d, "satellite", sid))
-        sat_rows.append((sid, f"{lm['lat']:.6f}", f"{lm['lon']:.6f}", rng.randint(2010, 2022)))
-    write_csv(d / "mml_index_ground.csv", ["images", "gldv2_id"], ground_rows)
-    write_csv(d / "mml_index_satellite.csv", ["images", "lat", "lon", "year"], sat_rows)
-    counts["index"] = {"ground": n_index_ground, "satellite": n_index_sat}
-    write_csv(tmp / "mmlandmarks.csv",
-              ["landmark_id", "CommonsCategory", "WikipediaPage", "lat", "lon", "min_lat",
-               "min_lon", "max_lat", "max_lon", "QID", "osm_type", "osm_id", "category",
-               "state", "hierarchical_category"], master)
-    (tmp / SYNTH_MARKER).write_text(json.dumps({**marker, "counts": counts}))
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
-    return counts
+# ---- data ---------------------------------------------------------------------------------
+# The reader follows the released layout (PROTOCOL 1): per split, a CSV of landmarks with GPS
+# and one CSV per modality listing image ids; files sharded by id under
+# split/{ground,satellite,text}/a/b/c/. Everything is read with the csv module into plain
+# lists, so 800k index rows take about a second.
 
 
 def synthetic_root(scale: float) -> Path:
@@ -551,7 +243,7 @@ def synthetic_root(scale: float) -> Path:
 
 
 def default_world(cfg: Config) -> Path:
-    """The dataset root to use: --data, or the synthetic world (generated on first use)."""
+    """The dataset root: --data, or the synthetic world (generated on first use)."""
     if cfg.data:
         return Path(cfg.data)
     root = synthetic_root(cfg.scale)
@@ -564,11 +256,10 @@ def default_world(cfg: Config) -> Path:
     return root
 
 
-# ---- data ---------------------------------------------------------------------------------
-# The reader follows the released layout (PROTOCOL section 2): per split, a CSV of landmarks
-# with GPS and one CSV per modality listing image ids; files sharded by id under
-# split/{ground,satellite,text}/a/b/c/. Everything is read with the csv module into plain
-# lists, so 800k index rows take about a second.
+def shard(split_dir: Path, kind: str, image_id: str) -> Path:
+    """ROOT/split/kind/a/b/c/id.ext: the released sharding by the id's first three digits."""
+    ext = {"ground": ".jpg", "satellite": ".png", "text": ".json"}[kind]
+    return split_dir / kind / image_id[0] / image_id[1] / image_id[2] / (image_id + ext)
 
 
 def read_table(path: Path, columns: list[str], lower: bool = False) -> dict[str, list[str]]:
@@ -590,6 +281,13 @@ def read_table(path: Path, columns: list[str], lower: bool = False) -> dict[str,
         raise UserError(f"{path}, line {short}: {len(rows[short - 2])} fields, expected "
                         f"{len(header)}")
     return {c: [r[header.index(c)] for r in rows] for c in columns}
+
+
+def write_csv(path: Path, header: list[str], rows):
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)
 
 
 def parse_numbers(path: Path, table: dict, columns: list[str], dtype) -> np.ndarray:
@@ -620,8 +318,8 @@ def parse_latlon(path: Path, table: dict) -> np.ndarray:
 class Split:
     """One split's landmarks as parallel lists: row i describes one landmark."""
     dir: Path                  # ROOT/train or ROOT/query
-    ids: np.ndarray            # (N,) landmark ids
-    latlon: np.ndarray         # (N, 2) degrees
+    ids: np.ndarray            # (n,) landmark ids
+    latlon: np.ndarray         # (n, 2) degrees
     ground: list[list[str]]    # ground photo ids
     sat: list[list[str]]       # aerial image ids of every year, oldest first
     latest: list[str]          # the latest aerial image (the query split's evaluation view)
@@ -630,9 +328,9 @@ class Split:
 
     def take(self, rows) -> "Split":
         rows = list(rows)
-        pick = lambda xs: None if xs is None else [xs[i] for i in rows]
-        return Split(self.dir, self.ids[rows], self.latlon[rows], pick(self.ground),
-                     pick(self.sat), pick(self.latest), pick(self.text), pick(self.no_cues))
+        lists = [None if xs is None else [xs[i] for i in rows] for xs in
+                 (self.ground, self.sat, self.latest, self.text, self.no_cues)]
+        return Split(self.dir, self.ids[rows], self.latlon[rows], *lists)
 
 
 def check_root(root: Path, sub: str = "") -> Path:
@@ -645,39 +343,45 @@ def check_root(root: Path, sub: str = "") -> Path:
     return root / sub
 
 
+def by_landmark(path: Path, column: str, listing: Path, ids: list[int],
+                partial: bool = False) -> dict:
+    """{landmark id: value} of one CSV of a split, checked both ways against the landmarks
+    the split's listing names (partial: the CSV may leave some out, as the outdoor subset
+    does)."""
+    table = read_table(path, ["landmark_id", column])
+    keys = parse_numbers(path, table, ["landmark_id"], int)[:, 0].tolist()
+    values = dict(zip(keys, table[column]))
+    known = set(ids)
+    extra = [i for i in values if i not in known]
+    absent = [] if partial else [i for i in ids if i not in values]
+    for missing, here, there in ((extra, listing, path.name), (absent, path, listing.name)):
+        if missing:
+            more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+            raise UserError(f"{here}: landmark {', '.join(map(str, missing[:5]))}{more} listed "
+                            f"in {there} but missing here")
+    return values
+
+
 def read_split(root: Path, split: str, outdoor_only: bool = False) -> Split:
-    """Read ROOT/{train,query}: landmarks, GPS, image lists, text ids (PROTOCOL section 2)."""
+    """Read ROOT/{train,query}: landmarks, GPS, image lists, text ids (PROTOCOL 1)."""
     d, p = check_root(root, split), f"mml_{split}"
-    meta = read_table(d / f"{p}.csv", ["landmark_id", "lat", "lon"])
-    ids = parse_numbers(d / f"{p}.csv", meta, ["landmark_id"], int)[:, 0]
-    latlon = parse_latlon(d / f"{p}.csv", meta)
-
-    def by_landmark(name: str, column: str, optional=False, partial=False) -> dict | None:
-        """{landmark id: value} of one CSV, checked against the landmark list both ways
-        (partial: the CSV may leave landmarks out, as the outdoor subset does)."""
-        if optional and not (d / name).is_file():
-            return None
-        t = read_table(d / name, ["landmark_id", column])
-        col = dict(zip(parse_numbers(d / name, t, ["landmark_id"], int)[:, 0].tolist(), t[column]))
-        known = set(ids.tolist())
-        extra = [i for i in col if i not in known]
-        absent = [] if partial else [i for i in ids.tolist() if i not in col]
-        for missing, here, there in ((extra, f"{p}.csv", name), (absent, name, f"{p}.csv")):
-            if missing:
-                more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
-                raise UserError(f"{d / here}: landmark {', '.join(map(str, missing[:5]))}{more}"
-                                f" listed in {there} but missing here")
-        return col
-
-    ground = by_landmark(f"{p}_ground_subset.csv" if outdoor_only else f"{p}_ground.csv",
-                         "images", partial=outdoor_only)
-    sat = latest = by_landmark(f"{p}_satellite.csv", "images")  # ids listed oldest first
-    if split == "query":  # there this CSV lists the latest image alone, and another all years
-        sat = by_landmark(f"{p}_all_satellite.csv", "images", optional=True) or latest
-    latest = {i: (s.split() or [""])[-1] for i, s in latest.items()}
-    text = by_landmark(f"{p}_text.csv", "json")
-    no_cues = by_landmark(f"{p}_text_sentences.csv", "sentences", optional=True)
-    keep = [n for n, i in enumerate(ids.tolist()) if ground.get(i, "").split() and sat[i].split()]
+    listing = d / f"{p}.csv"
+    meta = read_table(listing, ["landmark_id", "lat", "lon"])
+    ids = parse_numbers(listing, meta, ["landmark_id"], int)[:, 0]
+    latlon = parse_latlon(listing, meta)
+    listed = ids.tolist()
+    ground = by_landmark(d / f"{p}_ground{'_subset' * outdoor_only}.csv", "images", listing,
+                         listed, partial=outdoor_only)
+    sat = latest = by_landmark(d / f"{p}_satellite.csv", "images", listing, listed)
+    if split == "query" and (d / f"{p}_all_satellite.csv").is_file():
+        # the query split lists the latest image alone, and every year in another CSV
+        sat = by_landmark(d / f"{p}_all_satellite.csv", "images", listing, listed)
+    latest = {i: (s.split() or [""])[-1] for i, s in latest.items()}  # ids listed oldest first
+    text = by_landmark(d / f"{p}_text.csv", "json", listing, listed)
+    no_cues = None
+    if (d / f"{p}_text_sentences.csv").is_file():
+        no_cues = by_landmark(d / f"{p}_text_sentences.csv", "sentences", listing, listed)
+    keep = [n for n, i in enumerate(listed) if ground.get(i, "").split() and sat[i].split()]
     if len(keep) < len(ids):  # the outdoor subset leaves out landmarks with no outdoor photo
         print0(f"{d}: {len(ids) - len(keep)} landmarks without ground or aerial images left out")
     rows = ids[keep].tolist()
@@ -693,7 +397,7 @@ class Index:
     dir: Path
     ground: list[str] | None       # GLDv2 ground photo ids
     sat: list[str] | None          # aerial image ids
-    sat_latlon: np.ndarray | None  # (N, 2) the tiles' centres: the GPS gallery's distractors
+    sat_latlon: np.ndarray | None  # (n, 2) the tiles' centres: the GPS gallery's distractors
 
 
 def read_index(root: Path, required: bool = True) -> Index:
@@ -703,12 +407,13 @@ def read_index(root: Path, required: bool = True) -> Index:
         index.ground = read_table(d / "mml_index_ground.csv", ["images"])["images"]
     if required or (d / "mml_index_satellite.csv").is_file():
         sat = read_table(d / "mml_index_satellite.csv", ["images", "lat", "lon"])
-        index.sat, index.sat_latlon = sat["images"], parse_latlon(d / "mml_index_satellite.csv", sat)
+        index.sat = sat["images"]
+        index.sat_latlon = parse_latlon(d / "mml_index_satellite.csv", sat)
     return index
 
 
 def read_train(cfg: Config, root: Path) -> tuple[Split, Split]:
-    """The training split, cut to --subset, minus a seeded hold-out for validation: (train, val)."""
+    """The training split, cut to --subset, minus a seeded hold-out: (train, validation)."""
     split = read_split(root, "train", cfg.outdoor_only)
     if cfg.subset:
         split = split.take(range(min(cfg.subset, len(split.ids))))
@@ -717,8 +422,10 @@ def read_train(cfg: Config, root: Path) -> tuple[Split, Split]:
     return split.take(np.sort(perm[n_val:])), split.take(np.sort(perm[:n_val]))
 
 
+# Images: decoded to H x H uint8, from the files or from the `prepare` cache.
+
 def load_image(path: Path, size: int, draft: bool = True) -> np.ndarray:
-    """(S, S, 3) uint8: decode, resize the short side to S, keep the centre square.
+    """(H, H, 3) uint8: decode, resize the short side to H, keep the centre square.
 
     draft() lets the JPEG decoder skip detail: it decodes at 1/2, 1/4 or 1/8 scale, never
     below the requested size, which makes 800-px photos 2-3x cheaper (see `bench`).
@@ -734,16 +441,16 @@ class UnreadableFile(Exception):
 
 
 class ImageStore:
-    """Decoded S x S images of one split and kind (ground or satellite), looked up by id.
+    """Decoded H x H images of one split and kind (ground or satellite), looked up by id.
 
     They come from the `prepare` cache when one exists for this split and kind: one uint8
-    array (N, S, S, 3) on disk plus a manifest of ids. A cache made for another size, or one
+    array (n, H, H, 3) on disk plus a manifest of ids. A cache made for another size, or one
     that lacks images this run needs, is refused, never silently used.
     """
 
     def __init__(self, split_dir: Path, kind: str, size: int, cache: Path | None, needed=()):
-        self.dir, self.kind, self.size, self.rows = split_dir, kind, size, None
-        self.file, self.pid = None, None
+        self.dir, self.kind, self.size = split_dir, kind, size
+        self.rows, self.file, self.pid = None, None, None
         self.cache = cache / f"{split_dir.name}_{kind}" if cache else None
         if self.cache and self.cache.with_suffix(".json").is_file():
             m = json.loads(self.cache.with_suffix(".json").read_text())
@@ -765,7 +472,7 @@ class ImageStore:
         return {**self.__dict__, "file": None}
 
     def __call__(self, image_id: str, out: np.ndarray | None = None) -> np.ndarray:
-        """The image as (S, S, 3) uint8, written into `out` when given (a batch's slot)."""
+        """The image as (H, H, 3) uint8, written into `out` when given (a batch's slot)."""
         out = np.empty((self.size, self.size, 3), np.uint8) if out is None else out
         if self.rows is None:
             try:
@@ -779,10 +486,18 @@ class ImageStore:
         # first touch of each page faults. Each process opens the file itself: forked workers
         # sharing one descriptor would share its read position.
         if self.pid != os.getpid():
-            self.file, self.pid = open(self.cache.with_suffix(".u8"), "rb", buffering=0), os.getpid()
+            self.file = open(self.cache.with_suffix(".u8"), "rb", buffering=0)
+            self.pid = os.getpid()
         self.file.seek(self.rows[image_id] * out.nbytes)
         self.file.readinto(out)
         return out
+
+
+def image_stores(cfg: Config, split_dir: Path, needed: dict) -> dict:
+    """{"G": store, "S": store} for one split; needed: {"G": ids, "S": ids} the run will read."""
+    cache = Path(cfg.cache) if cfg.cache else split_dir.parent / "cache"
+    return {m: ImageStore(split_dir, kind, cfg.img_size, cache, needed.get(m, ()))
+            for m, kind in (("G", "ground"), ("S", "satellite"))}
 
 
 def decode_or_none(job: tuple) -> np.ndarray | None:
@@ -793,8 +508,8 @@ def decode_or_none(job: tuple) -> np.ndarray | None:
 
 
 def build_cache(split_dir: Path, kind: str, ids: list[str], size: int, cache: Path, pool) -> int:
-    """Decode images into cache/{split}_{kind}.u8 (N, S, S, 3) and write the manifest last,
-    so that an interrupted build is never mistaken for a whole one. Returns the unreadable count.
+    """Decode images into cache/{split}_{kind}.u8 (n, H, H, 3), then write the manifest, so
+    that an interrupted build is never taken for a whole one; return how many were unreadable.
     An existing array is replaced only if its manifest says mml made it."""
     store, name = ImageStore(split_dir, kind, size, None), cache / f"{split_dir.name}_{kind}"
     manifest, array = name.with_suffix(".json"), name.with_suffix(".u8")
@@ -826,7 +541,8 @@ def build_cache(split_dir: Path, kind: str, ids: list[str], size: int, cache: Pa
 
 
 def prepare(cfg: Config):
-    """Decode every image of --splits once into the cache: training then reads pixels, not JPEGs."""
+    """`prepare`: decode every image of --splits once into the cache, so that training reads
+    pixels, not JPEGs."""
     root = default_world(cfg)
     cache = Path(cfg.cache) if cfg.cache else root / "cache"
     jobs = []  # (split folder, kind, image ids)
@@ -836,26 +552,22 @@ def prepare(cfg: Config):
             jobs += [(index.dir, "ground", index.ground), (index.dir, "satellite", index.sat)]
         else:
             s = read_split(root, split)
+            tiles = dict.fromkeys(i for g in s.sat + [s.latest] for i in g)
             jobs += [(s.dir, "ground", [i for g in s.ground for i in g]),
-                     (s.dir, "satellite", list(dict.fromkeys(i for g in s.sat + [s.latest] for i in g)))]
-    n, S = sum(len(ids) for *_, ids in jobs), cfg.img_size
-    print0(f"prepare: {n} images at {S}x{S} px -> {n * S * S * 3 / 1e9:.2f} GB in {cache}")
+                     (s.dir, "satellite", list(tiles))]
+    n, side = sum(len(ids) for *_, ids in jobs), cfg.img_size
+    print0(f"prepare: {n} images at {side}x{side} px -> {n * side * side * 3 / 1e9:.2f} GB in "
+           f"{cache}")
     cache.mkdir(parents=True, exist_ok=True)
     with torch.multiprocessing.get_context("fork").Pool(max(1, cfg.workers)) as pool:
         for split_dir, kind, ids in jobs:
             t = time.time()
-            broken = build_cache(split_dir, kind, ids, S, cache, pool)
+            broken = build_cache(split_dir, kind, ids, side, cache, pool)
             print0(f"  {split_dir.name} {kind}: {len(ids)} images, {broken} unreadable, "
                    f"{len(ids) / (time.time() - t):.0f} images/s")
 
 
-def image_stores(cfg: Config, split_dir: Path, needed: dict) -> dict:
-    """{"G": store, "S": store} for one split; needed: {"G": ids, "S": ids} the run will read."""
-    root = split_dir.parent
-    cache = Path(cfg.cache) if cfg.cache else root / "cache"
-    return {m: ImageStore(split_dir, kind, cfg.img_size, cache, needed.get(m, ()))
-            for m, kind in (("G", "ground"), ("S", "satellite"))}
-
+# Text: every article read, split into sentences and tokenised once, before training.
 
 def read_article(path: Path) -> dict:
     """A Wikipedia article: an ordered {section title: text}, paragraphs split by newlines."""
@@ -866,6 +578,19 @@ def read_article(path: Path) -> dict:
     if not isinstance(article, dict) or not article:
         raise UnreadableFile(f"{path}: expected a JSON object {{section title: text}}")
     return article
+
+
+def read_articles(split: Split) -> tuple[list[dict | None], list[str]]:
+    """Every article of a split: (article, or None where unreadable; why each of those
+    failed). Training goes on without them, as without a bad image."""
+    articles, bad = [], []
+    for text_id in split.text:
+        try:
+            articles.append(read_article(shard(split.dir, "text", text_id)))
+        except UnreadableFile as e:
+            articles.append(None)
+            bad.append(str(e))
+    return articles, bad
 
 
 def train_tokenizer(texts, cfg: Config) -> Tokenizer:
@@ -884,12 +609,12 @@ def train_tokenizer(texts, cfg: Config) -> Tokenizer:
 
 
 def tokenize(tok: Tokenizer, sentences: list[str]) -> torch.Tensor:
-    return torch.tensor([e.ids for e in tok.encode_batch(sentences)], dtype=torch.long)  # (N, L)
+    return torch.tensor([e.ids for e in tok.encode_batch(sentences)], dtype=torch.long)  # (n, L)
 
 
 class Sentences:
     """A split's candidate sentences, tokenised once: the loop picks rows of `tokens` and never
-    parses JSON. An article splits the authors' way (PROTOCOL section 2), naive on purpose so
+    parses JSON. An article splits the authors' way (PROTOCOL 2), naive on purpose so
     numbers compare: into sections, paragraphs at newlines, pieces at '. '. Three levels of
     (start, count) rows record that tree: per article its sections, per section its
     paragraphs, per paragraph its pieces. pick() walks it: "first" takes the first branch at
@@ -924,9 +649,9 @@ class Sentences:
 
 
 class LandmarkSet(torch.utils.data.Dataset):
-    """Landmarks -> batches: a list of (epoch, row) keys -> {"G": (B,3,S,S) uint8, "S": (B,3,S,S)
-    uint8, "T": (B,L) ids, "C": (B,2) lat/lon, "bad": B strings of unreadable files, one per
-    line}, active modalities only.
+    """Landmarks -> batches: a list of (epoch, row) keys -> {"G": (B,3,H,H) uint8, "S":
+    (B,3,H,H) uint8, "T": (B,L) ids, "C": (B,2) lat/lon, "bad": B strings of unreadable files,
+    one per line}, active modalities only.
 
     Training (train=True) draws a random ground photo, a random year's aerial image (or the
     latest, --last-sat-only) and a --train-text sentence; validation takes the first photo,
@@ -938,7 +663,7 @@ class LandmarkSet(torch.utils.data.Dataset):
     Whole batches, not samples: in a loader worker the image arrays are made in shared memory
     and each image is read straight into its slot, so a batch reaches the training process
     without the two further copies of every pixel that collating samples costs (2x the
-    throughput of one worker). The arrays are (B, S, S, 3) as stored; the (B, 3, S, S) view
+    throughput of one worker). The arrays are (B, H, H, 3) as stored; the (B, 3, H, H) view
     of them is channels-last in memory, the layout convolutions run fastest in on a GPU.
 
     A file that cannot be read is skipped for another view of the same landmark and listed
@@ -954,7 +679,7 @@ class LandmarkSet(torch.utils.data.Dataset):
         return len(self.split.ids)
 
     def view(self, m: str, ids: list[str], rng: random.Random, out: np.ndarray, bad: list):
-        """One of ids (a random one when training) read into out (S, S, 3)."""
+        """One of ids (a random one when training) read into out (H, H, 3)."""
         for image_id in rng.sample(ids, len(ids)) if self.train else ids:
             try:
                 self.stores[m](image_id, out)
@@ -964,8 +689,8 @@ class LandmarkSet(torch.utils.data.Dataset):
         out[...] = 0  # no readable view at all: a black image
 
     def __getitem__(self, keys: list[tuple[int, int]]) -> dict:
-        s, S, mods, B = self.split, self.cfg.img_size, self.cfg.modalities, len(keys)
-        images = {m: torch.empty(B, S, S, 3, dtype=torch.uint8) for m in "GS" if m in mods}
+        s, side, mods, B = self.split, self.cfg.img_size, self.cfg.modalities, len(keys)
+        images = {m: torch.empty(B, side, side, 3, dtype=torch.uint8) for m in "GS" if m in mods}
         if torch.utils.data.get_worker_info() is not None:  # in a worker: shared memory
             images = {m: x.share_memory_() for m, x in images.items()}
         rows, tokens, bad = [i for _, i in keys], [], []
@@ -980,7 +705,7 @@ class LandmarkSet(torch.utils.data.Dataset):
                 mode = self.cfg.train_text if self.train else "first"
                 tokens.append(self.sentences.pick(i, mode, rng))
             bad.append("\n".join(problems))
-        out = {m: x.permute(0, 3, 1, 2) for m, x in images.items()}          # (B, 3, S, S)
+        out = {m: x.permute(0, 3, 1, 2) for m, x in images.items()}          # (B, 3, H, H)
         if "T" in mods:
             out["T"] = self.sentences.tokens[tokens]                         # (B, L)
         if "C" in mods:
@@ -1003,12 +728,12 @@ def augment_params(seed: int, epoch: int, step: int, n: int) -> torch.Tensor:
 
 
 def grayscale(x: torch.Tensor) -> torch.Tensor:
-    """(B, 3, S, S) -> (B, 1, S, S) luma with ITU-R 601 weights, as torchvision computes it."""
+    """(B, 3, H, H) -> (B, 1, H, H) luma with ITU-R 601 weights, as torchvision computes it."""
     return (0.2989 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
 
 
 def augment(images: torch.Tensor, params: torch.Tensor, rotate: bool) -> torch.Tensor:
-    """(B, 3, S, S) uint8 -> (B, 3, S, S) float in [0, 1], jittered as the authors did: light
+    """(B, 3, H, H) uint8 -> (B, 3, H, H) float in [0, 1], jittered as the authors did: light
     colour jitter, blur or sharpen, and aerial views turned by a multiple of 90 degrees (north
     is not special). Each sample by its own row of params (B, 6) from augment_params, all at
     once on the images' device. Each step is torchvision's per-image function written for a
@@ -1023,15 +748,15 @@ def augment(images: torch.Tensor, params: torch.Tensor, rotate: bool) -> torch.T
     # (2 sigma^2)), over a reflect-padded image, along rows then columns
     blur = (r < 0.2).view(-1)
     w = torch.exp(-0.5 / sigma[blur]**2)
-    pad = F.pad(x[blur], (1, 1, 1, 1), mode="reflect")                 # (b, 3, S+2, S+2)
-    rows = (pad[..., :-2] + pad[..., 2:]) * w + pad[..., 1:-1]         # (b, 3, S+2, S)
+    pad = F.pad(x[blur], (1, 1, 1, 1), mode="reflect")                 # (b, 3, H+2, H+2)
+    rows = (pad[..., :-2] + pad[..., 2:]) * w + pad[..., 1:-1]         # (b, 3, H+2, H)
     blurred = ((rows[..., :-2, :] + rows[..., 2:, :]) * w + rows[..., 1:-1, :]) / (1 + 2 * w)**2
     # sharpen (0.2 <= r < 0.4): 2x - smooth, where smooth is x under the 3x3 kernel
     # [[1,1,1],[1,5,1],[1,1,1]] / 13, border pixels kept (the kernel's 3x3 box sum, + 4 x)
     sharp = ((r >= 0.2) & (r < 0.4)).view(-1)
-    y = x[sharp]                                                       # (b', 3, S, S)
-    rows = y[..., :-2] + y[..., 1:-1] + y[..., 2:]                     # (b', 3, S, S-2)
-    box = rows[..., :-2, :] + rows[..., 1:-1, :] + rows[..., 2:, :]    # (b', 3, S-2, S-2)
+    y = x[sharp]                                                       # (b', 3, H, H)
+    rows = y[..., :-2] + y[..., 1:-1] + y[..., 2:]                     # (b', 3, H, H-2)
+    box = rows[..., :-2, :] + rows[..., 1:-1, :] + rows[..., 2:, :]    # (b', 3, H-2, H-2)
     smooth = y.clone()
     smooth[..., 1:-1, 1:-1] = (box + 4 * y[..., 1:-1, 1:-1]) / 13
     x[blur] = blurred
@@ -1075,7 +800,8 @@ class EpochSampler(torch.utils.data.Sampler):
 
 
 class ResBlock(nn.Module):
-    """Two 3x3 convolutions with a shortcut; halves the side, (B,C,S,S) -> (B,C',S/2,S/2)."""
+    """Two 3x3 convolutions with a shortcut, halving the side: (B, c_in, h, h) -> (B, c_out,
+    h/2, h/2)."""
 
     def __init__(self, c_in: int, c_out: int):
         super().__init__()
@@ -1091,18 +817,18 @@ class ResBlock(nn.Module):
 
 
 def image_trunk(width: int) -> nn.Sequential:
-    """(B, 3, S, S) float -> (B, 8 * width) features: a stem and three residual stages."""
+    """(B, 3, H, H) float -> (B, 8 * width) features: a stem and three residual stages."""
     return nn.Sequential(
-        nn.Conv2d(3, width, 3, stride=2, padding=1, bias=False), nn.GroupNorm(8, width), nn.GELU(),
-        ResBlock(width, 2 * width), ResBlock(2 * width, 4 * width), ResBlock(4 * width, 8 * width),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        nn.Conv2d(3, width, 3, stride=2, padding=1, bias=False), nn.GroupNorm(8, width),
+        nn.GELU(), ResBlock(width, 2 * width), ResBlock(2 * width, 4 * width),
+        ResBlock(4 * width, 8 * width), nn.AdaptiveAvgPool2d(1), nn.Flatten())
 
 
 BACKBONES = ("small", "resnet18", "resnet50", "convnext_tiny", "vit_b_16")
 
 
 def image_backbone(cfg: Config) -> tuple[nn.Module, int]:
-    """(B, 3, S, S) normalised pixels -> (B, width) features: (module, width). `small` is
+    """(B, 3, H, H) normalised pixels -> (B, width) features: (module, width). `small` is
     the CNN above; the others are torchvision's ImageNet classifiers with their classifier
     layer replaced by nothing (our head projects to D instead). Random weights here, always:
     train loads the pretrained ones (load_pretrained), and eval the checkpoint's."""
@@ -1111,16 +837,19 @@ def image_backbone(cfg: Config) -> tuple[nn.Module, int]:
     size = {"image_size": cfg.img_size} if cfg.image_backbone == "vit_b_16" else {}
     net = torchvision.models.get_model(cfg.image_backbone, weights=None, **size)
     if cfg.image_backbone.startswith("resnet"):
-        width, net.fc = net.fc.in_features, nn.Identity()
+        width = net.fc.in_features
+        net.fc = nn.Identity()
     elif cfg.image_backbone == "convnext_tiny":
-        width, net.classifier[2] = net.classifier[2].in_features, nn.Identity()
+        width = net.classifier[2].in_features
+        net.classifier[2] = nn.Identity()
     else:
-        width, net.heads = net.heads.head.in_features, nn.Identity()
+        width = net.heads.head.in_features
+        net.heads = nn.Identity()
     return net, width
 
 
 def backbone_weights(name: str):
-    """torchvision's ImageNet weights of a backbone: their URL, image size and pixel statistics."""
+    """torchvision's ImageNet weights of a backbone: their URL, image size, pixel statistics."""
     return torchvision.models.get_model_weights(name).DEFAULT
 
 
@@ -1133,15 +862,16 @@ def load_pretrained(trunk: nn.Module, name: str):
     try:
         state = weights.get_state_dict(progress=is_master(), check_hash=True, weights_only=True)
     except Exception as e:  # no network, a truncated download, a file of another format
+        why = str(e).splitlines()[0] if str(e) else ""
         raise UserError(f"--pretrained: {name}'s ImageNet weights are not usable at {path} and "
-                        f"not downloadable from {weights.url} ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0] if str(e) else ''}); put that file there") from None
+                        f"not downloadable from {weights.url} ({type(e).__name__}: {why}); put "
+                        f"that file there") from None
     own = trunk.state_dict()
     load_matching(trunk, {k: v for k, v in state.items() if k in own}, f"--pretrained {path}")
 
 
 class ImageEncoder(nn.Module):
-    """(B, 3, S, S) uint8, or float in [0, 1] -> (B, D) unit vectors: normalise the pixels
+    """(B, 3, H, H) uint8, or float in [0, 1] -> (B, D) unit vectors: normalise the pixels
     as the backbone expects, the backbone, a linear head. It may use another's backbone."""
 
     def __init__(self, cfg: Config, dim: int, share_with: "ImageEncoder | None" = None):
@@ -1333,21 +1063,46 @@ def contrastive_loss(emb: dict, scale: torch.Tensor, pairs: list[str], gather: b
 
 
 # ---- metrics ------------------------------------------------------------------------------
-# PROTOCOL section 4. A positive is a gallery item with the query's landmark id; label -1
-# marks an index distractor. The authors' official numbers treat distractors as junk: removed
-# from the ranking before R@k and mAP@1k (after taking the top 1,000 for mAP), seen only by
-# medR. The strict numbers rank the distractors like any other item. Both are reported.
+# PROTOCOL 4. A positive is a gallery item with the query's landmark id; label -1 marks an
+# index distractor. The authors' official numbers treat distractors as junk: removed from the
+# ranking before R@k and mAP@1k (after taking the top 1,000 for mAP), seen only by medR. The
+# strict numbers rank the distractors like any other item. Both are reported. Here c is the
+# number of queries in a chunk (--chunk), scored at once against the whole gallery.
 
 
 def count_at_least(scores: torch.Tensor, t: torch.Tensor, n_junk: int) -> tuple:
     """Items scoring >= t per row, among the distractors (the first n_junk columns) and among
-    the rest: (c, G), (c, 1) -> two (c,). A count, not a sort: one pass over the scores."""
+    the rest: (c, N), (c, 1) -> two (c,). A count, not a sort: one pass over the scores."""
     return ((scores[:, :n_junk] >= t).sum(1, dtype=torch.int32),
             (scores[:, n_junk:] >= t).sum(1, dtype=torch.int32))
 
 
-def rank_queries(q: torch.Tensor, g: torch.Tensor, q_labels: torch.Tensor, g_labels: torch.Tensor,
-                 map_top: int = 1000, chunk: int = 512, top: int = 5) -> dict:
+def positives(q_labels: torch.Tensor, g_labels: torch.Tensor) -> tuple:
+    """Each query's positives as gallery indices, found by sorting the labels once and looking
+    each query's run up: (Q, P) indices, (Q, P) which of them are real (P is the most any
+    query has), (Q,) how many each query has."""
+    by_label = torch.argsort(g_labels, stable=True)
+    sorted_labels = g_labels[by_label]
+    start = torch.searchsorted(sorted_labels, q_labels)
+    n_good = torch.searchsorted(sorted_labels, q_labels, right=True) - start       # (Q,)
+    if bool((n_good == 0).any()):
+        raise ValueError(f"query {int(torch.nonzero(n_good == 0)[0])} has no positive in the "
+                         f"gallery")
+    slots = torch.arange(int(n_good.max()), device=g_labels.device)                # (P,)
+    index = by_label[(start[:, None] + slots).clamp(max=len(g_labels) - 1)]       # (Q, P)
+    return index, slots < n_good[:, None], n_good
+
+
+def ap_term(hit: int, position: torch.Tensor) -> torch.Tensor:
+    """The authors' AP contribution of a query's hit number `hit` (0-based) at 0-based
+    `position` of its ranking: the mean of the precision just before it and at it."""
+    before = torch.where(position > 0, hit / position.clamp(min=1), 1.0)
+    return (before + (hit + 1) / (position + 1)) / 2
+
+
+def rank_queries(q: torch.Tensor, g: torch.Tensor, q_labels: torch.Tensor,
+                 g_labels: torch.Tensor, map_top: int = 1000, chunk: int = 512,
+                 top: int = 5) -> dict:
     """Per query (Q,): 0-based position of its first positive in the full ranking
     ("first_strict") and with distractors removed ("first_official"), AP over the top
     map_top under both ("ap_strict", "ap_official"), and its `top` best gallery items (Q, top).
@@ -1359,36 +1114,27 @@ def rank_queries(q: torch.Tensor, g: torch.Tensor, q_labels: torch.Tensor, g_lab
     map_top scores alone (topk: a selection, not a sort). Ties go against the query: an item
     whose score equals a positive's ranks before it, unless it is a positive too. Scores are
     float32 with TF32 off, since rounding at 100k+ items creates ties. Memory stays bounded
-    by the chunk: about 6 bytes x chunk x G.
+    by the chunk: about 6 bytes x chunk x N.
     """
-    Q, G = len(q), len(g)
+    Q, N = len(q), len(g)
     junk = g_labels == -1
     n_junk, order = int(junk.sum()), None
     if not bool(junk[:n_junk].all()):  # distractors first: counting them is then a slice
         order = torch.argsort((~junk).int(), stable=True)
         g, g_labels = g[order], g_labels[order]
-    # each query's positives as gallery indices: sort the labels once, find each query's run
-    by_label = torch.argsort(g_labels, stable=True)
-    sorted_labels = g_labels[by_label]
-    start = torch.searchsorted(sorted_labels, q_labels)
-    n_good = torch.searchsorted(sorted_labels, q_labels, right=True) - start  # (Q,)
-    if bool((n_good == 0).any()):
-        raise ValueError(f"query {int(torch.nonzero(n_good == 0)[0])} has no positive in the gallery")
-    slots = torch.arange(int(n_good.max()), device=g.device)                   # (P,)
-    pos_index = by_label[(start[:, None] + slots).clamp(max=G - 1)]           # (Q, P)
-    is_pos = slots < n_good[:, None]                                           # (Q, P)
-    K = min(map_top, G)
+    pos_index, is_pos, n_good = positives(q_labels, g_labels)                    # (Q, P) ...
+    K = min(map_top, N)
     res = {"first_strict": torch.zeros(Q, dtype=torch.long, device=g.device),
            "first_official": torch.zeros(Q, dtype=torch.long, device=g.device),
            "ap_strict": torch.zeros(Q, dtype=torch.float64, device=g.device),
            "ap_official": torch.zeros(Q, dtype=torch.float64, device=g.device),
-           "top": torch.zeros(Q, min(top, G), dtype=torch.long, device=g.device)}
+           "top": torch.zeros(Q, min(top, N), dtype=torch.long, device=g.device)}
     precision = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("highest")
     try:
         for s in range(0, Q, chunk):
             part = slice(s, s + chunk)
-            scores = q[part].float() @ g.float().T                            # (c, G)
+            scores = q[part].float() @ g.float().T                            # (c, N)
             top_scores, top_index = scores.topk(K, dim=1)                      # (c, K) best first
             res["top"][part] = top_index[:, :res["top"].shape[1]]
             pos = scores.gather(1, pos_index[part]).masked_fill(~is_pos[part], -math.inf)
@@ -1397,27 +1143,31 @@ def rank_queries(q: torch.Tensor, g: torch.Tensor, q_labels: torch.Tensor, g_lab
             t = pos[:, :1]
             junk_above, labelled_above = count_at_least(scores, t, n_junk)
             official = labelled_above - (pos >= t).sum(1)  # non-positives of the query split
-            res["first_official"][part], res["first_strict"][part] = official, official + junk_above
-            # every positive within the top K, counted among the top K scores
-            top_junk, kth = top_index < n_junk, top_scores[:, -1:]             # (c, K), (c, 1)
+            res["first_official"][part] = official
+            res["first_strict"][part] = official + junk_above
+            # every positive within the top K, counted among the top K scores alone
+            top_is_junk = top_index < n_junk                                   # (c, K)
+            cutoff = top_scores[:, -1:]  # the K-th best score: lower ones are out of the top K
             for j in range(pos.shape[1]):
                 t = pos[:, j:j + 1]                                            # (c, 1)
-                valid = j < n_good[part]
-                inside, edge = valid & (t > kth)[:, 0], valid & (t == kth)[:, 0]
-                if not bool((inside | edge).any()):
+                real = j < n_good[part]
+                above_cutoff = real & (t > cutoff)[:, 0]
+                at_cutoff = real & (t == cutoff)[:, 0]
+                if not bool((above_cutoff | at_cutoff).any()):
                     break  # the remaining positives all score below the K-th item
                 at_least = top_scores >= t
-                junk_above = (at_least & top_junk).sum(1, dtype=torch.int32)
-                labelled_above = (at_least & ~top_junk).sum(1, dtype=torch.int32)
-                if bool(edge.any()):  # ties with the K-th item may go on past the top K
-                    junk_above[edge], labelled_above[edge] = count_at_least(scores[edge], t[edge], n_junk)
-                official = labelled_above - (pos >= t).sum(1) + j  # j positives rank before it
+                junk_above = (at_least & top_is_junk).sum(1, dtype=torch.int32)
+                labelled_above = (at_least & ~top_is_junk).sum(1, dtype=torch.int32)
+                if bool(at_cutoff.any()):  # its ties may go on past the top K: count them all
+                    junk_above[at_cutoff], labelled_above[at_cutoff] = count_at_least(
+                        scores[at_cutoff], t[at_cutoff], n_junk)
+                # positions of positive j: items above it, less the positives among them,
+                # plus the j positives that rank before it (ties go against the query)
+                official = labelled_above - (pos >= t).sum(1) + j
                 strict = official + junk_above
-                hit = inside | (edge & (strict < map_top))
-                for name, row in (("ap_strict", strict.double()), ("ap_official", official.double())):
-                    # the authors' AP: mean of the precisions just before and at each hit
-                    before = torch.where(row > 0, j / row.clamp(min=1), 1.0)
-                    res[name][part] += torch.where(hit, (before + (j + 1) / (row + 1)) / 2, 0.0)
+                hit = above_cutoff | (at_cutoff & (strict < map_top))
+                res["ap_strict"][part] += torch.where(hit, ap_term(j, strict.double()), 0.0)
+                res["ap_official"][part] += torch.where(hit, ap_term(j, official.double()), 0.0)
     finally:
         torch.set_float32_matmul_precision(precision)
     res["ap_strict"] /= n_good
@@ -1433,13 +1183,16 @@ def summarise(ranks: dict, ks=(1, 5, 10), map_top: int = 1000) -> dict:
     authors' medR already counts distractors), numpy's median (mean of the middle two)."""
     med = float(np.median(ranks["first_strict"].cpu().numpy() + 1))
     m = "mAP@1k" if map_top == 1000 else f"mAP@{map_top}"
-    return {p: {**{f"R@{k}": 100 * (ranks[f"first_{p}"] < k).double().mean().item() for k in ks},
-                m: 100 * ranks[f"ap_{p}"].mean().item(), "medR": med} for p in ("official", "strict")}
+    out = {}
+    for p in ("official", "strict"):
+        recall = {f"R@{k}": 100 * (ranks[f"first_{p}"] < k).double().mean().item() for k in ks}
+        out[p] = {**recall, m: 100 * ranks[f"ap_{p}"].mean().item(), "medR": med}
+    return out
 
 
 def retrieval_metrics(query_emb, gallery_emb, query_labels, gallery_labels, ks=(1, 5, 10),
                       map_top=1000) -> dict:
-    """Official and strict R@k, mAP@map_top and medR of a retrieval task (PROTOCOL section 4)."""
+    """Official and strict R@k, mAP@map_top and medR of a retrieval task (PROTOCOL 4)."""
     return summarise(rank_queries(query_emb, gallery_emb, query_labels, gallery_labels, map_top),
                      ks, map_top)
 
@@ -1447,8 +1200,8 @@ def retrieval_metrics(query_emb, gallery_emb, query_labels, gallery_labels, ks=(
 def geo_metrics(pred_latlon: torch.Tensor, true_latlon: torch.Tensor) -> dict:
     """% of predictions within 1, 25, 200, 750, 2500 km of the truth, and the median error."""
     km = haversine_km(pred_latlon, true_latlon)
-    return {**{f"acc@{t}km": 100 * (km <= t).double().mean().item() for t in (1, 25, 200, 750, 2500)},
-            "median_km": float(np.median(km.cpu().numpy()))}
+    within = {f"acc@{t}km": 100 * (km <= t).double().mean().item() for t in (1, 25, 200, 750, 2500)}
+    return within | {"median_km": float(np.median(km.cpu().numpy()))}
 
 
 # ---- train --------------------------------------------------------------------------------
@@ -1497,8 +1250,8 @@ def load_tensors(path: Path, what: str) -> dict:
         raise UserError(f"{path}: not an mml {what}: it needs more than tensors and plain data "
                         f"to load, and may contain code, so it is not unpickled") from None
     except Exception as e:  # truncated, not a torch file at all
-        raise UserError(f"{path}: not a readable {what} ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0] if str(e) else ''})") from None
+        why = str(e).splitlines()[0] if str(e) else ""
+        raise UserError(f"{path}: not a readable {what} ({type(e).__name__}: {why})") from None
     if not isinstance(obj, dict):
         raise UserError(f"{path}: not an mml {what} (holds a {type(obj).__name__}, not a dict)")
     return obj
@@ -1511,9 +1264,10 @@ def load_matching(module: nn.Module, state: dict, what: str):
     for key in list(own) + [k for k in state if k not in own]:
         mine, theirs = own.get(key), state.get(key)
         if mine is None or theirs is None or tuple(mine.shape) != tuple(theirs.shape):
-            shape = lambda t: "absent" if t is None else tuple(getattr(t, "shape", ()))
-            raise UserError(f"{what}: does not fit this model: {key} is {shape(theirs)} in the "
-                            f"file and {shape(mine)} in the model")
+            shapes = ["absent" if t is None else tuple(getattr(t, "shape", ()))
+                      for t in (theirs, mine)]
+            raise UserError(f"{what}: does not fit this model: {key} is {shapes[0]} in the "
+                            f"file and {shapes[1]} in the model")
     module.load_state_dict(state)
 
 
@@ -1541,7 +1295,7 @@ def to_device(batch: dict, device: torch.device) -> dict:
     """Tensors to the device; pinned memory makes the copy asynchronous (non_blocking)."""
     out = {m: x.to(device, non_blocking=True) for m, x in batch.items() if torch.is_tensor(x)}
     # images: channels-last on a GPU, where convolutions run fastest that way; plain
-    # (B, 3, S, S) on the CPU, where the elementwise jitter runs 1.4x faster on it
+    # (B, 3, H, H) on the CPU, where the elementwise jitter runs 1.4x faster on it
     layout = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     return {m: x.contiguous(memory_format=layout) if x.dim() == 4 else x for m, x in out.items()}
 
@@ -1575,8 +1329,8 @@ def validate(model: MML, val_set: LandmarkSet, cfg: Config, pairs: list[str], de
     model.train()
     emb = {m: torch.cat([e[m] for e in embs]) for m in embs[0]}
     labels = torch.arange(n, device=device)
-    r1 = {f"val_{a}2{b}_R@1": retrieval_metrics(emb[a], emb[b], labels, labels)["official"]["R@1"]
-          for a, b in pairs}
+    r1 = {f"val_{a}2{b}_R@1": retrieval_metrics(emb[a], emb[b], labels, labels)["official"][
+        "R@1"] for a, b in pairs}
     return {"val_loss": total / n, "val_R@1": sum(r1.values()) / len(r1), **r1,
             "chance_R@1": 100 / n}
 
@@ -1587,7 +1341,8 @@ class StopSignal:
     Used as `with StopSignal() as stop:`; the previous handlers come back on exit."""
 
     def __enter__(self):
-        self.signum, self.previous = 0, {}
+        self.signum = 0  # the first signal received
+        self.previous = {}
         for s in (signal.SIGTERM, signal.SIGINT):
             self.previous[s] = signal.signal(s, self.handle)
         return self
@@ -1606,7 +1361,7 @@ class StopSignal:
 
 def ignore_stop_signals(worker_id: int):
     """In loader workers: a scheduler signals the whole process group, and a worker killed by
-    it would take the main process's last step with it. The main process decides when to stop."""
+    it would take the main process's last step with it. The main process decides to stop."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
@@ -1617,22 +1372,57 @@ def start_over(out: Path):
         (out / name).unlink(missing_ok=True)
 
 
-def read_articles(split: Split) -> tuple[list[dict | None], list[str]]:
-    """Every Wikipedia article of a split, read once: (article, or None where unreadable;
-    why each unreadable one failed). Training goes on without them, as without a bad image."""
-    articles, bad = [], []
-    for text_id in split.text:
-        try:
-            articles.append(read_article(shard(split.dir, "text", text_id)))
-        except UnreadableFile as e:
-            articles.append(None)
-            bad.append(str(e))
-    return articles, bad
+def learn_tokenizer(cfg: Config, articles: list, ckpt: dict | None) -> Tokenizer:
+    """The run's tokenizer: the checkpoint's on --resume; else learnt once, on process 0,
+    from the training articles and sent to the others: every process must agree."""
+    if ckpt:
+        return Tokenizer.from_str(ckpt["tokenizer"])
+    tok_json = [None]
+    if is_master():
+        texts = (str(v) for a in articles if a for v in a.values())
+        tok_json = [train_tokenizer(texts, cfg).to_str()]
+    if dist.is_initialized():
+        dist.broadcast_object_list(tok_json)
+    return Tokenizer.from_str(tok_json[0])
+
+
+def build_model(cfg: Config, device, ckpt: dict | None) -> tuple[MML, torch.optim.Optimizer]:
+    """The model and its optimizer: from the checkpoint on --resume; else initialised (the
+    same seed on every process: identical weights), with --pretrained and --gps-init."""
+    torch.manual_seed(cfg.seed)
+    raw = MML(cfg).to(device)
+    if device.type == "cuda":
+        raw = raw.to(memory_format=torch.channels_last)
+    if cfg.pretrained and cfg.image_backbone != "small" and not ckpt:
+        for m in {"G", "S"} & set(raw.enc):  # a shared trunk loads twice: the same weights
+            load_pretrained(raw.enc[m].trunk, cfg.image_backbone)
+    if cfg.gps_init and not ckpt:
+        if "C" not in raw.enc:
+            raise UserError("--gps-init: needs C in --modalities")
+        load_matching(raw.enc["C"], load_tensors(Path(cfg.gps_init), "state dict"),
+                      f"--gps-init {cfg.gps_init}")
+    trained = [p for p in raw.parameters() if p.requires_grad]  # frozen: no optimizer state
+    decay = [p for p in trained if p.dim() >= 2]  # weights; not biases, norms, the scale
+    rest = [p for p in trained if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": rest, "weight_decay": 0.0}], lr=cfg.lr,
+                            betas=(0.9, 0.98))
+    if ckpt:
+        raw.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        torch.set_rng_state(ckpt["torch_rng"])
+    return raw, opt
 
 
 def train(cfg: Config):
+    """`train`. Phases: data (the splits, every article read and tokenised once, the loader),
+    model (fresh, or the checkpoint's on --resume), then per step: jitter the batch on the
+    device, forward, the contrastive loss, one all-reduce that also carries the stop signal,
+    backward and update; per epoch (or on a stop signal): validate, then save best.pt and
+    last.pt. Process 0 logs, validates and saves; the others wait at a barrier."""
     device = setup_distributed(cfg)
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world = dist.get_world_size() if dist.is_initialized() else 1
     out = Path(cfg.out)
     root = default_world(cfg)
     # the checkpoint records the data as an absolute path: eval reads it from anywhere
@@ -1642,22 +1432,12 @@ def train(cfg: Config):
         raise UserError(f"{root}: {len(train_split.ids)} training and {len(val_split.ids)} "
                         f"validation landmarks; need at least 2 of each")
     ckpt = load_checkpoint(out / "last.pt") if cfg.resume else None
-    # every article read once, here: the loop then only picks token ids
     articles, bad = read_articles(train_split)
     val_articles, val_bad = read_articles(val_split)
     if bad or val_bad:
         print0(f"{len(bad + val_bad)} unreadable articles: their landmarks train with an empty "
                f"sentence (first: {(bad + val_bad)[0]})")
-    if ckpt:
-        tok = Tokenizer.from_str(ckpt["tokenizer"])
-    else:  # learnt once, on process 0, and sent to the others: every process must agree
-        tok_json = [None]
-        if rank == 0:
-            texts = (str(v) for a in articles if a for v in a.values())
-            tok_json = [train_tokenizer(texts, cfg).to_str()]
-        if world > 1:
-            dist.broadcast_object_list(tok_json)
-        tok = Tokenizer.from_str(tok_json[0])
+    tok = learn_tokenizer(cfg, articles, ckpt)
     stores = image_stores(cfg, train_split.dir, {
         "G": [i for g in train_split.ground + val_split.ground for i in g],
         "S": [i for g in train_split.sat + val_split.sat for i in g]})
@@ -1682,35 +1462,15 @@ def train(cfg: Config):
     steps_per_epoch = len(train_set) // B
     total = cfg.max_steps or cfg.epochs * steps_per_epoch
 
-    # The same seed on every process: identical initial weights. No per-rank offset is needed
-    # (nanoGPT has one for its data): every random draw of the data is keyed by (seed, epoch,
-    # row), and each process draws its own rows.
-    torch.manual_seed(cfg.seed)
-    raw = MML(cfg).to(device)
-    if device.type == "cuda":
-        raw = raw.to(memory_format=torch.channels_last)
-    if cfg.pretrained and cfg.image_backbone != "small" and not ckpt:
-        for m in {"G", "S"} & set(raw.enc):  # a shared trunk loads twice: the same weights
-            load_pretrained(raw.enc[m].trunk, cfg.image_backbone)
-    if cfg.gps_init and not ckpt:
-        if "C" not in raw.enc:
-            raise UserError("--gps-init: needs C in --modalities")
-        load_matching(raw.enc["C"], load_tensors(Path(cfg.gps_init), "state dict"),
-                      f"--gps-init {cfg.gps_init}")
-    trained = [p for p in raw.parameters() if p.requires_grad]  # frozen ones: no optimizer state
-    decay = [p for p in trained if p.dim() >= 2]  # weights; not biases, norms, the scale
-    rest = [p for p in trained if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": rest, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98))
+    # No per-rank seed offset is needed (nanoGPT has one for its data): every random draw of
+    # the data is keyed by (seed, epoch, row) or by a sample's place in the global batch.
+    raw, opt = build_model(cfg, device, ckpt)
     warmup = max(1, round(cfg.warmup * total))  # the lr is a function of the step alone
-    # best.pt is the epoch of lowest validation loss (the authors' rule) or highest R@1
-    better = (lambda a, b: a < b) if cfg.select == "loss" else (lambda a, b: a > b)
-    step, best = 0, math.inf if cfg.select == "loss" else -math.inf
+    # best.pt: the epoch of lowest validation loss (the authors' rule), or of highest R@1
+    sign = 1 if cfg.select == "loss" else -1  # better means lower sign * value
+    step = ckpt["step"] if ckpt else 0
+    best = ckpt["best"] if ckpt else sign * math.inf
     if ckpt:
-        raw.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        step, best = ckpt["step"], ckpt["best"]
-        torch.set_rng_state(ckpt["torch_rng"])
         print0(f"resumed {out / 'last.pt'} at step {step}")
     elif rank == 0 and cfg.overwrite:
         start_over(out)
@@ -1724,15 +1484,17 @@ def train(cfg: Config):
 
     pairs = loss_pairs(cfg.modalities, cfg.loss)
     n_params = sum(p.numel() for p in raw.parameters())
-    n_trained = sum(p.numel() for p in trained)
+    n_trained = sum(p.numel() for p in raw.parameters() if p.requires_grad)
     print0(f"training {cfg.modalities} ({cfg.loss}: {' '.join(pairs)}), {n_params / 1e6:.2f}M "
-           f"parameters ({n_trained / 1e6:.2f}M trained), {len(train_set)} landmarks ({len(val_set)} held out) from {root}, "
-           f"batch {B} on {world} x {device.type}, {steps_per_epoch} steps/epoch, {total} steps")
+           f"parameters ({n_trained / 1e6:.2f}M trained), {len(train_set)} landmarks "
+           f"({len(val_set)} held out) from {root}, batch {B} on {world} x {device.type}, "
+           f"{steps_per_epoch} steps/epoch, {total} steps")
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         log = open(out / "log.jsonl", "a")
     fixed = next(iter(loader)) if cfg.overfit_batch else None
-    start_step, t_start, bad_in_row, skipped = step, time.time(), 0, 0
+    start_step, t_start = step, time.time()
+    bad_in_row, skipped = 0, 0  # non-finite losses: in a row now, and in all
     t_log, step_log = t_start, step
     with StopSignal() as stop:
         while step < total:
@@ -1809,7 +1571,7 @@ def train(cfg: Config):
                 if epoch_done:
                     val = validate(raw, val_set, cfg, pairs, device)
                     value = val["val_loss" if cfg.select == "loss" else "val_R@1"]
-                    improved = better(value, best)
+                    improved = sign * value < sign * best
                     best = value if improved else best
                     print(f"epoch {epoch} | " + " | ".join(f"{k} {v:.3f}" for k, v in val.items())
                           + (" | new best" if improved else ""), flush=True)
@@ -1838,7 +1600,7 @@ def train(cfg: Config):
 
 
 # ---- eval ---------------------------------------------------------------------------------
-# PROTOCOL section 3: every query ground photo is its own query; the aerial queries are the
+# PROTOCOL 3: every query ground photo is its own query; the aerial queries are the
 # latest tile of each query landmark; galleries are the index distractors (label -1) plus the
 # query split's own items; the GPS gallery is the index tiles' centres plus the query
 # landmarks' coordinates, and a geolocalisation guess is the top-1 GPS item.
@@ -1862,7 +1624,7 @@ def task_names(cfg: Config) -> list[str]:
 
 
 class ImageList(torch.utils.data.Dataset):
-    """Image ids -> ((3, S, S) uint8, "" or why the file could not be read)."""
+    """Image ids -> ((3, H, H) uint8, "" or why the file could not be read)."""
 
     def __init__(self, store: ImageStore, ids: list[str]):
         self.store, self.ids = store, ids
@@ -1911,7 +1673,8 @@ def embed(encoder: nn.Module, data, what: str, cfg: Config, device) -> torch.Ten
         done = sum(len(p) for p in parts) * world
         if time.time() - t_print > 10:
             rate = done / (time.time() - t0)
-            print0(f"  embedding {what}: {done}/{n}, {rate:.0f}/s, ETA {fmt_time((n - done) / rate)}")
+            eta = fmt_time((n - done) / rate)
+            print0(f"  embedding {what}: {done}/{n}, {rate:.0f}/s, ETA {eta}")
             t_print = time.time()
     emb = torch.cat(parts) if parts else torch.zeros(0, cfg.embed_dim, device=device)
     return gather_rows(emb, n) if world > 1 else emb
@@ -1928,7 +1691,7 @@ class Side:
 
 
 class Sides:
-    """The queries and galleries of the protocol (PROTOCOL section 3), each built and embedded
+    """The queries and galleries of the protocol (PROTOCOL 3), each built and embedded
     once, when a task first asks for it. Under torchrun every process embeds its share of
     each (`embed`), so all processes ask in the same order."""
 
@@ -2059,10 +1822,11 @@ def open_gallery(root: Path) -> tuple[torch.Tensor, list[str]]:
     landmarks (named by their Commons category). Never the query landmarks: they are the test."""
     index = read_index(root, required=False)  # the tiles' list alone is needed
     if index.sat is None:
-        read_table(index.dir / "mml_index_satellite.csv", ["images", "lat", "lon"])  # the error
+        raise UserError(f"{index.dir / 'mml_index_satellite.csv'}: file not found (the open "
+                        f"gallery holds the index tiles' centres)")
     path = check_root(root, "train") / "mml_train.csv"
     train = read_table(path, ["CommonsCategory", "lat", "lon"])
-    latlon = np.concatenate([index.sat_latlon, parse_latlon(path, train)])   # (G, 2) float64
+    latlon = np.concatenate([index.sat_latlon, parse_latlon(path, train)])   # (N, 2) float64
     return torch.as_tensor(latlon), [""] * len(index.sat) + train["CommonsCategory"]
 
 
@@ -2080,7 +1844,7 @@ def nearest(q: torch.Tensor, g: torch.Tensor, k: int, chunk: int = 512) -> tuple
 
 
 def print_tables(results: dict):
-    """The results laid out like the authors' tables (PROTOCOL section 5), then the
+    """The results laid out like the authors' tables (PROTOCOL 5), then the
     geolocalisation against the protocol's GPS gallery and against the open one."""
     cols = ("mAP@1k", "R@1", "R@5", "R@10")
     print(f"\n{'task':<16}{'medR':>8} | official (distractors as junk)      | strict "
@@ -2298,7 +2062,10 @@ def plot(draw: ImageDraw.ImageDraw, box: tuple, title: str, series: dict):
         line = [(left + (x - lo_x) / (hi_x - lo_x) * (right - left),
                  bottom - (y - lo_y) / (hi_y - lo_y) * (bottom - top))
                 for x, y in zip(xs, ys) if math.isfinite(y)]
-        draw.line(line, fill=colour, width=2) if len(line) > 1 else draw.point(line, fill=colour)
+        if len(line) > 1:
+            draw.line(line, fill=colour, width=2)
+        else:  # one point: an epoch so far
+            draw.point(line, fill=colour)
         draw.text((right - 70, top + 4 + 14 * n), name, fill=colour, font=text)
 
 
@@ -2367,7 +2134,7 @@ class Locator:
         else:
             t = time.time()
             self.emb = embed(self.model.enc["C"], self.latlon.float().to(self.device),
-                             "GPS gallery", self.cfg, self.device)                   # (G, D)
+                             "GPS gallery", self.cfg, self.device)                   # (N, D)
             note(f"gallery: {len(self.names)} points embedded in {time.time() - t:.1f}s")
             try:
                 save_checkpoint({"checkpoint": model_digest, "embeddings": self.emb.cpu()}, cache)
@@ -2394,7 +2161,7 @@ class Locator:
             m = {"ground": "G", "satellite": "S", "text": "T"}[kind]
             with autocast_for(self.device, self.cfg):
                 q = self.model.enc[m](to_device({m: batch}, self.device)[m]).float()  # (n, D)
-            scores = q @ self.emb.T                                                 # (n, G)
+            scores = q @ self.emb.T                                                 # (n, N)
             probs = torch.softmax(self.model.logit_scale.exp() * scores, dim=1)
             best = scores.topk(min(top, len(self.names)), dim=1).indices
             for n, (row, picks) in enumerate(zip(rows, best.tolist())):
@@ -2419,7 +2186,7 @@ def read_gallery(path: Path) -> tuple[torch.Tensor, list[str]]:
     with open(path, newline="") as f:
         named = "name" in [h.strip().lower() for h in f.readline().split(",")]
     table = read_table(path, ["lat", "lon"] + ["name"] * named, lower=True)
-    latlon = torch.as_tensor(parse_latlon(path, table))                       # (G, 2) float64
+    latlon = torch.as_tensor(parse_latlon(path, table))                       # (N, 2) float64
     return latlon, table.get("name", [""] * len(latlon))
 
 
@@ -2439,282 +2206,6 @@ def locate(cfg: Config):
                   f"p {p['prob']:.3f}  {p['name']}")
     if any("error" in r for r in results):
         sys.exit(1)
-
-
-# ---- bench --------------------------------------------------------------------------------
-# `python mml.py bench` measures each phase in one run on this machine: decoding, training
-# steps, embedding, ranking. Ratios between rows are meaningful; absolute numbers only
-# together with the device they were measured on, which every row names.
-
-
-def timed(fn, min_seconds: float = 1.0, sync=lambda: None) -> float:
-    """Seconds per call of fn, averaged over as many calls as fill min_seconds (after one)."""
-    fn()
-    sync()
-    n, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < min_seconds:
-        fn()
-        n += 1
-    sync()
-    return (time.perf_counter() - t0) / n
-
-
-def argsort_ranks(q, g, q_labels, g_labels, map_top: int = 1000) -> dict:
-    """The authors' way, for comparison: per query, score, sort the whole gallery, walk it.
-    Ties are broken the documented way (positives after the items they tie with)."""
-    res = {k: [] for k in ("first_strict", "first_official", "ap_strict", "ap_official")}
-    for i in range(len(q)):
-        scores, positive = g @ q[i], g_labels == q_labels[i]
-        by_kind = torch.cat([torch.nonzero(~positive)[:, 0], torch.nonzero(positive)[:, 0]])
-        order = by_kind[torch.argsort(scores[by_kind], descending=True, stable=True)]
-        hit, junk = positive[order], g_labels[order] == -1
-        strict = torch.nonzero(hit)[:, 0]
-        official = torch.nonzero(hit[~junk])[:, 0]
-        kept = int((strict < map_top).sum())  # top map_top of the full ranking, then junk out
-        for name, rows in (("strict", strict), ("official", official)):
-            res[f"first_{name}"].append(int(rows[0]))
-            res[f"ap_{name}"].append(sum(((j / r if r else 1) + (j + 1) / (r + 1)) / 2
-                                         for j, r in enumerate(rows[:kept].tolist())) / len(strict))
-    return {k: torch.tensor(v, dtype=torch.float64 if k.startswith("ap") else torch.long) for k, v in res.items()}
-
-
-def fake_embeddings(n_queries: int, n_landmarks: int, n_labelled: int, n_junk: int, dim: int,
-                    device, seed: int = 0) -> tuple:
-    """Random unit vectors shaped like a task: queries and labelled gallery items scattered
-    around a random centre per landmark (so positives rank high, as with a trained model),
-    distractors anywhere. -> (q (Q, D), g (G, D), q_labels, g_labels), distractors first.
-
-    Rounded to multiples of 2^-10, so that every score is a multiple of 2^-20 below 1 in size
-    and exact in float32 whatever the order of summation (a GEMM and a GEMV, a CPU and a GPU
-    all agree): the bench compares two rankings, not two roundings.
-    """
-    gen = torch.Generator(device).manual_seed(seed)
-    unit = lambda x: torch.round(F.normalize(x, dim=-1) * 1024) / 1024
-    centres = F.normalize(torch.randn(n_landmarks, dim, generator=gen, device=device), dim=-1)
-    q_labels = torch.arange(n_queries, device=device) % n_landmarks
-    lab = torch.arange(n_labelled, device=device) % n_landmarks
-    near = lambda labels: unit(centres[labels] + 0.1 * torch.randn(
-        len(labels), dim, generator=gen, device=device))
-    g = torch.cat([unit(torch.randn(n_junk, dim, generator=gen, device=device)), near(lab)])
-    return near(q_labels), g, q_labels, torch.cat([torch.full((n_junk,), -1, device=device), lab])
-
-
-def report(what: str, value: float, unit: str, how: str):
-    """One row of the bench's table."""
-    print(f"  {what:<46}{value:>12,.1f} {unit:<10} {how}", flush=True)
-
-
-def bench_decode(cfg: Config, device, sync):
-    """Decoding real-sized files (an 800-px JPEG photo, an 800x800 PNG tile, with noise for
-    the texture real photos have and flat renders lack), and reading the prepare cache."""
-    image_id, how = "0123456789abcdef", "one process (= per worker), CPU"
-    with tempfile.TemporaryDirectory() as tmp, \
-            torch.multiprocessing.get_context("fork").Pool(1) as pool:
-        rng, noise = random.Random(0), np.random.default_rng(0)
-        lm = place_landmark(rng)
-        split_dir = Path(tmp) / "bench"
-        for kind, img in (("ground", render_ground(lm, lm["lat"], lm["lon"], rng, 800, 600)),
-                          ("satellite", render_satellite(lm, lm["lat"], lm["lon"], rng, 800))):
-            pixels = np.asarray(img).astype(np.int16) + noise.integers(-24, 24, (*img.size[::-1], 3))
-            path = shard(split_dir, kind, image_id)
-            path.parent.mkdir(parents=True)
-            Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(path, quality=90)
-        photo, tile = shard(split_dir, "ground", image_id), shard(split_dir, "satellite", image_id)
-        for what, fn in (("800x600 JPEG, full decode", lambda: load_image(photo, cfg.img_size, False)),
-                         ("800x600 JPEG, draft()", lambda: load_image(photo, cfg.img_size)),
-                         ("800x800 PNG", lambda: load_image(tile, cfg.img_size))):
-            report(f"decode+resize {what}", 1 / timed(fn), "images/s", how)
-        build_cache(split_dir, "ground", [image_id], cfg.img_size, Path(tmp), pool)
-        cached = ImageStore(split_dir, "ground", cfg.img_size, Path(tmp), [image_id])
-        report("read a cached image (prepare)", 1 / timed(lambda: cached(image_id)), "images/s", how)
-
-
-def random_batch(cfg: Config, B: int, device) -> dict:
-    """A batch of the configured shape with random content, on the device."""
-    gen, S = torch.Generator().manual_seed(0), cfg.img_size
-    batch = {"G": torch.randint(0, 256, (B, 3, S, S), dtype=torch.uint8, generator=gen),
-             "S": torch.randint(0, 256, (B, 3, S, S), dtype=torch.uint8, generator=gen),
-             "T": torch.randint(1, cfg.vocab_size, (B, cfg.max_len), generator=gen),
-             "C": torch.rand(B, 2, generator=gen) * torch.tensor([26.0, 59.0])
-             + torch.tensor([24.0, -125.0])}
-    return to_device({m: x for m, x in batch.items() if m in cfg.modalities}, device)
-
-
-def step_rate(cfg: Config, device, sync, label: str, compiled: bool = False) -> float:
-    """Training samples/s of the model cfg describes, on random inputs (no data loading)."""
-    torch.manual_seed(0)
-    raw = MML(cfg).to(device)
-    model = torch.compile(raw) if compiled else raw
-    opt = torch.optim.AdamW([p for p in raw.parameters() if p.requires_grad], lr=1e-4)
-    pairs, batch = loss_pairs(cfg.modalities, cfg.loss), random_batch(cfg, cfg.batch_size, device)
-
-    def step():
-        with autocast_for(device, cfg):
-            emb, scale = model(batch)
-        loss = contrastive_loss(emb, scale, pairs)[0]
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    seconds = timed(step, 3.0 if device.type == "cuda" else 5.0, sync)
-    peak = (f"peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if device.type == "cuda"
-            else f"peak RSS so far {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB")
-    n_params = sum(p.numel() for p in raw.parameters()) / 1e6
-    n_trained = sum(p.numel() for p in raw.parameters() if p.requires_grad) / 1e6
-    report(label, cfg.batch_size / seconds, "samples/s", f"{device.type}, batch {cfg.batch_size},"
-           f" S {cfg.img_size}, {n_params:.1f}M params ({n_trained:.1f}M trained), {peak}")
-    return cfg.batch_size / seconds
-
-
-def bench_steps(cfg: Config, device, sync) -> float:
-    """Training steps of the configured model: fp32, and on a GPU bf16 and bf16 + compile.
-    Returns the fastest rate, which the loader must keep up with."""
-    torch.set_float32_matmul_precision("high")
-    rates = [step_rate(dataclasses.replace(cfg, bf16=False), device, sync, "train step, fp32")]
-    if device.type == "cuda":
-        rates.append(step_rate(cfg, device, sync, "train step, bf16"))
-        rates.append(step_rate(cfg, device, sync, "train step, bf16 + compile", compiled=True))
-    return max(rates)
-
-
-def bench_backbones(cfg: Config, device, sync):
-    """Training steps with each image backbone at 224 px, trained whole and with frozen image
-    backbones (the authors' setting); a small batch on the CPU, where these are slow."""
-    B = cfg.batch_size if device.type == "cuda" else min(cfg.batch_size, 8)
-    for backbone in BACKBONES:
-        for freeze in ("", "GS"):
-            run = dataclasses.replace(cfg, image_backbone=backbone, img_size=224, batch_size=B,
-                                      freeze=freeze)
-            step_rate(run, device, sync, f"train step, {backbone}{', frozen' if freeze else ''}")
-
-
-def bench_loader(cfg: Config, device, fastest_step: float):
-    """The real training loader on the dataset (the synthetic world by default): batches ready
-    for the step (collated, pinned on a GPU), against the fastest step."""
-    root = default_world(cfg)
-    tr, _ = read_train(cfg, root)
-    articles, _ = read_articles(tr)
-    tok = train_tokenizer((str(v) for a in articles[:200] if a for v in a.values()), cfg)
-    needed = {"G": [i for g in tr.ground for i in g], "S": [i for g in tr.sat for i in g]}
-    data = LandmarkSet(tr, image_stores(cfg, tr.dir, needed), Sentences(articles, tok, cfg.train_text),
-                       cfg, train=True)
-    B = min(cfg.batch_size, len(data))
-    loader = torch.utils.data.DataLoader(
-        data, batch_size=None, sampler=EpochSampler(len(data), B, 0), num_workers=cfg.workers,
-        pin_memory=device.type == "cuda", persistent_workers=cfg.workers > 0)
-    next(iter(loader))  # the workers' start-up is not loading time
-    n, t0 = 0, time.perf_counter()
-    for epoch in itertools.count(1):  # whole epochs, for at least 3 seconds
-        loader.sampler.set_epoch(epoch)
-        n += sum(len(batch["bad"]) for batch in loader)
-        if time.perf_counter() - t0 > 3:
-            break
-    rate = n / (time.perf_counter() - t0)
-    cached = "from the cache" if image_stores(cfg, tr.dir, {})["G"].rows is not None else "decoding"
-    report(f"training loader, {cfg.workers} workers", rate, "samples/s",
-           f"{root}, {cached}, batch {B}; {'keeps up with' if rate >= fastest_step else 'slower than'}"
-           f" the fastest step")
-
-
-def bench_augment(cfg: Config, device, sync):
-    """The batched jitter of both image views, on the training device."""
-    batch = random_batch(cfg, cfg.batch_size, device)
-    params = augment_params(0, 0, 0, cfg.batch_size)
-    seconds = timed(lambda: jitter(dict(batch), params), 2.0, sync)
-    report(f"augmentation, batched on {device.type}", cfg.batch_size / seconds, "samples/s",
-           f"ground and aerial view, batch {cfg.batch_size}, S {cfg.img_size}")
-
-
-@torch.no_grad()
-def bench_embed(cfg: Config, device, sync):
-    """Forward passes of each encoder alone, as evaluation runs them."""
-    model = MML(cfg).to(device).eval()
-    batch = random_batch(cfg, cfg.eval_batch, device)
-    for m in cfg.modalities:
-        def forward():
-            with autocast_for(device, cfg):
-                model.enc[m](batch[m])
-        report(f"embed {m}", cfg.eval_batch / timed(forward, 2.0, sync), "items/s",
-               f"{device.type}, batch {cfg.eval_batch}, autocast")
-
-
-def bench_rank(cfg: Config, device, sync):
-    """Ranking at full scale, G2S 18,688 x (99,539 + 1,000) and S2G 1,000 x (714,554 + 18,688),
-    against the authors' per-query argsort on a sample of queries: the same metrics, or stop."""
-    for task, nq, n_lm, n_lab, n_junk in (("G2S", 18688, 1000, 1000, 99539),
-                                          ("S2G", 1000, 1000, 18688, 714554)):
-        q, g, ql, gl = fake_embeddings(nq, n_lm, n_lab, n_junk, 512, device)
-        rank_queries(q[:64], g, ql[:64], gl)  # warm-up: library start-up is not ranking time
-        sync()
-        t0 = time.perf_counter()
-        ranks = rank_queries(q, g, ql, gl, chunk=cfg.chunk)
-        sync()
-        fast = time.perf_counter() - t0
-        sample = torch.randperm(nq, generator=torch.Generator().manual_seed(0))
-        sample = sample[:cfg.bench_queries].to(device)
-        torch.set_float32_matmul_precision("highest")
-        t0 = time.perf_counter()
-        loop = argsort_ranks(q[sample], g, ql[sample], gl)
-        sync()
-        slow = (time.perf_counter() - t0) * nq / len(sample)
-        same = all(torch.equal(loop[k], ranks[k][sample].cpu()) for k in ("first_strict", "first_official"))
-        same &= all(torch.allclose(loop[k].double(), ranks[k][sample].cpu(), atol=1e-9)
-                    for k in ("ap_strict", "ap_official"))
-        report(f"rank {task} {nq} x {len(g)}, chunked counts", fast, "s",
-               f"{device.type}, D = 512, all queries, --chunk {cfg.chunk}")
-        report(f"rank {task}, per-query argsort loop", slow, "s",
-               f"{device.type}, {len(sample)} queries timed, x {nq / len(sample):.0f}")
-        report(f"rank {task}, speed-up (metrics {'identical' if same else 'DIFFER'})", slow / fast,
-               "x", "same device, same run")
-        if not same:
-            raise SystemExit("bench: the chunked ranking disagrees with the per-query loop")
-
-
-def bench_locate(cfg: Config, device, sync):
-    """`locate` with a 100,000-point gallery (GeoCLIP's size), whole calls: the first embeds
-    and caches the gallery, a later one reads the cache."""
-    with tempfile.TemporaryDirectory() as tmp:
-        torch.manual_seed(0)
-        ckpt, gallery = Path(tmp) / "model.pt", Path(tmp) / "gallery.csv"
-        tok = train_tokenizer(["a red church in a city"], cfg)
-        save_checkpoint({"model": MML(cfg).state_dict(), "config": dataclasses.asdict(cfg),
-                         "tokenizer": tok.to_str(), "step": 0, "epoch": 0}, ckpt)
-        rng = np.random.default_rng(0)
-        write_csv(gallery, ["lat", "lon"], np.stack([rng.uniform(24, 50, 100_000),
-                                                     rng.uniform(-125, -66, 100_000)], 1))
-        for label in ("first call, embeds the gallery", "later call, reads the cache"):
-            t0 = time.perf_counter()
-            Locator(ckpt, gallery, device, cfg.eval_batch)(["a red church"], "text")
-            report(f"locate, 100,000 points: {label}", time.perf_counter() - t0, "s",
-                   f"{device.type}, GPS width {cfg.gps_width}, loading included")
-
-
-BENCH_PHASES = {"decode": bench_decode, "steps": bench_steps, "backbones": bench_backbones,
-                "loader": bench_loader,
-                "augment": bench_augment, "embed": bench_embed, "rank": bench_rank,
-                "locate": bench_locate}
-
-
-def bench(cfg: Config):
-    """Time each phase of a run on this machine and print one table: decoding and the cache,
-    training steps, each image backbone's step, the training loader against the fastest step,
-    the batched augmentation, embedding, and ranking against the authors' per-query loop
-    (--phases picks some)."""
-    device = setup_distributed(cfg)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    name = (torch.cuda.get_device_name() if device.type == "cuda"
-            else f"CPU, {torch.get_num_threads()} threads")
-    print(f"bench on {name}, torch {torch.__version__}; S = {cfg.img_size}, "
-          f"B = {cfg.batch_size}, D = {cfg.embed_dim}")
-    fastest_step = 0.0
-    for phase in cfg.phases.split(","):
-        if phase == "steps":
-            fastest_step = bench_steps(cfg, device, sync)
-        elif phase == "loader":
-            bench_loader(cfg, device, fastest_step)
-        else:
-            BENCH_PHASES[phase](cfg, device, sync)
 
 
 # ---- command line -------------------------------------------------------------------------
@@ -2890,12 +2381,6 @@ def resolve(command: str, cfg: Config, given: set) -> Config:
     return cfg
 
 
-def synth(cfg: Config):
-    t = time.time()
-    counts = synthesize(Path(cfg.out), cfg.scale, cfg.seed)
-    print(f"synthetic world in {cfg.out} ({time.time() - t:.0f}s): {json.dumps(counts)}")
-
-
 def main(argv=None):
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # workers are forked after use
     command, cfg, given = parse_args(argv)
@@ -2910,6 +2395,612 @@ def main(argv=None):
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+# ---- appendix: the synthetic world (a first reading skips it) ----------------------------
+# A small world written in the released layout, so that a demo run and every test read data
+# through the same code a real user's run does. It is learnable across modalities: location
+# decides the land cover seen from above and from the ground; each landmark's category decides
+# its footprint and silhouette, its colour the roof and the facade; the text names category,
+# colour, size, land cover, city and state. Several landmarks share category and colour, so
+# retrieval has to combine cues and never becomes trivial.
+
+CITIES = [  # (city, state, lat, lon): landmarks cluster around these
+    ("New York", "New York", 40.71, -74.01), ("Los Angeles", "California", 34.05, -118.24),
+    ("Chicago", "Illinois", 41.88, -87.63), ("Houston", "Texas", 29.76, -95.37),
+    ("Phoenix", "Arizona", 33.45, -112.07), ("Philadelphia", "Pennsylvania", 39.95, -75.17),
+    ("San Antonio", "Texas", 29.42, -98.49), ("San Diego", "California", 32.72, -117.16),
+    ("Dallas", "Texas", 32.78, -96.80), ("San Francisco", "California", 37.77, -122.42),
+    ("Seattle", "Washington", 47.61, -122.33), ("Denver", "Colorado", 39.74, -104.99),
+    ("Boston", "Massachusetts", 42.36, -71.06), ("Nashville", "Tennessee", 36.16, -86.78),
+    ("Detroit", "Michigan", 42.33, -83.05), ("Portland", "Oregon", 45.52, -122.68),
+    ("Las Vegas", "Nevada", 36.17, -115.14), ("Memphis", "Tennessee", 35.15, -90.05),
+    ("Atlanta", "Georgia", 33.75, -84.39), ("Miami", "Florida", 25.76, -80.19),
+    ("Minneapolis", "Minnesota", 44.98, -93.27), ("New Orleans", "Louisiana", 29.95, -90.07),
+    ("Salt Lake City", "Utah", 40.76, -111.89), ("Kansas City", "Missouri", 39.10, -94.58),
+    ("Albuquerque", "New Mexico", 35.08, -106.65), ("Charlotte", "North Carolina", 35.23, -80.84),
+    ("Washington", "District of Columbia", 38.91, -77.04),
+    ("Pittsburgh", "Pennsylvania", 40.44, -79.99),
+    ("Omaha", "Nebraska", 41.26, -95.93), ("Boise", "Idaho", 43.62, -116.20),
+    ("Billings", "Montana", 45.78, -108.50), ("Cleveland", "Ohio", 41.50, -81.69),
+    ("Richmond", "Virginia", 37.54, -77.44), ("Oklahoma City", "Oklahoma", 35.47, -97.52),
+    ("Buffalo", "New York", 42.89, -78.88), ("Jacksonville", "Florida", 30.33, -81.66),
+    ("Tucson", "Arizona", 32.22, -110.97), ("Sacramento", "California", 38.58, -121.49),
+]
+COLOURS = {"red": (178, 52, 44), "blue": (48, 82, 168), "white": (228, 228, 222),
+           "black": (42, 42, 48), "yellow": (222, 190, 62), "orange": (214, 122, 42),
+           "purple": (118, 62, 140), "brown": (116, 80, 52), "teal": (40, 140, 140)}
+COVER = {"forest": (46, 92, 50), "farmland": (152, 160, 86), "desert": (206, 182, 136),
+         "pine forest": (30, 66, 52), "city": (128, 128, 126)}
+# Front views: polygons with x in [-0.5, 0.5] and y from 0 (ground) up to 1.
+SILHOUETTES = {
+    "church": [(-.4, 0), (.4, 0), (.4, .5), (.1, .5), (.1, .72), (0, 1), (-.1, .72), (-.1, .5),
+               (-.4, .5)],
+    "tower": [(-.12, 0), (.12, 0), (.1, .9), (0, 1), (-.1, .9)],
+    "stadium": [(-.5, 0), (.5, 0), (.44, .32), (-.44, .32)],
+    "lighthouse": [(-.15, 0), (.15, 0), (.08, .84), (.13, .84), (.13, .9), (0, 1), (-.13, .9),
+                   (-.13, .84), (-.08, .84)],
+    "capitol": [(-.45, 0), (.45, 0), (.45, .45), (.2, .45)] + [
+        (.2 * math.cos(a * math.pi / 8), .45 + .3 * math.sin(a * math.pi / 8)) for a in range(9)]
+        + [(-.45, .45)],
+    "museum": [(-.45, 0), (.45, 0), (.45, .5), (0, .68), (-.45, .5)],
+    "castle": [(-.4, 0), (.4, 0)] + [(x / 10, .7 - .08 * (i % 2)) for i, x in
+                                      enumerate([4, 3, 3, 1, 1, -1, -1, -3, -3, -4])],
+    "obelisk": [(-.2, 0), (.2, 0), (.2, .08), (.06, .08), (.04, .9), (0, 1), (-.04, .9),
+                (-.06, .08), (-.2, .08)],
+    "skyscraper": [(-.2, 0), (.2, 0), (.2, .6), (.12, .6), (.12, .85), (.04, .85), (.02, 1),
+                   (-.04, .85), (-.12, .85), (-.12, .6), (-.2, .6)],
+}
+# Top views: (shape, box (x0, y0, x1, y1) in half-widths around the centre, paint)
+FOOTPRINTS = {
+    "church": [("rect", (-1, -.33, 1, .33), "roof"), ("rect", (-.33, -1, .33, 1), "roof")],
+    "tower": [("rect", (-.33, -.33, .33, .33), "roof")],
+    "stadium": [("ellipse", (-1, -1, 1, 1), "roof"),
+                ("ellipse", (-.5, -.33, .5, .33), (70, 150, 60))],
+    "lighthouse": [("rect", (.5, -3, 3, 3), (40, 80, 150)),
+                   ("ellipse", (-.5, -.5, .5, .5), "roof")],
+    "capitol": [("rect", (-1, -1, 1, 1), "roof"), ("ellipse", (-.5, -.5, .5, .5), "light")],
+    "museum": [("rect", (-1, -.7, 1, .7), "roof"), ("rect", (-.5, -.33, .5, .33), "cover")],
+    "castle": [("rect", (-.8, -.8, .8, .8), "roof")] + [
+        ("ellipse", (x - .25, y - .25, x + .25, y + .25), "dark")
+        for x in (-.8, .8) for y in (-.8, .8)],
+    "obelisk": [("ellipse", (-1, -1, 1, 1), (170, 170, 165)), ("rect", (-.2, -.2, .2, .2), "roof")],
+    "skyscraper": [("rect", (-.6, -.6, .6, .6), "roof"), ("rect", (-.33, -.33, .33, .33), "light")],
+}
+CATEGORIES = list(SILHOUETTES)
+NAME_WORDS = ["Old", "Grand", "North", "Lake", "Cedar", "Liberty", "Union", "Harbor", "Pioneer",
+              "Summit", "River", "Founders", "Mission", "Oak", "Sunset", "Eagle", "Granite", "Elm"]
+
+
+def land_cover(lat: float, lon: float) -> tuple[str, np.ndarray]:
+    """What the ground looks like at a place, smooth in location: (name, RGB)."""
+    dry = np.clip((-lon - 97) / 12, 0, 1) * np.clip((43 - lat) / 6, 0, 1)  # the south-west
+    cold = np.clip((lat - 42) / 4, 0, 1)                                   # the north
+    wave = 0.5 + 0.5 * math.sin(lat * 0.9) * math.cos(lon * 0.7)           # farm or forest
+    urban = max(math.exp(-((lat - c[2]) ** 2 + (lon - c[3]) ** 2) / 0.15**2) for c in CITIES)
+    weights = {"desert": dry, "pine forest": (1 - dry) * cold * (1 - wave),
+               "forest": (1 - dry) * (1 - cold) * (1 - wave), "farmland": (1 - dry) * wave,
+               "city": 2.5 * urban}
+    rgb = sum(w * np.array(COVER[k], float) for k, w in weights.items()) / sum(weights.values())
+    return max(weights, key=weights.get), rgb
+
+
+def place_landmark(rng: random.Random) -> dict:
+    """A random landmark: where it is and what it looks like."""
+    city, state, clat, clon = rng.choice(CITIES)
+    rural = rng.random() < 0.3          # rural landmarks spread far from the city
+    spread = rng.uniform(1.0, 2.5) if rural else 0.08
+    lat = min(48.5, max(25.5, clat + rng.gauss(0, spread)))
+    lon = min(-67.5, max(-124, clon + rng.gauss(0, spread)))
+    colour = rng.choice(list(COLOURS))
+    return {"lat": lat, "lon": lon, "city": city, "state": state, "rural": rural,
+            "category": rng.choice(CATEGORIES), "colour": colour,
+            "rgb": np.clip(np.array(COLOURS[colour]) + [rng.gauss(0, 14) for _ in range(3)],
+                           0, 255),
+            "size": rng.uniform(0.25, 0.6), "year": rng.randint(1780, 2010),
+            "name": f"{rng.choice(NAME_WORDS)} {rng.choice(NAME_WORDS)}"}
+
+
+def rgb(a) -> tuple:
+    return tuple(int(v) for v in np.clip(a, 0, 255))
+
+
+def draw_footprint(d: ImageDraw.ImageDraw, lm: dict, c: float, r: float, cover: np.ndarray):
+    """The landmark seen from above, centred at (c, c) with half-width r (FOOTPRINTS)."""
+    paints = {"roof": lm["rgb"], "dark": lm["rgb"] * 0.7, "light": lm["rgb"] * 0.7 + 60,
+              "cover": cover}
+    for shape, box, paint in FOOTPRINTS[lm["category"]]:
+        fill = rgb(paints[paint]) if isinstance(paint, str) else paint
+        (d.rectangle if shape == "rect" else d.ellipse)([c + v * r for v in box], fill=fill)
+
+
+def render_satellite(lm: dict | None, lat: float, lon: float, rng: random.Random,
+                     size: int = 96) -> Image.Image:
+    """An aerial tile centred at (lat, lon): land cover, fields, roads and, if lm is given,
+    the landmark's footprint. rng varies what changes between years: light, angle, offset."""
+    _, cover = land_cover(lat, lon)
+    canvas = Image.new("RGB", (2 * size, 2 * size), rgb(cover))
+    d = ImageDraw.Draw(canvas)
+    ground = random.Random(f"{lat:.4f},{lon:.4f}")  # the same fields and roads every year
+    for _ in range(30):
+        x, y, w, h = (ground.uniform(0, 2 * size) for _ in range(4))
+        d.rectangle((x, y, x + w / 4, y + h / 4), fill=rgb(cover + [ground.gauss(0, 18)] * 3))
+    for _ in range(ground.randint(0, 3)):
+        d.line([(ground.uniform(0, 2 * size), 0), (ground.uniform(0, 2 * size), 2 * size)],
+               fill=(95, 95, 95), width=3)
+    if lm is not None:
+        draw_footprint(d, lm, size, lm["size"] * size / 2, cover)
+    shift = (size + rng.uniform(-4, 4), size + rng.uniform(-4, 4))
+    canvas = canvas.rotate(rng.uniform(-25, 25), resample=Image.BILINEAR, center=shift)
+    tile = canvas.crop((int(shift[0]) - size // 2, int(shift[1]) - size // 2,
+                        int(shift[0]) + size // 2, int(shift[1]) + size // 2))
+    return ImageEnhance.Brightness(tile).enhance(rng.uniform(0.75, 1.25))
+
+
+def render_ground(lm: dict | None, lat: float, lon: float, rng: random.Random,
+                  w: int = 128, h: int = 96, indoor: bool = False) -> Image.Image:
+    """A photo from the ground: sky, terrain in the local land cover and, if lm is given,
+    the landmark's silhouette in its facade colour, from a random viewpoint and distance."""
+    _, cover = land_cover(lat, lon)
+    img = Image.new("RGB", (w, h))
+    d = ImageDraw.Draw(img)
+    facade = lm["rgb"] * rng.uniform(0.8, 1.1) if lm is not None else None
+    if indoor:  # walls in a lighter facade colour, a floor, a few frames
+        d.rectangle((0, 0, w, h), fill=rgb(facade * 0.6 + 90))
+        d.rectangle((0, h * 0.75, w, h), fill=(110, 80, 55))
+        for _ in range(3):
+            x, y = rng.uniform(0, w * 0.8), rng.uniform(h * 0.1, h * 0.5)
+            d.rectangle((x, y, x + w / 8, y + h / 6), outline=(60, 40, 30), width=2)
+        return img
+    sky = np.array([rng.uniform(90, 150), rng.uniform(140, 190), rng.uniform(200, 250)])
+    horizon = int(h * rng.uniform(0.6, 0.8))
+    for y in range(horizon):  # a sky gradient, lighter towards the horizon
+        d.line([(0, y), (w, y)], fill=rgb(sky + (255 - sky) * 0.5 * y / horizon))
+    d.rectangle((0, horizon, w, h), fill=rgb(cover * 0.85))
+    for _ in range(12):
+        x, y = rng.uniform(0, w), rng.uniform(horizon, h)
+        d.ellipse((x, y, x + 6, y + 3), fill=rgb(cover * rng.uniform(0.6, 1.1)))
+    if lm is not None:
+        height = h * (0.4 + lm["size"]) * rng.uniform(0.75, 1.05)
+        cx = w / 2 + rng.uniform(-0.2, 0.2) * w
+        poly = [(cx + x * height, horizon + 2 - y * height) for x, y in SILHOUETTES[lm["category"]]]
+        d.polygon(poly, fill=rgb(facade))
+        for _ in range(4):  # windows
+            x, y = cx + rng.uniform(-0.1, 0.1) * height, horizon - rng.uniform(0.1, 0.4) * height
+            d.rectangle((x, y, x + 2, y + 3), fill=rgb(facade * 0.4))
+    return img.transpose(Image.FLIP_LEFT_RIGHT) if rng.random() < 0.5 else img
+
+
+def describe(lm: dict) -> tuple[dict, str]:
+    """The landmark's Wikipedia article {section: text} and its first sentence without cues."""
+    size = "small" if lm["size"] < 0.35 else "large" if lm["size"] > 0.5 else "mid-sized"
+    place = f"rural {lm['state']}" if lm["rural"] else f"{lm['city']}, {lm['state']}"
+    cover, _ = land_cover(lm["lat"], lm["lon"])
+    kind = lm["category"]
+    intro = (f"The {lm['name']} {kind.title()} is a {size} {lm['colour']} {kind} in {place}. "
+             f"It was completed in {lm['year']}.\n"
+             f"Visitors know it for its {lm['colour']} roof. It draws crowds every summer.")
+    sections = {
+        "Introduction": intro,
+        "History": f"Work on the {kind} began in {lm['year'] - 3}. It lies near {lm['city']}.\n"
+                   f"The site was restored in {lm['year'] + 60}. It is listed as a landmark.",
+        "Architecture": f"The {kind} has a {lm['colour']} roof and a {size} footprint. "
+                        f"It is surrounded by {cover}.",
+    }
+    no_cues = f"The {lm['name']} {kind.title()} is a {size} {lm['colour']} {kind}"
+    return sections, no_cues
+
+
+SYNTH_MARKER = "mml_synthetic.json"  # only mml writes it: a folder with it is mml's to replace
+
+
+def refuse_unless_synthetic(folder: Path):
+    """mml replaces a folder only if it wrote it: an empty one, or a world with SYNTH_MARKER."""
+    if folder.exists() and not (folder / SYNTH_MARKER).is_file() and (
+            not folder.is_dir() or any(folder.iterdir())):
+        raise UserError(f"{folder}: not empty and not a synthetic world written by mml (no "
+                        f"{SYNTH_MARKER}); refusing to replace it (--out names where to write)")
+
+
+def save_image(img: Image.Image, path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".jpg":
+        img.save(path, quality=90)
+    else:
+        img.save(path, compress_level=1)
+
+
+def synthesize(out: Path, scale: float = 1.0, seed: int = 0) -> dict:
+    """Write a synthetic world in the released layout to `out`; return its counts.
+
+    Written to a temporary folder and renamed into place, so an interrupted run never leaves
+    a half-written world that a later run would take for a whole one. Both folders carry
+    SYNTH_MARKER from their first moment, so mml only ever replaces worlds of its own.
+    """
+    tmp = out.with_name(out.name + ".tmp")
+    refuse_unless_synthetic(out)
+    refuse_unless_synthetic(tmp)
+    if tmp.exists():  # left by an interrupted run
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    marker = {"generator": "mml.py synthesize", "scale": scale, "seed": seed}
+    (tmp / SYNTH_MARKER).write_text(json.dumps(marker))
+    rng = random.Random(seed)
+    n_train, n_query = max(40, int(1600 * scale)), max(20, int(100 * scale))
+    n_index_ground, n_index_sat = max(60, int(2000 * scale)), max(60, int(1000 * scale))
+    new_id = lambda: f"{rng.getrandbits(64):016x}"  # the released 16-hex-digit ids
+    landmark_ids = rng.sample(range(10**5, 10**7), n_train + n_query)
+    counts, master = {}, []
+
+    for split, ids in (("train", landmark_ids[:n_train]), ("query", landmark_ids[n_train:])):
+        d = tmp / split
+        rows = {k: [] for k in ("meta", "ground", "subset", "sat", "text", "sentences", "lic")}
+        for lid in ids:
+            lm = place_landmark(rng)
+            ground, outdoor = [], []
+            for k in range(rng.randint(3, 8)):
+                gid, indoor = new_id(), k > 0 and rng.random() < 0.15
+                photo = render_ground(lm, lm["lat"], lm["lon"], rng, indoor=indoor)
+                save_image(photo, shard(d, "ground", gid))
+                ground.append(gid)
+                outdoor += [] if indoor else [gid]
+            sats = [new_id() for _ in range(rng.randint(2, 5))]  # oldest first
+            for sid in sats:
+                save_image(render_satellite(lm, lm["lat"], lm["lon"], rng),
+                           shard(d, "satellite", sid))
+            tid = new_id()
+            sections, no_cues = describe(lm)
+            shard(d, "text", tid).parent.mkdir(parents=True, exist_ok=True)
+            shard(d, "text", tid).write_text(json.dumps(sections))
+            name = f"{lm['name']} {lm['category'].title()} ({lm['city']})"
+            rows["meta"].append((lid, name, f"{lm['lat']:.6f}", f"{lm['lon']:.6f}"))
+            rows["ground"].append((lid, " ".join(ground)))
+            rows["subset"].append((lid, " ".join(outdoor)))
+            rows["sat"].append((lid, " ".join(sats)))
+            rows["text"].append((lid, tid))
+            rows["sentences"].append((lid, no_cues))
+            rows["lic"] += [(lid, i, "CC BY-SA 4.0") for i in ground + sats]
+            bbox = [f"{lm['lat'] - 0.001:.6f}", f"{lm['lon'] - 0.001:.6f}",
+                    f"{lm['lat'] + 0.001:.6f}", f"{lm['lon'] + 0.001:.6f}"]
+            master.append([lid, name, name, f"{lm['lat']:.6f}", f"{lm['lon']:.6f}", *bbox,
+                           f"Q{lid}", "way", lid * 7, lm["category"], lm["state"],
+                           f"building > {lm['category']}"])
+        p = f"mml_{split}"
+        write_csv(d / f"{p}.csv", ["landmark_id", "CommonsCategory", "lat", "lon"], rows["meta"])
+        write_csv(d / f"{p}_ground.csv", ["landmark_id", "images"], rows["ground"])
+        write_csv(d / f"{p}_text.csv", ["landmark_id", "json"], rows["text"])
+        write_csv(d / f"{p}_licenses.csv", ["landmark_id", "images", "license"], rows["lic"])
+        if split == "train":
+            write_csv(d / f"{p}_ground_subset.csv", ["landmark_id", "images"], rows["subset"])
+            write_csv(d / f"{p}_satellite.csv", ["landmark_id", "images"], rows["sat"])
+        else:  # the query split lists the latest aerial image apart from all years
+            write_csv(d / f"{p}_satellite.csv", ["landmark_id", "images"],
+                      [(lid, s.split()[-1]) for lid, s in rows["sat"]])
+            write_csv(d / f"{p}_all_satellite.csv", ["landmark_id", "images"], rows["sat"])
+            write_csv(d / f"{p}_text_sentences.csv", ["landmark_id", "sentences"],
+                      rows["sentences"])
+        counts[split] = {"landmarks": len(ids), "text": len(ids),
+                         "ground": sum(len(r[1].split()) for r in rows["ground"]),
+                         "satellite": sum(len(r[1].split()) for r in rows["sat"])}
+
+    # Index distractors: photos of other buildings and of plain landscape; aerial tiles at
+    # random places, half with a building on them. Their centres make up the GPS gallery.
+    d, ground_rows, sat_rows = tmp / "index", [], []
+    for i in range(n_index_ground):
+        lm = place_landmark(rng)
+        gid = new_id()
+        photo = render_ground(lm if i % 2 else None, lm["lat"], lm["lon"], rng)
+        save_image(photo, shard(d, "ground", gid))
+        ground_rows.append((gid, f"{rng.getrandbits(40):x}"))
+    for i in range(n_index_sat):
+        lm = place_landmark(rng)
+        sid = new_id()
+        tile = render_satellite(lm if i % 2 else None, lm["lat"], lm["lon"], rng)
+        save_image(tile, shard(d, "satellite", sid))
+        sat_rows.append((sid, f"{lm['lat']:.6f}", f"{lm['lon']:.6f}", rng.randint(2010, 2022)))
+    write_csv(d / "mml_index_ground.csv", ["images", "gldv2_id"], ground_rows)
+    write_csv(d / "mml_index_satellite.csv", ["images", "lat", "lon", "year"], sat_rows)
+    counts["index"] = {"ground": n_index_ground, "satellite": n_index_sat}
+    write_csv(tmp / "mmlandmarks.csv",
+              ["landmark_id", "CommonsCategory", "WikipediaPage", "lat", "lon", "min_lat",
+               "min_lon", "max_lat", "max_lon", "QID", "osm_type", "osm_id", "category",
+               "state", "hierarchical_category"], master)
+    (tmp / SYNTH_MARKER).write_text(json.dumps({**marker, "counts": counts}))
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return counts
+
+
+def synth(cfg: Config):
+    """`synth`: write a synthetic world to --out (default: where `train` reads it)."""
+    t = time.time()
+    counts = synthesize(Path(cfg.out), cfg.scale, cfg.seed)
+    print(f"synthetic world in {cfg.out} ({time.time() - t:.0f}s): {json.dumps(counts)}")
+
+
+# ---- appendix: the bench (a first reading skips it) --------------------------------------
+# `python mml.py bench` measures each phase in one run on this machine: decoding, training
+# steps, embedding, ranking. Ratios between rows are meaningful; absolute numbers only
+# together with the device they were measured on, which every row names.
+
+
+def timed(fn, min_seconds: float = 1.0, sync=lambda: None) -> float:
+    """Seconds per call of fn, averaged over as many calls as fill min_seconds (after one)."""
+    fn()
+    sync()
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < min_seconds:
+        fn()
+        n += 1
+    sync()
+    return (time.perf_counter() - t0) / n
+
+
+def argsort_ranks(q, g, q_labels, g_labels, map_top: int = 1000) -> dict:
+    """The authors' way, for comparison: per query, score, sort the whole gallery, walk it.
+    Ties are broken the documented way (positives after the items they tie with)."""
+    res = {k: [] for k in ("first_strict", "first_official", "ap_strict", "ap_official")}
+    for i in range(len(q)):
+        scores, positive = g @ q[i], g_labels == q_labels[i]
+        by_kind = torch.cat([torch.nonzero(~positive)[:, 0], torch.nonzero(positive)[:, 0]])
+        order = by_kind[torch.argsort(scores[by_kind], descending=True, stable=True)]
+        hit, junk = positive[order], g_labels[order] == -1
+        strict = torch.nonzero(hit)[:, 0]
+        official = torch.nonzero(hit[~junk])[:, 0]
+        kept = int((strict < map_top).sum())  # top map_top of the full ranking, then junk out
+        for name, rows in (("strict", strict), ("official", official)):
+            res[f"first_{name}"].append(int(rows[0]))
+            res[f"ap_{name}"].append(sum(((j / r if r else 1) + (j + 1) / (r + 1)) / 2
+                                         for j, r in enumerate(rows[:kept].tolist())) / len(strict))
+    return {k: torch.tensor(v, dtype=torch.float64 if k.startswith("ap") else torch.long)
+            for k, v in res.items()}
+
+
+def fake_embeddings(n_queries: int, n_landmarks: int, n_labelled: int, n_junk: int, dim: int,
+                    device, seed: int = 0) -> tuple:
+    """Random unit vectors shaped like a task: queries and labelled gallery items scattered
+    around a random centre per landmark (so positives rank high, as with a trained model),
+    distractors anywhere. -> (q (Q, D), g (N, D), q_labels, g_labels), distractors first.
+
+    Rounded to multiples of 2^-10, so that every score is a multiple of 2^-20 below 1 in size
+    and exact in float32 whatever the order of summation (a GEMM and a GEMV, a CPU and a GPU
+    all agree): the bench compares two rankings, not two roundings.
+    """
+    gen = torch.Generator(device).manual_seed(seed)
+    unit = lambda x: torch.round(F.normalize(x, dim=-1) * 1024) / 1024
+    centres = F.normalize(torch.randn(n_landmarks, dim, generator=gen, device=device), dim=-1)
+    q_labels = torch.arange(n_queries, device=device) % n_landmarks
+    lab = torch.arange(n_labelled, device=device) % n_landmarks
+    near = lambda labels: unit(centres[labels] + 0.1 * torch.randn(
+        len(labels), dim, generator=gen, device=device))
+    g = torch.cat([unit(torch.randn(n_junk, dim, generator=gen, device=device)), near(lab)])
+    return near(q_labels), g, q_labels, torch.cat([torch.full((n_junk,), -1, device=device), lab])
+
+
+def report(what: str, value: float, unit: str, how: str):
+    """One row of the bench's table."""
+    print(f"  {what:<46}{value:>12,.1f} {unit:<10} {how}", flush=True)
+
+
+def bench_decode(cfg: Config, device, sync):
+    """Decoding real-sized files (an 800-px JPEG photo, an 800x800 PNG tile, with noise for
+    the texture real photos have and flat renders lack), and reading the prepare cache."""
+    image_id, how = "0123456789abcdef", "one process (= per worker), CPU"
+    with tempfile.TemporaryDirectory() as tmp, \
+            torch.multiprocessing.get_context("fork").Pool(1) as pool:
+        rng, noise = random.Random(0), np.random.default_rng(0)
+        lm = place_landmark(rng)
+        split_dir = Path(tmp) / "bench"
+        for kind, img in (("ground", render_ground(lm, lm["lat"], lm["lon"], rng, 800, 600)),
+                          ("satellite", render_satellite(lm, lm["lat"], lm["lon"], rng, 800))):
+            pixels = np.asarray(img) + noise.integers(-24, 24, (*img.size[::-1], 3))
+            path = shard(split_dir, kind, image_id)
+            path.parent.mkdir(parents=True)
+            Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(path, quality=90)
+        photo, tile = shard(split_dir, "ground", image_id), shard(split_dir, "satellite", image_id)
+        for what, path, draft in (("800x600 JPEG, full decode", photo, False),
+                                  ("800x600 JPEG, draft()", photo, True),
+                                  ("800x800 PNG", tile, True)):
+            seconds = timed(lambda: load_image(path, cfg.img_size, draft))
+            report(f"decode+resize {what}", 1 / seconds, "images/s", how)
+        build_cache(split_dir, "ground", [image_id], cfg.img_size, Path(tmp), pool)
+        cached = ImageStore(split_dir, "ground", cfg.img_size, Path(tmp), [image_id])
+        seconds = timed(lambda: cached(image_id))
+        report("read a cached image (prepare)", 1 / seconds, "images/s", how)
+
+
+def random_batch(cfg: Config, B: int, device) -> dict:
+    """A batch of the configured shape with random content, on the device."""
+    gen, side = torch.Generator().manual_seed(0), cfg.img_size
+    batch = {m: torch.randint(0, 256, (B, 3, side, side), dtype=torch.uint8, generator=gen)
+             for m in "GS"}
+    batch["T"] = torch.randint(1, cfg.vocab_size, (B, cfg.max_len), generator=gen)
+    batch["C"] = torch.rand(B, 2, generator=gen) * torch.tensor([26.0, 59.0]) + torch.tensor(
+        [24.0, -125.0])  # in the contiguous US
+    return to_device({m: x for m, x in batch.items() if m in cfg.modalities}, device)
+
+
+def step_rate(cfg: Config, device, sync, label: str, compiled: bool = False) -> float:
+    """Training samples/s of the model cfg describes, on random inputs (no data loading)."""
+    torch.manual_seed(0)
+    raw = MML(cfg).to(device)
+    model = torch.compile(raw) if compiled else raw
+    opt = torch.optim.AdamW([p for p in raw.parameters() if p.requires_grad], lr=1e-4)
+    pairs, batch = loss_pairs(cfg.modalities, cfg.loss), random_batch(cfg, cfg.batch_size, device)
+
+    def step():
+        with autocast_for(device, cfg):
+            emb, scale = model(batch)
+        loss = contrastive_loss(emb, scale, pairs)[0]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    seconds = timed(step, 3.0 if device.type == "cuda" else 5.0, sync)
+    if device.type == "cuda":
+        peak = f"peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB"
+    else:  # ru_maxrss is in KiB on Linux
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        peak = f"peak RSS so far {rss:.2f} GiB"
+    n_params = sum(p.numel() for p in raw.parameters()) / 1e6
+    n_trained = sum(p.numel() for p in raw.parameters() if p.requires_grad) / 1e6
+    report(label, cfg.batch_size / seconds, "samples/s", f"{device.type}, batch {cfg.batch_size},"
+           f" S {cfg.img_size}, {n_params:.1f}M params ({n_trained:.1f}M trained), {peak}")
+    return cfg.batch_size / seconds
+
+
+def bench_steps(cfg: Config, device, sync) -> float:
+    """Training steps of the configured model: fp32, and on a GPU bf16 and bf16 + compile.
+    Returns the fastest rate, which the loader must keep up with."""
+    torch.set_float32_matmul_precision("high")
+    rates = [step_rate(dataclasses.replace(cfg, bf16=False), device, sync, "train step, fp32")]
+    if device.type == "cuda":
+        rates.append(step_rate(cfg, device, sync, "train step, bf16"))
+        rates.append(step_rate(cfg, device, sync, "train step, bf16 + compile", compiled=True))
+    return max(rates)
+
+
+def bench_backbones(cfg: Config, device, sync):
+    """Training steps with each image backbone at 224 px, trained whole and with frozen image
+    backbones (the authors' setting); a small batch on the CPU, where these are slow."""
+    B = cfg.batch_size if device.type == "cuda" else min(cfg.batch_size, 8)
+    for backbone in BACKBONES:
+        for freeze in ("", "GS"):
+            run = dataclasses.replace(cfg, image_backbone=backbone, img_size=224, batch_size=B,
+                                      freeze=freeze)
+            step_rate(run, device, sync, f"train step, {backbone}{', frozen' if freeze else ''}")
+
+
+def bench_loader(cfg: Config, device, fastest_step: float):
+    """The real training loader on the dataset (the synthetic world by default): batches ready
+    for the step (collated, pinned on a GPU), against the fastest step."""
+    root = default_world(cfg)
+    tr, _ = read_train(cfg, root)
+    articles, _ = read_articles(tr)
+    tok = train_tokenizer((str(v) for a in articles[:200] if a for v in a.values()), cfg)
+    needed = {"G": [i for g in tr.ground for i in g], "S": [i for g in tr.sat for i in g]}
+    sentences = Sentences(articles, tok, cfg.train_text)
+    data = LandmarkSet(tr, image_stores(cfg, tr.dir, needed), sentences, cfg, train=True)
+    B = min(cfg.batch_size, len(data))
+    loader = torch.utils.data.DataLoader(
+        data, batch_size=None, sampler=EpochSampler(len(data), B, 0), num_workers=cfg.workers,
+        pin_memory=device.type == "cuda", persistent_workers=cfg.workers > 0)
+    next(iter(loader))  # the workers' start-up is not loading time
+    n, t0 = 0, time.perf_counter()
+    for epoch in itertools.count(1):  # whole epochs, for at least 3 seconds
+        loader.sampler.set_epoch(epoch)
+        n += sum(len(batch["bad"]) for batch in loader)
+        if time.perf_counter() - t0 > 3:
+            break
+    rate = n / (time.perf_counter() - t0)
+    cached = "from the cache" if image_stores(cfg, tr.dir, {})["G"].rows is not None else "decoding"
+    pace = "keeps up with" if rate >= fastest_step else "slower than"
+    report(f"training loader, {cfg.workers} workers", rate, "samples/s",
+           f"{root}, {cached}, batch {B}; {pace} the fastest step")
+
+
+def bench_augment(cfg: Config, device, sync):
+    """The batched jitter of both image views, on the training device."""
+    batch = random_batch(cfg, cfg.batch_size, device)
+    params = augment_params(0, 0, 0, cfg.batch_size)
+    seconds = timed(lambda: jitter(dict(batch), params), 2.0, sync)
+    report(f"augmentation, batched on {device.type}", cfg.batch_size / seconds, "samples/s",
+           f"ground and aerial view, batch {cfg.batch_size}, S {cfg.img_size}")
+
+
+@torch.no_grad()
+def bench_embed(cfg: Config, device, sync):
+    """Forward passes of each encoder alone, as evaluation runs them."""
+    model = MML(cfg).to(device).eval()
+    batch = random_batch(cfg, cfg.eval_batch, device)
+    for m in cfg.modalities:
+        def forward():
+            with autocast_for(device, cfg):
+                model.enc[m](batch[m])
+        report(f"embed {m}", cfg.eval_batch / timed(forward, 2.0, sync), "items/s",
+               f"{device.type}, batch {cfg.eval_batch}, autocast")
+
+
+def bench_rank(cfg: Config, device, sync):
+    """Ranking at full scale, G2S 18,688 x (99,539 + 1,000) and S2G 1,000 x (714,554 + 18,688),
+    against the authors' per-query argsort on a sample of queries: the same metrics, or stop."""
+    for task, nq, n_lm, n_lab, n_junk in (("G2S", 18688, 1000, 1000, 99539),
+                                          ("S2G", 1000, 1000, 18688, 714554)):
+        q, g, ql, gl = fake_embeddings(nq, n_lm, n_lab, n_junk, 512, device)
+        rank_queries(q[:64], g, ql[:64], gl)  # warm-up: library start-up is not ranking time
+        sync()
+        t0 = time.perf_counter()
+        ranks = rank_queries(q, g, ql, gl, chunk=cfg.chunk)
+        sync()
+        fast = time.perf_counter() - t0
+        sample = torch.randperm(nq, generator=torch.Generator().manual_seed(0))
+        sample = sample[:cfg.bench_queries].to(device)
+        torch.set_float32_matmul_precision("highest")
+        t0 = time.perf_counter()
+        loop = argsort_ranks(q[sample], g, ql[sample], gl)
+        sync()
+        slow = (time.perf_counter() - t0) * nq / len(sample)
+        same = all(torch.equal(loop[k], ranks[k][sample].cpu())
+                   for k in ("first_strict", "first_official"))
+        same &= all(torch.allclose(loop[k].double(), ranks[k][sample].cpu(), atol=1e-9)
+                    for k in ("ap_strict", "ap_official"))
+        report(f"rank {task} {nq} x {len(g)}, chunked counts", fast, "s",
+               f"{device.type}, D = 512, all queries, --chunk {cfg.chunk}")
+        report(f"rank {task}, per-query argsort loop", slow, "s",
+               f"{device.type}, {len(sample)} queries timed, x {nq / len(sample):.0f}")
+        report(f"rank {task}, speed-up (metrics {'identical' if same else 'DIFFER'})", slow / fast,
+               "x", "same device, same run")
+        if not same:
+            raise SystemExit("bench: the chunked ranking disagrees with the per-query loop")
+
+
+def bench_locate(cfg: Config, device, sync):
+    """`locate` with a 100,000-point gallery (GeoCLIP's size), whole calls: the first embeds
+    and caches the gallery, a later one reads the cache."""
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.manual_seed(0)
+        ckpt, gallery = Path(tmp) / "model.pt", Path(tmp) / "gallery.csv"
+        tok = train_tokenizer(["a red church in a city"], cfg)
+        save_checkpoint({"model": MML(cfg).state_dict(), "config": dataclasses.asdict(cfg),
+                         "tokenizer": tok.to_str(), "step": 0, "epoch": 0}, ckpt)
+        rng = np.random.default_rng(0)
+        write_csv(gallery, ["lat", "lon"], np.stack([rng.uniform(24, 50, 100_000),
+                                                     rng.uniform(-125, -66, 100_000)], 1))
+        for label in ("first call, embeds the gallery", "later call, reads the cache"):
+            t0 = time.perf_counter()
+            Locator(ckpt, gallery, device, cfg.eval_batch)(["a red church"], "text")
+            report(f"locate, 100,000 points: {label}", time.perf_counter() - t0, "s",
+                   f"{device.type}, GPS width {cfg.gps_width}, loading included")
+
+
+BENCH_PHASES = {"decode": bench_decode, "steps": bench_steps, "backbones": bench_backbones,
+                "loader": bench_loader,
+                "augment": bench_augment, "embed": bench_embed, "rank": bench_rank,
+                "locate": bench_locate}
+
+
+def bench(cfg: Config):
+    """Time each phase of a run on this machine and print one table: decoding and the cache,
+    training steps, each image backbone's step, the training loader against the fastest step,
+    the batched augmentation, embedding, and ranking against the authors' per-query loop
+    (--phases picks some)."""
+    device = setup_distributed(cfg)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    name = (torch.cuda.get_device_name() if device.type == "cuda"
+            else f"CPU, {torch.get_num_threads()} threads")
+    print(f"bench on {name}, torch {torch.__version__}; S = {cfg.img_size}, "
+          f"B = {cfg.batch_size}, D = {cfg.embed_dim}")
+    fastest_step = 0.0
+    for phase in cfg.phases.split(","):
+        if phase == "steps":
+            fastest_step = bench_steps(cfg, device, sync)
+        elif phase == "loader":
+            bench_loader(cfg, device, fastest_step)
+        else:
+            BENCH_PHASES[phase](cfg, device, sync)
+
+
 
 
 if __name__ == "__main__":
