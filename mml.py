@@ -62,14 +62,15 @@ from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
 # ---- config -------------------------------------------------------------------------------
 
 
-def opt(default, help: str, cmds: str = "train", low=None, high=None):
+def opt(default, help: str, cmds: str = "train", low=None, high=None, choices=None):
     """A Config field: its help becomes its --help line; cmds names the commands that take
-    it; low and high bound a number (checked in `resolve`, so a typo fails in one line)."""
+    it; low and high bound a number (checked in `resolve`), choices a string (by argparse)."""
     return field(default=default, metadata={"help": help, "cmds": cmds.split(),
-                                            "range": (low, high)})
+                                            "range": (low, high), "choices": choices})
 
 
 DATA, MODEL = "train eval prepare bench", "train bench"  # the commands that take these
+BACKBONES = ("small", "resnet18", "resnet50", "convnext_tiny", "vit_b_16")  # image encoders
 
 
 @dataclass
@@ -84,7 +85,8 @@ class Config:
                            "them", low=2)
     outdoor_only: bool = opt(False, "train on the outdoor ground photos only (the subset CSV)")
     last_sat_only: bool = opt(False, "train on each landmark's latest aerial image only")
-    train_text: str = opt("first", "training sentence: first | random (PROTOCOL 2)")
+    train_text: str = opt("first", "training sentence (PROTOCOL 2)",
+                          choices=("first", "random"))
     query_text: str = opt("first,random,no_cues", "query sentences of the text tasks", "eval")
     img_size: int = opt(64, "images are resized (short side) and centre-cropped to H x H "
                             "(torchvision backbones: their weights' size)", MODEL + " prepare",
@@ -99,8 +101,8 @@ class Config:
     modalities: str = opt("GSTC", "modalities to train: any two or more of G S T C", MODEL)
     embed_dim: int = opt(128, "width D of the shared embedding space (the authors: 512)",
                          MODEL, 2, 65536)
-    image_backbone: str = opt("small", "small (a CNN from scratch) | resnet18 | resnet50 | "
-                                       "convnext_tiny | vit_b_16 (torchvision's)", MODEL)
+    image_backbone: str = opt("small", "small is a CNN from scratch; the others are "
+                                       "torchvision's", MODEL, choices=BACKBONES)
     pretrained: bool = opt(False, "start torchvision backbones from their ImageNet weights "
                                   "(downloaded once into torchvision's cache)", MODEL)
     freeze: str = opt("", "encoders whose backbone stays fixed while their heads train (the "
@@ -117,11 +119,12 @@ class Config:
     gps_width: int = opt(256, "GPS MLP width (GeoCLIP: 1024)", MODEL, 1, 65536)
     gps_depth: int = opt(2, "GPS MLP hidden layers per scale (GeoCLIP: 3)", MODEL, 0, 64)
     gps_preset: str = opt("", "geoclip: GeoCLIP's GPS sizes (--gps-width 1024 --gps-depth 3 "
-                              "--embed-dim 512), which its weights need", MODEL)
+                              "--embed-dim 512), which its weights need", MODEL,
+                          choices=("", "geoclip"))
     gps_init: str = opt("", "GeoCLIP location-encoder state dict to start the GPS encoder from")
     # training
     loss: str = opt("complete", "complete: all modality pairs; imagebind: ground vs each other",
-                    MODEL)
+                    MODEL, choices=("complete", "imagebind"))
     batch_size: int = opt(128, "global batch (split across torchrun processes)", MODEL, 2,
                           10**6)
     epochs: int = opt(25, "passes over the training landmarks, one sample each", low=1)
@@ -143,7 +146,8 @@ class Config:
     overwrite: bool = opt(False, "start over in an --out that holds a run: its checkpoints, "
                                  "log and metrics are replaced")
     select: str = opt("loss", "best.pt: the epoch of lowest validation loss (the authors' "
-                              "rule), or of highest mean validation R@1 (recall)")
+                              "rule), or of highest mean validation R@1",
+                      choices=("loss", "recall"))
     overfit_batch: bool = opt(False, "train on one fixed batch: the loss must fall to ~0")
     max_bad_steps: int = opt(10, "stop after this many non-finite losses in a row", low=1)
     # evaluation and locate
@@ -822,9 +826,6 @@ def image_trunk(width: int) -> nn.Sequential:
         nn.Conv2d(3, width, 3, stride=2, padding=1, bias=False), nn.GroupNorm(8, width),
         nn.GELU(), ResBlock(width, 2 * width), ResBlock(2 * width, 4 * width),
         ResBlock(4 * width, 8 * width), nn.AdaptiveAvgPool2d(1), nn.Flatten())
-
-
-BACKBONES = ("small", "resnet18", "resnet50", "convnext_tiny", "vit_b_16")
 
 
 def image_backbone(cfg: Config) -> tuple[nn.Module, int]:
@@ -2238,8 +2239,9 @@ def parse_args(argv=None) -> tuple[str, Config, set]:
             elif f.type is tuple:
                 sub.add_argument(flag, action="append", default=quiet, help=help, metavar="TEXT")
             else:
-                sub.add_argument(flag, type=f.type, default=quiet, help=help,
-                                 metavar=f.type.__name__.upper())
+                choices = f.metadata["choices"]  # argparse names them in --help and errors
+                sub.add_argument(flag, type=f.type, default=quiet, help=help, choices=choices,
+                                 metavar=None if choices else f.type.__name__.upper())
             flags[command].append(flag)
     args, unknown = p.parse_known_args(argv)
     for u in unknown:
@@ -2295,9 +2297,6 @@ def adopt_saved(cfg: Config, given: set, path: Path, fields) -> tuple[Config, di
 
 def resolve_model(cfg: Config, given: set) -> Config:
     """Backbone, image size, --freeze and the GPS preset, checked and made canonical."""
-    if cfg.image_backbone not in BACKBONES:
-        raise UserError(f"--image-backbone {cfg.image_backbone}: expected one of "
-                        f"{', '.join(BACKBONES)}")
     if cfg.image_backbone != "small":  # the size the ImageNet weights were trained at
         crop = backbone_weights(cfg.image_backbone).transforms().crop_size[0]
         if "img_size" not in given:
@@ -2317,8 +2316,6 @@ def resolve_model(cfg: Config, given: set) -> Config:
     if cfg.share_image_trunk and len({"G", "S"} & set(freeze)) == 1:
         raise UserError(f"--freeze {cfg.freeze}: the ground and aerial encoders share one "
                         f"backbone (--share-image-trunk): freeze both or neither")
-    if cfg.gps_preset not in ("", "geoclip"):
-        raise UserError(f"--gps-preset {cfg.gps_preset}: expected geoclip")
     if cfg.gps_preset == "geoclip":
         for k, v in (("gps_width", 1024), ("gps_depth", 3), ("embed_dim", 512)):
             if k in given and getattr(cfg, k) != v:
@@ -2336,15 +2333,10 @@ def resolve(command: str, cfg: Config, given: set) -> Config:
     if len(set(mods)) < 2 or set(mods) - set("GSTC") or len(set(mods)) != len(mods):
         raise UserError(f"--modalities {cfg.modalities}: expected two or more distinct letters "
                         f"of GSTC")
-    if cfg.loss not in ("complete", "imagebind") or (cfg.loss == "imagebind" and "G" not in mods):
-        raise UserError(f"--loss {cfg.loss}: expected complete, or imagebind with G in "
-                        f"--modalities")
+    if cfg.loss == "imagebind" and "G" not in mods:
+        raise UserError("--loss imagebind: pairs ground with the others: needs G in --modalities")
     if cfg.share_image_trunk and not {"G", "S"} <= set(mods):
         raise UserError(f"--share-image-trunk: needs both G and S in --modalities (got {mods})")
-    for name, value, allowed in (("train-text", cfg.train_text, ("first", "random")),
-                                 ("select", cfg.select, ("loss", "recall"))):
-        if value not in allowed:
-            raise UserError(f"--{name} {value}: expected {' or '.join(allowed)}")
     if set(cfg.phases.split(",")) - set(BENCH_PHASES):
         raise UserError(f"--phases {cfg.phases}: expected some of {','.join(BENCH_PHASES)}")
     if set(cfg.query_text.split(",")) - set(TEXT_MODES):
@@ -2601,12 +2593,22 @@ def refuse_unless_synthetic(folder: Path):
                         f"{SYNTH_MARKER}); refusing to replace it (--out names where to write)")
 
 
-def save_image(img: Image.Image, path: Path):
+def save(content, path: Path):
+    """An image (JPEG or PNG by the name) or a text, in a folder made on the way."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    if path.suffix == ".jpg":
-        img.save(path, quality=90)
+    if isinstance(content, str):
+        path.write_text(content)
+    elif path.suffix == ".jpg":
+        content.save(path, quality=90)
     else:
-        img.save(path, compress_level=1)
+        content.save(path, compress_level=1)
+
+
+# mml_{split}{suffix}.csv: its columns after landmark_id, and the split that lacks it
+SPLIT_CSVS = {"": "CommonsCategory,lat,lon", "_ground": "images", "_ground_subset": "images",
+              "_satellite": "images", "_all_satellite": "images", "_text": "json",
+              "_text_sentences": "sentences", "_licenses": "images,license"}
+LACKS = {"train": ("_all_satellite", "_text_sentences"), "query": ("_ground_subset",)}
 
 
 def synthesize(out: Path, scale: float = 1.0, seed: int = 0) -> dict:
@@ -2626,80 +2628,65 @@ def synthesize(out: Path, scale: float = 1.0, seed: int = 0) -> dict:
     (tmp / SYNTH_MARKER).write_text(json.dumps(marker))
     rng = random.Random(seed)
     n_train, n_query = max(40, int(1600 * scale)), max(20, int(100 * scale))
-    n_index_ground, n_index_sat = max(60, int(2000 * scale)), max(60, int(1000 * scale))
     new_id = lambda: f"{rng.getrandbits(64):016x}"  # the released 16-hex-digit ids
     landmark_ids = rng.sample(range(10**5, 10**7), n_train + n_query)
     counts, master = {}, []
-
     for split, ids in (("train", landmark_ids[:n_train]), ("query", landmark_ids[n_train:])):
-        d = tmp / split
-        rows = {k: [] for k in ("meta", "ground", "subset", "sat", "text", "sentences", "lic")}
+        d, rows = tmp / split, {suffix: [] for suffix in SPLIT_CSVS}
+        counts[split] = {"landmarks": len(ids), "text": len(ids), "ground": 0, "satellite": 0}
         for lid in ids:
             lm = place_landmark(rng)
             ground, outdoor = [], []
             for k in range(rng.randint(3, 8)):
-                gid, indoor = new_id(), k > 0 and rng.random() < 0.15
-                photo = render_ground(lm, lm["lat"], lm["lon"], rng, indoor=indoor)
-                save_image(photo, shard(d, "ground", gid))
-                ground.append(gid)
-                outdoor += [] if indoor else [gid]
+                ground.append(new_id())
+                indoor = k > 0 and rng.random() < 0.15
+                save(render_ground(lm, lm["lat"], lm["lon"], rng, indoor=indoor),
+                     shard(d, "ground", ground[-1]))
+                outdoor += [] if indoor else ground[-1:]
             sats = [new_id() for _ in range(rng.randint(2, 5))]  # oldest first
             for sid in sats:
-                save_image(render_satellite(lm, lm["lat"], lm["lon"], rng),
-                           shard(d, "satellite", sid))
+                save(render_satellite(lm, lm["lat"], lm["lon"], rng), shard(d, "satellite", sid))
             tid = new_id()
             sections, no_cues = describe(lm)
-            shard(d, "text", tid).parent.mkdir(parents=True, exist_ok=True)
-            shard(d, "text", tid).write_text(json.dumps(sections))
+            save(json.dumps(sections), shard(d, "text", tid))
             name = f"{lm['name']} {lm['category'].title()} ({lm['city']})"
-            rows["meta"].append((lid, name, f"{lm['lat']:.6f}", f"{lm['lon']:.6f}"))
-            rows["ground"].append((lid, " ".join(ground)))
-            rows["subset"].append((lid, " ".join(outdoor)))
-            rows["sat"].append((lid, " ".join(sats)))
-            rows["text"].append((lid, tid))
-            rows["sentences"].append((lid, no_cues))
-            rows["lic"] += [(lid, i, "CC BY-SA 4.0") for i in ground + sats]
-            bbox = [f"{lm['lat'] - 0.001:.6f}", f"{lm['lon'] - 0.001:.6f}",
-                    f"{lm['lat'] + 0.001:.6f}", f"{lm['lon'] + 0.001:.6f}"]
-            master.append([lid, name, name, f"{lm['lat']:.6f}", f"{lm['lon']:.6f}", *bbox,
-                           f"Q{lid}", "way", lid * 7, lm["category"], lm["state"],
-                           f"building > {lm['category']}"])
-        p = f"mml_{split}"
-        write_csv(d / f"{p}.csv", ["landmark_id", "CommonsCategory", "lat", "lon"], rows["meta"])
-        write_csv(d / f"{p}_ground.csv", ["landmark_id", "images"], rows["ground"])
-        write_csv(d / f"{p}_text.csv", ["landmark_id", "json"], rows["text"])
-        write_csv(d / f"{p}_licenses.csv", ["landmark_id", "images", "license"], rows["lic"])
-        if split == "train":
-            write_csv(d / f"{p}_ground_subset.csv", ["landmark_id", "images"], rows["subset"])
-            write_csv(d / f"{p}_satellite.csv", ["landmark_id", "images"], rows["sat"])
-        else:  # the query split lists the latest aerial image apart from all years
-            write_csv(d / f"{p}_satellite.csv", ["landmark_id", "images"],
-                      [(lid, s.split()[-1]) for lid, s in rows["sat"]])
-            write_csv(d / f"{p}_all_satellite.csv", ["landmark_id", "images"], rows["sat"])
-            write_csv(d / f"{p}_text_sentences.csv", ["landmark_id", "sentences"],
-                      rows["sentences"])
-        counts[split] = {"landmarks": len(ids), "text": len(ids),
-                         "ground": sum(len(r[1].split()) for r in rows["ground"]),
-                         "satellite": sum(len(r[1].split()) for r in rows["sat"])}
-
+            lat, lon = f"{lm['lat']:.6f}", f"{lm['lon']:.6f}"
+            # the query split lists each landmark's latest aerial image apart from all years
+            latest = sats[-1] if split == "query" else " ".join(sats)
+            for suffix, value in (("", (name, lat, lon)), ("_ground", " ".join(ground)),
+                                  ("_ground_subset", " ".join(outdoor)), ("_satellite", latest),
+                                  ("_all_satellite", " ".join(sats)), ("_text", tid),
+                                  ("_text_sentences", no_cues)):
+                rows[suffix].append((lid, *value) if suffix == "" else (lid, value))
+            rows["_licenses"] += [(lid, i, "CC BY-SA 4.0") for i in ground + sats]
+            counts[split]["ground"] += len(ground)
+            counts[split]["satellite"] += len(sats)
+            bbox = [f"{v:.6f}" for v in (lm["lat"] - 0.001, lm["lon"] - 0.001,
+                                         lm["lat"] + 0.001, lm["lon"] + 0.001)]
+            master.append([lid, name, name, lat, lon, *bbox, f"Q{lid}", "way", lid * 7,
+                           lm["category"], lm["state"], f"building > {lm['category']}"])
+        for suffix, columns in SPLIT_CSVS.items():
+            if suffix not in LACKS[split]:
+                write_csv(d / f"mml_{split}{suffix}.csv", ["landmark_id", *columns.split(",")],
+                          rows[suffix])
     # Index distractors: photos of other buildings and of plain landscape; aerial tiles at
     # random places, half with a building on them. Their centres make up the GPS gallery.
     d, ground_rows, sat_rows = tmp / "index", [], []
-    for i in range(n_index_ground):
+    for i in range(max(60, int(2000 * scale))):
         lm = place_landmark(rng)
         gid = new_id()
-        photo = render_ground(lm if i % 2 else None, lm["lat"], lm["lon"], rng)
-        save_image(photo, shard(d, "ground", gid))
+        save(render_ground(lm if i % 2 else None, lm["lat"], lm["lon"], rng),
+             shard(d, "ground", gid))
         ground_rows.append((gid, f"{rng.getrandbits(40):x}"))
-    for i in range(n_index_sat):
+    for i in range(max(60, int(1000 * scale))):
         lm = place_landmark(rng)
         sid = new_id()
-        tile = render_satellite(lm if i % 2 else None, lm["lat"], lm["lon"], rng)
-        save_image(tile, shard(d, "satellite", sid))
+        save(render_satellite(lm if i % 2 else None, lm["lat"], lm["lon"], rng),
+             shard(d, "satellite", sid))
         sat_rows.append((sid, f"{lm['lat']:.6f}", f"{lm['lon']:.6f}", rng.randint(2010, 2022)))
     write_csv(d / "mml_index_ground.csv", ["images", "gldv2_id"], ground_rows)
     write_csv(d / "mml_index_satellite.csv", ["images", "lat", "lon", "year"], sat_rows)
-    counts["index"] = {"ground": n_index_ground, "satellite": n_index_sat}
+    counts["index"] = {"ground": len(ground_rows), "satellite": len(sat_rows)}
     write_csv(tmp / "mmlandmarks.csv",
               ["landmark_id", "CommonsCategory", "WikipediaPage", "lat", "lon", "min_lat",
                "min_lon", "max_lat", "max_lon", "QID", "osm_type", "osm_id", "category",
@@ -2719,9 +2706,8 @@ def synth(cfg: Config):
 
 
 # ---- appendix: the bench (a first reading skips it) --------------------------------------
-# `python mml.py bench` measures each phase in one run on this machine: decoding, training
-# steps, embedding, ranking. Ratios between rows are meaningful; absolute numbers only
-# together with the device they were measured on, which every row names.
+# `python mml.py bench` times each phase of a run in one go on this machine. Ratios between
+# rows are meaningful; absolute numbers only with the device they were measured on.
 
 
 def timed(fn, min_seconds: float = 1.0, sync=lambda: None) -> float:
@@ -2734,6 +2720,139 @@ def timed(fn, min_seconds: float = 1.0, sync=lambda: None) -> float:
         n += 1
     sync()
     return (time.perf_counter() - t0) / n
+
+
+def report(what: str, value: float, unit: str, how: str):
+    print(f"  {what:<46}{value:>12,.1f} {unit:<10} {how}", flush=True)
+
+
+def bench_decode(cfg: Config, device, sync):
+    """Decoding real-sized files (an 800-px JPEG photo, an 800x800 PNG tile, with noise for
+    the texture real photos have and flat renders lack), and reading the prepare cache."""
+    image_id, how = "0123456789abcdef", "one process (= per worker), CPU"
+    with tempfile.TemporaryDirectory() as tmp, \
+            torch.multiprocessing.get_context("fork").Pool(1) as pool:
+        rng, noise = random.Random(0), np.random.default_rng(0)
+        lm, split_dir = place_landmark(rng), Path(tmp) / "bench"
+        for kind, img in (("ground", render_ground(lm, lm["lat"], lm["lon"], rng, 800, 600)),
+                          ("satellite", render_satellite(lm, lm["lat"], lm["lon"], rng, 800))):
+            pixels = np.asarray(img) + noise.integers(-24, 24, (*img.size[::-1], 3))
+            save(Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)),
+                 shard(split_dir, kind, image_id))
+        photo, tile = shard(split_dir, "ground", image_id), shard(split_dir, "satellite", image_id)
+        for what, path, draft in (("800x600 JPEG, full decode", photo, False),
+                                  ("800x600 JPEG, draft()", photo, True),
+                                  ("800x800 PNG", tile, True)):
+            seconds = timed(lambda: load_image(path, cfg.img_size, draft))
+            report(f"decode+resize {what}", 1 / seconds, "images/s", how)
+        build_cache(split_dir, "ground", [image_id], cfg.img_size, Path(tmp), pool)
+        cached = ImageStore(split_dir, "ground", cfg.img_size, Path(tmp), [image_id])
+        report("read a cached image (prepare)", 1 / timed(lambda: cached(image_id)), "images/s",
+               how)
+
+
+def random_batch(cfg: Config, B: int, device) -> dict:
+    """A batch of the configured shape with random content, on the device."""
+    gen, side = torch.Generator().manual_seed(0), cfg.img_size
+    batch = {m: torch.randint(0, 256, (B, 3, side, side), dtype=torch.uint8, generator=gen)
+             for m in "GS"}
+    batch["T"] = torch.randint(1, cfg.vocab_size, (B, cfg.max_len), generator=gen)
+    batch["C"] = torch.rand(B, 2, generator=gen) * 20 + torch.tensor([28.0, -110.0])
+    return to_device({m: x for m, x in batch.items() if m in cfg.modalities}, device)
+
+
+def step_rate(cfg: Config, device, sync, label: str, compiled: bool = False) -> float:
+    """Training samples/s of the model cfg describes, on random inputs (no data loading)."""
+    torch.manual_seed(0)
+    raw = MML(cfg).to(device)
+    model = torch.compile(raw) if compiled else raw
+    opt = torch.optim.AdamW([p for p in raw.parameters() if p.requires_grad], lr=1e-4)
+    pairs, batch = loss_pairs(cfg.modalities, cfg.loss), random_batch(cfg, cfg.batch_size, device)
+
+    def step():
+        with autocast_for(device, cfg):
+            emb, scale = model(batch)
+        opt.zero_grad(set_to_none=True)
+        contrastive_loss(emb, scale, pairs)[0].backward()
+        opt.step()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    rate = cfg.batch_size / timed(step, 3.0 if device.type == "cuda" else 5.0, sync)
+    if device.type == "cuda":
+        peak = f"peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB"
+    else:  # ru_maxrss is in KiB on Linux
+        peak = f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.1f} GiB"
+    params = [sum(p.numel() for p in raw.parameters() if p.requires_grad or every) / 1e6
+              for every in (True, False)]
+    report(label, rate, "samples/s", f"{device.type}, batch {cfg.batch_size}, H {cfg.img_size}, "
+           f"{params[0]:.1f}M params ({params[1]:.1f}M trained), {peak}")
+    return rate
+
+
+def bench_steps(cfg: Config, device, sync) -> float:
+    """Training steps: fp32, and on a GPU bf16 and bf16 + compile; returns the fastest."""
+    torch.set_float32_matmul_precision("high")
+    rates = [step_rate(dataclasses.replace(cfg, bf16=False), device, sync, "train step, fp32")]
+    if device.type == "cuda":
+        rates.append(step_rate(cfg, device, sync, "train step, bf16"))
+        rates.append(step_rate(cfg, device, sync, "train step, bf16 + compile", compiled=True))
+    return max(rates)
+
+
+def bench_backbones(cfg: Config, device, sync):
+    """A step with each image backbone at 224 px, trained whole and with frozen image
+    backbones (the authors' setting); a batch of at most 8 on the CPU, where they are slow."""
+    B = cfg.batch_size if device.type == "cuda" else min(cfg.batch_size, 8)
+    for backbone in BACKBONES:
+        for freeze in ("", "GS"):
+            run = dataclasses.replace(cfg, image_backbone=backbone, img_size=224, batch_size=B,
+                                      freeze=freeze)
+            step_rate(run, device, sync, f"train step, {backbone}{', frozen' * bool(freeze)}")
+
+
+def bench_loader(cfg: Config, device, fastest_step: float):
+    """The training loader on the dataset (the synthetic world by default): batches ready for
+    the step (collated, pinned on a GPU), for at least 3 s of whole epochs."""
+    root = default_world(cfg)
+    tr, _ = read_train(cfg, root)
+    articles, _ = read_articles(tr)
+    tok = train_tokenizer((str(v) for a in articles[:200] if a for v in a.values()), cfg)
+    stores = image_stores(cfg, tr.dir, {"G": [i for g in tr.ground for i in g],
+                                        "S": [i for g in tr.sat for i in g]})
+    data = LandmarkSet(tr, stores, Sentences(articles, tok, cfg.train_text), cfg, train=True)
+    B = min(cfg.batch_size, len(data))
+    loader = torch.utils.data.DataLoader(
+        data, batch_size=None, sampler=EpochSampler(len(data), B, 0), num_workers=cfg.workers,
+        pin_memory=device.type == "cuda", persistent_workers=cfg.workers > 0)
+    next(iter(loader))  # the workers' start-up is not loading time
+    n, t0 = 0, time.perf_counter()
+    for epoch in itertools.count(1):
+        loader.sampler.set_epoch(epoch)
+        n += sum(len(batch["bad"]) for batch in loader)
+        if time.perf_counter() - t0 > 3:
+            break
+    rate = n / (time.perf_counter() - t0)
+    source = "from the cache" if stores["G"].rows is not None else "decoding"
+    pace = "keeps up with" if rate >= fastest_step else "slower than"
+    report(f"training loader, {cfg.workers} workers", rate, "samples/s",
+           f"{root}, {source}, batch {B}; {pace} the fastest step")
+
+
+def bench_augment(cfg: Config, device, sync):
+    batch = random_batch(cfg, cfg.batch_size, device)
+    params = augment_params(0, 0, 0, cfg.batch_size)
+    seconds = timed(lambda: jitter(dict(batch), params), 2.0, sync)
+    report(f"augmentation, batched on {device.type}", cfg.batch_size / seconds, "samples/s",
+           f"ground and aerial view, batch {cfg.batch_size}, H {cfg.img_size}")
+
+
+@torch.no_grad()
+def bench_embed(cfg: Config, device, sync):
+    model, batch = MML(cfg).to(device).eval(), random_batch(cfg, cfg.eval_batch, device)
+    for m in cfg.modalities:
+        seconds = timed(lambda: model.enc[m](batch[m]), 2.0, sync)
+        report(f"embed {m}", cfg.eval_batch / seconds, "items/s",
+               f"{device.type}, batch {cfg.eval_batch}, fp32")
 
 
 def argsort_ranks(q, g, q_labels, g_labels, map_top: int = 1000) -> dict:
@@ -2761,11 +2880,9 @@ def fake_embeddings(n_queries: int, n_landmarks: int, n_labelled: int, n_junk: i
     """Random unit vectors shaped like a task: queries and labelled gallery items scattered
     around a random centre per landmark (so positives rank high, as with a trained model),
     distractors anywhere. -> (q (Q, D), g (N, D), q_labels, g_labels), distractors first.
-
     Rounded to multiples of 2^-10, so that every score is a multiple of 2^-20 below 1 in size
     and exact in float32 whatever the order of summation (a GEMM and a GEMV, a CPU and a GPU
-    all agree): the bench compares two rankings, not two roundings.
-    """
+    all agree): the bench compares two rankings, not two roundings."""
     gen = torch.Generator(device).manual_seed(seed)
     unit = lambda x: torch.round(F.normalize(x, dim=-1) * 1024) / 1024
     centres = F.normalize(torch.randn(n_landmarks, dim, generator=gen, device=device), dim=-1)
@@ -2775,151 +2892,6 @@ def fake_embeddings(n_queries: int, n_landmarks: int, n_labelled: int, n_junk: i
         len(labels), dim, generator=gen, device=device))
     g = torch.cat([unit(torch.randn(n_junk, dim, generator=gen, device=device)), near(lab)])
     return near(q_labels), g, q_labels, torch.cat([torch.full((n_junk,), -1, device=device), lab])
-
-
-def report(what: str, value: float, unit: str, how: str):
-    """One row of the bench's table."""
-    print(f"  {what:<46}{value:>12,.1f} {unit:<10} {how}", flush=True)
-
-
-def bench_decode(cfg: Config, device, sync):
-    """Decoding real-sized files (an 800-px JPEG photo, an 800x800 PNG tile, with noise for
-    the texture real photos have and flat renders lack), and reading the prepare cache."""
-    image_id, how = "0123456789abcdef", "one process (= per worker), CPU"
-    with tempfile.TemporaryDirectory() as tmp, \
-            torch.multiprocessing.get_context("fork").Pool(1) as pool:
-        rng, noise = random.Random(0), np.random.default_rng(0)
-        lm = place_landmark(rng)
-        split_dir = Path(tmp) / "bench"
-        for kind, img in (("ground", render_ground(lm, lm["lat"], lm["lon"], rng, 800, 600)),
-                          ("satellite", render_satellite(lm, lm["lat"], lm["lon"], rng, 800))):
-            pixels = np.asarray(img) + noise.integers(-24, 24, (*img.size[::-1], 3))
-            path = shard(split_dir, kind, image_id)
-            path.parent.mkdir(parents=True)
-            Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(path, quality=90)
-        photo, tile = shard(split_dir, "ground", image_id), shard(split_dir, "satellite", image_id)
-        for what, path, draft in (("800x600 JPEG, full decode", photo, False),
-                                  ("800x600 JPEG, draft()", photo, True),
-                                  ("800x800 PNG", tile, True)):
-            seconds = timed(lambda: load_image(path, cfg.img_size, draft))
-            report(f"decode+resize {what}", 1 / seconds, "images/s", how)
-        build_cache(split_dir, "ground", [image_id], cfg.img_size, Path(tmp), pool)
-        cached = ImageStore(split_dir, "ground", cfg.img_size, Path(tmp), [image_id])
-        seconds = timed(lambda: cached(image_id))
-        report("read a cached image (prepare)", 1 / seconds, "images/s", how)
-
-
-def random_batch(cfg: Config, B: int, device) -> dict:
-    """A batch of the configured shape with random content, on the device."""
-    gen, side = torch.Generator().manual_seed(0), cfg.img_size
-    batch = {m: torch.randint(0, 256, (B, 3, side, side), dtype=torch.uint8, generator=gen)
-             for m in "GS"}
-    batch["T"] = torch.randint(1, cfg.vocab_size, (B, cfg.max_len), generator=gen)
-    batch["C"] = torch.rand(B, 2, generator=gen) * torch.tensor([26.0, 59.0]) + torch.tensor(
-        [24.0, -125.0])  # in the contiguous US
-    return to_device({m: x for m, x in batch.items() if m in cfg.modalities}, device)
-
-
-def step_rate(cfg: Config, device, sync, label: str, compiled: bool = False) -> float:
-    """Training samples/s of the model cfg describes, on random inputs (no data loading)."""
-    torch.manual_seed(0)
-    raw = MML(cfg).to(device)
-    model = torch.compile(raw) if compiled else raw
-    opt = torch.optim.AdamW([p for p in raw.parameters() if p.requires_grad], lr=1e-4)
-    pairs, batch = loss_pairs(cfg.modalities, cfg.loss), random_batch(cfg, cfg.batch_size, device)
-
-    def step():
-        with autocast_for(device, cfg):
-            emb, scale = model(batch)
-        loss = contrastive_loss(emb, scale, pairs)[0]
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    seconds = timed(step, 3.0 if device.type == "cuda" else 5.0, sync)
-    if device.type == "cuda":
-        peak = f"peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB"
-    else:  # ru_maxrss is in KiB on Linux
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-        peak = f"peak RSS so far {rss:.2f} GiB"
-    n_params = sum(p.numel() for p in raw.parameters()) / 1e6
-    n_trained = sum(p.numel() for p in raw.parameters() if p.requires_grad) / 1e6
-    report(label, cfg.batch_size / seconds, "samples/s", f"{device.type}, batch {cfg.batch_size},"
-           f" S {cfg.img_size}, {n_params:.1f}M params ({n_trained:.1f}M trained), {peak}")
-    return cfg.batch_size / seconds
-
-
-def bench_steps(cfg: Config, device, sync) -> float:
-    """Training steps of the configured model: fp32, and on a GPU bf16 and bf16 + compile.
-    Returns the fastest rate, which the loader must keep up with."""
-    torch.set_float32_matmul_precision("high")
-    rates = [step_rate(dataclasses.replace(cfg, bf16=False), device, sync, "train step, fp32")]
-    if device.type == "cuda":
-        rates.append(step_rate(cfg, device, sync, "train step, bf16"))
-        rates.append(step_rate(cfg, device, sync, "train step, bf16 + compile", compiled=True))
-    return max(rates)
-
-
-def bench_backbones(cfg: Config, device, sync):
-    """Training steps with each image backbone at 224 px, trained whole and with frozen image
-    backbones (the authors' setting); a small batch on the CPU, where these are slow."""
-    B = cfg.batch_size if device.type == "cuda" else min(cfg.batch_size, 8)
-    for backbone in BACKBONES:
-        for freeze in ("", "GS"):
-            run = dataclasses.replace(cfg, image_backbone=backbone, img_size=224, batch_size=B,
-                                      freeze=freeze)
-            step_rate(run, device, sync, f"train step, {backbone}{', frozen' if freeze else ''}")
-
-
-def bench_loader(cfg: Config, device, fastest_step: float):
-    """The real training loader on the dataset (the synthetic world by default): batches ready
-    for the step (collated, pinned on a GPU), against the fastest step."""
-    root = default_world(cfg)
-    tr, _ = read_train(cfg, root)
-    articles, _ = read_articles(tr)
-    tok = train_tokenizer((str(v) for a in articles[:200] if a for v in a.values()), cfg)
-    needed = {"G": [i for g in tr.ground for i in g], "S": [i for g in tr.sat for i in g]}
-    sentences = Sentences(articles, tok, cfg.train_text)
-    data = LandmarkSet(tr, image_stores(cfg, tr.dir, needed), sentences, cfg, train=True)
-    B = min(cfg.batch_size, len(data))
-    loader = torch.utils.data.DataLoader(
-        data, batch_size=None, sampler=EpochSampler(len(data), B, 0), num_workers=cfg.workers,
-        pin_memory=device.type == "cuda", persistent_workers=cfg.workers > 0)
-    next(iter(loader))  # the workers' start-up is not loading time
-    n, t0 = 0, time.perf_counter()
-    for epoch in itertools.count(1):  # whole epochs, for at least 3 seconds
-        loader.sampler.set_epoch(epoch)
-        n += sum(len(batch["bad"]) for batch in loader)
-        if time.perf_counter() - t0 > 3:
-            break
-    rate = n / (time.perf_counter() - t0)
-    cached = "from the cache" if image_stores(cfg, tr.dir, {})["G"].rows is not None else "decoding"
-    pace = "keeps up with" if rate >= fastest_step else "slower than"
-    report(f"training loader, {cfg.workers} workers", rate, "samples/s",
-           f"{root}, {cached}, batch {B}; {pace} the fastest step")
-
-
-def bench_augment(cfg: Config, device, sync):
-    """The batched jitter of both image views, on the training device."""
-    batch = random_batch(cfg, cfg.batch_size, device)
-    params = augment_params(0, 0, 0, cfg.batch_size)
-    seconds = timed(lambda: jitter(dict(batch), params), 2.0, sync)
-    report(f"augmentation, batched on {device.type}", cfg.batch_size / seconds, "samples/s",
-           f"ground and aerial view, batch {cfg.batch_size}, S {cfg.img_size}")
-
-
-@torch.no_grad()
-def bench_embed(cfg: Config, device, sync):
-    """Forward passes of each encoder alone, as evaluation runs them."""
-    model = MML(cfg).to(device).eval()
-    batch = random_batch(cfg, cfg.eval_batch, device)
-    for m in cfg.modalities:
-        def forward():
-            with autocast_for(device, cfg):
-                model.enc[m](batch[m])
-        report(f"embed {m}", cfg.eval_batch / timed(forward, 2.0, sync), "items/s",
-               f"{device.type}, batch {cfg.eval_batch}, autocast")
 
 
 def bench_rank(cfg: Config, device, sync):
@@ -2975,21 +2947,20 @@ def bench_locate(cfg: Config, device, sync):
 
 
 BENCH_PHASES = {"decode": bench_decode, "steps": bench_steps, "backbones": bench_backbones,
-                "loader": bench_loader,
-                "augment": bench_augment, "embed": bench_embed, "rank": bench_rank,
-                "locate": bench_locate}
+                "loader": bench_loader, "augment": bench_augment, "embed": bench_embed,
+                "rank": bench_rank, "locate": bench_locate}
 
 
 def bench(cfg: Config):
-    """Time each phase of a run on this machine and print one table: decoding and the cache,
-    training steps, each image backbone's step, the training loader against the fastest step,
-    the batched augmentation, embedding, and ranking against the authors' per-query loop
-    (--phases picks some)."""
+    """`bench`: one table of throughputs on this machine, a phase at a time (--phases): decoding
+    and the cache, training steps, each image backbone's step, the training loader against the
+    fastest step, the batched augmentation, embedding, ranking against the authors' per-query
+    loop, and `locate` with a 100,000-point gallery."""
     device = setup_distributed(cfg)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     name = (torch.cuda.get_device_name() if device.type == "cuda"
             else f"CPU, {torch.get_num_threads()} threads")
-    print(f"bench on {name}, torch {torch.__version__}; S = {cfg.img_size}, "
+    print(f"bench on {name}, torch {torch.__version__}; H = {cfg.img_size}, "
           f"B = {cfg.batch_size}, D = {cfg.embed_dim}")
     fastest_step = 0.0
     for phase in cfg.phases.split(","):
@@ -2999,8 +2970,6 @@ def bench(cfg: Config):
             bench_loader(cfg, device, fastest_step)
         else:
             BENCH_PHASES[phase](cfg, device, sync)
-
-
 
 
 if __name__ == "__main__":

@@ -336,6 +336,9 @@ def test_parse_args_builds_config_and_names_the_nearest_option(capsys):
     with pytest.raises(SystemExit):
         mml.parse_args(["train", "--batchsize", "7"])
     assert "did you mean --batch-size" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # a choice: argparse names the valid ones
+        mml.parse_args(["train", "--select", "accuracy"])
+    assert "invalid choice: 'accuracy' (choose from 'loss', 'recall')" in capsys.readouterr().err
     with pytest.raises(mml.UserError, match="modalities"):
         mml.resolve("train", mml.Config(modalities="G"), set())
 
@@ -1080,7 +1083,6 @@ def test_overwrite_starts_over(world, tmp_path):
     (["--warmup", 1.5], "--warmup 1.5: expected a number in [0.0, 1.0]"),
     (["--img-width", 12], "--img-width 12: expected a multiple of 8"),
     (["--modalities", "TC", "--share-image-trunk"], "--share-image-trunk: needs both G and S"),
-    (["--select", "accuracy"], "--select accuracy: expected loss or recall"),
     (["--resume"], "no run to resume there (--resume continues the run in --out"),
 ])
 def test_options_out_of_range_fail_in_one_line(tmp_path, capsys, argv, message):
