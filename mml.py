@@ -8,7 +8,7 @@ and a sentence its images (T2G, T2S).
 
     pip install -r requirements.txt
     python mml.py train        # no data needed: writes a synthetic world in the released
-                               #   layout (20 s), then trains (3.2 min on 2 CPU cores)
+                               #   layout (20-30 s), then trains (3-5 min on 2 CPU cores)
     python mml.py eval         # all 13 tasks, official and strict (10 s); --viz: pictures
     python mml.py locate photo.jpg          # where is it? the top 5 places
     python mml.py train --data /data/MMLandmarks --img-size 224 --batch-size 512 ...  # 1 GPU
