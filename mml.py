@@ -19,12 +19,13 @@ and a sentence its images (T2G, T2S).
 `eval` reads best.pt, the epoch of lowest validation loss (the authors' rule): on the default
 run, validation G2S R@1 65% there (chance 0.6%), and 84% at the last epoch (--select recall).
 
-Reading path. The main path comes first, in the order the data flows: config (130 lines),
-geometry (30), data (490: the released layout, images and their cache, sentences, batches,
-augmentation), model (230), loss (55), metrics (130), train (360), eval (620: the protocol's
-tasks, `locate`, pictures), command line (190). The core a first reading needs is model,
-loss, metrics and train. Two appendices follow that a first reading skips: the synthetic
-world (320) and the bench (250). PROTOCOL N cites section N of the protocol in README.md.
+Reading path. The main path comes first, in the order the data flows: config (145 lines),
+geometry (30), data (560: the released layout, images and their cache, sentences, batches,
+augmentation), model (210), loss (55), metrics (140), train (395), eval (610: the protocol's
+tasks, pictures, `locate`), command line (180). The core a first reading needs is model,
+loss, metrics and train: 800 lines, one sitting. Two appendices follow that a first reading
+skips: the synthetic world (320) and the bench (270). PROTOCOL N cites section N of the
+protocol in README.md.
 
 Shape letters: B batch, D embedding width, H image side in pixels, L tokens, Q queries,
 N gallery items, P positives per query, W processes (world size).
@@ -79,7 +80,7 @@ class Config:
     data: str = opt("", "dataset root in the released layout (default: a synthetic world in "
                         "data/synthetic, made on first use; eval: the checkpoint's)", DATA)
     scale: float = opt(1.0, "size of the synthetic world (1.0: 1,600 train / 100 query "
-                            "landmarks)", DATA + " synth", 0.01, 100)
+                            "landmarks)", "train prepare bench synth", 0.01, 100)
     subset: int = opt(0, "train on the first N training landmarks only (0: all)", low=0)
     n_val: int = opt(1024, "training landmarks held out for validation, at most 10%% of "
                            "them", low=2)

@@ -343,6 +343,24 @@ def test_parse_args_builds_config_and_names_the_nearest_option(capsys):
         mml.resolve("train", mml.Config(modalities="G"), set())
 
 
+@pytest.mark.parametrize("command,shown,hidden", [
+    ("train", ["--batch-size", "--image-backbone", "--freeze", "--select", "--resume"],
+     ["--tasks", "--chunk", "--bench-queries", "--top", "--viz"]),
+    ("eval", ["--ckpt", "--tasks", "--chunk", "--viz", "--data"],
+     ["--batch-size", "--lr", "--bench-queries", "--embed-dim"]),
+    ("locate", ["INPUT", "--text", "--top", "--json", "--gallery"], ["--tasks", "--lr"]),
+])
+def test_help_by_command_shows_its_own_options_with_each_default_once(capsys, command, shown,
+                                                                      hidden):
+    with pytest.raises(SystemExit):
+        mml.parse_args([command, "--help"])
+    text = capsys.readouterr().out
+    assert all(o in text for o in shown) and not any(o + " " in text for o in hidden)
+    assert mml.COMMANDS[command] in text.replace("\n", " ")
+    assert "(default: 128)" in text if command == "train" else True
+    assert not re.search(r"\(default:[^)]*\)\s*\(default:", text)
+
+
 # ---- data ---------------------------------------------------------------------------------
 
 
