@@ -2123,6 +2123,8 @@ class Locator:
         self.model = MML(self.cfg).to(self.device).eval()
         load_matching(self.model, saved["model"], str(path))
         self.tok = Tokenizer.from_str(saved["tokenizer"])
+        if "C" not in self.model.enc:
+            raise UserError(f"{path}: trained without the GPS encoder (C): nothing to locate with")
         if gallery:
             self.latlon, self.names = read_gallery(Path(gallery))
         else:
@@ -2130,8 +2132,9 @@ class Locator:
         digest = hashlib.sha256(self.latlon.numpy().tobytes() + "\n".join(self.names).encode())
         cache = path.with_name(f"{path.stem}.gallery-{digest.hexdigest()[:16]}.pt")
         model_digest = hashlib.sha256(path.read_bytes()).hexdigest()
-        if cache.is_file() and load_tensors(cache, "gallery cache")["checkpoint"] == model_digest:
-            self.emb = load_tensors(cache, "gallery cache")["embeddings"].to(self.device)
+        cached = load_tensors(cache, "gallery cache") if cache.is_file() else {}
+        if cached.get("checkpoint") == model_digest:
+            self.emb = cached["embeddings"].to(self.device)
             note(f"gallery: {len(self.names)} points, embeddings from {cache}")
         else:
             t = time.time()
@@ -2159,8 +2162,11 @@ class Locator:
                 except Exception as e:  # missing, not an image: this input's error alone
                     results[n]["error"] = f"{x}: cannot read it as an image ({e})"
             batch = torch.stack(images).permute(0, 3, 1, 2) if images else None
+        m = {"ground": "G", "satellite": "S", "text": "T"}[kind]
+        if m not in self.model.enc:
+            raise UserError(f"the checkpoint has no {kind} encoder (trained on "
+                            f"{self.cfg.modalities})")
         if rows:
-            m = {"ground": "G", "satellite": "S", "text": "T"}[kind]
             with autocast_for(self.device, self.cfg):
                 q = self.model.enc[m](to_device({m: batch}, self.device)[m]).float()  # (n, D)
             scores = q @ self.emb.T                                                 # (n, N)

@@ -909,6 +909,8 @@ def test_locate_finds_query_landmarks_better_than_chance(located):
     assert located > 1.5 * chance, (located, chance)  # measured: 0.38 against 0.17
     named = {n for n in names if n}  # training landmarks answer with their names
     assert any(p["name"] in named for a in answers for p in a["top"])
+    with pytest.raises(mml.UserError, match="has no text encoder"):  # trained on G and C only
+        mml.Locator(ckpt)(["a red tower"], "text")
 
 
 def test_locate_answers_every_input_in_json(world, trained, tmp_path, capsys):
