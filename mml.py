@@ -1745,10 +1745,7 @@ class Sides:
                 texts = self.query.no_cues
                 tokens = tokenize(self.tok, texts)
             else:
-                articles, bad = read_articles(self.query)
-                if bad:
-                    raise UserError(f"{bad[0]} (evaluation needs every file of the protocol)")
-                table = Sentences(articles, self.tok, mode)
+                table = self.articles
                 rows = [table.pick(n, mode, random.Random(f"{self.cfg.seed}/{i}"))
                         for n, i in enumerate(self.query.ids.tolist())]
                 tokens, texts = table.tokens[rows], [table.texts[r] for r in rows]
@@ -1756,6 +1753,14 @@ class Sides:
             ids = [str(i) for i in self.query.ids.tolist()]
             self.sentence_sides[mode] = Side(emb, self.query_lm, ids, self.query_latlon, texts)
         return self.sentence_sides[mode]
+
+    @functools.cached_property
+    def articles(self) -> Sentences:
+        """Every sentence of the query articles, read once for the first and random modes."""
+        articles, bad = read_articles(self.query)
+        if bad:
+            raise UserError(f"{bad[0]} (evaluation needs every file of the protocol)")
+        return Sentences(articles, self.tok, "random")
 
     @functools.cached_property
     def photo_gallery(self) -> Side:
