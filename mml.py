@@ -62,36 +62,30 @@ from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
 
 # ---- config -------------------------------------------------------------------------------
 
-
 def opt(default, help: str, cmds: str = "train", low=None, high=None, choices=None):
     """A Config field: its help becomes its --help line; cmds names the commands that take
     it; low and high bound a number (checked in `resolve`), choices a string (by argparse)."""
     return field(default=default, metadata={"help": help, "cmds": cmds.split(),
                                             "range": (low, high), "choices": choices})
 
-
 DATA, MODEL = "train eval prepare bench", "train bench"  # the commands that take these
 BACKBONES = ("small", "resnet18", "resnet50", "convnext_tiny", "vit_b_16")  # image encoders
-
 
 @dataclass
 class Config:
     # data
     data: str = opt("", "dataset root in the released layout (default: a synthetic world in "
                         "data/synthetic, made on first use; eval: the checkpoint's)", DATA)
-    scale: float = opt(1.0, "size of the synthetic world (1.0: 1,600 train / 100 query "
-                            "landmarks)", "train prepare bench synth", 0.01, 100)
+    scale: float = opt(1.0, "size of the synthetic world (1: 1,600 train, 100 query landmarks)",
+                       "train prepare bench synth", 0.01, 100)
     subset: int = opt(0, "train on the first N training landmarks only (0: all)", low=0)
-    n_val: int = opt(1024, "training landmarks held out for validation, at most 10%% of "
-                           "them", low=2)
+    n_val: int = opt(1024, "training landmarks held out for validation (<= 10%% of them)", low=2)
     outdoor_only: bool = opt(False, "train on the outdoor ground photos only (the subset CSV)")
     last_sat_only: bool = opt(False, "train on each landmark's latest aerial image only")
-    train_text: str = opt("first", "training sentence (PROTOCOL 2)",
-                          choices=("first", "random"))
+    train_text: str = opt("first", "training sentence (PROTOCOL 2)", choices=("first", "random"))
     query_text: str = opt("first,random,no_cues", "query sentences of the text tasks", "eval")
-    img_size: int = opt(64, "images are resized (short side) and centre-cropped to H x H "
-                            "(torchvision backbones: their weights' size)", MODEL + " prepare",
-                        16, 1024)
+    img_size: int = opt(64, "images are resized and centre-cropped to H x H (torchvision "
+                            "backbones: their weights' size)", MODEL + " prepare", 16, 1024)
     cache: str = opt("", "image cache folder made by `prepare` (default: DATA/cache)", DATA)
     workers: int = opt(min(8, os.cpu_count() or 1), "DataLoader worker processes", DATA, 0, 256)
     seed: int = opt(0, "seed of everything random: hold-out, sampling, augmentation, init",
@@ -100,8 +94,7 @@ class Config:
                       "train eval locate bench")
     # model
     modalities: str = opt("GSTC", "modalities to train: any two or more of G S T C", MODEL)
-    embed_dim: int = opt(128, "width D of the shared embedding space (the authors: 512)",
-                         MODEL, 2, 65536)
+    embed_dim: int = opt(128, "width D of the shared space (the authors: 512)", MODEL, 2, 65536)
     image_backbone: str = opt("small", "small is a CNN from scratch; the others are "
                                        "torchvision's", MODEL, choices=BACKBONES)
     pretrained: bool = opt(False, "start torchvision backbones from their ImageNet weights "
@@ -110,8 +103,8 @@ class Config:
                           "authors' setting): some of ground,satellite,text,gps or G,S,T,C")
     img_width: int = opt(32, "channels of the small CNN's first stage (x2 per stage; a "
                              "multiple of 8)", MODEL, 8, 4096)
-    share_image_trunk: bool = opt(False, "ground and aerial share one backbone (the authors' "
-                                         "frozen CLIP did), with separate heads")
+    share_image_trunk: bool = opt(False, "ground and aerial share one backbone (as the "
+                                         "authors' CLIP), with separate heads")
     vocab_size: int = opt(2000, "BPE vocabulary of the text tokenizer", MODEL, 32, 10**6)
     max_len: int = opt(40, "tokens per sentence, padded or truncated", MODEL, 2, 4096)
     text_width: int = opt(128, "text transformer width (a multiple of 64, or below 64)",
@@ -126,26 +119,21 @@ class Config:
     # training
     loss: str = opt("complete", "complete: all modality pairs; imagebind: ground vs each other",
                     MODEL, choices=("complete", "imagebind"))
-    batch_size: int = opt(128, "global batch (split across torchrun processes)", MODEL, 2,
-                          10**6)
+    batch_size: int = opt(128, "global batch (split across torchrun processes)", MODEL, 2, 10**6)
     epochs: int = opt(25, "passes over the training landmarks, one sample each", low=1)
-    max_steps: int = opt(0, "stop after this many steps (0: epochs decide); the lr schedule "
-                            "spans them", low=0)
+    max_steps: int = opt(0, "stop after N steps, which the lr schedule spans (0: --epochs)", low=0)
     lr: float = opt(2e-3, "peak AdamW learning rate", low=0.0)
-    weight_decay: float = opt(0.05, "AdamW weight decay (not on biases, norms, logit scale)",
-                              low=0.0)
-    warmup: float = opt(0.05, "fraction of the steps spent warming the lr up linearly",
-                        low=0.0, high=1.0)
+    weight_decay: float = opt(0.05, "AdamW weight decay (not on biases, norms, the scale)", low=0.0)
+    warmup: float = opt(0.05, "fraction of the steps warming the lr up linearly", low=0.0, high=1.0)
     grad_clip: float = opt(1.0, "clip the gradient norm to this (0: off)", low=0.0)
-    bf16: bool = opt(True, "bf16 autocast on GPUs that support it (always fp32 on the CPU)",
+    bf16: bool = opt(True, "bf16 autocast on GPUs that support it (the CPU: fp32)",
                      "train eval bench")
     compile: bool = opt(False, "torch.compile the model", MODEL)
     log_every: int = opt(10, "steps between log lines", low=1)
     out: str = opt("runs/mml", "run folder: checkpoints, log.jsonl, eval/ (synth: the world)",
                    "train eval synth")
     resume: bool = opt(False, "continue the run in --out from its last.pt, exactly")
-    overwrite: bool = opt(False, "start over in an --out that holds a run: its checkpoints, "
-                                 "log and metrics are replaced")
+    overwrite: bool = opt(False, "start over in an --out that holds a run, replacing it")
     select: str = opt("loss", "best.pt: the epoch of lowest validation loss (the authors' "
                               "rule), or of highest mean validation R@1",
                       choices=("loss", "recall"))
@@ -157,12 +145,10 @@ class Config:
     tasks: str = opt("", "comma-separated tasks, e.g. G2S,T2C-no_cues (default: all)", "eval")
     chunk: int = opt(512, "queries scored at once; memory ~ 6 bytes x chunk x gallery",
                      "eval bench", 1)
-    eval_batch: int = opt(256, "batch when embedding queries and galleries",
-                          "eval locate bench", 1)
+    eval_batch: int = opt(256, "batch when embedding queries and galleries", "eval locate bench", 1)
     viz: bool = opt(False, "also draw pictures: a grid of results per retrieval task, a map "
                            "per x2C task, the training curves", "eval")
-    inputs: tuple = opt((), "ground photos to locate (aerial images with --satellite)",
-                        "locate")
+    inputs: tuple = opt((), "ground photos to locate (aerial images with --satellite)", "locate")
     text: tuple = opt((), "a description to locate (repeatable)", "locate")
     satellite: bool = opt(False, "the inputs are aerial images", "locate")
     top: int = opt(5, "locations per input", "locate", 1)
@@ -171,10 +157,9 @@ class Config:
     json: bool = opt(False, "answer with one JSON list on standard output", "locate")
     # prepare and bench
     splits: str = opt("train,query,index", "splits `prepare` decodes into the cache", "prepare")
-    phases: str = opt("decode,steps,backbones,loader,augment,embed,rank,locate",
-                      "phases `bench` times, in order", "bench")
+    phases: str = opt("steps,backbones,loader,augment,rank,locate", "phases `bench` times",
+                      "bench")
     bench_queries: int = opt(200, "queries timed for the per-query baseline", "bench", 1)
-
 
 COMMANDS = {  # each command and its --help line
     "train": "train a model (on a synthetic world made on first use, without --data)",
@@ -185,30 +170,24 @@ COMMANDS = {  # each command and its --help line
     "bench": "time each phase of a run on this machine",
 }
 
-
 class UserError(Exception):
     """A mistake in the input (a path, a file, a flag): printed as one line, no traceback."""
-
 
 def is_master() -> bool:
     """True in a single process, and in process 0 of a torchrun group."""
     return not dist.is_initialized() or dist.get_rank() == 0
 
-
 def print0(*args):
     if is_master():
         print(*args, flush=True)
-
 
 def barrier():
     if dist.is_initialized():
         dist.barrier()
 
-
 # ---- geometry -----------------------------------------------------------------------------
 
 EARTH_RADIUS_KM = 6371.0
-
 
 def equal_earth(latlon: torch.Tensor) -> torch.Tensor:
     """(..., 2) degrees (lat, lon) -> (..., 2) Equal Earth (x, y), x in [-1, 1].
@@ -225,7 +204,6 @@ def equal_earth(latlon: torch.Tensor) -> torch.Tensor:
     y = a4 * theta**9 + a3 * theta**7 + a2 * theta**3 + a1 * theta
     return torch.stack((x, y), dim=-1) * sf / 180
 
-
 def haversine_km(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Great-circle distance in km between (..., 2) tensors of (lat, lon) degrees."""
     a, b = torch.deg2rad(a.double()), torch.deg2rad(b.double())
@@ -234,18 +212,15 @@ def haversine_km(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
          + torch.cos(a[..., 0]) * torch.cos(b[..., 0]) * torch.sin(dlon / 2) ** 2)
     return 2 * EARTH_RADIUS_KM * torch.asin(torch.sqrt(h.clamp(0, 1)))
 
-
 # ---- data ---------------------------------------------------------------------------------
 # The reader follows the released layout (PROTOCOL 1): per split, a CSV of landmarks with GPS
 # and one CSV per modality listing image ids; files sharded by id under
 # split/{ground,satellite,text}/a/b/c/. Everything is read with the csv module into plain
 # lists, so 800k index rows take about a second.
 
-
 def synthetic_root(scale: float) -> Path:
     """Where `train`, `prepare` and `synth` put the synthetic world of a given --scale."""
     return Path("data") / ("synthetic" if scale == 1 else f"synthetic-x{scale:g}")
-
 
 def default_world(cfg: Config) -> Path:
     """The dataset root: --data, or the synthetic world (generated on first use)."""
@@ -260,19 +235,15 @@ def default_world(cfg: Config) -> Path:
     barrier()  # every process, whether or not the world had to be written
     return root
 
-
 def shard(split_dir: Path, kind: str, image_id: str) -> Path:
     """ROOT/split/kind/a/b/c/id.ext: the released sharding by the id's first three digits."""
     ext = {"ground": ".jpg", "satellite": ".png", "text": ".json"}[kind]
     return split_dir / kind / image_id[0] / image_id[1] / image_id[2] / (image_id + ext)
 
-
 def read_table(path: Path, columns: list[str], lower: bool = False) -> dict[str, list[str]]:
-    """One CSV of the release as {column: values}, checking that the columns are there
-    (lower: matching the header in any case)."""
+    """One CSV as {column: values}, checking the columns (lower: the header in any case)."""
     if not path.is_file():
-        raise UserError(f"{path}: file not found (expected a CSV with columns "
-                        f"{','.join(columns)})")
+        raise UserError(f"{path}: file not found (expected a CSV with columns {','.join(columns)})")
     with open(path, newline="") as f:
         reader = csv.reader(f)
         header = [h.strip().lower() if lower else h for h in next(reader, [])]
@@ -287,13 +258,11 @@ def read_table(path: Path, columns: list[str], lower: bool = False) -> dict[str,
                         f"{len(header)}")
     return {c: [r[header.index(c)] for r in rows] for c in columns}
 
-
 def write_csv(path: Path, header: list[str], rows):
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(header)
         writer.writerows(rows)
-
 
 def parse_numbers(path: Path, table: dict, columns: list[str], dtype) -> np.ndarray:
     """(N, len(columns)) numbers from CSV columns; a bad cell is an error naming its line."""
@@ -307,7 +276,6 @@ def parse_numbers(path: Path, table: dict, columns: list[str], dtype) -> np.ndar
                 raise UserError(f"{path}, line {n}: {','.join(row)} is not a number") from None
         raise
 
-
 def parse_latlon(path: Path, table: dict) -> np.ndarray:
     """(N, 2) latitude and longitude in degrees; NaN or out of range is an error."""
     latlon = parse_numbers(path, table, ["lat", "lon"], float)
@@ -317,7 +285,6 @@ def parse_latlon(path: Path, table: dict) -> np.ndarray:
         raise UserError(f"{path}, line {n + 2}: GPS ({latlon[n, 0]}, {latlon[n, 1]}) is not "
                         f"a latitude in [-90, 90] and a longitude in [-180, 180]")
     return latlon
-
 
 @dataclass
 class Split:
@@ -337,7 +304,6 @@ class Split:
                  (self.ground, self.sat, self.latest, self.text, self.no_cues)]
         return Split(self.dir, self.ids[rows], self.latlon[rows], *lists)
 
-
 def check_root(root: Path, sub: str = "") -> Path:
     if not root.is_dir():
         raise UserError(f"{root}: dataset root not found (expected the MMLandmarks layout: "
@@ -347,16 +313,13 @@ def check_root(root: Path, sub: str = "") -> Path:
                         f"ground/, satellite/ inside)")
     return root / sub
 
-
 def by_landmark(path: Path, column: str, listing: Path, ids: list[int],
                 partial: bool = False) -> dict:
-    """{landmark id: value} of one CSV of a split, checked both ways against the landmarks
-    the split's listing names (partial: the CSV may leave some out, as the outdoor subset
-    does)."""
+    """{landmark id: value} of one CSV of a split, checked both ways against the split's
+    listing (partial: the CSV may leave some out, as the outdoor subset does)."""
     table = read_table(path, ["landmark_id", column])
     keys = parse_numbers(path, table, ["landmark_id"], int)[:, 0].tolist()
-    values = dict(zip(keys, table[column]))
-    known = set(ids)
+    values, known = dict(zip(keys, table[column])), set(ids)
     extra = [i for i in values if i not in known]
     absent = [] if partial else [i for i in ids if i not in values]
     for missing, here, there in ((extra, listing, path.name), (absent, path, listing.name)):
@@ -365,7 +328,6 @@ def by_landmark(path: Path, column: str, listing: Path, ids: list[int],
             raise UserError(f"{here}: landmark {', '.join(map(str, missing[:5]))}{more} listed "
                             f"in {there} but missing here")
     return values
-
 
 def read_split(root: Path, split: str, outdoor_only: bool = False) -> Split:
     """Read ROOT/{train,query}: landmarks, GPS, image lists, text ids (PROTOCOL 1)."""
@@ -394,7 +356,6 @@ def read_split(root: Path, split: str, outdoor_only: bool = False) -> Split:
                  [sat[i].split() for i in rows], [latest[i] for i in rows],
                  [text[i] for i in rows], None if no_cues is None else [no_cues[i] for i in rows])
 
-
 @dataclass
 class Index:
     """The distractors. Evaluation may run without one of the lists (None): it then skips
@@ -403,7 +364,6 @@ class Index:
     ground: list[str] | None       # GLDv2 ground photo ids
     sat: list[str] | None          # aerial image ids
     sat_latlon: np.ndarray | None  # (n, 2) the tiles' centres: the GPS gallery's distractors
-
 
 def read_index(root: Path, required: bool = True) -> Index:
     d = check_root(root, "index") if required else root / "index"
@@ -416,7 +376,6 @@ def read_index(root: Path, required: bool = True) -> Index:
         index.sat_latlon = parse_latlon(d / "mml_index_satellite.csv", sat)
     return index
 
-
 def read_train(cfg: Config, root: Path) -> tuple[Split, Split]:
     """The training split, cut to --subset, minus a seeded hold-out: (train, validation)."""
     split = read_split(root, "train", cfg.outdoor_only)
@@ -426,32 +385,25 @@ def read_train(cfg: Config, root: Path) -> tuple[Split, Split]:
     perm = np.random.default_rng(cfg.seed).permutation(len(split.ids))
     return split.take(np.sort(perm[n_val:])), split.take(np.sort(perm[:n_val]))
 
-
 # Images: decoded to H x H uint8, from the files or from the `prepare` cache.
 
 def load_image(path: Path, size: int, draft: bool = True) -> np.ndarray:
-    """(H, H, 3) uint8: decode, resize the short side to H, keep the centre square.
-
-    draft() lets the JPEG decoder skip detail: it decodes at 1/2, 1/4 or 1/8 scale, never
-    below the requested size, which makes 800-px photos 2-3x cheaper (see `bench`).
-    """
+    """(H, H, 3) uint8: decode, resize the short side to H, keep the centre square. draft()
+    lets the JPEG decoder work at 1/2, 1/4 or 1/8 scale, never below H: 800-px photos decode
+    2-3x faster (see `bench`)."""
     with Image.open(path) as im:
         if draft:
             im.draft("RGB", (size, size))
         return np.array(ImageOps.fit(im.convert("RGB"), (size, size), Image.BILINEAR))
 
-
 class UnreadableFile(Exception):
     """A data file (image or article) that is missing or cannot be decoded."""
 
-
 class ImageStore:
-    """Decoded H x H images of one split and kind (ground or satellite), looked up by id.
-
-    They come from the `prepare` cache when one exists for this split and kind: one uint8
-    array (n, H, H, 3) on disk plus a manifest of ids. A cache made for another size, or one
-    that lacks images this run needs, is refused, never silently used.
-    """
+    """Decoded H x H images of one split and kind (ground or satellite), looked up by id:
+    from the `prepare` cache when it has this split and kind (a uint8 array (n, H, H, 3) on
+    disk and a manifest of ids), else from the files. A cache made for another size, or one
+    that lacks images this run needs, is refused, never silently used."""
 
     def __init__(self, split_dir: Path, kind: str, size: int, cache: Path | None, needed=()):
         self.dir, self.kind, self.size = split_dir, kind, size
@@ -497,20 +449,17 @@ class ImageStore:
         self.file.readinto(out)
         return out
 
-
 def image_stores(cfg: Config, split_dir: Path, needed: dict) -> dict:
     """{"G": store, "S": store} for one split; needed: {"G": ids, "S": ids} the run will read."""
     cache = Path(cfg.cache) if cfg.cache else split_dir.parent / "cache"
     return {m: ImageStore(split_dir, kind, cfg.img_size, cache, needed.get(m, ()))
             for m, kind in (("G", "ground"), ("S", "satellite"))}
 
-
 def decode_or_none(job: tuple) -> np.ndarray | None:
     try:
         return load_image(*job)
     except Exception:  # counted as broken in the manifest: see ImageStore
         return None
-
 
 def build_cache(split_dir: Path, kind: str, ids: list[str], size: int, cache: Path, pool) -> int:
     """Decode images into cache/{split}_{kind}.u8 (n, H, H, 3), then write the manifest, so
@@ -519,7 +468,7 @@ def build_cache(split_dir: Path, kind: str, ids: list[str], size: int, cache: Pa
     store, name = ImageStore(split_dir, kind, size, None), cache / f"{split_dir.name}_{kind}"
     manifest, array = name.with_suffix(".json"), name.with_suffix(".u8")
     head = ""
-    if manifest.is_file():
+    if manifest.is_file():  # its first bytes: the manifest lists every id
         with open(manifest) as f:
             head = f.read(100)
     if (array.exists() or manifest.exists()) and '"generator": "mml.py prepare"' not in head:
@@ -535,7 +484,7 @@ def build_cache(split_dir: Path, kind: str, ids: list[str], size: int, cache: Pa
         else:
             out[row] = img
     out.flush()
-    del out
+    del out  # closes the map before the rename
     manifest.unlink(missing_ok=True)  # never an old manifest beside a new array
     os.replace(tmp, array)
     tmp = name.with_suffix(".json.tmp")
@@ -543,7 +492,6 @@ def build_cache(split_dir: Path, kind: str, ids: list[str], size: int, cache: Pa
                                "broken": broken}))
     os.replace(tmp, manifest)
     return len(broken)
-
 
 def prepare(cfg: Config):
     """`prepare`: decode every image of --splits once into the cache, so that training reads
@@ -571,7 +519,6 @@ def prepare(cfg: Config):
             print0(f"  {split_dir.name} {kind}: {len(ids)} images, {broken} unreadable, "
                    f"{len(ids) / (time.time() - t):.0f} images/s")
 
-
 # Text: every article read, split into sentences and tokenised once, before training.
 
 def read_article(path: Path) -> dict:
@@ -584,10 +531,9 @@ def read_article(path: Path) -> dict:
         raise UnreadableFile(f"{path}: expected a JSON object {{section title: text}}")
     return article
 
-
 def read_articles(split: Split) -> tuple[list[dict | None], list[str]]:
-    """Every article of a split: (article, or None where unreadable; why each of those
-    failed). Training goes on without them, as without a bad image."""
+    """Every article of a split (None where unreadable: training goes on without it, as
+    without a bad image), and why each unreadable one failed."""
     articles, bad = [], []
     for text_id in split.text:
         try:
@@ -597,12 +543,10 @@ def read_articles(split: Split) -> tuple[list[dict | None], list[str]]:
             bad.append(str(e))
     return articles, bad
 
-
 def train_tokenizer(texts, cfg: Config) -> Tokenizer:
-    """A lower-cased BPE tokenizer learnt from training text only. It travels inside every
-    checkpoint (as JSON), so evaluation maps words to exactly the ids training used. (BPE, not
-    WordPiece: the tokenizers library's WordPiece trainer numbers tied tokens differently from
-    run to run, which would break reproducible runs and exact --resume.)"""
+    """A lower-cased BPE tokenizer learnt from training text only; it travels inside every
+    checkpoint, so evaluation maps words to the ids training used. BPE, not WordPiece: the
+    WordPiece trainer numbers tied tokens differently from run to run (no exact --resume)."""
     tok = Tokenizer(models.BPE(unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
@@ -612,19 +556,16 @@ def train_tokenizer(texts, cfg: Config) -> Tokenizer:
     tok.enable_truncation(cfg.max_len)
     return tok
 
-
 def tokenize(tok: Tokenizer, sentences: list[str]) -> torch.Tensor:
     return torch.tensor([e.ids for e in tok.encode_batch(sentences)], dtype=torch.long)  # (n, L)
 
-
 class Sentences:
     """A split's candidate sentences, tokenised once: the loop picks rows of `tokens` and never
-    parses JSON. An article splits the authors' way (PROTOCOL 2), naive on purpose so
-    numbers compare: into sections, paragraphs at newlines, pieces at '. '. Three levels of
-    (start, count) rows record that tree: per article its sections, per section its
-    paragraphs, per paragraph its pieces. pick() walks it: "first" takes the first branch at
-    every level (lead section, first paragraph, first piece), "random" a random one, as the
-    authors' random choice does. With mode "first" only the first pieces are kept at all."""
+    parses JSON. An article splits the authors' way (PROTOCOL 2), naive on purpose so numbers
+    compare: sections, paragraphs at newlines, pieces at '. '. Three levels of (start, count)
+    rows record that tree (per article its sections, per section its paragraphs, per
+    paragraph its pieces); pick() walks it, taking the first branch at every level ("first")
+    or a random one ("random"). With mode "first" only the first pieces are kept at all."""
 
     def __init__(self, articles: list[dict | None], tok: Tokenizer, mode: str):
         levels, self.texts = ([], [], []), []
@@ -652,31 +593,21 @@ class Sentences:
             row = start + (rng.randrange(count) if mode == "random" else 0)
         return int(row)
 
-
 class LandmarkSet(torch.utils.data.Dataset):
-    """Landmarks -> batches: a list of (epoch, row) keys -> {"G": (B,3,H,H) uint8, "S":
-    (B,3,H,H) uint8, "T": (B,L) ids, "C": (B,2) lat/lon, "bad": B strings of unreadable files,
-    one per line}, active modalities only.
+    """Landmarks -> batches: a list of (epoch, row) keys -> {"G", "S": (B, 3, H, H) uint8,
+    "T": (B, L) ids, "C": (B, 2) lat/lon, "bad": B strings naming unreadable files}, for the
+    active modalities. Training draws a random photo, a random year's aerial image (the latest
+    with --last-sat-only) and a --train-text sentence; validation the first photo, the latest
+    tile and the first sentence. A sample's randomness is seeded by (seed, epoch, row): the
+    same whichever worker draws it, so --resume is exact. Workers only read; the loop jitters
+    whole batches on the device (`augment`). Whole batches, not samples: in a worker the
+    arrays are made in shared memory and each image is read straight into its slot, sparing
+    the two copies of every pixel that collating samples costs (2x a worker's throughput).
+    They are (B, H, H, 3) as stored, so their (B, 3, H, H) view is channels-last, the layout
+    GPU convolutions run fastest in. An unreadable file is skipped for another view of the
+    landmark and listed in "bad"; the training loop reports them per epoch."""
 
-    Training (train=True) draws a random ground photo, a random year's aerial image (or the
-    latest, --last-sat-only) and a --train-text sentence; validation takes the first photo,
-    the latest aerial view and the first sentence. All randomness of a sample comes from a
-    generator seeded by (seed, epoch, row): a sample is the same whichever worker draws it,
-    which makes --resume exact. Pixels stay uint8 and unjittered here: the training loop
-    augments whole batches on the device (`augment`), so workers only read.
-
-    Whole batches, not samples: in a loader worker the image arrays are made in shared memory
-    and each image is read straight into its slot, so a batch reaches the training process
-    without the two further copies of every pixel that collating samples costs (2x the
-    throughput of one worker). The arrays are (B, H, H, 3) as stored; the (B, 3, H, H) view
-    of them is channels-last in memory, the layout convolutions run fastest in on a GPU.
-
-    A file that cannot be read is skipped for another view of the same landmark and listed
-    in "bad"; the training loop counts and reports these at the end of each epoch.
-    """
-
-    def __init__(self, split: Split, stores: dict, sentences: Sentences, cfg: Config,
-                 train: bool):
+    def __init__(self, split: Split, stores: dict, sentences: Sentences, cfg: Config, train: bool):
         self.split, self.stores, self.sentences, self.cfg = split, stores, sentences, cfg
         self.train = train
 
@@ -717,7 +648,6 @@ class LandmarkSet(torch.utils.data.Dataset):
             out["C"] = torch.tensor(s.latlon[rows], dtype=torch.float32)     # (B, 2)
         return out | {"bad": bad}
 
-
 def augment_params(seed: int, epoch: int, step: int, n: int) -> torch.Tensor:
     """(n, 2, 6) jitter for the n samples of one global batch, each view (ground, aerial) its
     own: brightness, contrast and saturation factors in [0.8, 1.2]; a draw r (blur if r < 0.2,
@@ -731,11 +661,9 @@ def augment_params(seed: int, epoch: int, step: int, n: int) -> torch.Tensor:
     params[..., 5] = params[..., 5].floor()
     return params.float()
 
-
 def grayscale(x: torch.Tensor) -> torch.Tensor:
     """(B, 3, H, H) -> (B, 1, H, H) luma with ITU-R 601 weights, as torchvision computes it."""
     return (0.2989 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
-
 
 def augment(images: torch.Tensor, params: torch.Tensor, rotate: bool) -> torch.Tensor:
     """(B, 3, H, H) uint8 -> (B, 3, H, H) float in [0, 1], jittered as the authors did: light
@@ -772,12 +700,10 @@ def augment(images: torch.Tensor, params: torch.Tensor, rotate: bool) -> torch.T
             x[chosen] = torch.rot90(x[chosen], k, dims=(2, 3))
     return x
 
-
 class EpochSampler(torch.utils.data.Sampler):
-    """Batches of (epoch, row) keys for one process: each epoch a fresh permutation seeded by
-    (seed, epoch), cut into global batches of B; process r of W takes the r-th B/W slice of
-    each. So one run sees the same global batches whatever the number of processes, and the
-    run can resume from any batch (set_epoch's start)."""
+    """Batches of (epoch, row) keys for one process: per epoch a permutation seeded by (seed,
+    epoch), cut into global batches of B, of which process r of W takes the r-th B/W slice:
+    the same global batches for any W, resumable from any batch (set_epoch's start)."""
 
     def __init__(self, n: int, batch: int, seed: int, rank: int = 0, world: int = 1):
         self.n, self.batch, self.seed, self.rank, self.world = n, batch, seed, rank, world
@@ -796,13 +722,11 @@ class EpochSampler(torch.utils.data.Sampler):
             first = b * self.batch + self.rank * local
             yield [(self.epoch, int(i)) for i in perm[first:first + local]]
 
-
 # ---- model --------------------------------------------------------------------------------
 # Four encoders, one per modality, each ending in a projection to the shared width D and an
 # L2 normalisation, so that a dot product between any two embeddings is a cosine similarity.
 # GroupNorm rather than BatchNorm in the CNNs: a sample's embedding must not depend on the
 # rest of its batch (in evaluation, or on another GPU's share of the batch).
-
 
 class ResBlock(nn.Module):
     """Two 3x3 convolutions with a shortcut, halving the side: (B, c_in, h, h) -> (B, c_out,
@@ -820,14 +744,12 @@ class ResBlock(nn.Module):
         y = F.gelu(self.norm1(self.conv1(x)))
         return F.gelu(self.norm2(self.conv2(y)) + self.skip(x))
 
-
 def image_trunk(width: int) -> nn.Sequential:
     """(B, 3, H, H) float -> (B, 8 * width) features: a stem and three residual stages."""
     return nn.Sequential(
         nn.Conv2d(3, width, 3, stride=2, padding=1, bias=False), nn.GroupNorm(8, width),
         nn.GELU(), ResBlock(width, 2 * width), ResBlock(2 * width, 4 * width),
         ResBlock(4 * width, 8 * width), nn.AdaptiveAvgPool2d(1), nn.Flatten())
-
 
 def image_backbone(cfg: Config) -> tuple[nn.Module, int]:
     """(B, 3, H, H) normalised pixels -> (B, width) features: (module, width). `small` is
@@ -849,11 +771,9 @@ def image_backbone(cfg: Config) -> tuple[nn.Module, int]:
         net.heads = nn.Identity()
     return net, width
 
-
 def backbone_weights(name: str):
     """torchvision's ImageNet weights of a backbone: their URL, image size, pixel statistics."""
     return torchvision.models.get_model_weights(name).DEFAULT
-
 
 def load_pretrained(trunk: nn.Module, name: str):
     """Start a torchvision backbone from ImageNet, through torchvision's weights API: taken
@@ -870,7 +790,6 @@ def load_pretrained(trunk: nn.Module, name: str):
                         f"that file there") from None
     own = trunk.state_dict()
     load_matching(trunk, {k: v for k, v in state.items() if k in own}, f"--pretrained {path}")
-
 
 class ImageEncoder(nn.Module):
     """(B, 3, H, H) uint8, or float in [0, 1] -> (B, D) unit vectors: normalise the pixels
@@ -898,7 +817,6 @@ class ImageEncoder(nn.Module):
         x = (img - self.mean) / self.std
         return F.normalize(self.head(self.trunk(x)).float(), dim=-1)
 
-
 class TextEncoder(nn.Module):
     """(B, L) token ids, 0 = padding -> (B, D): a small pre-norm transformer, mean-pooled."""
 
@@ -921,7 +839,6 @@ class TextEncoder(nn.Module):
         pooled = (x * keep).sum(1) / keep.sum(1)                   # (B, width)
         return F.normalize(self.head(pooled).float(), dim=-1)
 
-
 class RandomFourierFeatures(nn.Module):
     """(B, 2) -> (B, 2n): [cos(2 pi v b^T), sin(2 pi v b^T)] with b ~ N(0, sigma^2) fixed.
 
@@ -938,7 +855,6 @@ class RandomFourierFeatures(nn.Module):
         with torch.autocast(v.device.type, enabled=False):
             phase = 2 * math.pi * v.float() @ self.b.T             # (B, n)
             return torch.cat([torch.cos(phase), torch.sin(phase)], dim=-1)
-
 
 class GPSEncoder(nn.Module):
     """(B, 2) lat/lon degrees -> (B, D): GeoCLIP's location encoder (Vivanco et al. 2023).
@@ -965,11 +881,9 @@ class GPSEncoder(nn.Module):
         out = sum(enc["head"](enc["capsule"](v)) for enc in self.children())
         return F.normalize(out.float(), dim=-1)
 
-
 def is_head(name: str) -> bool:
     """Whether a parameter or module name lies in a projection head (what --freeze trains)."""
     return "head" in name.split(".")
-
 
 class MML(nn.Module):
     """The four encoders and the learnable temperature. forward: batch -> ({m: (B, D)}, scale).
@@ -1007,16 +921,13 @@ class MML(nn.Module):
         # the scale is returned, not read off the module, so that DDP sees it used in forward
         return {m: self.enc[m](batch[m]) for m in self.enc}, self.logit_scale.exp()
 
-
 # ---- loss ---------------------------------------------------------------------------------
-
 
 def loss_pairs(modalities: str, kind: str) -> list[str]:
     """complete: every pair of modalities (the authors' default); imagebind: ground vs each."""
     if kind == "imagebind":
         return ["G" + m for m in modalities if m != "G"]
     return [a + b for a, b in itertools.combinations(modalities, 2)]
-
 
 class GatherWithGrad(torch.autograd.Function):
     """(B, D) on each of W processes -> (W*B, D) on every process, with gradients flowing back.
@@ -1040,7 +951,6 @@ class GatherWithGrad(torch.autograd.Function):
         B = grad.shape[0] // dist.get_world_size()
         return grad[dist.get_rank() * B:(dist.get_rank() + 1) * B]
 
-
 def contrastive_loss(emb: dict, scale: torch.Tensor, pairs: list[str], gather: bool = True):
     """Symmetric InfoNCE (CLIP) for each pair of modalities, averaged over the pairs.
 
@@ -1063,7 +973,6 @@ def contrastive_loss(emb: dict, scale: torch.Tensor, pairs: list[str], gather: b
         parts[a + b] = (F.cross_entropy(logits_ab, labels) + F.cross_entropy(logits_ba, labels)) / 2
     return sum(parts.values()) / len(parts), parts
 
-
 # ---- metrics ------------------------------------------------------------------------------
 # PROTOCOL 4. A positive is a gallery item with the query's landmark id; label -1 marks an
 # index distractor. The authors' official numbers treat distractors as junk: removed from the
@@ -1071,13 +980,11 @@ def contrastive_loss(emb: dict, scale: torch.Tensor, pairs: list[str], gather: b
 # strict numbers rank the distractors like any other item. Both are reported. Here c is the
 # number of queries in a chunk (--chunk), scored at once against the whole gallery.
 
-
 def count_at_least(scores: torch.Tensor, t: torch.Tensor, n_junk: int) -> tuple:
     """Items scoring >= t per row, among the distractors (the first n_junk columns) and among
     the rest: (c, N), (c, 1) -> two (c,). A count, not a sort: one pass over the scores."""
     return ((scores[:, :n_junk] >= t).sum(1, dtype=torch.int32),
             (scores[:, n_junk:] >= t).sum(1, dtype=torch.int32))
-
 
 def positives(q_labels: torch.Tensor, g_labels: torch.Tensor) -> tuple:
     """Each query's positives as gallery indices, found by sorting the labels once and looking
@@ -1094,13 +1001,11 @@ def positives(q_labels: torch.Tensor, g_labels: torch.Tensor) -> tuple:
     index = by_label[(start[:, None] + slots).clamp(max=len(g_labels) - 1)]       # (Q, P)
     return index, slots < n_good[:, None], n_good
 
-
 def ap_term(hit: int, position: torch.Tensor) -> torch.Tensor:
     """The authors' AP contribution of a query's hit number `hit` (0-based) at 0-based
     `position` of its ranking: the mean of the precision just before it and at it."""
     before = torch.where(position > 0, hit / position.clamp(min=1), 1.0)
     return (before + (hit + 1) / (position + 1)) / 2
-
 
 def rank_queries(q: torch.Tensor, g: torch.Tensor, q_labels: torch.Tensor,
                  g_labels: torch.Tensor, map_top: int = 1000, chunk: int = 512,
@@ -1178,7 +1083,6 @@ def rank_queries(q: torch.Tensor, g: torch.Tensor, q_labels: torch.Tensor,
         res["top"] = order[res["top"]]
     return res
 
-
 def summarise(ranks: dict, ks=(1, 5, 10), map_top: int = 1000) -> dict:
     """Per-query ranks -> {"official": {R@k, mAP, medR}, "strict": {...}}, in percent but medR.
     medR is the median 1-based position in the full ranking under both protocols (the
@@ -1191,13 +1095,11 @@ def summarise(ranks: dict, ks=(1, 5, 10), map_top: int = 1000) -> dict:
         out[p] = {**recall, m: 100 * ranks[f"ap_{p}"].mean().item(), "medR": med}
     return out
 
-
 def retrieval_metrics(query_emb, gallery_emb, query_labels, gallery_labels, ks=(1, 5, 10),
                       map_top=1000) -> dict:
     """Official and strict R@k, mAP@map_top and medR of a retrieval task (PROTOCOL 4)."""
     return summarise(rank_queries(query_emb, gallery_emb, query_labels, gallery_labels, map_top),
                      ks, map_top)
-
 
 def geo_metrics(pred_latlon: torch.Tensor, true_latlon: torch.Tensor) -> dict:
     """% of predictions within 1, 25, 200, 750, 2500 km of the truth, and the median error."""
@@ -1205,12 +1107,10 @@ def geo_metrics(pred_latlon: torch.Tensor, true_latlon: torch.Tensor) -> dict:
     within = {f"acc@{t}km": 100 * (km <= t).double().mean().item() for t in (1, 25, 200, 750, 2500)}
     return within | {"median_km": float(np.median(km.cpu().numpy()))}
 
-
 # ---- train --------------------------------------------------------------------------------
 # One process per GPU under torchrun (nanoGPT's shape): RANK in the environment means
 # distributed; process 0 logs, validates and writes checkpoints while the others wait at a
 # barrier. Without torchrun all of this reduces to rank 0 of 1 and no extra code runs.
-
 
 def setup_distributed(cfg: Config) -> torch.device:
     """Join the torchrun group if there is one (NCCL on GPUs, gloo on the CPU); return the
@@ -1224,13 +1124,11 @@ def setup_distributed(cfg: Config) -> torch.device:
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     return torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
 
-
 def lr_factor(step: int, total: int, warmup: int) -> float:
     """Linear warmup, then cosine decay to zero."""
     if step < warmup:
         return (step + 1) / warmup
     return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-
 
 def save_checkpoint(state: dict, path: Path):
     """Write to a temporary file and rename it into place: a crash mid-write never leaves a
@@ -1238,7 +1136,6 @@ def save_checkpoint(state: dict, path: Path):
     tmp = path.with_name(path.name + ".tmp")
     torch.save(state, tmp)
     os.replace(tmp, path)
-
 
 def load_tensors(path: Path, what: str) -> dict:
     """torch.load that never runs code: weights_only=True unpickles tensors, numbers, strings,
@@ -1258,7 +1155,6 @@ def load_tensors(path: Path, what: str) -> dict:
         raise UserError(f"{path}: not an mml {what} (holds a {type(obj).__name__}, not a dict)")
     return obj
 
-
 def load_matching(module: nn.Module, state: dict, what: str):
     """load_state_dict, but a mismatch names the first key that is missing, unexpected or of
     another shape, with both shapes, in one line."""
@@ -1272,7 +1168,6 @@ def load_matching(module: nn.Module, state: dict, what: str):
                             f"file and {shapes[1]} in the model")
     module.load_state_dict(state)
 
-
 def load_checkpoint(path: Path) -> dict:
     if not path.is_file():
         raise UserError(f"{path}: no checkpoint there (train one with `python mml.py train`, "
@@ -1282,16 +1177,13 @@ def load_checkpoint(path: Path) -> dict:
         raise UserError(f"{path}: not an mml checkpoint (no model, config, tokenizer and step)")
     return ckpt
 
-
 def fmt_time(seconds: float) -> str:
     return f"{int(seconds // 3600)}:{int(seconds % 3600 // 60):02d}:{int(seconds % 60):02d}"
-
 
 def autocast_for(device: torch.device, cfg: Config):
     """bf16 autocast on a GPU that has it, else a no-op: the one precision switch."""
     bf16 = device.type == "cuda" and cfg.bf16 and torch.cuda.is_bf16_supported()
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
-
 
 def to_device(batch: dict, device: torch.device) -> dict:
     """Tensors to the device; pinned memory makes the copy asynchronous (non_blocking)."""
@@ -1301,7 +1193,6 @@ def to_device(batch: dict, device: torch.device) -> dict:
     layout = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     return {m: x.contiguous(memory_format=layout) if x.dim() == 4 else x for m, x in out.items()}
 
-
 def jitter(inputs: dict, params: torch.Tensor) -> dict:
     """A batch's image views, on their device, augmented by their rows of params (B, 2, 6)."""
     for k, m in enumerate("GS"):
@@ -1309,7 +1200,6 @@ def jitter(inputs: dict, params: torch.Tensor) -> dict:
             x = augment(inputs[m], params[:, k].to(inputs[m].device), rotate=m == "S")
             inputs[m] = to_device({m: x}, x.device)[m]  # the device's layout again
     return inputs
-
 
 @torch.no_grad()
 def validate(model: MML, val_set: LandmarkSet, cfg: Config, pairs: list[str], device) -> dict:
@@ -1336,7 +1226,6 @@ def validate(model: MML, val_set: LandmarkSet, cfg: Config, pairs: list[str], de
     return {"val_loss": total / n, "val_R@1": sum(r1.values()) / len(r1), **r1,
             "chance_R@1": 100 / n}
 
-
 class StopSignal:
     """SIGTERM (a cluster's preemption or time limit) and SIGINT (Ctrl-C) ask the training
     loop to stop: it finishes the step, saves last.pt and exits. A second signal exits at once.
@@ -1360,19 +1249,16 @@ class StopSignal:
         for s, handler in self.previous.items():
             signal.signal(s, handler)
 
-
 def ignore_stop_signals(worker_id: int):
     """In loader workers: a scheduler signals the whole process group, and a worker killed by
     it would take the main process's last step with it. The main process decides to stop."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
-
 def start_over(out: Path):
     """--overwrite: remove what an earlier run of mml wrote in `out`, and nothing else."""
     for name in ("last.pt", "best.pt", "log.jsonl", "eval/metrics.json"):
         (out / name).unlink(missing_ok=True)
-
 
 def learn_tokenizer(cfg: Config, articles: list, ckpt: dict | None) -> Tokenizer:
     """The run's tokenizer: the checkpoint's on --resume; else learnt once, on process 0,
@@ -1386,7 +1272,6 @@ def learn_tokenizer(cfg: Config, articles: list, ckpt: dict | None) -> Tokenizer
     if dist.is_initialized():
         dist.broadcast_object_list(tok_json)
     return Tokenizer.from_str(tok_json[0])
-
 
 def build_model(cfg: Config, device, ckpt: dict | None) -> tuple[MML, torch.optim.Optimizer]:
     """The model and its optimizer: from the checkpoint on --resume; else initialised (the
@@ -1415,44 +1300,45 @@ def build_model(cfg: Config, device, ckpt: dict | None) -> tuple[MML, torch.opti
         torch.set_rng_state(ckpt["torch_rng"])
     return raw, opt
 
-
-def train(cfg: Config):
-    """`train`. Phases: data (the splits, every article read and tokenised once, the loader),
-    model (fresh, or the checkpoint's on --resume), then per step: jitter the batch on the
-    device, forward, the contrastive loss, one all-reduce that also carries the stop signal,
-    backward and update; per epoch (or on a stop signal): validate, then save best.pt and
-    last.pt. Process 0 logs, validates and saves; the others wait at a barrier."""
-    device = setup_distributed(cfg)
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    out = Path(cfg.out)
-    root = default_world(cfg)
-    # the checkpoint records the data as an absolute path: eval reads it from anywhere
-    cfg = dataclasses.replace(cfg, data=str(root.resolve()))
+def training_sets(cfg: Config, root: Path, ckpt: dict | None) -> tuple:
+    """(training set, validation set, tokenizer): the splits, every article read and
+    tokenised once, the images' stores (the cache when there is one)."""
     train_split, val_split = read_train(cfg, root)
     if len(train_split.ids) < 2 or len(val_split.ids) < 2:
         raise UserError(f"{root}: {len(train_split.ids)} training and {len(val_split.ids)} "
                         f"validation landmarks; need at least 2 of each")
-    ckpt = load_checkpoint(out / "last.pt") if cfg.resume else None
-    articles, bad = read_articles(train_split)
-    val_articles, val_bad = read_articles(val_split)
+    (articles, bad), (val_articles, val_bad) = read_articles(train_split), read_articles(val_split)
     if bad or val_bad:
         print0(f"{len(bad + val_bad)} unreadable articles: their landmarks train with an empty "
                f"sentence (first: {(bad + val_bad)[0]})")
     tok = learn_tokenizer(cfg, articles, ckpt)
+    both = (train_split, val_split)
     stores = image_stores(cfg, train_split.dir, {
-        "G": [i for g in train_split.ground + val_split.ground for i in g],
-        "S": [i for g in train_split.sat + val_split.sat for i in g]})
-    train_set = LandmarkSet(train_split, stores, Sentences(articles, tok, cfg.train_text), cfg,
-                            train=True)
-    val_set = LandmarkSet(val_split, stores, Sentences(val_articles, tok, "first"), cfg,
-                          train=False)
+        "G": [i for s in both for g in s.ground for i in g],
+        "S": [i for s in both for g in s.sat for i in g]})
+    return (LandmarkSet(train_split, stores, Sentences(articles, tok, cfg.train_text), cfg, True),
+            LandmarkSet(val_split, stores, Sentences(val_articles, tok, "first"), cfg, False), tok)
+
+def train(cfg: Config):
+    """`train`. Phases: data (`training_sets`, the loader), model (fresh, or the checkpoint's
+    on --resume), then per step: jitter the batch on the device, forward, the contrastive loss,
+    one all-reduce that also carries the stop signal, backward and update; per epoch (or on a
+    stop signal): validate, then save best.pt and last.pt. Process 0 logs, validates and
+    saves; the others wait at a barrier."""
+    device = setup_distributed(cfg)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    out, root = Path(cfg.out), default_world(cfg)
+    # the checkpoint records the data as an absolute path: eval reads it from anywhere
+    cfg = dataclasses.replace(cfg, data=str(root.resolve()))
+    ckpt = load_checkpoint(out / "last.pt") if cfg.resume else None
+    train_set, val_set, tok = training_sets(cfg, root, ckpt)
 
     # A global batch never larger than the landmarks, and divisible by the process count.
-    B = min(cfg.batch_size, len(train_set)) // world * world
     if cfg.batch_size % world:
         raise UserError(f"--batch-size {cfg.batch_size} is the global batch: it must divide "
                         f"evenly over {world} processes")
+    B = min(cfg.batch_size, len(train_set)) // world * world
     if B < cfg.batch_size:
         print0(f"batch {cfg.batch_size} > {len(train_set)} training landmarks: using {B}")
     sampler = EpochSampler(len(train_set), B, cfg.seed, rank, world)
@@ -1493,7 +1379,7 @@ def train(cfg: Config):
            f"{steps_per_epoch} steps/epoch, {total} steps")
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        log = open(out / "log.jsonl", "a")
+        log = open(out / "log.jsonl", "a", buffering=1)  # line-buffered: each record flushed
     fixed = next(iter(loader)) if cfg.overfit_batch else None
     start_step, t_start = step, time.time()
     bad_in_row, skipped = 0, 0  # non-finite losses: in a row now, and in all
@@ -1555,7 +1441,6 @@ def train(cfg: Config):
                           f"{rec['samples_per_s']:.0f} samples/s | {fmt_time(rec['elapsed_s'])} "
                           f"elapsed, ETA {fmt_time(eta)}", flush=True)
                     log.write(json.dumps(rec) + "\n")
-                    log.flush()
                     t_log, step_log = now, step
                 if step >= total or stopping:
                     break
@@ -1565,12 +1450,11 @@ def train(cfg: Config):
             if n_bad:
                 print0(f"epoch {epoch}: {int(n_bad)} unreadable files skipped for other views "
                        f"(first: {unreadable[0] if unreadable else 'on another process'})")
-            epoch_done = step % steps_per_epoch == 0 or step >= total
             if rank == 0:  # validate and save; the other processes wait at the barrier below
                 state = {"model": raw.state_dict(), "optimizer": opt.state_dict(), "step": step,
-                         "epoch": epoch, "config": dataclasses.asdict(cfg),
+                         "epoch": epoch, "config": dataclasses.asdict(cfg), "best": best,
                          "tokenizer": tok.to_str(), "torch_rng": torch.get_rng_state()}
-                if epoch_done:
+                if step % steps_per_epoch == 0 or step >= total:  # else stopped mid-epoch
                     val = validate(raw, val_set, cfg, pairs, device)
                     value = val["val_loss" if cfg.select == "loss" else "val_R@1"]
                     improved = sign * value < sign * best
@@ -1579,14 +1463,11 @@ def train(cfg: Config):
                           + (" | new best" if improved else ""), flush=True)
                     log.write(json.dumps({"epoch": epoch, "step": step, **val,
                                           "unreadable": int(n_bad)}) + "\n")
-                    log.flush()
                     state |= {"best": best, "val": val}
                     # best.pt first: a crash between the two saves then leaves last.pt at the
                     # epoch before, whose resume redoes this epoch and rewrites best.pt the same
                     if improved:
                         save_checkpoint(state, out / "best.pt")
-                else:  # stopped mid-epoch: nothing validated yet
-                    state["best"] = best
                 save_checkpoint(state, out / "last.pt")
             barrier()
             if stopping and step < total:
@@ -1600,7 +1481,6 @@ def train(cfg: Config):
               f"{skipped} skipped; best val {cfg.select} {best:.3f}; checkpoints in {out}/")
         log.close()
 
-
 # ---- eval ---------------------------------------------------------------------------------
 # PROTOCOL 3: every query ground photo is its own query; the aerial queries are the
 # latest tile of each query landmark; galleries are the index distractors (label -1) plus the
@@ -1609,7 +1489,6 @@ def train(cfg: Config):
 
 TASKS = ("G2S", "S2G", "G2C", "S2C", "T2G", "T2S", "T2C")
 TEXT_MODES = ("first", "random", "no_cues")
-
 
 def task_names(cfg: Config) -> list[str]:
     """The tasks to run: all of them, or --tasks (T2C picks T2C in every --query-text mode);
@@ -1623,7 +1502,6 @@ def task_names(cfg: Config) -> list[str]:
             raise UserError(f"--tasks: no task {name!r} (known: {', '.join(every)})")
         chosen += match
     return list(dict.fromkeys(chosen)) or every
-
 
 class ImageList(torch.utils.data.Dataset):
     """Image ids -> ((3, H, H) uint8, "" or why the file could not be read)."""
@@ -1640,7 +1518,6 @@ class ImageList(torch.utils.data.Dataset):
         except UnreadableFile as e:
             return torch.zeros(3, self.store.size, self.store.size, dtype=torch.uint8), str(e)
 
-
 def gather_rows(x: torch.Tensor, n: int) -> torch.Tensor:
     """Process r holds rows [n*r/W, n*(r+1)/W) of an (n, D) result: give every process all n."""
     world = dist.get_world_size()
@@ -1650,7 +1527,6 @@ def gather_rows(x: torch.Tensor, n: int) -> torch.Tensor:
     parts = [torch.empty_like(padded) for _ in range(world)]
     dist.all_gather(parts, padded)
     return torch.cat([p[:s] for p, s in zip(parts, sizes)])
-
 
 @torch.no_grad()
 def embed(encoder: nn.Module, data, what: str, cfg: Config, device) -> torch.Tensor:
@@ -1681,7 +1557,6 @@ def embed(encoder: nn.Module, data, what: str, cfg: Config, device) -> torch.Ten
     emb = torch.cat(parts) if parts else torch.zeros(0, cfg.embed_dim, device=device)
     return gather_rows(emb, n) if world > 1 else emb
 
-
 @dataclass
 class Side:
     """One side of a task, embedded: queries, or a gallery (distractors first)."""
@@ -1690,7 +1565,6 @@ class Side:
     ids: list[str]                # image ids; landmark ids for sentences and points
     latlon: torch.Tensor | None   # (N, 2) where each lies, when it matters (queries, GPS)
     show: list                    # what the pictures draw: image paths, sentences, nothing
-
 
 class Sides:
     """The queries and galleries of the protocol (PROTOCOL 3), each built and embedded
@@ -1823,7 +1697,6 @@ class Sides:
             return f"{self.query.dir / 'mml_query_text_sentences.csv'}: not found"
         return ""
 
-
 def open_gallery(root: Path) -> tuple[torch.Tensor, list[str]]:
     """(N, 2) lat/lon and names: the index tiles' centres (no name), then the training
     landmarks (named by their Commons category). Never the query landmarks: they are the test."""
@@ -1836,7 +1709,6 @@ def open_gallery(root: Path) -> tuple[torch.Tensor, list[str]]:
     latlon = np.concatenate([index.sat_latlon, parse_latlon(path, train)])   # (N, 2) float64
     return torch.as_tensor(latlon), [""] * len(index.sat) + train["CommonsCategory"]
 
-
 @torch.no_grad()
 def nearest(q: torch.Tensor, g: torch.Tensor, k: int, chunk: int = 512) -> tuple:
     """The k best gallery items of each query by cosine score, in float32 and in chunks of
@@ -1848,7 +1720,6 @@ def nearest(q: torch.Tensor, g: torch.Tensor, k: int, chunk: int = 512) -> tuple
     finally:
         torch.set_float32_matmul_precision(precision)
     return torch.cat([s for s, _ in best]), torch.cat([i for _, i in best])
-
 
 def print_tables(results: dict):
     """The results laid out like the authors' tables (PROTOCOL 5), then the
@@ -1872,7 +1743,6 @@ def print_tables(results: dict):
                   + "   (% of queries within; median error)")
             for task, g in geo.items():
                 print(f"{task:<16}" + "".join(f"{g[k]:>11.1f}" for k in keys))
-
 
 def evaluate(cfg: Config):
     """Every task of the protocol on one checkpoint: load the model and the data it names;
@@ -1946,7 +1816,6 @@ def evaluate(cfg: Config):
         print(f"\nper-query results{', pictures' if cfg.viz else ''} and metrics.json in {out}/")
     barrier()
 
-
 # Pictures (`eval --viz`), with Pillow alone: per retrieval task a grid of seeded queries and
 # their top 5; per x2C task a map of the errors; the training curves from log.jsonl.
 GRID_THUMB, GRID_GAP, GRID_LINE, GRID_ROWS = 96, 8, 20, 8  # px, px, px, queries
@@ -1955,28 +1824,23 @@ MAP_LAT, MAP_LON, MAP_PX = (24.0, 50.0), (-125.0, -66.0), 16  # contiguous US, p
 ERROR_BANDS = ((1, (0, 140, 0)), (25, (20, 150, 150)), (200, (40, 80, 210)),
                (750, (230, 140, 0)), (2500, (210, 30, 30)), (math.inf, (90, 0, 60)))
 
-
 def font(size: int = 13):
     return ImageFont.load_default(size=size)  # Pillow's scalable font: legible at any size
-
 
 def grid_cell(row: int, col: int) -> tuple[int, int]:
     """Top-left pixel of a grid's thumbnail; a line of text above each row."""
     return (GRID_GAP + col * (GRID_THUMB + GRID_GAP),
             GRID_LINE + row * (GRID_THUMB + GRID_GAP + GRID_LINE))
 
-
 def picture_queries(n: int, seed: int) -> list[int]:
     """The queries a grid shows: GRID_ROWS of n, seeded, in order."""
     return sorted(random.Random(seed).sample(range(n), min(GRID_ROWS, n)))
-
 
 def thumbnail(path) -> Image.Image:
     try:
         return Image.fromarray(load_image(Path(path), GRID_THUMB))
     except Exception:  # the grid still shows the rest
         return Image.new("RGB", (GRID_THUMB, GRID_THUMB), (128, 128, 128))
-
 
 def draw_task(task: str, q: Side, g: Side, ranks: dict, hits: torch.Tensor, sides: Sides,
               path: Path, seed: int):
@@ -2010,11 +1874,9 @@ def draw_task(task: str, q: Side, g: Side, ranks: dict, hits: torch.Tensor, side
                 draw.text((x + 8, y + GRID_THUMB - 19), "distractor", fill="white", font=text)
     img.save(path)
 
-
 def map_xy(lat: float, lon: float) -> tuple[float, float]:
     """Equirectangular: a degree is MAP_PX pixels both ways."""
     return (lon - MAP_LON[0]) * MAP_PX, (MAP_LAT[1] - lat) * MAP_PX
-
 
 def draw_map(task: str, q: Side, pred: torch.Tensor, sides: Sides, path: Path):
     """The contiguous US; training landmarks faint; a line from each query's true location
@@ -2045,7 +1907,6 @@ def draw_map(task: str, q: Side, pred: torch.Tensor, sides: Sides, path: Path):
         draw.text((x + 20, height + 12), f"{label}: {share:.0f}%", fill="black", font=text)
     img.save(path)
 
-
 def plot(draw: ImageDraw.ImageDraw, box: tuple, title: str, series: dict):
     """Line plots in box (x0, y0, x1, y1): {name: (xs, ys)}, with their extremes labelled."""
     x0, y0, x1, y1 = box
@@ -2075,7 +1936,6 @@ def plot(draw: ImageDraw.ImageDraw, box: tuple, title: str, series: dict):
             draw.point(line, fill=colour)
         draw.text((right - 70, top + 4 + 14 * n), name, fill=colour, font=text)
 
-
 def draw_curves(log: Path, path: Path):
     """Training curves from a run's log.jsonl: losses by step, validation by epoch, the lr,
     the logit scale and the throughput: 1200 x 540 px."""
@@ -2102,7 +1962,6 @@ def draw_curves(log: Path, path: Path):
         x, y = 400 * (n % 3), 270 * (n // 3)
         plot(draw, (x, y, x + 400, y + 270), title, series)
     img.save(path)
-
 
 class Locator:
     """Where is this? The top locations of photos, aerial images or sentences in a GPS
@@ -2184,12 +2043,10 @@ class Locator:
                      "prob": float(probs[n, j]), "name": self.names[j]} for j in picks]
         return results
 
-
 def note(*args):
     """Progress and notes of `locate`: standard error, so that its standard output holds the
     answers alone (with --json, JSON that pipes into other tools)."""
     print(*args, file=sys.stderr, flush=True)
-
 
 def read_gallery(path: Path) -> tuple[torch.Tensor, list[str]]:
     """A GPS gallery CSV: lat,lon and an optional name column (any case: GeoCLIP's has
@@ -2201,7 +2058,6 @@ def read_gallery(path: Path) -> tuple[torch.Tensor, list[str]]:
     table = read_table(path, ["lat", "lon"] + ["name"] * named, lower=True)
     latlon = torch.as_tensor(parse_latlon(path, table))                       # (N, 2) float64
     return latlon, table.get("name", [""] * len(latlon))
-
 
 def locate(cfg: Config):
     """`python mml.py locate`: answers on standard output, one block or one JSON list."""
@@ -2220,14 +2076,12 @@ def locate(cfg: Config):
     if any("error" in r for r in results):
         sys.exit(1)
 
-
 # ---- command line -------------------------------------------------------------------------
 
 MODEL_FIELDS = ("modalities", "embed_dim", "image_backbone", "img_width", "share_image_trunk",
                 "vocab_size", "max_len", "text_width", "text_layers", "gps_width", "gps_depth",
                 "img_size")
 ENCODER_NAMES = {"ground": "G", "satellite": "S", "text": "T", "gps": "C"}
-
 
 def parse_args(argv=None) -> tuple[str, Config, set]:
     """Command, Config and the names of the options given explicitly. Each command's options
@@ -2269,7 +2123,6 @@ def parse_args(argv=None) -> tuple[str, Config, set]:
     given = {k: v for k, v in vars(args).items() if k != "command"}
     return args.command, Config(**given), set(given)
 
-
 def saved_config(path: Path, ckpt: dict | None = None) -> dict:
     """The Config a checkpoint (at path, or loaded from there) was trained with. Options added
     to mml.py since take their defaults; one this mml.py does not know is an error."""
@@ -2279,7 +2132,6 @@ def saved_config(path: Path, ckpt: dict | None = None) -> dict:
         raise UserError(f"{path}: its config does not fit this mml.py (unknown options: "
                         f"{', '.join(unknown)})")
     return defaults | saved
-
 
 def check_ranges(cfg: Config):
     """Every number within its field's (low, high): one line naming the option otherwise."""
@@ -2295,7 +2147,6 @@ def check_ranges(cfg: Config):
     if cfg.text_width % max(1, cfg.text_width // 64):  # one attention head per 64 channels
         raise UserError(f"--text-width {cfg.text_width}: expected a multiple of 64, or below 64")
 
-
 def adopt_saved(cfg: Config, given: set, path: Path, fields) -> tuple[Config, dict]:
     """cfg with `fields` taken from the checkpoint at path; one given otherwise is an error.
     Returns (cfg, the checkpoint's whole saved config)."""
@@ -2305,7 +2156,6 @@ def adopt_saved(cfg: Config, given: set, path: Path, fields) -> tuple[Config, di
             raise UserError(f"--{k.replace('_', '-')} {getattr(cfg, k)}: {path} was trained with "
                             f"{saved[k]}; leave the option out to use the checkpoint's")
     return dataclasses.replace(cfg, **{k: saved[k] for k in fields}), saved
-
 
 def resolve_model(cfg: Config, given: set) -> Config:
     """Backbone, image size, --freeze and the GPS preset, checked and made canonical."""
@@ -2335,7 +2185,6 @@ def resolve_model(cfg: Config, given: set) -> Config:
                                 f"{getattr(cfg, k)}")
         cfg = dataclasses.replace(cfg, gps_width=1024, gps_depth=3, embed_dim=512)
     return dataclasses.replace(cfg, freeze=freeze)
-
 
 def resolve(command: str, cfg: Config, given: set) -> Config:
     """Settings that follow from others, all in one place: checks; where eval and --resume take
@@ -2384,7 +2233,6 @@ def resolve(command: str, cfg: Config, given: set) -> Config:
                             f"--resume, or start over with --overwrite")
     return cfg
 
-
 def main(argv=None):
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # workers are forked after use
     command, cfg, given = parse_args(argv)
@@ -2409,71 +2257,56 @@ def main(argv=None):
 # retrieval has to combine cues and never becomes trivial.
 
 CITIES = [  # (city, state, lat, lon): landmarks cluster around these
-    ("New York", "New York", 40.71, -74.01), ("Los Angeles", "California", 34.05, -118.24),
-    ("Chicago", "Illinois", 41.88, -87.63), ("Houston", "Texas", 29.76, -95.37),
-    ("Phoenix", "Arizona", 33.45, -112.07), ("Philadelphia", "Pennsylvania", 39.95, -75.17),
-    ("San Antonio", "Texas", 29.42, -98.49), ("San Diego", "California", 32.72, -117.16),
-    ("Dallas", "Texas", 32.78, -96.80), ("San Francisco", "California", 37.77, -122.42),
-    ("Seattle", "Washington", 47.61, -122.33), ("Denver", "Colorado", 39.74, -104.99),
-    ("Boston", "Massachusetts", 42.36, -71.06), ("Nashville", "Tennessee", 36.16, -86.78),
-    ("Detroit", "Michigan", 42.33, -83.05), ("Portland", "Oregon", 45.52, -122.68),
-    ("Las Vegas", "Nevada", 36.17, -115.14), ("Memphis", "Tennessee", 35.15, -90.05),
-    ("Atlanta", "Georgia", 33.75, -84.39), ("Miami", "Florida", 25.76, -80.19),
-    ("Minneapolis", "Minnesota", 44.98, -93.27), ("New Orleans", "Louisiana", 29.95, -90.07),
-    ("Salt Lake City", "Utah", 40.76, -111.89), ("Kansas City", "Missouri", 39.10, -94.58),
-    ("Albuquerque", "New Mexico", 35.08, -106.65), ("Charlotte", "North Carolina", 35.23, -80.84),
-    ("Washington", "District of Columbia", 38.91, -77.04),
-    ("Pittsburgh", "Pennsylvania", 40.44, -79.99),
-    ("Omaha", "Nebraska", 41.26, -95.93), ("Boise", "Idaho", 43.62, -116.20),
-    ("Billings", "Montana", 45.78, -108.50), ("Cleveland", "Ohio", 41.50, -81.69),
-    ("Richmond", "Virginia", 37.54, -77.44), ("Oklahoma City", "Oklahoma", 35.47, -97.52),
-    ("Buffalo", "New York", 42.89, -78.88), ("Jacksonville", "Florida", 30.33, -81.66),
-    ("Tucson", "Arizona", 32.22, -110.97), ("Sacramento", "California", 38.58, -121.49),
-]
+    ("New York", "NY", 40.71, -74.01), ("Los Angeles", "CA", 34.05, -118.24),
+    ("Chicago", "IL", 41.88, -87.63), ("Houston", "TX", 29.76, -95.37),
+    ("Phoenix", "AZ", 33.45, -112.07), ("Philadelphia", "PA", 39.95, -75.17),
+    ("San Antonio", "TX", 29.42, -98.49), ("San Diego", "CA", 32.72, -117.16),
+    ("Dallas", "TX", 32.78, -96.80), ("San Francisco", "CA", 37.77, -122.42),
+    ("Seattle", "WA", 47.61, -122.33), ("Denver", "CO", 39.74, -104.99),
+    ("Boston", "MA", 42.36, -71.06), ("Nashville", "TN", 36.16, -86.78),
+    ("Detroit", "MI", 42.33, -83.05), ("Portland", "OR", 45.52, -122.68),
+    ("Las Vegas", "NV", 36.17, -115.14), ("Memphis", "TN", 35.15, -90.05),
+    ("Atlanta", "GA", 33.75, -84.39), ("Miami", "FL", 25.76, -80.19),
+    ("Minneapolis", "MN", 44.98, -93.27), ("New Orleans", "LA", 29.95, -90.07),
+    ("Salt Lake City", "UT", 40.76, -111.89), ("Kansas City", "MO", 39.10, -94.58),
+    ("Albuquerque", "NM", 35.08, -106.65), ("Charlotte", "NC", 35.23, -80.84),
+    ("Washington", "DC", 38.91, -77.04), ("Pittsburgh", "PA", 40.44, -79.99),
+    ("Omaha", "NE", 41.26, -95.93), ("Boise", "ID", 43.62, -116.20),
+    ("Billings", "MT", 45.78, -108.50), ("Cleveland", "OH", 41.50, -81.69),
+    ("Richmond", "VA", 37.54, -77.44), ("Oklahoma City", "OK", 35.47, -97.52),
+    ("Buffalo", "NY", 42.89, -78.88), ("Jacksonville", "FL", 30.33, -81.66),
+    ("Tucson", "AZ", 32.22, -110.97), ("Sacramento", "CA", 38.58, -121.49)]
 COLOURS = {"red": (178, 52, 44), "blue": (48, 82, 168), "white": (228, 228, 222),
            "black": (42, 42, 48), "yellow": (222, 190, 62), "orange": (214, 122, 42),
            "purple": (118, 62, 140), "brown": (116, 80, 52), "teal": (40, 140, 140)}
 COVER = {"forest": (46, 92, 50), "farmland": (152, 160, 86), "desert": (206, 182, 136),
          "pine forest": (30, 66, 52), "city": (128, 128, 126)}
-# Front views: polygons with x in [-0.5, 0.5] and y from 0 (ground) up to 1.
-SILHOUETTES = {
-    "church": [(-.4, 0), (.4, 0), (.4, .5), (.1, .5), (.1, .72), (0, 1), (-.1, .72), (-.1, .5),
-               (-.4, .5)],
-    "tower": [(-.12, 0), (.12, 0), (.1, .9), (0, 1), (-.1, .9)],
-    "stadium": [(-.5, 0), (.5, 0), (.44, .32), (-.44, .32)],
-    "lighthouse": [(-.15, 0), (.15, 0), (.08, .84), (.13, .84), (.13, .9), (0, 1), (-.13, .9),
-                   (-.13, .84), (-.08, .84)],
-    "capitol": [(-.45, 0), (.45, 0), (.45, .45), (.2, .45)] + [
-        (.2 * math.cos(a * math.pi / 8), .45 + .3 * math.sin(a * math.pi / 8)) for a in range(9)]
-        + [(-.45, .45)],
-    "museum": [(-.45, 0), (.45, 0), (.45, .5), (0, .68), (-.45, .5)],
-    "castle": [(-.4, 0), (.4, 0)] + [(x / 10, .7 - .08 * (i % 2)) for i, x in
-                                      enumerate([4, 3, 3, 1, 1, -1, -1, -3, -3, -4])],
-    "obelisk": [(-.2, 0), (.2, 0), (.2, .08), (.06, .08), (.04, .9), (0, 1), (-.04, .9),
-                (-.06, .08), (-.2, .08)],
-    "skyscraper": [(-.2, 0), (.2, 0), (.2, .6), (.12, .6), (.12, .85), (.04, .85), (.02, 1),
-                   (-.04, .85), (-.12, .85), (-.12, .6), (-.2, .6)],
+# Per category: the right half of its front view, (x, y) from the ground (y = 0) up to its
+# top on x = 0, mirrored into a polygon; and its footprint from above, as (shape, box in
+# half-widths around the centre, paint).
+CATEGORIES = {
+    "church": ([(.4, 0), (.4, .5), (.1, .5), (.1, .72), (0, 1)],
+               [("rect", (-1, -.33, 1, .33), "roof"), ("rect", (-.33, -1, .33, 1), "roof")]),
+    "tower": ([(.12, 0), (.1, .9), (0, 1)], [("rect", (-.33, -.33, .33, .33), "roof")]),
+    "stadium": ([(.5, 0), (.44, .32), (0, .32)], [("ellipse", (-1, -1, 1, 1), "roof"),
+                                                   ("ellipse", (-.5, -.33, .5, .33), "grass")]),
+    "lighthouse": ([(.15, 0), (.08, .84), (.13, .84), (.13, .9), (0, 1)],
+                   [("rect", (.5, -3, 3, 3), "water"), ("ellipse", (-.5, -.5, .5, .5), "roof")]),
+    "capitol": ([(.45, 0), (.45, .45), (.2, .45), (.14, .66), (0, .75)],
+                [("rect", (-1, -1, 1, 1), "roof"), ("ellipse", (-.5, -.5, .5, .5), "light")]),
+    "museum": ([(.45, 0), (.45, .5), (0, .68)],
+               [("rect", (-1, -.7, 1, .7), "roof"), ("rect", (-.5, -.33, .5, .33), "cover")]),
+    "castle": ([(.4, 0), (.4, .7), (.3, .7), (.3, .62), (.1, .62), (.1, .7), (0, .7)],
+               [("rect", (-.8, -.8, .8, .8), "roof")] + [
+                   ("ellipse", (x - .25, y - .25, x + .25, y + .25), "dark")
+                   for x in (-.8, .8) for y in (-.8, .8)]),
+    "obelisk": ([(.2, 0), (.2, .08), (.06, .08), (.04, .9), (0, 1)],
+                [("ellipse", (-1, -1, 1, 1), "stone"), ("rect", (-.2, -.2, .2, .2), "roof")]),
+    "skyscraper": ([(.2, 0), (.2, .6), (.12, .6), (.12, .85), (.04, .85), (0, 1)],
+                   [("rect", (-.6, -.6, .6, .6), "roof"), ("rect", (-.3, -.3, .3, .3), "light")]),
 }
-# Top views: (shape, box (x0, y0, x1, y1) in half-widths around the centre, paint)
-FOOTPRINTS = {
-    "church": [("rect", (-1, -.33, 1, .33), "roof"), ("rect", (-.33, -1, .33, 1), "roof")],
-    "tower": [("rect", (-.33, -.33, .33, .33), "roof")],
-    "stadium": [("ellipse", (-1, -1, 1, 1), "roof"),
-                ("ellipse", (-.5, -.33, .5, .33), (70, 150, 60))],
-    "lighthouse": [("rect", (.5, -3, 3, 3), (40, 80, 150)),
-                   ("ellipse", (-.5, -.5, .5, .5), "roof")],
-    "capitol": [("rect", (-1, -1, 1, 1), "roof"), ("ellipse", (-.5, -.5, .5, .5), "light")],
-    "museum": [("rect", (-1, -.7, 1, .7), "roof"), ("rect", (-.5, -.33, .5, .33), "cover")],
-    "castle": [("rect", (-.8, -.8, .8, .8), "roof")] + [
-        ("ellipse", (x - .25, y - .25, x + .25, y + .25), "dark")
-        for x in (-.8, .8) for y in (-.8, .8)],
-    "obelisk": [("ellipse", (-1, -1, 1, 1), (170, 170, 165)), ("rect", (-.2, -.2, .2, .2), "roof")],
-    "skyscraper": [("rect", (-.6, -.6, .6, .6), "roof"), ("rect", (-.33, -.33, .33, .33), "light")],
-}
-CATEGORIES = list(SILHOUETTES)
 NAME_WORDS = ["Old", "Grand", "North", "Lake", "Cedar", "Liberty", "Union", "Harbor", "Pioneer",
               "Summit", "River", "Founders", "Mission", "Oak", "Sunset", "Eagle", "Granite", "Elm"]
-
 
 def land_cover(lat: float, lon: float) -> tuple[str, np.ndarray]:
     """What the ground looks like at a place, smooth in location: (name, RGB)."""
@@ -2487,115 +2320,91 @@ def land_cover(lat: float, lon: float) -> tuple[str, np.ndarray]:
     rgb = sum(w * np.array(COVER[k], float) for k, w in weights.items()) / sum(weights.values())
     return max(weights, key=weights.get), rgb
 
-
 def place_landmark(rng: random.Random) -> dict:
     """A random landmark: where it is and what it looks like."""
-    city, state, clat, clon = rng.choice(CITIES)
-    rural = rng.random() < 0.3          # rural landmarks spread far from the city
+    city, state, lat, lon = rng.choice(CITIES)
+    rural = rng.random() < 0.3  # rural landmarks spread far from the city
     spread = rng.uniform(1.0, 2.5) if rural else 0.08
-    lat = min(48.5, max(25.5, clat + rng.gauss(0, spread)))
-    lon = min(-67.5, max(-124, clon + rng.gauss(0, spread)))
     colour = rng.choice(list(COLOURS))
-    return {"lat": lat, "lon": lon, "city": city, "state": state, "rural": rural,
-            "category": rng.choice(CATEGORIES), "colour": colour,
-            "rgb": np.clip(np.array(COLOURS[colour]) + [rng.gauss(0, 14) for _ in range(3)],
-                           0, 255),
+    return {"lat": min(48.5, max(25.5, lat + rng.gauss(0, spread))),
+            "lon": min(-67.5, max(-124, lon + rng.gauss(0, spread))), "city": city,
+            "state": state, "rural": rural, "category": rng.choice(list(CATEGORIES)),
+            "colour": colour, "rgb": np.clip(np.array(COLOURS[colour]) + [
+                rng.gauss(0, 14) for _ in range(3)], 0, 255),
             "size": rng.uniform(0.25, 0.6), "year": rng.randint(1780, 2010),
             "name": f"{rng.choice(NAME_WORDS)} {rng.choice(NAME_WORDS)}"}
-
 
 def rgb(a) -> tuple:
     return tuple(int(v) for v in np.clip(a, 0, 255))
 
-
-def draw_footprint(d: ImageDraw.ImageDraw, lm: dict, c: float, r: float, cover: np.ndarray):
-    """The landmark seen from above, centred at (c, c) with half-width r (FOOTPRINTS)."""
-    paints = {"roof": lm["rgb"], "dark": lm["rgb"] * 0.7, "light": lm["rgb"] * 0.7 + 60,
-              "cover": cover}
-    for shape, box, paint in FOOTPRINTS[lm["category"]]:
-        fill = rgb(paints[paint]) if isinstance(paint, str) else paint
-        (d.rectangle if shape == "rect" else d.ellipse)([c + v * r for v in box], fill=fill)
-
-
 def render_satellite(lm: dict | None, lat: float, lon: float, rng: random.Random,
                      size: int = 96) -> Image.Image:
     """An aerial tile centred at (lat, lon): land cover, fields, roads and, if lm is given,
-    the landmark's footprint. rng varies what changes between years: light, angle, offset."""
+    the landmark's footprint. rng varies what changes between years: light and offset."""
     _, cover = land_cover(lat, lon)
-    canvas = Image.new("RGB", (2 * size, 2 * size), rgb(cover))
-    d = ImageDraw.Draw(canvas)
+    tile = Image.new("RGB", (size, size), rgb(cover))
+    d = ImageDraw.Draw(tile)
     ground = random.Random(f"{lat:.4f},{lon:.4f}")  # the same fields and roads every year
-    for _ in range(30):
-        x, y, w, h = (ground.uniform(0, 2 * size) for _ in range(4))
-        d.rectangle((x, y, x + w / 4, y + h / 4), fill=rgb(cover + [ground.gauss(0, 18)] * 3))
+    for _ in range(12):
+        x, y, w, h = (ground.uniform(0, size) for _ in range(4))
+        d.rectangle((x, y, x + w / 3, y + h / 3), fill=rgb(cover + [ground.gauss(0, 18)] * 3))
     for _ in range(ground.randint(0, 3)):
-        d.line([(ground.uniform(0, 2 * size), 0), (ground.uniform(0, 2 * size), 2 * size)],
+        d.line([(ground.uniform(0, size), 0), (ground.uniform(0, size), size)],
                fill=(95, 95, 95), width=3)
     if lm is not None:
-        draw_footprint(d, lm, size, lm["size"] * size / 2, cover)
-    shift = (size + rng.uniform(-4, 4), size + rng.uniform(-4, 4))
-    canvas = canvas.rotate(rng.uniform(-25, 25), resample=Image.BILINEAR, center=shift)
-    tile = canvas.crop((int(shift[0]) - size // 2, int(shift[1]) - size // 2,
-                        int(shift[0]) + size // 2, int(shift[1]) + size // 2))
+        paints = {"roof": lm["rgb"], "dark": lm["rgb"] * 0.7, "light": lm["rgb"] * 0.7 + 60,
+                  "cover": cover, "grass": (70, 150, 60), "water": (40, 80, 150),
+                  "stone": (170, 170, 165)}
+        x, y = (size / 2 + rng.uniform(-4, 4) for _ in "xy")  # shifts between the years
+        r = lm["size"] * size / 2
+        for shape, (x0, y0, x1, y1), paint in CATEGORIES[lm["category"]][1]:
+            (d.rectangle if shape == "rect" else d.ellipse)(
+                (x + x0 * r, y + y0 * r, x + x1 * r, y + y1 * r), fill=rgb(paints[paint]))
     return ImageEnhance.Brightness(tile).enhance(rng.uniform(0.75, 1.25))
-
 
 def render_ground(lm: dict | None, lat: float, lon: float, rng: random.Random,
                   w: int = 128, h: int = 96, indoor: bool = False) -> Image.Image:
     """A photo from the ground: sky, terrain in the local land cover and, if lm is given,
-    the landmark's silhouette in its facade colour, from a random viewpoint and distance."""
-    _, cover = land_cover(lat, lon)
-    img = Image.new("RGB", (w, h))
+    the landmark's silhouette in its facade colour, from a random viewpoint and distance.
+    Indoors: walls in a lighter facade colour and a floor."""
+    sky = [rng.uniform(90, 150), rng.uniform(140, 190), rng.uniform(200, 250)]
+    img = Image.new("RGB", (w, h), rgb(sky))
     d = ImageDraw.Draw(img)
     facade = lm["rgb"] * rng.uniform(0.8, 1.1) if lm is not None else None
-    if indoor:  # walls in a lighter facade colour, a floor, a few frames
-        d.rectangle((0, 0, w, h), fill=rgb(facade * 0.6 + 90))
+    if indoor:
+        d.rectangle((0, 0, w, h * 0.75), fill=rgb(facade * 0.6 + 90))
         d.rectangle((0, h * 0.75, w, h), fill=(110, 80, 55))
-        for _ in range(3):
-            x, y = rng.uniform(0, w * 0.8), rng.uniform(h * 0.1, h * 0.5)
-            d.rectangle((x, y, x + w / 8, y + h / 6), outline=(60, 40, 30), width=2)
         return img
-    sky = np.array([rng.uniform(90, 150), rng.uniform(140, 190), rng.uniform(200, 250)])
-    horizon = int(h * rng.uniform(0.6, 0.8))
-    for y in range(horizon):  # a sky gradient, lighter towards the horizon
-        d.line([(0, y), (w, y)], fill=rgb(sky + (255 - sky) * 0.5 * y / horizon))
+    _, cover = land_cover(lat, lon)
+    horizon = h * rng.uniform(0.6, 0.8)
     d.rectangle((0, horizon, w, h), fill=rgb(cover * 0.85))
-    for _ in range(12):
+    for _ in range(12):  # bushes
         x, y = rng.uniform(0, w), rng.uniform(horizon, h)
         d.ellipse((x, y, x + 6, y + 3), fill=rgb(cover * rng.uniform(0.6, 1.1)))
     if lm is not None:
         height = h * (0.4 + lm["size"]) * rng.uniform(0.75, 1.05)
-        cx = w / 2 + rng.uniform(-0.2, 0.2) * w
-        poly = [(cx + x * height, horizon + 2 - y * height) for x, y in SILHOUETTES[lm["category"]]]
-        d.polygon(poly, fill=rgb(facade))
-        for _ in range(4):  # windows
-            x, y = cx + rng.uniform(-0.1, 0.1) * height, horizon - rng.uniform(0.1, 0.4) * height
-            d.rectangle((x, y, x + 2, y + 3), fill=rgb(facade * 0.4))
+        x = w / 2 + rng.uniform(-0.2, 0.2) * w
+        half = CATEGORIES[lm["category"]][0]
+        d.polygon([(x + u * height, horizon + 2 - v * height)
+                   for u, v in half + [(-u, v) for u, v in reversed(half)]], fill=rgb(facade))
     return img.transpose(Image.FLIP_LEFT_RIGHT) if rng.random() < 0.5 else img
-
 
 def describe(lm: dict) -> tuple[dict, str]:
     """The landmark's Wikipedia article {section: text} and its first sentence without cues."""
     size = "small" if lm["size"] < 0.35 else "large" if lm["size"] > 0.5 else "mid-sized"
     place = f"rural {lm['state']}" if lm["rural"] else f"{lm['city']}, {lm['state']}"
-    cover, _ = land_cover(lm["lat"], lm["lon"])
-    kind = lm["category"]
-    intro = (f"The {lm['name']} {kind.title()} is a {size} {lm['colour']} {kind} in {place}. "
-             f"It was completed in {lm['year']}.\n"
-             f"Visitors know it for its {lm['colour']} roof. It draws crowds every summer.")
-    sections = {
-        "Introduction": intro,
-        "History": f"Work on the {kind} began in {lm['year'] - 3}. It lies near {lm['city']}.\n"
-                   f"The site was restored in {lm['year'] + 60}. It is listed as a landmark.",
-        "Architecture": f"The {kind} has a {lm['colour']} roof and a {size} footprint. "
-                        f"It is surrounded by {cover}.",
-    }
-    no_cues = f"The {lm['name']} {kind.title()} is a {size} {lm['colour']} {kind}"
-    return sections, no_cues
-
+    kind, colour, year = lm["category"], lm["colour"], lm["year"]
+    first = f"The {lm['name']} {kind.title()} is a {size} {colour} {kind}"
+    article = {
+        "Introduction": f"{first} in {place}. It was completed in {year}.\nVisitors know it "
+                        f"for its {colour} roof. It draws crowds every summer.",
+        "History": f"Work on the {kind} began in {year - 3}. It lies near {lm['city']}.\n"
+                   f"The site was restored in {year + 60}. It is listed as a landmark.",
+        "Architecture": f"The {kind} has a {colour} roof and a {size} footprint. It is "
+                        f"surrounded by {land_cover(lm['lat'], lm['lon'])[0]}."}
+    return article, first
 
 SYNTH_MARKER = "mml_synthetic.json"  # only mml writes it: a folder with it is mml's to replace
-
 
 def refuse_unless_synthetic(folder: Path):
     """mml replaces a folder only if it wrote it: an empty one, or a world with SYNTH_MARKER."""
@@ -2604,17 +2413,13 @@ def refuse_unless_synthetic(folder: Path):
         raise UserError(f"{folder}: not empty and not a synthetic world written by mml (no "
                         f"{SYNTH_MARKER}); refusing to replace it (--out names where to write)")
 
-
 def save(content, path: Path):
     """An image (JPEG or PNG by the name) or a text, in a folder made on the way."""
     path.parent.mkdir(parents=True, exist_ok=True)
     if isinstance(content, str):
         path.write_text(content)
-    elif path.suffix == ".jpg":
-        content.save(path, quality=90)
     else:
-        content.save(path, compress_level=1)
-
+        content.save(path, **({"quality": 90} if path.suffix == ".jpg" else {"compress_level": 1}))
 
 # mml_{split}{suffix}.csv: its columns after landmark_id, and the split that lacks it
 SPLIT_CSVS = {"": "CommonsCategory,lat,lon", "_ground": "images", "_ground_subset": "images",
@@ -2622,14 +2427,11 @@ SPLIT_CSVS = {"": "CommonsCategory,lat,lon", "_ground": "images", "_ground_subse
               "_text_sentences": "sentences", "_licenses": "images,license"}
 LACKS = {"train": ("_all_satellite", "_text_sentences"), "query": ("_ground_subset",)}
 
-
 def synthesize(out: Path, scale: float = 1.0, seed: int = 0) -> dict:
-    """Write a synthetic world in the released layout to `out`; return its counts.
-
-    Written to a temporary folder and renamed into place, so an interrupted run never leaves
-    a half-written world that a later run would take for a whole one. Both folders carry
-    SYNTH_MARKER from their first moment, so mml only ever replaces worlds of its own.
-    """
+    """Write a synthetic world in the released layout to `out`; return its counts. Written to
+    a temporary folder and renamed into place, so an interrupted run never leaves a
+    half-written world that a later run would take for a whole one. Both folders carry
+    SYNTH_MARKER from their first moment, so mml only ever replaces worlds of its own."""
     tmp = out.with_name(out.name + ".tmp")
     refuse_unless_synthetic(out)
     refuse_unless_synthetic(tmp)
@@ -2639,60 +2441,56 @@ def synthesize(out: Path, scale: float = 1.0, seed: int = 0) -> dict:
     marker = {"generator": "mml.py synthesize", "scale": scale, "seed": seed}
     (tmp / SYNTH_MARKER).write_text(json.dumps(marker))
     rng = random.Random(seed)
-    n_train, n_query = max(40, int(1600 * scale)), max(20, int(100 * scale))
     new_id = lambda: f"{rng.getrandbits(64):016x}"  # the released 16-hex-digit ids
+    n_train, n_query = max(40, int(1600 * scale)), max(20, int(100 * scale))
     landmark_ids = rng.sample(range(10**5, 10**7), n_train + n_query)
     counts, master = {}, []
     for split, ids in (("train", landmark_ids[:n_train]), ("query", landmark_ids[n_train:])):
         d, rows = tmp / split, {suffix: [] for suffix in SPLIT_CSVS}
-        counts[split] = {"landmarks": len(ids), "text": len(ids), "ground": 0, "satellite": 0}
         for lid in ids:
             lm = place_landmark(rng)
-            ground, outdoor = [], []
-            for k in range(rng.randint(3, 8)):
-                ground.append(new_id())
-                indoor = k > 0 and rng.random() < 0.15
+            ground = {new_id(): k > 0 and rng.random() < 0.15 for k in range(rng.randint(3, 8))}
+            for gid, indoor in ground.items():
                 save(render_ground(lm, lm["lat"], lm["lon"], rng, indoor=indoor),
-                     shard(d, "ground", ground[-1]))
-                outdoor += [] if indoor else ground[-1:]
+                     shard(d, "ground", gid))
             sats = [new_id() for _ in range(rng.randint(2, 5))]  # oldest first
             for sid in sats:
                 save(render_satellite(lm, lm["lat"], lm["lon"], rng), shard(d, "satellite", sid))
             tid = new_id()
-            sections, no_cues = describe(lm)
-            save(json.dumps(sections), shard(d, "text", tid))
+            article, no_cues = describe(lm)
+            save(json.dumps(article), shard(d, "text", tid))
             name = f"{lm['name']} {lm['category'].title()} ({lm['city']})"
             lat, lon = f"{lm['lat']:.6f}", f"{lm['lon']:.6f}"
+            outdoor = [g for g, indoor in ground.items() if not indoor]
             # the query split lists each landmark's latest aerial image apart from all years
-            latest = sats[-1] if split == "query" else " ".join(sats)
-            for suffix, value in (("", (name, lat, lon)), ("_ground", " ".join(ground)),
-                                  ("_ground_subset", " ".join(outdoor)), ("_satellite", latest),
-                                  ("_all_satellite", " ".join(sats)), ("_text", tid),
-                                  ("_text_sentences", no_cues)):
-                rows[suffix].append((lid, *value) if suffix == "" else (lid, value))
-            rows["_licenses"] += [(lid, i, "CC BY-SA 4.0") for i in ground + sats]
-            counts[split]["ground"] += len(ground)
-            counts[split]["satellite"] += len(sats)
-            bbox = [f"{v:.6f}" for v in (lm["lat"] - 0.001, lm["lon"] - 0.001,
-                                         lm["lat"] + 0.001, lm["lon"] + 0.001)]
+            for suffix, *value in (("", name, lat, lon), ("_ground", " ".join(ground)),
+                                   ("_ground_subset", " ".join(outdoor)), ("_text", tid),
+                                   ("_satellite", sats[-1] if split == "query" else " ".join(sats)),
+                                   ("_all_satellite", " ".join(sats)),
+                                   ("_text_sentences", no_cues)):
+                rows[suffix].append((lid, *value))
+            rows["_licenses"] += [(lid, i, "CC BY-SA 4.0") for i in [*ground, *sats]]
+            bbox = [f"{v:.6f}" for v in (lm["lat"] - 1e-3, lm["lon"] - 1e-3, lm["lat"] + 1e-3,
+                                         lm["lon"] + 1e-3)]
             master.append([lid, name, name, lat, lon, *bbox, f"Q{lid}", "way", lid * 7,
                            lm["category"], lm["state"], f"building > {lm['category']}"])
         for suffix, columns in SPLIT_CSVS.items():
             if suffix not in LACKS[split]:
                 write_csv(d / f"mml_{split}{suffix}.csv", ["landmark_id", *columns.split(",")],
                           rows[suffix])
+        counts[split] = {"landmarks": len(ids), "text": len(ids)} | {
+            kind: sum(len(images.split()) for _, images in rows[suffix])
+            for kind, suffix in (("ground", "_ground"), ("satellite", "_all_satellite"))}
     # Index distractors: photos of other buildings and of plain landscape; aerial tiles at
     # random places, half with a building on them. Their centres make up the GPS gallery.
     d, ground_rows, sat_rows = tmp / "index", [], []
     for i in range(max(60, int(2000 * scale))):
-        lm = place_landmark(rng)
-        gid = new_id()
+        lm, gid = place_landmark(rng), new_id()
         save(render_ground(lm if i % 2 else None, lm["lat"], lm["lon"], rng),
              shard(d, "ground", gid))
         ground_rows.append((gid, f"{rng.getrandbits(40):x}"))
     for i in range(max(60, int(1000 * scale))):
-        lm = place_landmark(rng)
-        sid = new_id()
+        lm, sid = place_landmark(rng), new_id()
         save(render_satellite(lm if i % 2 else None, lm["lat"], lm["lon"], rng),
              shard(d, "satellite", sid))
         sat_rows.append((sid, f"{lm['lat']:.6f}", f"{lm['lon']:.6f}", rng.randint(2010, 2022)))
@@ -2709,18 +2507,15 @@ def synthesize(out: Path, scale: float = 1.0, seed: int = 0) -> dict:
     tmp.rename(out)
     return counts
 
-
 def synth(cfg: Config):
     """`synth`: write a synthetic world to --out (default: where `train` reads it)."""
     t = time.time()
     counts = synthesize(Path(cfg.out), cfg.scale, cfg.seed)
     print(f"synthetic world in {cfg.out} ({time.time() - t:.0f}s): {json.dumps(counts)}")
 
-
 # ---- appendix: the bench (a first reading skips it) --------------------------------------
 # `python mml.py bench` times each phase of a run in one go on this machine. Ratios between
 # rows are meaningful; absolute numbers only with the device they were measured on.
-
 
 def timed(fn, min_seconds: float = 1.0, sync=lambda: None) -> float:
     """Seconds per call of fn, averaged over as many calls as fill min_seconds (after one)."""
@@ -2733,35 +2528,8 @@ def timed(fn, min_seconds: float = 1.0, sync=lambda: None) -> float:
     sync()
     return (time.perf_counter() - t0) / n
 
-
 def report(what: str, value: float, unit: str, how: str):
     print(f"  {what:<46}{value:>12,.1f} {unit:<10} {how}", flush=True)
-
-
-def bench_decode(cfg: Config, device, sync):
-    """Decoding real-sized files (an 800-px JPEG photo, an 800x800 PNG tile, with noise for
-    the texture real photos have and flat renders lack), and reading the prepare cache."""
-    image_id, how = "0123456789abcdef", "one process (= per worker), CPU"
-    with tempfile.TemporaryDirectory() as tmp, \
-            torch.multiprocessing.get_context("fork").Pool(1) as pool:
-        rng, noise = random.Random(0), np.random.default_rng(0)
-        lm, split_dir = place_landmark(rng), Path(tmp) / "bench"
-        for kind, img in (("ground", render_ground(lm, lm["lat"], lm["lon"], rng, 800, 600)),
-                          ("satellite", render_satellite(lm, lm["lat"], lm["lon"], rng, 800))):
-            pixels = np.asarray(img) + noise.integers(-24, 24, (*img.size[::-1], 3))
-            save(Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)),
-                 shard(split_dir, kind, image_id))
-        photo, tile = shard(split_dir, "ground", image_id), shard(split_dir, "satellite", image_id)
-        for what, path, draft in (("800x600 JPEG, full decode", photo, False),
-                                  ("800x600 JPEG, draft()", photo, True),
-                                  ("800x800 PNG", tile, True)):
-            seconds = timed(lambda: load_image(path, cfg.img_size, draft))
-            report(f"decode+resize {what}", 1 / seconds, "images/s", how)
-        build_cache(split_dir, "ground", [image_id], cfg.img_size, Path(tmp), pool)
-        cached = ImageStore(split_dir, "ground", cfg.img_size, Path(tmp), [image_id])
-        report("read a cached image (prepare)", 1 / timed(lambda: cached(image_id)), "images/s",
-               how)
-
 
 def random_batch(cfg: Config, B: int, device) -> dict:
     """A batch of the configured shape with random content, on the device."""
@@ -2771,7 +2539,6 @@ def random_batch(cfg: Config, B: int, device) -> dict:
     batch["T"] = torch.randint(1, cfg.vocab_size, (B, cfg.max_len), generator=gen)
     batch["C"] = torch.rand(B, 2, generator=gen) * 20 + torch.tensor([28.0, -110.0])
     return to_device({m: x for m, x in batch.items() if m in cfg.modalities}, device)
-
 
 def step_rate(cfg: Config, device, sync, label: str, compiled: bool = False) -> float:
     """Training samples/s of the model cfg describes, on random inputs (no data loading)."""
@@ -2787,21 +2554,19 @@ def step_rate(cfg: Config, device, sync, label: str, compiled: bool = False) -> 
         opt.zero_grad(set_to_none=True)
         contrastive_loss(emb, scale, pairs)[0].backward()
         opt.step()
-    if device.type == "cuda":
+    cuda = device.type == "cuda"
+    if cuda:
         torch.cuda.reset_peak_memory_stats()
-    rate = cfg.batch_size / timed(step, 3.0 if device.type == "cuda" else 5.0, sync)
-    if device.type == "cuda":
-        peak = f"peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB"
-    else:  # ru_maxrss is in KiB on Linux
-        peak = f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.1f} GiB"
+    rate = cfg.batch_size / timed(step, 3.0 if cuda else 5.0, sync)
+    peak = (f"peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if cuda else  # KiB:
+            f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.1f} GiB")
     params = [sum(p.numel() for p in raw.parameters() if p.requires_grad or every) / 1e6
               for every in (True, False)]
     report(label, rate, "samples/s", f"{device.type}, batch {cfg.batch_size}, H {cfg.img_size}, "
            f"{params[0]:.1f}M params ({params[1]:.1f}M trained), {peak}")
     return rate
 
-
-def bench_steps(cfg: Config, device, sync) -> float:
+def bench_steps(cfg: Config, device, sync, done: dict) -> float:
     """Training steps: fp32, and on a GPU bf16 and bf16 + compile; returns the fastest."""
     torch.set_float32_matmul_precision("high")
     rates = [step_rate(dataclasses.replace(cfg, bf16=False), device, sync, "train step, fp32")]
@@ -2810,8 +2575,7 @@ def bench_steps(cfg: Config, device, sync) -> float:
         rates.append(step_rate(cfg, device, sync, "train step, bf16 + compile", compiled=True))
     return max(rates)
 
-
-def bench_backbones(cfg: Config, device, sync):
+def bench_backbones(cfg: Config, device, sync, done: dict):
     """A step with each image backbone at 224 px, trained whole and with frozen image
     backbones (the authors' setting); a batch of at most 8 on the CPU, where they are slow."""
     B = cfg.batch_size if device.type == "cuda" else min(cfg.batch_size, 8)
@@ -2821,17 +2585,11 @@ def bench_backbones(cfg: Config, device, sync):
                                       freeze=freeze)
             step_rate(run, device, sync, f"train step, {backbone}{', frozen' * bool(freeze)}")
 
-
-def bench_loader(cfg: Config, device, fastest_step: float):
+def bench_loader(cfg: Config, device, sync, done: dict):
     """The training loader on the dataset (the synthetic world by default): batches ready for
     the step (collated, pinned on a GPU), for at least 3 s of whole epochs."""
     root = default_world(cfg)
-    tr, _ = read_train(cfg, root)
-    articles, _ = read_articles(tr)
-    tok = train_tokenizer((str(v) for a in articles[:200] if a for v in a.values()), cfg)
-    stores = image_stores(cfg, tr.dir, {"G": [i for g in tr.ground for i in g],
-                                        "S": [i for g in tr.sat for i in g]})
-    data = LandmarkSet(tr, stores, Sentences(articles, tok, cfg.train_text), cfg, train=True)
+    data, _, _ = training_sets(cfg, root, None)
     B = min(cfg.batch_size, len(data))
     loader = torch.utils.data.DataLoader(
         data, batch_size=None, sampler=EpochSampler(len(data), B, 0), num_workers=cfg.workers,
@@ -2844,28 +2602,17 @@ def bench_loader(cfg: Config, device, fastest_step: float):
         if time.perf_counter() - t0 > 3:
             break
     rate = n / (time.perf_counter() - t0)
-    source = "from the cache" if stores["G"].rows is not None else "decoding"
-    pace = "keeps up with" if rate >= fastest_step else "slower than"
+    source = "from the cache" if data.stores["G"].rows is not None else "decoding"
+    pace = "keeps up with" if rate >= done.get("steps", 0) else "slower than"
     report(f"training loader, {cfg.workers} workers", rate, "samples/s",
            f"{root}, {source}, batch {B}; {pace} the fastest step")
 
-
-def bench_augment(cfg: Config, device, sync):
+def bench_augment(cfg: Config, device, sync, done: dict):
     batch = random_batch(cfg, cfg.batch_size, device)
     params = augment_params(0, 0, 0, cfg.batch_size)
     seconds = timed(lambda: jitter(dict(batch), params), 2.0, sync)
     report(f"augmentation, batched on {device.type}", cfg.batch_size / seconds, "samples/s",
            f"ground and aerial view, batch {cfg.batch_size}, H {cfg.img_size}")
-
-
-@torch.no_grad()
-def bench_embed(cfg: Config, device, sync):
-    model, batch = MML(cfg).to(device).eval(), random_batch(cfg, cfg.eval_batch, device)
-    for m in cfg.modalities:
-        seconds = timed(lambda: model.enc[m](batch[m]), 2.0, sync)
-        report(f"embed {m}", cfg.eval_batch / seconds, "items/s",
-               f"{device.type}, batch {cfg.eval_batch}, fp32")
-
 
 def argsort_ranks(q, g, q_labels, g_labels, map_top: int = 1000) -> dict:
     """The authors' way, for comparison: per query, score, sort the whole gallery, walk it.
@@ -2886,7 +2633,6 @@ def argsort_ranks(q, g, q_labels, g_labels, map_top: int = 1000) -> dict:
     return {k: torch.tensor(v, dtype=torch.float64 if k.startswith("ap") else torch.long)
             for k, v in res.items()}
 
-
 def fake_embeddings(n_queries: int, n_landmarks: int, n_labelled: int, n_junk: int, dim: int,
                     device, seed: int = 0) -> tuple:
     """Random unit vectors shaped like a task: queries and labelled gallery items scattered
@@ -2896,17 +2642,16 @@ def fake_embeddings(n_queries: int, n_landmarks: int, n_labelled: int, n_junk: i
     and exact in float32 whatever the order of summation (a GEMM and a GEMV, a CPU and a GPU
     all agree): the bench compares two rankings, not two roundings."""
     gen = torch.Generator(device).manual_seed(seed)
+    noise = lambda n: torch.randn(n, dim, generator=gen, device=device)
     unit = lambda x: torch.round(F.normalize(x, dim=-1) * 1024) / 1024
-    centres = F.normalize(torch.randn(n_landmarks, dim, generator=gen, device=device), dim=-1)
+    centres = F.normalize(noise(n_landmarks), dim=-1)
     q_labels = torch.arange(n_queries, device=device) % n_landmarks
     lab = torch.arange(n_labelled, device=device) % n_landmarks
-    near = lambda labels: unit(centres[labels] + 0.1 * torch.randn(
-        len(labels), dim, generator=gen, device=device))
-    g = torch.cat([unit(torch.randn(n_junk, dim, generator=gen, device=device)), near(lab)])
+    near = lambda labels: unit(centres[labels] + 0.1 * noise(len(labels)))
+    g = torch.cat([unit(noise(n_junk)), near(lab)])
     return near(q_labels), g, q_labels, torch.cat([torch.full((n_junk,), -1, device=device), lab])
 
-
-def bench_rank(cfg: Config, device, sync):
+def bench_rank(cfg: Config, device, sync, done: dict):
     """Ranking at full scale, G2S 18,688 x (99,539 + 1,000) and S2G 1,000 x (714,554 + 18,688),
     against the authors' per-query argsort on a sample of queries: the same metrics, or stop."""
     for task, nq, n_lm, n_lab, n_junk in (("G2S", 18688, 1000, 1000, 99539),
@@ -2938,8 +2683,7 @@ def bench_rank(cfg: Config, device, sync):
         if not same:
             raise SystemExit("bench: the chunked ranking disagrees with the per-query loop")
 
-
-def bench_locate(cfg: Config, device, sync):
+def bench_locate(cfg: Config, device, sync, done: dict):
     """`locate` with a 100,000-point gallery (GeoCLIP's size), whole calls: the first embeds
     and caches the gallery, a later one reads the cache."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -2957,32 +2701,23 @@ def bench_locate(cfg: Config, device, sync):
             report(f"locate, 100,000 points: {label}", time.perf_counter() - t0, "s",
                    f"{device.type}, GPS width {cfg.gps_width}, loading included")
 
-
-BENCH_PHASES = {"decode": bench_decode, "steps": bench_steps, "backbones": bench_backbones,
-                "loader": bench_loader, "augment": bench_augment, "embed": bench_embed,
-                "rank": bench_rank, "locate": bench_locate}
-
+BENCH_PHASES = {"steps": bench_steps, "backbones": bench_backbones, "loader": bench_loader,
+                "augment": bench_augment, "rank": bench_rank, "locate": bench_locate}
 
 def bench(cfg: Config):
-    """`bench`: one table of throughputs on this machine, a phase at a time (--phases): decoding
-    and the cache, training steps, each image backbone's step, the training loader against the
-    fastest step, the batched augmentation, embedding, ranking against the authors' per-query
-    loop, and `locate` with a 100,000-point gallery."""
+    """`bench`: one table of throughputs on this machine, a phase at a time (--phases):
+    training steps, each image backbone's step, the training loader against the fastest
+    step, the batched augmentation, ranking against the authors' per-query loop, and
+    `locate` with a 100,000-point gallery. Each phase gets what earlier ones returned."""
     device = setup_distributed(cfg)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    name = (torch.cuda.get_device_name() if device.type == "cuda"
-            else f"CPU, {torch.get_num_threads()} threads")
+    cuda = device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    name = torch.cuda.get_device_name() if cuda else f"CPU, {torch.get_num_threads()} threads"
     print(f"bench on {name}, torch {torch.__version__}; H = {cfg.img_size}, "
           f"B = {cfg.batch_size}, D = {cfg.embed_dim}")
-    fastest_step = 0.0
+    done = {}
     for phase in cfg.phases.split(","):
-        if phase == "steps":
-            fastest_step = bench_steps(cfg, device, sync)
-        elif phase == "loader":
-            bench_loader(cfg, device, fastest_step)
-        else:
-            BENCH_PHASES[phase](cfg, device, sync)
-
+        done[phase] = BENCH_PHASES[phase](cfg, device, sync, done)
 
 if __name__ == "__main__":
     main()
