@@ -157,8 +157,8 @@ class Config:
     json: bool = opt(False, "answer with one JSON list on standard output", "locate")
     # prepare and bench
     splits: str = opt("train,query,index", "splits `prepare` decodes into the cache", "prepare")
-    phases: str = opt("steps,backbones,loader,augment,rank,locate", "phases `bench` times",
-                      "bench")
+    phases: str = opt("decode,steps,backbones,loader,augment,embed,rank,locate",
+                      "phases `bench` times, in order", "bench")
     bench_queries: int = opt(200, "queries timed for the per-query baseline", "bench", 1)
 
 COMMANDS = {  # each command and its --help line
@@ -1567,17 +1567,17 @@ class Side:
     show: list                    # what the pictures draw: image paths, sentences, nothing
 
 class Sides:
-    """The queries and galleries of the protocol (PROTOCOL 3), each built and embedded
-    once, when a task first asks for it. Under torchrun every process embeds its share of
-    each (`embed`), so all processes ask in the same order."""
+    """The queries and galleries of the protocol (PROTOCOL 3), each built and embedded once,
+    when a task first asks for it. Under torchrun every process embeds its share of each
+    (`embed`), so all processes ask in the same order. Galleries hold their distractors
+    (label -1) first, then the query split's own items."""
 
     def __init__(self, cfg: Config, model: MML, tok: Tokenizer, root: Path, device):
         self.cfg, self.model, self.tok, self.root, self.device = cfg, model, tok, root, device
         self.query = read_split(root, "query")
         self.index = read_index(root, required=False)
         self.query_lm = torch.as_tensor(self.query.ids, device=device)                    # (Q,)
-        self.query_latlon = torch.as_tensor(self.query.latlon, dtype=torch.float32,
-                                            device=device)                                # (Q, 2)
+        self.query_latlon = torch.tensor(self.query.latlon, dtype=torch.float32, device=device)
         self.sentence_sides = {}
 
     def images(self, split_dir: Path, kind: str, ids: list[str], what: str) -> tuple:
@@ -1587,12 +1587,12 @@ class Sides:
         emb = embed(self.model.enc[m], ImageList(store, ids), what, self.cfg, self.device)
         return emb, [store.path(i) for i in ids]
 
-    def with_distractors(self, emb: torch.Tensor, ids: list[str], show: list, own: Side) -> Side:
-        """A gallery: distractors (label -1) first, then the query split's own items."""
+    def points(self, latlon: torch.Tensor, what: str) -> torch.Tensor:
+        return embed(self.model.enc["C"], latlon, what, self.cfg, self.device)
+
+    def gallery_of(self, emb: torch.Tensor, ids: list[str], show: list, own: Side,
+                   latlon: torch.Tensor | None = None) -> Side:
         junk = torch.full((len(ids),), -1, dtype=torch.long, device=self.device)
-        latlon = None if own.latlon is None else torch.cat([
-            torch.as_tensor(self.index.sat_latlon, dtype=torch.float32, device=self.device),
-            own.latlon])
         return Side(torch.cat([emb, own.emb]), torch.cat([junk, own.labels]), ids + own.ids,
                     latlon, show + own.show)
 
@@ -1615,16 +1615,15 @@ class Sides:
         """One sentence per query landmark: first, random (seeded by the landmark id), or the
         no_cues sentence of mml_query_text_sentences.csv."""
         if mode not in self.sentence_sides:
+            ids = [str(i) for i in self.query.ids.tolist()]
             if mode == "no_cues":
-                texts = self.query.no_cues
-                tokens = tokenize(self.tok, texts)
+                texts, tokens = self.query.no_cues, tokenize(self.tok, self.query.no_cues)
             else:
                 table = self.articles
                 rows = [table.pick(n, mode, random.Random(f"{self.cfg.seed}/{i}"))
-                        for n, i in enumerate(self.query.ids.tolist())]
+                        for n, i in enumerate(ids)]
                 tokens, texts = table.tokens[rows], [table.texts[r] for r in rows]
             emb = embed(self.model.enc["T"], tokens, f"{mode} sentences", self.cfg, self.device)
-            ids = [str(i) for i in self.query.ids.tolist()]
             self.sentence_sides[mode] = Side(emb, self.query_lm, ids, self.query_latlon, texts)
         return self.sentence_sides[mode]
 
@@ -1638,31 +1637,26 @@ class Sides:
 
     @functools.cached_property
     def photo_gallery(self) -> Side:
-        """The index photos (distractors), then every query photo."""
+        """The index photos, then every query photo."""
         emb, paths = self.images(self.index.dir, "ground", self.index.ground, "index ground")
-        own = dataclasses.replace(self.query_photos, latlon=None)
-        return self.with_distractors(emb, self.index.ground, paths, own)
+        return self.gallery_of(emb, self.index.ground, paths, self.query_photos)
 
     @functools.cached_property
     def tile_gallery(self) -> Side:
-        """The index tiles (distractors), then each query landmark's latest tile."""
+        """The index tiles, then each query landmark's latest tile."""
         emb, paths = self.images(self.index.dir, "satellite", self.index.sat, "index aerial")
-        own = dataclasses.replace(self.query_tiles, latlon=None)
-        return self.with_distractors(emb, self.index.sat, paths, own)
-
-    def points(self, latlon: torch.Tensor, what: str) -> torch.Tensor:
-        return embed(self.model.enc["C"], latlon, what, self.cfg, self.device)
+        return self.gallery_of(emb, self.index.sat, paths, self.query_tiles)
 
     @functools.cached_property
     def gps_gallery(self) -> Side:
-        """The index tiles' centres (distractors), then the query landmarks' coordinates: the
-        protocol's, where every query's true location is among the answers."""
+        """The index tiles' centres, then the query landmarks' coordinates: the protocol's,
+        where every query's true location is among the answers."""
         own = Side(self.points(self.query_latlon, "query landmarks' GPS"), self.query_lm,
-                   [str(i) for i in self.query.ids.tolist()], self.query_latlon,
-                   [None] * len(self.query_lm))
-        centres = torch.as_tensor(self.index.sat_latlon, dtype=torch.float32, device=self.device)
+                   [str(i) for i in self.query.ids.tolist()], None, [None] * len(self.query_lm))
+        centres = torch.tensor(self.index.sat_latlon, dtype=torch.float32, device=self.device)
         emb = self.points(centres, "index tiles' GPS")
-        return self.with_distractors(emb, self.index.sat, [None] * len(emb), own)
+        return self.gallery_of(emb, self.index.sat, [None] * len(emb), own,
+                               torch.cat([centres, self.query_latlon]))
 
     @functools.cached_property
     def open_gallery(self) -> Side:
@@ -1689,10 +1683,9 @@ class Sides:
         if absent:
             return f"the checkpoint has no {absent[0]} encoder (trained on {self.cfg.modalities})"
         # the ground gallery needs the index photos; the aerial and GPS galleries its tiles
-        index = self.index
-        listed, kind = (index.ground, "ground") if task[2] == "G" else (index.sat, "satellite")
-        if listed is None:
-            return f"{index.dir / f'mml_index_{kind}.csv'}: not found"
+        kind = "ground" if task[2] == "G" else "satellite"
+        if (self.index.ground if kind == "ground" else self.index.sat) is None:
+            return f"{self.index.dir / f'mml_index_{kind}.csv'}: not found"
         if task.endswith("no_cues") and self.query.no_cues is None:
             return f"{self.query.dir / 'mml_query_text_sentences.csv'}: not found"
         return ""
@@ -2068,11 +2061,12 @@ def locate(cfg: Config):
     results += where(list(cfg.text), "text", cfg.top)
     if cfg.json:
         print(json.dumps(results, indent=1))
-    for r in [] if cfg.json else results:
-        print(r["input"] if "top" in r else f"{r['input']}\n  error: {r['error']}")
-        for n, p in enumerate(r.get("top", []), 1):
-            print(f"  {n}. {p['lat']:10.5f} {p['lon']:11.5f}  score {p['score']:.3f}  "
-                  f"p {p['prob']:.3f}  {p['name']}")
+    else:
+        for r in results:
+            print(r["input"] if "top" in r else f"{r['input']}\n  error: {r['error']}")
+            for n, p in enumerate(r.get("top", []), 1):
+                print(f"  {n}. {p['lat']:10.5f} {p['lon']:11.5f}  score {p['score']:.3f}  "
+                      f"p {p['prob']:.3f}  {p['name']}")
     if any("error" in r for r in results):
         sys.exit(1)
 
@@ -2340,26 +2334,29 @@ def rgb(a) -> tuple:
 def render_satellite(lm: dict | None, lat: float, lon: float, rng: random.Random,
                      size: int = 96) -> Image.Image:
     """An aerial tile centred at (lat, lon): land cover, fields, roads and, if lm is given,
-    the landmark's footprint. rng varies what changes between years: light and offset."""
+    the landmark's footprint. rng varies what changes between years: light, angle, offset."""
     _, cover = land_cover(lat, lon)
-    tile = Image.new("RGB", (size, size), rgb(cover))
-    d = ImageDraw.Draw(tile)
+    canvas = Image.new("RGB", (2 * size, 2 * size), rgb(cover))  # turned, then cropped
+    d = ImageDraw.Draw(canvas)
     ground = random.Random(f"{lat:.4f},{lon:.4f}")  # the same fields and roads every year
-    for _ in range(12):
-        x, y, w, h = (ground.uniform(0, size) for _ in range(4))
-        d.rectangle((x, y, x + w / 3, y + h / 3), fill=rgb(cover + [ground.gauss(0, 18)] * 3))
+    for _ in range(30):
+        x, y, w, h = (ground.uniform(0, 2 * size) for _ in range(4))
+        d.rectangle((x, y, x + w / 4, y + h / 4), fill=rgb(cover + [ground.gauss(0, 18)] * 3))
     for _ in range(ground.randint(0, 3)):
-        d.line([(ground.uniform(0, size), 0), (ground.uniform(0, size), size)],
+        d.line([(ground.uniform(0, 2 * size), 0), (ground.uniform(0, 2 * size), 2 * size)],
                fill=(95, 95, 95), width=3)
     if lm is not None:
         paints = {"roof": lm["rgb"], "dark": lm["rgb"] * 0.7, "light": lm["rgb"] * 0.7 + 60,
                   "cover": cover, "grass": (70, 150, 60), "water": (40, 80, 150),
                   "stone": (170, 170, 165)}
-        x, y = (size / 2 + rng.uniform(-4, 4) for _ in "xy")  # shifts between the years
         r = lm["size"] * size / 2
         for shape, (x0, y0, x1, y1), paint in CATEGORIES[lm["category"]][1]:
             (d.rectangle if shape == "rect" else d.ellipse)(
-                (x + x0 * r, y + y0 * r, x + x1 * r, y + y1 * r), fill=rgb(paints[paint]))
+                (size + x0 * r, size + y0 * r, size + x1 * r, size + y1 * r),
+                fill=rgb(paints[paint]))
+    x, y = (int(size + rng.uniform(-4, 4)) for _ in "xy")
+    canvas = canvas.rotate(rng.uniform(-25, 25), resample=Image.BILINEAR, center=(x, y))
+    tile = canvas.crop((x - size // 2, y - size // 2, x + size // 2, y + size // 2))
     return ImageEnhance.Brightness(tile).enhance(rng.uniform(0.75, 1.25))
 
 def render_ground(lm: dict | None, lat: float, lon: float, rng: random.Random,
@@ -2529,7 +2526,31 @@ def timed(fn, min_seconds: float = 1.0, sync=lambda: None) -> float:
     return (time.perf_counter() - t0) / n
 
 def report(what: str, value: float, unit: str, how: str):
-    print(f"  {what:<46}{value:>12,.1f} {unit:<10} {how}", flush=True)
+    print(f"  {what:<46}{value:>12,.{3 if value < 10 else 1}f} {unit:<10} {how}", flush=True)
+
+def bench_decode(cfg: Config, device, sync, done: dict):
+    """Decoding real-sized files (an 800-px JPEG photo, an 800x800 PNG tile, with noise for
+    the texture real photos have and flat renders lack), and reading the prepare cache."""
+    image_id, how = "0123456789abcdef", "one process (= per worker), CPU"
+    with tempfile.TemporaryDirectory() as tmp, \
+            torch.multiprocessing.get_context("fork").Pool(1) as pool:
+        rng, noise = random.Random(0), np.random.default_rng(0)
+        lm, split_dir = place_landmark(rng), Path(tmp) / "bench"
+        for kind, img in (("ground", render_ground(lm, lm["lat"], lm["lon"], rng, 800, 600)),
+                          ("satellite", render_satellite(lm, lm["lat"], lm["lon"], rng, 800))):
+            pixels = np.asarray(img) + noise.integers(-24, 24, (*img.size[::-1], 3))
+            save(Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)),
+                 shard(split_dir, kind, image_id))
+        photo, tile = shard(split_dir, "ground", image_id), shard(split_dir, "satellite", image_id)
+        for what, path, draft in (("800x600 JPEG, full decode", photo, False),
+                                  ("800x600 JPEG, draft()", photo, True),
+                                  ("800x800 PNG", tile, True)):
+            seconds = timed(lambda: load_image(path, cfg.img_size, draft))
+            report(f"decode+resize {what}", 1 / seconds, "images/s", how)
+        build_cache(split_dir, "ground", [image_id], cfg.img_size, Path(tmp), pool)
+        cached = ImageStore(split_dir, "ground", cfg.img_size, Path(tmp), [image_id])
+        report("read a cached image (prepare)", 1 / timed(lambda: cached(image_id)), "images/s",
+               how)
 
 def random_batch(cfg: Config, B: int, device) -> dict:
     """A batch of the configured shape with random content, on the device."""
@@ -2613,6 +2634,14 @@ def bench_augment(cfg: Config, device, sync, done: dict):
     seconds = timed(lambda: jitter(dict(batch), params), 2.0, sync)
     report(f"augmentation, batched on {device.type}", cfg.batch_size / seconds, "samples/s",
            f"ground and aerial view, batch {cfg.batch_size}, H {cfg.img_size}")
+
+@torch.no_grad()
+def bench_embed(cfg: Config, device, sync, done: dict):
+    model, batch = MML(cfg).to(device).eval(), random_batch(cfg, cfg.eval_batch, device)
+    for m in cfg.modalities:
+        seconds = timed(lambda: model.enc[m](batch[m]), 2.0, sync)
+        report(f"embed {m}", cfg.eval_batch / seconds, "items/s",
+               f"{device.type}, batch {cfg.eval_batch}, fp32")
 
 def argsort_ranks(q, g, q_labels, g_labels, map_top: int = 1000) -> dict:
     """The authors' way, for comparison: per query, score, sort the whole gallery, walk it.
@@ -2701,14 +2730,16 @@ def bench_locate(cfg: Config, device, sync, done: dict):
             report(f"locate, 100,000 points: {label}", time.perf_counter() - t0, "s",
                    f"{device.type}, GPS width {cfg.gps_width}, loading included")
 
-BENCH_PHASES = {"steps": bench_steps, "backbones": bench_backbones, "loader": bench_loader,
-                "augment": bench_augment, "rank": bench_rank, "locate": bench_locate}
+BENCH_PHASES = {"decode": bench_decode, "steps": bench_steps, "backbones": bench_backbones,
+                "loader": bench_loader, "augment": bench_augment, "embed": bench_embed,
+                "rank": bench_rank, "locate": bench_locate}
 
 def bench(cfg: Config):
     """`bench`: one table of throughputs on this machine, a phase at a time (--phases):
-    training steps, each image backbone's step, the training loader against the fastest
-    step, the batched augmentation, ranking against the authors' per-query loop, and
-    `locate` with a 100,000-point gallery. Each phase gets what earlier ones returned."""
+    decoding and the cache, training steps, each image backbone's step, the training loader
+    against the fastest step, the batched augmentation, embedding, ranking against the
+    authors' per-query loop, and `locate` with a 100,000-point gallery. Each phase is given
+    what the earlier ones returned."""
     device = setup_distributed(cfg)
     cuda = device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
