@@ -8,7 +8,7 @@ and a sentence its images (T2G, T2S).
 
     pip install -r requirements.txt
     python mml.py train        # no data needed: writes a synthetic world in the released
-                               #   layout (20-30 s), then trains (3-5 min on 2 CPU cores)
+                               #   layout (20 s), then trains (3-4 min on 2 CPU cores)
     python mml.py eval         # all 13 tasks, official and strict (10 s); --viz: pictures
     python mml.py locate photo.jpg          # where is it? the top 5 places
     python mml.py train --data /data/MMLandmarks --img-size 224 --batch-size 512 ...  # 1 GPU
@@ -17,14 +17,14 @@ and a sentence its images (T2G, T2S).
     python mml.py bench        # where the time goes, on this machine
 
 `eval` reads best.pt, the epoch of lowest validation loss (the authors' rule): on the default
-run, validation G2S R@1 65% there (chance 0.6%), and 84% at the last epoch (--select recall).
+run, validation G2S R@1 64% there (chance 0.6%), and 87% at the last epoch (--select recall).
 
-Reading path. The main path comes first, in the order the data flows: config (145 lines),
-geometry (30), data (560: the released layout, images and their cache, sentences, batches,
-augmentation), model (210), loss (55), metrics (140), train (395), eval (610: the protocol's
-tasks, pictures, `locate`), command line (180). The core a first reading needs is model,
-loss, metrics and train: 800 lines, one sitting. Two appendices follow that a first reading
-skips: the synthetic world (320) and the bench (270). PROTOCOL N cites section N of the
+Reading path. The main path comes first, in the order the data flows: config (125 lines),
+geometry (25), data (510: the released layout, images and their cache, sentences, batches,
+augmentation), model (200), loss (50), metrics (135), train (375), eval (590: the protocol's
+tasks, pictures, `locate`), command line (170). The core a first reading needs is model,
+loss, metrics and train: 760 lines, one sitting. Two appendices follow that a first reading
+skips: the synthetic world (270) and the bench (240). PROTOCOL N cites section N of the
 protocol in README.md.
 
 Shape letters: B batch, D embedding width, H image side in pixels, L tokens, Q queries,
