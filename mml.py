@@ -600,12 +600,15 @@ class LandmarkSet(torch.utils.data.Dataset):
     with --last-sat-only) and a --train-text sentence; validation the first photo, the latest
     tile and the first sentence. A sample's randomness is seeded by (seed, epoch, row): the
     same whichever worker draws it, so --resume is exact. Workers only read; the loop jitters
-    whole batches on the device (`augment`). Whole batches, not samples: in a worker the
-    arrays are made in shared memory and each image is read straight into its slot, sparing
-    the two copies of every pixel that collating samples costs (2x a worker's throughput).
-    They are (B, H, H, 3) as stored, so their (B, 3, H, H) view is channels-last, the layout
-    GPU convolutions run fastest in. An unreadable file is skipped for another view of the
-    landmark and listed in "bad"; the training loop reports them per epoch."""
+    whole batches on the device (`augment`).
+
+    Whole batches, not samples: in a worker the arrays are made in shared memory and each
+    image is read straight into its slot, sparing the two copies of every pixel that
+    collating samples costs (2x a worker's throughput). They are (B, H, H, 3) as stored, so
+    their (B, 3, H, H) view is channels-last, the layout GPU convolutions run fastest in.
+
+    An unreadable file is skipped for another view of the landmark and listed in "bad"; the
+    training loop reports them per epoch."""
 
     def __init__(self, split: Split, stores: dict, sentences: Sentences, cfg: Config, train: bool):
         self.split, self.stores, self.sentences, self.cfg = split, stores, sentences, cfg
@@ -1577,7 +1580,8 @@ class Sides:
         self.query = read_split(root, "query")
         self.index = read_index(root, required=False)
         self.query_lm = torch.as_tensor(self.query.ids, device=device)                    # (Q,)
-        self.query_latlon = torch.tensor(self.query.latlon, dtype=torch.float32, device=device)
+        self.query_latlon = torch.tensor(self.query.latlon, dtype=torch.float32,
+                                         device=device)                                   # (Q, 2)
         self.sentence_sides = {}
 
     def images(self, split_dir: Path, kind: str, ids: list[str], what: str) -> tuple:
@@ -2579,8 +2583,9 @@ def step_rate(cfg: Config, device, sync, label: str, compiled: bool = False) -> 
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     rate = cfg.batch_size / timed(step, 3.0 if cuda else 5.0, sync)
-    peak = (f"peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if cuda else  # KiB:
-            f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.1f} GiB")
+    # on the CPU the process's peak resident memory: ru_maxrss is in KiB on Linux
+    peak = (f"peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if cuda
+            else f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.1f} GiB")
     params = [sum(p.numel() for p in raw.parameters() if p.requires_grad or every) / 1e6
               for every in (True, False)]
     report(label, rate, "samples/s", f"{device.type}, batch {cfg.batch_size}, H {cfg.img_size}, "
