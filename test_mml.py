@@ -38,6 +38,13 @@ TINY = ["--img-size", "32", "--img-width", "8", "--embed-dim", "32", "--text-wid
         "--batch-size", "16", "--log-every", "1", "--device", "cpu"]
 
 
+@pytest.fixture(autouse=True)
+def in_an_empty_folder(tmp_path, monkeypatch):
+    """Every test runs in its own empty folder, so the checkout's runs/ and data/ (a newcomer
+    runs `python mml.py train` before the tests) neither change a test nor are changed by one."""
+    monkeypatch.chdir(tmp_path)
+
+
 @pytest.fixture(scope="session")
 def world(tmp_path_factory) -> Path:
     """A tiny synthetic world (80 train, 20 query landmarks), shared by the tests that only read it."""
