@@ -2613,20 +2613,25 @@ def bench_backbones(cfg: Config, device, sync, done: dict):
 
 def bench_loader(cfg: Config, device, sync, done: dict):
     """The training loader on the dataset (the synthetic world by default): batches ready for
-    the step (collated, pinned on a GPU), for at least 3 s of whole epochs."""
+    the step (collated, pinned on a GPU) for at least 3 s, epoch after epoch with no pause at
+    their ends. The loader's capacity, as on the real data, whose epochs are long: the
+    synthetic world's are a few batches, and the training loop drains the workers after each."""
     root = default_world(cfg)
     data, _, _ = training_sets(cfg, root, None)
     B = min(cfg.batch_size, len(data))
-    loader = torch.utils.data.DataLoader(
-        data, batch_size=None, sampler=EpochSampler(len(data), B, 0), num_workers=cfg.workers,
-        pin_memory=device.type == "cuda", persistent_workers=cfg.workers > 0)
-    next(iter(loader))  # the workers' start-up is not loading time
+    sampler = EpochSampler(len(data), B, 0)
+
+    def epochs():
+        for epoch in itertools.count(1):
+            sampler.set_epoch(epoch)
+            yield from sampler
+    batches = iter(torch.utils.data.DataLoader(
+        data, batch_size=None, sampler=epochs(), num_workers=cfg.workers,
+        pin_memory=device.type == "cuda", prefetch_factor=4 if cfg.workers > 0 else None))
+    next(batches)  # the workers' start-up is not loading time
     n, t0 = 0, time.perf_counter()
-    for epoch in itertools.count(1):
-        loader.sampler.set_epoch(epoch)
-        n += sum(len(batch["bad"]) for batch in loader)
-        if time.perf_counter() - t0 > 3:
-            break
+    while time.perf_counter() - t0 < 3:
+        n += len(next(batches)["bad"])
     rate = n / (time.perf_counter() - t0)
     source = "from the cache" if data.stores["G"].rows is not None else "decoding"
     pace = "keeps up with" if rate >= done.get("steps", 0) else "slower than"

@@ -1247,6 +1247,22 @@ def test_torchrun_processes_stop_together_on_sigterm(world, tmp_path):
     assert all(torch.allclose(v, b["model"][k], atol=1e-4) for k, v in a["model"].items())
 
 
+def test_bench_baseline_ranks_exactly_like_the_chunked_counts():
+    """The bench's per-query argsort (the authors' way) and rank_queries agree on the bench's
+    own embeddings, ties included (they are multiples of 2^-10), so its speed-up compares
+    equal work; and the embeddings put positives high, as a trained model would."""
+    q, g, ql, gl = mml.fake_embeddings(60, 12, 24, 400, 16, torch.device("cpu"))
+    assert (gl == -1).sum() == 400 and bool((gl[:400] == -1).all())
+    g[:24] = g[400:]  # distractors that tie with every labelled item: the tie policy counts
+    fast = mml.rank_queries(q, g, ql, gl, map_top=50, chunk=7)
+    slow = mml.argsort_ranks(q, g, ql, gl, map_top=50)
+    for k in ("first_strict", "first_official"):
+        assert torch.equal(fast[k], slow[k]), k
+    for k in ("ap_strict", "ap_official"):
+        assert torch.allclose(fast[k], slow[k], atol=1e-12), k
+    assert float((fast["first_official"] == 0).double().mean()) > 0.5
+
+
 # ---- GPU (run where one is visible; `python mml.py bench` measures the speed) -------------
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
