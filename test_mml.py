@@ -1249,8 +1249,8 @@ def test_torchrun_processes_stop_together_on_sigterm(world, tmp_path):
 
 def test_bench_baseline_ranks_exactly_like_the_chunked_counts():
     """The bench's per-query argsort (the authors' way) and rank_queries agree on the bench's
-    own embeddings, ties included (they are multiples of 2^-10), so its speed-up compares
-    equal work; and the embeddings put positives high, as a trained model would."""
+    own embeddings, ties between distractors and positives included, so its speed-up
+    compares equal work; and the embeddings put positives high, as a trained model would."""
     q, g, ql, gl = mml.fake_embeddings(60, 12, 24, 400, 16, torch.device("cpu"))
     assert (gl == -1).sum() == 400 and bool((gl[:400] == -1).all())
     g[:24] = g[400:]  # distractors that tie with every labelled item: the tie policy counts
