@@ -32,16 +32,20 @@ N gallery items, P positives per query, W processes (world size).
 """
 import argparse
 import csv
+import contextlib
 import dataclasses
 import difflib
+import fcntl
 import functools
 import hashlib
+import io
 import itertools
 import json
 import math
 import os
 import pickle
 import random
+import re
 import resource
 import shutil
 import signal
@@ -173,6 +177,21 @@ COMMANDS = {  # each command and its --help line
 class UserError(Exception):
     """A mistake in the input (a path, a file, a flag): printed as one line, no traceback."""
 
+def write_atomically(path: Path, write):
+    """write(tmp), then rename tmp to path: a crash never leaves a half-written file where a
+    whole one was. A failed write (a full disk, a read-only folder) is one line, and leaves
+    no .tmp behind."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, (OSError, RuntimeError)):  # torch.save reports ENOSPC as RuntimeError
+            why = (str(e).splitlines() or [type(e).__name__])[0]
+            raise UserError(f"{path}: could not be written ({why})") from None
+        raise
+
 def is_master() -> bool:
     """True in a single process, and in process 0 of a torchrun group."""
     return not dist.is_initialized() or dist.get_rank() == 0
@@ -222,6 +241,17 @@ def synthetic_root(scale: float) -> Path:
     """Where `train`, `prepare` and `synth` put the synthetic world of a given --scale."""
     return Path("data") / ("synthetic" if scale == 1 else f"synthetic-x{scale:g}")
 
+def writable_folder(path: Path, option: str) -> Path:
+    """The folder, made if need be and proven writable, before any work that a write failing
+    at its end would lose."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        raise UserError(f"{option} {path}: not a writable folder ({e.strerror})") from None
+    return path
+
 def default_world(cfg: Config) -> Path:
     """The dataset root: --data, or the synthetic world (generated on first use)."""
     if cfg.data:
@@ -240,23 +270,57 @@ def shard(split_dir: Path, kind: str, image_id: str) -> Path:
     ext = {"ground": ".jpg", "satellite": ".png", "text": ".json"}[kind]
     return split_dir / kind / image_id[0] / image_id[1] / image_id[2] / (image_id + ext)
 
-def read_table(path: Path, columns: list[str], lower: bool = False) -> dict[str, list[str]]:
-    """One CSV as {column: values}, checking the columns (lower: the header in any case)."""
+# Ids become file names (shard): plain names only, so that no path built from a CSV can leave
+# the dataset root (no separator, no "..", never absolute). The release's are 16 hex digits.
+PLAIN_ID = re.compile(r"[A-Za-z0-9_-]{3,}")
+
+def read_table(path: Path, columns: list[str], lower: bool = False,
+               ids: tuple = ()) -> dict[str, list[str]]:
+    """One CSV as {column: values}, checking the columns (lower: the header in any case) and
+    that the `ids` columns hold space-separated plain ids only."""
     if not path.is_file():
         raise UserError(f"{path}: file not found (expected a CSV with columns {','.join(columns)})")
-    with open(path, newline="") as f:
-        reader = csv.reader(f)
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")  # -sig: a byte-order mark is not part of the header
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise UserError(f"{path}, line {line}: not UTF-8 text (byte {data[e.start]:#04x})"
+                        ) from None
+    reader = csv.reader(io.StringIO(text, newline=""))
+    try:
         header = [h.strip().lower() if lower else h for h in next(reader, [])]
-        for c in columns:
-            if c not in header:
-                raise UserError(f"{path}: no column {c!r} (expected {','.join(columns)}, "
-                                f"found {','.join(header)})")
         rows = list(reader)
+    except csv.Error as e:
+        raise UserError(f"{path}, line {reader.line_num}: not a CSV row ({e})") from None
+    for c in columns:
+        if c not in header:
+            raise UserError(f"{path}: no column {c!r} (expected {','.join(columns)}, found "
+                            f"{','.join(header)})")
     short = next((n for n, r in enumerate(rows, 2) if len(r) < len(header)), None)
     if short is not None:
         raise UserError(f"{path}, line {short}: {len(rows[short - 2])} fields, expected "
                         f"{len(header)}")
-    return {c: [r[header.index(c)] for r in rows] for c in columns}
+    table = {c: [r[header.index(c)] for r in rows] for c in columns}
+    for c in ids:
+        for n, cell in enumerate(table[c], 2):
+            bad = [i for i in cell.split() if not PLAIN_ID.fullmatch(i)]
+            if bad:
+                raise UserError(f"{path}, line {n}: {c} {bad[0]!r} is not a plain id (letters, "
+                                f"digits, _ and -, at least 3 of them)")
+    return table
+
+def unique_landmarks(path: Path, table: dict) -> list[int]:
+    """The landmark_id column as integers, each listed once: a repeated row would count its
+    landmark's queries twice."""
+    keys = parse_numbers(path, table, ["landmark_id"], int)[:, 0].tolist()
+    if len(set(keys)) < len(keys):
+        seen = {}
+        for n, k in enumerate(keys, 2):
+            if k in seen:
+                raise UserError(f"{path}, line {n}: landmark {k} again (first on line {seen[k]})")
+            seen[k] = n
+    return keys
 
 def write_csv(path: Path, header: list[str], rows):
     with open(path, "w", newline="") as f:
@@ -317,9 +381,8 @@ def by_landmark(path: Path, column: str, listing: Path, ids: list[int],
                 partial: bool = False) -> dict:
     """{landmark id: value} of one CSV of a split, checked both ways against the split's
     listing (partial: the CSV may leave some out, as the outdoor subset does)."""
-    table = read_table(path, ["landmark_id", column])
-    keys = parse_numbers(path, table, ["landmark_id"], int)[:, 0].tolist()
-    values, known = dict(zip(keys, table[column])), set(ids)
+    table = read_table(path, ["landmark_id", column], ids=(column,) * (column != "sentences"))
+    values, known = dict(zip(unique_landmarks(path, table), table[column])), set(ids)
     extra = [i for i in values if i not in known]
     absent = [] if partial else [i for i in ids if i not in values]
     for missing, here, there in ((extra, listing, path.name), (absent, path, listing.name)):
@@ -334,7 +397,7 @@ def read_split(root: Path, split: str, outdoor_only: bool = False) -> Split:
     d, p = check_root(root, split), f"mml_{split}"
     listing = d / f"{p}.csv"
     meta = read_table(listing, ["landmark_id", "lat", "lon"])
-    ids = parse_numbers(listing, meta, ["landmark_id"], int)[:, 0]
+    ids = np.array(unique_landmarks(listing, meta), dtype=np.int64)
     latlon = parse_latlon(listing, meta)
     listed = ids.tolist()
     ground = by_landmark(d / f"{p}_ground{'_subset' * outdoor_only}.csv", "images", listing,
@@ -369,9 +432,10 @@ def read_index(root: Path, required: bool = True) -> Index:
     d = check_root(root, "index") if required else root / "index"
     index = Index(d, None, None, None)
     if required or (d / "mml_index_ground.csv").is_file():
-        index.ground = read_table(d / "mml_index_ground.csv", ["images"])["images"]
+        index.ground = read_table(d / "mml_index_ground.csv", ["images"], ids=("images",))["images"]
     if required or (d / "mml_index_satellite.csv").is_file():
-        sat = read_table(d / "mml_index_satellite.csv", ["images", "lat", "lon"])
+        sat = read_table(d / "mml_index_satellite.csv", ["images", "lat", "lon"],
+                         ids=("images",))
         index.sat = sat["images"]
         index.sat_latlon = parse_latlon(d / "mml_index_satellite.csv", sat)
     return index
@@ -387,13 +451,26 @@ def read_train(cfg: Config, root: Path) -> tuple[Split, Split]:
 
 # Images: decoded to H x H uint8, from the files or from the `prepare` cache.
 
+# Bounds on what one input may cost. The release's photos are about 800 px and its articles
+# well under a megabyte; a file past these is unreadable, as a corrupt one is.
+MAX_PIXELS = 50_000_000      # a decoded image (after draft): 50 megapixels, 150 MB of RGB
+MAX_ARTICLE_BYTES = 1 << 24  # an article: 16 MiB of JSON
+
+def regular_file(path: Path) -> Path:
+    """path, if it names a regular file or nothing (a FIFO or a device would block a read)."""
+    if path.exists() and not path.is_file():
+        raise ValueError("not a regular file")
+    return path
+
 def load_image(path: Path, size: int, draft: bool = True) -> np.ndarray:
     """(H, H, 3) uint8: decode, resize the short side to H, keep the centre square. draft()
     lets the JPEG decoder work at 1/2, 1/4 or 1/8 scale, never below H: 800-px photos decode
     2-3x faster (see `bench`)."""
-    with Image.open(path) as im:
+    with Image.open(regular_file(path)) as im:
         if draft:
             im.draft("RGB", (size, size))
+        if im.width * im.height > MAX_PIXELS:  # known from the header, before decoding
+            raise ValueError(f"{im.width}x{im.height} px, over the {MAX_PIXELS:,}-pixel limit")
         return np.array(ImageOps.fit(im.convert("RGB"), (size, size), Image.BILINEAR))
 
 class UnreadableFile(Exception):
@@ -402,25 +479,34 @@ class UnreadableFile(Exception):
 class ImageStore:
     """Decoded H x H images of one split and kind (ground or satellite), looked up by id:
     from the `prepare` cache when it has this split and kind (a uint8 array (n, H, H, 3) on
-    disk and a manifest of ids), else from the files. A cache made for another size, or one
-    that lacks images this run needs, is refused, never silently used."""
+    disk and a manifest of ids), else from the files. A cache made for another size, one
+    that lacks images this run needs, or one whose array is not whole, is refused, never
+    silently used."""
 
     def __init__(self, split_dir: Path, kind: str, size: int, cache: Path | None, needed=()):
         self.dir, self.kind, self.size = split_dir, kind, size
-        self.rows, self.file, self.pid = None, None, None
+        self.cached, self.row_of, self.file, self.pid = False, {}, None, None
         self.cache = cache / f"{split_dir.name}_{kind}" if cache else None
-        if self.cache and self.cache.with_suffix(".json").is_file():
-            m = json.loads(self.cache.with_suffix(".json").read_text())
+        manifest = self.cache.with_suffix(".json") if cache else None
+        if manifest and manifest.is_file():
+            m = read_manifest(manifest, {"size": int, "ids": list, "broken": list})
             if m["size"] != size:
-                raise UserError(f"{self.cache}.json: the cache holds {m['size']} px images, not "
+                raise UserError(f"{manifest}: the cache holds {m['size']} px images, not "
                                 f"--img-size {size}; rerun `python mml.py prepare --img-size "
                                 f"{size}` or move the cache away")
-            self.rows, self.broken = {i: n for n, i in enumerate(m["ids"])}, set(m["broken"])
-            lacking = [i for i in needed if i not in self.rows]
-            if lacking:
-                raise UserError(f"{self.cache}.json: the cache lacks {len(lacking)} images of "
-                                f"this run (first: {lacking[0]}); the file list changed: rerun "
+            array = self.cache.with_suffix(".u8")
+            whole = max(1, len(m["ids"])) * size * size * 3  # an empty list keeps one row
+            found = array.stat().st_size if array.is_file() else 0
+            if found != whole:
+                raise UserError(f"{array}: {found} bytes where its manifest promises {whole} "
+                                f"({len(m['ids'])} images): the cache is not whole; rerun "
                                 f"`prepare`")
+            self.cached, self.row_of = True, {i: n for n, i in enumerate(m["ids"])}
+            self.broken = set(m["broken"])
+            lacking = [i for i in needed if i not in self.row_of]
+            if lacking:
+                raise UserError(f"{manifest}: the cache lacks {len(lacking)} images of this run "
+                                f"(first: {lacking[0]}); the file list changed: rerun `prepare`")
 
     def path(self, image_id: str) -> Path:
         return shard(self.dir, self.kind, image_id)
@@ -431,7 +517,7 @@ class ImageStore:
     def __call__(self, image_id: str, out: np.ndarray | None = None) -> np.ndarray:
         """The image as (H, H, 3) uint8, written into `out` when given (a batch's slot)."""
         out = np.empty((self.size, self.size, 3), np.uint8) if out is None else out
-        if self.rows is None:
+        if not self.cached:
             try:
                 out[...] = load_image(self.path(image_id), self.size)
                 return out
@@ -445,9 +531,24 @@ class ImageStore:
         if self.pid != os.getpid():
             self.file = open(self.cache.with_suffix(".u8"), "rb", buffering=0)
             self.pid = os.getpid()
-        self.file.seek(self.rows[image_id] * out.nbytes)
-        self.file.readinto(out)
+        self.file.seek(self.row_of[image_id] * out.nbytes)
+        if self.file.readinto(out) != out.nbytes:  # the array was cut short while in use
+            raise UnreadableFile(f"{self.cache}.u8: ends before image {image_id}")
         return out
+
+def read_manifest(path: Path, fields: dict) -> dict:
+    """A cache's JSON manifest, with the types its fields must have; one line otherwise."""
+    try:
+        m = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: not a readable cache manifest ({e}); move it away and rerun "
+                        f"`prepare`") from None
+    wrong = [k for k, t in fields.items() if not isinstance(m, dict) or
+             not isinstance(m.get(k), t)]
+    if wrong:
+        raise UserError(f"{path}: not an mml cache manifest ({wrong[0]!r} missing or not a "
+                        f"{fields[wrong[0]].__name__}); move it away and rerun `prepare`")
+    return m
 
 def image_stores(cfg: Config, split_dir: Path, needed: dict) -> dict:
     """{"G": store, "S": store} for one split; needed: {"G": ids, "S": ids} the run will read."""
@@ -464,40 +565,36 @@ def decode_or_none(job: tuple) -> np.ndarray | None:
 def build_cache(split_dir: Path, kind: str, ids: list[str], size: int, cache: Path, pool) -> int:
     """Decode images into cache/{split}_{kind}.u8 (n, H, H, 3), then write the manifest, so
     that an interrupted build is never taken for a whole one; return how many were unreadable.
-    An existing array is replaced only if its manifest says mml made it."""
+    An existing array is replaced only if its manifest says mml made it. Written as a stream,
+    not through a memory map: a full disk is then an error, not a SIGBUS."""
     store, name = ImageStore(split_dir, kind, size, None), cache / f"{split_dir.name}_{kind}"
     manifest, array = name.with_suffix(".json"), name.with_suffix(".u8")
-    head = ""
-    if manifest.is_file():  # its first bytes: the manifest lists every id
-        with open(manifest) as f:
-            head = f.read(100)
-    if (array.exists() or manifest.exists()) and '"generator": "mml.py prepare"' not in head:
+    head = manifest.read_bytes()[:100] if manifest.is_file() else b""  # the ids come after
+    if (array.exists() or manifest.exists()) and b'"generator": "mml.py prepare"' not in head:
         raise UserError(f"{array}: exists and was not made by `mml.py prepare`; refusing to "
                         f"replace it (--cache names another folder)")
-    tmp = name.with_suffix(".u8.tmp")
-    out = np.memmap(tmp, np.uint8, "w+", shape=(max(1, len(ids)), size, size, 3))
-    broken = []
-    jobs = ((store.path(i), size) for i in ids)
-    for row, img in enumerate(pool.imap(decode_or_none, jobs, chunksize=32)):
-        if img is None:
-            broken.append(ids[row])
-        else:
-            out[row] = img
-    out.flush()
-    del out  # closes the map before the rename
+    broken, blank = [], np.zeros((size, size, 3), np.uint8)
+
+    def decode_all(tmp: Path):
+        with open(tmp, "wb") as f:
+            jobs = ((store.path(i), size) for i in ids)
+            for row, img in enumerate(pool.imap(decode_or_none, jobs, chunksize=32)):
+                if img is None:
+                    broken.append(ids[row])
+                f.write((blank if img is None else img).tobytes())
+            if not ids:  # one blank row: an empty array cannot be mapped
+                f.write(blank.tobytes())
     manifest.unlink(missing_ok=True)  # never an old manifest beside a new array
-    os.replace(tmp, array)
-    tmp = name.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"generator": "mml.py prepare", "size": size, "ids": ids,
-                               "broken": broken}))
-    os.replace(tmp, manifest)
+    write_atomically(array, decode_all)
+    write_atomically(manifest, lambda tmp: tmp.write_text(json.dumps({
+        "generator": "mml.py prepare", "size": size, "ids": ids, "broken": broken})))
     return len(broken)
 
 def prepare(cfg: Config):
     """`prepare`: decode every image of --splits once into the cache, so that training reads
     pixels, not JPEGs."""
     root = default_world(cfg)
-    cache = Path(cfg.cache) if cfg.cache else root / "cache"
+    cache = writable_folder(Path(cfg.cache) if cfg.cache else root / "cache", "--cache")
     jobs = []  # (split folder, kind, image ids)
     for split in cfg.splits.split(","):
         if split == "index":
@@ -509,9 +606,11 @@ def prepare(cfg: Config):
             jobs += [(s.dir, "ground", [i for g in s.ground for i in g]),
                      (s.dir, "satellite", list(tiles))]
     n, side = sum(len(ids) for *_, ids in jobs), cfg.img_size
-    print0(f"prepare: {n} images at {side}x{side} px -> {n * side * side * 3 / 1e9:.2f} GB in "
-           f"{cache}")
-    cache.mkdir(parents=True, exist_ok=True)
+    need, free = n * side * side * 3, shutil.disk_usage(cache).free
+    print0(f"prepare: {n} images at {side}x{side} px -> {need / 1e9:.2f} GB in {cache}")
+    if need > free:  # checked before the hours of decoding, not found at their end
+        raise UserError(f"{cache}: {need / 1e9:.2f} GB needed and {free / 1e9:.2f} GB free; "
+                        f"--cache names a larger disk, --splits fewer splits")
     with torch.multiprocessing.get_context("fork").Pool(max(1, cfg.workers)) as pool:
         for split_dir, kind, ids in jobs:
             t = time.time()
@@ -524,10 +623,13 @@ def prepare(cfg: Config):
 def read_article(path: Path) -> dict:
     """A Wikipedia article: an ordered {section title: text}, paragraphs split by newlines."""
     try:
+        if regular_file(path).stat().st_size > MAX_ARTICLE_BYTES:
+            raise ValueError(f"over the {MAX_ARTICLE_BYTES:,}-byte limit")
         article = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise UnreadableFile(f"{path}: {e}") from None
-    if not isinstance(article, dict) or not article:
+    except (OSError, ValueError, RecursionError) as e:  # RecursionError: nested too deeply
+        raise UnreadableFile(f"{path}: {type(e).__name__}: {e}") from None
+    if not isinstance(article, dict) or not article or not all(
+            isinstance(text, str) for text in article.values()):
         raise UnreadableFile(f"{path}: expected a JSON object {{section title: text}}")
     return article
 
@@ -571,7 +673,7 @@ class Sentences:
         levels, self.texts = ([], [], []), []
         keep = 1 if mode == "first" else None
         for article in articles:  # an unreadable article (None) gives one empty sentence
-            sections = [str(s) for s in (article or {"": ""}).values()][:keep]
+            sections = list((article or {"": ""}).values())[:keep]
             levels[0].append((len(levels[1]), len(sections)))
             for section in sections:
                 paragraphs = section.split("\n")[:keep]
@@ -1134,11 +1236,9 @@ def lr_factor(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 def save_checkpoint(state: dict, path: Path):
-    """Write to a temporary file and rename it into place: a crash mid-write never leaves a
-    half-written checkpoint where the last good one was."""
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    """torch.save through a temporary file: a crash mid-write never leaves a half-written
+    checkpoint where the last good one was, and a full disk leaves the old one and no .tmp."""
+    write_atomically(path, lambda tmp: torch.save(state, tmp))
 
 def load_tensors(path: Path, what: str) -> dict:
     """torch.load that never runs code: weights_only=True unpickles tensors, numbers, strings,
@@ -1171,13 +1271,30 @@ def load_matching(module: nn.Module, state: dict, what: str):
                             f"file and {shapes[1]} in the model")
     module.load_state_dict(state)
 
-def load_checkpoint(path: Path) -> dict:
+# What a checkpoint must hold, and of which type; --resume needs the training state too.
+CHECKPOINT_PARTS = {"model": dict, "config": dict, "tokenizer": str, "step": int, "epoch": int}
+RESUME_PARTS = {"optimizer": dict, "torch_rng": torch.Tensor, "best": (int, float)}
+
+def load_checkpoint(path: Path, resume: bool = False) -> dict:
+    """A checkpoint, its parts checked before anything uses them: one line naming the part."""
     if not path.is_file():
         raise UserError(f"{path}: no checkpoint there (train one with `python mml.py train`, "
                         f"or name one with --ckpt)")
     ckpt = load_tensors(path, "checkpoint")
-    if not {"model", "config", "tokenizer", "step"} <= set(ckpt):
-        raise UserError(f"{path}: not an mml checkpoint (no model, config, tokenizer and step)")
+    for part, kind in CHECKPOINT_PARTS.items() | (RESUME_PARTS.items() if resume else set()):
+        value = ckpt.get(part)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            found = "missing" if part not in ckpt else f"a {type(value).__name__}"
+            raise UserError(f"{path}: not an mml checkpoint{' to resume' * resume} ({part} is "
+                            f"{found})")
+    bad = next((k for k, v in ckpt["model"].items() if not torch.is_tensor(v)), None)
+    if bad is not None:
+        raise UserError(f"{path}: not an mml checkpoint (model entry {bad!r} is not a tensor)")
+    try:
+        Tokenizer.from_str(ckpt["tokenizer"])
+    except Exception as e:  # the tokenizers library raises its own exception types
+        raise UserError(f"{path}: not an mml checkpoint (its tokenizer does not load: "
+                        f"{str(e)[:80]})") from None
     return ckpt
 
 def fmt_time(seconds: float) -> str:
@@ -1322,19 +1439,52 @@ def training_sets(cfg: Config, root: Path, ckpt: dict | None) -> tuple:
     return (LandmarkSet(train_split, stores, Sentences(articles, tok, cfg.train_text), cfg, True),
             LandmarkSet(val_split, stores, Sentences(val_articles, tok, "first"), cfg, False), tok)
 
+class RunLock:
+    """One writer per run folder: an exclusive flock on OUT/train.lock while the `with` lasts.
+    The kernel drops a flock when its process dies, so a killed run's lock is never stale; the
+    file names the process that holds it."""
+
+    def __init__(self, out: Path):
+        self.path = out / "train.lock"
+
+    def __enter__(self):
+        self.file = open(self.path, "a+")
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.file.seek(0)
+            holder = self.file.read().strip() or "unknown"
+            self.file.close()
+            raise UserError(f"{self.path.parent}: another `train` is writing there (process "
+                            f"{holder}); wait for it to end, or stop it") from None
+        self.file.truncate(0)
+        self.file.write(f"{os.getpid()}\n")
+        self.file.flush()
+        return self
+
+    def __exit__(self, *exc):
+        self.file.close()  # and with it the lock
+
 def train(cfg: Config):
-    """`train`. Phases: data (`training_sets`, the loader), model (fresh, or the checkpoint's
-    on --resume), then per step: jitter the batch on the device, forward, the contrastive loss,
+    """`train`: the run folder checked and locked before any data is read, then `fit`."""
+    device = setup_distributed(cfg)
+    if is_master():
+        writable_folder(Path(cfg.out), "--out")
+    with RunLock(Path(cfg.out)) if is_master() else contextlib.nullcontext():
+        fit(cfg, device)
+
+def fit(cfg: Config, device: torch.device):
+    """Phases: data (`training_sets`, the loader), model (fresh, or the checkpoint's on
+    --resume), then per step: jitter the batch on the device, forward, the contrastive loss,
     one all-reduce that also carries the stop signal, backward and update; per epoch (or on a
     stop signal): validate, then save best.pt and last.pt. Process 0 logs, validates and
     saves; the others wait at a barrier."""
-    device = setup_distributed(cfg)
     rank = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
     out, root = Path(cfg.out), default_world(cfg)
     # the checkpoint records the data as an absolute path: eval reads it from anywhere
     cfg = dataclasses.replace(cfg, data=str(root.resolve()))
-    ckpt = load_checkpoint(out / "last.pt") if cfg.resume else None
+    ckpt = load_checkpoint(out / "last.pt", resume=True) if cfg.resume else None
     train_set, val_set, tok = training_sets(cfg, root, ckpt)
 
     # A global batch never larger than the landmarks, and divisible by the process count.
@@ -1749,6 +1899,8 @@ def evaluate(cfg: Config):
     merge metrics.json and print the tables."""
     device = setup_distributed(cfg)
     rank = dist.get_rank() if dist.is_initialized() else 0
+    if rank == 0:  # before the hours of embedding, not after them
+        writable_folder(Path(cfg.out) / "eval", "--out")
     ckpt = load_checkpoint(Path(cfg.ckpt))
     model = MML(cfg).to(device).eval()
     load_matching(model, ckpt["model"], cfg.ckpt)
@@ -1978,7 +2130,7 @@ class Locator:
                  batch: int = 256):
         path = Path(ckpt)
         saved = load_checkpoint(path)
-        self.cfg = dataclasses.replace(Config(**saved_config(path, saved)), eval_batch=batch,
+        self.cfg = dataclasses.replace(checkpoint_config(path, saved), eval_batch=batch,
                                        workers=0)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = MML(self.cfg).to(self.device).eval()
@@ -1992,53 +2144,89 @@ class Locator:
             self.latlon, self.names = open_gallery(check_root(Path(self.cfg.data)))
         digest = hashlib.sha256(self.latlon.numpy().tobytes() + "\n".join(self.names).encode())
         cache = path.with_name(f"{path.stem}.gallery-{digest.hexdigest()[:16]}.pt")
-        model_digest = hashlib.sha256(path.read_bytes()).hexdigest()
-        cached = load_tensors(cache, "gallery cache") if cache.is_file() else {}
-        if cached.get("checkpoint") == model_digest:
-            self.emb = cached["embeddings"].to(self.device)
+        # the gallery's embeddings depend on the GPS encoder alone: its weights are the key
+        key = tensor_digest(self.model.enc["C"].state_dict())
+        self.emb = read_cache(cache, key, (len(self.names), self.cfg.embed_dim))
+        if self.emb is not None:
             note(f"gallery: {len(self.names)} points, embeddings from {cache}")
         else:
             t = time.time()
             self.emb = embed(self.model.enc["C"], self.latlon.float().to(self.device),
                              "GPS gallery", self.cfg, self.device)                   # (N, D)
             note(f"gallery: {len(self.names)} points embedded in {time.time() - t:.1f}s")
-            try:
-                save_checkpoint({"checkpoint": model_digest, "embeddings": self.emb.cpu()}, cache)
-            except OSError as e:  # a read-only folder: no cache, no harm
-                note(f"gallery embeddings not cached ({e})")
+            write_cache(cache, key, self.emb)  # a read-only folder: no cache, no harm
+        self.emb = self.emb.to(self.device)
 
     @torch.no_grad()
     def __call__(self, inputs: list[str], kind: str = "ground", top: int = 5) -> list[dict]:
-        """One answer per input, in order: {"input", "top": [...]}, or {"input", "error"}."""
-        results, rows = [{"input": str(x)} for x in inputs], []
-        if kind == "text":
-            batch = tokenize(self.tok, list(inputs))
-            rows = list(range(len(inputs)))
-        else:
-            images = []
-            for n, x in enumerate(inputs):
-                try:
-                    images.append(torch.from_numpy(load_image(Path(x), self.cfg.img_size)))
-                    rows.append(n)
-                except Exception as e:  # missing, not an image: this input's error alone
-                    results[n]["error"] = f"{x}: cannot read it as an image ({e})"
-            batch = torch.stack(images).permute(0, 3, 1, 2) if images else None
+        """One answer per input, in order: {"input", "top": [...]}, or {"input", "error"}.
+        Inputs are read, embedded and scored LOCATE_CHUNK at a time: memory stays bounded by
+        that many rows of scores against the gallery, however many inputs come."""
         m = {"ground": "G", "satellite": "S", "text": "T"}[kind]
         if m not in self.model.enc:
             raise UserError(f"the checkpoint has no {kind} encoder (trained on "
                             f"{self.cfg.modalities})")
-        if rows:
-            with autocast_for(self.device, self.cfg):
-                q = self.model.enc[m](to_device({m: batch}, self.device)[m]).float()  # (n, D)
-            scores = q @ self.emb.T                                                 # (n, N)
-            probs = torch.softmax(self.model.logit_scale.exp() * scores, dim=1)
-            best = scores.topk(min(top, len(self.names)), dim=1).indices
-            for n, (row, picks) in enumerate(zip(rows, best.tolist())):
-                results[row]["top"] = [
-                    {"lat": round(float(self.latlon[j, 0]), 6),
-                     "lon": round(float(self.latlon[j, 1]), 6), "score": float(scores[n, j]),
-                     "prob": float(probs[n, j]), "name": self.names[j]} for j in picks]
+        results = [{"input": str(x)} for x in inputs]
+        for start in range(0, len(inputs), LOCATE_CHUNK):
+            rows, batch = list(range(start, min(start + LOCATE_CHUNK, len(inputs)))), []
+            if kind == "text":
+                batch = tokenize(self.tok, [str(inputs[n]) for n in rows])
+            else:
+                for n in list(rows):
+                    try:
+                        batch.append(torch.from_numpy(load_image(Path(inputs[n]),
+                                                                 self.cfg.img_size)))
+                    except Exception as e:  # missing, not an image: this input's error alone
+                        results[n]["error"] = f"{inputs[n]}: cannot read it as an image ({e})"
+                        rows.remove(n)
+                batch = torch.stack(batch).permute(0, 3, 1, 2) if batch else None
+            if rows:
+                self.answer(m, batch, top, [results[n] for n in rows])
         return results
+
+    def answer(self, m: str, batch: torch.Tensor, top: int, results: list[dict]):
+        """Fill results with the top places of a batch of inputs for encoder m."""
+        with autocast_for(self.device, self.cfg):
+            q = self.model.enc[m](to_device({m: batch}, self.device)[m]).float()      # (n, D)
+        scores = q @ self.emb.T                                                     # (n, N)
+        probs = torch.softmax(self.model.logit_scale.exp() * scores, dim=1)
+        best = scores.topk(min(top, len(self.names)), dim=1).indices
+        for n, (result, picks) in enumerate(zip(results, best.tolist())):
+            result["top"] = [{"lat": round(float(self.latlon[j, 0]), 6),
+                              "lon": round(float(self.latlon[j, 1]), 6),
+                              "score": float(scores[n, j]), "prob": float(probs[n, j]),
+                              "name": self.names[j]} for j in picks]
+
+LOCATE_CHUNK = 64  # inputs at a time: 64 x 4 bytes x gallery of scores (77 MB at 300k)
+
+def tensor_digest(state: dict) -> str:
+    """sha256 of a state dict's names and bytes: what a cache of its outputs is keyed by."""
+    h = hashlib.sha256()
+    for k in sorted(state):
+        h.update(k.encode())
+        h.update(state[k].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+def read_cache(path: Path, key: str, shape: tuple) -> torch.Tensor | None:
+    """A cache mml wrote with write_cache, or None when it is absent, unreadable, made for
+    another key or of another shape: then the caller rebuilds it, never uses it."""
+    if not path.is_file():
+        return None
+    try:
+        cached = load_tensors(path, "cache")
+    except UserError as e:
+        note(f"rebuilding a cache: {e}")
+        return None
+    tensor = cached.get("tensor")
+    if cached.get("key") != key or not torch.is_tensor(tensor) or tuple(tensor.shape) != shape:
+        return None
+    return tensor
+
+def write_cache(path: Path, key: str, tensor: torch.Tensor):
+    try:
+        save_checkpoint({"key": key, "tensor": tensor.cpu()}, path)
+    except UserError as e:  # a read-only or full disk: the answer comes anyway, uncached
+        note(f"not cached: {e}")
 
 def note(*args):
     """Progress and notes of `locate`: standard error, so that its standard output holds the
@@ -2050,9 +2238,11 @@ def read_gallery(path: Path) -> tuple[torch.Tensor, list[str]]:
     LAT,LON)."""
     if not path.is_file():
         raise UserError(f"{path}: gallery not found (expected a CSV with columns lat,lon[,name])")
-    with open(path, newline="") as f:
+    with open(path, newline="", encoding="utf-8-sig", errors="replace") as f:
         named = "name" in [h.strip().lower() for h in f.readline().split(",")]
     table = read_table(path, ["lat", "lon"] + ["name"] * named, lower=True)
+    if not table["lat"]:
+        raise UserError(f"{path}: no places listed (expected rows of lat,lon[,name])")
     latlon = torch.as_tensor(parse_latlon(path, table))                       # (N, 2) float64
     return latlon, table.get("name", [""] * len(latlon))
 
@@ -2121,39 +2311,69 @@ def parse_args(argv=None) -> tuple[str, Config, set]:
     given = {k: v for k, v in vars(args).items() if k != "command"}
     return args.command, Config(**given), set(given)
 
-def saved_config(path: Path, ckpt: dict | None = None) -> dict:
-    """The Config a checkpoint (at path, or loaded from there) was trained with. Options added
-    to mml.py since take their defaults; one this mml.py does not know is an error."""
+def checkpoint_config(path: Path, ckpt: dict | None = None) -> Config:
+    """The Config a checkpoint (at path, or loaded from there) was trained with, held to the
+    same checks as the command line. Options added to mml.py since take their defaults; one
+    this mml.py does not know is an error."""
     saved, defaults = (ckpt or load_checkpoint(path))["config"], dataclasses.asdict(Config())
     unknown = sorted(set(saved) - set(defaults))
     if unknown:
         raise UserError(f"{path}: its config does not fit this mml.py (unknown options: "
-                        f"{', '.join(unknown)})")
-    return defaults | saved
+                        f"{', '.join(map(str, unknown))})")
+    cfg = Config(**(defaults | saved))
+    check_config(cfg, f"{path}: config field ")
+    return cfg
 
-def check_ranges(cfg: Config):
-    """Every number within its field's (low, high): one line naming the option otherwise."""
+def check_config(cfg: Config, where: str = ""):
+    """Each field of its type, within its (low, high) and among its choices, and the settings
+    that must agree: one line naming the option, or the checkpoint's field (where)."""
     for f in dataclasses.fields(Config):
+        value, choices = getattr(cfg, f.name), f.metadata["choices"]
         low, high = f.metadata["range"]
-        value = getattr(cfg, f.name)
+        name = f"{where}{f.name}" if where else "--" + f.name.replace("_", "-")
+        kinds = {float: (int, float), tuple: (tuple, list)}.get(f.type, f.type)
+        if not isinstance(value, kinds) or isinstance(value, bool) != (f.type is bool):
+            raise UserError(f"{name} {value!r}: expected a {f.type.__name__}")
+        if f.type is float and not math.isfinite(value):
+            raise UserError(f"{name} {value}: expected a finite number")
+        if choices and value not in choices:
+            raise UserError(f"{name} {value!r}: expected one of {', '.join(map(repr, choices))}")
         if (low is not None and value < low) or (high is not None and value > high):
             kind = "an integer" if f.type is int else "a number"
             bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
-            raise UserError(f"--{f.name.replace('_', '-')} {value}: expected {kind} {bounds}")
+            raise UserError(f"{name} {value}: expected {kind} {bounds}")
+    option = (lambda f: f"{where}{f}") if where else (lambda f: "--" + f.replace("_", "-"))
     if cfg.img_width % 8:  # GroupNorm(8, ...) in the image CNN
-        raise UserError(f"--img-width {cfg.img_width}: expected a multiple of 8")
-    if cfg.text_width % max(1, cfg.text_width // 64):  # one attention head per 64 channels
-        raise UserError(f"--text-width {cfg.text_width}: expected a multiple of 64, or below 64")
+        raise UserError(f"{option('img_width')} {cfg.img_width}: expected a multiple of 8")
+    if cfg.text_width > 64 and cfg.text_width % 64:  # one attention head per 64 channels
+        raise UserError(f"{option('text_width')} {cfg.text_width}: expected a multiple of 64, "
+                        f"or at most 64")
+    mods = cfg.modalities.upper()
+    if len(set(mods)) < 2 or set(mods) - set("GSTC") or len(set(mods)) != len(mods):
+        raise UserError(f"{option('modalities')} {cfg.modalities}: expected two or more "
+                        f"distinct letters of GSTC")
+    if cfg.loss == "imagebind" and "G" not in mods:
+        raise UserError(f"{option('loss')} imagebind: pairs ground with the others: needs G in "
+                        f"--modalities")
+    if cfg.share_image_trunk and not {"G", "S"} <= set(mods):
+        raise UserError(f"{option('share_image_trunk')}: needs both G and S in --modalities "
+                        f"(got {mods})")
+    if set(cfg.phases.split(",")) - set(BENCH_PHASES):
+        raise UserError(f"{option('phases')} {cfg.phases}: expected some of "
+                        f"{','.join(BENCH_PHASES)}")
+    if set(cfg.query_text.split(",")) - set(TEXT_MODES):
+        raise UserError(f"{option('query_text')} {cfg.query_text}: expected some of "
+                        f"{','.join(TEXT_MODES)}")
 
-def adopt_saved(cfg: Config, given: set, path: Path, fields) -> tuple[Config, dict]:
+def adopt_saved(cfg: Config, given: set, path: Path, fields) -> tuple[Config, Config]:
     """cfg with `fields` taken from the checkpoint at path; one given otherwise is an error.
     Returns (cfg, the checkpoint's whole saved config)."""
-    saved = saved_config(path)
+    saved = checkpoint_config(path)
     for k in fields:
-        if k in given and getattr(cfg, k) != saved[k]:
+        if k in given and getattr(cfg, k) != getattr(saved, k):
             raise UserError(f"--{k.replace('_', '-')} {getattr(cfg, k)}: {path} was trained with "
-                            f"{saved[k]}; leave the option out to use the checkpoint's")
-    return dataclasses.replace(cfg, **{k: saved[k] for k in fields}), saved
+                            f"{getattr(saved, k)}; leave the option out to use the checkpoint's")
+    return dataclasses.replace(cfg, **{k: getattr(saved, k) for k in fields}), saved
 
 def resolve_model(cfg: Config, given: set) -> Config:
     """Backbone, image size, --freeze and the GPS preset, checked and made canonical."""
@@ -2187,19 +2407,8 @@ def resolve_model(cfg: Config, given: set) -> Config:
 def resolve(command: str, cfg: Config, given: set) -> Config:
     """Settings that follow from others, all in one place: checks; where eval and --resume take
     the model from (its checkpoint); where eval writes (beside its checkpoint)."""
-    check_ranges(cfg)
+    check_config(cfg)
     mods = cfg.modalities.upper()
-    if len(set(mods)) < 2 or set(mods) - set("GSTC") or len(set(mods)) != len(mods):
-        raise UserError(f"--modalities {cfg.modalities}: expected two or more distinct letters "
-                        f"of GSTC")
-    if cfg.loss == "imagebind" and "G" not in mods:
-        raise UserError("--loss imagebind: pairs ground with the others: needs G in --modalities")
-    if cfg.share_image_trunk and not {"G", "S"} <= set(mods):
-        raise UserError(f"--share-image-trunk: needs both G and S in --modalities (got {mods})")
-    if set(cfg.phases.split(",")) - set(BENCH_PHASES):
-        raise UserError(f"--phases {cfg.phases}: expected some of {','.join(BENCH_PHASES)}")
-    if set(cfg.query_text.split(",")) - set(TEXT_MODES):
-        raise UserError(f"--query-text {cfg.query_text}: expected some of {','.join(TEXT_MODES)}")
     cfg = dataclasses.replace(cfg, modalities="".join(m for m in "GSTC" if m in mods))
     cfg = resolve_model(cfg, given)
     if command == "synth" and "out" not in given:
@@ -2213,7 +2422,7 @@ def resolve(command: str, cfg: Config, given: set) -> Config:
             cfg.out = str(Path(cfg.ckpt).parent)
         # the checkpoint's model, and its data unless --data names other data
         cfg, saved = adopt_saved(cfg, given, Path(cfg.ckpt), MODEL_FIELDS)
-        cfg.data = cfg.data if "data" in given else saved["data"]
+        cfg.data = cfg.data if "data" in given else saved.data
     out = Path(cfg.out)
     if command == "train" and cfg.resume:  # the run's own settings, except those given now
         if cfg.overwrite:
@@ -2223,7 +2432,7 @@ def resolve(command: str, cfg: Config, given: set) -> Config:
             raise UserError(f"{out / 'last.pt'}: no run to resume there (--resume continues the "
                             f"run in --out: name its folder with --out)")
         cfg, saved = adopt_saved(cfg, given, out / "last.pt", MODEL_FIELDS)
-        cfg = dataclasses.replace(Config(**saved), **{k: getattr(cfg, k) for k in given})
+        cfg = dataclasses.replace(saved, **{k: getattr(cfg, k) for k in given})
     elif command == "train" and not cfg.overwrite:
         held = [n for n in ("last.pt", "best.pt", "log.jsonl") if (out / n).exists()]
         if held:
@@ -2241,7 +2450,7 @@ def main(argv=None):
         run[command](cfg)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(1)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -2434,8 +2643,11 @@ def synthesize(out: Path, scale: float = 1.0, seed: int = 0) -> dict:
     half-written world that a later run would take for a whole one. Both folders carry
     SYNTH_MARKER from their first moment, so mml only ever replaces worlds of its own."""
     tmp = out.with_name(out.name + ".tmp")
-    refuse_unless_synthetic(out)
-    refuse_unless_synthetic(tmp)
+    for folder in (out, tmp):
+        if folder.is_symlink():  # replacing it would replace the link, not what it names
+            raise UserError(f"{folder}: a symbolic link; name the folder itself with --out")
+        refuse_unless_synthetic(folder)
+    writable_folder(out.parent, "--out")
     if tmp.exists():  # left by an interrupted run
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
@@ -2633,7 +2845,7 @@ def bench_loader(cfg: Config, device, sync, done: dict):
     while time.perf_counter() - t0 < 3:
         n += len(next(batches)["bad"])
     rate = n / (time.perf_counter() - t0)
-    source = "from the cache" if data.stores["G"].rows is not None else "decoding"
+    source = "from the cache" if data.stores["G"].cached else "decoding"
     pace = "keeps up with" if rate >= done.get("steps", 0) else "slower than"
     report(f"training loader, {cfg.workers} workers", rate, "samples/s",
            f"{root}, {source}, batch {B}; {pace} the fastest step")

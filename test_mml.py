@@ -459,13 +459,13 @@ def test_reader_on_a_hand_written_fixture(fixture_root):
     (lambda r: os.rename(r / "query", r / "q2"), r"query: split folder not found"),
     (lambda r: os.remove(r / "query/mml_query_text.csv"), r"mml_query_text.csv: file not found"),
     (lambda r: write(r / "query/mml_query.csv", "landmark_id,CommonsCategory,lat\n11,A,40\n"), r"mml_query.csv: no column 'lon'"),
-    (lambda r: write(r / "query/mml_query_ground.csv", "landmark_id,images\n11,a\n"),
+    (lambda r: write(r / "query/mml_query_ground.csv", "landmark_id,images\n11,aaa0000000000009\n"),
      r"mml_query_ground.csv: landmark 22 listed in mml_query.csv but missing here"),
-    (lambda r: write(r / "query/mml_query_text.csv", "landmark_id,json\n" + "".join(f"{i},x\n" for i in [11, 22, 1, 2, 3, 4, 5, 6, 7])),
+    (lambda r: write(r / "query/mml_query_text.csv", "landmark_id,json\n" + "".join(f"{i},xyz\n" for i in [11, 22, 1, 2, 3, 4, 5, 6, 7])),
      r"mml_query.csv: landmark 1, 2, 3, 4, 5 and 2 more listed in mml_query_text.csv but missing here"),
     (lambda r: write(r / "query/mml_query.csv", "landmark_id,CommonsCategory,lat,lon\n11,A,40,-73\n22,B,nan,120\n"),
      r"mml_query.csv, line 3: GPS \(nan, 120.0\) is not a latitude"),
-    (lambda r: write(r / "index/mml_index_satellite.csv", "images,lat,lon,year\n8,30,-190,2015\n"),
+    (lambda r: write(r / "index/mml_index_satellite.csv", "images,lat,lon,year\n888,30,-190,2015\n"),
      r"mml_index_satellite.csv, line 2: GPS \(30.0, -190.0\)"),
 ])
 def test_bad_input_gives_one_clear_line(fixture_root, capsys, break_it, message):
@@ -473,7 +473,7 @@ def test_bad_input_gives_one_clear_line(fixture_root, capsys, break_it, message)
     with pytest.raises(SystemExit) as exit:  # prepare reads the query split, then the index
         run("prepare", "--data", fixture_root, "--splits", "query,index", "--cache", fixture_root.parent / "c")
     err = capsys.readouterr().err
-    assert exit.value.code == 2 and len(err.strip().splitlines()) == 1
+    assert exit.value.code == 1 and len(err.strip().splitlines()) == 1
     assert err.startswith("error: ") and re.search(message, err), err
 
 
@@ -867,7 +867,7 @@ def test_eval_bad_input(world, trained, tmp_path, capsys):
         with pytest.raises(SystemExit) as e:
             run("eval", "--workers", 0, "--device", "cpu", *argv)
         err = capsys.readouterr().err
-        assert e.value.code == 2 and len(err.strip().splitlines()) == 1
+        assert e.value.code == 1 and len(err.strip().splitlines()) == 1
         return err
     assert "no checkpoint there" in fails("--data", world, "--ckpt", tmp_path / "nope.pt")
     ckpt = torch.load(trained / "best.pt", weights_only=True)
@@ -1013,7 +1013,7 @@ def fails_in_one_line(capsys, *argv) -> str:
     with pytest.raises(SystemExit) as e:
         run(*argv)
     err = capsys.readouterr().err
-    assert e.value.code == 2 and len(err.strip().splitlines()) == 1, err
+    assert e.value.code == 1 and len(err.strip().splitlines()) == 1, err
     return err
 
 
@@ -1124,6 +1124,244 @@ def test_an_unreadable_article_is_skipped_and_counted(world, tmp_path, capsys):
     mml.shard(train.dir, "text", train.text[0]).write_text("{not json")
     run("train", "--data", root, "--out", tmp_path / "run", *TINY, "--epochs", 1)
     assert "1 unreadable articles" in capsys.readouterr().out
+
+
+# ---- the red-team breaks (issue 20): each is one line naming the file and field ------------
+
+OPENED = []  # files opened while a test records them (an audit hook sees every open)
+sys.addaudithook(lambda event, args: OPENED.append(str(args[0])) if event == "open" and
+                 OPENED and isinstance(args[0], (str, bytes, os.PathLike)) else None)
+
+
+def copy_world(world: Path, tmp_path: Path) -> Path:
+    root = tmp_path / "w"
+    shutil.copytree(world, root)
+    return root
+
+
+def rewrite_row(path: Path, row: int, column: str, value: str):
+    """Set one cell of a CSV (row 0 is the first data row)."""
+    rows = read_rows(path)
+    rows[row][column] = value
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def test_a_truncated_image_cache_is_refused(world, trained, tmp_path, capsys):
+    cache = tmp_path / "cache"
+    run("prepare", "--data", world, "--img-size", 32, "--splits", "query", "--cache", cache, "--workers", 1)
+    argv = ["eval", "--ckpt", trained / "best.pt", "--out", tmp_path, "--tasks", "G2S", "--workers", 0, "--cache", cache]
+    run(*argv)
+    whole = json.loads((tmp_path / "eval/metrics.json").read_text())["tasks"]["G2S"]["official"]
+    array = cache / "query_ground.u8"
+    data = array.read_bytes()
+    array.write_bytes(data[:len(data) // 2])
+    err = fails_in_one_line(capsys, *argv)
+    assert f"{array}: {len(data) // 2} bytes where its manifest promises {len(data)}" in err
+    array.write_bytes(data)
+    (cache / "query_ground.json").write_text('{"generator": "mml.py prepare", "size": 32, "ids": ')
+    assert "query_ground.json: not a readable cache manifest" in fails_in_one_line(capsys, *argv)
+    (cache / "query_ground.json").write_text('{"generator": "mml.py prepare", "size": 32}')
+    assert "query_ground.json: not an mml cache manifest ('ids' missing" in fails_in_one_line(capsys, *argv)
+    shutil.rmtree(cache)
+    run(*argv)  # the metrics of the whole data are unchanged
+    assert json.loads((tmp_path / "eval/metrics.json").read_text())["tasks"]["G2S"]["official"] == whole
+
+
+@pytest.mark.parametrize("csv_name,column,value", [
+    ("query/mml_query_text.csv", "json", "{secret}"),
+    ("index/mml_index_ground.csv", "images", "../../../../{secret}"),
+    ("query/mml_query_ground.csv", "images", "ab"),
+])
+def test_ids_never_lead_outside_the_dataset(world, trained, tmp_path, capsys, csv_name, column, value):
+    root = copy_world(world, tmp_path)
+    secret = tmp_path / "outside" / "secret"
+    for ext in (".json", ".jpg"):  # planted where a path built from the id would lead
+        image(secret.with_suffix(ext), (1, 2, 3)) if ext == ".jpg" else write(secret.with_suffix(ext), '{"a": "b"}')
+    rewrite_row(root / csv_name, 0, column, value.format(secret=str(secret).lstrip("/")))
+    OPENED[:] = ["recording"]
+    try:
+        err = fails_in_one_line(capsys, "eval", "--ckpt", trained / "best.pt", "--data", root, "--out",
+                                tmp_path / "e", "--workers", 0, "--viz")
+        assert f"{root / csv_name}, line 2: {column} " in err and "is not a plain id" in err
+        err = fails_in_one_line(capsys, "prepare", "--data", root, "--cache", tmp_path / "c")
+        assert "is not a plain id" in err
+    finally:
+        opened, OPENED[:] = OPENED[1:], []
+    assert opened and not [p for p in opened if p.startswith(str(secret.parent))]
+
+
+def test_repeated_landmark_rows_are_refused(fixture_root, capsys):
+    for name, extra in (("mml_query.csv", "11,Alpha Tower,40.5,-73.25\n"), ("mml_query_text.csv", "22,fff0000000000002\n")):
+        path = fixture_root / "query" / name
+        before = path.read_text()
+        path.write_text(before + extra)
+        err = fails_in_one_line(capsys, "prepare", "--data", fixture_root, "--splits", "query", "--cache", fixture_root / "c")
+        assert f"{path}, line 4: landmark " in err and "again (first on line" in err
+        path.write_text(before)
+
+
+def test_csv_bytes_a_user_might_hand_in(fixture_root, capsys):
+    path = fixture_root / "query/mml_query.csv"
+    text = path.read_text()
+    path.write_bytes(b"\xef\xbb\xbf" + text.encode())  # a byte-order mark: read as if absent
+    assert mml.read_split(fixture_root, "query").ids.tolist() == [11, 22]
+    path.write_bytes(text.encode().replace(b"Beta", b"B\xe9ta"))  # Latin-1, not UTF-8
+    err = fails_in_one_line(capsys, "prepare", "--data", fixture_root, "--splits", "query", "--cache", fixture_root / "c")
+    assert f"{path}, line 3: not UTF-8 text (byte 0xe9)" in err
+
+
+def corrupt(ckpt: dict, where: str, value) -> dict:
+    ckpt = {**ckpt, "config": dict(ckpt["config"])}
+    if where.startswith("config."):
+        ckpt["config"][where[7:]] = value
+    elif value is None:
+        del ckpt[where]
+    else:
+        ckpt[where] = value
+    return ckpt
+
+
+@pytest.mark.parametrize("where,value,message", [
+    ("config.img_size", 100000, "config field img_size 100000: expected an integer in [16, 1024]"),
+    ("config.image_backbone", "resnet9000", "config field image_backbone 'resnet9000': expected one of"),
+    ("config.embed_dim", "32", "config field embed_dim '32': expected a int"),
+    ("config.lr", float("nan"), "config field lr nan: expected a finite number"),
+    ("config.modalities", "GX", "config field modalities GX: expected two or more"),
+    ("step", "20", "not an mml checkpoint (step is a str)"),
+    ("model", [1, 2], "not an mml checkpoint (model is a list)"),
+    ("tokenizer", "{garbage", "its tokenizer does not load"),
+    ("optimizer", None, "not an mml checkpoint to resume (optimizer is missing)"),
+    ("torch_rng", None, "not an mml checkpoint to resume (torch_rng is missing)"),
+])
+def test_a_checkpoint_is_checked_before_use(world, trained, tmp_path, capsys, where, value, message):
+    ckpt = corrupt(torch.load(trained / "last.pt", weights_only=True), where, value)
+    (tmp_path / "run").mkdir()
+    torch.save(ckpt, tmp_path / "run/last.pt")
+    commands = [["train", "--out", tmp_path / "run", "--resume"]]
+    if where not in ("optimizer", "torch_rng"):  # what eval and locate do not need
+        commands += [["eval", "--ckpt", tmp_path / "run/last.pt", "--workers", 0],
+                     ["locate", "--ckpt", tmp_path / "run/last.pt", "--text", "a tower"]]
+    for argv in commands:
+        err = fails_in_one_line(capsys, *argv)
+        assert str(tmp_path / "run/last.pt") in err and message in err, (argv, err)
+
+
+def test_a_deeply_nested_article_is_an_unreadable_one(world, trained, tmp_path, capsys):
+    root = copy_world(world, tmp_path)
+    for split in ("train", "query"):
+        s = mml.read_split(root, split)
+        mml.shard(s.dir, "text", s.text[0]).write_text("[" * 100_000)
+    run("train", "--data", root, "--out", tmp_path / "run", *TINY, "--epochs", 1)
+    assert "1 unreadable articles" in capsys.readouterr().out  # skipped and counted
+    err = fails_in_one_line(capsys, "eval", "--ckpt", trained / "best.pt", "--data", root, "--out", tmp_path,
+                            "--tasks", "T2S-first", "--workers", 0)
+    assert "RecursionError" in err and "evaluation needs every file" in err
+
+
+def limited(max_bytes: int):
+    """A child process that may not write files past max_bytes: a full disk, as it looks to a writer."""
+    def preexec():
+        import resource as r
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # then a write past it fails with EFBIG
+        r.setrlimit(r.RLIMIT_FSIZE, (max_bytes, max_bytes))
+    return preexec
+
+
+def test_a_full_disk_is_one_line_and_leaves_no_tmp(world, tmp_path, monkeypatch, capsys):
+    cache = tmp_path / "cache"
+    p = subprocess.run([sys.executable, HERE / "mml.py", "prepare", "--data", world, "--img-size", "64",
+                        "--splits", "query", "--cache", cache, "--workers", "1"],
+                       capture_output=True, text=True, preexec_fn=limited(200_000), timeout=120)
+    assert p.returncode == 1 and p.stderr.count("\n") == 1, p.stderr
+    assert "query_ground.u8: could not be written" in p.stderr
+    assert not list(cache.glob("*.tmp")) and not (cache / "query_ground.json").exists()
+    # the free space is checked against prepare's own estimate before any decoding
+    monkeypatch.setattr(mml.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10, 10, 1000))
+    err = fails_in_one_line(capsys, "prepare", "--data", world, "--splits", "query", "--cache", cache)
+    assert "GB needed and 0.00 GB free" in err
+    # a checkpoint save that fails keeps the old checkpoint and leaves no .tmp
+    run("train", "--data", world, "--out", tmp_path / "run", *TINY, "--epochs", 1)
+    before = (tmp_path / "run/last.pt").read_bytes()
+    real_save = torch.save
+
+    def full_disk(obj, f, *a, **k):
+        real_save(obj, f, *a, **k)
+        raise RuntimeError("[enforce fail at inline_container.cc:858] . PytorchStreamWriter failed writing file data/0: file write failed")
+    monkeypatch.setattr(torch, "save", full_disk)
+    err = fails_in_one_line(capsys, "train", "--out", tmp_path / "run", "--resume", "--epochs", 2)
+    assert "last.pt: could not be written" in err or "best.pt: could not be written" in err
+    assert (tmp_path / "run/last.pt").read_bytes() == before and not list((tmp_path / "run").glob("*.tmp"))
+
+
+def test_locate_answers_when_it_cannot_cache_and_rebuilds_a_bad_cache(trained, tmp_path, monkeypatch, capsys):
+    shutil.copy(trained / "best.pt", tmp_path / "model.pt")
+    want = mml.Locator(tmp_path / "model.pt")(["a red tower"], "text")
+    [cache] = tmp_path.glob("model.gallery-*.pt")
+    for damage in (lambda: cache.write_bytes(cache.read_bytes()[:1000]),  # truncated
+                   lambda: torch.save({"key": "x", "tensor": torch.zeros(3, 3)}, cache)):  # another key and shape
+        damage()
+        assert mml.Locator(tmp_path / "model.pt")(["a red tower"], "text") == want
+        assert mml.Locator(tmp_path / "model.pt").emb.shape[0] > 3  # rebuilt, and whole again
+    cache.unlink()
+    real_save = torch.save
+
+    def read_only(obj, f, *a, **k):  # what torch.save raises beside a read-only checkpoint
+        raise RuntimeError(f"File {f} cannot be opened.")
+    monkeypatch.setattr(torch, "save", read_only)
+    assert mml.Locator(tmp_path / "model.pt")(["a red tower"], "text") == want
+    assert "not cached: " in capsys.readouterr().err and not list(tmp_path.glob("*.tmp"))
+    monkeypatch.setattr(torch, "save", real_save)
+    (tmp_path / "header.csv").write_text("lat,lon\n")
+    err = fails_in_one_line(capsys, "locate", "--ckpt", tmp_path / "model.pt", "--gallery", tmp_path / "header.csv", "--text", "x")
+    assert "header.csv: no places listed" in err
+
+
+def test_locate_reads_only_bounded_regular_files_in_chunks(world, trained, tmp_path, monkeypatch):
+    fifo = tmp_path / "pipe.jpg"
+    os.mkfifo(fifo)
+    big = tmp_path / "big.png"
+    Image.new("1", (12000, 12000)).save(big)  # 144 megapixels, under PIL's own bomb limit
+    q = mml.read_split(world, "query")
+    photos = [mml.shard(q.dir, "ground", i) for g in q.ground for i in g][:5]
+    p = subprocess.run([sys.executable, HERE / "mml.py", "locate", "--ckpt", trained / "best.pt", fifo, big, photos[0], "--json"],
+                       capture_output=True, text=True, timeout=60)
+    answers = json.loads(p.stdout)
+    assert p.returncode == 1 and "not a regular file" in answers[0]["error"]
+    assert "12000x12000 px, over the 50,000,000-pixel limit" in answers[1]["error"] and "top" in answers[2]
+    where = mml.Locator(trained / "best.pt")
+    whole = where(photos)
+    monkeypatch.setattr(mml, "LOCATE_CHUNK", 2)  # 5 inputs in 3 chunks: the same answers
+    chunked = where(photos)
+    for a, b in zip(whole, chunked):
+        assert [(t["lat"], t["lon"]) for t in a["top"]] == [(t["lat"], t["lon"]) for t in b["top"]]
+        assert [t["prob"] for t in a["top"]] == pytest.approx([t["prob"] for t in b["top"]], rel=1e-5)
+
+
+def test_out_and_cache_are_checked_before_any_data_is_read(world, trained, tmp_path, capsys):
+    (tmp_path / "a_file").write_text("x")
+    for argv in (["train", "--out", tmp_path / "a_file", "--data", tmp_path / "no_data"],
+                 ["prepare", "--cache", tmp_path / "a_file", "--data", world],
+                 ["eval", "--ckpt", trained / "best.pt", "--out", tmp_path / "a_file", "--data", tmp_path / "no_data"]):
+        err = fails_in_one_line(capsys, *argv)
+        assert f"{tmp_path / 'a_file'}" in err and ": not a writable folder" in err
+    link = tmp_path / "link"
+    (tmp_path / "elsewhere").mkdir()
+    link.symlink_to(tmp_path / "elsewhere")
+    assert "link: a symbolic link" in fails_in_one_line(capsys, "synth", "--out", link, "--scale", 0.01)
+    assert sorted(os.listdir(tmp_path)) == ["a_file", "elsewhere", "link"] and not os.listdir(tmp_path / "elsewhere")
+
+
+def test_one_run_folder_has_one_writer(world, tmp_path, capsys):
+    run("train", "--data", world, "--out", tmp_path, *TINY, "--epochs", 1)
+    with mml.RunLock(tmp_path):  # as if another train held it
+        err = fails_in_one_line(capsys, "train", "--out", tmp_path, "--resume", "--epochs", 2)
+        assert f"another `train` is writing there (process {os.getpid()})" in err
+    run("train", "--out", tmp_path, "--resume", "--epochs", 2)  # released: a lock of a dead process is no lock
+    steps = [r["step"] for r in log_records(tmp_path) if "loss" in r]
+    assert steps == sorted(set(steps))  # each step logged once
 
 
 # ---- several processes --------------------------------------------------------------------
