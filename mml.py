@@ -42,6 +42,7 @@ import io
 import itertools
 import json
 import math
+import mmap
 import os
 import pickle
 import random
@@ -62,108 +63,179 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 from PIL import Image, ImageDraw, ImageEnhance, ImageFont, ImageOps
-from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
 
 # ---- config -------------------------------------------------------------------------------
 
-def opt(default, help: str, cmds: str = "train", low=None, high=None, choices=None):
+def option(default, help: str, cmds: str = "train", low=None, high=None, choices=None):
     """A Config field: its help becomes its --help line; cmds names the commands that take
-    it; low and high bound a number (checked in `resolve`), choices a string (by argparse)."""
+    it; low and high bound a number, choices a string (both checked in `check_config`)."""
     return field(default=default, metadata={"help": help, "cmds": cmds.split(),
                                             "range": (low, high), "choices": choices})
 
-DATA, MODEL = "train eval prepare bench", "train bench"  # the commands that take these
-BACKBONES = ("small", "resnet18", "resnet50", "convnext_tiny", "vit_b_16")  # image encoders
+# the commands that take an option; in Config, `option(..., MODEL_CMDS)` says which
+DATA_CMDS, MODEL_CMDS = "train eval prepare bench", "train bench"
+BACKBONES = ("small", "resnet18", "resnet50", "convnext_tiny", "vit_b_16", "clip")  # images
 
 @dataclass
 class Config:
     # data
-    data: str = opt("", "dataset root in the released layout (default: a synthetic world in "
-                        "data/synthetic, made on first use; eval: the checkpoint's)", DATA)
-    scale: float = opt(1.0, "size of the synthetic world (1: 1,600 train, 100 query landmarks)",
-                       "train prepare bench synth", 0.01, 100)
-    subset: int = opt(0, "train on the first N training landmarks only (0: all)", low=0)
-    n_val: int = opt(1024, "training landmarks held out for validation (<= 10%% of them)", low=2)
-    outdoor_only: bool = opt(False, "train on the outdoor ground photos only (the subset CSV)")
-    last_sat_only: bool = opt(False, "train on each landmark's latest aerial image only")
-    train_text: str = opt("first", "training sentence (PROTOCOL 2)", choices=("first", "random"))
-    query_text: str = opt("first,random,no_cues", "query sentences of the text tasks", "eval")
-    img_size: int = opt(64, "images are resized and centre-cropped to H x H (torchvision "
-                            "backbones: their weights' size)", MODEL + " prepare", 16, 1024)
-    cache: str = opt("", "image cache folder made by `prepare` (default: DATA/cache)", DATA)
-    workers: int = opt(min(8, os.cpu_count() or 1), "DataLoader worker processes", DATA, 0, 256)
-    seed: int = opt(0, "seed of everything random: hold-out, sampling, augmentation, init",
-                    "train eval synth bench")
-    device: str = opt("", "cuda or cpu (default: cuda when a GPU is visible)",
-                      "train eval locate bench")
+    data: str = option("", "dataset root in the released layout (default: a synthetic world "
+                           "in data/synthetic, made on first use; eval: the checkpoint's)",
+                       DATA_CMDS)
+    scale: float = option(1.0, "size of the synthetic world (1: 1,600 train, 100 query "
+                               "landmarks)", "train prepare bench synth", 0.01, 100)
+    subset: int = option(0, "train on the first N training landmarks only (0: all)", low=0)
+    n_val: int = option(1024, "training landmarks held out for validation (<= 10%% of them)",
+                        low=2)
+    holdout: str = option("seeded", "which: seeded by --seed, or the authors' (their "
+                                    "random.Random(42) shuffle of the sorted ids)",
+                          choices=("seeded", "authors"))
+    outdoor_only: bool = option(False, "train on the outdoor ground photos only (the subset "
+                                       "CSV)")
+    last_sat_only: bool = option(False, "train on each landmark's latest aerial image only")
+    train_text: str = option("first", "training sentence (PROTOCOL 2)",
+                             choices=("first", "random"))
+    query_text: str = option("first,random,no_cues", "query sentences of the text tasks", "eval")
+    img_size: int = option(64, "images are resized to H x H (torchvision and CLIP backbones: "
+                               "their weights' size)", MODEL_CMDS + " prepare", 16, 1024)
+    resize: str = option("crop", "crop: the short side to H and the centre square (mml's); "
+                                 "squash: the whole image to H x H (the authors'); clip: as "
+                                 "CLIP's image processor", MODEL_CMDS + " prepare",
+                         choices=("crop", "squash", "clip"))
+    cache: str = option("", "image cache folder made by `prepare` (default: DATA/cache)",
+                        DATA_CMDS)
+    workers: int = option(min(8, os.cpu_count() or 1), "DataLoader worker processes",
+                          DATA_CMDS, 0, 256)
+    seed: int = option(0, "seed of training (hold-out, sampling, augmentation, init); of "
+                           "eval: the queries the pictures show, never the protocol's",
+                       "train eval synth bench")
+    device: str = option("", "cuda or cpu (default: cuda when a GPU is visible)",
+                         "train eval locate bench")
     # model
-    modalities: str = opt("GSTC", "modalities to train: any two or more of G S T C", MODEL)
-    embed_dim: int = opt(128, "width D of the shared space (the authors: 512)", MODEL, 2, 65536)
-    image_backbone: str = opt("small", "small is a CNN from scratch; the others are "
-                                       "torchvision's", MODEL, choices=BACKBONES)
-    pretrained: bool = opt(False, "start torchvision backbones from their ImageNet weights "
-                                  "(downloaded once into torchvision's cache)", MODEL)
-    freeze: str = opt("", "encoders whose backbone stays fixed while their heads train (the "
-                          "authors' setting): some of ground,satellite,text,gps or G,S,T,C")
-    img_width: int = opt(32, "channels of the small CNN's first stage (x2 per stage; a "
-                             "multiple of 8)", MODEL, 8, 4096)
-    share_image_trunk: bool = opt(False, "ground and aerial share one backbone (as the "
-                                         "authors' CLIP), with separate heads")
-    vocab_size: int = opt(2000, "BPE vocabulary of the text tokenizer", MODEL, 32, 10**6)
-    max_len: int = opt(40, "tokens per sentence, padded or truncated", MODEL, 2, 4096)
-    text_width: int = opt(128, "text transformer width (a multiple of 64, or below 64)",
-                          MODEL, 8, 65536)
-    text_layers: int = opt(2, "text transformer layers", MODEL, 1, 256)
-    gps_width: int = opt(256, "GPS MLP width (GeoCLIP: 1024)", MODEL, 1, 65536)
-    gps_depth: int = opt(2, "GPS MLP hidden layers per scale (GeoCLIP: 3)", MODEL, 0, 64)
-    gps_preset: str = opt("", "geoclip: GeoCLIP's GPS sizes (--gps-width 1024 --gps-depth 3 "
-                              "--embed-dim 512), which its weights need", MODEL,
-                          choices=("", "geoclip"))
-    gps_init: str = opt("", "GeoCLIP location-encoder state dict to start the GPS encoder from")
+    preset: str = option("", "paper: the authors' baseline (needs --clip; the first log line "
+                             "shows what it sets, any option given overrides it)",
+                         choices=("", "paper"))
+    clip: str = option("", "a Hugging Face CLIP folder (config.json, model.safetensors or "
+                           "pytorch_model.bin, tokenizer.json) for the clip backbones",
+                       "train eval locate convert bench")
+    modalities: str = option("GSTC", "modalities to train: any two or more of G S T C",
+                             MODEL_CMDS)
+    embed_dim: int = option(128, "width D of the shared space (the authors: 512)", MODEL_CMDS,
+                            2, 65536)
+    image_backbone: str = option("small", "small is a CNN from scratch, clip the --clip "
+                                          "folder's vision tower; the others are "
+                                          "torchvision's", MODEL_CMDS, choices=BACKBONES)
+    text_backbone: str = option("small", "small is a transformer from scratch, clip the --clip "
+                                         "folder's text tower", MODEL_CMDS,
+                                choices=("small", "clip"))
+    pretrained: bool = option(False, "start torchvision backbones from their ImageNet weights "
+                                     "(downloaded once into torchvision's cache)", MODEL_CMDS)
+    freeze: str = option("", "encoders whose backbone stays fixed while their heads train (the "
+                             "authors' setting): some of ground,satellite,text,gps or G,S,T,C")
+    head: str = option("linear", "projection heads of G, S and T: linear; mlp: Linear-ReLU-"
+                                 "Linear (the authors'); none: the backbone's own output",
+                       MODEL_CMDS, choices=("linear", "mlp", "none"))
+    head_hidden: int = option(0, "hidden width of the mlp heads (0: --embed-dim)", MODEL_CMDS,
+                              0, 65536)
+    img_width: int = option(32, "channels of the small CNN's first stage (x2 per stage; a "
+                                "multiple of 8)", MODEL_CMDS, 8, 4096)
+    share_image_trunk: bool = option(False, "ground and aerial share one backbone (as the "
+                                            "authors' CLIP), with separate heads")
+    vocab_size: int = option(2000, "BPE vocabulary of the text tokenizer", MODEL_CMDS, 32, 10**6)
+    max_len: int = option(40, "tokens per sentence, padded or truncated (CLIP: 77)", MODEL_CMDS,
+                          2, 4096)
+    text_width: int = option(128, "text transformer width (a multiple of 64, or at most 64)",
+                             MODEL_CMDS, 8, 65536)
+    text_layers: int = option(2, "text transformer layers", MODEL_CMDS, 1, 256)
+    gps_width: int = option(256, "GPS MLP width (GeoCLIP: 1024)", MODEL_CMDS, 1, 65536)
+    gps_depth: int = option(2, "GPS MLP hidden layers per scale (GeoCLIP: 3)", MODEL_CMDS, 0, 64)
+    gps_preset: str = option("", "geoclip: GeoCLIP's GPS sizes (--gps-width 1024 --gps-depth 3 "
+                                 "--embed-dim 512), which its weights need", MODEL_CMDS,
+                             choices=("", "geoclip"))
+    gps_scaling: bool = option(True, "Equal Earth scaled by SF/180 as GeoCLIP's weights need "
+                                     "(the authors' GPS encoder, from scratch, is not)",
+                               MODEL_CMDS)
+    gps_init: str = option("", "GeoCLIP location-encoder state dict to start the GPS encoder "
+                               "from")
     # training
-    loss: str = opt("complete", "complete: all modality pairs; imagebind: ground vs each other",
-                    MODEL, choices=("complete", "imagebind"))
-    batch_size: int = opt(128, "global batch (split across torchrun processes)", MODEL, 2, 10**6)
-    epochs: int = opt(25, "passes over the training landmarks, one sample each", low=1)
-    max_steps: int = opt(0, "stop after N steps, which the lr schedule spans (0: --epochs)", low=0)
-    lr: float = opt(2e-3, "peak AdamW learning rate", low=0.0)
-    weight_decay: float = opt(0.05, "AdamW weight decay (not on biases, norms, the scale)", low=0.0)
-    warmup: float = opt(0.05, "fraction of the steps warming the lr up linearly", low=0.0, high=1.0)
-    grad_clip: float = opt(1.0, "clip the gradient norm to this (0: off)", low=0.0)
-    bf16: bool = opt(True, "bf16 autocast on GPUs that support it (the CPU: fp32)",
-                     "train eval bench")
-    compile: bool = opt(False, "torch.compile the model", MODEL)
-    log_every: int = opt(10, "steps between log lines", low=1)
-    out: str = opt("runs/mml", "run folder: checkpoints, log.jsonl, eval/ (synth: the world)",
-                   "train eval synth")
-    resume: bool = opt(False, "continue the run in --out from its last.pt, exactly")
-    overwrite: bool = opt(False, "start over in an --out that holds a run, replacing it")
-    select: str = opt("loss", "best.pt: the epoch of lowest validation loss (the authors' "
-                              "rule), or of highest mean validation R@1",
-                      choices=("loss", "recall"))
-    overfit_batch: bool = opt(False, "train on one fixed batch: the loss must fall to ~0")
-    max_bad_steps: int = opt(10, "stop after this many non-finite losses in a row", low=1)
+    loss: str = option("complete", "complete: all modality pairs; imagebind: ground vs each "
+                                   "other", MODEL_CMDS, choices=("complete", "imagebind"))
+    batch_size: int = option(128, "global batch (split across torchrun processes)", MODEL_CMDS,
+                             2, 10**6)
+    epochs: int = option(25, "passes over the training landmarks, one sample each", low=1)
+    max_steps: int = option(0, "stop after N steps, which the lr schedule spans (0: --epochs)",
+                            low=0)
+    lr: float = option(2e-3, "peak AdamW learning rate", low=0.0)
+    schedule: str = option("cosine", "the lr after the warmup: a cosine decay to 0, or constant "
+                                     "(the authors')", choices=("cosine", "constant"))
+    warmup: float = option(0.05, "fraction of the steps warming the lr up linearly", low=0.0,
+                           high=1.0)
+    weight_decay: float = option(0.05, "AdamW weight decay", low=0.0)
+    decay_all: bool = option(False, "decay biases, norms and the scale too (the authors'), not "
+                                    "only weight matrices")
+    grad_clip: float = option(1.0, "clip the gradient norm to this (0: off)", low=0.0)
+    grad_clip_value: float = option(0.0, "clip each gradient element to +-this (the authors: "
+                                         "100; 0: off)", low=0.0)
+    scale_cap: float = option(100.0, "cap of the learnt logit scale after each step (CLIP: "
+                                     "100; 0: none, as the authors)", low=0.0)
+    augment: str = option("mml", "mml: colour jitter always, blur or sharpen 20%% each; paper: "
+                                 "the authors' strengths (jitter 0.15 with hue at p=0.5, 15%% "
+                                 "each)", choices=("mml", "paper"))
+    bf16: bool = option(True, "bf16 autocast on GPUs that support it (the CPU: fp32)",
+                        "train eval bench")
+    compile: bool = option(False, "torch.compile the model", MODEL_CMDS)
+    log_every: int = option(10, "steps between log lines", low=1)
+    out: str = option("runs/mml", "run folder: checkpoints, log.jsonl, eval/ (synth: the "
+                                  "world; convert: the checkpoint)", "train eval synth convert")
+    resume: bool = option(False, "continue the run in --out from its last.pt, exactly")
+    overwrite: bool = option(False, "start over in an --out that holds a run, replacing it")
+    select: str = option("loss", "best.pt: the epoch of lowest validation loss (the authors' "
+                                 "rule), or of highest mean validation R@1",
+                         choices=("loss", "recall"))
+    val_batch: int = option(0, "validation batch (0: --batch-size; the authors: 128)", low=0)
+    overfit_batch: bool = option(False, "train on one fixed batch: the loss must fall to ~0")
+    max_bad_steps: int = option(10, "stop after this many non-finite losses in a row", low=1)
     # evaluation and locate
-    ckpt: str = opt("", "the checkpoint (default: OUT/best.pt, runs/mml/best.pt unless --out)",
-                    "eval locate")
-    tasks: str = opt("", "comma-separated tasks, e.g. G2S,T2C-no_cues (default: all)", "eval")
-    chunk: int = opt(512, "queries scored at once; memory ~ 6 bytes x chunk x gallery",
-                     "eval bench", 1)
-    eval_batch: int = opt(256, "batch when embedding queries and galleries", "eval locate bench", 1)
-    viz: bool = opt(False, "also draw pictures: a grid of results per retrieval task, a map "
-                           "per x2C task, the training curves", "eval")
-    inputs: tuple = opt((), "ground photos to locate (aerial images with --satellite)", "locate")
-    text: tuple = opt((), "a description to locate (repeatable)", "locate")
-    satellite: bool = opt(False, "the inputs are aerial images", "locate")
-    top: int = opt(5, "locations per input", "locate", 1)
-    gallery: str = opt("", "a lat,lon[,name] CSV of candidate places (default: the index "
-                           "tiles' centres and the training landmarks)", "locate")
-    json: bool = opt(False, "answer with one JSON list on standard output", "locate")
+    ckpt: str = option("", "the checkpoint (default: OUT/best.pt, runs/mml/best.pt unless "
+                           "--out)", "eval locate")
+    tasks: str = option("", "comma-separated tasks, e.g. G2S,T2C-no_cues (default: all)", "eval")
+    chunk: int = option(512, "queries scored at once; memory ~ 6 bytes x chunk x gallery",
+                        "eval bench", 1)
+    eval_batch: int = option(256, "batch when embedding queries and galleries",
+                             "eval locate bench", 1)
+    viz: bool = option(False, "also draw pictures: a grid of results per retrieval task, a map "
+                              "per x2C task, the training curves", "eval")
+    inputs: tuple = option((), "ground photos to locate (aerial images with --satellite)",
+                           "locate")
+    text: tuple = option((), "a description to locate (repeatable)", "locate")
+    satellite: bool = option(False, "the inputs are aerial images", "locate")
+    top: int = option(5, "locations per input", "locate", 1)
+    gallery: str = option("", "a lat,lon[,name] CSV of candidate places (default: the index "
+                              "tiles' centres and the training landmarks)", "locate")
+    json: bool = option(False, "answer with one JSON list on standard output", "locate")
+    source: str = option("", "what to convert: a Hugging Face CLIP folder, the authors' "
+                             "weights_best.pth or GeoCLIP's weights folder (both with --clip)",
+                         "convert")
     # prepare and bench
-    splits: str = opt("train,query,index", "splits `prepare` decodes into the cache", "prepare")
-    phases: str = opt("decode,steps,backbones,loader,augment,embed,rank,locate",
-                      "phases `bench` times, in order", "bench")
-    bench_queries: int = opt(200, "queries timed for the per-query baseline", "bench", 1)
+    splits: str = option("train,query,index", "splits `prepare` decodes into the cache",
+                         "prepare")
+    phases: str = option("decode,steps,backbones,loader,augment,embed,rank,locate,towers,paper",
+                         "phases `bench` times, in order", "bench")
+    bench_queries: int = option(200, "queries timed for the per-query baseline", "bench", 1)
+
+# The authors' setting (PROTOCOL 5: their train.py, configs/mml_clip.yaml, models/*.py):
+# frozen CLIP towers, one for both image views, MLP heads, GeoCLIP's GPS encoder from scratch
+# without the scaling, squashed images, their augmentation strengths and optimisation. The
+# image size and the 77 tokens come from the --clip folder.
+PRESETS = {"paper": {
+    "image_backbone": "clip", "text_backbone": "clip", "share_image_trunk": True,
+    "freeze": "GST", "head": "mlp", "embed_dim": 512, "gps_width": 1024, "gps_depth": 3,
+    "gps_scaling": False, "resize": "squash", "modalities": "GSTC", "loss": "complete",
+    "train_text": "first", "lr": 1e-4, "weight_decay": 5e-4, "decay_all": True,
+    "batch_size": 512, "epochs": 20, "warmup": 0.0, "schedule": "constant", "grad_clip": 0.0,
+    "grad_clip_value": 100.0, "scale_cap": 0.0, "augment": "paper", "n_val": 1024,
+    "holdout": "authors", "val_batch": 128, "select": "loss"}}
 
 COMMANDS = {  # each command and its --help line
     "train": "train a model (on a synthetic world made on first use, without --data)",
@@ -172,6 +244,7 @@ COMMANDS = {  # each command and its --help line
     "synth": "write a synthetic world in the released layout",
     "prepare": "decode every image once into a cache that training and eval read",
     "bench": "time each phase of a run on this machine",
+    "convert": "make an mml checkpoint of CLIP, the authors' released model or GeoCLIP",
 }
 
 class UserError(Exception):
@@ -208,12 +281,13 @@ def barrier():
 
 EARTH_RADIUS_KM = 6371.0
 
-def equal_earth(latlon: torch.Tensor) -> torch.Tensor:
-    """(..., 2) degrees (lat, lon) -> (..., 2) Equal Earth (x, y), x in [-1, 1].
+def equal_earth(latlon: torch.Tensor, scaled: bool = True) -> torch.Tensor:
+    """(..., 2) degrees (lat, lon) -> (..., 2) Equal Earth (x, y), x in [-1, 1] if scaled.
 
     The equal-area projection GeoCLIP feeds its location encoder (Savric et al. 2018), with
     GeoCLIP's scaling SF/180 so that longitude 180 lands on x = 1; its pretrained weights
-    expect that scaling (the MMLandmarks authors' copy leaves it out; PROTOCOL 6).
+    expect that scaling. The MMLandmarks authors' copy leaves it out (scaled=False): x then
+    spans about [-2.7, 2.7], and their encoder, trained from scratch, was fit to that.
     """
     a1, a2, a3, a4, sf = 1.340264, -0.081106, 0.000893, 0.003796, 66.50336
     lat, lon = torch.deg2rad(latlon[..., 0]), torch.deg2rad(latlon[..., 1])
@@ -221,7 +295,7 @@ def equal_earth(latlon: torch.Tensor) -> torch.Tensor:
     x = (2 * math.sqrt(3) * lon * torch.cos(theta)
          / (3 * (9 * a4 * theta**8 + 7 * a3 * theta**6 + 3 * a2 * theta**2 + a1)))
     y = a4 * theta**9 + a3 * theta**7 + a2 * theta**3 + a1 * theta
-    return torch.stack((x, y), dim=-1) * sf / 180
+    return torch.stack((x, y), dim=-1) * (sf / 180 if scaled else 1)
 
 def haversine_km(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Great-circle distance in km between (..., 2) tensors of (lat, lon) degrees."""
@@ -441,12 +515,19 @@ def read_index(root: Path, required: bool = True) -> Index:
     return index
 
 def read_train(cfg: Config, root: Path) -> tuple[Split, Split]:
-    """The training split, cut to --subset, minus a seeded hold-out: (train, validation)."""
+    """The training split, cut to --subset, minus a hold-out: (train, validation). Seeded by
+    --seed, or the authors' (their train_dataset.py): random.Random(42) shuffles the positions
+    of the sorted landmark ids, and the first n_val are held out."""
     split = read_split(root, "train", cfg.outdoor_only)
     if cfg.subset:
         split = split.take(range(min(cfg.subset, len(split.ids))))
     n_val = min(cfg.n_val, max(2, len(split.ids) // 10))  # 1,024 of 17,557 on the real data
-    perm = np.random.default_rng(cfg.seed).permutation(len(split.ids))
+    if cfg.holdout == "authors":
+        order = list(range(len(split.ids)))
+        random.Random(42).shuffle(order)
+        perm = np.argsort(split.ids, kind="stable")[order]
+    else:
+        perm = np.random.default_rng(cfg.seed).permutation(len(split.ids))
     return split.take(np.sort(perm[n_val:])), split.take(np.sort(perm[:n_val]))
 
 # Images: decoded to H x H uint8, from the files or from the `prepare` cache.
@@ -462,16 +543,34 @@ def regular_file(path: Path) -> Path:
         raise ValueError("not a regular file")
     return path
 
-def load_image(path: Path, size: int, draft: bool = True) -> np.ndarray:
-    """(H, H, 3) uint8: decode, resize the short side to H, keep the centre square. draft()
-    lets the JPEG decoder work at 1/2, 1/4 or 1/8 scale, never below H: 800-px photos decode
-    2-3x faster (see `bench`)."""
+def load_image(path: Path, size: int, resize: str = "crop", draft: bool = True) -> np.ndarray:
+    """(H, H, 3) uint8, decoded and resized by `to_square`. For --resize crop, draft() lets the
+    JPEG decoder work at 1/2, 1/4 or 1/8 scale, never below H: 800-px photos decode 2-3x
+    faster (see `bench`); the other modes decode in full, as the code they follow does."""
     with Image.open(regular_file(path)) as im:
-        if draft:
+        if draft and resize == "crop":
             im.draft("RGB", (size, size))
         if im.width * im.height > MAX_PIXELS:  # known from the header, before decoding
             raise ValueError(f"{im.width}x{im.height} px, over the {MAX_PIXELS:,}-pixel limit")
-        return np.array(ImageOps.fit(im.convert("RGB"), (size, size), Image.BILINEAR))
+        return to_square(im.convert("RGB"), size, resize)
+
+def to_square(im: Image.Image, size: int, resize: str = "crop") -> np.ndarray:
+    """An RGB image -> (H, H, 3) uint8. crop: the short side to H (bilinear), then the centre
+    square. squash: the whole image to H x H, as the authors' OpenCV INTER_LINEAR_EXACT, which
+    torch's bilinear without antialiasing matches to within one grey level (PIL's bilinear
+    antialiases: about ten off). clip: as CLIP's image processor, the short side to H
+    (bicubic), then the centre square."""
+    if resize == "crop":
+        return np.array(ImageOps.fit(im, (size, size), Image.BILINEAR))
+    if resize == "squash":
+        x = torch.from_numpy(np.array(im)).permute(2, 0, 1)[None].float()        # (1, 3, h, w)
+        x = F.interpolate(x, (size, size), mode="bilinear", align_corners=False, antialias=False)
+        return x[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy()
+    short, long = sorted(im.size)
+    long = int(size * long / short)  # as transformers' get_resize_output_image_size rounds
+    im = im.resize((size, long) if im.width == short else (long, size), Image.BICUBIC)
+    left, top = (im.width - size) // 2, (im.height - size) // 2
+    return np.array(im.crop((left, top, left + size, top + size)))
 
 class UnreadableFile(Exception):
     """A data file (image or article) that is missing or cannot be decoded."""
@@ -483,17 +582,19 @@ class ImageStore:
     that lacks images this run needs, or one whose array is not whole, is refused, never
     silently used."""
 
-    def __init__(self, split_dir: Path, kind: str, size: int, cache: Path | None, needed=()):
-        self.dir, self.kind, self.size = split_dir, kind, size
+    def __init__(self, split_dir: Path, kind: str, size: int, cache: Path | None, needed=(),
+                 resize: str = "crop"):
+        self.dir, self.kind, self.size, self.resize = split_dir, kind, size, resize
         self.cached, self.row_of, self.file, self.pid = False, {}, None, None
         self.cache = cache / f"{split_dir.name}_{kind}" if cache else None
         manifest = self.cache.with_suffix(".json") if cache else None
         if manifest and manifest.is_file():
             m = read_manifest(manifest, {"size": int, "ids": list, "broken": list})
-            if m["size"] != size:
-                raise UserError(f"{manifest}: the cache holds {m['size']} px images, not "
-                                f"--img-size {size}; rerun `python mml.py prepare --img-size "
-                                f"{size}` or move the cache away")
+            made = (m["size"], m.get("resize", "crop"))
+            if made != (size, resize):
+                raise UserError(f"{manifest}: the cache holds {made[0]} px images made by "
+                                f"--resize {made[1]}, not --img-size {size} --resize {resize}; "
+                                f"rerun `prepare` with those, or name another --cache")
             array = self.cache.with_suffix(".u8")
             whole = max(1, len(m["ids"])) * size * size * 3  # an empty list keeps one row
             found = array.stat().st_size if array.is_file() else 0
@@ -519,7 +620,7 @@ class ImageStore:
         out = np.empty((self.size, self.size, 3), np.uint8) if out is None else out
         if not self.cached:
             try:
-                out[...] = load_image(self.path(image_id), self.size)
+                out[...] = load_image(self.path(image_id), self.size, self.resize)
                 return out
             except Exception as e:  # missing, truncated, not an image: decoders raise all sorts
                 raise UnreadableFile(f"{self.path(image_id)}: {e}") from None
@@ -553,7 +654,7 @@ def read_manifest(path: Path, fields: dict) -> dict:
 def image_stores(cfg: Config, split_dir: Path, needed: dict) -> dict:
     """{"G": store, "S": store} for one split; needed: {"G": ids, "S": ids} the run will read."""
     cache = Path(cfg.cache) if cfg.cache else split_dir.parent / "cache"
-    return {m: ImageStore(split_dir, kind, cfg.img_size, cache, needed.get(m, ()))
+    return {m: ImageStore(split_dir, kind, cfg.img_size, cache, needed.get(m, ()), cfg.resize)
             for m, kind in (("G", "ground"), ("S", "satellite"))}
 
 def decode_or_none(job: tuple) -> np.ndarray | None:
@@ -562,12 +663,14 @@ def decode_or_none(job: tuple) -> np.ndarray | None:
     except Exception:  # counted as broken in the manifest: see ImageStore
         return None
 
-def build_cache(split_dir: Path, kind: str, ids: list[str], size: int, cache: Path, pool) -> int:
+def build_cache(split_dir: Path, kind: str, ids: list[str], size: int, cache: Path, pool,
+                resize: str = "crop") -> int:
     """Decode images into cache/{split}_{kind}.u8 (n, H, H, 3), then write the manifest, so
     that an interrupted build is never taken for a whole one; return how many were unreadable.
     An existing array is replaced only if its manifest says mml made it. Written as a stream,
     not through a memory map: a full disk is then an error, not a SIGBUS."""
-    store, name = ImageStore(split_dir, kind, size, None), cache / f"{split_dir.name}_{kind}"
+    store = ImageStore(split_dir, kind, size, None, resize=resize)
+    name = cache / f"{split_dir.name}_{kind}"
     manifest, array = name.with_suffix(".json"), name.with_suffix(".u8")
     head = manifest.read_bytes()[:100] if manifest.is_file() else b""  # the ids come after
     if (array.exists() or manifest.exists()) and b'"generator": "mml.py prepare"' not in head:
@@ -577,7 +680,7 @@ def build_cache(split_dir: Path, kind: str, ids: list[str], size: int, cache: Pa
 
     def decode_all(tmp: Path):
         with open(tmp, "wb") as f:
-            jobs = ((store.path(i), size) for i in ids)
+            jobs = ((store.path(i), size, resize) for i in ids)
             for row, img in enumerate(pool.imap(decode_or_none, jobs, chunksize=32)):
                 if img is None:
                     broken.append(ids[row])
@@ -587,7 +690,8 @@ def build_cache(split_dir: Path, kind: str, ids: list[str], size: int, cache: Pa
     manifest.unlink(missing_ok=True)  # never an old manifest beside a new array
     write_atomically(array, decode_all)
     write_atomically(manifest, lambda tmp: tmp.write_text(json.dumps({
-        "generator": "mml.py prepare", "size": size, "ids": ids, "broken": broken})))
+        "generator": "mml.py prepare", "size": size, "resize": resize, "ids": ids,
+        "broken": broken})))
     return len(broken)
 
 def prepare(cfg: Config):
@@ -614,7 +718,7 @@ def prepare(cfg: Config):
     with torch.multiprocessing.get_context("fork").Pool(max(1, cfg.workers)) as pool:
         for split_dir, kind, ids in jobs:
             t = time.time()
-            broken = build_cache(split_dir, kind, ids, side, cache, pool)
+            broken = build_cache(split_dir, kind, ids, side, cache, pool, cfg.resize)
             print0(f"  {split_dir.name} {kind}: {len(ids)} images, {broken} unreadable, "
                    f"{len(ids) / (time.time() - t):.0f} images/s")
 
@@ -753,35 +857,60 @@ class LandmarkSet(torch.utils.data.Dataset):
             out["C"] = torch.tensor(s.latlon[rows], dtype=torch.float32)     # (B, 2)
         return out | {"bad": bad}
 
-def augment_params(seed: int, epoch: int, step: int, n: int) -> torch.Tensor:
-    """(n, 2, 6) jitter for the n samples of one global batch, each view (ground, aerial) its
-    own: brightness, contrast and saturation factors in [0.8, 1.2]; a draw r (blur if r < 0.2,
-    sharpen if r < 0.4); the blur's sigma in [0.3, 1]; quarter turns in {0, 1, 2, 3}. Keyed by
-    (seed, epoch, step) and taken by position in the global batch, so a sample's jitter does
-    not depend on the number of loader workers or processes, and --resume repeats it."""
-    u = torch.from_numpy(np.random.default_rng([seed, epoch, step]).random((n, 2, 6)))
+def augment_params(seed: int, epoch: int, step: int, n: int, strength: str = "mml"):
+    """(n, 2, 7) jitter for the n samples of one global batch, each view (ground, aerial) its
+    own: brightness, contrast and saturation factors; a draw r (blur if r < 0.2, sharpen if
+    r < 0.4); the blur's sigma in [0.3, 1]; quarter turns in {0, 1, 2, 3}; a hue shift in
+    turns. mml: factors in [0.8, 1.2], no hue. paper, the authors' albumentations settings:
+    ColorJitter(0.15, 0.15, 0.15, hue 0.15) on half the samples, blur or sharpen 15% each.
+    Keyed by (seed, epoch, step) and taken by position in the global batch, so a sample's
+    jitter does not depend on the number of loader workers or processes, and --resume
+    repeats it."""
+    rng = np.random.default_rng([seed, epoch, step])
+    u = torch.from_numpy(rng.random((n, 2, 6)))
     low = torch.tensor([0.8, 0.8, 0.8, 0.0, 0.3, 0.0], dtype=torch.float64)
     span = torch.tensor([0.4, 0.4, 0.4, 1.0, 0.7, 4.0], dtype=torch.float64)
-    params = low + span * u
+    params = torch.cat([low + span * u, torch.zeros(n, 2, 1, dtype=torch.float64)], -1)
+    if strength == "paper":  # drawn after mml's, which therefore stay as they were
+        hue, jittered = torch.from_numpy(rng.random((n, 2, 2))).unbind(-1)  # each (n, 2)
+        on = (jittered < 0.5).double()
+        params[..., :3] = 1 + on[..., None] * 0.3 * (u[..., :3] - 0.5)     # [0.85, 1.15]
+        params[..., 6] = on * 0.3 * (hue - 0.5)                             # [-0.15, 0.15]
+        params[..., 3] = u[..., 3] * 0.4 / 0.3  # r < 0.2 for 15%, r < 0.4 for 30%
     params[..., 5] = params[..., 5].floor()
     return params.float()
+
+def rotate_hue(x: torch.Tensor, turns: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, H) in [0, 1], (B,) -> hue shifted by that fraction of the colour circle: a
+    rotation of RGB space about its grey axis (Rodrigues' formula), which keeps greys and
+    brightness and approximates HSV's hue shift (albumentations', torchvision's) without a
+    round trip through HSV."""
+    angle = 2 * math.pi * turns.view(-1, 1, 1)                              # (B, 1, 1)
+    cross = torch.tensor([[0.0, -1, 1], [1, 0, -1], [-1, 1, 0]], device=x.device) / math.sqrt(3)
+    eye = torch.eye(3, device=x.device)
+    rotation = torch.cos(angle) * eye + torch.sin(angle) * cross + (1 - torch.cos(angle)) / 3
+    return torch.einsum("bij,bjhw->bihw", rotation, x).clamp(0, 1)
 
 def grayscale(x: torch.Tensor) -> torch.Tensor:
     """(B, 3, H, H) -> (B, 1, H, H) luma with ITU-R 601 weights, as torchvision computes it."""
     return (0.2989 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
 
-def augment(images: torch.Tensor, params: torch.Tensor, rotate: bool) -> torch.Tensor:
+def augment(images: torch.Tensor, params: torch.Tensor, rotate: bool,
+            hue: bool = False) -> torch.Tensor:
     """(B, 3, H, H) uint8 -> (B, 3, H, H) float in [0, 1], jittered as the authors did: light
     colour jitter, blur or sharpen, and aerial views turned by a multiple of 90 degrees (north
-    is not special). Each sample by its own row of params (B, 6) from augment_params, all at
-    once on the images' device. Each step is torchvision's per-image function written for a
+    is not special). Each sample by its own row of params (B, 7) from augment_params, all at
+    once on the images' device; `hue`: whether any hue shift is drawn (known on the CPU, so
+    no sync asks the device). Each step is torchvision's per-image function written for a
     batch (tested against it): adjust_brightness, _contrast, _saturation, gaussian_blur with a
-    3x3 kernel, adjust_sharpness with factor 2, rot90."""
+    3x3 kernel, adjust_sharpness with factor 2, rot90; the hue shift is approximated."""
     x = images.float() / 255
-    b, c, s, r, sigma, turns = (p.view(-1, 1, 1, 1) for p in params.T)  # each (B, 1, 1, 1)
-    x = (x * b).clamp(0, 1)
-    x = (c * x + (1 - c) * grayscale(x).mean((2, 3), keepdim=True)).clamp(0, 1)
-    x = (s * x + (1 - s) * grayscale(x)).clamp(0, 1)
+    bright, contrast, sat, r, sigma, turns, shift = (p.view(-1, 1, 1, 1) for p in params.T)
+    x = (x * bright).clamp(0, 1)                                       # each param (B, 1, 1, 1)
+    x = (contrast * x + (1 - contrast) * grayscale(x).mean((2, 3), keepdim=True)).clamp(0, 1)
+    x = (sat * x + (1 - sat) * grayscale(x)).clamp(0, 1)
+    if hue:
+        x = rotate_hue(x, shift.view(-1))
     # blur (r < 0.2) with the separable Gaussian kernel [w, 1, w] / (1 + 2w), w = exp(-1 /
     # (2 sigma^2)), over a reflect-padded image, along rows then columns
     blur = (r < 0.2).view(-1)
@@ -806,32 +935,36 @@ def augment(images: torch.Tensor, params: torch.Tensor, rotate: bool) -> torch.T
     return x
 
 class EpochSampler(torch.utils.data.Sampler):
-    """Batches of (epoch, row) keys for one process: per epoch a permutation seeded by (seed,
-    epoch), cut into global batches of B, of which process r of W takes the r-th B/W slice:
-    the same global batches for any W, resumable from any batch (set_epoch's start)."""
+    """Batches of (epoch, row) keys for one process, global steps start to stop, epoch after
+    epoch: per epoch a permutation seeded by (seed, epoch), cut into global batches of B (the
+    last partial one dropped), of which process r of W takes the r-th B/W slice. The same
+    global batches for any W, resumable from any step, and one iterator for the whole run, so
+    the loader's workers never drain at an epoch's end."""
 
-    def __init__(self, n: int, batch: int, seed: int, rank: int = 0, world: int = 1):
+    def __init__(self, n: int, batch: int, seed: int, rank: int = 0, world: int = 1,
+                 start: int = 0, stop: int = 0):
         self.n, self.batch, self.seed, self.rank, self.world = n, batch, seed, rank, world
-        self.epoch, self.start = 0, 0
-
-    def set_epoch(self, epoch: int, start: int = 0):
-        self.epoch, self.start = epoch, start
+        self.start, self.stop = start, stop
 
     def __len__(self):
-        return self.n // self.batch - self.start
+        return self.stop - self.start
 
     def __iter__(self):
-        perm = np.random.default_rng([self.seed, self.epoch]).permutation(self.n)
-        local = self.batch // self.world
-        for b in range(self.start, self.n // self.batch):  # the last partial batch is dropped
+        per_epoch, local = self.n // self.batch, self.batch // self.world
+        for step in range(self.start, self.stop):
+            epoch, b = divmod(step, per_epoch)
+            if b == 0 or step == self.start:
+                perm = np.random.default_rng([self.seed, epoch]).permutation(self.n)
             first = b * self.batch + self.rank * local
-            yield [(self.epoch, int(i)) for i in perm[first:first + local]]
+            yield [(epoch, int(i)) for i in perm[first:first + local]]
 
 # ---- model --------------------------------------------------------------------------------
-# Four encoders, one per modality, each ending in a projection to the shared width D and an
-# L2 normalisation, so that a dot product between any two embeddings is a cosine similarity.
-# GroupNorm rather than BatchNorm in the CNNs: a sample's embedding must not depend on the
-# rest of its batch (in evaluation, or on another GPU's share of the batch).
+# Four encoders, one per modality, each a backbone (the trunk), then a projection head to the
+# shared width D and an L2 normalisation, so that a dot product between any two embeddings is
+# a cosine similarity. Backbones: a small CNN or torchvision's for images, a small transformer
+# for text, or CLIP's towers for both; GeoCLIP's location encoder for GPS. GroupNorm rather
+# than BatchNorm in the CNN: a sample's embedding must not depend on the rest of its batch (in
+# evaluation, or on another GPU's share of the batch).
 
 class ResBlock(nn.Module):
     """Two 3x3 convolutions with a shortcut, halving the side: (B, c_in, h, h) -> (B, c_out,
@@ -856,13 +989,132 @@ def image_trunk(width: int) -> nn.Sequential:
         nn.GELU(), ResBlock(width, 2 * width), ResBlock(2 * width, 4 * width),
         ResBlock(4 * width, 8 * width), nn.AdaptiveAvgPool2d(1), nn.Flatten())
 
+class Block(nn.Module):
+    """One pre-norm transformer layer, (B, L, W) -> (B, L, W): x + attention(norm(x)), then
+    x + MLP(norm(x)). Its modules carry Hugging Face CLIP's names, so that CLIP's weights load
+    by name; the small text encoder is made of the same layer."""
+
+    def __init__(self, width: int, heads: int, hidden: int, act: str = "gelu",
+                 eps: float = 1e-5):
+        super().__init__()
+        self.heads, self.act = heads, act
+        self.layer_norm1 = nn.LayerNorm(width, eps=eps)
+        self.self_attn = nn.ModuleDict({p: nn.Linear(width, width) for p in
+                                        ("q_proj", "k_proj", "v_proj", "out_proj")})
+        self.layer_norm2 = nn.LayerNorm(width, eps=eps)
+        self.mlp = nn.ModuleDict({"fc1": nn.Linear(width, hidden), "fc2": nn.Linear(hidden, width)})
+
+    def forward(self, x, keep=None, causal: bool = False):
+        """keep: (B, L), False at padding, which no token attends to; causal: each token sees
+        only itself and those before it (CLIP's text)."""
+        B, L, W = x.shape
+        y = self.layer_norm1(x)
+        q, k, v = (self.self_attn[p](y).view(B, L, self.heads, -1).transpose(1, 2)
+                   for p in ("q_proj", "k_proj", "v_proj"))                # (B, heads, L, W/heads)
+        mask = None if keep is None else keep[:, None, None, :]             # (B, 1, 1, L)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+        x = x + self.self_attn["out_proj"](y.transpose(1, 2).reshape(B, L, W))
+        y = self.mlp["fc1"](self.layer_norm2(x))
+        y = y * torch.sigmoid(1.702 * y) if self.act == "quick_gelu" else F.gelu(y)  # CLIP's
+        return x + self.mlp["fc2"](y)
+
+class SmallText(nn.Module):
+    """(B, L) token ids, 0 = padding -> (B, width): a small transformer trained from scratch,
+    mean-pooled over the real tokens."""
+
+    def __init__(self, vocab: int, max_len: int, width: int, layers: int):
+        super().__init__()
+        self.tokens = nn.Embedding(vocab, width)
+        self.pos = nn.Parameter(torch.randn(max_len, width) * 0.02)
+        self.blocks = nn.ModuleList(Block(width, max(1, width // 64), 4 * width)
+                                    for _ in range(layers))
+        self.norm = nn.LayerNorm(width)
+
+    def forward(self, ids):
+        keep = ids != 0                                            # (B, L)
+        keep[:, 0] = True  # an empty sentence keeps one token: an all-masked row would be NaN
+        x = self.tokens(ids) + self.pos[: ids.shape[1]]            # (B, L, width)
+        for block in self.blocks:
+            x = block(x, keep)
+        weight = keep.unsqueeze(-1).to(x.dtype)                    # (B, L, 1)
+        return (self.norm(x) * weight).sum(1) / weight.sum(1)      # (B, width)
+
+def clip_layers(c: dict) -> nn.Module:
+    """A CLIP tower's stack of layers, at Hugging Face's key `encoder.layers.{i}`."""
+    encoder = nn.Module()
+    encoder.layers = nn.ModuleList(Block(c["hidden_size"], c["num_attention_heads"],
+                                         c["intermediate_size"], c["hidden_act"],
+                                         c["layer_norm_eps"])
+                                   for _ in range(c["num_hidden_layers"]))
+    return encoder
+
+class CLIPVision(nn.Module):
+    """CLIP's vision tower (Radford et al. 2021): (B, 3, H, H) normalised pixels -> (B, P),
+    its projected image embedding. The image is cut into patches, each a token; a learnt class
+    token goes first, and its state after the layers, normed and projected, is the image's
+    (Hugging Face's `pooler_output`, then `visual_projection`)."""
+
+    def __init__(self, c: dict, projection: int):
+        super().__init__()
+        W, patch, eps = c["hidden_size"], c["patch_size"], c["layer_norm_eps"]
+        self.embeddings = nn.Module()
+        self.embeddings.class_embedding = nn.Parameter(torch.randn(W) * 0.02)
+        self.embeddings.patch_embedding = nn.Conv2d(3, W, patch, stride=patch, bias=False)
+        self.embeddings.position_embedding = nn.Embedding((c["image_size"] // patch) ** 2 + 1, W)
+        self.pre_layrnorm = nn.LayerNorm(W, eps=eps)  # sic: Hugging Face's spelling
+        self.encoder = clip_layers(c)
+        self.post_layernorm = nn.LayerNorm(W, eps=eps)
+        self.projection = nn.Linear(W, projection, bias=False)
+
+    def forward(self, x):
+        e = self.embeddings
+        x = e.patch_embedding(x).flatten(2).transpose(1, 2)                # (B, patches, W)
+        first = e.class_embedding.to(x.dtype).expand(len(x), 1, -1)        # (B, 1, W)
+        x = self.pre_layrnorm(torch.cat([first, x], 1) + e.position_embedding.weight)
+        for layer in self.encoder.layers:
+            x = layer(x)
+        return self.projection(self.post_layernorm(x[:, 0]))              # (B, P)
+
+class CLIPText(nn.Module):
+    """CLIP's text tower: (B, L) CLIP token ids -> (B, P). Causal layers; the sentence's
+    embedding is the state at its first end-of-text token, normed and projected. The padding
+    comes after that token, so under the causal mask it is never attended to."""
+
+    def __init__(self, c: dict, projection: int):
+        super().__init__()
+        W = c["hidden_size"]
+        self.embeddings = nn.Module()
+        self.embeddings.token_embedding = nn.Embedding(c["vocab_size"], W)
+        self.embeddings.position_embedding = nn.Embedding(c["max_position_embeddings"], W)
+        self.encoder = clip_layers(c)
+        self.final_layer_norm = nn.LayerNorm(W, eps=c["layer_norm_eps"])
+        self.projection = nn.Linear(W, projection, bias=False)
+        # Hugging Face's rule: an end-of-text id of 2 (old configs) means "the largest id",
+        # which in CLIP's vocabulary is the end-of-text token
+        self.end = c["eos_token_id"]
+
+    def forward(self, ids):
+        e = self.embeddings
+        x = e.token_embedding(ids) + e.position_embedding.weight[: ids.shape[1]]  # (B, L, W)
+        for layer in self.encoder.layers:
+            x = layer(x, causal=True)
+        end = ids.argmax(1) if self.end == 2 else (ids == self.end).int().argmax(1)   # (B,)
+        x = self.final_layer_norm(x[torch.arange(len(x), device=x.device), end])
+        return self.projection(x)                                          # (B, P)
+
+CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+
 def image_backbone(cfg: Config) -> tuple[nn.Module, int]:
     """(B, 3, H, H) normalised pixels -> (B, width) features: (module, width). `small` is
-    the CNN above; the others are torchvision's ImageNet classifiers with their classifier
-    layer replaced by nothing (our head projects to D instead). Random weights here, always:
-    train loads the pretrained ones (load_pretrained), and eval the checkpoint's."""
+    the CNN above, `clip` the vision tower of the --clip folder; the others are torchvision's
+    ImageNet classifiers with their classifier layer replaced by nothing (our head projects
+    to D instead). Random weights here, always: train loads the pretrained ones, and eval the
+    checkpoint's."""
     if cfg.image_backbone == "small":
         return image_trunk(cfg.img_width), 8 * cfg.img_width
+    if cfg.image_backbone == "clip":
+        c = clip_config(cfg.clip)
+        return CLIPVision(c["vision"], c["projection_dim"]), c["projection_dim"]
     size = {"image_size": cfg.img_size} if cfg.image_backbone == "vit_b_16" else {}
     net = torchvision.models.get_model(cfg.image_backbone, weights=None, **size)
     if cfg.image_backbone.startswith("resnet"):
@@ -896,53 +1148,64 @@ def load_pretrained(trunk: nn.Module, name: str):
     own = trunk.state_dict()
     load_matching(trunk, {k: v for k, v in state.items() if k in own}, f"--pretrained {path}")
 
-class ImageEncoder(nn.Module):
-    """(B, 3, H, H) uint8, or float in [0, 1] -> (B, D) unit vectors: normalise the pixels
-    as the backbone expects, the backbone, a linear head. It may use another's backbone."""
+def projection_head(cfg: Config, width: int) -> nn.Module:
+    """(B, width) -> (B, D): one Linear (mml's), Linear-ReLU-Linear (the authors' heads, and
+    GeoCLIP's with --head-hidden 768), or none: the backbone's own output (off-the-shelf
+    CLIP, whose towers end in their own projection)."""
+    if cfg.head == "none":
+        if width != cfg.embed_dim:
+            raise UserError(f"--head none: the backbone's output is {width}-d, not --embed-dim "
+                            f"{cfg.embed_dim}")
+        return nn.Identity()
+    if cfg.head == "mlp":
+        hidden = cfg.head_hidden or cfg.embed_dim
+        return nn.Sequential(nn.Linear(width, hidden), nn.ReLU(), nn.Linear(hidden, cfg.embed_dim))
+    return nn.Linear(width, cfg.embed_dim)
 
-    def __init__(self, cfg: Config, dim: int, share_with: "ImageEncoder | None" = None):
+class Encoder(nn.Module):
+    """A backbone (trunk) and its projection head: (B, ...) -> (B, D) unit vectors. Image
+    encoders first normalise their pixels as the backbone expects, from uint8 (evaluation:
+    4x less to copy) or float in [0, 1] (jittered training batches)."""
+
+    def __init__(self, trunk: nn.Module, width: int, cfg: Config, pixels: tuple = ()):
         super().__init__()
-        if share_with is None:
-            self.trunk, width = image_backbone(cfg)
-        else:
-            self.trunk, width = share_with.trunk, share_with.head.in_features
-        self.head = nn.Linear(width, dim)
-        # small: [0, 1] to [-1, 1]; torchvision's: the ImageNet statistics its weights expect
-        if cfg.image_backbone == "small":
-            mean, std = (0.5,) * 3, (0.5,) * 3
-        else:
-            pixels = backbone_weights(cfg.image_backbone).transforms()
-            mean, std = pixels.mean, pixels.std
-        self.register_buffer("mean", torch.tensor(mean).view(3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std).view(3, 1, 1), persistent=False)
+        self.trunk, self.width, self.head = trunk, width, projection_head(cfg, width)
+        self.pixels = bool(pixels)
+        if pixels:  # (mean, std) per channel
+            self.register_buffer("mean", torch.tensor(pixels[0]).view(3, 1, 1), persistent=False)
+            self.register_buffer("std", torch.tensor(pixels[1]).view(3, 1, 1), persistent=False)
 
-    def forward(self, img):
-        if img.dtype == torch.uint8:  # unjittered pixels (evaluation): 4x less to copy
-            img = img.float() / 255
-        x = (img - self.mean) / self.std
-        return F.normalize(self.head(self.trunk(x)).float(), dim=-1)
+    def features(self, x):
+        """The backbone's output (B, width): what the frozen-tower cache of `eval` holds."""
+        if self.pixels:
+            x = ((x.float() / 255 if x.dtype == torch.uint8 else x) - self.mean) / self.std
+        return self.trunk(x)
 
-class TextEncoder(nn.Module):
-    """(B, L) token ids, 0 = padding -> (B, D): a small pre-norm transformer, mean-pooled."""
+    def project(self, features):
+        return F.normalize(self.head(features).float(), dim=-1)
 
-    def __init__(self, vocab: int, max_len: int, width: int, layers: int, dim: int):
-        super().__init__()
-        self.tokens = nn.Embedding(vocab, width)
-        self.pos = nn.Parameter(torch.randn(max_len, width) * 0.02)
-        layer = nn.TransformerEncoderLayer(width, max(1, width // 64), 4 * width, dropout=0.0,
-                                           activation="gelu", batch_first=True, norm_first=True)
-        self.blocks = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
-        self.norm = nn.LayerNorm(width)
-        self.head = nn.Linear(width, dim)
+    def forward(self, x):
+        return self.project(self.features(x))
 
-    def forward(self, ids):
-        pad = ids == 0                                             # (B, L)
-        pad[:, 0] = False  # an empty sentence keeps one token: an all-masked row would be NaN
-        x = self.tokens(ids) + self.pos[: ids.shape[1]]            # (B, L, width)
-        x = self.norm(self.blocks(x, src_key_padding_mask=pad))
-        keep = (~pad).unsqueeze(-1).to(x.dtype)                    # (B, L, 1)
-        pooled = (x * keep).sum(1) / keep.sum(1)                   # (B, width)
-        return F.normalize(self.head(pooled).float(), dim=-1)
+def image_encoder(cfg: Config, share_with: Encoder | None = None) -> Encoder:
+    """A ground or aerial encoder; with share_with, on that one's backbone (its own head)."""
+    trunk, width = (share_with.trunk, share_with.width) if share_with else image_backbone(cfg)
+    # small: [0, 1] to [-1, 1]; torchvision's: the ImageNet statistics its weights expect
+    if cfg.image_backbone == "small":
+        pixels = ((0.5,) * 3, (0.5,) * 3)
+    elif cfg.image_backbone == "clip":
+        pixels = (CLIP_MEAN, CLIP_STD)
+    else:
+        stats = backbone_weights(cfg.image_backbone).transforms()
+        pixels = (stats.mean, stats.std)
+    return Encoder(trunk, width, cfg, pixels)
+
+def text_encoder(cfg: Config) -> Encoder:
+    if cfg.text_backbone == "clip":
+        c = clip_config(cfg.clip)
+        return Encoder(CLIPText(c["text"], c["projection_dim"]), c["projection_dim"], cfg)
+    trunk = SmallText(cfg.vocab_size, cfg.max_len, cfg.text_width, cfg.text_layers)
+    return Encoder(trunk, cfg.text_width, cfg)
 
 class RandomFourierFeatures(nn.Module):
     """(B, 2) -> (B, 2n): [cos(2 pi v b^T), sin(2 pi v b^T)] with b ~ N(0, sigma^2) fixed.
@@ -967,12 +1230,15 @@ class GPSEncoder(nn.Module):
     Equal Earth projection, then per scale sigma in (2^0, 2^4, 2^8) random Fourier features
     and an MLP with a linear head; the three scales' outputs are summed. Module names follow
     GeoCLIP (LocEnc{k}.capsule / .head), so with --gps-width 1024 --gps-depth 3
-    --embed-dim 512 its pretrained state dict loads unchanged (--gps-init).
+    --embed-dim 512 its pretrained state dict loads unchanged (--gps-init). `scaled`: the
+    projection's SF/180 scaling, which GeoCLIP's weights need and the authors' copy, trained
+    from scratch, leaves out (PROTOCOL 6).
     """
     SIGMAS = (2**0, 2**4, 2**8)
 
-    def __init__(self, width: int, depth: int, dim: int, n_freq: int = 256):
+    def __init__(self, width: int, depth: int, dim: int, scaled: bool = True, n_freq: int = 256):
         super().__init__()
+        self.scaled = scaled
         for k, sigma in enumerate(self.SIGMAS):
             layers, d = [RandomFourierFeatures(n_freq, sigma)], 2 * n_freq
             for _ in range(depth):
@@ -982,7 +1248,7 @@ class GPSEncoder(nn.Module):
                 {"capsule": nn.Sequential(*layers), "head": nn.Sequential(nn.Linear(d, dim))}))
 
     def forward(self, latlon):
-        v = equal_earth(latlon.float())                            # (B, 2)
+        v = equal_earth(latlon.float(), self.scaled)               # (B, 2)
         out = sum(enc["head"](enc["capsule"](v)) for enc in self.children())
         return F.normalize(out.float(), dim=-1)
 
@@ -997,15 +1263,15 @@ class MML(nn.Module):
 
     def __init__(self, cfg: Config):
         super().__init__()
-        m, D, enc = cfg.modalities, cfg.embed_dim, {}
+        m, enc = cfg.modalities, {}
         if "G" in m:
-            enc["G"] = ImageEncoder(cfg, D)
+            enc["G"] = image_encoder(cfg)
         if "S" in m:
-            enc["S"] = ImageEncoder(cfg, D, enc["G"] if cfg.share_image_trunk else None)
+            enc["S"] = image_encoder(cfg, enc["G"] if cfg.share_image_trunk else None)
         if "T" in m:
-            enc["T"] = TextEncoder(cfg.vocab_size, cfg.max_len, cfg.text_width, cfg.text_layers, D)
+            enc["T"] = text_encoder(cfg)
         if "C" in m:
-            enc["C"] = GPSEncoder(cfg.gps_width, cfg.gps_depth, D)
+            enc["C"] = GPSEncoder(cfg.gps_width, cfg.gps_depth, cfg.embed_dim, cfg.gps_scaling)
         self.enc = nn.ModuleDict(enc)
         # CLIP's initial temperature 0.07, learnt in log space (Radford et al. 2021)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
@@ -1025,6 +1291,12 @@ class MML(nn.Module):
     def forward(self, batch: dict):
         # the scale is returned, not read off the module, so that DDP sees it used in forward
         return {m: self.enc[m](batch[m]) for m in self.enc}, self.logit_scale.exp()
+
+    def towers(self) -> tuple[str, ...]:
+        """State-dict prefixes of the frozen CLIP towers: loaded from their folder, never
+        saved (1.7 GB a checkpoint for ViT-L/14-336), their digest recorded instead."""
+        return tuple(f"enc.{m}.trunk." for m in self.frozen
+                     if isinstance(getattr(self.enc[m], "trunk", None), (CLIPVision, CLIPText)))
 
 # ---- loss ---------------------------------------------------------------------------------
 
@@ -1229,10 +1501,12 @@ def setup_distributed(cfg: Config) -> torch.device:
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     return torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
 
-def lr_factor(step: int, total: int, warmup: int) -> float:
-    """Linear warmup, then cosine decay to zero."""
+def lr_factor(step: int, total: int, warmup: int, schedule: str = "cosine") -> float:
+    """Linear warmup, then a cosine decay to zero, or constant."""
     if step < warmup:
         return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
     return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 def save_checkpoint(state: dict, path: Path):
@@ -1240,7 +1514,7 @@ def save_checkpoint(state: dict, path: Path):
     checkpoint where the last good one was, and a full disk leaves the old one and no .tmp."""
     write_atomically(path, lambda tmp: torch.save(state, tmp))
 
-def load_tensors(path: Path, what: str) -> dict:
+def load_tensors(path: Path, what: str, expect: type = dict):
     """torch.load that never runs code: weights_only=True unpickles tensors, numbers, strings,
     lists and dicts only. A file that needs more could execute anything while loading (a
     checkpoint is a pickle), so it is refused, never unpickled."""
@@ -1254,14 +1528,16 @@ def load_tensors(path: Path, what: str) -> dict:
     except Exception as e:  # truncated, not a torch file at all
         why = str(e).splitlines()[0] if str(e) else ""
         raise UserError(f"{path}: not a readable {what} ({type(e).__name__}: {why})") from None
-    if not isinstance(obj, dict):
-        raise UserError(f"{path}: not an mml {what} (holds a {type(obj).__name__}, not a dict)")
+    if not isinstance(obj, expect):
+        raise UserError(f"{path}: not a {what} (holds a {type(obj).__name__}, not a "
+                        f"{expect.__name__})")
     return obj
 
-def load_matching(module: nn.Module, state: dict, what: str):
+def load_matching(module: nn.Module, state: dict, what: str, ignore: tuple = ()):
     """load_state_dict, but a mismatch names the first key that is missing, unexpected or of
-    another shape, with both shapes, in one line."""
-    own = module.state_dict()
+    another shape, with both shapes, in one line. Keys under the `ignore` prefixes (frozen
+    towers, loaded from their folder) are not expected in `state`."""
+    own = {k: v for k, v in module.state_dict().items() if not k.startswith(ignore)}
     for key in list(own) + [k for k in state if k not in own]:
         mine, theirs = own.get(key), state.get(key)
         if mine is None or theirs is None or tuple(mine.shape) != tuple(theirs.shape):
@@ -1269,7 +1545,31 @@ def load_matching(module: nn.Module, state: dict, what: str):
                       for t in (theirs, mine)]
             raise UserError(f"{what}: does not fit this model: {key} is {shapes[0]} in the "
                             f"file and {shapes[1]} in the model")
-    module.load_state_dict(state)
+    module.load_state_dict(state, strict=not ignore)
+
+def trained_state(model: MML) -> dict:
+    """What a checkpoint keeps of the model: everything but its frozen CLIP towers."""
+    towers = model.towers()
+    return {k: v for k, v in model.state_dict().items() if not k.startswith(towers)}
+
+def restore(path: Path, ckpt: dict, cfg: Config) -> MML:
+    """A checkpoint's model, on the CPU: its weights, and its frozen CLIP towers from their
+    folder (the checkpoint's, or --clip), refused unless they hold the very weights it was
+    trained with."""
+    model = MML(cfg)
+    towers = model.towers()
+    if towers:
+        state, digest = load_clip_weights(cfg.clip)
+        record = ckpt.get("towers")
+        want = record.get("digest") if isinstance(record, dict) else None
+        if digest != want:
+            raise UserError(f"{cfg.clip}: its weights (digest {digest[:12]}) are not the CLIP "
+                            f"towers {path} was trained with ({str(want)[:12]}); name their "
+                            f"folder with --clip")
+        install_towers(model, state, cfg.clip)
+        model.tower_digest = digest  # what evaluation's tower cache is keyed by
+    load_matching(model, ckpt["model"], str(path), ignore=towers)
+    return model
 
 # What a checkpoint must hold, and of which type; --resume needs the training state too.
 CHECKPOINT_PARTS = {"model": dict, "config": dict, "tokenizer": str, "step": int, "epoch": int}
@@ -1300,10 +1600,12 @@ def load_checkpoint(path: Path, resume: bool = False) -> dict:
 def fmt_time(seconds: float) -> str:
     return f"{int(seconds // 3600)}:{int(seconds % 3600 // 60):02d}:{int(seconds % 60):02d}"
 
+def bf16_on(device: torch.device, cfg: Config) -> bool:
+    return device.type == "cuda" and cfg.bf16 and torch.cuda.is_bf16_supported()
+
 def autocast_for(device: torch.device, cfg: Config):
     """bf16 autocast on a GPU that has it, else a no-op: the one precision switch."""
-    bf16 = device.type == "cuda" and cfg.bf16 and torch.cuda.is_bf16_supported()
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16_on(device, cfg))
 
 def to_device(batch: dict, device: torch.device) -> dict:
     """Tensors to the device; pinned memory makes the copy asynchronous (non_blocking)."""
@@ -1314,20 +1616,21 @@ def to_device(batch: dict, device: torch.device) -> dict:
     return {m: x.contiguous(memory_format=layout) if x.dim() == 4 else x for m, x in out.items()}
 
 def jitter(inputs: dict, params: torch.Tensor) -> dict:
-    """A batch's image views, on their device, augmented by their rows of params (B, 2, 6)."""
+    """A batch's image views, on their device, augmented by their rows of params (B, 2, 7)."""
+    hue = bool(params[..., 6].any())  # on the CPU: no sync
     for k, m in enumerate("GS"):
         if m in inputs:
-            x = augment(inputs[m], params[:, k].to(inputs[m].device), rotate=m == "S")
+            x = augment(inputs[m], params[:, k].to(inputs[m].device), m == "S", hue)
             inputs[m] = to_device({m: x}, x.device)[m]  # the device's layout again
     return inputs
 
 @torch.no_grad()
 def validate(model: MML, val_set: LandmarkSet, cfg: Config, pairs: list[str], device) -> dict:
-    """Loss over the held-out landmarks in fixed batches, and for each trained pair an in-set
-    retrieval R@1 (the first modality's items searching the second's), with their mean
-    "val_R@1" (what --select recall picks by): a quick check, not the benchmark."""
+    """Loss over the held-out landmarks in fixed batches (--val-batch), and for each trained
+    pair an in-set retrieval R@1 (the first modality's items searching the second's), with
+    their mean "val_R@1" (what --select recall picks by): a quick check, not the benchmark."""
     model.eval()
-    n, B = len(val_set), min(cfg.batch_size, len(val_set))
+    n, B = len(val_set), min(cfg.val_batch or cfg.batch_size, len(val_set))
     batches = [[(0, i) for i in range(s, min(s + B, n))] for s in range(0, n, B)]
     loader = torch.utils.data.DataLoader(val_set, batch_size=None, sampler=batches,
                                          num_workers=min(cfg.workers, 2))
@@ -1381,44 +1684,65 @@ def start_over(out: Path):
         (out / name).unlink(missing_ok=True)
 
 def learn_tokenizer(cfg: Config, articles: list, ckpt: dict | None) -> Tokenizer:
-    """The run's tokenizer: the checkpoint's on --resume; else learnt once, on process 0,
-    from the training articles and sent to the others: every process must agree."""
+    """The run's tokenizer: the checkpoint's on --resume; CLIP's with its text tower; else
+    learnt once, on process 0, from the training articles and sent to the others: every
+    process must agree."""
     if ckpt:
         return Tokenizer.from_str(ckpt["tokenizer"])
+    if cfg.text_backbone == "clip":
+        return clip_tokenizer(cfg.clip, cfg.max_len)
     tok_json = [None]
     if is_master():
-        texts = (str(v) for a in articles if a for v in a.values())
+        texts = (v for a in articles if a for v in a.values())
         tok_json = [train_tokenizer(texts, cfg).to_str()]
     if dist.is_initialized():
         dist.broadcast_object_list(tok_json)
     return Tokenizer.from_str(tok_json[0])
 
-def build_model(cfg: Config, device, ckpt: dict | None) -> tuple[MML, torch.optim.Optimizer]:
-    """The model and its optimizer: from the checkpoint on --resume; else initialised (the
-    same seed on every process: identical weights), with --pretrained and --gps-init."""
+def make_optimizer(raw: MML, cfg: Config) -> torch.optim.AdamW:
+    """AdamW over the trained parameters (frozen ones get no optimizer state)."""
+    trained = [p for p in raw.parameters() if p.requires_grad]
+    if cfg.decay_all:  # the authors' AdamW(model.parameters(), weight_decay=...)
+        groups = [{"params": trained, "weight_decay": cfg.weight_decay}]
+    else:  # decay weight matrices; not biases, norms, the scale
+        groups = [{"params": [p for p in trained if p.dim() >= 2],
+                   "weight_decay": cfg.weight_decay},
+                  {"params": [p for p in trained if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98))
+
+def build_model(cfg: Config, device, ckpt: dict | None, path: Path) -> tuple:
+    """(model, optimizer, the frozen towers' record): from the checkpoint at path on
+    --resume; else initialised (the same seed on every process: identical weights), with
+    CLIP's towers from --clip, --pretrained and --gps-init."""
     torch.manual_seed(cfg.seed)
-    raw = MML(cfg).to(device)
+    if ckpt:
+        raw, towers = restore(path, ckpt, cfg), ckpt.get("towers")
+    else:
+        raw, towers = MML(cfg), None
+        if "clip" in (cfg.image_backbone, cfg.text_backbone):
+            state, digest = load_clip_weights(cfg.clip)
+            install_towers(raw, state, cfg.clip)
+            if raw.towers():  # checkpoints name the folder and its digest instead of copying it
+                towers = {"folder": str(Path(cfg.clip).resolve()), "digest": digest}
+        if cfg.pretrained and cfg.image_backbone not in ("small", "clip"):
+            for m in {"G", "S"} & set(raw.enc):  # a shared trunk loads twice: the same weights
+                load_pretrained(raw.enc[m].trunk, cfg.image_backbone)
+        if cfg.gps_init:
+            if "C" not in raw.enc:
+                raise UserError("--gps-init: needs C in --modalities")
+            load_matching(raw.enc["C"], load_tensors(Path(cfg.gps_init), "state dict"),
+                          f"--gps-init {cfg.gps_init}")
+    raw = raw.to(device)
     if device.type == "cuda":
         raw = raw.to(memory_format=torch.channels_last)
-    if cfg.pretrained and cfg.image_backbone != "small" and not ckpt:
-        for m in {"G", "S"} & set(raw.enc):  # a shared trunk loads twice: the same weights
-            load_pretrained(raw.enc[m].trunk, cfg.image_backbone)
-    if cfg.gps_init and not ckpt:
-        if "C" not in raw.enc:
-            raise UserError("--gps-init: needs C in --modalities")
-        load_matching(raw.enc["C"], load_tensors(Path(cfg.gps_init), "state dict"),
-                      f"--gps-init {cfg.gps_init}")
-    trained = [p for p in raw.parameters() if p.requires_grad]  # frozen: no optimizer state
-    decay = [p for p in trained if p.dim() >= 2]  # weights; not biases, norms, the scale
-    rest = [p for p in trained if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": rest, "weight_decay": 0.0}], lr=cfg.lr,
-                            betas=(0.9, 0.98))
+    optimizer = make_optimizer(raw, cfg)
     if ckpt:
-        raw.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
+        try:
+            optimizer.load_state_dict(ckpt["optimizer"])
+        except (ValueError, KeyError) as e:
+            raise UserError(f"{path}: its optimizer state does not fit this model ({e})") from None
         torch.set_rng_state(ckpt["torch_rng"])
-    return raw, opt
+    return raw, optimizer, towers
 
 def training_sets(cfg: Config, root: Path, ckpt: dict | None) -> tuple:
     """(training set, validation set, tokenizer): the splits, every article read and
@@ -1474,13 +1798,11 @@ def train(cfg: Config):
         fit(cfg, device)
 
 def fit(cfg: Config, device: torch.device):
-    """Phases: data (`training_sets`, the loader), model (fresh, or the checkpoint's on
-    --resume), then per step: jitter the batch on the device, forward, the contrastive loss,
-    one all-reduce that also carries the stop signal, backward and update; per epoch (or on a
-    stop signal): validate, then save best.pt and last.pt. Process 0 logs, validates and
-    saves; the others wait at a barrier."""
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    world = dist.get_world_size() if dist.is_initialized() else 1
+    """Phases: data (`training_sets`, one loader iterator for the whole run), model (fresh, or
+    the checkpoint's on --resume), then the loop: per step `train_step`, per --log-every
+    steps a log line, per epoch (or on a stop signal) `end_of_epoch`: validate, save best.pt
+    and last.pt. Process 0 logs, validates and saves; the others wait at a barrier."""
+    rank, world = rank_and_world()
     out, root = Path(cfg.out), default_world(cfg)
     # the checkpoint records the data as an absolute path: eval reads it from anywhere
     cfg = dataclasses.replace(cfg, data=str(root.resolve()))
@@ -1494,23 +1816,21 @@ def fit(cfg: Config, device: torch.device):
     B = min(cfg.batch_size, len(train_set)) // world * world
     if B < cfg.batch_size:
         print0(f"batch {cfg.batch_size} > {len(train_set)} training landmarks: using {B}")
-    sampler = EpochSampler(len(train_set), B, cfg.seed, rank, world)
-    local = B // world  # this process's rows of each global batch
-    loader = torch.utils.data.DataLoader(  # batch_size None: the sampler yields batches
-        train_set, batch_size=None, sampler=sampler, num_workers=cfg.workers,
-        pin_memory=device.type == "cuda", persistent_workers=cfg.workers > 0,
-        prefetch_factor=4 if cfg.workers > 0 else None, worker_init_fn=ignore_stop_signals)
     steps_per_epoch = len(train_set) // B
     total = cfg.max_steps or cfg.epochs * steps_per_epoch
+    step = ckpt["step"] if ckpt else 0
+    sampler = EpochSampler(len(train_set), B, cfg.seed, rank, world, step, total)
+    loader = torch.utils.data.DataLoader(  # batch_size None: the sampler yields batches
+        train_set, batch_size=None, sampler=sampler, num_workers=cfg.workers,
+        pin_memory=device.type == "cuda", prefetch_factor=4 if cfg.workers > 0 else None,
+        worker_init_fn=ignore_stop_signals)
 
     # No per-rank seed offset is needed (nanoGPT has one for its data): every random draw of
     # the data is keyed by (seed, epoch, row) or by a sample's place in the global batch.
-    raw, opt = build_model(cfg, device, ckpt)
+    raw, optimizer, towers = build_model(cfg, device, ckpt, out / "last.pt")
     warmup = max(1, round(cfg.warmup * total))  # the lr is a function of the step alone
-    # best.pt: the epoch of lowest validation loss (the authors' rule), or of highest R@1
-    sign = 1 if cfg.select == "loss" else -1  # better means lower sign * value
-    step = ckpt["step"] if ckpt else 0
-    best = ckpt["best"] if ckpt else sign * math.inf
+    lower_is_better = cfg.select == "loss"  # best.pt: lowest validation loss, or highest R@1
+    best = ckpt["best"] if ckpt else (math.inf if lower_is_better else -math.inf)
     if ckpt:
         print0(f"resumed {out / 'last.pt'} at step {step}")
     elif rank == 0 and cfg.overwrite:
@@ -1524,115 +1844,171 @@ def fit(cfg: Config, device: torch.device):
     torch.set_float32_matmul_precision("high")  # TF32 matmuls for training (not evaluation)
 
     pairs = loss_pairs(cfg.modalities, cfg.loss)
+    if cfg.preset:
+        print0(f"--preset {cfg.preset}: " + " ".join(
+            f"--{k.replace('_', '-')} {getattr(cfg, k)}" for k in PRESETS[cfg.preset]))
     n_params = sum(p.numel() for p in raw.parameters())
     n_trained = sum(p.numel() for p in raw.parameters() if p.requires_grad)
     print0(f"training {cfg.modalities} ({cfg.loss}: {' '.join(pairs)}), {n_params / 1e6:.2f}M "
            f"parameters ({n_trained / 1e6:.2f}M trained), {len(train_set)} landmarks "
            f"({len(val_set)} held out) from {root}, batch {B} on {world} x {device.type}, "
            f"{steps_per_epoch} steps/epoch, {total} steps")
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        log = open(out / "log.jsonl", "a", buffering=1)  # line-buffered: each record flushed
-    fixed = next(iter(loader)) if cfg.overfit_batch else None
-    start_step, t_start = step, time.time()
-    bad_in_row, skipped = 0, 0  # non-finite losses: in a row now, and in all
-    t_log, step_log = t_start, step
+    log = TrainLog(out, step, total, B) if rank == 0 else None
+    saved = {"config": dataclasses.asdict(cfg), "tokenizer": tok.to_str()}  # in every save
+    if towers:
+        saved["towers"] = towers
+    batches = loader
+    if cfg.overfit_batch:  # one fixed batch, again and again: the loss must fall to ~0
+        batches = itertools.repeat(next(iter(loader)), total - step)
+    bad_in_row, skipped, unreadable = 0, 0, []  # non-finite losses: in a row now, and in all
     with StopSignal() as stop:
-        while step < total:
-            epoch, first = divmod(step, steps_per_epoch)
-            sampler.set_epoch(epoch, first)
-            unreadable, stopping = [], False
-            batches = loader if fixed is None else itertools.repeat(fixed, steps_per_epoch - first)
-            for batch in batches:
-                unreadable += [line for s in batch["bad"] for line in s.split("\n") if line]
-                for group in opt.param_groups:
-                    group["lr"] = cfg.lr * lr_factor(step, total, warmup)
-                # this process's rows of the global batch's jitter, applied on the device
-                params = augment_params(cfg.seed, epoch, step, B)[rank * local:(rank + 1) * local]
-                inputs = jitter(to_device(batch, device), params)
-                with autocast_for(device, cfg):
-                    emb, scale = model(inputs)
-                loss, parts = contrastive_loss(emb, scale, pairs)  # float32, outside autocast
-                # one all-reduce carries the losses and whether any process was told to stop,
-                # so that every process skips the same steps and stops after the same step
-                values = torch.stack([loss.detach(), *(v.detach() for v in parts.values()),
-                                      torch.tensor(float(stop.signum > 0), device=device)])
-                if world > 1:
-                    dist.all_reduce(values)
-                    values[:-1] /= world
-                *values, stop_votes = values.tolist()
-                stopping = stop_votes > 0
-                if math.isfinite(values[0]):
-                    bad_in_row = 0
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    if cfg.grad_clip:
-                        nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip)
-                    opt.step()
-                    with torch.no_grad():  # CLIP caps the scale at 100 so training cannot blow up
-                        raw.logit_scale.clamp_(max=math.log(100))
-                else:
-                    bad_in_row += 1
-                    skipped += 1
-                    print0(f"step {step}: loss is {values[0]}, step skipped")
-                    if bad_in_row >= cfg.max_bad_steps:
-                        raise UserError(f"{bad_in_row} non-finite losses in a row at step {step}:"
-                                        f" stopping; the last good checkpoint is "
-                                        f"{out / 'last.pt'} (try a lower --lr)")
-                step += 1
-                if rank == 0 and (step % cfg.log_every == 0 or step == total or stopping):
-                    now = time.time()
-                    rec = {"epoch": epoch, "step": step, "loss": values[0],
-                           **{f"loss_{k}": v for k, v in zip(parts, values[1:])},
-                           "lr": opt.param_groups[0]["lr"], "logit_scale": scale.item(),
-                           "samples_per_s": (step - step_log) * B / (now - t_log),
-                           "elapsed_s": now - t_start}
-                    eta = (total - step) * (now - t_start) / (step - start_step)
-                    print(f"epoch {epoch} step {step}/{total} | loss {rec['loss']:.3f} ("
-                          + " ".join(f"{k} {v:.2f}" for k, v in zip(parts, values[1:]))
-                          + f") | lr {rec['lr']:.2e} | scale {rec['logit_scale']:.1f} | "
-                          f"{rec['samples_per_s']:.0f} samples/s | {fmt_time(rec['elapsed_s'])} "
-                          f"elapsed, ETA {fmt_time(eta)}", flush=True)
-                    log.write(json.dumps(rec) + "\n")
-                    t_log, step_log = now, step
-                if step >= total or stopping:
-                    break
-            n_bad = torch.tensor(len(unreadable))
-            if world > 1:
-                dist.all_reduce(n_bad)
-            if n_bad:
-                print0(f"epoch {epoch}: {int(n_bad)} unreadable files skipped for other views "
-                       f"(first: {unreadable[0] if unreadable else 'on another process'})")
-            if rank == 0:  # validate and save; the other processes wait at the barrier below
-                state = {"model": raw.state_dict(), "optimizer": opt.state_dict(), "step": step,
-                         "epoch": epoch, "config": dataclasses.asdict(cfg), "best": best,
-                         "tokenizer": tok.to_str(), "torch_rng": torch.get_rng_state()}
-                if step % steps_per_epoch == 0 or step >= total:  # else stopped mid-epoch
-                    val = validate(raw, val_set, cfg, pairs, device)
-                    value = val["val_loss" if cfg.select == "loss" else "val_R@1"]
-                    improved = sign * value < sign * best
-                    best = value if improved else best
-                    print(f"epoch {epoch} | " + " | ".join(f"{k} {v:.3f}" for k, v in val.items())
-                          + (" | new best" if improved else ""), flush=True)
-                    log.write(json.dumps({"epoch": epoch, "step": step, **val,
-                                          "unreadable": int(n_bad)}) + "\n")
-                    state |= {"best": best, "val": val}
-                    # best.pt first: a crash between the two saves then leaves last.pt at the
-                    # epoch before, whose resume redoes this epoch and rewrites best.pt the same
-                    if improved:
-                        save_checkpoint(state, out / "best.pt")
-                save_checkpoint(state, out / "last.pt")
-            barrier()
+        for batch in batches:
+            epoch = step // steps_per_epoch
+            unreadable += [line for s in batch["bad"] for line in s.split("\n") if line]
+            lr = cfg.lr * lr_factor(step, total, warmup, cfg.schedule)
+            losses, scale, stopping = train_step(model, raw, optimizer, batch, cfg, pairs,
+                                                 epoch, step, lr, stop.signum > 0)
+            if math.isfinite(losses[0]):
+                bad_in_row = 0
+            else:
+                bad_in_row, skipped = bad_in_row + 1, skipped + 1
+                print0(f"step {step}: loss is {losses[0]}, step skipped")
+                if bad_in_row >= cfg.max_bad_steps:
+                    raise UserError(f"{bad_in_row} non-finite losses in a row at step {step}: "
+                                    f"stopping; the last good checkpoint is {out / 'last.pt'} "
+                                    f"(try a lower --lr)")
+            step += 1
+            if log and (step % cfg.log_every == 0 or step == total or stopping):
+                log.step(epoch, step, dict(zip(["loss"] + list(pairs), losses)), lr, scale)
+            if step % steps_per_epoch == 0 or step >= total or stopping:
+                best = end_of_epoch(raw, optimizer, saved, cfg, epoch, step, best, unreadable,
+                                    val_set, pairs, device, log,
+                                    epoch_done=step % steps_per_epoch == 0 or step >= total)
+                unreadable = []
             if stopping and step < total:
                 print0(f"stopped at step {step} of {total}: saved {out / 'last.pt'}; continue "
                        f"with `python mml.py train --out {out} --resume`")
                 raise SystemExit(128 + (stop.signum or signal.SIGTERM))
-    if rank == 0:
-        took = time.time() - t_start
-        print(f"done: {step - start_step} steps in {fmt_time(took)} "
-              f"({(step - start_step) * B / max(took, 1e-9):.0f} samples/s with validation), "
-              f"{skipped} skipped; best val {cfg.select} {best:.3f}; checkpoints in {out}/")
-        log.close()
+            if step >= total:
+                break
+    if log:
+        log.done(step, skipped, cfg.select, best)
+
+class TrainLog:
+    """Process 0's log: per --log-every steps one line and one log.jsonl record (step, the
+    losses, lr, the logit scale, which people watch to diagnose collapse, samples/s, elapsed
+    time and ETA); per epoch its validation record; at the end a summary."""
+
+    def __init__(self, out: Path, step: int, total: int, batch: int):
+        self.file = open(out / "log.jsonl", "a", buffering=1)  # line-buffered: each flushed
+        self.start_step, self.total, self.batch = step, total, batch
+        self.t_start = self.t_last = time.time()
+        self.step_last = step
+
+    def step(self, epoch: int, step: int, losses: dict, lr: float, scale: torch.Tensor):
+        now = time.time()
+        rec = {"epoch": epoch, "step": step, "loss": losses.pop("loss"),
+               **{f"loss_{k}": v for k, v in losses.items()}, "lr": lr,
+               "logit_scale": scale.item(),
+               "samples_per_s": (step - self.step_last) * self.batch / (now - self.t_last),
+               "elapsed_s": now - self.t_start}
+        eta = (self.total - step) * (now - self.t_start) / (step - self.start_step)
+        print(f"epoch {epoch} step {step}/{self.total} | loss {rec['loss']:.3f} ("
+              + " ".join(f"{k} {v:.2f}" for k, v in losses.items())
+              + f") | lr {lr:.2e} | scale {rec['logit_scale']:.1f} | "
+              f"{rec['samples_per_s']:.0f} samples/s | {fmt_time(rec['elapsed_s'])} elapsed, "
+              f"ETA {fmt_time(eta)}", flush=True)
+        self.file.write(json.dumps(rec) + "\n")
+        self.t_last, self.step_last = now, step
+
+    def epoch(self, epoch: int, step: int, val: dict, unreadable: int, improved: bool):
+        print(f"epoch {epoch} | " + " | ".join(f"{k} {v:.3f}" for k, v in val.items())
+              + (" | new best" if improved else ""), flush=True)
+        record = {"epoch": epoch, "step": step, **val, "unreadable": unreadable}
+        self.file.write(json.dumps(record) + "\n")
+
+    def done(self, step: int, skipped: int, select: str, best: float):
+        took, steps = time.time() - self.t_start, step - self.start_step
+        rate = steps * self.batch / max(took, 1e-9)
+        print(f"done: {steps} steps in {fmt_time(took)} ({rate:.0f} samples/s with "
+              f"validation), {skipped} skipped; best val {select} {best:.3f}; checkpoints in "
+              f"{Path(self.file.name).parent}/")
+        self.file.close()
+
+def end_of_epoch(raw: MML, optimizer, saved: dict, cfg: Config, epoch: int, step: int,
+                 best: float, unreadable: list, val_set, pairs: list, device, log: TrainLog,
+                 epoch_done: bool) -> float:
+    """At an epoch's end, and when stopping mid-epoch: report the files skipped as unreadable,
+    then on process 0 validate (at an epoch's end), save best.pt if it improved, and last.pt;
+    the other processes wait. Returns the best validation value so far."""
+    n_bad = torch.tensor(len(unreadable))
+    if dist.is_initialized():
+        dist.all_reduce(n_bad)
+    if n_bad:
+        print0(f"epoch {epoch}: {int(n_bad)} unreadable files skipped for other views (first: "
+               f"{unreadable[0] if unreadable else 'on another process'})")
+    if is_master():
+        out = Path(cfg.out)
+        state = {"model": trained_state(raw), "optimizer": optimizer.state_dict(), "step": step,
+                 "epoch": epoch, "best": best, "torch_rng": torch.get_rng_state(), **saved}
+        if epoch_done:
+            val = validate(raw, val_set, cfg, pairs, device)
+            value = val["val_loss" if cfg.select == "loss" else "val_R@1"]
+            improved = value < best if cfg.select == "loss" else value > best
+            best = value if improved else best
+            log.epoch(epoch, step, val, int(n_bad), improved)
+            state |= {"best": best, "val": val}
+            # best.pt first: a crash between the two saves then leaves last.pt at the epoch
+            # before, whose resume redoes this epoch and rewrites best.pt the same
+            if improved:
+                save_checkpoint(state, out / "best.pt")
+        save_checkpoint(state, out / "last.pt")
+    barrier()
+    return best  # process 0's is the one that counts: only it saves
+
+def rank_and_world() -> tuple[int, int]:
+    """This process's rank and the number of processes: (0, 1) without torchrun."""
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+def train_step(model: nn.Module, raw: MML, optimizer, batch: dict, cfg: Config, pairs: list,
+               epoch: int, step: int, lr: float,
+               stop: bool = False) -> tuple[list[float], torch.Tensor, bool]:
+    """One optimisation step on this process's rows of a global batch: jitter on the device,
+    forward, the contrastive loss, one all-reduce of the losses and the stop vote, backward
+    and update unless the loss is not finite. Returns ([loss, per-pair losses] averaged over
+    the processes, the logit scale, whether any process was told to stop). `bench` times
+    this very function."""
+    rank, world = rank_and_world()
+    device, local = raw.logit_scale.device, len(batch["bad"])  # this process's rows
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    params = augment_params(cfg.seed, epoch, step, local * world, cfg.augment)  # (B, 2, 7)
+    inputs = jitter(to_device(batch, device), params[rank * local:(rank + 1) * local])
+    with autocast_for(device, cfg):
+        emb, scale = model(inputs)
+    loss, parts = contrastive_loss(emb, scale, pairs)  # float32, outside autocast
+    # One all-reduce carries the losses and whether any process was told to stop, so that
+    # every process skips the same steps and stops after the same step.
+    values = torch.stack([loss.detach(), *(v.detach() for v in parts.values()),
+                          torch.tensor(float(stop), device=device)])
+    if world > 1:
+        dist.all_reduce(values)
+        values[:-1] /= world
+    # A CPU-GPU sync point, once per step: whether to update at all (a non-finite loss is
+    # skipped) must be known on the CPU, by every process alike, before the update.
+    *losses, stop_votes = values.tolist()
+    if math.isfinite(losses[0]):
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip:
+            nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip)
+        if cfg.grad_clip_value:  # the authors' clip_grad_value_
+            nn.utils.clip_grad_value_(raw.parameters(), cfg.grad_clip_value)
+        optimizer.step()
+        if cfg.scale_cap:  # CLIP caps the scale at 100 so training cannot blow up
+            with torch.no_grad():
+                raw.logit_scale.clamp_(max=math.log(cfg.scale_cap))
+    return losses, scale.detach(), stop_votes > 0
 
 # ---- eval ---------------------------------------------------------------------------------
 # PROTOCOL 3: every query ground photo is its own query; the aerial queries are the
@@ -1738,8 +2114,30 @@ class Sides:
         """Embeddings of images by id, and their paths."""
         m = "G" if kind == "ground" else "S"
         store = image_stores(self.cfg, split_dir, {m: ids})[m]
-        emb = embed(self.model.enc[m], ImageList(store, ids), what, self.cfg, self.device)
+        enc, items = self.model.enc[m], ImageList(store, ids)
+        if f"enc.{m}.trunk." in self.model.towers():  # a frozen CLIP tower runs once per image
+            features = self.tower_features(enc, items, f"{split_dir.name}_{kind}", what)
+            emb = embed(enc.project, features, what, self.cfg, self.device)
+        else:
+            emb = embed(enc, items, what, self.cfg, self.device)
         return emb, [store.path(i) for i in ids]
+
+    def tower_features(self, enc: Encoder, items: "ImageList", part: str, what: str):
+        """(n, P) outputs of a frozen CLIP tower, from the tower cache when it holds them. The
+        key covers the towers' weights, the preprocessing, the precision and the image list:
+        a second checkpoint on the same towers runs only its heads, and a cache made by
+        anything else is never used."""
+        precision = "bf16" if bf16_on(self.device, self.cfg) else "fp32"
+        key = hashlib.sha256(json.dumps([self.model.tower_digest, self.cfg.img_size,
+                                         self.cfg.resize, precision, part, items.ids]).encode())
+        cache = Path(self.cfg.cache) if self.cfg.cache else self.root / "cache"
+        path = cache / "towers" / f"{part}-{key.hexdigest()[:16]}.pt"
+        features = read_cache(path, key.hexdigest(), (len(items), enc.width))
+        if features is None:
+            features = embed(enc.features, items, f"{what} (CLIP tower)", self.cfg, self.device)
+            if is_master():
+                write_cache(path, key.hexdigest(), features)
+        return features.to(self.device)
 
     def points(self, latlon: torch.Tensor, what: str) -> torch.Tensor:
         return embed(self.model.enc["C"], latlon, what, self.cfg, self.device)
@@ -1902,8 +2300,7 @@ def evaluate(cfg: Config):
     if rank == 0:  # before the hours of embedding, not after them
         writable_folder(Path(cfg.out) / "eval", "--out")
     ckpt = load_checkpoint(Path(cfg.ckpt))
-    model = MML(cfg).to(device).eval()
-    load_matching(model, ckpt["model"], cfg.ckpt)
+    model = restore(Path(cfg.ckpt), ckpt, cfg).to(device).eval()
     root = check_root(Path(cfg.data))  # never generated here: a checkpoint names its data
     print0(f"evaluating {cfg.ckpt} (step {ckpt['step']}, epoch {ckpt['epoch']}) on {root}")
     sides = Sides(cfg, model, Tokenizer.from_str(ckpt["tokenizer"]), root, device)
@@ -1943,12 +2340,12 @@ def evaluate(cfg: Config):
                         for r, (a, b), k in zip(rows, pred.tolist(), km)]
         res["queries"], res["gallery"] = len(q.ids), len(g.ids)
         res["distractors"] = int((g.labels == -1).sum())
-        res["rank_seconds"] = time.time() - t0
+        seconds = time.time() - t0  # printed, not in metrics.json: it holds results alone
         out.mkdir(parents=True, exist_ok=True)
         write_csv(out / f"{task}.csv", header, rows)
         results[task] = res
         print(f"{task}: {len(q.ids)} queries x {len(g.ids)} gallery ({res['distractors']} "
-              f"distractors) ranked in {res['rank_seconds']:.2f}s", flush=True)
+              f"distractors) ranked in {seconds:.2f}s", flush=True)
         if cfg.viz:
             draw_task(task, q, g, ranks, hits, sides, out / f"{task}.png", cfg.seed)
     if rank == 0 and results:  # merged by task: results of other tasks, other checkpoints, stay
@@ -2127,14 +2524,14 @@ class Locator:
     the checkpoint's: reused while both are unchanged, rebuilt when either changes."""
 
     def __init__(self, ckpt: str | Path, gallery: str | Path | None = None, device=None,
-                 batch: int = 256):
+                 batch: int = 256, clip: str = ""):
         path = Path(ckpt)
         saved = load_checkpoint(path)
-        self.cfg = dataclasses.replace(checkpoint_config(path, saved), eval_batch=batch,
-                                       workers=0)
+        self.cfg = checkpoint_config(path, saved)
+        self.cfg = dataclasses.replace(self.cfg, eval_batch=batch, workers=0,
+                                       clip=clip or self.cfg.clip)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.model = MML(self.cfg).to(self.device).eval()
-        load_matching(self.model, saved["model"], str(path))
+        self.model = restore(path, saved, self.cfg).to(self.device).eval()
         self.tok = Tokenizer.from_str(saved["tokenizer"])
         if "C" not in self.model.enc:
             raise UserError(f"{path}: trained without the GPS encoder (C): nothing to locate with")
@@ -2174,8 +2571,8 @@ class Locator:
             else:
                 for n in list(rows):
                     try:
-                        batch.append(torch.from_numpy(load_image(Path(inputs[n]),
-                                                                 self.cfg.img_size)))
+                        batch.append(torch.from_numpy(load_image(
+                            Path(inputs[n]), self.cfg.img_size, self.cfg.resize)))
                     except Exception as e:  # missing, not an image: this input's error alone
                         results[n]["error"] = f"{inputs[n]}: cannot read it as an image ({e})"
                         rows.remove(n)
@@ -2214,8 +2611,8 @@ def read_cache(path: Path, key: str, shape: tuple) -> torch.Tensor | None:
         return None
     try:
         cached = load_tensors(path, "cache")
-    except UserError as e:
-        note(f"rebuilding a cache: {e}")
+    except UserError:
+        note(f"{path}: not a readable cache; rebuilding it")
         return None
     tensor = cached.get("tensor")
     if cached.get("key") != key or not torch.is_tensor(tensor) or tuple(tensor.shape) != shape:
@@ -2224,6 +2621,7 @@ def read_cache(path: Path, key: str, shape: tuple) -> torch.Tensor | None:
 
 def write_cache(path: Path, key: str, tensor: torch.Tensor):
     try:
+        writable_folder(path.parent, "cache")
         save_checkpoint({"key": key, "tensor": tensor.cpu()}, path)
     except UserError as e:  # a read-only or full disk: the answer comes anyway, uncached
         note(f"not cached: {e}")
@@ -2250,7 +2648,7 @@ def locate(cfg: Config):
     """`python mml.py locate`: answers on standard output, one block or one JSON list."""
     if not cfg.inputs and not cfg.text:
         raise UserError("locate: give image paths, or sentences with --text")
-    where = Locator(cfg.ckpt, cfg.gallery or None, cfg.device or None, cfg.eval_batch)
+    where = Locator(cfg.ckpt, cfg.gallery or None, cfg.device or None, cfg.eval_batch, cfg.clip)
     results = where(list(cfg.inputs), "satellite" if cfg.satellite else "ground", cfg.top)
     results += where(list(cfg.text), "text", cfg.top)
     if cfg.json:
@@ -2264,11 +2662,222 @@ def locate(cfg: Config):
     if any("error" in r for r in results):
         sys.exit(1)
 
+# ---- outside models -----------------------------------------------------------------------
+# CLIP's towers come from a Hugging Face folder the user fetched once (mml never downloads):
+# its config.json sizes the towers of the model section, its weights fill them and its
+# tokenizer.json tokenises. `convert` turns the field's models into mml checkpoints.
+
+# Hugging Face's defaults (CLIPVisionConfig, CLIPTextConfig): a saved config.json leaves out
+# the values that equal them
+CLIP_VISION = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+               "num_attention_heads": 12, "image_size": 224, "patch_size": 32,
+               "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5}
+CLIP_TEXT = {"vocab_size": 49408, "hidden_size": 512, "intermediate_size": 2048,
+             "num_hidden_layers": 12, "num_attention_heads": 8, "max_position_embeddings": 77,
+             "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5, "eos_token_id": 49407}
+
+def clip_config(folder: str) -> dict:
+    """A CLIP folder's config.json as {"vision": sizes, "text": sizes, "projection_dim": P},
+    checked to be the architecture the model section implements."""
+    if not folder:
+        raise UserError("--clip: name the Hugging Face CLIP folder (such as "
+                        "clip-vit-large-patch14-336) that the clip backbones read")
+    path = Path(folder) / "config.json"
+    try:
+        c = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: not a readable CLIP config ({type(e).__name__}: {e})") from None
+    if not isinstance(c, dict) or c.get("model_type") != "clip":
+        raise UserError(f"{path}: model_type {c.get('model_type') if isinstance(c, dict) else c!r}"
+                        f"; supported: Hugging Face CLIPModel folders (model_type \"clip\")")
+    # old configs keep their sizes in *_config_dict, which override *_config (as in transformers)
+    vision = {**CLIP_VISION, **c.get("vision_config", {}), **c.get("vision_config_dict", {})}
+    text = {**CLIP_TEXT, **c.get("text_config", {}), **c.get("text_config_dict", {})}
+    projection = c.get("projection_dim", 512)
+    for part, sizes in (("vision", vision), ("text", text)):
+        bad = [k for k in CLIP_TEXT | CLIP_VISION if k in sizes and k not in (
+            "hidden_act", "layer_norm_eps") and not (isinstance(sizes[k], int) and sizes[k] > 0)]
+        if bad or sizes["hidden_act"] not in ("quick_gelu", "gelu") or not isinstance(
+                projection, int) or sizes["hidden_size"] % sizes["num_attention_heads"]:
+            raise UserError(f"{path}: {part} config {bad[0] if bad else 'hidden_act'} "
+                            f"{sizes[bad[0]] if bad else sizes['hidden_act']!r} is not one this "
+                            f"CLIP implements (positive sizes, heads dividing the width, "
+                            f"quick_gelu or gelu)")
+    if vision["image_size"] % vision["patch_size"]:
+        raise UserError(f"{path}: image_size {vision['image_size']} is not a multiple of "
+                        f"patch_size {vision['patch_size']}")
+    return {"vision": vision, "text": text, "projection_dim": projection}
+
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
+                      "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32}
+
+def read_safetensors(path: Path) -> dict:
+    """A .safetensors file without the safetensors package: 8 bytes of header length, a JSON
+    header of each tensor's dtype, shape and byte range, then the bytes. The file is mapped
+    copy-on-write, and each tensor is a view of the map: nothing is copied until loaded."""
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(n))
+            data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        tensors = {}
+        for name, t in header.items():
+            if name != "__metadata__":
+                dtype, (begin, end) = SAFETENSORS_DTYPES[t["dtype"]], t["data_offsets"]
+                count = (end - begin) // dtype.itemsize
+                flat = (torch.frombuffer(data, dtype=dtype, count=count, offset=8 + n + begin)
+                        if count else torch.empty(0, dtype=dtype))
+                tensors[name] = flat.reshape(t["shape"])
+        return tensors
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RuntimeError) as e:
+        raise UserError(f"{path}: not a readable safetensors file ({type(e).__name__}: "
+                        f"{e})") from None
+
+def load_clip_weights(folder: str) -> tuple[dict, str]:
+    """The folder's weights as Hugging Face's state dict (model.safetensors, else
+    pytorch_model.bin read with weights_only=True), and their digest: what a checkpoint
+    records of its frozen towers, and what the tower cache is keyed by."""
+    d = Path(folder)
+    if (d / "model.safetensors").is_file():
+        state = read_safetensors(d / "model.safetensors")
+    elif (d / "pytorch_model.bin").is_file():
+        state = load_tensors(d / "pytorch_model.bin", "CLIP state dict")
+    else:
+        raise UserError(f"{d}: no model.safetensors or pytorch_model.bin (the weights of the "
+                        f"Hugging Face CLIP folder; README, Real data, says how to fetch them)")
+    # older transformers also saved the towers' position index buffers: not weights
+    state = {k: v for k, v in state.items() if not k.endswith("position_ids")}
+    return state, tensor_digest(state)
+
+def install_towers(model: nn.Module, state: dict, what: str):
+    """Fill a model's CLIP towers from Hugging Face's keys: vision_model.* and
+    visual_projection for the vision tower, text_model.* and text_projection for the text's."""
+    for enc in model.enc.values():
+        names = {CLIPVision: ("vision_model.", "visual_projection.weight"),
+                 CLIPText: ("text_model.", "text_projection.weight")}.get(
+                     type(getattr(enc, "trunk", None)))  # the GPS encoder has no trunk
+        if names:
+            tower = {k[len(names[0]):]: v for k, v in state.items() if k.startswith(names[0])}
+            if names[1] in state:
+                tower["projection.weight"] = state[names[1]]
+            load_matching(enc.trunk, tower, what)
+
+def clip_tokenizer(folder: str, max_len: int) -> Tokenizer:
+    """The folder's tokenizer.json: CLIP's byte-level BPE, each sentence between its start
+    and end-of-text tokens, truncated to max_len and padded with end-of-text, as the authors'
+    CLIPTokenizer(padding="max_length", truncation=True) does."""
+    path = Path(folder) / "tokenizer.json"
+    try:
+        tok = Tokenizer.from_file(str(path))
+    except Exception as e:  # the tokenizers library raises its own exception types
+        raise UserError(f"{path}: not a readable tokenizer ({str(e)[:80]}); a Hugging Face "
+                        f"CLIP folder holds one") from None
+    end = tok.token_to_id("<|endoftext|>")
+    if end is None:
+        raise UserError(f"{path}: no <|endoftext|> token: not CLIP's tokenizer")
+    tok.enable_padding(pad_id=end, pad_token="<|endoftext|>", length=max_len)
+    tok.enable_truncation(max_len)
+    return tok
+
+def convert(cfg: Config):
+    """`convert SRC --out CKPT`: an outside model as an mml checkpoint, which `eval`, `locate`
+    and `load` then use unchanged. SRC is a Hugging Face CLIP folder (off-the-shelf CLIP: its
+    projected image and text embeddings, normalised; no GPS), the authors' weights_best.pth
+    with --clip of clip-vit-large-patch14-336 (their released model, all four modalities),
+    or GeoCLIP's weights folder with --clip of clip-vit-large-patch14 (images to GPS)."""
+    src = Path(cfg.source)
+    if (src / "config.json").is_file():
+        new, state, tok = convert_clip(src)
+    elif (src / "location_encoder_weights.pth").is_file():
+        new, state, tok = convert_geoclip(src, cfg.clip)
+    elif src.is_file():
+        new, state, tok = convert_authors(src, cfg.clip)
+    else:
+        raise UserError(f"{src}: not a model `convert` knows: a Hugging Face CLIP folder holds "
+                        f"config.json; GeoCLIP's weights folder holds location_encoder_weights"
+                        f".pth, image_encoder_mlp_weights.pth, logit_scale_weights.pth (with "
+                        f"--clip); the authors' release is one file, weights_best.pth (with "
+                        f"--clip)")
+    model = MML(new)
+    weights, digest = load_clip_weights(new.clip)
+    install_towers(model, weights, new.clip)
+    load_matching(model, state, str(src), ignore=model.towers())
+    out = Path(cfg.out)
+    writable_folder(out.parent, "--out")
+    save_checkpoint({"model": trained_state(model), "config": dataclasses.asdict(new),
+                     "tokenizer": tok.to_str(), "step": 0, "epoch": 0,
+                     "towers": {"folder": new.clip, "digest": digest},
+                     "converted_from": str(src.resolve())}, out)
+    print(f"{out}: {new.modalities} from {src}, towers from {new.clip} (digest {digest[:12]}); "
+          f"evaluate it with `python mml.py eval --ckpt {out} --data ROOT`")
+
+def convert_clip(src: Path) -> tuple[Config, dict, Tokenizer]:
+    """Off-the-shelf CLIP: both towers frozen, no heads, CLIP's own logit scale."""
+    c = clip_config(str(src))
+    new = dataclasses.replace(
+        Config(), clip=str(src.resolve()), modalities="GST", image_backbone="clip",
+        text_backbone="clip", share_image_trunk=True, freeze="GST", head="none",
+        embed_dim=c["projection_dim"], img_size=c["vision"]["image_size"], resize="clip",
+        max_len=c["text"]["max_position_embeddings"])
+    weights, _ = load_clip_weights(new.clip)
+    if "logit_scale" not in weights:
+        raise UserError(f"{src}: its weights hold no logit_scale: not a CLIPModel's")
+    return new, {"logit_scale": weights["logit_scale"]}, clip_tokenizer(new.clip, new.max_len)
+
+def convert_authors(src: Path, clip: str) -> tuple[Config, dict, Tokenizer]:
+    """The authors' MmlCLIP state dict (their weights_best.pth): its two copies of CLIP must
+    be the --clip folder's weights; its heads, GPS encoder and scale are renamed to mml's."""
+    c = clip_config(clip)
+    theirs = {k: v for k, v in load_tensors(src, "state dict of the authors' MmlCLIP").items()
+              if not k.endswith("position_ids")}
+    _, digest = load_clip_weights(clip)
+    for copy in ("image_encoder.clip_model.", "text_encoder.clip_model.", ):
+        if tensor_digest({k[len(copy):]: v for k, v in theirs.items()
+                          if k.startswith(copy)}) != digest:
+            raise UserError(f"{src}: its {copy[:-1]} is not the CLIP of {clip}; give the "
+                            f"folder they trained from (openai/clip-vit-large-patch14-336)")
+    names = {"ground_projector.": "enc.G.head.", "satellite_projector.": "enc.S.head.",
+             "text_projector.": "enc.T.head.", "location_encoder.": "enc.C.",
+             "logit_scale": "logit_scale"}
+    state = {}
+    for k, v in theirs.items():
+        if not k.startswith(("image_encoder.", "text_encoder.")):
+            prefix = next((p for p in names if k.startswith(p)), None)
+            if prefix is None:
+                raise UserError(f"{src}: {k} is not a key of the authors' MmlCLIP")
+            # their GPS heads are bare Linear layers, GeoCLIP's (and mml's) a Sequential of one
+            state[re.sub(r"(LocEnc\d+\.head)\.", r"\1.0.", names[prefix] + k[len(prefix):])] = v
+    new = dataclasses.replace(Config(), **PRESETS["paper"], clip=str(Path(clip).resolve()),
+                              img_size=c["vision"]["image_size"],
+                              max_len=c["text"]["max_position_embeddings"])
+    return new, state, clip_tokenizer(clip, new.max_len)
+
+def convert_geoclip(src: Path, clip: str) -> tuple[Config, dict, Tokenizer]:
+    """GeoCLIP (its wheel's geoclip/model/weights): CLIP ViT-L/14's projected image embedding
+    through an MLP (768-768-512) for ground and aerial images alike, its location encoder
+    (with the SF/180 scaling) and its logit scale."""
+    c = clip_config(clip)
+    mlp = load_tensors(src / "image_encoder_mlp_weights.pth", "GeoCLIP image MLP")
+    location = load_tensors(src / "location_encoder_weights.pth", "GeoCLIP location encoder")
+    scale = load_tensors(src / "logit_scale_weights.pth", "GeoCLIP logit scale", torch.Tensor)
+    if not {"0.weight", "2.weight"} <= set(mlp):
+        raise UserError(f"{src / 'image_encoder_mlp_weights.pth'}: expected GeoCLIP's keys "
+                        f"0.weight, 0.bias, 2.weight, 2.bias")
+    new = dataclasses.replace(
+        Config(), clip=str(Path(clip).resolve()), modalities="GSC", image_backbone="clip",
+        share_image_trunk=True, freeze="GS", head="mlp", head_hidden=mlp["0.weight"].shape[0],
+        embed_dim=mlp["2.weight"].shape[0], gps_width=1024, gps_depth=3, img_size=c[
+            "vision"]["image_size"], resize="clip")
+    state = {f"enc.{m}.head.{k}": v for m in "GS" for k, v in mlp.items()}
+    state |= {f"enc.C.{k}": v for k, v in location.items()} | {"logit_scale": scale.detach()}
+    return new, state, Tokenizer(models.BPE())  # no text tower: an empty tokenizer
+
 # ---- command line -------------------------------------------------------------------------
 
-MODEL_FIELDS = ("modalities", "embed_dim", "image_backbone", "img_width", "share_image_trunk",
-                "vocab_size", "max_len", "text_width", "text_layers", "gps_width", "gps_depth",
-                "img_size")
+MODEL_FIELDS = ("modalities", "embed_dim", "image_backbone", "text_backbone", "img_width",
+                "share_image_trunk", "freeze", "head", "head_hidden", "vocab_size", "max_len",
+                "text_width", "text_layers", "gps_width", "gps_depth", "gps_scaling", "img_size",
+                "resize", "preset")  # what eval and --resume take from the checkpoint
 ENCODER_NAMES = {"ground": "G", "satellite": "S", "text": "T", "gps": "C"}
 
 def parse_args(argv=None) -> tuple[str, Config, set]:
@@ -2287,6 +2896,8 @@ def parse_args(argv=None) -> tuple[str, Config, set]:
                 help += f" (default: {f.default})"
             if f.name == "inputs":
                 sub.add_argument("inputs", nargs="*", default=quiet, help=help, metavar="INPUT")
+            elif f.name == "source":
+                sub.add_argument("source", nargs="?", default=quiet, help=help, metavar="SRC")
             elif f.type is bool:
                 sub.add_argument(flag, action=argparse.BooleanOptionalAction, default=quiet,
                                  help=help)
@@ -2377,7 +2988,19 @@ def adopt_saved(cfg: Config, given: set, path: Path, fields) -> tuple[Config, Co
 
 def resolve_model(cfg: Config, given: set) -> Config:
     """Backbone, image size, --freeze and the GPS preset, checked and made canonical."""
-    if cfg.image_backbone != "small":  # the size the ImageNet weights were trained at
+    if "clip" in (cfg.image_backbone, cfg.text_backbone):  # the sizes the towers were made for
+        c = clip_config(cfg.clip)
+        side, tokens = c["vision"]["image_size"], c["text"]["max_position_embeddings"]
+        if cfg.image_backbone == "clip" and "img_size" in given and cfg.img_size != side:
+            raise UserError(f"--img-size {cfg.img_size}: the vision tower of {cfg.clip} takes "
+                            f"{side} px images")
+        if cfg.text_backbone == "clip" and "max_len" in given and cfg.max_len > tokens:
+            raise UserError(f"--max-len {cfg.max_len}: the text tower of {cfg.clip} takes at "
+                            f"most {tokens} tokens")
+        cfg = dataclasses.replace(
+            cfg, img_size=side if cfg.image_backbone == "clip" else cfg.img_size,
+            max_len=cfg.max_len if "max_len" in given or cfg.text_backbone != "clip" else tokens)
+    elif cfg.image_backbone != "small":  # the size the ImageNet weights were trained at
         crop = backbone_weights(cfg.image_backbone).transforms().crop_size[0]
         if "img_size" not in given:
             cfg = dataclasses.replace(cfg, img_size=crop)
@@ -2385,13 +3008,12 @@ def resolve_model(cfg: Config, given: set) -> Config:
         if vit and (cfg.img_size % 16 or cfg.pretrained and cfg.img_size != crop):
             raise UserError(f"--img-size {cfg.img_size}: vit_b_16 takes {crop} px images with "
                             f"--pretrained, and multiples of 16 without")
-    letters = []
+    letters = ""
     for name in filter(None, (n.strip() for n in cfg.freeze.split(","))):
-        letter = ENCODER_NAMES.get(name.lower(), name.upper())
-        if letter not in "GSTC" or len(letter) != 1:
+        letters += ENCODER_NAMES.get(name.lower(), name.upper())  # a name, or letters: GST
+        if not set(letters) <= set("GSTC"):
             raise UserError(f"--freeze {cfg.freeze}: expected some of ground, satellite, text, "
                             f"gps (or G, S, T, C)")
-        letters.append(letter)
     freeze = "".join(m for m in "GSTC" if m in letters)
     if cfg.share_image_trunk and len({"G", "S"} & set(freeze)) == 1:
         raise UserError(f"--freeze {cfg.freeze}: the ground and aerial encoders share one "
@@ -2404,13 +3026,30 @@ def resolve_model(cfg: Config, given: set) -> Config:
         cfg = dataclasses.replace(cfg, gps_width=1024, gps_depth=3, embed_dim=512)
     return dataclasses.replace(cfg, freeze=freeze)
 
+def warn_random_frozen(cfg: Config):
+    """A frozen backbone that starts from random weights never learns: say so, once."""
+    pretrained = {"G": cfg.image_backbone == "clip" or cfg.pretrained and cfg.image_backbone
+                  != "small", "T": cfg.text_backbone == "clip", "C": bool(cfg.gps_init)}
+    pretrained["S"] = pretrained["G"]
+    random_frozen = [m for m in cfg.freeze if m in cfg.modalities and not pretrained[m]]
+    if random_frozen:
+        print0(f"warning: --freeze {','.join(random_frozen)}: these backbones start from random "
+               f"weights, and frozen they never learn (--pretrained, --clip or --gps-init "
+               f"give them weights)")
+
 def resolve(command: str, cfg: Config, given: set) -> Config:
     """Settings that follow from others, all in one place: checks; where eval and --resume take
     the model from (its checkpoint); where eval writes (beside its checkpoint)."""
     check_config(cfg)
+    if command == "train" and cfg.preset and not cfg.resume:  # where the options say nothing
+        cfg = dataclasses.replace(cfg, **{k: v for k, v in PRESETS[cfg.preset].items()
+                                         if k not in given})
     mods = cfg.modalities.upper()
     cfg = dataclasses.replace(cfg, modalities="".join(m for m in "GSTC" if m in mods))
     cfg = resolve_model(cfg, given)
+    if command == "convert" and not {"source", "out"} <= given:
+        raise UserError("convert: name what to convert (SRC) and the checkpoint to write "
+                        "(--out)")
     if command == "synth" and "out" not in given:
         cfg.out = str(synthetic_root(cfg.scale))
     if command == "locate" and "ckpt" not in given:
@@ -2423,6 +3062,9 @@ def resolve(command: str, cfg: Config, given: set) -> Config:
         # the checkpoint's model, and its data unless --data names other data
         cfg, saved = adopt_saved(cfg, given, Path(cfg.ckpt), MODEL_FIELDS)
         cfg.data = cfg.data if "data" in given else saved.data
+        cfg.clip = cfg.clip if "clip" in given else saved.clip
+        if not cfg.data:
+            raise UserError(f"{cfg.ckpt}: names no dataset (a converted model): give --data")
     out = Path(cfg.out)
     if command == "train" and cfg.resume:  # the run's own settings, except those given now
         if cfg.overwrite:
@@ -2438,6 +3080,8 @@ def resolve(command: str, cfg: Config, given: set) -> Config:
         if held:
             raise UserError(f"{out}: holds a run already ({', '.join(held)}): continue it with "
                             f"--resume, or start over with --overwrite")
+    if command == "train":
+        warn_random_frozen(cfg)
     return cfg
 
 def main(argv=None):
@@ -2446,7 +3090,7 @@ def main(argv=None):
     try:
         cfg = resolve(command, cfg, given)
         run = {"train": train, "eval": evaluate, "locate": locate, "synth": synth,
-               "prepare": prepare, "bench": bench}
+               "prepare": prepare, "bench": bench, "convert": convert}
         run[command](cfg)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -2761,36 +3405,41 @@ def bench_decode(cfg: Config, device, sync, done: dict):
         for what, path, draft in (("800x600 JPEG, full decode", photo, False),
                                   ("800x600 JPEG, draft()", photo, True),
                                   ("800x800 PNG", tile, True)):
-            seconds = timed(lambda: load_image(path, cfg.img_size, draft))
+            seconds = timed(lambda: load_image(path, cfg.img_size, draft=draft))
             report(f"decode+resize {what}", 1 / seconds, "images/s", how)
         build_cache(split_dir, "ground", [image_id], cfg.img_size, Path(tmp), pool)
         cached = ImageStore(split_dir, "ground", cfg.img_size, Path(tmp), [image_id])
         report("read a cached image (prepare)", 1 / timed(lambda: cached(image_id)), "images/s",
                how)
 
-def random_batch(cfg: Config, B: int, device) -> dict:
-    """A batch of the configured shape with random content, on the device."""
+def random_batch(cfg: Config, B: int, device=None) -> dict:
+    """A batch of the configured shape with random content, as the loader delivers it (on the
+    CPU, pinned for a GPU), or on `device`."""
     gen, side = torch.Generator().manual_seed(0), cfg.img_size
     batch = {m: torch.randint(0, 256, (B, 3, side, side), dtype=torch.uint8, generator=gen)
              for m in "GS"}
-    batch["T"] = torch.randint(1, cfg.vocab_size, (B, cfg.max_len), generator=gen)
+    vocab = clip_config(cfg.clip)["text"]["vocab_size"] if cfg.text_backbone == "clip" else (
+        cfg.vocab_size)
+    batch["T"] = torch.randint(1, vocab, (B, cfg.max_len), generator=gen)
     batch["C"] = torch.rand(B, 2, generator=gen) * 20 + torch.tensor([28.0, -110.0])
-    return to_device({m: x for m, x in batch.items() if m in cfg.modalities}, device)
+    batch = {m: x for m, x in batch.items() if m in cfg.modalities}
+    if device is not None:
+        return to_device(batch, device)
+    pin = torch.cuda.is_available()
+    return {m: x.pin_memory() if pin else x for m, x in batch.items()} | {"bad": [""] * B}
 
-def step_rate(cfg: Config, device, sync, label: str, compiled: bool = False) -> float:
-    """Training samples/s of the model cfg describes, on random inputs (no data loading)."""
+def step_rate(cfg: Config, device, sync, label: str) -> float:
+    """Training samples/s of the model cfg describes: `train_step` itself, the function the
+    training loop calls (jitter, forward, loss, all-reduce, backward, clipping, update, the
+    scale's cap), on random inputs copied from the CPU as the loader's are."""
     torch.manual_seed(0)
     raw = MML(cfg).to(device)
-    model = torch.compile(raw) if compiled else raw
-    opt = torch.optim.AdamW([p for p in raw.parameters() if p.requires_grad], lr=1e-4)
-    pairs, batch = loss_pairs(cfg.modalities, cfg.loss), random_batch(cfg, cfg.batch_size, device)
-
-    def step():
-        with autocast_for(device, cfg):
-            emb, scale = model(batch)
-        opt.zero_grad(set_to_none=True)
-        contrastive_loss(emb, scale, pairs)[0].backward()
-        opt.step()
+    if device.type == "cuda":
+        raw = raw.to(memory_format=torch.channels_last)
+    model = torch.compile(raw) if cfg.compile else raw
+    optimizer, pairs = make_optimizer(raw, cfg), loss_pairs(cfg.modalities, cfg.loss)
+    batch, steps = random_batch(cfg, cfg.batch_size), itertools.count()
+    step = lambda: train_step(model, raw, optimizer, batch, cfg, pairs, 0, next(steps), cfg.lr)
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -2810,14 +3459,15 @@ def bench_steps(cfg: Config, device, sync, done: dict) -> float:
     rates = [step_rate(dataclasses.replace(cfg, bf16=False), device, sync, "train step, fp32")]
     if device.type == "cuda":
         rates.append(step_rate(cfg, device, sync, "train step, bf16"))
-        rates.append(step_rate(cfg, device, sync, "train step, bf16 + compile", compiled=True))
+        rates.append(step_rate(dataclasses.replace(cfg, compile=True), device, sync,
+                               "train step, bf16 + compile"))
     return max(rates)
 
 def bench_backbones(cfg: Config, device, sync, done: dict):
     """A step with each image backbone at 224 px, trained whole and with frozen image
     backbones (the authors' setting); a batch of at most 8 on the CPU, where they are slow."""
     B = cfg.batch_size if device.type == "cuda" else min(cfg.batch_size, 8)
-    for backbone in BACKBONES:
+    for backbone in BACKBONES[:-1]:  # CLIP's have a phase of their own: paper
         for freeze in ("", "GS"):
             run = dataclasses.replace(cfg, image_backbone=backbone, img_size=224, batch_size=B,
                                       freeze=freeze)
@@ -2825,20 +3475,14 @@ def bench_backbones(cfg: Config, device, sync, done: dict):
 
 def bench_loader(cfg: Config, device, sync, done: dict):
     """The training loader on the dataset (the synthetic world by default): batches ready for
-    the step (collated, pinned on a GPU) for at least 3 s, epoch after epoch with no pause at
-    their ends. The loader's capacity, as on the real data, whose epochs are long: the
-    synthetic world's are a few batches, and the training loop drains the workers after each."""
+    the step (collated, pinned on a GPU) for at least 3 s, epoch after epoch, as the training
+    loop's single iterator delivers them."""
     root = default_world(cfg)
     data, _, _ = training_sets(cfg, root, None)
     B = min(cfg.batch_size, len(data))
-    sampler = EpochSampler(len(data), B, 0)
-
-    def epochs():
-        for epoch in itertools.count(1):
-            sampler.set_epoch(epoch)
-            yield from sampler
     batches = iter(torch.utils.data.DataLoader(
-        data, batch_size=None, sampler=epochs(), num_workers=cfg.workers,
+        data, batch_size=None, sampler=EpochSampler(len(data), B, 0, stop=10**9),
+        num_workers=cfg.workers,
         pin_memory=device.type == "cuda", prefetch_factor=4 if cfg.workers > 0 else None))
     next(batches)  # the workers' start-up is not loading time
     n, t0 = 0, time.perf_counter()
@@ -2952,9 +3596,103 @@ def bench_locate(cfg: Config, device, sync, done: dict):
             report(f"locate, 100,000 points: {label}", time.perf_counter() - t0, "s",
                    f"{device.type}, GPS width {cfg.gps_width}, loading included")
 
+def write_clip_folder(folder: Path, vision: dict, text: dict, projection: int,
+                      weights: bool = True) -> Path:
+    """A Hugging Face-style CLIP folder with random weights: config.json, pytorch_model.bin
+    (unless not `weights`) and a small byte-level BPE tokenizer.json with CLIP's special
+    tokens. What the bench times; in tests, a stand-in for a downloaded folder."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    specials = ["<|startoftext|>", "<|endoftext|>"]
+    tok.train_from_iterator([f"a {c} {k} in {t[0]}" for c in COLOURS for k in CATEGORIES
+                             for t in CITIES], trainers.BpeTrainer(
+        vocab_size=400, special_tokens=specials, show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{specials[0]} $A {specials[1]}", special_tokens=[(s, i) for i, s in
+                                                                  enumerate(specials)])
+    tok.save(str(folder / "tokenizer.json"))
+    text = {**text, "vocab_size": tok.get_vocab_size(), "eos_token_id": 1}
+    (folder / "config.json").write_text(json.dumps({
+        "model_type": "clip", "projection_dim": projection, "vision_config": vision,
+        "text_config": text}))
+    if weights:
+        c, state = clip_config(str(folder)), {"logit_scale": torch.tensor(math.log(1 / 0.07))}
+        for tower, prefix, projected in ((CLIPVision(c["vision"], projection), "vision_model.",
+                                          "visual_projection.weight"),
+                                         (CLIPText(c["text"], projection), "text_model.",
+                                          "text_projection.weight")):
+            for k, v in tower.state_dict().items():
+                state[projected if k == "projection.weight" else prefix + k] = v
+        torch.save(state, folder / "pytorch_model.bin")
+    return folder
+
+def bench_towers(cfg: Config, device, sync, done: dict):
+    """`eval` of G2S and S2G with frozen CLIP towers (a random-weight 4-layer ViT at 112 px,
+    CLIP's architecture), twice on the dataset: the first runs the towers on every image and
+    caches their output; the second, as for another checkpoint on the same towers, runs
+    only the heads and the ranking."""
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp, root = Path(tmp), default_world(cfg)
+        folder = write_clip_folder(tmp / "clip", {
+            "hidden_size": 256, "intermediate_size": 1024, "num_hidden_layers": 4,
+            "num_attention_heads": 4, "image_size": 112, "patch_size": 16}, {
+            "hidden_size": 128, "intermediate_size": 512, "num_hidden_layers": 2,
+            "num_attention_heads": 2}, 128)
+        seconds = []
+        with contextlib.redirect_stdout(io.StringIO()):
+            main(["convert", str(folder), "--out", str(tmp / "clip.pt")])
+        for label in ("first eval, runs the towers", "second eval, reads their cache"):
+            t0 = time.perf_counter()
+            with contextlib.redirect_stdout(io.StringIO()):
+                main(["eval", "--ckpt", str(tmp / "clip.pt"), "--data", str(root), "--out",
+                      str(tmp), "--cache", str(tmp / "cache"), "--tasks", "G2S,S2G",
+                      "--workers", str(cfg.workers), "--device", device.type])
+            seconds.append(time.perf_counter() - t0)
+            report(f"eval G2S+S2G, frozen CLIP: {label}", seconds[-1], "s",
+                   f"{device.type}, {root}, whole commands")
+        report("eval on cached towers, speed-up", seconds[0] / seconds[1], "x", "same run")
+
+# CLIP ViT-L/14-336's sizes (openai/clip-vit-large-patch14-336's config.json)
+VIT_L_336 = ({"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24,
+              "num_attention_heads": 16, "image_size": 336, "patch_size": 14},
+             {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+              "num_attention_heads": 12}, 768)
+
+@torch.no_grad()
+def tower_rate(cfg: Config, device, sync) -> float:
+    """Images/s through the vision tower alone, under the run's precision."""
+    enc, side = MML(cfg).enc["G"].to(device).eval(), cfg.img_size
+    x = torch.randint(0, 256, (cfg.eval_batch, 3, side, side), dtype=torch.uint8, device=device)
+    with autocast_for(device, cfg):
+        return cfg.eval_batch / timed(lambda: enc.features(x), 2.0, sync)
+
+def bench_paper(cfg: Config, device, sync, done: dict):
+    """--preset paper at full size with random weights (no --clip needed): the training step
+    with frozen ViT-L/14-336 towers (a batch of 2 on the CPU), the tower's embedding rate,
+    and from those the time of the authors' 20 epochs of 16,533 landmarks and of a full
+    evaluation's 833,781 images on this device: estimates from the step and the tower alone,
+    without the loader and the ranking."""
+    cuda = device.type == "cuda"
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = write_clip_folder(Path(tmp), *VIT_L_336, weights=False)
+        run = dataclasses.replace(cfg, **PRESETS["paper"], clip=str(folder), img_size=336,
+                                  max_len=77, batch_size=cfg.batch_size if cuda else 2,
+                                  eval_batch=cfg.eval_batch if cuda else 2)
+        rate = step_rate(run, device, sync, "train step, --preset paper, ViT-L/14-336")
+        images = tower_rate(run, device, sync)
+    report("CLIP ViT-L/14-336 vision tower", images, "images/s",
+           f"{device.type}, batch {run.eval_batch}, {'bf16' if bf16_on(device, run) else 'fp32'}")
+    report("estimate: the paper's 20 epochs, steps alone", 20 * 16533 / rate / 3600, "h",
+           f"{device.type}, batch {run.batch_size}")
+    report("estimate: the towers of a full evaluation", 833781 / images / 60, "min",
+           f"{device.type}, each image once (the tower cache)")
+
 BENCH_PHASES = {"decode": bench_decode, "steps": bench_steps, "backbones": bench_backbones,
                 "loader": bench_loader, "augment": bench_augment, "embed": bench_embed,
-                "rank": bench_rank, "locate": bench_locate}
+                "rank": bench_rank, "locate": bench_locate, "towers": bench_towers,
+                "paper": bench_paper}
 
 def bench(cfg: Config):
     """`bench`: one table of throughputs on this machine, a phase at a time (--phases):

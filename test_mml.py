@@ -25,6 +25,7 @@ import torch.nn.functional as F
 import torchvision
 import torchvision.transforms.v2.functional as TF
 from PIL import Image
+from tokenizers import Tokenizer
 
 import mml
 
@@ -527,8 +528,10 @@ def test_image_cache_is_used_checked_and_exact(world, tmp_path):
     with pytest.raises(mml.UnreadableFile):
         direct(photos[0] + "x")
     # refused: another image size, or a file list the cache does not cover
-    with pytest.raises(mml.UserError, match="holds 24 px images, not --img-size 32"):
+    with pytest.raises(mml.UserError, match="holds 24 px images made by --resize crop, not --img-size 32 --resize crop"):
         mml.ImageStore(q.dir, "ground", 32, cache, photos)
+    with pytest.raises(mml.UserError, match="not --img-size 24 --resize squash"):
+        mml.ImageStore(q.dir, "ground", 24, cache, photos, "squash")
     with pytest.raises(mml.UserError, match="lacks 1 images"):
         mml.ImageStore(q.dir, "ground", 24, cache, photos + ["0000000000000000"])
 
@@ -690,7 +693,7 @@ def test_unreadable_images_are_skipped_in_training_and_fatal_in_eval(world, tmp_
 
 def torchvision_jitter(image: torch.Tensor, p: list, rotate: bool) -> torch.Tensor:
     """The jitter one image at a time with torchvision's functions: the reference."""
-    b, c, s, r, sigma, turns = p
+    b, c, s, r, sigma, turns = p[:6]  # p[6], the hue shift, is 0 here (see the paper test)
     y = TF.adjust_saturation(TF.adjust_contrast(TF.adjust_brightness(image, b), c), s)
     if r < 0.2:
         y = TF.gaussian_blur(y, [3, 3], [sigma])
@@ -705,7 +708,7 @@ def test_batched_augmentation_equals_torchvision_per_image():
     gen = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (6, 3, 20, 20), dtype=torch.uint8, generator=gen)
     x = images.float() / 255
-    none = [1.0, 1.0, 1.0, 0.5, 0.5, 0.0]  # factors 1, no filter, no turn: the identity
+    none = [1.0, 1.0, 1.0, 0.5, 0.5, 0.0, 0.0]  # factors 1, no filter, no turn, no hue: the identity
     alone = {0: [0.8, 1.2], 1: [0.8, 1.2], 2: [0.8, 1.2], 3: [0.1, 0.3], 4: [0.3, 1.0], 5: [1, 3]}
     assert torch.equal(mml.augment(images, torch.tensor([none] * 6), rotate=True), x)
     for k, values in alone.items():
@@ -717,17 +720,35 @@ def test_batched_augmentation_equals_torchvision_per_image():
             got = mml.augment(images, torch.tensor([p] * 6), rotate=True)
             want = torch.stack([torchvision_jitter(im, p, True) for im in x])
             assert (got - want).abs().max() < 1e-6, (k, v)
-    params = mml.augment_params(3, 1, 7, 6)[:, 1]  # (6, 6): all kinds of draws
+    params = mml.augment_params(3, 1, 7, 6)[:, 1]  # (6, 7): all kinds of draws
     assert params[:, 5].unique().numel() > 1 and (params[:, 3] < 0.4).any()
     got = mml.augment(images, params, rotate=True)
     want = torch.stack([torchvision_jitter(im, p.tolist(), True) for im, p in zip(x, params)])
     assert (got - want).abs().max() < 1e-6
 
 
+def test_the_papers_augmentation_strengths_and_hue_rotation():
+    """--augment paper: the authors' albumentations settings, drawn after mml's own (which
+    therefore stay as they were); the hue shift is a rotation about the grey axis: a third of
+    a turn sends red to green exactly, and greys never change."""
+    mine, theirs = mml.augment_params(5, 2, 3, 4000), mml.augment_params(5, 2, 3, 4000, "paper")
+    assert torch.equal(mine[..., :6], mml.augment_params(5, 2, 3, 4000)[..., :6]) and not mine[..., 6].any()
+    jittered = (theirs[..., :3] != 1).all(-1)
+    assert 0.47 < jittered.float().mean() < 0.53  # ColorJitter(p=0.5)
+    assert ((theirs[..., :3] - 1).abs() <= 0.15 + 1e-6).all() and (theirs[..., 6].abs() <= 0.15 + 1e-6).all()
+    assert (theirs[..., 6][~jittered] == 0).all() and (theirs[..., 6][jittered] != 0).all()
+    r = theirs[..., 3]
+    assert 0.13 < (r < 0.2).float().mean() < 0.17 and 0.13 < ((r >= 0.2) & (r < 0.4)).float().mean() < 0.17
+    x = torch.rand(2, 3, 5, 5)
+    assert torch.allclose(mml.rotate_hue(x, torch.tensor([1 / 3, 1 / 3])), x[:, [2, 0, 1]], atol=1e-6)
+    grey = x[:, :1].expand(2, 3, 5, 5)
+    assert torch.allclose(mml.rotate_hue(grey, torch.tensor([0.1, -0.13])), grey, atol=1e-6)
+
+
 def test_aerial_views_are_turned_and_ground_photos_are_not():
     gen = torch.Generator().manual_seed(1)
     batch = {m: torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8, generator=gen) for m in "GS"}
-    params = torch.tensor([[1.0, 1.0, 1.0, 0.5, 0.5, 1.0]]).expand(4, 2, 6)  # one turn each
+    params = torch.tensor([[1.0, 1.0, 1.0, 0.5, 0.5, 1.0, 0.0]]).expand(4, 2, 7)  # one turn each
     out = mml.jitter(dict(batch), params)
     assert torch.equal(out["G"], batch["G"].float() / 255)
     assert torch.equal(out["S"], torch.rot90(batch["S"].float() / 255, 1, dims=(2, 3)))
@@ -737,9 +758,9 @@ def record_training_inputs(argv: list, out: Path, monkeypatch=None):
     """Train with argv, saving every (pixels, jitter params) that `augment` receives."""
     seen, real = [], mml.augment
 
-    def recording(images, params, rotate):
+    def recording(images, params, rotate, hue=False):
         seen.append((images.clone(), params.clone()))
-        return real(images, params, rotate)
+        return real(images, params, rotate, hue)
     if monkeypatch:
         monkeypatch.setattr(mml, "augment", recording)
     else:
@@ -1124,6 +1145,260 @@ def test_an_unreadable_article_is_skipped_and_counted(world, tmp_path, capsys):
     mml.shard(train.dir, "text", train.text[0]).write_text("{not json")
     run("train", "--data", root, "--out", tmp_path / "run", *TINY, "--epochs", 1)
     assert "1 unreadable articles" in capsys.readouterr().out
+
+
+# ---- the field's models: CLIP, the authors' MmlCLIP, GeoCLIP, against their own code -----
+
+FIXTURES = HERE / "assets/fixtures"
+# Sentences the tokenizer must split as CLIP's does: plain, long (truncated to 77), accented,
+# emoji, empty, odd whitespace, capitals.
+SENTENCES = ["a red church in Denver", " ".join(["the old harbor lighthouse"] * 40),
+             "Café Noël à São Paulo: naïve façade", "🏛️ museum 🗽 & 🌉!", "",
+             "Mixed   whitespace\tand\nnewlines", "THE GRAND CAPITOL"]
+LATLON = torch.tensor([[40.71, -74.01], [34.05, -118.24], [47.61, -122.33], [25.76, -80.19]])
+
+
+def seeded(spec: dict, seed: int) -> dict:
+    """Random weights that the fixtures' maker and the tests both draw: numpy's PCG64 stream in
+    sorted key order, each tensor standard normal times its scale. Drawn, not committed: the
+    authors' and GeoCLIP's location encoders alone hold 9.4M numbers."""
+    rng, out = np.random.default_rng(seed), {}
+    for key in sorted(spec):
+        shape, scale = spec[key]
+        out[key] = torch.from_numpy(rng.standard_normal(shape).astype(np.float32) * np.float32(scale))
+    return out
+
+
+def location_spec(prefix: str, head: str) -> dict:
+    """GeoCLIP's location encoder, keyed as the authors' (head) or GeoCLIP's (head.0)."""
+    spec = {}
+    for k, sigma in enumerate((1, 16, 256)):
+        p = f"{prefix}LocEnc{k}."
+        spec[p + "capsule.0.b"] = ((256, 2), sigma)
+        for i, (o, n) in zip((1, 3, 5), ((1024, 512), (1024, 1024), (1024, 1024))):
+            spec |= {p + f"capsule.{i}.weight": ((o, n), n ** -0.5), p + f"capsule.{i}.bias": ((o,), 0.02)}
+        spec |= {p + f"{head}.weight": ((512, 1024), 1024 ** -0.5), p + f"{head}.bias": ((512,), 0.02)}
+    return spec
+
+
+def authors_weights(clip_state: dict) -> dict:
+    """A weights_best.pth of the authors' MmlCLIP on the tiny CLIP: model.state_dict() of their
+    code, two full copies of CLIP (image_encoder.clip_model.*, text_encoder.clip_model.*), drawn
+    heads and location encoder, and the position_ids that older transformers saved."""
+    spec = location_spec("location_encoder.", "head")
+    for head in ("ground_projector", "satellite_projector", "text_projector"):
+        spec |= {f"{head}.0.weight": ((512, 32), 32 ** -0.5), f"{head}.0.bias": ((512,), 0.02),
+                 f"{head}.2.weight": ((512, 512), 512 ** -0.5), f"{head}.2.bias": ((512,), 0.02)}
+    state = seeded(spec, 17) | {"logit_scale": torch.tensor(2.5)}
+    for copy in ("image_encoder.clip_model.", "text_encoder.clip_model.", ):
+        state |= {copy + k: v for k, v in clip_state.items()}
+        state[copy + "vision_model.embeddings.position_ids"] = torch.arange(17)[None]
+        state[copy + "text_model.embeddings.position_ids"] = torch.arange(77)[None]
+    return state
+
+
+def geoclip_weights() -> tuple[dict, dict]:
+    """GeoCLIP's image MLP (768-768-512) and location encoder, drawn: (mlp, location)."""
+    mlp = seeded({"0.weight": ((768, 768), 768 ** -0.5), "0.bias": ((768,), 0.02),
+                  "2.weight": ((512, 768), 768 ** -0.5), "2.bias": ((512,), 0.02)}, 23)
+    return mlp, seeded(location_spec("", "head.0"), 29)
+
+
+def fixture_images() -> list[Path]:
+    return sorted((FIXTURES / "images").glob("*.png"))
+
+
+def references() -> dict:
+    """What transformers 4.57.6, the authors' MmlCLIP and geoclip 1.3.0 computed, in a separate
+    virtual environment (never in requirements.txt), from assets/fixtures:
+    - clip-tiny: CLIPModel(CLIPConfig(vision 32 wide, 2 layers, 2 heads, patch 8, 32 px; text
+      32 wide, 2 layers, vocabulary 664, 77 positions, eos_token_id 2 as openai's configs;
+      projection 32)) with torch.manual_seed(0), saved by save_pretrained in both formats;
+      its tokenizer.json from CLIPTokenizerFast on a CLIP-style byte-level BPE (vocab.json,
+      merges.txt) of 150 merges learnt from synthetic-world sentences. "pixels": a standard
+      normal (2, 3, 32, 32), "image": normalize(get_image_features(pixels)); "ids":
+      CLIPTokenizer (the slow, python one the authors used, without ftfy) of SENTENCES with
+      padding="max_length", truncation=True, max_length=77, which the fast one matched;
+      "text": normalize(get_text_features(ids, attention_mask)); "processor_pixels" and
+      "processor_image": CLIPImageProcessor (shortest_edge 32, crop 32) on images/*.png.
+    - "authors": their MmlCLIP(model_name=clip-tiny, output_dim=512) loaded with
+      authors_weights(clip-tiny's state dict) (strict=False, as their train.py), on
+      images/*.png through their get_transforms(..., "val") (albumentations Resize with
+      cv2.INTER_LINEAR_EXACT, CLIP's Normalize), CLIPTokenizer.from_pretrained(clip-tiny) on
+      SENTENCES and LATLON: each of the four outputs, normalised.
+    - "geoclip": geoclip's ImageEncoder(clip_path=clip-tiny-768, a CLIP with projection 768
+      and a 16-wide vision tower) with geoclip_weights()'s MLP, on images/*.png through its
+      own preprocess_image; its LocationEncoder with geoclip_weights()'s location encoder on
+      LATLON; both normalised."""
+    return torch.load(FIXTURES / "references.pt", weights_only=True)
+
+
+def clip_folder(tmp_path: Path, name: str = "clip-tiny", drop=()) -> Path:
+    folder = tmp_path / name
+    shutil.copytree(FIXTURES / name, folder)
+    for f in drop:
+        (folder / f).unlink()
+    return folder
+
+
+def restored(ckpt: Path) -> mml.MML:
+    saved = torch.load(ckpt, weights_only=True)
+    return mml.restore(ckpt, saved, mml.checkpoint_config(ckpt, saved)).eval()
+
+
+def cosines(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return F.cosine_similarity(a.float(), b.float(), dim=-1)
+
+
+@pytest.mark.parametrize("weights", ["model.safetensors", "pytorch_model.bin"])
+def test_converted_clip_equals_transformers(tmp_path, weights):
+    ref, other = references(), {"model.safetensors": "pytorch_model.bin"}.get(weights, "model.safetensors")
+    folder = clip_folder(tmp_path, drop=[other])  # one weights format at a time
+    run("convert", folder, "--out", tmp_path / "clip.pt")
+    model = restored(tmp_path / "clip.pt")
+    saved = torch.load(tmp_path / "clip.pt", weights_only=True)
+    assert list(saved["model"]) == ["logit_scale"]  # the frozen towers are named, not copied
+    mean, std = (torch.tensor(s).view(3, 1, 1) for s in (mml.CLIP_MEAN, mml.CLIP_STD))
+    with torch.no_grad():  # the encoders normalise pixels in [0, 1] by CLIP's statistics
+        image = model.enc["G"](ref["pixels"] * std + mean)
+        ids = mml.tokenize(Tokenizer.from_str(saved["tokenizer"]), SENTENCES)
+        text = model.enc["T"](ids)
+    assert torch.equal(ids, ref["ids"])  # long, accented, emoji, empty: CLIPTokenizer's ids
+    assert (image - ref["image"]).abs().max() < 1e-5 and (text - ref["text"]).abs().max() < 1e-5
+    assert torch.equal(model.enc["S"].trunk.embeddings.patch_embedding.weight,
+                       model.enc["G"].trunk.embeddings.patch_embedding.weight)  # one tower
+    # its image processor's resizing (bicubic short side, centre crop), within a grey level
+    pixels = torch.stack([torch.from_numpy(mml.load_image(p, 32, "clip")).permute(2, 0, 1)
+                          for p in fixture_images()])
+    theirs = (ref["processor_pixels"] * std + mean) * 255
+    assert (pixels.float() - theirs).abs().max() <= 1.01
+    with torch.no_grad():
+        assert cosines(model.enc["G"](pixels), ref["processor_image"]).min() > 0.9999
+
+
+def test_the_authors_released_model_converts_to_their_embeddings(tmp_path, capsys):
+    ref, folder = references()["authors"], clip_folder(tmp_path)
+    clip_state = mml.read_safetensors(folder / "model.safetensors")
+    torch.save(authors_weights(clip_state), tmp_path / "weights_best.pth")
+    run("convert", tmp_path / "weights_best.pth", "--clip", folder, "--out", tmp_path / "authors.pt")
+    model, saved = restored(tmp_path / "authors.pt"), torch.load(tmp_path / "authors.pt", weights_only=True)
+    assert mml.Config(**saved["config"]).preset == "" and saved["config"]["gps_scaling"] is False
+    images = torch.stack([torch.from_numpy(mml.load_image(p, 32, "squash")).permute(2, 0, 1)
+                          for p in fixture_images()])
+    with torch.no_grad():
+        ours = {"G": model.enc["G"](images), "S": model.enc["S"](images),
+                "T": model.enc["T"](mml.tokenize(Tokenizer.from_str(saved["tokenizer"]), SENTENCES)),
+                "C": model.enc["C"](LATLON)}
+    for m in "GSTC":
+        assert cosines(ours[m], ref[m]).min() > 0.9999, m
+    # their file with another CLIP in it, or a key missing, is refused in one line
+    wrong = authors_weights({k: v + 1e-3 if k.startswith("vision_model.") else v for k, v in clip_state.items()})
+    torch.save(wrong, tmp_path / "other.pth")
+    assert "its image_encoder.clip_model is not the CLIP of" in fails_in_one_line(
+        capsys, "convert", tmp_path / "other.pth", "--clip", folder, "--out", tmp_path / "x.pt")
+    state = authors_weights(clip_state)
+    del state["text_projector.2.bias"]
+    torch.save(state, tmp_path / "partial.pth")
+    assert "enc.T.head.2.bias is absent in the file and (512,) in the model" in fails_in_one_line(
+        capsys, "convert", tmp_path / "partial.pth", "--clip", folder, "--out", tmp_path / "x.pt")
+    assert "weights_best.pth" in fails_in_one_line(capsys, "convert", tmp_path / "nothing", "--out", tmp_path / "x.pt")
+
+
+def test_geoclip_converts_to_its_embeddings(tmp_path):
+    ref, folder = references()["geoclip"], clip_folder(tmp_path, "clip-tiny-768")
+    mlp, location = geoclip_weights()
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    torch.save(mlp, weights / "image_encoder_mlp_weights.pth")
+    torch.save(location, weights / "location_encoder_weights.pth")
+    torch.save(torch.nn.Parameter(torch.tensor(3.2)), weights / "logit_scale_weights.pth")
+    run("convert", weights, "--clip", folder, "--out", tmp_path / "geoclip.pt")
+    model = restored(tmp_path / "geoclip.pt")
+    images = torch.stack([torch.from_numpy(mml.load_image(p, 32, "clip")).permute(2, 0, 1)
+                          for p in fixture_images()])
+    with torch.no_grad():
+        assert cosines(model.enc["G"](images), ref["G"]).min() > 0.9999
+        assert cosines(model.enc["S"](images), ref["G"]).min() > 0.9999  # one encoder for any image
+        assert cosines(model.enc["C"](LATLON), ref["C"]).min() > 0.9999
+    assert model.logit_scale.item() == pytest.approx(3.2)
+
+
+@pytest.mark.parametrize("break_it,message", [
+    (lambda f: (f / "config.json").unlink(), "config.json: not a readable CLIP config"),
+    (lambda f: [(f / w).unlink() for w in ("model.safetensors", "pytorch_model.bin")], "no model.safetensors or pytorch_model.bin"),
+    (lambda f: (f / "tokenizer.json").unlink(), "tokenizer.json: not a readable tokenizer"),
+    (lambda f: (f / "config.json").write_text('{"model_type": "siglip"}'), "model_type 'siglip'; supported: Hugging Face CLIPModel"),
+    (lambda f: (f / "config.json").write_text(json.dumps({**json.loads((f / "config.json").read_text()), "vision_config": {
+        **json.loads((f / "config.json").read_text())["vision_config"], "hidden_act": "silu"}})), "vision config hidden_act 'silu'"),
+    (lambda f: (f / "model.safetensors").write_bytes((f / "model.safetensors").read_bytes()[:5000]), "not a readable safetensors file"),
+])
+def test_a_bad_clip_folder_is_one_line(world, tmp_path, capsys, break_it, message):
+    folder = clip_folder(tmp_path)
+    break_it(folder)
+    err = fails_in_one_line(capsys, "train", "--preset", "paper", "--clip", folder, "--data", world,
+                            "--out", tmp_path / "run", "--workers", 0, "--max-steps", 1)
+    assert message in err, err
+
+
+def test_the_paper_preset_trains_on_frozen_towers_and_evaluates(world, tmp_path, capsys):
+    folder = clip_folder(tmp_path)
+    run("train", "--preset", "paper", "--clip", folder, "--data", world, "--out", tmp_path / "run",
+        "--epochs", 2, "--batch-size", 16, "--workers", 0, "--device", "cpu", "--log-every", 1)
+    out = capsys.readouterr().out
+    first = out.splitlines()[0]  # the first line names every setting the preset chose
+    for setting in ("--image-backbone clip", "--head mlp", "--gps-scaling False", "--resize squash",
+                    "--lr 0.0001", "--grad-clip-value 100.0", "--schedule constant", "--scale-cap 0.0",
+                    "--holdout authors", "--batch-size 16"):  # and what the command line overrode
+        assert setting in first, (setting, first)
+    saved = torch.load(tmp_path / "run/last.pt", weights_only=True)
+    cfg = mml.Config(**saved["config"])
+    assert (cfg.img_size, cfg.max_len, cfg.embed_dim, cfg.gps_width, cfg.freeze) == (32, 77, 512, 1024, "GST")
+    assert not [k for k in saved["model"] if ".trunk." in k]  # what trains, not the towers
+    assert saved["towers"]["digest"] == mml.load_clip_weights(str(folder))[1]
+    lrs = {r["lr"] for r in log_records(tmp_path / "run") if "lr" in r}
+    assert lrs == {1e-4}  # no schedule
+    # the authors' hold-out: random.Random(42).shuffle of the sorted ids' positions
+    ids = sorted(mml.read_split(world, "train").ids.tolist())
+    order = list(range(len(ids)))
+    random.Random(42).shuffle(order)
+    _, val = mml.read_train(cfg, world)
+    assert sorted(val.ids.tolist()) == sorted(ids[i] for i in order[:8])
+    run("eval", "--ckpt", tmp_path / "run/best.pt", "--tasks", "G2S,T2C-first", "--workers", 0, "--out", tmp_path / "e")
+    assert json.loads((tmp_path / "e/eval/metrics.json").read_text())["tasks"]["G2S"]["queries"] > 0
+    # towers whose weights differ from the checkpoint's are refused, by name
+    other = clip_folder(tmp_path / "elsewhere")
+    state = mml.read_safetensors(other / "model.safetensors")
+    (other / "model.safetensors").unlink()
+    torch.save({k: v * 1.001 for k, v in state.items()}, other / "pytorch_model.bin")
+    err = fails_in_one_line(capsys, "eval", "--ckpt", tmp_path / "run/best.pt", "--clip", other, "--workers", 0)
+    assert "are not the CLIP towers" in err and "--clip" in err
+    # --resume with another preset is the checkpoint's option, differing
+    err = fails_in_one_line(capsys, "train", "--out", tmp_path / "run", "--resume", "--preset", "")
+    assert "--preset : " in err and "was trained with paper" in err
+
+
+def test_frozen_towers_run_once_per_image_in_evaluation(world, tmp_path, monkeypatch):
+    run("convert", clip_folder(tmp_path), "--out", tmp_path / "clip.pt")
+    calls, real = [], mml.Encoder.features
+    monkeypatch.setattr(mml.Encoder, "features", lambda self, x: calls.append(len(x)) or real(self, x))
+    argv = ["eval", "--ckpt", tmp_path / "clip.pt", "--data", world, "--tasks", "G2S,S2G", "--workers", 0,
+            "--cache", tmp_path / "cache"]
+    run(*argv, "--out", tmp_path / "a")
+    images = sum(calls)
+    run(*argv, "--out", tmp_path / "b")
+    assert images > 0 and sum(calls) == images  # the second: heads only
+    tasks = [json.loads((tmp_path / f"{d}/eval/metrics.json").read_text())["tasks"] for d in "ab"]
+    assert tasks[0]["G2S"]["official"] == tasks[1]["G2S"]["official"]
+    for f in (tmp_path / "cache/towers").iterdir():  # a damaged cache is rebuilt, not used
+        f.write_bytes(f.read_bytes()[:100])
+    run(*argv, "--out", tmp_path / "c")
+    assert sum(calls) == 2 * images
+    assert json.loads((tmp_path / "c/eval/metrics.json").read_text())["tasks"]["S2G"] == tasks[0]["S2G"]
+
+
+def test_freezing_a_backbone_of_random_weights_is_warned_about(world, tmp_path, capsys):
+    run("train", "--data", world, "--out", tmp_path, *TINY, "--max-steps", 1, "--freeze", "ground,text")
+    assert "warning: --freeze G,T: these backbones start from random weights" in capsys.readouterr().out
 
 
 # ---- the red-team breaks (issue 20): each is one line naming the file and field ------------
