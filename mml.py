@@ -31,9 +31,10 @@ Shape letters: B batch, D embedding width, H image side in pixels, L tokens, Q q
 N gallery items, P positives per query, W processes (world size).
 """
 import argparse
-import csv
 import contextlib
+import csv
 import dataclasses
+import datetime
 import difflib
 import fcntl
 import functools
@@ -50,8 +51,10 @@ import re
 import resource
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -187,7 +190,8 @@ class Config:
     compile: bool = option(False, "torch.compile the model", MODEL_CMDS)
     log_every: int = option(10, "steps between log lines", low=1)
     out: str = option("runs/mml", "run folder: checkpoints, log.jsonl, eval/ (synth: the "
-                                  "world; convert: the checkpoint)", "train eval synth convert")
+                                  "world; convert: the checkpoint; compare: its table)",
+                      "train eval synth convert compare")
     resume: bool = option(False, "continue the run in --out from its last.pt, exactly")
     overwrite: bool = option(False, "start over in an --out that holds a run, replacing it")
     select: str = option("loss", "best.pt: the epoch of lowest validation loss (the authors' "
@@ -206,6 +210,20 @@ class Config:
                              "eval locate bench", 1)
     viz: bool = option(False, "also draw pictures: a grid of results per retrieval task, a map "
                               "per x2C task, the training curves", "eval")
+    viz_queries: str = option("random", "the queries the grids show: random (seeded by "
+                                        "--seed), or hard: the best-, median- and worst-ranked",
+                              "eval", choices=("random", "hard"))
+    by: str = option("", "also print the results by landmark category or state", "eval",
+                     choices=("", "category", "state"))
+    export: str = option("", "write the protocol's sides to this folder, a CSV each, for any "
+                             "model to embed (no evaluation)", "eval")
+    embeddings: str = option("", "score the embeddings in this folder ({side}.npy, rows as in "
+                                 "--export's CSVs) instead of a checkpoint's", "eval")
+    runs: tuple = option((), "run or eval folders to compare; the first is the baseline",
+                         "compare")
+    latex: bool = option(False, "also print the comparison as a LaTeX table", "compare")
+    resamples: int = option(1000, "bootstrap resamples of the query landmarks", "compare", 100,
+                            100000)
     inputs: tuple = option((), "ground photos to locate (aerial images with --satellite)",
                            "locate")
     text: tuple = option((), "a description to locate (repeatable)", "locate")
@@ -245,6 +263,7 @@ COMMANDS = {  # each command and its --help line
     "prepare": "decode every image once into a cache that training and eval read",
     "bench": "time each phase of a run on this machine",
     "convert": "make an mml checkpoint of CLIP, the authors' released model or GeoCLIP",
+    "compare": "set runs side by side, with bootstrap intervals over query landmarks",
 }
 
 class UserError(Exception):
@@ -384,6 +403,11 @@ def read_table(path: Path, columns: list[str], lower: bool = False,
                                 f"digits, _ and -, at least 3 of them)")
     return table
 
+def csv_header(path: Path) -> list[str]:
+    """A CSV's column names, lower-cased, without reading the rest."""
+    with open(path, newline="", encoding="utf-8-sig", errors="replace") as f:
+        return [h.strip().lower() for h in next(csv.reader(f), [])]
+
 def unique_landmarks(path: Path, table: dict) -> list[int]:
     """The landmark_id column as integers, each listed once: a repeated row would count its
     landmark's queries twice."""
@@ -435,12 +459,15 @@ class Split:
     latest: list[str]          # the latest aerial image (the query split's evaluation view)
     text: list[str]            # Wikipedia article (json) id
     no_cues: list[str] | None  # first sentence without geographic cues (query split only)
+    text_order: list[int]      # the rows in the order mml_{split}_text.csv lists them
 
     def take(self, rows) -> "Split":
         rows = list(rows)
         lists = [None if xs is None else [xs[i] for i in rows] for xs in
                  (self.ground, self.sat, self.latest, self.text, self.no_cues)]
-        return Split(self.dir, self.ids[rows], self.latlon[rows], *lists)
+        new_row = {old: new for new, old in enumerate(rows)}
+        order = [new_row[r] for r in self.text_order if r in new_row]
+        return Split(self.dir, self.ids[rows], self.latlon[rows], *lists, order)
 
 def check_root(root: Path, sub: str = "") -> Path:
     if not root.is_dir():
@@ -489,9 +516,11 @@ def read_split(root: Path, split: str, outdoor_only: bool = False) -> Split:
     if len(keep) < len(ids):  # the outdoor subset leaves out landmarks with no outdoor photo
         print0(f"{d}: {len(ids) - len(keep)} landmarks without ground or aerial images left out")
     rows = ids[keep].tolist()
+    row_of = {i: n for n, i in enumerate(rows)}
     return Split(d, ids[keep], latlon[keep], [ground[i].split() for i in rows],
                  [sat[i].split() for i in rows], [latest[i] for i in rows],
-                 [text[i] for i in rows], None if no_cues is None else [no_cues[i] for i in rows])
+                 [text[i] for i in rows], None if no_cues is None else [no_cues[i] for i in rows],
+                 [row_of[i] for i in text if i in row_of])  # dicts keep the CSV's order
 
 @dataclass
 class Index:
@@ -773,7 +802,7 @@ class Sentences:
     paragraph its pieces); pick() walks it, taking the first branch at every level ("first")
     or a random one ("random"). With mode "first" only the first pieces are kept at all."""
 
-    def __init__(self, articles: list[dict | None], tok: Tokenizer, mode: str):
+    def __init__(self, articles: list[dict | None], tok: Tokenizer | None, mode: str):
         levels, self.texts = ([], [], []), []
         keep = 1 if mode == "first" else None
         for article in articles:  # an unreadable article (None) gives one empty sentence
@@ -787,8 +816,9 @@ class Sentences:
                     levels[2].append((len(self.texts), len(pieces)))
                     self.texts += pieces
         self.levels = [np.array(rows, dtype=np.int64) for rows in levels]
-        self.tokens = torch.cat([tokenize(tok, self.texts[i:i + 65536])              # (P, L)
-                                 for i in range(0, len(self.texts), 65536)])
+        if tok is not None:  # evaluation tokenises the few sentences it draws, later
+            self.tokens = torch.cat([tokenize(tok, self.texts[i:i + 65536])          # (P, L)
+                                     for i in range(0, len(self.texts), 65536)])
 
     def pick(self, i: int, mode: str, rng: random.Random) -> int:
         """The row of `tokens` holding article i's sentence. randrange(n) draws exactly what
@@ -1357,6 +1387,18 @@ def contrastive_loss(emb: dict, scale: torch.Tensor, pairs: list[str], gather: b
 # strict numbers rank the distractors like any other item. Both are reported. Here c is the
 # number of queries in a chunk (--chunk), scored at once against the whole gallery.
 
+@contextlib.contextmanager
+def exact_scores():
+    """Float32 matmuls at full precision inside, whatever the setting outside (training sets
+    TF32): TF32's rounding creates ties at 100k+ gallery items. The one precision switch of
+    the scoring code, which always restores what it found."""
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
+
 def count_at_least(scores: torch.Tensor, t: torch.Tensor, n_junk: int) -> tuple:
     """Items scoring >= t per row, among the distractors (the first n_junk columns) and among
     the rest: (c, N), (c, 1) -> two (c,). A count, not a sort: one pass over the scores."""
@@ -1389,7 +1431,8 @@ def rank_queries(q: torch.Tensor, g: torch.Tensor, q_labels: torch.Tensor,
                  top: int = 5) -> dict:
     """Per query (Q,): 0-based position of its first positive in the full ranking
     ("first_strict") and with distractors removed ("first_official"), AP over the top
-    map_top under both ("ap_strict", "ap_official"), and its `top` best gallery items (Q, top).
+    map_top under both ("ap_strict", "ap_official"), its `top` best gallery items (Q, top)
+    and its best-scoring positive ("match", what the pictures show).
 
     No sort of the gallery. A positive's position is a count: the items scoring at least as
     high as it. The first positive is counted against the whole gallery (medR needs its
@@ -1412,16 +1455,16 @@ def rank_queries(q: torch.Tensor, g: torch.Tensor, q_labels: torch.Tensor,
            "first_official": torch.zeros(Q, dtype=torch.long, device=g.device),
            "ap_strict": torch.zeros(Q, dtype=torch.float64, device=g.device),
            "ap_official": torch.zeros(Q, dtype=torch.float64, device=g.device),
-           "top": torch.zeros(Q, min(top, N), dtype=torch.long, device=g.device)}
-    precision = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("highest")
-    try:
+           "top": torch.zeros(Q, min(top, N), dtype=torch.long, device=g.device),
+           "match": torch.zeros(Q, dtype=torch.long, device=g.device)}
+    with exact_scores():
         for s in range(0, Q, chunk):
             part = slice(s, s + chunk)
             scores = q[part].float() @ g.float().T                            # (c, N)
             top_scores, top_index = scores.topk(K, dim=1)                      # (c, K) best first
             res["top"][part] = top_index[:, :res["top"].shape[1]]
             pos = scores.gather(1, pos_index[part]).masked_fill(~is_pos[part], -math.inf)
+            res["match"][part] = pos_index[part].gather(1, pos.argmax(1, keepdim=True))[:, 0]
             pos = pos.sort(dim=1, descending=True).values                     # (c, P) best first
             # the first positive, counted against the whole gallery
             t = pos[:, :1]
@@ -1452,12 +1495,10 @@ def rank_queries(q: torch.Tensor, g: torch.Tensor, q_labels: torch.Tensor,
                 hit = above_cutoff | (at_cutoff & (strict < map_top))
                 res["ap_strict"][part] += torch.where(hit, ap_term(j, strict.double()), 0.0)
                 res["ap_official"][part] += torch.where(hit, ap_term(j, official.double()), 0.0)
-    finally:
-        torch.set_float32_matmul_precision(precision)
     res["ap_strict"] /= n_good
     res["ap_official"] /= n_good
     if order is not None:
-        res["top"] = order[res["top"]]
+        res["top"], res["match"] = order[res["top"]], order[res["match"]]
     return res
 
 def summarise(ranks: dict, ks=(1, 5, 10), map_top: int = 1000) -> dict:
@@ -1478,9 +1519,9 @@ def retrieval_metrics(query_emb, gallery_emb, query_labels, gallery_labels, ks=(
     return summarise(rank_queries(query_emb, gallery_emb, query_labels, gallery_labels, map_top),
                      ks, map_top)
 
-def geo_metrics(pred_latlon: torch.Tensor, true_latlon: torch.Tensor) -> dict:
-    """% of predictions within 1, 25, 200, 750, 2500 km of the truth, and the median error."""
-    km = haversine_km(pred_latlon, true_latlon)
+def geo_metrics(km: torch.Tensor) -> dict:
+    """% of predictions within 1, 25, 200, 750, 2500 km of the truth, and the median error:
+    from each query's error in km, (Q,)."""
     within = {f"acc@{t}km": 100 * (km <= t).double().mean().item() for t in (1, 25, 200, 750, 2500)}
     return within | {"median_km": float(np.median(km.cpu().numpy()))}
 
@@ -2014,38 +2055,197 @@ def train_step(model: nn.Module, raw: MML, optimizer, batch: dict, cfg: Config, 
 # PROTOCOL 3: every query ground photo is its own query; the aerial queries are the
 # latest tile of each query landmark; galleries are the index distractors (label -1) plus the
 # query split's own items; the GPS gallery is the index tiles' centres plus the query
-# landmarks' coordinates, and a geolocalisation guess is the top-1 GPS item.
+# landmarks' coordinates, and a geolocalisation guess is the top-1 GPS item. Evaluation is
+# in three parts: the protocol's sides (the named lists of items each task queries or
+# searches), something that embeds them (an mml checkpoint, any functions, or files of
+# embeddings made elsewhere), and `score`, which ranks, summarises and writes.
 
 TASKS = ("G2S", "S2G", "G2C", "S2C", "T2G", "T2S", "T2C")
 TEXT_MODES = ("first", "random", "no_cues")
 
-def task_names(cfg: Config) -> list[str]:
-    """The tasks to run: all of them, or --tasks (T2C picks T2C in every --query-text mode);
+@dataclass(frozen=True)
+class Task:
+    """A task, parsed once from its name (G2S, T2C-no_cues): which modality queries, which
+    is searched, and for a sentence task which sentences."""
+    name: str
+    query: str      # G, S or T
+    gallery: str    # G, S or C
+    text: str = ""  # T2x: first, random or no_cues
+
+    @property
+    def geo(self) -> bool:
+        """Geolocalisation (x2C): scored by distance too, also against the open gallery."""
+        return self.gallery == "C"
+
+    @property
+    def sides(self) -> tuple[str, ...]:
+        """The names of its sides: queries, gallery, and for x2C the open gallery."""
+        query = {"G": "query_ground", "S": "query_satellite"}.get(self.query,
+                                                                  f"query_text_{self.text}")
+        gallery = {"G": "gallery_ground", "S": "gallery_satellite", "C": "gallery_gps"}
+        return (query, gallery[self.gallery]) + ("open_gps",) * self.geo
+
+def task_list(names: str, query_text: str = "first,random,no_cues") -> list[Task]:
+    """The tasks to run: all of them, or those named (T2C picks T2C in every sentence mode);
     names in any case, spaces allowed after commas."""
-    every = [t for t in TASKS if t[0] != "T"] + [
-        f"{t}-{m}" for t in TASKS if t[0] == "T" for m in cfg.query_text.split(",")]
+    every = [Task(t, t[0], t[2]) for t in TASKS if t[0] != "T"] + [
+        Task(f"{t}-{m}", "T", t[2], m) for t in TASKS if t[0] == "T"
+        for m in query_text.split(",")]
     chosen = []
-    for name in filter(None, (n.strip().lower() for n in cfg.tasks.split(","))):
-        match = [t for t in every if name in (t.lower(), t.split("-")[0].lower())]
+    for name in filter(None, (n.strip().lower() for n in names.split(","))):
+        match = [t for t in every if name in (t.name.lower(), t.name.split("-")[0].lower())]
         if not match:
-            raise UserError(f"--tasks: no task {name!r} (known: {', '.join(every)})")
+            raise UserError(f"--tasks: no task {name!r} (known: "
+                            f"{', '.join(t.name for t in every)})")
         chosen += match
     return list(dict.fromkeys(chosen)) or every
 
-class ImageList(torch.utils.data.Dataset):
-    """Image ids -> ((3, H, H) uint8, "" or why the file could not be read)."""
+@dataclass
+class Side:
+    """One side of the protocol: its items in a fixed order, the same for every model. What
+    `--export` writes, `--embeddings` reads and every embedder embeds."""
+    name: str
+    modality: str                # what embeds it: G, S (images), T (sentences), C (points)
+    labels: torch.Tensor         # (N,) landmark ids; -1 marks a distractor
+    ids: list[str]               # image ids; landmark ids for sentences and query points
+    latlon: torch.Tensor | None  # (N, 2) float64 degrees, where known
+    show: list                   # what a row is: a file path, a sentence, or None (a point)
+    items: object                # images: [(split folder, kind, ids)]; sentences; (N, 2) points
 
-    def __init__(self, store: ImageStore, ids: list[str]):
-        self.store, self.ids = store, ids
+class Protocol:
+    """The protocol's sides on one dataset (PROTOCOL 3), each built when a task first asks for
+    it. Galleries hold their distractors (label -1) first, then the query split's items."""
+
+    def __init__(self, root: Path):
+        self.root, self.query = root, read_split(root, "query")
+        self.index = read_index(root, required=False)
+        self.lm = torch.as_tensor(self.query.ids)                                  # (Q,)
+        self.latlon = torch.as_tensor(self.query.latlon, dtype=torch.float64)      # (Q, 2)
+        self.drawn = {}  # the sentence sides, by mode
+
+    def side(self, name: str) -> Side:
+        if name.startswith("query_text_"):
+            return self.sentences(name[len("query_text_"):])
+        return getattr(self, name)
+
+    def images(self, name: str, kind: str, parts: list, labels, latlon=None) -> Side:
+        """An image side of parts (split folder, kind, ids), in order."""
+        ids = [i for _, _, part in parts for i in part]
+        show = [shard(d, k, i) for d, k, part in parts for i in part]
+        return Side(name, "G" if kind == "ground" else "S", labels, ids, latlon, show, parts)
+
+    @functools.cached_property
+    def query_ground(self) -> Side:
+        """Every query ground photo, labelled with its landmark: each is its own query."""
+        q, per_landmark = self.query, torch.tensor([len(g) for g in self.query.ground])
+        return self.images("query_ground", "ground", [(q.dir, "ground", sum(q.ground, []))],
+                           self.lm.repeat_interleave(per_landmark),
+                           self.latlon.repeat_interleave(per_landmark, dim=0))
+
+    @functools.cached_property
+    def query_satellite(self) -> Side:
+        """The latest aerial image of each query landmark."""
+        return self.images("query_satellite", "satellite",
+                           [(self.query.dir, "satellite", self.query.latest)], self.lm,
+                           self.latlon)
+
+    @functools.cached_property
+    def gallery_ground(self) -> Side:
+        """The index photos, then every query photo."""
+        junk, own = torch.full((len(self.index.ground),), -1), self.query_ground
+        return self.images("gallery_ground", "ground", [
+            (self.index.dir, "ground", self.index.ground), *own.items],
+            torch.cat([junk, own.labels]))
+
+    @functools.cached_property
+    def gallery_satellite(self) -> Side:
+        """The index tiles, then each query landmark's latest tile."""
+        junk, own = torch.full((len(self.index.sat),), -1), self.query_satellite
+        return self.images("gallery_satellite", "satellite", [
+            (self.index.dir, "satellite", self.index.sat), *own.items],
+            torch.cat([junk, own.labels]))
+
+    @functools.cached_property
+    def gallery_gps(self) -> Side:
+        """The index tiles' centres, then the query landmarks' coordinates: the protocol's,
+        where every query's true location is among the answers."""
+        points = torch.cat([torch.as_tensor(self.index.sat_latlon), self.latlon])
+        labels = torch.cat([torch.full((len(self.index.sat),), -1), self.lm])
+        ids = self.index.sat + [str(i) for i in self.query.ids.tolist()]
+        return Side("gallery_gps", "C", labels, ids, points, [None] * len(ids), points)
+
+    @functools.cached_property
+    def open_gps(self) -> Side:
+        """The index tiles' centres and the training landmarks, no query landmark: where a
+        geolocaliser has to find a place it has not been given (`locate`'s default)."""
+        points, names = open_gallery(self.root)
+        return Side("open_gps", "C", torch.full((len(points),), -1), names, points, names,
+                    points)
+
+    def sentences(self, mode: str) -> Side:
+        """One sentence per query landmark: first, random, or the no_cues sentence of
+        mml_query_text_sentences.csv. The random ones are the authors' own draw
+        (eval_dataset.py, _load_text_data): one random.Random(42) stream over the rows of
+        mml_query_text.csv in file order, a section, a paragraph and a piece each, so they
+        are part of the protocol and no option changes them."""
+        q = self.query
+        if mode not in self.drawn:
+            if mode == "no_cues":
+                texts = q.no_cues
+            else:
+                table, rng, texts = self.articles, random.Random(42), [""] * len(q.ids)
+                for n in q.text_order:
+                    texts[n] = table.texts[table.pick(n, mode, rng)]
+            ids = [str(i) for i in q.ids.tolist()]
+            self.drawn[mode] = Side(f"query_text_{mode}", "T", self.lm, ids, self.latlon, texts,
+                                    texts)
+        return self.drawn[mode]
+
+    @functools.cached_property
+    def articles(self) -> "Sentences":
+        """Every sentence of the query articles, read once for the first and random modes."""
+        articles, bad = read_articles(self.query)
+        if bad:
+            raise UserError(f"{bad[0]} (evaluation needs every file of the protocol)")
+        return Sentences(articles, None, "random")
+
+    def missing(self, task: Task) -> str:
+        """Why the data cannot run a task ("" when it can)."""
+        # the ground gallery needs the index photos; the aerial and GPS galleries its tiles
+        kind = "ground" if task.gallery == "G" else "satellite"
+        if (self.index.ground if kind == "ground" else self.index.sat) is None:
+            return f"{self.index.dir / f'mml_index_{kind}.csv'}: not found"
+        if task.text == "no_cues" and self.query.no_cues is None:
+            return f"{self.query.dir / 'mml_query_text_sentences.csv'}: not found"
+        return ""
+
+    @functools.cached_property
+    def groups(self) -> dict | None:
+        """{"category" | "state": {landmark id: its group}} from mmlandmarks.csv, or None."""
+        path = self.root / "mmlandmarks.csv"
+        if not path.is_file() or not {"category", "state"} <= set(csv_header(path)):
+            return None
+        table = read_table(path, ["landmark_id", "category", "state"])
+        ids = unique_landmarks(path, table)
+        return {g: dict(zip(ids, table[g])) for g in ("category", "state")}
+
+class ImageList(torch.utils.data.Dataset):
+    """An image side's parts -> ((3, H, H) uint8, "" or why the file could not be read)."""
+
+    def __init__(self, parts: list, cfg: Config):
+        self.rows = [(s, i) for d, kind, ids in parts
+                     for s in image_stores(cfg, d, {kind[0].upper(): ids}).values()
+                     if s.kind == kind for i in ids]
 
     def __len__(self):
-        return len(self.ids)
+        return len(self.rows)
 
-    def __getitem__(self, i):
+    def __getitem__(self, n):
+        store, image_id = self.rows[n]
         try:
-            return torch.from_numpy(self.store(self.ids[i])).permute(2, 0, 1), ""
+            return torch.from_numpy(store(image_id)).permute(2, 0, 1), ""
         except UnreadableFile as e:
-            return torch.zeros(3, self.store.size, self.store.size, dtype=torch.uint8), str(e)
+            return torch.zeros(3, store.size, store.size, dtype=torch.uint8), str(e)
 
 def gather_rows(x: torch.Tensor, n: int) -> torch.Tensor:
     """Process r holds rows [n*r/W, n*(r+1)/W) of an (n, D) result: give every process all n."""
@@ -2058,25 +2258,29 @@ def gather_rows(x: torch.Tensor, n: int) -> torch.Tensor:
     return torch.cat([p[:s] for p, s in zip(parts, sizes)])
 
 @torch.no_grad()
-def embed(encoder: nn.Module, data, what: str, cfg: Config, device) -> torch.Tensor:
-    """(N, D) float32 embeddings of an ImageList or of a tensor of inputs (tokens, lat/lon),
-    in batches. Under torchrun each process embeds its share and all receive every row."""
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    n = len(data)
+def embed(encoder, data, what: str, cfg: Config, device, inputs_on=None) -> torch.Tensor:
+    """(N, D) float32 embeddings on `device`, in batches of --eval-batch: of an ImageList, a
+    list of sentences or a tensor of inputs (tokens, points, features). Each batch is handed
+    to `encoder` on `inputs_on` (default: device). Under torchrun each process embeds its
+    share and all receive every row."""
+    rank, world = rank_and_world()
+    n, B = len(data), cfg.eval_batch
     lo, hi = n * rank // world, n * (rank + 1) // world
-    if torch.is_tensor(data):
-        batches = ((x, ()) for x in data[lo:hi].split(cfg.eval_batch))
-    else:
+    if isinstance(data, torch.utils.data.Dataset):
         batches = torch.utils.data.DataLoader(
-            torch.utils.data.Subset(data, range(lo, hi)), batch_size=cfg.eval_batch,
+            torch.utils.data.Subset(data, range(lo, hi)), batch_size=B,
             num_workers=cfg.workers, pin_memory=device.type == "cuda")
+    else:
+        batches = ((data[s:min(s + B, hi)], ()) for s in range(lo, hi, B))
     parts, t0, t_print = [], time.time(), time.time()
     for x, errors in batches:
         bad = [e for e in errors if e]
         if bad:  # unlike training: a missing gallery image would change the benchmark
             raise UserError(f"{bad[0]} (evaluation needs every file of the protocol)")
+        if torch.is_tensor(x):
+            x = to_device({"x": x}, inputs_on or device)["x"]
         with autocast_for(device, cfg):
-            parts.append(encoder(to_device({"x": x}, device)["x"]).float())
+            parts.append(embedding_rows(encoder(x), len(x), what).to(device))
         done = sum(len(p) for p in parts) * world
         if time.time() - t_print > 10:
             rate = done / (time.time() - t0)
@@ -2086,189 +2290,376 @@ def embed(encoder: nn.Module, data, what: str, cfg: Config, device) -> torch.Ten
     emb = torch.cat(parts) if parts else torch.zeros(0, cfg.embed_dim, device=device)
     return gather_rows(emb, n) if world > 1 else emb
 
-@dataclass
-class Side:
-    """One side of a task, embedded: queries, or a gallery (distractors first)."""
-    emb: torch.Tensor             # (N, D)
-    labels: torch.Tensor          # (N,) landmark ids; -1 marks a distractor
-    ids: list[str]                # image ids; landmark ids for sentences and points
-    latlon: torch.Tensor | None   # (N, 2) where each lies, when it matters (queries, GPS)
-    show: list                    # what the pictures draw: image paths, sentences, nothing
+def embedding_rows(out, n: int, what: str) -> torch.Tensor:
+    """An encoder's output for n inputs as (n, D) float32: what any encoder must return."""
+    out = out if torch.is_tensor(out) else torch.as_tensor(np.asarray(out))
+    if out.dim() != 2 or len(out) != n or not out.is_floating_point():
+        raise UserError(f"{what}: the encoder returned {tuple(out.shape)} {out.dtype} for a "
+                        f"batch of {n}; expected ({n}, D) floats")
+    return out.float()
 
-class Sides:
-    """The queries and galleries of the protocol (PROTOCOL 3), each built and embedded once,
-    when a task first asks for it. Under torchrun every process embeds its share of each
-    (`embed`), so all processes ask in the same order. Galleries hold their distractors
-    (label -1) first, then the query split's own items."""
+def checked(emb: torch.Tensor, side: Side, what: str) -> torch.Tensor:
+    """A side's embeddings, held to the protocol: a row per item, finite, unit length (rows
+    that are not are normalised, with a warning: cosine scores need unit vectors)."""
+    if emb.dim() != 2 or len(emb) != len(side.ids):
+        raise UserError(f"{what}: {tuple(emb.shape)} embeddings for the {len(side.ids)} rows of "
+                        f"{side.name}; expected ({len(side.ids)}, D)")
+    if not bool(torch.isfinite(emb).all()):
+        bad = int(torch.nonzero(~torch.isfinite(emb).all(1))[0])
+        raise UserError(f"{what}: row {bad} of {side.name} is not finite (NaN or inf)")
+    norms = emb.norm(dim=1)
+    if bool(((norms - 1).abs() > 1e-3).any()):
+        print0(f"warning: {what}: {int(((norms - 1).abs() > 1e-3).sum())} rows of {side.name} "
+               f"are not unit vectors; normalising them")
+        emb = F.normalize(emb, dim=-1)
+    return emb
 
-    def __init__(self, cfg: Config, model: MML, tok: Tokenizer, root: Path, device):
-        self.cfg, self.model, self.tok, self.root, self.device = cfg, model, tok, root, device
-        self.query = read_split(root, "query")
-        self.index = read_index(root, required=False)
-        self.query_lm = torch.as_tensor(self.query.ids, device=device)                    # (Q,)
-        self.query_latlon = torch.tensor(self.query.latlon, dtype=torch.float32,
-                                         device=device)                                   # (Q, 2)
-        self.sentence_sides = {}
+class Checkpoint:
+    """An mml checkpoint ready to embed, the Python API: `model = mml.load(CKPT)`, then
 
-    def images(self, split_dir: Path, kind: str, ids: list[str], what: str) -> tuple:
-        """Embeddings of images by id, and their paths."""
-        m = "G" if kind == "ground" else "S"
-        store = image_stores(self.cfg, split_dir, {m: ids})[m]
-        enc, items = self.model.enc[m], ImageList(store, ids)
-        if f"enc.{m}.trunk." in self.model.towers():  # a frozen CLIP tower runs once per image
-            features = self.tower_features(enc, items, f"{split_dir.name}_{kind}", what)
-            emb = embed(enc.project, features, what, self.cfg, self.device)
-        else:
-            emb = embed(enc, items, what, self.cfg, self.device)
-        return emb, [store.path(i) for i in ids]
+        model.embed_images(["photo.jpg"], kind="ground")  # paths or (H, W, 3) uint8 arrays
+        model.embed_text(["a red church in Denver"])
+        model.embed_gps([[40.7, -74.0]])                   # lat, lon in degrees
 
-    def tower_features(self, enc: Encoder, items: "ImageList", part: str, what: str):
-        """(n, P) outputs of a frozen CLIP tower, from the tower cache when it holds them. The
-        key covers the towers' weights, the preprocessing, the precision and the image list:
-        a second checkpoint on the same towers runs only its heads, and a cache made by
-        anything else is never used."""
+    each an (N, D) float32 tensor of unit vectors, made with the checkpoint's own
+    preprocessing and tokenizer, in batches on the best device. `eval` embeds the protocol's
+    sides with it, and `Locator` answers with it."""
+
+    def __init__(self, ckpt, device=None, clip: str = "", batch: int = 256, workers: int = 0,
+                 cache: str = ""):
+        self.path = Path(ckpt)
+        saved = load_checkpoint(self.path)
+        self.cfg = dataclasses.replace(checkpoint_config(self.path, saved), eval_batch=batch,
+                                       workers=workers, cache=cache)
+        self.cfg.clip = clip or self.cfg.clip
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model = restore(self.path, saved, self.cfg).to(self.device).eval()
+        self.tok = Tokenizer.from_str(saved["tokenizer"])
+        self.step, self.epoch, self.config = saved["step"], saved["epoch"], saved["config"]
+        self.modalities = self.cfg.modalities
+
+    def encoder(self, m: str) -> Encoder:
+        if m not in self.model.enc:
+            kind = {"G": "ground", "S": "satellite", "T": "text", "C": "gps"}[m]
+            raise UserError(f"{self.path}: has no {kind} encoder (trained on "
+                            f"{self.cfg.modalities})")
+        return self.model.enc[m]
+
+    def embed_images(self, images, kind: str = "ground") -> torch.Tensor:
+        """(N, D): images as paths, or decoded (H, W, 3) uint8 arrays of any size."""
+        m, size, how = kind[0].upper(), self.cfg.img_size, self.cfg.resize
+        pixels = [load_image(Path(x), size, how) if isinstance(x, (str, Path)) else
+                  to_square(Image.fromarray(np.asarray(x, dtype=np.uint8)), size, how)
+                  for x in images]
+        x = torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2)               # (N, 3, H, H)
+        return embed(self.encoder(m), x, f"{kind} images", self.cfg, self.device)
+
+    def embed_text(self, sentences: list[str]) -> torch.Tensor:
+        tokens = tokenize(self.tok, [str(s) for s in sentences])                  # (N, L)
+        return embed(self.encoder("T"), tokens, "sentences", self.cfg, self.device)
+
+    def embed_gps(self, latlon) -> torch.Tensor:
+        points = torch.as_tensor(np.asarray(latlon, dtype=np.float64)).view(-1, 2)
+        return embed(self.encoder("C"), points, "points", self.cfg, self.device)
+
+    def embed_side(self, side: Side, root: Path) -> torch.Tensor:
+        """A side of the protocol: images through the DataLoader's workers (and a frozen CLIP
+        tower through its cache), sentences through the checkpoint's tokenizer."""
+        enc, cfg = self.encoder(side.modality), self.cfg
+        if side.modality == "T":
+            return embed(enc, tokenize(self.tok, side.items), side.name, cfg, self.device)
+        if side.modality == "C":
+            return embed(enc, side.items, side.name, cfg, self.device)
+        if f"enc.{side.modality}.trunk." in self.model.towers():  # each image once per tower
+            features = torch.cat([self.tower_features(enc, part, root) for part in side.items])
+            return embed(enc.project, features, side.name, cfg, self.device)
+        return embed(enc, ImageList(side.items, cfg), side.name, cfg, self.device)
+
+    def tower_features(self, enc: Encoder, part: tuple, root: Path) -> torch.Tensor:
+        """(n, P) outputs of a frozen CLIP tower for one split's images, from the tower cache
+        when it holds them. The key covers the towers' weights, the preprocessing, the
+        precision and the image list: a second checkpoint on the same towers runs only its
+        heads, and a cache made by anything else is never used."""
+        split_dir, kind, ids = part
         precision = "bf16" if bf16_on(self.device, self.cfg) else "fp32"
         key = hashlib.sha256(json.dumps([self.model.tower_digest, self.cfg.img_size,
-                                         self.cfg.resize, precision, part, items.ids]).encode())
-        cache = Path(self.cfg.cache) if self.cfg.cache else self.root / "cache"
-        path = cache / "towers" / f"{part}-{key.hexdigest()[:16]}.pt"
-        features = read_cache(path, key.hexdigest(), (len(items), enc.width))
+                                         self.cfg.resize, precision, kind, ids]).encode())
+        cache = Path(self.cfg.cache) if self.cfg.cache else root / "cache"
+        path = cache / "towers" / f"{split_dir.name}_{kind}-{key.hexdigest()[:16]}.pt"
+        features = read_cache(path, key.hexdigest(), (len(ids), enc.width))
         if features is None:
-            features = embed(enc.features, items, f"{what} (CLIP tower)", self.cfg, self.device)
+            features = embed(enc.features, ImageList([part], self.cfg),
+                             f"{split_dir.name} {kind} (CLIP tower)", self.cfg, self.device)
             if is_master():
                 write_cache(path, key.hexdigest(), features)
         return features.to(self.device)
 
-    def points(self, latlon: torch.Tensor, what: str) -> torch.Tensor:
-        return embed(self.model.enc["C"], latlon, what, self.cfg, self.device)
+def load(ckpt, device=None, clip: str = "", batch: int = 256) -> Checkpoint:
+    """An mml checkpoint (trained, or made by `convert`) ready to embed: see Checkpoint."""
+    return Checkpoint(ckpt, device, clip, batch)
 
-    def gallery_of(self, emb: torch.Tensor, ids: list[str], show: list, own: Side,
-                   latlon: torch.Tensor | None = None) -> Side:
-        junk = torch.full((len(ids),), -1, dtype=torch.long, device=self.device)
-        return Side(torch.cat([emb, own.emb]), torch.cat([junk, own.labels]), ids + own.ids,
-                    latlon, show + own.show)
+class Functions:
+    """Any encoders, as functions of a batch: {"G" or "S": (B, 3, H, H) uint8 images decoded
+    by --resize to img_size, "T": a list of B strings, "C": (B, 2) float64 lat/lon} -> (B, D),
+    a tensor or array. Batches are handed over on the CPU."""
 
-    @functools.cached_property
-    def query_photos(self) -> Side:
-        """Every query ground photo, labelled with its landmark: each is its own query."""
-        ids = [i for g in self.query.ground for i in g]
-        per_landmark = torch.as_tensor([len(g) for g in self.query.ground], device=self.device)
-        emb, paths = self.images(self.query.dir, "ground", ids, "query ground")
-        return Side(emb, self.query_lm.repeat_interleave(per_landmark), ids,
-                    self.query_latlon.repeat_interleave(per_landmark, dim=0), paths)
+    def __init__(self, fns: dict, cfg: Config):
+        self.fns, self.cfg, self.modalities = fns, cfg, "".join(m for m in "GSTC" if m in fns)
 
-    @functools.cached_property
-    def query_tiles(self) -> Side:
-        """The latest aerial image of each query landmark."""
-        emb, paths = self.images(self.query.dir, "satellite", self.query.latest, "query aerial")
-        return Side(emb, self.query_lm, self.query.latest, self.query_latlon, paths)
+    def embed_side(self, side: Side, root: Path) -> torch.Tensor:
+        data = ImageList(side.items, self.cfg) if side.modality in "GS" else side.items
+        return embed(self.fns[side.modality], data, f"encoder {side.modality} on {side.name}",
+                     self.cfg, device_for(self.cfg), torch.device("cpu"))
 
-    def query_sentences(self, mode: str) -> Side:
-        """One sentence per query landmark: first, random (seeded by the landmark id), or the
-        no_cues sentence of mml_query_text_sentences.csv."""
-        if mode not in self.sentence_sides:
-            ids = [str(i) for i in self.query.ids.tolist()]
-            if mode == "no_cues":
-                texts, tokens = self.query.no_cues, tokenize(self.tok, self.query.no_cues)
-            else:
-                table = self.articles
-                rows = [table.pick(n, mode, random.Random(f"{self.cfg.seed}/{i}"))
-                        for n, i in enumerate(ids)]
-                tokens, texts = table.tokens[rows], [table.texts[r] for r in rows]
-            emb = embed(self.model.enc["T"], tokens, f"{mode} sentences", self.cfg, self.device)
-            self.sentence_sides[mode] = Side(emb, self.query_lm, ids, self.query_latlon, texts)
-        return self.sentence_sides[mode]
+class Files:
+    """Embeddings made elsewhere: FOLDER/{side}.npy, (N, D) rows in the order of the CSV that
+    `eval --export` wrote for that side."""
 
-    @functools.cached_property
-    def articles(self) -> Sentences:
-        """Every sentence of the query articles, read once for the first and random modes."""
-        articles, bad = read_articles(self.query)
-        if bad:
-            raise UserError(f"{bad[0]} (evaluation needs every file of the protocol)")
-        return Sentences(articles, self.tok, "random")
+    def __init__(self, folder: Path, cfg: Config):
+        self.folder, self.cfg = folder, cfg
+        sides = {p.stem for p in folder.glob("*.npy")}
+        self.modalities = "".join(m for m, names in (
+            ("G", "query_ground gallery_ground"), ("S", "query_satellite gallery_satellite"),
+            ("T", "query_text_"), ("C", "gallery_gps")) if any(
+                s.startswith(tuple(names.split())) for s in sides))
+        self.present = sides
 
-    @functools.cached_property
-    def photo_gallery(self) -> Side:
-        """The index photos, then every query photo."""
-        emb, paths = self.images(self.index.dir, "ground", self.index.ground, "index ground")
-        return self.gallery_of(emb, self.index.ground, paths, self.query_photos)
+    def embed_side(self, side: Side, root: Path) -> torch.Tensor:
+        path = self.folder / f"{side.name}.npy"
+        if not path.is_file():
+            raise UserError(f"{path}: not found (embed the rows of {side.name}.csv, which "
+                            f"`eval --export` writes, in order)")
+        try:
+            array = np.load(path, allow_pickle=False)  # never a pickle
+        except (OSError, ValueError) as e:
+            raise UserError(f"{path}: not a readable .npy file ({e})") from None
+        if array.dtype.kind != "f":
+            raise UserError(f"{path}: {array.dtype} values; expected floats")
+        return torch.from_numpy(array.astype(np.float32)).to(device_for(self.cfg))
 
-    @functools.cached_property
-    def tile_gallery(self) -> Side:
-        """The index tiles, then each query landmark's latest tile."""
-        emb, paths = self.images(self.index.dir, "satellite", self.index.sat, "index aerial")
-        return self.gallery_of(emb, self.index.sat, paths, self.query_tiles)
+def device_for(cfg: Config) -> torch.device:
+    cuda = cfg.device != "cpu" and torch.cuda.is_available()
+    return torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
 
-    @functools.cached_property
-    def gps_gallery(self) -> Side:
-        """The index tiles' centres, then the query landmarks' coordinates: the protocol's,
-        where every query's true location is among the answers."""
-        own = Side(self.points(self.query_latlon, "query landmarks' GPS"), self.query_lm,
-                   [str(i) for i in self.query.ids.tolist()], None, [None] * len(self.query_lm))
-        centres = torch.tensor(self.index.sat_latlon, dtype=torch.float32, device=self.device)
-        emb = self.points(centres, "index tiles' GPS")
-        return self.gallery_of(emb, self.index.sat, [None] * len(emb), own,
-                               torch.cat([centres, self.query_latlon]))
+def provenance(cfg: Config, device: torch.device) -> dict:
+    """What metrics.json records of the evaluation itself: its options, the code (mml.py's
+    sha256 and, in a git checkout, the commit), torch, the device and the date."""
+    here = Path(__file__).resolve()
+    git = subprocess.run(["git", "-C", str(here.parent), "rev-parse", "HEAD"],
+                         capture_output=True, text=True, timeout=10)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return {"eval": {k: getattr(cfg, k) for k in EVAL_OPTIONS},
+            "code": {"mml_sha256": hashlib.sha256(here.read_bytes()).hexdigest(),
+                     "git": git.stdout.strip() if git.returncode == 0 else None},
+            "torch": torch.__version__, "device": name,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
-    @functools.cached_property
-    def open_gallery(self) -> Side:
-        """The index tiles' centres and the training landmarks, no query landmark: where a
-        geolocaliser has to find a place it has not been given (`locate`'s default)."""
-        latlon, names = open_gallery(self.root)
-        latlon = latlon.float().to(self.device)
-        labels = torch.full((len(latlon),), -1, dtype=torch.long, device=self.device)
-        return Side(self.points(latlon, "open GPS gallery"), labels, names, latlon, names)
+EVAL_OPTIONS = ("tasks", "query_text", "chunk", "eval_batch", "img_size", "resize", "seed",
+                "viz_queries")
 
-    def queries(self, task: str) -> Side:
-        if task[0] == "T":
-            return self.query_sentences(task.split("-", 1)[1])
-        return self.query_photos if task[0] == "G" else self.query_tiles
+def items_digest(q: Side, g: Side) -> str:
+    """What a task was scored on: its queries and gallery, ids and labels (compare refuses
+    runs whose digests differ)."""
+    h = hashlib.sha256(json.dumps([q.ids, q.labels.tolist(), g.ids, g.labels.tolist()]).encode())
+    return h.hexdigest()[:16]
 
-    def gallery(self, task: str) -> Side:
-        if task[2] == "C":
-            return self.gps_gallery
-        return self.photo_gallery if task[2] == "G" else self.tile_gallery
+def score(protocol: Protocol, embedder, tasks: list[Task], cfg: Config, source: dict,
+          config: dict | None = None) -> dict:
+    """The protocol's tasks, embedded by `embedder` (each side once, shared between tasks):
+    rank, summarise official and strict metrics (and for x2C the geolocalisation, against the
+    protocol's gallery and the open one), break them down by category and state, write the
+    task's CSV and, with --viz, its picture; finally merge metrics.json and print the tables.
+    Returns {task: results}."""
+    rank, _ = rank_and_world()
+    device, out, embedded, results = device_for(cfg), Path(cfg.out) / "eval", {}, {}
 
-    def missing(self, task: str) -> str:
-        """Why a task cannot run on this checkpoint and data ("" when it can)."""
-        absent = [m for m in task[0] + task[2] if m not in self.cfg.modalities]
-        if absent:
-            return f"the checkpoint has no {absent[0]} encoder (trained on {self.cfg.modalities})"
-        # the ground gallery needs the index photos; the aerial and GPS galleries its tiles
-        kind = "ground" if task[2] == "G" else "satellite"
-        if (self.index.ground if kind == "ground" else self.index.sat) is None:
-            return f"{self.index.dir / f'mml_index_{kind}.csv'}: not found"
-        if task.endswith("no_cues") and self.query.no_cues is None:
-            return f"{self.query.dir / 'mml_query_text_sentences.csv'}: not found"
-        return ""
+    def side(name: str) -> tuple[Side, torch.Tensor]:
+        if name not in embedded:
+            s = protocol.side(name)
+            embedded[name] = s, checked(embedder.embed_side(s, protocol.root), s, source_name(
+                source))
+        return embedded[name]
+    for task in tasks:
+        (q, q_emb), (g, g_emb) = side(task.sides[0]), side(task.sides[1])
+        opened = side("open_gps") if task.geo else None
+        if rank != 0:  # every process embeds its share above; process 0 ranks and reports
+            continue
+        if q_emb.shape[1] != g_emb.shape[1]:
+            raise UserError(f"{task.name}: {q.name} is {q_emb.shape[1]}-d, {g.name} "
+                            f"{g_emb.shape[1]}-d; a task's two sides share one space")
+        t0 = time.time()
+        ranks = rank_queries(q_emb, g_emb, q.labels.to(device), g.labels.to(device),
+                             chunk=cfg.chunk)
+        res = summarise(ranks)
+        res["protocol"], res["queries"] = items_digest(q, g), len(q.ids)
+        res["gallery"], res["distractors"] = len(g.ids), int((g.labels == -1).sum())
+        columns = per_query(ranks, q, g)
+        if task.geo:  # the guess is the top-1 point: from the ranking, and from the open one
+            for block, (gallery, emb) in (("geo", (g, g_emb)), ("geo_open", opened)):
+                top = ranks["top"][:, 0] if block == "geo" else nearest(q_emb, emb, cfg.chunk)
+                pred = gallery.latlon[top.cpu()]
+                km = haversine_km(pred, q.latlon)
+                res[block] = geo_metrics(km)
+                prefix = "" if block == "geo" else "open_"
+                columns[f"{prefix}pred_lat"] = [f"{v:.6f}" for v in pred[:, 0].tolist()]
+                columns[f"{prefix}pred_lon"] = [f"{v:.6f}" for v in pred[:, 1].tolist()]
+                columns[f"{prefix}error_km"] = [f"{v:.3f}" for v in km.tolist()]
+        seconds = time.time() - t0  # printed, not in metrics.json: it holds results alone
+        res |= breakdowns(protocol, task, q, columns)
+        write_atomically(out / f"{task.name}.csv", lambda tmp: write_csv(
+            tmp, list(columns), zip(*columns.values())))
+        results[task.name] = res
+        print(f"{task.name}: {len(q.ids)} queries x {len(g.ids)} gallery ({res['distractors']} "
+              f"distractors) ranked in {seconds:.2f}s", flush=True)
+        if cfg.viz:
+            draw_task(task, protocol, q, g, q_emb, g_emb, ranks, columns,
+                      out / f"{task.name}.png", cfg)
+    if rank == 0 and results:
+        write_metrics(out / "metrics.json", results, cfg, device, source, config)
+        print_tables(results, cfg.by)
+        if cfg.viz and "checkpoint" in source:
+            draw_curves(Path(source["checkpoint"]).parent / "log.jsonl", out / "curves.png")
+        print(f"\nper-query results{', pictures' if cfg.viz else ''} and metrics.json in {out}/")
+    barrier()
+    return results
 
-def open_gallery(root: Path) -> tuple[torch.Tensor, list[str]]:
-    """(N, 2) lat/lon and names: the index tiles' centres (no name), then the training
-    landmarks (named by their Commons category). Never the query landmarks: they are the test."""
-    index = read_index(root, required=False)  # the tiles' list alone is needed
-    if index.sat is None:
-        raise UserError(f"{index.dir / 'mml_index_satellite.csv'}: file not found (the open "
-                        f"gallery holds the index tiles' centres)")
-    path = check_root(root, "train") / "mml_train.csv"
-    train = read_table(path, ["CommonsCategory", "lat", "lon"])
-    latlon = np.concatenate([index.sat_latlon, parse_latlon(path, train)])   # (N, 2) float64
-    return torch.as_tensor(latlon), [""] * len(index.sat) + train["CommonsCategory"]
+def source_name(source: dict) -> str:
+    return next(str(source[k]) for k in ("checkpoint", "embeddings", "encoders") if k in source)
+
+def per_query(ranks: dict, q: Side, g: Side) -> dict:
+    """The task's CSV, column by column: per query its 1-based rank (strict and official), its
+    AP (what `compare` resamples), its top 5 and which of them are its landmark."""
+    hits = (g.labels[ranks["top"].cpu()] == q.labels[:, None]).int()               # (Q, 5)
+    return {"query_id": q.ids, "landmark_id": q.labels.tolist(),
+            "rank_strict": (ranks["first_strict"] + 1).tolist(),
+            "rank_official": (ranks["first_official"] + 1).tolist(),
+            "ap_strict": [f"{v:.6f}" for v in ranks["ap_strict"].tolist()],
+            "ap_official": [f"{v:.6f}" for v in ranks["ap_official"].tolist()],
+            "top5": [" ".join(g.ids[j] for j in row) for row in ranks["top"].tolist()],
+            "top5_hits": [" ".join(map(str, row)) for row in hits.tolist()]}
+
+def breakdowns(protocol: Protocol, task: Task, q: Side, columns: dict) -> dict:
+    """Per landmark category and per state (mmlandmarks.csv): the number of queries and R@1
+    (official) for retrieval, acc@25km and acc@750km for geolocalisation."""
+    if protocol.groups is None:
+        return {}
+    values = {"R@1": [100.0 * (r == 1) for r in columns["rank_official"]]}
+    if task.geo:
+        km = [float(k) for k in columns["error_km"]]
+        values = {f"acc@{t}km": [100.0 * (k <= t) for k in km] for t in (25, 750)}
+    out = {}
+    for by, group_of in protocol.groups.items():
+        groups = {}
+        for n, lm in enumerate(q.labels.tolist()):
+            groups.setdefault(group_of.get(lm, "?"), []).append(n)
+        out[f"by_{by}"] = {name: {"queries": len(rows), **{k: sum(v[r] for r in rows) / len(rows)
+                                                          for k, v in values.items()}}
+                           for name, rows in sorted(groups.items())}
+    return out
+
+def write_metrics(path: Path, results: dict, cfg: Config, device, source: dict, config):
+    """metrics.json, merged by task: results of other tasks (other checkpoints) stay, each
+    naming its source and data; the evaluation's own record at the top."""
+    earlier = {}
+    if path.is_file():
+        try:
+            earlier = json.loads(path.read_text(encoding="utf-8"))["tasks"]
+        except (ValueError, KeyError, TypeError):
+            print(f"warning: {path}: not a metrics.json mml wrote; replacing it")
+    merged = {**source, **provenance(cfg, device), "config": config,
+              "tasks": earlier | {t: {**r, **source} for t, r in results.items()}}
+    write_atomically(path, lambda tmp: tmp.write_text(json.dumps(merged, indent=1)))
+
+def evaluate(cfg: Config):
+    """`eval`: the protocol on the data, embedded by the checkpoint (--ckpt) or read from
+    files (--embeddings); or, with --export, the protocol's sides written for another model
+    to embed. Tasks the data or the model cannot run are named and skipped."""
+    device = setup_distributed(cfg)
+    if is_master() and not cfg.export:  # before the hours of embedding, not after them
+        writable_folder(Path(cfg.out) / "eval", "--out")
+    root = check_root(Path(cfg.data))  # never generated here: a checkpoint names its data
+    protocol = Protocol(root)
+    if cfg.export:
+        return export_protocol(protocol, runnable(protocol, cfg, "GSTC"), Path(cfg.export))
+    if cfg.embeddings:
+        embedder, config = Files(Path(cfg.embeddings), cfg), None
+        source = {"data": str(root), "embeddings": str(Path(cfg.embeddings).resolve())}
+    else:
+        embedder = Checkpoint(cfg.ckpt, device, cfg.clip, cfg.eval_batch, cfg.workers,
+                              cfg.cache)
+        config = embedder.config
+        source = {"data": str(root), "checkpoint": str(cfg.ckpt), "step": embedder.step,
+                  "epoch": embedder.epoch}
+    print0(f"evaluating {source_name(source)} on {root}")
+    score(protocol, embedder, runnable(protocol, cfg, embedder.modalities), cfg, source, config)
+
+def runnable(protocol: Protocol, cfg: Config, modalities: str) -> list[Task]:
+    """The tasks asked for that the data and the model can run: one asked for by name and
+    impossible is an error, one of all the tasks a note."""
+    tasks = []
+    for task in task_list(cfg.tasks, cfg.query_text):
+        absent = [m for m in task.query + task.gallery if m not in modalities]
+        why = (f"no {absent[0]} encoder (the model has {modalities})" if absent else
+               protocol.missing(task))
+        if why and cfg.tasks:
+            raise UserError(f"task {task.name}: {why}")
+        if why:
+            print0(f"skipping {task.name}: {why}")
+        else:
+            tasks.append(task)
+    return tasks
+
+def export_protocol(protocol: Protocol, tasks: list[Task], folder: Path):
+    """`eval --export DIR`: every side of the tasks as DIR/{side}.csv (row, id, item: a file
+    path or a sentence, landmark: its id or -1 for a distractor, lat, lon where known), and
+    DIR/tasks.json naming each task's sides. Embed each CSV's rows, in order, into
+    DIR/{side}.npy of shape (rows, D), then score them with `eval --embeddings DIR`."""
+    writable_folder(folder, "--export")
+    names = list(dict.fromkeys(name for t in tasks for name in t.sides))
+    for name in names:
+        s = protocol.side(name)
+        latlon = s.latlon.tolist() if s.latlon is not None else [("", "")] * len(s.ids)
+        rows = [(n, i, "" if shown is None else shown, label, lat, lon) for n, (
+            i, shown, label, (lat, lon)) in enumerate(zip(s.ids, s.show, s.labels.tolist(),
+                                                           latlon))]
+        write_atomically(folder / f"{name}.csv", lambda tmp: write_csv(
+            tmp, ["row", "id", "item", "landmark", "lat", "lon"], rows))
+    sides = {t.name: dict(zip(("queries", "gallery", "open_gallery"), t.sides)) for t in tasks}
+    write_atomically(folder / "tasks.json", lambda tmp: tmp.write_text(json.dumps(sides, indent=1)))
+    print(f"{len(names)} sides of {len(tasks)} tasks in {folder}/: embed each {{side}}.csv into "
+          f"{{side}}.npy, then `python mml.py eval --embeddings {folder} --data {protocol.root}`")
+
+def evaluate_encoders(encoders: dict, data, out="runs/encoders", tasks: str = "",
+                      img_size: int = 224, resize: str = "crop", batch: int = 256,
+                      device: str = "", workers: int = 0, viz: bool = False,
+                      name: str = "encoders") -> dict:
+    """Any model on the benchmark, from Python: encoders maps some of "G", "S", "T", "C" to
+    functions of a batch (see Functions); the tasks they cannot run are named and skipped.
+    Writes what `eval` writes into OUT/eval/ and returns {task: results}."""
+    cfg = dataclasses.replace(Config(), data=str(data), out=str(out), tasks=tasks,
+                              img_size=img_size, resize=resize, eval_batch=batch,
+                              device=device, workers=workers, viz=viz)
+    check_config(cfg)
+    unknown = set(encoders) - set("GSTC")
+    if unknown:
+        raise UserError(f"evaluate_encoders: modalities {sorted(unknown)}; expected some of "
+                        f"G, S, T, C")
+    writable_folder(Path(cfg.out) / "eval", "out")
+    protocol = Protocol(check_root(Path(cfg.data)))
+    embedder = Functions(encoders, cfg)
+    return score(protocol, embedder, runnable(protocol, cfg, embedder.modalities), cfg,
+                 {"data": str(protocol.root), "encoders": name})
 
 @torch.no_grad()
-def nearest(q: torch.Tensor, g: torch.Tensor, k: int, chunk: int = 512) -> tuple:
-    """The k best gallery items of each query by cosine score, in float32 and in chunks of
-    queries: (Q, k) scores, (Q, k) gallery indices."""
-    precision = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("highest")
-    try:
-        best = [(part.float() @ g.float().T).topk(min(k, len(g)), dim=1) for part in q.split(chunk)]
-    finally:
-        torch.set_float32_matmul_precision(precision)
-    return torch.cat([s for s, _ in best]), torch.cat([i for _, i in best])
+def nearest(q: torch.Tensor, g: torch.Tensor, chunk: int = 512) -> torch.Tensor:
+    """(Q,) each query's best gallery item by cosine score, in float32 and in chunks."""
+    with exact_scores():
+        return torch.cat([(part @ g.float().T).argmax(1) for part in q.float().split(chunk)])
 
-def print_tables(results: dict):
+def print_tables(results: dict, by: str = ""):
     """The results laid out like the authors' tables (PROTOCOL 5), then the
-    geolocalisation against the protocol's GPS gallery and against the open one."""
+    geolocalisation against the protocol's GPS gallery and against the open one, and with
+    --by, the breakdown by category or state."""
     cols = ("mAP@1k", "R@1", "R@5", "R@10")
     print(f"\n{'task':<16}{'medR':>8} | official (distractors as junk)      | strict "
           f"(distractors ranked)")
@@ -2288,85 +2679,202 @@ def print_tables(results: dict):
                   + "   (% of queries within; median error)")
             for task, g in geo.items():
                 print(f"{task:<16}" + "".join(f"{g[k]:>11.1f}" for k in keys))
+    if by:
+        print(f"\nby {by} (queries; R@1, or acc@25km and acc@750km for geolocalisation)")
+        for task, r in results.items():
+            for group, v in r.get(f"by_{by}", {}).items():
+                print(f"{task:<16}{group[:28]:<30}{v['queries']:>7}" + "".join(
+                    f"{x:>9.1f}" for k, x in v.items() if k != "queries"))
 
-def evaluate(cfg: Config):
-    """Every task of the protocol on one checkpoint: load the model and the data it names;
-    per task, embed the queries and the gallery (once each, shared between tasks), rank,
-    summarise official and strict metrics (and for x2C tasks the geolocalisation, also
-    against the open gallery), write the task's CSV and, with --viz, its picture; finally
-    merge metrics.json and print the tables."""
-    device = setup_distributed(cfg)
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    if rank == 0:  # before the hours of embedding, not after them
-        writable_folder(Path(cfg.out) / "eval", "--out")
-    ckpt = load_checkpoint(Path(cfg.ckpt))
-    model = restore(Path(cfg.ckpt), ckpt, cfg).to(device).eval()
-    root = check_root(Path(cfg.data))  # never generated here: a checkpoint names its data
-    print0(f"evaluating {cfg.ckpt} (step {ckpt['step']}, epoch {ckpt['epoch']}) on {root}")
-    sides = Sides(cfg, model, Tokenizer.from_str(ckpt["tokenizer"]), root, device)
-    tasks = []
-    for task in task_names(cfg):
-        why = sides.missing(task)
-        if why and cfg.tasks:  # asked for by name: an error; otherwise a note
-            raise UserError(f"task {task}: {why}")
-        if why:
-            print0(f"skipping {task}: {why}")
+def open_gallery(root: Path) -> tuple[torch.Tensor, list[str]]:
+    """(N, 2) lat/lon and names: the index tiles' centres (no name), then the training
+    landmarks (named by their Commons category). Never the query landmarks: they are the test."""
+    index = read_index(root, required=False)  # the tiles' list alone is needed
+    if index.sat is None:
+        raise UserError(f"{index.dir / 'mml_index_satellite.csv'}: file not found (the open "
+                        f"gallery holds the index tiles' centres)")
+    path = check_root(root, "train") / "mml_train.csv"
+    train = read_table(path, ["CommonsCategory", "lat", "lon"])
+    latlon = np.concatenate([index.sat_latlon, parse_latlon(path, train)])   # (N, 2) float64
+    return torch.as_tensor(latlon), [""] * len(index.sat) + train["CommonsCategory"]
+
+# ---- compare ------------------------------------------------------------------------------
+# Runs side by side, with what a paper needs to tell a difference from noise: 95% bootstrap
+# intervals that resample query landmarks (a landmark's photos are not independent queries,
+# and resampling photos would overstate the confidence), each run's difference to the
+# first on the very same resamples (paired), and runs that differ only in --seed as one
+# setting, mean +- std.
+
+HEADLINE = {False: ("R@1", "R@5", "R@10", "mAP@1k"),  # retrieval, official
+            True: ("acc@1km", "acc@25km", "acc@200km", "acc@750km", "acc@2500km")}  # x2C
+# options that change no result, or change only the draw of one (--seed): runs that differ
+# in these alone are seeds of one setting
+NOT_A_SETTING = ("seed", "out", "resume", "overwrite", "workers", "device", "log_every",
+                 "cache", "data", "ckpt", "compile")
+
+def read_run(folder: Path) -> dict:
+    """A run folder (holding eval/) or an eval folder: its metrics.json and, per task, the
+    per-query values of the headline metrics, from the task's CSV."""
+    path = next((p for p in (folder / "metrics.json", folder / "eval/metrics.json")
+                 if p.is_file()), None)
+    if path is None:
+        raise UserError(f"{folder}: no metrics.json there or in eval/ (run `mml.py eval`)")
+    try:
+        metrics = json.loads(path.read_text(encoding="utf-8"))
+        listed = metrics["tasks"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{path}: not a metrics.json of mml ({type(e).__name__})") from None
+    tasks = {}
+    for name, r in listed.items():
+        geo = name[2] == "C"
+        columns = ["landmark_id", "error_km"] if geo else ["landmark_id", "rank_official",
+                                                           "ap_official"]
+        rows = read_table(path.parent / f"{name}.csv", columns)
+        numbers = {c: parse_numbers(path.parent / f"{name}.csv", rows, [c], float)[:, 0]
+                   for c in columns}
+        if geo:
+            values = {f"acc@{t}km": 100.0 * (numbers["error_km"] <= t) for t in
+                      (1, 25, 200, 750, 2500)}
         else:
-            tasks.append(task)
-    out = Path(cfg.out) / "eval"
-    results = {}
-    for task in tasks:
-        q, g = sides.queries(task), sides.gallery(task)
-        opened = sides.open_gallery if task[2] == "C" else None
-        if rank != 0:  # every process embeds its share above; process 0 ranks and reports
-            continue
-        t0 = time.time()
-        ranks = rank_queries(q.emb, g.emb, q.labels, g.labels, chunk=cfg.chunk)
-        res = summarise(ranks)
-        hits = g.labels[ranks["top"]] == q.labels[:, None]                    # (Q, 5)
-        header = ["query_id", "landmark_id", "rank_strict", "rank_official", "top5", "top5_hits"]
-        rows = [[q.ids[i], int(q.labels[i]), int(ranks["first_strict"][i]) + 1,
-                 int(ranks["first_official"][i]) + 1,
-                 " ".join(g.ids[j] for j in ranks["top"][i].tolist()),
-                 " ".join(str(int(h)) for h in hits[i])] for i in range(len(q.ids))]
-        if task[2] == "C":  # the top-1 point is the guess, in either gallery
-            for block, gallery in (("geo", g), ("geo_open", opened)):
-                pred = gallery.latlon[nearest(q.emb, gallery.emb, 1, cfg.chunk)[1][:, 0]]
-                res[block] = geo_metrics(pred, q.latlon)
-                km = haversine_km(pred, q.latlon).tolist()
-                prefix = "" if block == "geo" else "open_"
-                header += [f"{prefix}pred_lat", f"{prefix}pred_lon", f"{prefix}error_km"]
-                rows = [r + [f"{a:.6f}", f"{b:.6f}", f"{k:.3f}"]
-                        for r, (a, b), k in zip(rows, pred.tolist(), km)]
-        res["queries"], res["gallery"] = len(q.ids), len(g.ids)
-        res["distractors"] = int((g.labels == -1).sum())
-        seconds = time.time() - t0  # printed, not in metrics.json: it holds results alone
-        out.mkdir(parents=True, exist_ok=True)
-        write_csv(out / f"{task}.csv", header, rows)
-        results[task] = res
-        print(f"{task}: {len(q.ids)} queries x {len(g.ids)} gallery ({res['distractors']} "
-              f"distractors) ranked in {seconds:.2f}s", flush=True)
-        if cfg.viz:
-            draw_task(task, q, g, ranks, hits, sides, out / f"{task}.png", cfg.seed)
-    if rank == 0 and results:  # merged by task: results of other tasks, other checkpoints, stay
-        source = {"checkpoint": str(cfg.ckpt), "step": ckpt["step"], "epoch": ckpt["epoch"]}
-        path = out / "metrics.json"
-        earlier = json.loads(path.read_text())["tasks"] if path.is_file() else {}
-        merged = {"data": str(root), **source, "config": ckpt["config"],
-                  "tasks": earlier | {t: {**r, **source} for t, r in results.items()}}
-        path.with_suffix(".json.tmp").write_text(json.dumps(merged, indent=1))
-        os.replace(path.with_suffix(".json.tmp"), path)
-        print_tables(results)
-        if cfg.viz:
-            draw_curves(Path(cfg.ckpt).parent / "log.jsonl", out / "curves.png")
-        print(f"\nper-query results{', pictures' if cfg.viz else ''} and metrics.json in {out}/")
-    barrier()
+            values = {f"R@{k}": 100.0 * (numbers["rank_official"] <= k) for k in (1, 5, 10)}
+            values["mAP@1k"] = 100 * numbers["ap_official"]
+        tasks[name] = {"protocol": r.get("protocol"), "data": r.get("data"), "values": values,
+                       "landmarks": numbers["landmark_id"].astype(np.int64)}
+    label = folder.parent.name if folder.name == "eval" else folder.name
+    return {"name": label, "path": path, "config": metrics.get("config"), "tasks": tasks}
 
-# Pictures (`eval --viz`), with Pillow alone: per retrieval task a grid of seeded queries and
-# their top 5; per x2C task a map of the errors; the training curves from log.jsonl.
-GRID_THUMB, GRID_GAP, GRID_LINE, GRID_ROWS = 96, 8, 20, 8  # px, px, px, queries
+def cluster_weights(landmarks: np.ndarray, resamples: int, seed: int = 0) -> np.ndarray:
+    """(resamples, Q): how often each query is drawn when the query landmarks are drawn with
+    replacement, all of a landmark's queries together. A resampled mean is weights @ values
+    / weights.sum()."""
+    unique, landmark_of = np.unique(landmarks, return_inverse=True)
+    picks = np.random.default_rng(seed).integers(0, len(unique), (resamples, len(unique)))
+    counts = np.stack([np.bincount(p, minlength=len(unique)) for p in picks])   # (R, L)
+    return counts[:, landmark_of].astype(np.float64)                            # (R, Q)
+
+def setting_groups(runs: list[dict]) -> list[list[dict]]:
+    """Runs grouped by setting: the same training config but for NOT_A_SETTING, each with a
+    seed of its own; a run without a config (outside embeddings) is its own group."""
+    groups, keys = [], []
+    for run in runs:
+        config = run["config"]
+        key = None if config is None else json.dumps(
+            {k: v for k, v in config.items() if k not in NOT_A_SETTING}, sort_keys=True)
+        same = [g for g, k in zip(groups, keys) if key is not None and k == key and
+                config.get("seed") not in [r["config"].get("seed") for r in g]]
+        if same:
+            same[0].append(run)
+        else:
+            groups.append([run])
+            keys.append(key)
+    return groups
+
+def comparison(runs: list[dict], resamples: int) -> dict:
+    """{(task, metric): [per group: (value, std, lo, hi, diff, diff_lo, diff_hi)]}: a group's
+    value is its runs' mean (std across them, 0 for one run); lo and hi bound its 95%
+    bootstrap interval; diff and its interval are to the first group, on the same resamples.
+    Runs evaluated on other queries or galleries than the first are refused, naming both."""
+    first, groups, table = runs[0], setting_groups(runs), {}
+    for run in runs[1:]:
+        for name, t in run["tasks"].items():
+            mine = first["tasks"].get(name)
+            if mine and mine["protocol"] != t["protocol"]:
+                raise UserError(f"{run['path']} and {first['path']} were evaluated on different "
+                                f"queries or galleries for {name} (data {t['data']} and "
+                                f"{mine['data']}): compare runs of one protocol")
+    names = list(dict.fromkeys(n for r in runs for n in r["tasks"]))
+    for name in names:
+        have = [all(name in r["tasks"] for r in g) for g in groups]
+        if not any(have):
+            continue
+        landmarks = groups[have.index(True)][0]["tasks"][name]["landmarks"]
+        w = cluster_weights(landmarks, resamples)                                   # (R, Q)
+        for metric in HEADLINE[name[2] == "C"]:
+            cells, base = [], None
+            for g, here in zip(groups, have):
+                if not here:
+                    cells.append(None)
+                    continue
+                x = np.stack([r["tasks"][name]["values"][metric] for r in g])     # (runs, Q)
+                points = x.mean(1)                                                # (runs,)
+                boot = (w @ x.T / w.sum(1, keepdims=True)).mean(1)                 # (R,)
+                base = (boot, points.mean()) if base is None else base
+                cells.append((points.mean(), points.std(ddof=1) if len(g) > 1 else 0.0,
+                              *np.percentile(boot, [2.5, 97.5]), points.mean() - base[1],
+                              *np.percentile(boot - base[0], [2.5, 97.5])))
+            table[name, metric] = cells
+    return table
+
+def compare(cfg: Config):
+    """`compare RUN...`: one table of every task's headline metrics (official R@k and mAP@1k,
+    or the geolocalisation's accuracies), each run with its 95% interval and, after the
+    first, its paired difference to the first; also as compare.csv and compare.png in --out,
+    and with --latex for a paper."""
+    runs = [read_run(Path(r)) for r in cfg.runs]
+    groups = setting_groups(runs)
+    labels = [g[0]["name"] + (f" ({len(g)} seeds)" if len(g) > 1 else "") for g in groups]
+    table = comparison(runs, cfg.resamples)
+    text = lambda c, d: "-" if c is None else (
+        f"{c[4]:+.2f} [{c[5]:+.2f}, {c[6]:+.2f}]" if d else
+        f"{c[0]:.2f}" + (f" +- {c[1]:.2f}" if c[1] else "") + f" [{c[2]:.2f}, {c[3]:.2f}]")
+    header = ["task", "metric"] + labels + [f"{lab} - {labels[0]}" for lab in labels[1:]]
+    rows = [[t, m] + [text(c, False) for c in cells] + [text(c, True) for c in cells[1:]]
+            for (t, m), cells in table.items()]
+    widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
+    for r in [header] + rows:
+        print("  ".join(f"{str(v):<{w}}" for v, w in zip(r, widths)))
+    out = writable_folder(Path(cfg.out), "--out")
+    write_atomically(out / "compare.csv", lambda tmp: write_csv(
+        tmp, ["task", "metric", "run", "value", "std", "low", "high", "diff", "diff_low",
+              "diff_high"], [[t, m, lab, *c] for (t, m), cells in table.items()
+                             for lab, c in zip(labels, cells) if c is not None]))
+    draw_comparison(table, labels, out / "compare.png")
+    if cfg.latex:
+        tex = lambda r: " & ".join(str(v).replace("+-", "$\\pm$").replace("_", "\\_")
+                                   for v in r) + " \\\\"
+        print("\n\\begin{tabular}{ll" + "r" * (len(header) - 2) + "}\n\\toprule")
+        print(tex(header) + "\n\\midrule")
+        for r in rows:
+            print(tex(r))
+        print("\\bottomrule\n\\end{tabular}")
+    print(f"\n95% intervals: {cfg.resamples} bootstrap resamples of the query landmarks; "
+          f"compare.csv and compare.png in {out}/")
+
+def draw_comparison(table: dict, labels: list[str], path: Path):
+    """Each task and metric a row, each setting a dot at its value and a bar over its 95%
+    interval, on one 0-100% axis."""
+    palette = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189)]
+    left, width, line = 190, 600, 16
+    img = Image.new("RGB", (left + width + 20, 40 + line * len(table) + 20 * len(labels)),
+                    "white")
+    draw, text = ImageDraw.Draw(img), font(12)
+    for x in range(0, 101, 20):
+        draw.line((left + x * width / 100, 30, left + x * width / 100, 30 + line * len(table)),
+                  fill=(225, 225, 225))
+        draw.text((left + x * width / 100 - 8, 14), f"{x}%", fill="black", font=text)
+    for n, ((task, metric), cells) in enumerate(table.items()):
+        y = 30 + n * line + line // 2
+        draw.text((8, y - 7), f"{task} {metric}", fill="black", font=text)
+        for k, c in enumerate(cells):
+            if c is not None:
+                colour, dy = palette[k % len(palette)], (k - len(cells) / 2) * 3
+                draw.line((left + c[2] * width / 100, y + dy, left + c[3] * width / 100, y + dy),
+                          fill=colour, width=2)
+                draw.ellipse((left + c[0] * width / 100 - 3, y + dy - 3,
+                              left + c[0] * width / 100 + 3, y + dy + 3), fill=colour)
+    for k, label in enumerate(labels):
+        y = 40 + line * len(table) + 20 * k
+        draw.rectangle((8, y, 20, y + 12), fill=palette[k % len(palette)])
+        draw.text((28, y - 1), label, fill="black", font=text)
+    img.save(path)
+
+# Pictures (`eval --viz`), with Pillow alone: per retrieval task a grid of queries, their top
+# 5 and, when it is not among them, their correct match; per x2C task a map of the errors;
+# the training curves from log.jsonl.
+GRID_THUMB, GRID_GAP, GRID_LINE, GRID_ROWS = 96, 8, 18, 8  # px, px, px, queries
 GREEN, RED = (0, 160, 0), (200, 30, 30)
 MAP_LAT, MAP_LON, MAP_PX = (24.0, 50.0), (-125.0, -66.0), 16  # contiguous US, px per degree
+MAP_LINES = 12  # the worst queries' lines to their guesses: few enough to follow
 ERROR_BANDS = ((1, (0, 140, 0)), (25, (20, 150, 150)), (200, (40, 80, 210)),
                (750, (230, 140, 0)), (2500, (210, 30, 30)), (math.inf, (90, 0, 60)))
 
@@ -2374,13 +2882,20 @@ def font(size: int = 13):
     return ImageFont.load_default(size=size)  # Pillow's scalable font: legible at any size
 
 def grid_cell(row: int, col: int) -> tuple[int, int]:
-    """Top-left pixel of a grid's thumbnail; a line of text above each row."""
+    """Top-left pixel of a grid's thumbnail: a caption line above each row, a line of scores
+    under it; columns 0 the query, 1-5 its top 5, 6 its correct match."""
     return (GRID_GAP + col * (GRID_THUMB + GRID_GAP),
-            GRID_LINE + row * (GRID_THUMB + GRID_GAP + GRID_LINE))
+            GRID_LINE + row * (GRID_THUMB + GRID_GAP + 2 * GRID_LINE))
 
-def picture_queries(n: int, seed: int) -> list[int]:
-    """The queries a grid shows: GRID_ROWS of n, seeded, in order."""
-    return sorted(random.Random(seed).sample(range(n), min(GRID_ROWS, n)))
+def picture_queries(ranks: list[int], seed: int, how: str = "random") -> list[int]:
+    """The queries a grid shows, GRID_ROWS of them: seeded random ones in order, or (hard) the
+    best-, median- and worst-ranked, in that order."""
+    n = len(ranks)
+    if how == "random":
+        return sorted(random.Random(seed).sample(range(n), min(GRID_ROWS, n)))
+    order = sorted(range(n), key=lambda i: ranks[i])  # stable: ties keep the query order
+    middle = (n - 2) // 2
+    return list(dict.fromkeys(order[:3] + order[middle:middle + 2] + order[-3:]))
 
 def thumbnail(path) -> Image.Image:
     try:
@@ -2388,62 +2903,77 @@ def thumbnail(path) -> Image.Image:
     except Exception:  # the grid still shows the rest
         return Image.new("RGB", (GRID_THUMB, GRID_THUMB), (128, 128, 128))
 
-def draw_task(task: str, q: Side, g: Side, ranks: dict, hits: torch.Tensor, sides: Sides,
-              path: Path, seed: int):
-    """A retrieval task's grid: each row a query (its image, or its sentence above the row)
-    and its top 5, bordered green where a result is the query's landmark, red otherwise,
-    distractors marked. An x2C task's map: a line from each true location to the guess."""
-    if task[2] == "C":
-        return draw_map(task, q, g.latlon[ranks["top"][:, 0]], sides, path)
-    n_junk, text = int((g.labels == -1).sum()), font()
-    rows = picture_queries(len(q.ids), seed)
-    width, height = grid_cell(0, 6)[0], grid_cell(len(rows), 0)[1]
-    img = Image.new("RGB", (width, height), "white")
+def draw_task(task: Task, protocol: Protocol, q: Side, g: Side, q_emb, g_emb, ranks: dict,
+              columns: dict, path: Path, cfg: Config):
+    """A retrieval task's grid: each row a query (its image, or its sentence) and its top 5,
+    their scores underneath, bordered green where a result is the query's landmark, red
+    otherwise, distractors marked; then, when the top 5 miss it, the query's best-scoring
+    correct item and its rank. An x2C task's map: see draw_map."""
+    if task.geo:
+        return draw_map(task, protocol, q, columns, path)
+    text, n_junk = font(), int((g.labels == -1).sum())
+    rows = picture_queries(columns["rank_strict"], cfg.seed, cfg.viz_queries)
+    img = Image.new("RGB", (grid_cell(0, 7)[0], grid_cell(len(rows), 0)[1]), "white")
     draw = ImageDraw.Draw(img)
+
+    def cell(r: int, c: int, j: int, colour, under: str):
+        x, y = grid_cell(r, c)
+        img.paste(thumbnail(g.show[j]), (x, y))
+        draw.rectangle((x, y, x + GRID_THUMB - 1, y + GRID_THUMB - 1), outline=colour, width=4)
+        if j < n_junk:
+            draw.rectangle((x + 4, y + GRID_THUMB - 20, x + GRID_THUMB - 5, y + GRID_THUMB - 5),
+                           fill="black")
+            draw.text((x + 8, y + GRID_THUMB - 19), "distractor", fill="white", font=text)
+        draw.text((x, y + GRID_THUMB + 2), under, fill="black", font=text)
     for r, i in enumerate(rows):
         x, y = grid_cell(r, 0)
-        caption = q.show[i] if task[0] == "T" else f"query {q.ids[i]} (landmark {q.labels[i]})"
-        draw.text((x, y - GRID_LINE + 3), str(caption)[:100], fill="black", font=text)
-        if task[0] == "T":
-            draw.rectangle((x, y, x + GRID_THUMB - 1, y + GRID_THUMB - 1), fill=(230, 230, 230))
-            draw.text((x + 6, y + GRID_THUMB // 2 - 8), "sentence", fill="black", font=text)
+        rank, official = columns["rank_strict"][i], columns["rank_official"][i]
+        caption = (f"query {q.ids[i]}" if task.query != "T" else "sentence") + (
+            f" (landmark {int(q.labels[i])}): correct match at rank {rank} (official {official})")
+        draw.text((x, y - GRID_LINE + 2), caption[:110], fill="black", font=text)
+        if task.query == "T":  # the sentence itself, wrapped into the query's cell
+            draw.rectangle((x, y, x + GRID_THUMB - 1, y + GRID_THUMB - 1), fill=(235, 235, 235))
+            lines = textwrap.wrap(str(q.show[i]), 15)[:7] or ["(empty)"]
+            draw.multiline_text((x + 3, y + 3), "\n".join(lines), fill="black", font=text)
         else:
             img.paste(thumbnail(q.show[i]), (x, y))
-        for c, j in enumerate(ranks["top"][i, :5].tolist(), 1):
-            x, y = grid_cell(r, c)
-            img.paste(thumbnail(g.show[j]), (x, y))
-            colour = GREEN if hits[i, c - 1] else RED
-            draw.rectangle((x, y, x + GRID_THUMB - 1, y + GRID_THUMB - 1), outline=colour, width=4)
-            if j < n_junk:
-                draw.rectangle((x + 4, y + GRID_THUMB - 20, x + GRID_THUMB - 5, y + GRID_THUMB - 5),
-                               fill="black")
-                draw.text((x + 8, y + GRID_THUMB - 19), "distractor", fill="white", font=text)
+        top = ranks["top"][i, :5].tolist()
+        scores = (g_emb[top] @ q_emb[i]).tolist()
+        for c, (j, s) in enumerate(zip(top, scores), 1):
+            cell(r, c, j, GREEN if g.labels[j] == q.labels[i] else RED, f"{s:.3f}")
+        if rank > len(top):
+            j = int(ranks["match"][i])
+            cell(r, 6, j, GREEN, f"{float(g_emb[j] @ q_emb[i]):.3f}  #{rank}")
     img.save(path)
 
 def map_xy(lat: float, lon: float) -> tuple[float, float]:
     """Equirectangular: a degree is MAP_PX pixels both ways."""
     return (lon - MAP_LON[0]) * MAP_PX, (MAP_LAT[1] - lat) * MAP_PX
 
-def draw_map(task: str, q: Side, pred: torch.Tensor, sides: Sides, path: Path):
-    """The contiguous US; training landmarks faint; a line from each query's true location
-    to its predicted one, coloured by error band; a legend with each band's share."""
+def draw_map(task: Task, protocol: Protocol, q: Side, columns: dict, path: Path):
+    """The contiguous US, training landmarks faint; each query's true location a dot coloured
+    by its error band, the worst on the bottom and the best on top; lines from true location
+    to guess for the MAP_LINES worst queries only, so that they can be followed; a legend
+    with each band's share."""
     width = int((MAP_LON[1] - MAP_LON[0]) * MAP_PX)
     height = int((MAP_LAT[1] - MAP_LAT[0]) * MAP_PX)
     img = Image.new("RGB", (width, height + 40), (250, 250, 246))
     draw, text = ImageDraw.Draw(img), font()
-    train_points = sides.open_gallery.latlon[len(sides.index.sat):].tolist()
-    for lat, lon in train_points:
+    for lat, lon in protocol.open_gps.latlon[len(protocol.index.sat):].tolist():
         x, y = map_xy(lat, lon)
         draw.ellipse((x - 1, y - 1, x + 1, y + 1), fill=(200, 200, 200))
-    km = haversine_km(pred, q.latlon).tolist()
+    km = [float(k) for k in columns["error_km"]]
+    guess = list(zip(map(float, columns["pred_lat"]), map(float, columns["pred_lon"])))
     band = [next(n for n, (limit, _) in enumerate(ERROR_BANDS) if k <= limit) for k in km]
-    for (true, guess), b in sorted(zip(zip(q.latlon.tolist(), pred.tolist()), band),
-                                   key=lambda t: -t[1]):  # the worst first, the best on top
-        colour = ERROR_BANDS[b][1]
-        draw.line((*map_xy(*true), *map_xy(*guess)), fill=colour, width=1)
-        x, y = map_xy(*true)
-        draw.ellipse((x - 2, y - 2, x + 2, y + 2), fill=colour)
-    draw.text((8, 6), f"{task}: {len(km)} queries, true location -> prediction", fill="black",
+    worst_first = sorted(range(len(km)), key=lambda i: -km[i])
+    for i in worst_first[:MAP_LINES]:
+        draw.line((*map_xy(*q.latlon[i].tolist()), *map_xy(*guess[i])),
+                  fill=ERROR_BANDS[band[i]][1], width=2)
+    for i in worst_first:
+        x, y = map_xy(*q.latlon[i].tolist())
+        draw.ellipse((x - 3, y - 3, x + 3, y + 3), fill=ERROR_BANDS[band[i]][1])
+    draw.text((8, 6), f"{task.name}: {len(km)} queries at their true location, coloured by "
+                      f"error; lines to the guess for the {MAP_LINES} worst", fill="black",
               font=font(15))
     for n, (limit, colour) in enumerate(ERROR_BANDS):
         x = 8 + n * 155
@@ -2520,73 +3050,67 @@ class Locator:
 
     prob is the softmax over the whole gallery at the model's learnt logit scale. The
     gallery (the default, or a lat,lon[,name] CSV such as GeoCLIP's) is embedded once and
-    cached beside the checkpoint, in a file named after the gallery's content that records
-    the checkpoint's: reused while both are unchanged, rebuilt when either changes."""
+    cached beside the checkpoint, in a file named after the gallery's content and keyed by
+    the GPS encoder's weights: reused while both are unchanged, rebuilt when either changes."""
 
     def __init__(self, ckpt: str | Path, gallery: str | Path | None = None, device=None,
                  batch: int = 256, clip: str = ""):
-        path = Path(ckpt)
-        saved = load_checkpoint(path)
-        self.cfg = checkpoint_config(path, saved)
-        self.cfg = dataclasses.replace(self.cfg, eval_batch=batch, workers=0,
-                                       clip=clip or self.cfg.clip)
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.model = restore(path, saved, self.cfg).to(self.device).eval()
-        self.tok = Tokenizer.from_str(saved["tokenizer"])
-        if "C" not in self.model.enc:
+        self.model = load(ckpt, device, clip, batch)
+        path, cfg = self.model.path, self.model.cfg
+        if "C" not in cfg.modalities:
             raise UserError(f"{path}: trained without the GPS encoder (C): nothing to locate with")
         if gallery:
             self.latlon, self.names = read_gallery(Path(gallery))
+        elif not cfg.data:
+            raise UserError(f"{path}: names no dataset (a converted model): give --gallery, a "
+                            f"lat,lon CSV of places")
         else:
-            self.latlon, self.names = open_gallery(check_root(Path(self.cfg.data)))
+            self.latlon, self.names = open_gallery(check_root(Path(cfg.data)))
         digest = hashlib.sha256(self.latlon.numpy().tobytes() + "\n".join(self.names).encode())
         cache = path.with_name(f"{path.stem}.gallery-{digest.hexdigest()[:16]}.pt")
         # the gallery's embeddings depend on the GPS encoder alone: its weights are the key
-        key = tensor_digest(self.model.enc["C"].state_dict())
-        self.emb = read_cache(cache, key, (len(self.names), self.cfg.embed_dim))
+        key = tensor_digest(self.model.encoder("C").state_dict())
+        self.emb = read_cache(cache, key, (len(self.names), cfg.embed_dim))
         if self.emb is not None:
             note(f"gallery: {len(self.names)} points, embeddings from {cache}")
         else:
             t = time.time()
-            self.emb = embed(self.model.enc["C"], self.latlon.float().to(self.device),
-                             "GPS gallery", self.cfg, self.device)                   # (N, D)
+            self.emb = self.model.embed_gps(self.latlon)                              # (N, D)
             note(f"gallery: {len(self.names)} points embedded in {time.time() - t:.1f}s")
             write_cache(cache, key, self.emb)  # a read-only folder: no cache, no harm
-        self.emb = self.emb.to(self.device)
+        self.emb = self.emb.to(self.model.device)
 
     @torch.no_grad()
     def __call__(self, inputs: list[str], kind: str = "ground", top: int = 5) -> list[dict]:
         """One answer per input, in order: {"input", "top": [...]}, or {"input", "error"}.
         Inputs are read, embedded and scored LOCATE_CHUNK at a time: memory stays bounded by
         that many rows of scores against the gallery, however many inputs come."""
-        m = {"ground": "G", "satellite": "S", "text": "T"}[kind]
-        if m not in self.model.enc:
-            raise UserError(f"the checkpoint has no {kind} encoder (trained on "
-                            f"{self.cfg.modalities})")
+        m, cfg = {"ground": "G", "satellite": "S", "text": "T"}[kind], self.model.cfg
+        encoder = self.model.encoder(m)  # an error now, not after reading the inputs
         results = [{"input": str(x)} for x in inputs]
         for start in range(0, len(inputs), LOCATE_CHUNK):
-            rows, batch = list(range(start, min(start + LOCATE_CHUNK, len(inputs)))), []
+            rows = list(range(start, min(start + LOCATE_CHUNK, len(inputs))))
             if kind == "text":
-                batch = tokenize(self.tok, [str(inputs[n]) for n in rows])
+                q = self.model.embed_text([inputs[n] for n in rows])
             else:
+                pixels = []
                 for n in list(rows):
                     try:
-                        batch.append(torch.from_numpy(load_image(
-                            Path(inputs[n]), self.cfg.img_size, self.cfg.resize)))
+                        pixels.append(load_image(Path(inputs[n]), cfg.img_size, cfg.resize))
                     except Exception as e:  # missing, not an image: this input's error alone
                         results[n]["error"] = f"{inputs[n]}: cannot read it as an image ({e})"
                         rows.remove(n)
-                batch = torch.stack(batch).permute(0, 3, 1, 2) if batch else None
-            if rows:
-                self.answer(m, batch, top, [results[n] for n in rows])
+                if not rows:
+                    continue
+                x = torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2)       # (n, 3, H, H)
+                q = embed(encoder, x, f"{kind} images", cfg, self.model.device)
+            self.answer(q, top, [results[n] for n in rows])
         return results
 
-    def answer(self, m: str, batch: torch.Tensor, top: int, results: list[dict]):
-        """Fill results with the top places of a batch of inputs for encoder m."""
-        with autocast_for(self.device, self.cfg):
-            q = self.model.enc[m](to_device({m: batch}, self.device)[m]).float()      # (n, D)
+    def answer(self, q: torch.Tensor, top: int, results: list[dict]):
+        """Fill results with the top places of embedded inputs q (n, D)."""
         scores = q @ self.emb.T                                                     # (n, N)
-        probs = torch.softmax(self.model.logit_scale.exp() * scores, dim=1)
+        probs = torch.softmax(self.model.model.logit_scale.exp() * scores, dim=1)
         best = scores.topk(min(top, len(self.names)), dim=1).indices
         for n, (result, picks) in enumerate(zip(results, best.tolist())):
             result["top"] = [{"lat": round(float(self.latlon[j, 0]), 6),
@@ -2636,8 +3160,7 @@ def read_gallery(path: Path) -> tuple[torch.Tensor, list[str]]:
     LAT,LON)."""
     if not path.is_file():
         raise UserError(f"{path}: gallery not found (expected a CSV with columns lat,lon[,name])")
-    with open(path, newline="", encoding="utf-8-sig", errors="replace") as f:
-        named = "name" in [h.strip().lower() for h in f.readline().split(",")]
+    named = "name" in csv_header(path)
     table = read_table(path, ["lat", "lon"] + ["name"] * named, lower=True)
     if not table["lat"]:
         raise UserError(f"{path}: no places listed (expected rows of lat,lon[,name])")
@@ -2898,6 +3421,8 @@ def parse_args(argv=None) -> tuple[str, Config, set]:
                 sub.add_argument("inputs", nargs="*", default=quiet, help=help, metavar="INPUT")
             elif f.name == "source":
                 sub.add_argument("source", nargs="?", default=quiet, help=help, metavar="SRC")
+            elif f.name == "runs":
+                sub.add_argument("runs", nargs="+", help=help, metavar="RUN")
             elif f.type is bool:
                 sub.add_argument(flag, action=argparse.BooleanOptionalAction, default=quiet,
                                  help=help)
@@ -3055,16 +3580,28 @@ def resolve(command: str, cfg: Config, given: set) -> Config:
     if command == "locate" and "ckpt" not in given:
         cfg.ckpt = str(Path(cfg.out) / "best.pt")
     if command == "eval":
+        if cfg.export and cfg.embeddings:
+            raise UserError("--export writes the protocol's sides, --embeddings scores them: "
+                            "one at a time")
         if "ckpt" not in given:
             cfg.ckpt = str(Path(cfg.out) / "best.pt")
         elif "out" not in given:
             cfg.out = str(Path(cfg.ckpt).parent)
-        # the checkpoint's model, and its data unless --data names other data
-        cfg, saved = adopt_saved(cfg, given, Path(cfg.ckpt), MODEL_FIELDS)
-        cfg.data = cfg.data if "data" in given else saved.data
-        cfg.clip = cfg.clip if "clip" in given else saved.clip
+        if cfg.embeddings and "out" not in given:
+            cfg.out = cfg.embeddings
+        if "ckpt" in given or not (cfg.export or cfg.embeddings):
+            # the checkpoint's model, and its data unless --data names other data
+            cfg, saved = adopt_saved(cfg, given, Path(cfg.ckpt), MODEL_FIELDS)
+            cfg.data = cfg.data if "data" in given else saved.data
+            cfg.clip = cfg.clip if "clip" in given else saved.clip
         if not cfg.data:
-            raise UserError(f"{cfg.ckpt}: names no dataset (a converted model): give --data")
+            names = cfg.ckpt if "ckpt" in given else "--export and --embeddings have no checkpoint"
+            raise UserError(f"--data: name the dataset root ({names} to name it)")
+        groups = Path(cfg.data) / "mmlandmarks.csv"
+        if cfg.by and not (groups.is_file() and cfg.by in csv_header(groups)):
+            raise UserError(f"--by {cfg.by}: {groups} has no {cfg.by} column (or is missing)")
+    if command == "compare" and "out" not in given:
+        cfg.out = "runs/compare"
     out = Path(cfg.out)
     if command == "train" and cfg.resume:  # the run's own settings, except those given now
         if cfg.overwrite:
@@ -3090,7 +3627,7 @@ def main(argv=None):
     try:
         cfg = resolve(command, cfg, given)
         run = {"train": train, "eval": evaluate, "locate": locate, "synth": synth,
-               "prepare": prepare, "bench": bench, "convert": convert}
+               "prepare": prepare, "bench": bench, "convert": convert, "compare": compare}
         run[command](cfg)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

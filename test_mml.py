@@ -4,6 +4,7 @@ distributed loss and evaluation against a single process.  Run: python -m pytest
 import csv
 import dataclasses
 import datetime
+import hashlib
 import json
 import math
 import os
@@ -181,7 +182,7 @@ def test_geo_metrics_known_errors():
     true = torch.tensor([[40.0, -100.0]] * 4)
     # 0 km, ~11.1 km (0.1 degree of latitude), ~111 km, ~1112 km
     pred = torch.tensor([[40.0, -100.0], [40.1, -100.0], [41.0, -100.0], [50.0, -100.0]])
-    m = mml.geo_metrics(pred, true)
+    m = mml.geo_metrics(mml.haversine_km(pred, true))
     assert (m["acc@1km"], m["acc@25km"], m["acc@200km"], m["acc@750km"], m["acc@2500km"]) == (25, 50, 75, 75, 100)
     assert m["median_km"] == pytest.approx((11.1195 + 111.195) / 2, abs=0.01)
 
@@ -967,16 +968,16 @@ def test_locate_caches_the_gallery_per_checkpoint_and_gallery(trained, tmp_path,
     monkeypatch.setattr(mml, "embed", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
     first = mml.Locator(tmp_path / "model.pt")(["a red tower"], "text")
     again = mml.Locator(tmp_path / "model.pt")(["a red tower"], "text")
-    assert first == again and len(calls) == 1  # reused
+    assert first == again and calls.count("points") == 1  # reused
     (tmp_path / "g.csv").write_text("LAT,LON\n40.7,-74.0\n34.05,-118.25\n")  # GeoCLIP's header
     small = mml.Locator(tmp_path / "model.pt", tmp_path / "g.csv")(["a red tower"], "text", top=5)
-    assert len(calls) == 2 and len(small[0]["top"]) == 2 and small[0]["top"][0]["name"] == ""
+    assert calls.count("points") == 2 and len(small[0]["top"]) == 2 and small[0]["top"][0]["name"] == ""
     assert sum(p["prob"] for p in small[0]["top"]) == pytest.approx(1)
     ckpt = torch.load(tmp_path / "model.pt", weights_only=True)  # a new checkpoint, same path
     ckpt["model"]["enc.C.LocEnc0.head.0.bias"] += 1
     torch.save(ckpt, tmp_path / "model.pt")
     mml.Locator(tmp_path / "model.pt")
-    assert len(calls) == 3
+    assert calls.count("points") == 3
     assert len(list(tmp_path.glob("model.gallery-*.pt"))) == 2  # one per gallery
 
 
@@ -995,8 +996,8 @@ def test_open_world_geolocalisation_leaves_the_query_landmarks_out(world, traine
         tiles = model.enc["S"](torch.stack([torch.from_numpy(store(i)).permute(2, 0, 1)
                                             for i in q.latest]))
         points = model.enc["C"](gallery.float())
-    pred = gallery.float()[(tiles @ points.T).argmax(1)]
-    want = mml.geo_metrics(pred, torch.tensor(q.latlon, dtype=torch.float32))
+    pred = gallery[(tiles @ points.T).argmax(1)]  # float64 degrees, as eval keeps them
+    want = mml.geo_metrics(mml.haversine_km(pred, torch.tensor(q.latlon)))
     got = json.loads((tmp_path / "eval/metrics.json").read_text())["tasks"]["S2C"]
     assert got["geo_open"] == pytest.approx(want, abs=1e-9)
     rows = read_rows(tmp_path / "eval/S2C.csv")
@@ -1004,23 +1005,228 @@ def test_open_world_geolocalisation_leaves_the_query_landmarks_out(world, traine
 
 
 def test_pictures_show_what_the_csv_says(world, trained, tmp_path):
-    run("eval", "--ckpt", trained / "best.pt", "--out", tmp_path, "--tasks", "G2S,T2S-first,G2C",
-        "--workers", 0, "--viz")
-    for task in ("G2S", "T2S-first"):
-        grid = Image.open(tmp_path / f"eval/{task}.png").convert("RGB")
-        rows = read_rows(tmp_path / f"eval/{task}.csv")
-        chosen = mml.picture_queries(len(rows), 0)
-        assert grid.size == (mml.grid_cell(0, 6)[0], mml.grid_cell(len(chosen), 0)[1])
-        for r, i in enumerate(chosen):
-            for c, hit in enumerate(rows[i]["top5_hits"].split(), 1):
-                x, y = mml.grid_cell(r, c)
-                assert grid.getpixel((x + 1, y + 1)) == (mml.GREEN if hit == "1" else mml.RED)
+    for how in ("random", "hard"):
+        run("eval", "--ckpt", trained / "best.pt", "--out", tmp_path / how, "--tasks", "G2S,T2S-first,G2C",
+            "--workers", 0, "--viz", "--viz-queries", how)
+        for task in ("G2S", "T2S-first"):
+            grid = Image.open(tmp_path / how / f"eval/{task}.png").convert("RGB")
+            rows = read_rows(tmp_path / how / f"eval/{task}.csv")
+            ranks = [int(r["rank_strict"]) for r in rows]
+            chosen = mml.picture_queries(ranks, 0, how)
+            assert grid.size == (mml.grid_cell(0, 7)[0], mml.grid_cell(len(chosen), 0)[1])
+            if how == "hard":  # the best-ranked first, the worst last
+                assert ranks[chosen[0]] == min(ranks) and ranks[chosen[-1]] == max(ranks)
+            for r, i in enumerate(chosen):
+                for c, hit in enumerate(rows[i]["top5_hits"].split(), 1):
+                    x, y = mml.grid_cell(r, c)
+                    assert grid.getpixel((x + 1, y + 1)) == (mml.GREEN if hit == "1" else mml.RED)
+                x, y = mml.grid_cell(r, 6)  # the correct match, when the top 5 miss it
+                assert grid.getpixel((x + 1, y + 1)) == (mml.GREEN if ranks[i] > 5 else (255, 255, 255))
+    rows = read_rows(tmp_path / "random/eval/G2C.csv")
     q = mml.read_split(world, "query")
+    true = {str(lm): ll for lm, ll in zip(q.ids.tolist(), q.latlon.tolist())}
+    best = min(rows, key=lambda r: float(r["error_km"]))  # its dot is drawn last, on top
+    colour = next(c for limit, c in mml.ERROR_BANDS if float(best["error_km"]) <= limit)
+    picture = Image.open(tmp_path / "random/eval/G2C.png").convert("RGB")
+    x, y = mml.map_xy(*true[best["landmark_id"]])
+    assert picture.getpixel((int(x), int(y))) == colour
     for name, size in (("G2C", (944, 456)), ("curves", (1200, 540))):
-        picture = np.asarray(Image.open(tmp_path / f"eval/{name}.png").convert("RGB"))
+        picture = np.asarray(Image.open(tmp_path / f"random/eval/{name}.png").convert("RGB"))
         assert picture.shape == (size[1], size[0], 3)
-        assert len(np.unique(picture.reshape(-1, 3), axis=0)) > 10  # lines and text, not blank
-    assert 0 < sum(map(len, q.ground)) == len(read_rows(tmp_path / "eval/G2C.csv"))
+        assert len(np.unique(picture.reshape(-1, 3), axis=0)) > 10  # dots and text, not blank
+
+
+# ---- any model on the benchmark: the Python API, outside embeddings, compare --------------
+
+
+def task_results(folder: Path) -> dict:
+    """metrics.json's per-task results, without what names their source."""
+    tasks = json.loads((folder / "eval/metrics.json").read_text())["tasks"]
+    return {t: {k: v for k, v in r.items() if k not in ("checkpoint", "step", "epoch", "embeddings", "encoders")}
+            for t, r in tasks.items()}
+
+
+def test_outside_embeddings_and_functions_give_evals_metrics(world, trained, tmp_path):
+    run("eval", "--ckpt", trained / "best.pt", "--out", tmp_path / "eval", "--workers", 0)
+    want = task_results(tmp_path / "eval")
+    # files: the protocol's sides exported, embedded row by row with the Python API, scored
+    run("eval", "--export", tmp_path / "sides", "--data", world)
+    model = mml.load(trained / "best.pt", device="cpu")
+    sides = json.loads((tmp_path / "sides/tasks.json").read_text())
+    assert sides["G2C"] == {"queries": "query_ground", "gallery": "gallery_gps", "open_gallery": "open_gps"}
+    for csv_file in (tmp_path / "sides").glob("*.csv"):
+        rows = read_rows(csv_file)
+        name = csv_file.stem
+        if name.startswith("query_text_"):
+            emb = model.embed_text([r["item"] for r in rows])
+        elif name.endswith("gps"):
+            emb = model.embed_gps([[float(r["lat"]), float(r["lon"])] for r in rows])
+        else:
+            emb = model.embed_images([r["item"] for r in rows], kind=name.split("_")[1])
+        assert emb.shape == (len(rows), 32) and torch.allclose(emb.norm(dim=1), torch.ones(len(rows)))
+        np.save(tmp_path / "sides" / f"{name}.npy", emb.numpy())
+    run("eval", "--embeddings", tmp_path / "sides", "--data", world)
+    assert task_results(tmp_path / "sides") == want
+    # functions: any encoders of a batch, from Python
+    enc = model.model.enc
+    got = mml.evaluate_encoders(
+        {"G": enc["G"], "S": enc["S"], "C": lambda x: enc["C"](x),
+         "T": lambda texts: enc["T"](mml.tokenize(model.tok, texts))},
+        data=world, out=tmp_path / "fns", img_size=32)
+    assert task_results(tmp_path / "fns") == want and set(got) == set(want)
+    # a subset of the modalities: the tasks it cannot run are named and skipped
+    mml.evaluate_encoders({"G": enc["G"], "S": enc["S"]}, data=world, out=tmp_path / "gs", img_size=32)
+    assert set(task_results(tmp_path / "gs")) == {"G2S", "S2G"}
+
+
+def test_the_readme_section_runs_as_written(world, tmp_path):
+    """README's "Evaluate your own model", its Python block executed as written, here on the
+    tiny world where the README's data/synthetic would be."""
+    readme = (HERE / "README.md").read_text()
+    section = readme.split("## Evaluate your own model", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    assert len([line for line in code.splitlines() if line.strip()]) <= 15
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data/synthetic").symlink_to(world)
+    exec(compile(code, "README.md", "exec"), {})
+    results = task_results(tmp_path / "runs/mine")
+    assert {"G2S", "S2G"} <= set(results) and results["G2S"]["official"]["R@1"] >= 0
+
+
+def test_the_random_sentences_are_the_authors_draw(world, tmp_path):
+    """Their eval_dataset.py: random.seed(42), then per row of mml_query_text.csv in file
+    order one choice of section, of paragraph, of piece. The draw follows the file's order."""
+    def theirs(root: Path) -> dict:
+        random.seed(42)
+        out = {}
+        for row in read_rows(root / "query/mml_query_text.csv"):
+            j = row["json"]
+            sections = json.loads((root / f"query/text/{j[0]}/{j[1]}/{j[2]}/{j}.json").read_text())
+            section = sections[random.choice(list(sections.keys()))]
+            out[row["landmark_id"]] = random.choice(random.choice(section.split("\n")).split(". "))
+        return out
+    root = copy_world(world, tmp_path)
+    for attempt in range(2):
+        side = mml.Protocol(root).sentences("random")
+        assert dict(zip(side.ids, side.show)) == theirs(root)
+        rows = read_rows(root / "query/mml_query_text.csv")  # the same rows, another order
+        random.Random(attempt).shuffle(rows)
+        with open(root / "query/mml_query_text.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=["landmark_id", "json"])
+            w.writeheader()
+            w.writerows(rows)
+
+
+def test_eval_seed_changes_no_metric_and_metrics_record_the_evaluation(trained, tmp_path):
+    for seed in (1, 2):
+        run("eval", "--ckpt", trained / "best.pt", "--out", tmp_path / str(seed), "--workers", 0, "--seed", seed)
+    assert task_results(tmp_path / "1") == task_results(tmp_path / "2")
+    metrics = json.loads((tmp_path / "2/eval/metrics.json").read_text())
+    assert metrics["eval"]["seed"] == 2 and metrics["eval"]["chunk"] == 512 and metrics["device"] == "cpu"
+    assert metrics["code"]["mml_sha256"] == hashlib.sha256((HERE / "mml.py").read_bytes()).hexdigest()
+    assert metrics["torch"] == torch.__version__ and metrics["date"][:4].isdigit()
+    assert metrics["config"]["seed"] == 0  # the training run's own, beside
+
+
+def test_breakdowns_by_category_and_state(world, trained, tmp_path, capsys):
+    run("eval", "--ckpt", trained / "best.pt", "--out", tmp_path, "--workers", 0, "--tasks", "G2S,G2C", "--by", "state")
+    out = capsys.readouterr().out
+    tasks = json.loads((tmp_path / "eval/metrics.json").read_text())["tasks"]
+    master = read_rows(world / "mmlandmarks.csv")
+    category = {r["landmark_id"]: r["category"] for r in master}
+    rows = read_rows(tmp_path / "eval/G2S.csv")
+    groups = {}
+    for r in rows:
+        groups.setdefault(category[r["landmark_id"]], []).append(int(r["rank_official"]) == 1)
+    assert tasks["G2S"]["by_category"] == {c: {"queries": len(v), "R@1": pytest.approx(100 * sum(v) / len(v))}
+                                           for c, v in sorted(groups.items())}
+    geo = tasks["G2C"]["by_state"]
+    assert sum(g["queries"] for g in geo.values()) == tasks["G2C"]["queries"] and set(next(iter(geo.values()))) == {
+        "queries", "acc@25km", "acc@750km"}
+    assert "by state (queries" in out and list(geo)[0] in out
+    root = copy_world(world, tmp_path)
+    os.remove(root / "mmlandmarks.csv")
+    err = fails_in_one_line(capsys, "eval", "--ckpt", trained / "best.pt", "--data", root, "--by", "category")
+    assert "--by category: " in err and "mmlandmarks.csv" in err
+
+
+def brute_force_interval(landmarks: np.ndarray, values: np.ndarray, resamples: int) -> tuple:
+    """The cluster bootstrap written out: per resample, draw landmarks with replacement (the
+    draws mml documents: numpy's default_rng(0).integers over the sorted landmarks), gather
+    every query of each drawn landmark, take the mean; then the 2.5th and 97.5th percentiles."""
+    unique = np.unique(landmarks)
+    picks = np.random.default_rng(0).integers(0, len(unique), (resamples, len(unique)))
+    means = []
+    for p in picks:
+        drawn = np.concatenate([values[landmarks == unique[i]] for i in p])
+        means.append(drawn.mean())
+    return tuple(np.percentile(means, [2.5, 97.5]))
+
+
+def test_compare_matches_a_brute_force_cluster_bootstrap(world, trained, tmp_path, capsys):
+    for name, seed in (("a", 0), ("b", 1), ("c", 2)):
+        run("train", "--data", world, "--out", tmp_path / name, *TINY, "--epochs", 1, "--seed", seed)
+        run("eval", "--out", tmp_path / name, "--workers", 0, "--tasks", "G2S,S2C")
+    shutil.copytree(tmp_path / "a", tmp_path / "a_again")
+    run("compare", tmp_path / "a", tmp_path / "a_again", "--out", tmp_path / "cmp", "--resamples", 200, "--latex")
+    out = capsys.readouterr().out
+    rows = read_rows(tmp_path / "cmp/compare.csv")
+    g2s = read_rows(tmp_path / "a/eval/G2S.csv")
+    lms = np.array([int(r["landmark_id"]) for r in g2s])
+    r1 = np.array([100.0 * (int(r["rank_official"]) <= 1) for r in g2s])
+    mine = next(r for r in rows if r["task"] == "G2S" and r["metric"] == "R@1" and r["run"] == "a")
+    assert float(mine["value"]) == pytest.approx(r1.mean())
+    assert (float(mine["low"]), float(mine["high"])) == pytest.approx(brute_force_interval(lms, r1, 200))
+    again = [r for r in rows if r["run"] == "a_again"]
+    assert again and all(float(r[k]) == 0 for r in again for k in ("diff", "diff_low", "diff_high"))
+    assert "\\begin{tabular}" in out and "G2S" in out
+    assert Image.open(tmp_path / "cmp/compare.png").size[0] > 500
+    # runs that differ only in --seed are one setting: mean +- std over them
+    run("compare", tmp_path / "a", tmp_path / "b", tmp_path / "c", "--out", tmp_path / "seeds", "--resamples", 100)
+    assert "a (3 seeds)" in capsys.readouterr().out
+    seeds = read_rows(tmp_path / "seeds/compare.csv")
+    row = next(r for r in seeds if r["task"] == "S2C" and r["metric"] == "acc@750km")
+    accs = [np.mean([100.0 * (float(x["error_km"]) <= 750) for x in read_rows(tmp_path / s / "eval/S2C.csv")])
+            for s in "abc"]
+    assert float(row["value"]) == pytest.approx(np.mean(accs)) and float(row["std"]) == pytest.approx(np.std(accs, ddof=1))
+    # runs on other data are refused, naming both
+    other = copy_world(world, tmp_path)
+    rewrite_row(other / "query/mml_query_satellite.csv", 0, "images", mml.read_split(world, "query").sat[0][0])
+    run("eval", "--ckpt", tmp_path / "b/best.pt", "--data", other, "--out", tmp_path / "other", "--workers", 0,
+        "--tasks", "S2C")
+    err = fails_in_one_line(capsys, "compare", tmp_path / "a", tmp_path / "other", "--out", tmp_path / "x")
+    assert "were evaluated on different queries or galleries for S2C" in err and str(tmp_path / "other") in err
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda a: a[:-1], "embeddings for the 95 rows of query_ground"),
+    (lambda a: a.astype(np.int32), "int32 values; expected floats"),
+    (lambda a: np.where(np.arange(len(a))[:, None] == 3, np.nan, a), "row 3 of query_ground is not finite"),
+    (lambda a: a[:, :16], "query_ground is 16-d, gallery_satellite 32-d"),
+])
+def test_bad_embeddings_are_one_line(world, trained, tmp_path, capsys, damage, message):
+    run("eval", "--export", tmp_path, "--data", world, "--tasks", "G2S")
+    model = mml.load(trained / "best.pt", device="cpu")
+    for name, kind in (("query_ground", "ground"), ("gallery_satellite", "satellite")):
+        emb = model.embed_images([r["item"] for r in read_rows(tmp_path / f"{name}.csv")], kind).numpy()
+        np.save(tmp_path / f"{name}.npy", damage(emb) if name == "query_ground" else emb)
+    err = fails_in_one_line(capsys, "eval", "--embeddings", tmp_path, "--data", world, "--tasks", "G2S")
+    assert message in err, err
+
+
+def test_unnormalised_embeddings_are_normalised_with_a_warning(world, trained, tmp_path, capsys):
+    run("eval", "--export", tmp_path, "--data", world, "--tasks", "G2S")
+    model = mml.load(trained / "best.pt", device="cpu")
+    for name, kind in (("query_ground", "ground"), ("gallery_satellite", "satellite")):
+        emb = model.embed_images([r["item"] for r in read_rows(tmp_path / f"{name}.csv")], kind)
+        np.save(tmp_path / f"{name}.npy", (3 * emb).numpy())
+    run("eval", "--embeddings", tmp_path, "--data", world, "--tasks", "G2S")
+    assert "are not unit vectors; normalising them" in capsys.readouterr().out
+    run("eval", "--ckpt", trained / "best.pt", "--out", tmp_path / "ref", "--tasks", "G2S", "--workers", 0)
+    assert task_results(tmp_path)["G2S"]["official"] == task_results(tmp_path / "ref")["G2S"]["official"]
+    with pytest.raises(mml.UserError, match=r"encoder G on query_ground: the encoder returned \(95, 4, 2\)"):
+        mml.evaluate_encoders({"G": lambda x: torch.zeros(len(x), 4, 2), "S": lambda x: torch.zeros(len(x), 8)},
+                              data=world, out=tmp_path / "f", img_size=32)
 
 
 # ---- reliability: a user's slips and a cluster's signals -----------------------------------
