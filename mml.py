@@ -8,27 +8,26 @@ and a sentence its images (T2G, T2S).
 
     pip install -r requirements.txt
     python mml.py train        # no data needed: writes a synthetic world in the released
-                               #   layout (20 s), then trains (3-4 min on 2 CPU cores)
+                               #   layout (20 s), then trains (about 4 min on 2 CPU cores)
     python mml.py eval         # all 13 tasks, official and strict (10 s); --viz: pictures
     python mml.py locate photo.jpg          # where is it? the top 5 places
-    python mml.py train --data /data/MMLandmarks --img-size 224 --batch-size 512 ...  # 1 GPU
+    python mml.py train --data /data/MMLandmarks --preset paper --clip DIR  # the authors'
     torchrun --standalone --nproc_per_node=8 mml.py train --data /data/MMLandmarks ...
-    python mml.py prepare --data /data/MMLandmarks --img-size 224   # decode images once
+    python mml.py convert weights_best.pth --clip DIR --out authors.pt   # their release
+    python mml.py compare runs/a runs/b     # side by side, with bootstrap intervals
     python mml.py bench        # where the time goes, on this machine
 
-`eval` reads best.pt, the epoch of lowest validation loss (the authors' rule): on the default
-run, validation G2S R@1 64% there (chance 0.6%), and 87% at the last epoch (--select recall).
-
-Reading path. The main path comes first, in the order the data flows: config (125 lines),
-geometry (25), data (510: the released layout, images and their cache, sentences, batches,
-augmentation), model (200), loss (50), metrics (135), train (375), eval (590: the protocol's
-tasks, pictures, `locate`), command line (170). The core a first reading needs is model,
-loss, metrics and train: 760 lines, one sitting. Two appendices follow that a first reading
-skips: the synthetic world (270) and the bench (240). PROTOCOL N cites section N of the
+Reading path. The main path comes first, in the order the data flows: config, geometry,
+data (the released layout, then the checks that guard it; images, sentences, batches,
+augmentation), model, loss, metrics, train (ending with the loop), eval (the protocol's
+sides, what embeds them, the scoring). Then using a model (checkpoints, `load`, `locate`),
+outside models (CLIP folders, `convert`) and the command line; last, five appendices a
+first reading skips: the image cache, comparing runs, the pictures, the synthetic world,
+the bench. The core is model, loss, metrics and train. PROTOCOL N cites section N of the
 protocol in README.md.
 
-Shape letters: B batch, D embedding width, H image side in pixels, L tokens, Q queries,
-N gallery items, P positives per query, W processes (world size).
+Shape letters: B batch, D embedding width, E a CLIP tower's output width, H image side in
+pixels, L tokens, Q queries, N gallery items, P positives per query, W processes.
 """
 import argparse
 import contextlib
@@ -266,8 +265,28 @@ COMMANDS = {  # each command and its --help line
     "compare": "set runs side by side, with bootstrap intervals over query landmarks",
 }
 
+# The four modalities by letter, and the names the command line and the API also accept.
+MODALITY = {"G": "ground", "S": "satellite", "T": "text", "C": "gps"}
+LETTER = {name: m for m, name in MODALITY.items()}
+
 class UserError(Exception):
     """A mistake in the input (a path, a file, a flag): printed as one line, no traceback."""
+
+def is_master() -> bool:
+    """True in a single process, and in process 0 of a torchrun group."""
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+def print0(*args):
+    if is_master():
+        print(*args, flush=True)
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+def rank_and_world() -> tuple[int, int]:
+    """This process's rank and the number of processes: (0, 1) without torchrun."""
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 def write_atomically(path: Path, write):
     """write(tmp), then rename tmp to path: a crash never leaves a half-written file where a
@@ -284,17 +303,16 @@ def write_atomically(path: Path, write):
             raise UserError(f"{path}: could not be written ({why})") from None
         raise
 
-def is_master() -> bool:
-    """True in a single process, and in process 0 of a torchrun group."""
-    return not dist.is_initialized() or dist.get_rank() == 0
-
-def print0(*args):
-    if is_master():
-        print(*args, flush=True)
-
-def barrier():
-    if dist.is_initialized():
-        dist.barrier()
+def writable_folder(path: Path, option: str) -> Path:
+    """The folder, made if need be and proven writable, before any work that a write failing
+    at its end would lose."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        raise UserError(f"{option} {path}: not a writable folder ({e.strerror})") from None
+    return path
 
 # ---- geometry -----------------------------------------------------------------------------
 
@@ -334,17 +352,6 @@ def synthetic_root(scale: float) -> Path:
     """Where `train`, `prepare` and `synth` put the synthetic world of a given --scale."""
     return Path("data") / ("synthetic" if scale == 1 else f"synthetic-x{scale:g}")
 
-def writable_folder(path: Path, option: str) -> Path:
-    """The folder, made if need be and proven writable, before any work that a write failing
-    at its end would lose."""
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path):
-            pass
-    except OSError as e:
-        raise UserError(f"{option} {path}: not a writable folder ({e.strerror})") from None
-    return path
-
 def default_world(cfg: Config) -> Path:
     """The dataset root: --data, or the synthetic world (generated on first use)."""
     if cfg.data:
@@ -363,8 +370,112 @@ def shard(split_dir: Path, kind: str, image_id: str) -> Path:
     ext = {"ground": ".jpg", "satellite": ".png", "text": ".json"}[kind]
     return split_dir / kind / image_id[0] / image_id[1] / image_id[2] / (image_id + ext)
 
-# Ids become file names (shard): plain names only, so that no path built from a CSV can leave
-# the dataset root (no separator, no "..", never absolute). The release's are 16 hex digits.
+@dataclass
+class Split:
+    """One split's landmarks as parallel lists: row i describes one landmark."""
+    dir: Path                  # ROOT/train or ROOT/query
+    ids: np.ndarray            # (n,) landmark ids
+    latlon: np.ndarray         # (n, 2) degrees
+    ground: list[list[str]]    # ground photo ids
+    sat: list[list[str]]       # aerial image ids of every year, oldest first
+    latest: list[str]          # the latest aerial image (the query split's evaluation view)
+    text: list[str]            # Wikipedia article (json) id
+    no_cues: list[str] | None  # first sentence without geographic cues (query split only)
+    text_order: list[int]      # the rows in the order mml_{split}_text.csv lists them
+
+    def take(self, rows) -> "Split":
+        rows = list(rows)
+        lists = [None if xs is None else [xs[i] for i in rows] for xs in
+                 (self.ground, self.sat, self.latest, self.text, self.no_cues)]
+        new_row = {old: new for new, old in enumerate(rows)}
+        order = [new_row[r] for r in self.text_order if r in new_row]
+        return Split(self.dir, self.ids[rows], self.latlon[rows], *lists, order)
+
+def read_split(root: Path, split: str, outdoor_only: bool = False) -> Split:
+    """Read ROOT/{train,query}: landmarks, GPS, image lists, text ids (PROTOCOL 1)."""
+    d, p = check_root(root, split), f"mml_{split}"
+    listing = d / f"{p}.csv"
+    meta = read_table(listing, ["landmark_id", "lat", "lon"])
+    ids = np.array(unique_landmarks(listing, meta), dtype=np.int64)
+    latlon = parse_latlon(listing, meta)
+    listed = ids.tolist()
+    ground = by_landmark(d / f"{p}_ground{'_subset' * outdoor_only}.csv", "images", listing,
+                         listed, partial=outdoor_only)
+    sat = latest = by_landmark(d / f"{p}_satellite.csv", "images", listing, listed)
+    if split == "query" and (d / f"{p}_all_satellite.csv").is_file():
+        # the query split lists the latest image alone, and every year in another CSV
+        sat = by_landmark(d / f"{p}_all_satellite.csv", "images", listing, listed)
+    latest = {i: (s.split() or [""])[-1] for i, s in latest.items()}  # ids listed oldest first
+    text = by_landmark(d / f"{p}_text.csv", "json", listing, listed)
+    no_cues = None
+    if (d / f"{p}_text_sentences.csv").is_file():
+        no_cues = by_landmark(d / f"{p}_text_sentences.csv", "sentences", listing, listed)
+    keep = [n for n, i in enumerate(listed) if ground.get(i, "").split() and sat[i].split()]
+    if len(keep) < len(ids):  # the outdoor subset leaves out landmarks with no outdoor photo
+        print0(f"{d}: {len(ids) - len(keep)} landmarks without ground or aerial images left out")
+    rows = ids[keep].tolist()
+    row_of = {i: n for n, i in enumerate(rows)}
+    return Split(d, ids[keep], latlon[keep], [ground[i].split() for i in rows],
+                 [sat[i].split() for i in rows], [latest[i] for i in rows],
+                 [text[i] for i in rows], None if no_cues is None else [no_cues[i] for i in rows],
+                 [row_of[i] for i in text if i in row_of])  # dicts keep the CSV's order
+
+def by_landmark(path: Path, column: str, listing: Path, ids: list[int],
+                partial: bool = False) -> dict:
+    """{landmark id: value} of one CSV of a split, checked both ways against the split's
+    listing (partial: the CSV may leave some out, as the outdoor subset does)."""
+    table = read_table(path, ["landmark_id", column], ids=(column,) * (column != "sentences"))
+    values, known = dict(zip(unique_landmarks(path, table), table[column])), set(ids)
+    extra = [i for i in values if i not in known]
+    absent = [] if partial else [i for i in ids if i not in values]
+    for missing, here, there in ((extra, listing, path.name), (absent, path, listing.name)):
+        if missing:
+            more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+            raise UserError(f"{here}: landmark {', '.join(map(str, missing[:5]))}{more} listed "
+                            f"in {there} but missing here")
+    return values
+
+@dataclass
+class Index:
+    """The distractors. Evaluation may run without one of the lists (None): it then skips
+    the tasks whose gallery needs it."""
+    dir: Path
+    ground: list[str] | None       # GLDv2 ground photo ids
+    sat: list[str] | None          # aerial image ids
+    sat_latlon: np.ndarray | None  # (n, 2) the tiles' centres: the GPS gallery's distractors
+
+def read_index(root: Path, required: bool = True) -> Index:
+    d = check_root(root, "index") if required else root / "index"
+    index = Index(d, None, None, None)
+    if required or (d / "mml_index_ground.csv").is_file():
+        index.ground = read_table(d / "mml_index_ground.csv", ["images"], ids=("images",))["images"]
+    if required or (d / "mml_index_satellite.csv").is_file():
+        sat = read_table(d / "mml_index_satellite.csv", ["images", "lat", "lon"],
+                         ids=("images",))
+        index.sat = sat["images"]
+        index.sat_latlon = parse_latlon(d / "mml_index_satellite.csv", sat)
+    return index
+
+def read_train(cfg: Config, root: Path) -> tuple[Split, Split]:
+    """The training split, cut to --subset, minus a hold-out: (train, validation). Seeded by
+    --seed, or the authors' (their train_dataset.py): random.Random(42) shuffles the positions
+    of the sorted landmark ids, and the first n_val are held out."""
+    split = read_split(root, "train", cfg.outdoor_only)
+    if cfg.subset:
+        split = split.take(range(min(cfg.subset, len(split.ids))))
+    n_val = min(cfg.n_val, max(2, len(split.ids) // 10))  # 1,024 of 17,557 on the real data
+    if cfg.holdout == "authors":
+        order = list(range(len(split.ids)))
+        random.Random(42).shuffle(order)
+        perm = np.argsort(split.ids, kind="stable")[order]
+    else:
+        perm = np.random.default_rng(cfg.seed).permutation(len(split.ids))
+    return split.take(np.sort(perm[n_val:])), split.take(np.sort(perm[:n_val]))
+
+# What guards the reader: every CSV is checked as it is read, and a bad cell is one line naming
+# the file and the line. Ids become file names (shard): plain names only, so that no path
+# built from a CSV can leave the dataset root (no separator, no "..", never absolute). The
+# release's are 16 hex digits.
 PLAIN_ID = re.compile(r"[A-Za-z0-9_-]{3,}")
 
 def read_table(path: Path, columns: list[str], lower: bool = False,
@@ -420,12 +531,6 @@ def unique_landmarks(path: Path, table: dict) -> list[int]:
             seen[k] = n
     return keys
 
-def write_csv(path: Path, header: list[str], rows):
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(header)
-        writer.writerows(rows)
-
 def parse_numbers(path: Path, table: dict, columns: list[str], dtype) -> np.ndarray:
     """(N, len(columns)) numbers from CSV columns; a bad cell is an error naming its line."""
     try:
@@ -448,27 +553,6 @@ def parse_latlon(path: Path, table: dict) -> np.ndarray:
                         f"a latitude in [-90, 90] and a longitude in [-180, 180]")
     return latlon
 
-@dataclass
-class Split:
-    """One split's landmarks as parallel lists: row i describes one landmark."""
-    dir: Path                  # ROOT/train or ROOT/query
-    ids: np.ndarray            # (n,) landmark ids
-    latlon: np.ndarray         # (n, 2) degrees
-    ground: list[list[str]]    # ground photo ids
-    sat: list[list[str]]       # aerial image ids of every year, oldest first
-    latest: list[str]          # the latest aerial image (the query split's evaluation view)
-    text: list[str]            # Wikipedia article (json) id
-    no_cues: list[str] | None  # first sentence without geographic cues (query split only)
-    text_order: list[int]      # the rows in the order mml_{split}_text.csv lists them
-
-    def take(self, rows) -> "Split":
-        rows = list(rows)
-        lists = [None if xs is None else [xs[i] for i in rows] for xs in
-                 (self.ground, self.sat, self.latest, self.text, self.no_cues)]
-        new_row = {old: new for new, old in enumerate(rows)}
-        order = [new_row[r] for r in self.text_order if r in new_row]
-        return Split(self.dir, self.ids[rows], self.latlon[rows], *lists, order)
-
 def check_root(root: Path, sub: str = "") -> Path:
     if not root.is_dir():
         raise UserError(f"{root}: dataset root not found (expected the MMLandmarks layout: "
@@ -478,86 +562,11 @@ def check_root(root: Path, sub: str = "") -> Path:
                         f"ground/, satellite/ inside)")
     return root / sub
 
-def by_landmark(path: Path, column: str, listing: Path, ids: list[int],
-                partial: bool = False) -> dict:
-    """{landmark id: value} of one CSV of a split, checked both ways against the split's
-    listing (partial: the CSV may leave some out, as the outdoor subset does)."""
-    table = read_table(path, ["landmark_id", column], ids=(column,) * (column != "sentences"))
-    values, known = dict(zip(unique_landmarks(path, table), table[column])), set(ids)
-    extra = [i for i in values if i not in known]
-    absent = [] if partial else [i for i in ids if i not in values]
-    for missing, here, there in ((extra, listing, path.name), (absent, path, listing.name)):
-        if missing:
-            more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
-            raise UserError(f"{here}: landmark {', '.join(map(str, missing[:5]))}{more} listed "
-                            f"in {there} but missing here")
-    return values
-
-def read_split(root: Path, split: str, outdoor_only: bool = False) -> Split:
-    """Read ROOT/{train,query}: landmarks, GPS, image lists, text ids (PROTOCOL 1)."""
-    d, p = check_root(root, split), f"mml_{split}"
-    listing = d / f"{p}.csv"
-    meta = read_table(listing, ["landmark_id", "lat", "lon"])
-    ids = np.array(unique_landmarks(listing, meta), dtype=np.int64)
-    latlon = parse_latlon(listing, meta)
-    listed = ids.tolist()
-    ground = by_landmark(d / f"{p}_ground{'_subset' * outdoor_only}.csv", "images", listing,
-                         listed, partial=outdoor_only)
-    sat = latest = by_landmark(d / f"{p}_satellite.csv", "images", listing, listed)
-    if split == "query" and (d / f"{p}_all_satellite.csv").is_file():
-        # the query split lists the latest image alone, and every year in another CSV
-        sat = by_landmark(d / f"{p}_all_satellite.csv", "images", listing, listed)
-    latest = {i: (s.split() or [""])[-1] for i, s in latest.items()}  # ids listed oldest first
-    text = by_landmark(d / f"{p}_text.csv", "json", listing, listed)
-    no_cues = None
-    if (d / f"{p}_text_sentences.csv").is_file():
-        no_cues = by_landmark(d / f"{p}_text_sentences.csv", "sentences", listing, listed)
-    keep = [n for n, i in enumerate(listed) if ground.get(i, "").split() and sat[i].split()]
-    if len(keep) < len(ids):  # the outdoor subset leaves out landmarks with no outdoor photo
-        print0(f"{d}: {len(ids) - len(keep)} landmarks without ground or aerial images left out")
-    rows = ids[keep].tolist()
-    row_of = {i: n for n, i in enumerate(rows)}
-    return Split(d, ids[keep], latlon[keep], [ground[i].split() for i in rows],
-                 [sat[i].split() for i in rows], [latest[i] for i in rows],
-                 [text[i] for i in rows], None if no_cues is None else [no_cues[i] for i in rows],
-                 [row_of[i] for i in text if i in row_of])  # dicts keep the CSV's order
-
-@dataclass
-class Index:
-    """The distractors. Evaluation may run without one of the lists (None): it then skips
-    the tasks whose gallery needs it."""
-    dir: Path
-    ground: list[str] | None       # GLDv2 ground photo ids
-    sat: list[str] | None          # aerial image ids
-    sat_latlon: np.ndarray | None  # (n, 2) the tiles' centres: the GPS gallery's distractors
-
-def read_index(root: Path, required: bool = True) -> Index:
-    d = check_root(root, "index") if required else root / "index"
-    index = Index(d, None, None, None)
-    if required or (d / "mml_index_ground.csv").is_file():
-        index.ground = read_table(d / "mml_index_ground.csv", ["images"], ids=("images",))["images"]
-    if required or (d / "mml_index_satellite.csv").is_file():
-        sat = read_table(d / "mml_index_satellite.csv", ["images", "lat", "lon"],
-                         ids=("images",))
-        index.sat = sat["images"]
-        index.sat_latlon = parse_latlon(d / "mml_index_satellite.csv", sat)
-    return index
-
-def read_train(cfg: Config, root: Path) -> tuple[Split, Split]:
-    """The training split, cut to --subset, minus a hold-out: (train, validation). Seeded by
-    --seed, or the authors' (their train_dataset.py): random.Random(42) shuffles the positions
-    of the sorted landmark ids, and the first n_val are held out."""
-    split = read_split(root, "train", cfg.outdoor_only)
-    if cfg.subset:
-        split = split.take(range(min(cfg.subset, len(split.ids))))
-    n_val = min(cfg.n_val, max(2, len(split.ids) // 10))  # 1,024 of 17,557 on the real data
-    if cfg.holdout == "authors":
-        order = list(range(len(split.ids)))
-        random.Random(42).shuffle(order)
-        perm = np.argsort(split.ids, kind="stable")[order]
-    else:
-        perm = np.random.default_rng(cfg.seed).permutation(len(split.ids))
-    return split.take(np.sort(perm[n_val:])), split.take(np.sort(perm[:n_val]))
+def write_csv(path: Path, header: list[str], rows):
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)
 
 # Images: decoded to H x H uint8, from the files or from the `prepare` cache.
 
@@ -680,76 +689,14 @@ def read_manifest(path: Path, fields: dict) -> dict:
                         f"{fields[wrong[0]].__name__}); move it away and rerun `prepare`")
     return m
 
+def cache_dir(cfg: Config, root: Path) -> Path:
+    """Where the image and tower caches of a dataset live: --cache, or ROOT/cache."""
+    return Path(cfg.cache) if cfg.cache else root / "cache"
+
 def image_stores(cfg: Config, split_dir: Path, needed: dict) -> dict:
     """{"G": store, "S": store} for one split; needed: {"G": ids, "S": ids} the run will read."""
-    cache = Path(cfg.cache) if cfg.cache else split_dir.parent / "cache"
-    return {m: ImageStore(split_dir, kind, cfg.img_size, cache, needed.get(m, ()), cfg.resize)
-            for m, kind in (("G", "ground"), ("S", "satellite"))}
-
-def decode_or_none(job: tuple) -> np.ndarray | None:
-    try:
-        return load_image(*job)
-    except Exception:  # counted as broken in the manifest: see ImageStore
-        return None
-
-def build_cache(split_dir: Path, kind: str, ids: list[str], size: int, cache: Path, pool,
-                resize: str = "crop") -> int:
-    """Decode images into cache/{split}_{kind}.u8 (n, H, H, 3), then write the manifest, so
-    that an interrupted build is never taken for a whole one; return how many were unreadable.
-    An existing array is replaced only if its manifest says mml made it. Written as a stream,
-    not through a memory map: a full disk is then an error, not a SIGBUS."""
-    store = ImageStore(split_dir, kind, size, None, resize=resize)
-    name = cache / f"{split_dir.name}_{kind}"
-    manifest, array = name.with_suffix(".json"), name.with_suffix(".u8")
-    head = manifest.read_bytes()[:100] if manifest.is_file() else b""  # the ids come after
-    if (array.exists() or manifest.exists()) and b'"generator": "mml.py prepare"' not in head:
-        raise UserError(f"{array}: exists and was not made by `mml.py prepare`; refusing to "
-                        f"replace it (--cache names another folder)")
-    broken, blank = [], np.zeros((size, size, 3), np.uint8)
-
-    def decode_all(tmp: Path):
-        with open(tmp, "wb") as f:
-            jobs = ((store.path(i), size, resize) for i in ids)
-            for row, img in enumerate(pool.imap(decode_or_none, jobs, chunksize=32)):
-                if img is None:
-                    broken.append(ids[row])
-                f.write((blank if img is None else img).tobytes())
-            if not ids:  # one blank row: an empty array cannot be mapped
-                f.write(blank.tobytes())
-    manifest.unlink(missing_ok=True)  # never an old manifest beside a new array
-    write_atomically(array, decode_all)
-    write_atomically(manifest, lambda tmp: tmp.write_text(json.dumps({
-        "generator": "mml.py prepare", "size": size, "resize": resize, "ids": ids,
-        "broken": broken})))
-    return len(broken)
-
-def prepare(cfg: Config):
-    """`prepare`: decode every image of --splits once into the cache, so that training reads
-    pixels, not JPEGs."""
-    root = default_world(cfg)
-    cache = writable_folder(Path(cfg.cache) if cfg.cache else root / "cache", "--cache")
-    jobs = []  # (split folder, kind, image ids)
-    for split in cfg.splits.split(","):
-        if split == "index":
-            index = read_index(root)
-            jobs += [(index.dir, "ground", index.ground), (index.dir, "satellite", index.sat)]
-        else:
-            s = read_split(root, split)
-            tiles = dict.fromkeys(i for g in s.sat + [s.latest] for i in g)
-            jobs += [(s.dir, "ground", [i for g in s.ground for i in g]),
-                     (s.dir, "satellite", list(tiles))]
-    n, side = sum(len(ids) for *_, ids in jobs), cfg.img_size
-    need, free = n * side * side * 3, shutil.disk_usage(cache).free
-    print0(f"prepare: {n} images at {side}x{side} px -> {need / 1e9:.2f} GB in {cache}")
-    if need > free:  # checked before the hours of decoding, not found at their end
-        raise UserError(f"{cache}: {need / 1e9:.2f} GB needed and {free / 1e9:.2f} GB free; "
-                        f"--cache names a larger disk, --splits fewer splits")
-    with torch.multiprocessing.get_context("fork").Pool(max(1, cfg.workers)) as pool:
-        for split_dir, kind, ids in jobs:
-            t = time.time()
-            broken = build_cache(split_dir, kind, ids, side, cache, pool, cfg.resize)
-            print0(f"  {split_dir.name} {kind}: {len(ids)} images, {broken} unreadable, "
-                   f"{len(ids) / (time.time() - t):.0f} images/s")
+    return {m: ImageStore(split_dir, MODALITY[m], cfg.img_size, cache_dir(cfg, split_dir.parent),
+                          needed.get(m, ()), cfg.resize) for m in "GS"}
 
 # Text: every article read, split into sentences and tokenised once, before training.
 
@@ -887,6 +834,30 @@ class LandmarkSet(torch.utils.data.Dataset):
             out["C"] = torch.tensor(s.latlon[rows], dtype=torch.float32)     # (B, 2)
         return out | {"bad": bad}
 
+class EpochSampler(torch.utils.data.Sampler):
+    """Batches of (epoch, row) keys for one process, global steps start to stop, epoch after
+    epoch: per epoch a permutation seeded by (seed, epoch), cut into global batches of B (the
+    last partial one dropped), of which process r of W takes the r-th B/W slice. The same
+    global batches for any W, resumable from any step, and one iterator for the whole run, so
+    the loader's workers never drain at an epoch's end."""
+
+    def __init__(self, n: int, batch: int, seed: int, rank: int = 0, world: int = 1,
+                 start: int = 0, stop: int = 0):
+        self.n, self.batch, self.seed, self.rank, self.world = n, batch, seed, rank, world
+        self.start, self.stop = start, stop
+
+    def __len__(self):
+        return self.stop - self.start
+
+    def __iter__(self):
+        per_epoch, local = self.n // self.batch, self.batch // self.world
+        for step in range(self.start, self.stop):
+            epoch, b = divmod(step, per_epoch)
+            if b == 0 or step == self.start:
+                perm = np.random.default_rng([self.seed, epoch]).permutation(self.n)
+            first = b * self.batch + self.rank * local
+            yield [(epoch, int(i)) for i in perm[first:first + local]]
+
 def augment_params(seed: int, epoch: int, step: int, n: int, strength: str = "mml"):
     """(n, 2, 7) jitter for the n samples of one global batch, each view (ground, aerial) its
     own: brightness, contrast and saturation factors; a draw r (blur if r < 0.2, sharpen if
@@ -963,30 +934,6 @@ def augment(images: torch.Tensor, params: torch.Tensor, rotate: bool,
             chosen = turns.view(-1) == k
             x[chosen] = torch.rot90(x[chosen], k, dims=(2, 3))
     return x
-
-class EpochSampler(torch.utils.data.Sampler):
-    """Batches of (epoch, row) keys for one process, global steps start to stop, epoch after
-    epoch: per epoch a permutation seeded by (seed, epoch), cut into global batches of B (the
-    last partial one dropped), of which process r of W takes the r-th B/W slice. The same
-    global batches for any W, resumable from any step, and one iterator for the whole run, so
-    the loader's workers never drain at an epoch's end."""
-
-    def __init__(self, n: int, batch: int, seed: int, rank: int = 0, world: int = 1,
-                 start: int = 0, stop: int = 0):
-        self.n, self.batch, self.seed, self.rank, self.world = n, batch, seed, rank, world
-        self.start, self.stop = start, stop
-
-    def __len__(self):
-        return self.stop - self.start
-
-    def __iter__(self):
-        per_epoch, local = self.n // self.batch, self.batch // self.world
-        for step in range(self.start, self.stop):
-            epoch, b = divmod(step, per_epoch)
-            if b == 0 or step == self.start:
-                perm = np.random.default_rng([self.seed, epoch]).permutation(self.n)
-            first = b * self.batch + self.rank * local
-            yield [(epoch, int(i)) for i in perm[first:first + local]]
 
 # ---- model --------------------------------------------------------------------------------
 # Four encoders, one per modality, each a backbone (the trunk), then a projection head to the
@@ -1079,7 +1026,7 @@ def clip_layers(c: dict) -> nn.Module:
     return encoder
 
 class CLIPVision(nn.Module):
-    """CLIP's vision tower (Radford et al. 2021): (B, 3, H, H) normalised pixels -> (B, P),
+    """CLIP's vision tower (Radford et al. 2021): (B, 3, H, H) normalised pixels -> (B, E),
     its projected image embedding. The image is cut into patches, each a token; a learnt class
     token goes first, and its state after the layers, normed and projected, is the image's
     (Hugging Face's `pooler_output`, then `visual_projection`)."""
@@ -1103,10 +1050,10 @@ class CLIPVision(nn.Module):
         x = self.pre_layrnorm(torch.cat([first, x], 1) + e.position_embedding.weight)
         for layer in self.encoder.layers:
             x = layer(x)
-        return self.projection(self.post_layernorm(x[:, 0]))              # (B, P)
+        return self.projection(self.post_layernorm(x[:, 0]))              # (B, E)
 
 class CLIPText(nn.Module):
-    """CLIP's text tower: (B, L) CLIP token ids -> (B, P). Causal layers; the sentence's
+    """CLIP's text tower: (B, L) CLIP token ids -> (B, E). Causal layers; the sentence's
     embedding is the state at its first end-of-text token, normed and projected. The padding
     comes after that token, so under the causal mask it is never attended to."""
 
@@ -1130,7 +1077,7 @@ class CLIPText(nn.Module):
             x = layer(x, causal=True)
         end = ids.argmax(1) if self.end == 2 else (ids == self.end).int().argmax(1)   # (B,)
         x = self.final_layer_norm(x[torch.arange(len(x), device=x.device), end])
-        return self.projection(x)                                          # (B, P)
+        return self.projection(x)                                          # (B, E)
 
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 
@@ -1388,12 +1335,12 @@ def contrastive_loss(emb: dict, scale: torch.Tensor, pairs: list[str], gather: b
 # number of queries in a chunk (--chunk), scored at once against the whole gallery.
 
 @contextlib.contextmanager
-def exact_scores():
-    """Float32 matmuls at full precision inside, whatever the setting outside (training sets
-    TF32): TF32's rounding creates ties at 100k+ gallery items. The one precision switch of
-    the scoring code, which always restores what it found."""
+def matmul_precision(level: str):
+    """Float32 matmuls at this precision inside, and what was set before afterwards: "high"
+    (TF32) for training's speed; "highest" for scores, where TF32's rounding would create
+    ties among 100k+ gallery items. The one switch of matmul precision; it always restores."""
     before = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("highest")
+    torch.set_float32_matmul_precision(level)
     try:
         yield
     finally:
@@ -1457,7 +1404,7 @@ def rank_queries(q: torch.Tensor, g: torch.Tensor, q_labels: torch.Tensor,
            "ap_official": torch.zeros(Q, dtype=torch.float64, device=g.device),
            "top": torch.zeros(Q, min(top, N), dtype=torch.long, device=g.device),
            "match": torch.zeros(Q, dtype=torch.long, device=g.device)}
-    with exact_scores():
+    with matmul_precision("highest"):
         for s in range(0, Q, chunk):
             part = slice(s, s + chunk)
             scores = q[part].float() @ g.float().T                            # (c, N)
@@ -1529,6 +1476,8 @@ def geo_metrics(km: torch.Tensor) -> dict:
 # One process per GPU under torchrun (nanoGPT's shape): RANK in the environment means
 # distributed; process 0 logs, validates and writes checkpoints while the others wait at a
 # barrier. Without torchrun all of this reduces to rank 0 of 1 and no extra code runs.
+# `train` checks and locks the run folder, then `fit` runs the phases; the loop is its last
+# screen, and the per-step work is `train_step`.
 
 def setup_distributed(cfg: Config) -> torch.device:
     """Join the torchrun group if there is one (NCCL on GPUs, gloo on the CPU); return the
@@ -1542,102 +1491,6 @@ def setup_distributed(cfg: Config) -> torch.device:
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     return torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
 
-def lr_factor(step: int, total: int, warmup: int, schedule: str = "cosine") -> float:
-    """Linear warmup, then a cosine decay to zero, or constant."""
-    if step < warmup:
-        return (step + 1) / warmup
-    if schedule == "constant":
-        return 1.0
-    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-
-def save_checkpoint(state: dict, path: Path):
-    """torch.save through a temporary file: a crash mid-write never leaves a half-written
-    checkpoint where the last good one was, and a full disk leaves the old one and no .tmp."""
-    write_atomically(path, lambda tmp: torch.save(state, tmp))
-
-def load_tensors(path: Path, what: str, expect: type = dict):
-    """torch.load that never runs code: weights_only=True unpickles tensors, numbers, strings,
-    lists and dicts only. A file that needs more could execute anything while loading (a
-    checkpoint is a pickle), so it is refused, never unpickled."""
-    if not path.is_file():
-        raise UserError(f"{path}: no {what} there")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise UserError(f"{path}: not an mml {what}: it needs more than tensors and plain data "
-                        f"to load, and may contain code, so it is not unpickled") from None
-    except Exception as e:  # truncated, not a torch file at all
-        why = str(e).splitlines()[0] if str(e) else ""
-        raise UserError(f"{path}: not a readable {what} ({type(e).__name__}: {why})") from None
-    if not isinstance(obj, expect):
-        raise UserError(f"{path}: not a {what} (holds a {type(obj).__name__}, not a "
-                        f"{expect.__name__})")
-    return obj
-
-def load_matching(module: nn.Module, state: dict, what: str, ignore: tuple = ()):
-    """load_state_dict, but a mismatch names the first key that is missing, unexpected or of
-    another shape, with both shapes, in one line. Keys under the `ignore` prefixes (frozen
-    towers, loaded from their folder) are not expected in `state`."""
-    own = {k: v for k, v in module.state_dict().items() if not k.startswith(ignore)}
-    for key in list(own) + [k for k in state if k not in own]:
-        mine, theirs = own.get(key), state.get(key)
-        if mine is None or theirs is None or tuple(mine.shape) != tuple(theirs.shape):
-            shapes = ["absent" if t is None else tuple(getattr(t, "shape", ()))
-                      for t in (theirs, mine)]
-            raise UserError(f"{what}: does not fit this model: {key} is {shapes[0]} in the "
-                            f"file and {shapes[1]} in the model")
-    module.load_state_dict(state, strict=not ignore)
-
-def trained_state(model: MML) -> dict:
-    """What a checkpoint keeps of the model: everything but its frozen CLIP towers."""
-    towers = model.towers()
-    return {k: v for k, v in model.state_dict().items() if not k.startswith(towers)}
-
-def restore(path: Path, ckpt: dict, cfg: Config) -> MML:
-    """A checkpoint's model, on the CPU: its weights, and its frozen CLIP towers from their
-    folder (the checkpoint's, or --clip), refused unless they hold the very weights it was
-    trained with."""
-    model = MML(cfg)
-    towers = model.towers()
-    if towers:
-        state, digest = load_clip_weights(cfg.clip)
-        record = ckpt.get("towers")
-        want = record.get("digest") if isinstance(record, dict) else None
-        if digest != want:
-            raise UserError(f"{cfg.clip}: its weights (digest {digest[:12]}) are not the CLIP "
-                            f"towers {path} was trained with ({str(want)[:12]}); name their "
-                            f"folder with --clip")
-        install_towers(model, state, cfg.clip)
-        model.tower_digest = digest  # what evaluation's tower cache is keyed by
-    load_matching(model, ckpt["model"], str(path), ignore=towers)
-    return model
-
-# What a checkpoint must hold, and of which type; --resume needs the training state too.
-CHECKPOINT_PARTS = {"model": dict, "config": dict, "tokenizer": str, "step": int, "epoch": int}
-RESUME_PARTS = {"optimizer": dict, "torch_rng": torch.Tensor, "best": (int, float)}
-
-def load_checkpoint(path: Path, resume: bool = False) -> dict:
-    """A checkpoint, its parts checked before anything uses them: one line naming the part."""
-    if not path.is_file():
-        raise UserError(f"{path}: no checkpoint there (train one with `python mml.py train`, "
-                        f"or name one with --ckpt)")
-    ckpt = load_tensors(path, "checkpoint")
-    for part, kind in CHECKPOINT_PARTS.items() | (RESUME_PARTS.items() if resume else set()):
-        value = ckpt.get(part)
-        if not isinstance(value, kind) or isinstance(value, bool):
-            found = "missing" if part not in ckpt else f"a {type(value).__name__}"
-            raise UserError(f"{path}: not an mml checkpoint{' to resume' * resume} ({part} is "
-                            f"{found})")
-    bad = next((k for k, v in ckpt["model"].items() if not torch.is_tensor(v)), None)
-    if bad is not None:
-        raise UserError(f"{path}: not an mml checkpoint (model entry {bad!r} is not a tensor)")
-    try:
-        Tokenizer.from_str(ckpt["tokenizer"])
-    except Exception as e:  # the tokenizers library raises its own exception types
-        raise UserError(f"{path}: not an mml checkpoint (its tokenizer does not load: "
-                        f"{str(e)[:80]})") from None
-    return ckpt
-
 def fmt_time(seconds: float) -> str:
     return f"{int(seconds // 3600)}:{int(seconds % 3600 // 60):02d}:{int(seconds % 60):02d}"
 
@@ -1645,7 +1498,7 @@ def bf16_on(device: torch.device, cfg: Config) -> bool:
     return device.type == "cuda" and cfg.bf16 and torch.cuda.is_bf16_supported()
 
 def autocast_for(device: torch.device, cfg: Config):
-    """bf16 autocast on a GPU that has it, else a no-op: the one precision switch."""
+    """bf16 autocast on a GPU that has it, else a no-op: the one mixed-precision switch."""
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16_on(device, cfg))
 
 def to_device(batch: dict, device: torch.device) -> dict:
@@ -1664,6 +1517,94 @@ def jitter(inputs: dict, params: torch.Tensor) -> dict:
             x = augment(inputs[m], params[:, k].to(inputs[m].device), m == "S", hue)
             inputs[m] = to_device({m: x}, x.device)[m]  # the device's layout again
     return inputs
+
+def learn_tokenizer(cfg: Config, articles: list, ckpt: dict | None) -> Tokenizer:
+    """The run's tokenizer: the checkpoint's on --resume; CLIP's with its text tower; else
+    learnt once, on process 0, from the training articles and sent to the others: every
+    process must agree."""
+    if ckpt:
+        return Tokenizer.from_str(ckpt["tokenizer"])
+    if cfg.text_backbone == "clip":
+        return clip_tokenizer(cfg.clip, cfg.max_len)
+    tok_json = [None]
+    if is_master():
+        texts = (v for a in articles if a for v in a.values())
+        tok_json = [train_tokenizer(texts, cfg).to_str()]
+    if dist.is_initialized():
+        dist.broadcast_object_list(tok_json)
+    return Tokenizer.from_str(tok_json[0])
+
+def training_sets(cfg: Config, root: Path, ckpt: dict | None) -> tuple:
+    """(training set, validation set, tokenizer): the splits, every article read and
+    tokenised once, the images' stores (the cache when there is one)."""
+    train_split, val_split = read_train(cfg, root)
+    if len(train_split.ids) < 2 or len(val_split.ids) < 2:
+        raise UserError(f"{root}: {len(train_split.ids)} training and {len(val_split.ids)} "
+                        f"validation landmarks; need at least 2 of each")
+    (articles, bad), (val_articles, val_bad) = read_articles(train_split), read_articles(val_split)
+    if bad or val_bad:
+        print0(f"{len(bad + val_bad)} unreadable articles: their landmarks train with an empty "
+               f"sentence (first: {(bad + val_bad)[0]})")
+    tok = learn_tokenizer(cfg, articles, ckpt)
+    both = (train_split, val_split)
+    stores = image_stores(cfg, train_split.dir, {
+        "G": [i for s in both for g in s.ground for i in g],
+        "S": [i for s in both for g in s.sat for i in g]})
+    return (LandmarkSet(train_split, stores, Sentences(articles, tok, cfg.train_text), cfg, True),
+            LandmarkSet(val_split, stores, Sentences(val_articles, tok, "first"), cfg, False), tok)
+
+def make_optimizer(raw: MML, cfg: Config) -> torch.optim.AdamW:
+    """AdamW over the trained parameters (frozen ones get no optimizer state)."""
+    trained = [p for p in raw.parameters() if p.requires_grad]
+    if cfg.decay_all:  # the authors' AdamW(model.parameters(), weight_decay=...)
+        groups = [{"params": trained, "weight_decay": cfg.weight_decay}]
+    else:  # decay weight matrices; not biases, norms, the scale
+        groups = [{"params": [p for p in trained if p.dim() >= 2],
+                   "weight_decay": cfg.weight_decay},
+                  {"params": [p for p in trained if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98))
+
+def build_model(cfg: Config, device, ckpt: dict | None, path: Path) -> tuple:
+    """(model, optimizer, the frozen towers' record): from the checkpoint at path on
+    --resume; else initialised (the same seed on every process: identical weights), with
+    CLIP's towers from --clip, --pretrained and --gps-init."""
+    torch.manual_seed(cfg.seed)
+    if ckpt:
+        raw, towers = restore(path, ckpt, cfg), ckpt.get("towers")
+    else:
+        raw, towers = MML(cfg), None
+        if "clip" in (cfg.image_backbone, cfg.text_backbone):
+            state, digest = load_clip_weights(cfg.clip)
+            install_towers(raw, state, cfg.clip)
+            if raw.towers():  # checkpoints name the folder and its digest instead of copying it
+                towers = {"folder": str(Path(cfg.clip).resolve()), "digest": digest}
+        if cfg.pretrained and cfg.image_backbone not in ("small", "clip"):
+            for m in {"G", "S"} & set(raw.enc):  # a shared trunk loads twice: the same weights
+                load_pretrained(raw.enc[m].trunk, cfg.image_backbone)
+        if cfg.gps_init:
+            if "C" not in raw.enc:
+                raise UserError("--gps-init: needs C in --modalities")
+            load_matching(raw.enc["C"], load_tensors(Path(cfg.gps_init), "state dict"),
+                          f"--gps-init {cfg.gps_init}")
+    raw = raw.to(device)
+    if device.type == "cuda":
+        raw = raw.to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(raw, cfg)
+    if ckpt:
+        try:
+            optimizer.load_state_dict(ckpt["optimizer"])
+        except (ValueError, KeyError) as e:
+            raise UserError(f"{path}: its optimizer state does not fit this model ({e})") from None
+        torch.set_rng_state(ckpt["torch_rng"])
+    return raw, optimizer, towers
+
+def lr_factor(step: int, total: int, warmup: int, schedule: str = "cosine") -> float:
+    """Linear warmup, then a cosine decay to zero, or constant."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 @torch.no_grad()
 def validate(model: MML, val_set: LandmarkSet, cfg: Config, pairs: list[str], device) -> dict:
@@ -1724,216 +1665,50 @@ def start_over(out: Path):
     for name in ("last.pt", "best.pt", "log.jsonl", "eval/metrics.json"):
         (out / name).unlink(missing_ok=True)
 
-def learn_tokenizer(cfg: Config, articles: list, ckpt: dict | None) -> Tokenizer:
-    """The run's tokenizer: the checkpoint's on --resume; CLIP's with its text tower; else
-    learnt once, on process 0, from the training articles and sent to the others: every
-    process must agree."""
-    if ckpt:
-        return Tokenizer.from_str(ckpt["tokenizer"])
-    if cfg.text_backbone == "clip":
-        return clip_tokenizer(cfg.clip, cfg.max_len)
-    tok_json = [None]
-    if is_master():
-        texts = (v for a in articles if a for v in a.values())
-        tok_json = [train_tokenizer(texts, cfg).to_str()]
-    if dist.is_initialized():
-        dist.broadcast_object_list(tok_json)
-    return Tokenizer.from_str(tok_json[0])
+def save_checkpoint(state: dict, path: Path):
+    """torch.save through a temporary file: a crash mid-write never leaves a half-written
+    checkpoint where the last good one was, and a full disk leaves the old one and no .tmp."""
+    write_atomically(path, lambda tmp: torch.save(state, tmp))
 
-def make_optimizer(raw: MML, cfg: Config) -> torch.optim.AdamW:
-    """AdamW over the trained parameters (frozen ones get no optimizer state)."""
-    trained = [p for p in raw.parameters() if p.requires_grad]
-    if cfg.decay_all:  # the authors' AdamW(model.parameters(), weight_decay=...)
-        groups = [{"params": trained, "weight_decay": cfg.weight_decay}]
-    else:  # decay weight matrices; not biases, norms, the scale
-        groups = [{"params": [p for p in trained if p.dim() >= 2],
-                   "weight_decay": cfg.weight_decay},
-                  {"params": [p for p in trained if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98))
-
-def build_model(cfg: Config, device, ckpt: dict | None, path: Path) -> tuple:
-    """(model, optimizer, the frozen towers' record): from the checkpoint at path on
-    --resume; else initialised (the same seed on every process: identical weights), with
-    CLIP's towers from --clip, --pretrained and --gps-init."""
-    torch.manual_seed(cfg.seed)
-    if ckpt:
-        raw, towers = restore(path, ckpt, cfg), ckpt.get("towers")
-    else:
-        raw, towers = MML(cfg), None
-        if "clip" in (cfg.image_backbone, cfg.text_backbone):
-            state, digest = load_clip_weights(cfg.clip)
-            install_towers(raw, state, cfg.clip)
-            if raw.towers():  # checkpoints name the folder and its digest instead of copying it
-                towers = {"folder": str(Path(cfg.clip).resolve()), "digest": digest}
-        if cfg.pretrained and cfg.image_backbone not in ("small", "clip"):
-            for m in {"G", "S"} & set(raw.enc):  # a shared trunk loads twice: the same weights
-                load_pretrained(raw.enc[m].trunk, cfg.image_backbone)
-        if cfg.gps_init:
-            if "C" not in raw.enc:
-                raise UserError("--gps-init: needs C in --modalities")
-            load_matching(raw.enc["C"], load_tensors(Path(cfg.gps_init), "state dict"),
-                          f"--gps-init {cfg.gps_init}")
-    raw = raw.to(device)
-    if device.type == "cuda":
-        raw = raw.to(memory_format=torch.channels_last)
-    optimizer = make_optimizer(raw, cfg)
-    if ckpt:
-        try:
-            optimizer.load_state_dict(ckpt["optimizer"])
-        except (ValueError, KeyError) as e:
-            raise UserError(f"{path}: its optimizer state does not fit this model ({e})") from None
-        torch.set_rng_state(ckpt["torch_rng"])
-    return raw, optimizer, towers
-
-def training_sets(cfg: Config, root: Path, ckpt: dict | None) -> tuple:
-    """(training set, validation set, tokenizer): the splits, every article read and
-    tokenised once, the images' stores (the cache when there is one)."""
-    train_split, val_split = read_train(cfg, root)
-    if len(train_split.ids) < 2 or len(val_split.ids) < 2:
-        raise UserError(f"{root}: {len(train_split.ids)} training and {len(val_split.ids)} "
-                        f"validation landmarks; need at least 2 of each")
-    (articles, bad), (val_articles, val_bad) = read_articles(train_split), read_articles(val_split)
-    if bad or val_bad:
-        print0(f"{len(bad + val_bad)} unreadable articles: their landmarks train with an empty "
-               f"sentence (first: {(bad + val_bad)[0]})")
-    tok = learn_tokenizer(cfg, articles, ckpt)
-    both = (train_split, val_split)
-    stores = image_stores(cfg, train_split.dir, {
-        "G": [i for s in both for g in s.ground for i in g],
-        "S": [i for s in both for g in s.sat for i in g]})
-    return (LandmarkSet(train_split, stores, Sentences(articles, tok, cfg.train_text), cfg, True),
-            LandmarkSet(val_split, stores, Sentences(val_articles, tok, "first"), cfg, False), tok)
-
-class RunLock:
-    """One writer per run folder: an exclusive flock on OUT/train.lock while the `with` lasts.
-    The kernel drops a flock when its process dies, so a killed run's lock is never stale; the
-    file names the process that holds it."""
-
-    def __init__(self, out: Path):
-        self.path = out / "train.lock"
-
-    def __enter__(self):
-        self.file = open(self.path, "a+")
-        try:
-            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self.file.seek(0)
-            holder = self.file.read().strip() or "unknown"
-            self.file.close()
-            raise UserError(f"{self.path.parent}: another `train` is writing there (process "
-                            f"{holder}); wait for it to end, or stop it") from None
-        self.file.truncate(0)
-        self.file.write(f"{os.getpid()}\n")
-        self.file.flush()
-        return self
-
-    def __exit__(self, *exc):
-        self.file.close()  # and with it the lock
-
-def train(cfg: Config):
-    """`train`: the run folder checked and locked before any data is read, then `fit`."""
-    device = setup_distributed(cfg)
-    if is_master():
-        writable_folder(Path(cfg.out), "--out")
-    with RunLock(Path(cfg.out)) if is_master() else contextlib.nullcontext():
-        fit(cfg, device)
-
-def fit(cfg: Config, device: torch.device):
-    """Phases: data (`training_sets`, one loader iterator for the whole run), model (fresh, or
-    the checkpoint's on --resume), then the loop: per step `train_step`, per --log-every
-    steps a log line, per epoch (or on a stop signal) `end_of_epoch`: validate, save best.pt
-    and last.pt. Process 0 logs, validates and saves; the others wait at a barrier."""
+def train_step(model: nn.Module, raw: MML, optimizer, batch: dict, cfg: Config, pairs: list,
+               epoch: int, step: int, lr: float,
+               stop: bool = False) -> tuple[list[float], torch.Tensor, bool]:
+    """One optimisation step on this process's rows of a global batch: jitter on the device,
+    forward, the contrastive loss, one all-reduce of the losses and the stop vote, backward
+    and update unless the loss is not finite. Returns ([loss, per-pair losses] averaged over
+    the processes, the logit scale, whether any process was told to stop). `bench` times
+    this very function."""
     rank, world = rank_and_world()
-    out, root = Path(cfg.out), default_world(cfg)
-    # the checkpoint records the data as an absolute path: eval reads it from anywhere
-    cfg = dataclasses.replace(cfg, data=str(root.resolve()))
-    ckpt = load_checkpoint(out / "last.pt", resume=True) if cfg.resume else None
-    train_set, val_set, tok = training_sets(cfg, root, ckpt)
-
-    # A global batch never larger than the landmarks, and divisible by the process count.
-    if cfg.batch_size % world:
-        raise UserError(f"--batch-size {cfg.batch_size} is the global batch: it must divide "
-                        f"evenly over {world} processes")
-    B = min(cfg.batch_size, len(train_set)) // world * world
-    if B < cfg.batch_size:
-        print0(f"batch {cfg.batch_size} > {len(train_set)} training landmarks: using {B}")
-    steps_per_epoch = len(train_set) // B
-    total = cfg.max_steps or cfg.epochs * steps_per_epoch
-    step = ckpt["step"] if ckpt else 0
-    sampler = EpochSampler(len(train_set), B, cfg.seed, rank, world, step, total)
-    loader = torch.utils.data.DataLoader(  # batch_size None: the sampler yields batches
-        train_set, batch_size=None, sampler=sampler, num_workers=cfg.workers,
-        pin_memory=device.type == "cuda", prefetch_factor=4 if cfg.workers > 0 else None,
-        worker_init_fn=ignore_stop_signals)
-
-    # No per-rank seed offset is needed (nanoGPT has one for its data): every random draw of
-    # the data is keyed by (seed, epoch, row) or by a sample's place in the global batch.
-    raw, optimizer, towers = build_model(cfg, device, ckpt, out / "last.pt")
-    warmup = max(1, round(cfg.warmup * total))  # the lr is a function of the step alone
-    lower_is_better = cfg.select == "loss"  # best.pt: lowest validation loss, or highest R@1
-    best = ckpt["best"] if ckpt else (math.inf if lower_is_better else -math.inf)
-    if ckpt:
-        print0(f"resumed {out / 'last.pt'} at step {step}")
-    elif rank == 0 and cfg.overwrite:
-        start_over(out)
-    # Keep `raw` for saving: checkpoints then never carry compile's `_orig_mod.` or DDP's
-    # `module.` prefixes (nanoGPT and open_clip both had to patch those out later).
-    model = torch.compile(raw) if cfg.compile else raw
+    device, local = raw.logit_scale.device, len(batch["bad"])  # this process's rows
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    params = augment_params(cfg.seed, epoch, step, local * world, cfg.augment)  # (B, 2, 7)
+    inputs = jitter(to_device(batch, device), params[rank * local:(rank + 1) * local])
+    with autocast_for(device, cfg):
+        emb, scale = model(inputs)
+    loss, parts = contrastive_loss(emb, scale, pairs)  # float32, outside autocast
+    # One all-reduce carries the losses and whether any process was told to stop, so that
+    # every process skips the same steps and stops after the same step.
+    values = torch.stack([loss.detach(), *(v.detach() for v in parts.values()),
+                          torch.tensor(float(stop), device=device)])
     if world > 1:
-        ids = [device.index] if device.type == "cuda" else None
-        model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
-    torch.set_float32_matmul_precision("high")  # TF32 matmuls for training (not evaluation)
-
-    pairs = loss_pairs(cfg.modalities, cfg.loss)
-    if cfg.preset:
-        print0(f"--preset {cfg.preset}: " + " ".join(
-            f"--{k.replace('_', '-')} {getattr(cfg, k)}" for k in PRESETS[cfg.preset]))
-    n_params = sum(p.numel() for p in raw.parameters())
-    n_trained = sum(p.numel() for p in raw.parameters() if p.requires_grad)
-    print0(f"training {cfg.modalities} ({cfg.loss}: {' '.join(pairs)}), {n_params / 1e6:.2f}M "
-           f"parameters ({n_trained / 1e6:.2f}M trained), {len(train_set)} landmarks "
-           f"({len(val_set)} held out) from {root}, batch {B} on {world} x {device.type}, "
-           f"{steps_per_epoch} steps/epoch, {total} steps")
-    log = TrainLog(out, step, total, B) if rank == 0 else None
-    saved = {"config": dataclasses.asdict(cfg), "tokenizer": tok.to_str()}  # in every save
-    if towers:
-        saved["towers"] = towers
-    batches = loader
-    if cfg.overfit_batch:  # one fixed batch, again and again: the loss must fall to ~0
-        batches = itertools.repeat(next(iter(loader)), total - step)
-    bad_in_row, skipped, unreadable = 0, 0, []  # non-finite losses: in a row now, and in all
-    with StopSignal() as stop:
-        for batch in batches:
-            epoch = step // steps_per_epoch
-            unreadable += [line for s in batch["bad"] for line in s.split("\n") if line]
-            lr = cfg.lr * lr_factor(step, total, warmup, cfg.schedule)
-            losses, scale, stopping = train_step(model, raw, optimizer, batch, cfg, pairs,
-                                                 epoch, step, lr, stop.signum > 0)
-            if math.isfinite(losses[0]):
-                bad_in_row = 0
-            else:
-                bad_in_row, skipped = bad_in_row + 1, skipped + 1
-                print0(f"step {step}: loss is {losses[0]}, step skipped")
-                if bad_in_row >= cfg.max_bad_steps:
-                    raise UserError(f"{bad_in_row} non-finite losses in a row at step {step}: "
-                                    f"stopping; the last good checkpoint is {out / 'last.pt'} "
-                                    f"(try a lower --lr)")
-            step += 1
-            if log and (step % cfg.log_every == 0 or step == total or stopping):
-                log.step(epoch, step, dict(zip(["loss"] + list(pairs), losses)), lr, scale)
-            if step % steps_per_epoch == 0 or step >= total or stopping:
-                best = end_of_epoch(raw, optimizer, saved, cfg, epoch, step, best, unreadable,
-                                    val_set, pairs, device, log,
-                                    epoch_done=step % steps_per_epoch == 0 or step >= total)
-                unreadable = []
-            if stopping and step < total:
-                print0(f"stopped at step {step} of {total}: saved {out / 'last.pt'}; continue "
-                       f"with `python mml.py train --out {out} --resume`")
-                raise SystemExit(128 + (stop.signum or signal.SIGTERM))
-            if step >= total:
-                break
-    if log:
-        log.done(step, skipped, cfg.select, best)
+        dist.all_reduce(values)
+        values[:-1] /= world
+    # A CPU-GPU sync point, once per step: whether to update at all (a non-finite loss is
+    # skipped) must be known on the CPU, by every process alike, before the update.
+    *losses, stop_votes = values.tolist()
+    if math.isfinite(losses[0]):
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip:
+            nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip)
+        if cfg.grad_clip_value:  # the authors' clip_grad_value_
+            nn.utils.clip_grad_value_(raw.parameters(), cfg.grad_clip_value)
+        optimizer.step()
+        if cfg.scale_cap:  # CLIP caps the scale at 100 so training cannot blow up
+            with torch.no_grad():
+                raw.logit_scale.clamp_(max=math.log(cfg.scale_cap))
+    return losses, scale.detach(), stop_votes > 0
 
 class TrainLog:
     """Process 0's log: per --log-every steps one line and one log.jsonl record (step, the
@@ -2007,49 +1782,133 @@ def end_of_epoch(raw: MML, optimizer, saved: dict, cfg: Config, epoch: int, step
     barrier()
     return best  # process 0's is the one that counts: only it saves
 
-def rank_and_world() -> tuple[int, int]:
-    """This process's rank and the number of processes: (0, 1) without torchrun."""
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-
-def train_step(model: nn.Module, raw: MML, optimizer, batch: dict, cfg: Config, pairs: list,
-               epoch: int, step: int, lr: float,
-               stop: bool = False) -> tuple[list[float], torch.Tensor, bool]:
-    """One optimisation step on this process's rows of a global batch: jitter on the device,
-    forward, the contrastive loss, one all-reduce of the losses and the stop vote, backward
-    and update unless the loss is not finite. Returns ([loss, per-pair losses] averaged over
-    the processes, the logit scale, whether any process was told to stop). `bench` times
-    this very function."""
+def fit(cfg: Config, device: torch.device):
+    """Phases: data (`training_sets`, one loader iterator for the whole run), model (fresh, or
+    the checkpoint's on --resume), then the loop: per step `train_step`, per --log-every
+    steps a log line, per epoch (or on a stop signal) `end_of_epoch`: validate, save best.pt
+    and last.pt. Process 0 logs, validates and saves; the others wait at a barrier."""
     rank, world = rank_and_world()
-    device, local = raw.logit_scale.device, len(batch["bad"])  # this process's rows
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    params = augment_params(cfg.seed, epoch, step, local * world, cfg.augment)  # (B, 2, 7)
-    inputs = jitter(to_device(batch, device), params[rank * local:(rank + 1) * local])
-    with autocast_for(device, cfg):
-        emb, scale = model(inputs)
-    loss, parts = contrastive_loss(emb, scale, pairs)  # float32, outside autocast
-    # One all-reduce carries the losses and whether any process was told to stop, so that
-    # every process skips the same steps and stops after the same step.
-    values = torch.stack([loss.detach(), *(v.detach() for v in parts.values()),
-                          torch.tensor(float(stop), device=device)])
+    out, root = Path(cfg.out), default_world(cfg)
+    # the checkpoint records the data as an absolute path: eval reads it from anywhere
+    cfg = dataclasses.replace(cfg, data=str(root.resolve()))
+    ckpt = load_checkpoint(out / "last.pt", resume=True) if cfg.resume else None
+    train_set, val_set, tok = training_sets(cfg, root, ckpt)
+
+    # A global batch never larger than the landmarks, and divisible by the process count.
+    if cfg.batch_size % world:
+        raise UserError(f"--batch-size {cfg.batch_size} is the global batch: it must divide "
+                        f"evenly over {world} processes")
+    B = min(cfg.batch_size, len(train_set)) // world * world
+    if B < cfg.batch_size:
+        print0(f"batch {cfg.batch_size} > {len(train_set)} training landmarks: using {B}")
+    steps_per_epoch = len(train_set) // B
+    total = cfg.max_steps or cfg.epochs * steps_per_epoch
+    step = ckpt["step"] if ckpt else 0
+    sampler = EpochSampler(len(train_set), B, cfg.seed, rank, world, step, total)
+    loader = torch.utils.data.DataLoader(  # batch_size None: the sampler yields batches
+        train_set, batch_size=None, sampler=sampler, num_workers=cfg.workers,
+        pin_memory=device.type == "cuda", prefetch_factor=4 if cfg.workers > 0 else None,
+        worker_init_fn=ignore_stop_signals)
+
+    # No per-rank seed offset is needed (nanoGPT has one for its data): every random draw of
+    # the data is keyed by (seed, epoch, row) or by a sample's place in the global batch.
+    raw, optimizer, towers = build_model(cfg, device, ckpt, out / "last.pt")
+    warmup = max(1, round(cfg.warmup * total))  # the lr is a function of the step alone
+    lower_is_better = cfg.select == "loss"  # best.pt: lowest validation loss, or highest R@1
+    best = ckpt["best"] if ckpt else (math.inf if lower_is_better else -math.inf)
+    if ckpt:
+        print0(f"resumed {out / 'last.pt'} at step {step}")
+    elif rank == 0 and cfg.overwrite:
+        start_over(out)
+    # Keep `raw` for saving: checkpoints then never carry compile's `_orig_mod.` or DDP's
+    # `module.` prefixes (nanoGPT and open_clip both had to patch those out later).
+    model = torch.compile(raw) if cfg.compile else raw
     if world > 1:
-        dist.all_reduce(values)
-        values[:-1] /= world
-    # A CPU-GPU sync point, once per step: whether to update at all (a non-finite loss is
-    # skipped) must be known on the CPU, by every process alike, before the update.
-    *losses, stop_votes = values.tolist()
-    if math.isfinite(losses[0]):
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip:
-            nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip)
-        if cfg.grad_clip_value:  # the authors' clip_grad_value_
-            nn.utils.clip_grad_value_(raw.parameters(), cfg.grad_clip_value)
-        optimizer.step()
-        if cfg.scale_cap:  # CLIP caps the scale at 100 so training cannot blow up
-            with torch.no_grad():
-                raw.logit_scale.clamp_(max=math.log(cfg.scale_cap))
-    return losses, scale.detach(), stop_votes > 0
+        ids = [device.index] if device.type == "cuda" else None
+        model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+    pairs = loss_pairs(cfg.modalities, cfg.loss)
+    if cfg.preset:
+        print0(f"--preset {cfg.preset}: " + " ".join(
+            f"--{k.replace('_', '-')} {getattr(cfg, k)}" for k in PRESETS[cfg.preset]))
+    n_params = sum(p.numel() for p in raw.parameters())
+    n_trained = sum(p.numel() for p in raw.parameters() if p.requires_grad)
+    print0(f"training {cfg.modalities} ({cfg.loss}: {' '.join(pairs)}), {n_params / 1e6:.2f}M "
+           f"parameters ({n_trained / 1e6:.2f}M trained), {len(train_set)} landmarks "
+           f"({len(val_set)} held out) from {root}, batch {B} on {world} x {device.type}, "
+           f"{steps_per_epoch} steps/epoch, {total} steps")
+    log = TrainLog(out, step, total, B) if rank == 0 else None
+    saved = {"config": dataclasses.asdict(cfg), "tokenizer": tok.to_str()}  # in every save
+    if towers:
+        saved["towers"] = towers
+    batches = loader
+    if cfg.overfit_batch:  # one fixed batch, again and again: the loss must fall to ~0
+        batches = itertools.repeat(next(iter(loader)), total - step)
+    bad_in_row, skipped, unreadable = 0, 0, []  # non-finite losses: in a row now, and in all
+    with StopSignal() as stop, matmul_precision("high"):  # TF32 for training, not for scores
+        for batch in batches:
+            epoch = step // steps_per_epoch
+            unreadable += [line for s in batch["bad"] for line in s.split("\n") if line]
+            lr = cfg.lr * lr_factor(step, total, warmup, cfg.schedule)
+            losses, scale, stopping = train_step(model, raw, optimizer, batch, cfg, pairs,
+                                                 epoch, step, lr, stop.signum > 0)
+            if math.isfinite(losses[0]):
+                bad_in_row = 0
+            else:
+                bad_in_row, skipped = bad_in_row + 1, skipped + 1
+                print0(f"step {step}: loss is {losses[0]}, step skipped")
+                if bad_in_row >= cfg.max_bad_steps:
+                    raise UserError(f"{bad_in_row} non-finite losses in a row at step {step}: "
+                                    f"stopping; the last good checkpoint is {out / 'last.pt'} "
+                                    f"(try a lower --lr)")
+            step += 1
+            if log and (step % cfg.log_every == 0 or step == total or stopping):
+                log.step(epoch, step, dict(zip(["loss"] + list(pairs), losses)), lr, scale)
+            if step % steps_per_epoch == 0 or step >= total or stopping:
+                best = end_of_epoch(raw, optimizer, saved, cfg, epoch, step, best, unreadable,
+                                    val_set, pairs, device, log,
+                                    epoch_done=step % steps_per_epoch == 0 or step >= total)
+                unreadable = []
+            if stopping and step < total:
+                print0(f"stopped at step {step} of {total}: saved {out / 'last.pt'}; continue "
+                       f"with `python mml.py train --out {out} --resume`")
+                raise SystemExit(128 + (stop.signum or signal.SIGTERM))
+    if log:
+        log.done(step, skipped, cfg.select, best)
+
+class RunLock:
+    """One writer per run folder: an exclusive flock on OUT/train.lock while the `with` lasts.
+    The kernel drops a flock when its process dies, so a killed run's lock is never stale; the
+    file names the process that holds it."""
+
+    def __init__(self, out: Path):
+        self.path = out / "train.lock"
+
+    def __enter__(self):
+        self.file = open(self.path, "a+")
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.file.seek(0)
+            holder = self.file.read().strip() or "unknown"
+            self.file.close()
+            raise UserError(f"{self.path.parent}: another `train` is writing there (process "
+                            f"{holder}); wait for it to end, or stop it") from None
+        self.file.truncate(0)
+        self.file.write(f"{os.getpid()}\n")
+        self.file.flush()
+        return self
+
+    def __exit__(self, *exc):
+        self.file.close()  # and with it the lock
+
+def train(cfg: Config):
+    """`train`: the run folder checked and locked before any data is read, then `fit`."""
+    device = setup_distributed(cfg)
+    if is_master():
+        writable_folder(Path(cfg.out), "--out")
+    with RunLock(Path(cfg.out)) if is_master() else contextlib.nullcontext():
+        fit(cfg, device)
 
 # ---- eval ---------------------------------------------------------------------------------
 # PROTOCOL 3: every query ground photo is its own query; the aerial queries are the
@@ -2132,7 +1991,7 @@ class Protocol:
         """An image side of parts (split folder, kind, ids), in order."""
         ids = [i for _, _, part in parts for i in part]
         show = [shard(d, k, i) for d, k, part in parts for i in part]
-        return Side(name, "G" if kind == "ground" else "S", labels, ids, latlon, show, parts)
+        return Side(name, LETTER[kind], labels, ids, latlon, show, parts)
 
     @functools.cached_property
     def query_ground(self) -> Side:
@@ -2212,7 +2071,7 @@ class Protocol:
     def missing(self, task: Task) -> str:
         """Why the data cannot run a task ("" when it can)."""
         # the ground gallery needs the index photos; the aerial and GPS galleries its tiles
-        kind = "ground" if task.gallery == "G" else "satellite"
+        kind = MODALITY[task.gallery if task.gallery in "GS" else "S"]
         if (self.index.ground if kind == "ground" else self.index.sat) is None:
             return f"{self.index.dir / f'mml_index_{kind}.csv'}: not found"
         if task.text == "no_cues" and self.query.no_cues is None:
@@ -2229,13 +2088,27 @@ class Protocol:
         ids = unique_landmarks(path, table)
         return {g: dict(zip(ids, table[g])) for g in ("category", "state")}
 
+def open_gallery(root: Path) -> tuple[torch.Tensor, list[str]]:
+    """(N, 2) lat/lon and names: the index tiles' centres (no name), then the training
+    landmarks (named by their Commons category). Never the query landmarks: they are the test."""
+    index = read_index(root, required=False)  # the tiles' list alone is needed
+    if index.sat is None:
+        raise UserError(f"{index.dir / 'mml_index_satellite.csv'}: file not found (the open "
+                        f"gallery holds the index tiles' centres)")
+    path = check_root(root, "train") / "mml_train.csv"
+    train = read_table(path, ["CommonsCategory", "lat", "lon"])
+    latlon = np.concatenate([index.sat_latlon, parse_latlon(path, train)])   # (N, 2) float64
+    return torch.as_tensor(latlon), [""] * len(index.sat) + train["CommonsCategory"]
+
 class ImageList(torch.utils.data.Dataset):
     """An image side's parts -> ((3, H, H) uint8, "" or why the file could not be read)."""
 
     def __init__(self, parts: list, cfg: Config):
-        self.rows = [(s, i) for d, kind, ids in parts
-                     for s in image_stores(cfg, d, {kind[0].upper(): ids}).values()
-                     if s.kind == kind for i in ids]
+        self.rows = []  # (store, image id)
+        for split_dir, kind, ids in parts:
+            store = ImageStore(split_dir, kind, cfg.img_size, cache_dir(cfg, split_dir.parent),
+                               ids, cfg.resize)
+            self.rows += [(store, i) for i in ids]
 
     def __len__(self):
         return len(self.rows)
@@ -2314,89 +2187,9 @@ def checked(emb: torch.Tensor, side: Side, what: str) -> torch.Tensor:
         emb = F.normalize(emb, dim=-1)
     return emb
 
-class Checkpoint:
-    """An mml checkpoint ready to embed, the Python API: `model = mml.load(CKPT)`, then
-
-        model.embed_images(["photo.jpg"], kind="ground")  # paths or (H, W, 3) uint8 arrays
-        model.embed_text(["a red church in Denver"])
-        model.embed_gps([[40.7, -74.0]])                   # lat, lon in degrees
-
-    each an (N, D) float32 tensor of unit vectors, made with the checkpoint's own
-    preprocessing and tokenizer, in batches on the best device. `eval` embeds the protocol's
-    sides with it, and `Locator` answers with it."""
-
-    def __init__(self, ckpt, device=None, clip: str = "", batch: int = 256, workers: int = 0,
-                 cache: str = ""):
-        self.path = Path(ckpt)
-        saved = load_checkpoint(self.path)
-        self.cfg = dataclasses.replace(checkpoint_config(self.path, saved), eval_batch=batch,
-                                       workers=workers, cache=cache)
-        self.cfg.clip = clip or self.cfg.clip
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.model = restore(self.path, saved, self.cfg).to(self.device).eval()
-        self.tok = Tokenizer.from_str(saved["tokenizer"])
-        self.step, self.epoch, self.config = saved["step"], saved["epoch"], saved["config"]
-        self.modalities = self.cfg.modalities
-
-    def encoder(self, m: str) -> Encoder:
-        if m not in self.model.enc:
-            kind = {"G": "ground", "S": "satellite", "T": "text", "C": "gps"}[m]
-            raise UserError(f"{self.path}: has no {kind} encoder (trained on "
-                            f"{self.cfg.modalities})")
-        return self.model.enc[m]
-
-    def embed_images(self, images, kind: str = "ground") -> torch.Tensor:
-        """(N, D): images as paths, or decoded (H, W, 3) uint8 arrays of any size."""
-        m, size, how = kind[0].upper(), self.cfg.img_size, self.cfg.resize
-        pixels = [load_image(Path(x), size, how) if isinstance(x, (str, Path)) else
-                  to_square(Image.fromarray(np.asarray(x, dtype=np.uint8)), size, how)
-                  for x in images]
-        x = torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2)               # (N, 3, H, H)
-        return embed(self.encoder(m), x, f"{kind} images", self.cfg, self.device)
-
-    def embed_text(self, sentences: list[str]) -> torch.Tensor:
-        tokens = tokenize(self.tok, [str(s) for s in sentences])                  # (N, L)
-        return embed(self.encoder("T"), tokens, "sentences", self.cfg, self.device)
-
-    def embed_gps(self, latlon) -> torch.Tensor:
-        points = torch.as_tensor(np.asarray(latlon, dtype=np.float64)).view(-1, 2)
-        return embed(self.encoder("C"), points, "points", self.cfg, self.device)
-
-    def embed_side(self, side: Side, root: Path) -> torch.Tensor:
-        """A side of the protocol: images through the DataLoader's workers (and a frozen CLIP
-        tower through its cache), sentences through the checkpoint's tokenizer."""
-        enc, cfg = self.encoder(side.modality), self.cfg
-        if side.modality == "T":
-            return embed(enc, tokenize(self.tok, side.items), side.name, cfg, self.device)
-        if side.modality == "C":
-            return embed(enc, side.items, side.name, cfg, self.device)
-        if f"enc.{side.modality}.trunk." in self.model.towers():  # each image once per tower
-            features = torch.cat([self.tower_features(enc, part, root) for part in side.items])
-            return embed(enc.project, features, side.name, cfg, self.device)
-        return embed(enc, ImageList(side.items, cfg), side.name, cfg, self.device)
-
-    def tower_features(self, enc: Encoder, part: tuple, root: Path) -> torch.Tensor:
-        """(n, P) outputs of a frozen CLIP tower for one split's images, from the tower cache
-        when it holds them. The key covers the towers' weights, the preprocessing, the
-        precision and the image list: a second checkpoint on the same towers runs only its
-        heads, and a cache made by anything else is never used."""
-        split_dir, kind, ids = part
-        precision = "bf16" if bf16_on(self.device, self.cfg) else "fp32"
-        key = hashlib.sha256(json.dumps([self.model.tower_digest, self.cfg.img_size,
-                                         self.cfg.resize, precision, kind, ids]).encode())
-        cache = Path(self.cfg.cache) if self.cfg.cache else root / "cache"
-        path = cache / "towers" / f"{split_dir.name}_{kind}-{key.hexdigest()[:16]}.pt"
-        features = read_cache(path, key.hexdigest(), (len(ids), enc.width))
-        if features is None:
-            features = embed(enc.features, ImageList([part], self.cfg),
-                             f"{split_dir.name} {kind} (CLIP tower)", self.cfg, self.device)
-            if is_master():
-                write_cache(path, key.hexdigest(), features)
-        return features.to(self.device)
-
-def load(ckpt, device=None, clip: str = "", batch: int = 256) -> Checkpoint:
-    """An mml checkpoint (trained, or made by `convert`) ready to embed: see Checkpoint."""
-    return Checkpoint(ckpt, device, clip, batch)
+def device_for(cfg: Config) -> torch.device:
+    cuda = cfg.device != "cpu" and torch.cuda.is_available()
+    return torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
 
 class Functions:
     """Any encoders, as functions of a batch: {"G" or "S": (B, 3, H, H) uint8 images decoded
@@ -2436,32 +2229,6 @@ class Files:
         if array.dtype.kind != "f":
             raise UserError(f"{path}: {array.dtype} values; expected floats")
         return torch.from_numpy(array.astype(np.float32)).to(device_for(self.cfg))
-
-def device_for(cfg: Config) -> torch.device:
-    cuda = cfg.device != "cpu" and torch.cuda.is_available()
-    return torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
-
-def provenance(cfg: Config, device: torch.device) -> dict:
-    """What metrics.json records of the evaluation itself: its options, the code (mml.py's
-    sha256 and, in a git checkout, the commit), torch, the device and the date."""
-    here = Path(__file__).resolve()
-    git = subprocess.run(["git", "-C", str(here.parent), "rev-parse", "HEAD"],
-                         capture_output=True, text=True, timeout=10)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    return {"eval": {k: getattr(cfg, k) for k in EVAL_OPTIONS},
-            "code": {"mml_sha256": hashlib.sha256(here.read_bytes()).hexdigest(),
-                     "git": git.stdout.strip() if git.returncode == 0 else None},
-            "torch": torch.__version__, "device": name,
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-
-EVAL_OPTIONS = ("tasks", "query_text", "chunk", "eval_batch", "img_size", "resize", "seed",
-                "viz_queries")
-
-def items_digest(q: Side, g: Side) -> str:
-    """What a task was scored on: its queries and gallery, ids and labels (compare refuses
-    runs whose digests differ)."""
-    h = hashlib.sha256(json.dumps([q.ids, q.labels.tolist(), g.ids, g.labels.tolist()]).encode())
-    return h.hexdigest()[:16]
 
 def score(protocol: Protocol, embedder, tasks: list[Task], cfg: Config, source: dict,
           config: dict | None = None) -> dict:
@@ -2557,6 +2324,12 @@ def breakdowns(protocol: Protocol, task: Task, q: Side, columns: dict) -> dict:
                            for name, rows in sorted(groups.items())}
     return out
 
+def items_digest(q: Side, g: Side) -> str:
+    """What a task was scored on: its queries and gallery, ids and labels (compare refuses
+    runs whose digests differ)."""
+    h = hashlib.sha256(json.dumps([q.ids, q.labels.tolist(), g.ids, g.labels.tolist()]).encode())
+    return h.hexdigest()[:16]
+
 def write_metrics(path: Path, results: dict, cfg: Config, device, source: dict, config):
     """metrics.json, merged by task: results of other tasks (other checkpoints) stay, each
     naming its source and data; the evaluation's own record at the top."""
@@ -2569,6 +2342,22 @@ def write_metrics(path: Path, results: dict, cfg: Config, device, source: dict, 
     merged = {**source, **provenance(cfg, device), "config": config,
               "tasks": earlier | {t: {**r, **source} for t, r in results.items()}}
     write_atomically(path, lambda tmp: tmp.write_text(json.dumps(merged, indent=1)))
+
+def provenance(cfg: Config, device: torch.device) -> dict:
+    """What metrics.json records of the evaluation itself: its options, the code (mml.py's
+    sha256 and, in a git checkout, the commit), torch, the device and the date."""
+    here = Path(__file__).resolve()
+    git = subprocess.run(["git", "-C", str(here.parent), "rev-parse", "HEAD"],
+                         capture_output=True, text=True, timeout=10)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return {"eval": {k: getattr(cfg, k) for k in EVAL_OPTIONS},
+            "code": {"mml_sha256": hashlib.sha256(here.read_bytes()).hexdigest(),
+                     "git": git.stdout.strip() if git.returncode == 0 else None},
+            "torch": torch.__version__, "device": name,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+EVAL_OPTIONS = ("tasks", "query_text", "chunk", "eval_batch", "img_size", "resize", "seed",
+                "viz_queries")
 
 def evaluate(cfg: Config):
     """`eval`: the protocol on the data, embedded by the checkpoint (--ckpt) or read from
@@ -2629,31 +2418,10 @@ def export_protocol(protocol: Protocol, tasks: list[Task], folder: Path):
     print(f"{len(names)} sides of {len(tasks)} tasks in {folder}/: embed each {{side}}.csv into "
           f"{{side}}.npy, then `python mml.py eval --embeddings {folder} --data {protocol.root}`")
 
-def evaluate_encoders(encoders: dict, data, out="runs/encoders", tasks: str = "",
-                      img_size: int = 224, resize: str = "crop", batch: int = 256,
-                      device: str = "", workers: int = 0, viz: bool = False,
-                      name: str = "encoders") -> dict:
-    """Any model on the benchmark, from Python: encoders maps some of "G", "S", "T", "C" to
-    functions of a batch (see Functions); the tasks they cannot run are named and skipped.
-    Writes what `eval` writes into OUT/eval/ and returns {task: results}."""
-    cfg = dataclasses.replace(Config(), data=str(data), out=str(out), tasks=tasks,
-                              img_size=img_size, resize=resize, eval_batch=batch,
-                              device=device, workers=workers, viz=viz)
-    check_config(cfg)
-    unknown = set(encoders) - set("GSTC")
-    if unknown:
-        raise UserError(f"evaluate_encoders: modalities {sorted(unknown)}; expected some of "
-                        f"G, S, T, C")
-    writable_folder(Path(cfg.out) / "eval", "out")
-    protocol = Protocol(check_root(Path(cfg.data)))
-    embedder = Functions(encoders, cfg)
-    return score(protocol, embedder, runnable(protocol, cfg, embedder.modalities), cfg,
-                 {"data": str(protocol.root), "encoders": name})
-
 @torch.no_grad()
 def nearest(q: torch.Tensor, g: torch.Tensor, chunk: int = 512) -> torch.Tensor:
     """(Q,) each query's best gallery item by cosine score, in float32 and in chunks."""
-    with exact_scores():
+    with matmul_precision("highest"):
         return torch.cat([(part @ g.float().T).argmax(1) for part in q.float().split(chunk)])
 
 def print_tables(results: dict, by: str = ""):
@@ -2686,358 +2454,197 @@ def print_tables(results: dict, by: str = ""):
                 print(f"{task:<16}{group[:28]:<30}{v['queries']:>7}" + "".join(
                     f"{x:>9.1f}" for k, x in v.items() if k != "queries"))
 
-def open_gallery(root: Path) -> tuple[torch.Tensor, list[str]]:
-    """(N, 2) lat/lon and names: the index tiles' centres (no name), then the training
-    landmarks (named by their Commons category). Never the query landmarks: they are the test."""
-    index = read_index(root, required=False)  # the tiles' list alone is needed
-    if index.sat is None:
-        raise UserError(f"{index.dir / 'mml_index_satellite.csv'}: file not found (the open "
-                        f"gallery holds the index tiles' centres)")
-    path = check_root(root, "train") / "mml_train.csv"
-    train = read_table(path, ["CommonsCategory", "lat", "lon"])
-    latlon = np.concatenate([index.sat_latlon, parse_latlon(path, train)])   # (N, 2) float64
-    return torch.as_tensor(latlon), [""] * len(index.sat) + train["CommonsCategory"]
+# ---- using a model: checkpoints, the Python API, locate -----------------------------------
+# A checkpoint is checked before use and never unpickled; `load` makes it an embedder (what
+# `eval` and `Locator` use, and what a researcher's script calls); `evaluate_encoders` scores
+# any functions on the protocol; `locate` answers where a photo or a sentence is.
 
-# ---- compare ------------------------------------------------------------------------------
-# Runs side by side, with what a paper needs to tell a difference from noise: 95% bootstrap
-# intervals that resample query landmarks (a landmark's photos are not independent queries,
-# and resampling photos would overstate the confidence), each run's difference to the
-# first on the very same resamples (paired), and runs that differ only in --seed as one
-# setting, mean +- std.
+# What a checkpoint must hold, and of which type; --resume needs the training state too.
+CHECKPOINT_PARTS = {"model": dict, "config": dict, "tokenizer": str, "step": int, "epoch": int}
+RESUME_PARTS = {"optimizer": dict, "torch_rng": torch.Tensor, "best": (int, float)}
 
-HEADLINE = {False: ("R@1", "R@5", "R@10", "mAP@1k"),  # retrieval, official
-            True: ("acc@1km", "acc@25km", "acc@200km", "acc@750km", "acc@2500km")}  # x2C
-# options that change no result, or change only the draw of one (--seed): runs that differ
-# in these alone are seeds of one setting
-NOT_A_SETTING = ("seed", "out", "resume", "overwrite", "workers", "device", "log_every",
-                 "cache", "data", "ckpt", "compile")
-
-def read_run(folder: Path) -> dict:
-    """A run folder (holding eval/) or an eval folder: its metrics.json and, per task, the
-    per-query values of the headline metrics, from the task's CSV."""
-    path = next((p for p in (folder / "metrics.json", folder / "eval/metrics.json")
-                 if p.is_file()), None)
-    if path is None:
-        raise UserError(f"{folder}: no metrics.json there or in eval/ (run `mml.py eval`)")
+def load_tensors(path: Path, what: str, expect: type = dict):
+    """torch.load that never runs code: weights_only=True unpickles tensors, numbers, strings,
+    lists and dicts only. A file that needs more could execute anything while loading (a
+    checkpoint is a pickle), so it is refused, never unpickled."""
+    if not path.is_file():
+        raise UserError(f"{path}: no {what} there")
     try:
-        metrics = json.loads(path.read_text(encoding="utf-8"))
-        listed = metrics["tasks"]
-    except (ValueError, KeyError, TypeError) as e:
-        raise UserError(f"{path}: not a metrics.json of mml ({type(e).__name__})") from None
-    tasks = {}
-    for name, r in listed.items():
-        geo = name[2] == "C"
-        columns = ["landmark_id", "error_km"] if geo else ["landmark_id", "rank_official",
-                                                           "ap_official"]
-        rows = read_table(path.parent / f"{name}.csv", columns)
-        numbers = {c: parse_numbers(path.parent / f"{name}.csv", rows, [c], float)[:, 0]
-                   for c in columns}
-        if geo:
-            values = {f"acc@{t}km": 100.0 * (numbers["error_km"] <= t) for t in
-                      (1, 25, 200, 750, 2500)}
-        else:
-            values = {f"R@{k}": 100.0 * (numbers["rank_official"] <= k) for k in (1, 5, 10)}
-            values["mAP@1k"] = 100 * numbers["ap_official"]
-        tasks[name] = {"protocol": r.get("protocol"), "data": r.get("data"), "values": values,
-                       "landmarks": numbers["landmark_id"].astype(np.int64)}
-    label = folder.parent.name if folder.name == "eval" else folder.name
-    return {"name": label, "path": path, "config": metrics.get("config"), "tasks": tasks}
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise UserError(f"{path}: not an mml {what}: it needs more than tensors and plain data "
+                        f"to load, and may contain code, so it is not unpickled") from None
+    except Exception as e:  # truncated, not a torch file at all
+        why = str(e).splitlines()[0] if str(e) else ""
+        raise UserError(f"{path}: not a readable {what} ({type(e).__name__}: {why})") from None
+    if not isinstance(obj, expect):
+        raise UserError(f"{path}: not a {what} (holds a {type(obj).__name__}, not a "
+                        f"{expect.__name__})")
+    return obj
 
-def cluster_weights(landmarks: np.ndarray, resamples: int, seed: int = 0) -> np.ndarray:
-    """(resamples, Q): how often each query is drawn when the query landmarks are drawn with
-    replacement, all of a landmark's queries together. A resampled mean is weights @ values
-    / weights.sum()."""
-    unique, landmark_of = np.unique(landmarks, return_inverse=True)
-    picks = np.random.default_rng(seed).integers(0, len(unique), (resamples, len(unique)))
-    counts = np.stack([np.bincount(p, minlength=len(unique)) for p in picks])   # (R, L)
-    return counts[:, landmark_of].astype(np.float64)                            # (R, Q)
-
-def setting_groups(runs: list[dict]) -> list[list[dict]]:
-    """Runs grouped by setting: the same training config but for NOT_A_SETTING, each with a
-    seed of its own; a run without a config (outside embeddings) is its own group."""
-    groups, keys = [], []
-    for run in runs:
-        config = run["config"]
-        key = None if config is None else json.dumps(
-            {k: v for k, v in config.items() if k not in NOT_A_SETTING}, sort_keys=True)
-        same = [g for g, k in zip(groups, keys) if key is not None and k == key and
-                config.get("seed") not in [r["config"].get("seed") for r in g]]
-        if same:
-            same[0].append(run)
-        else:
-            groups.append([run])
-            keys.append(key)
-    return groups
-
-def comparison(runs: list[dict], resamples: int) -> dict:
-    """{(task, metric): [per group: (value, std, lo, hi, diff, diff_lo, diff_hi)]}: a group's
-    value is its runs' mean (std across them, 0 for one run); lo and hi bound its 95%
-    bootstrap interval; diff and its interval are to the first group, on the same resamples.
-    Runs evaluated on other queries or galleries than the first are refused, naming both."""
-    first, groups, table = runs[0], setting_groups(runs), {}
-    for run in runs[1:]:
-        for name, t in run["tasks"].items():
-            mine = first["tasks"].get(name)
-            if mine and mine["protocol"] != t["protocol"]:
-                raise UserError(f"{run['path']} and {first['path']} were evaluated on different "
-                                f"queries or galleries for {name} (data {t['data']} and "
-                                f"{mine['data']}): compare runs of one protocol")
-    names = list(dict.fromkeys(n for r in runs for n in r["tasks"]))
-    for name in names:
-        have = [all(name in r["tasks"] for r in g) for g in groups]
-        if not any(have):
-            continue
-        landmarks = groups[have.index(True)][0]["tasks"][name]["landmarks"]
-        w = cluster_weights(landmarks, resamples)                                   # (R, Q)
-        for metric in HEADLINE[name[2] == "C"]:
-            cells, base = [], None
-            for g, here in zip(groups, have):
-                if not here:
-                    cells.append(None)
-                    continue
-                x = np.stack([r["tasks"][name]["values"][metric] for r in g])     # (runs, Q)
-                points = x.mean(1)                                                # (runs,)
-                boot = (w @ x.T / w.sum(1, keepdims=True)).mean(1)                 # (R,)
-                base = (boot, points.mean()) if base is None else base
-                cells.append((points.mean(), points.std(ddof=1) if len(g) > 1 else 0.0,
-                              *np.percentile(boot, [2.5, 97.5]), points.mean() - base[1],
-                              *np.percentile(boot - base[0], [2.5, 97.5])))
-            table[name, metric] = cells
-    return table
-
-def compare(cfg: Config):
-    """`compare RUN...`: one table of every task's headline metrics (official R@k and mAP@1k,
-    or the geolocalisation's accuracies), each run with its 95% interval and, after the
-    first, its paired difference to the first; also as compare.csv and compare.png in --out,
-    and with --latex for a paper."""
-    runs = [read_run(Path(r)) for r in cfg.runs]
-    groups = setting_groups(runs)
-    labels = [g[0]["name"] + (f" ({len(g)} seeds)" if len(g) > 1 else "") for g in groups]
-    table = comparison(runs, cfg.resamples)
-    text = lambda c, d: "-" if c is None else (
-        f"{c[4]:+.2f} [{c[5]:+.2f}, {c[6]:+.2f}]" if d else
-        f"{c[0]:.2f}" + (f" +- {c[1]:.2f}" if c[1] else "") + f" [{c[2]:.2f}, {c[3]:.2f}]")
-    header = ["task", "metric"] + labels + [f"{lab} - {labels[0]}" for lab in labels[1:]]
-    rows = [[t, m] + [text(c, False) for c in cells] + [text(c, True) for c in cells[1:]]
-            for (t, m), cells in table.items()]
-    widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
-    for r in [header] + rows:
-        print("  ".join(f"{str(v):<{w}}" for v, w in zip(r, widths)))
-    out = writable_folder(Path(cfg.out), "--out")
-    write_atomically(out / "compare.csv", lambda tmp: write_csv(
-        tmp, ["task", "metric", "run", "value", "std", "low", "high", "diff", "diff_low",
-              "diff_high"], [[t, m, lab, *c] for (t, m), cells in table.items()
-                             for lab, c in zip(labels, cells) if c is not None]))
-    draw_comparison(table, labels, out / "compare.png")
-    if cfg.latex:
-        tex = lambda r: " & ".join(str(v).replace("+-", "$\\pm$").replace("_", "\\_")
-                                   for v in r) + " \\\\"
-        print("\n\\begin{tabular}{ll" + "r" * (len(header) - 2) + "}\n\\toprule")
-        print(tex(header) + "\n\\midrule")
-        for r in rows:
-            print(tex(r))
-        print("\\bottomrule\n\\end{tabular}")
-    print(f"\n95% intervals: {cfg.resamples} bootstrap resamples of the query landmarks; "
-          f"compare.csv and compare.png in {out}/")
-
-def draw_comparison(table: dict, labels: list[str], path: Path):
-    """Each task and metric a row, each setting a dot at its value and a bar over its 95%
-    interval, on one 0-100% axis."""
-    palette = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189)]
-    left, width, line = 190, 600, 16
-    img = Image.new("RGB", (left + width + 20, 40 + line * len(table) + 20 * len(labels)),
-                    "white")
-    draw, text = ImageDraw.Draw(img), font(12)
-    for x in range(0, 101, 20):
-        draw.line((left + x * width / 100, 30, left + x * width / 100, 30 + line * len(table)),
-                  fill=(225, 225, 225))
-        draw.text((left + x * width / 100 - 8, 14), f"{x}%", fill="black", font=text)
-    for n, ((task, metric), cells) in enumerate(table.items()):
-        y = 30 + n * line + line // 2
-        draw.text((8, y - 7), f"{task} {metric}", fill="black", font=text)
-        for k, c in enumerate(cells):
-            if c is not None:
-                colour, dy = palette[k % len(palette)], (k - len(cells) / 2) * 3
-                draw.line((left + c[2] * width / 100, y + dy, left + c[3] * width / 100, y + dy),
-                          fill=colour, width=2)
-                draw.ellipse((left + c[0] * width / 100 - 3, y + dy - 3,
-                              left + c[0] * width / 100 + 3, y + dy + 3), fill=colour)
-    for k, label in enumerate(labels):
-        y = 40 + line * len(table) + 20 * k
-        draw.rectangle((8, y, 20, y + 12), fill=palette[k % len(palette)])
-        draw.text((28, y - 1), label, fill="black", font=text)
-    img.save(path)
-
-# Pictures (`eval --viz`), with Pillow alone: per retrieval task a grid of queries, their top
-# 5 and, when it is not among them, their correct match; per x2C task a map of the errors;
-# the training curves from log.jsonl.
-GRID_THUMB, GRID_GAP, GRID_LINE, GRID_ROWS = 96, 8, 18, 8  # px, px, px, queries
-GREEN, RED = (0, 160, 0), (200, 30, 30)
-MAP_LAT, MAP_LON, MAP_PX = (24.0, 50.0), (-125.0, -66.0), 16  # contiguous US, px per degree
-MAP_LINES = 12  # the worst queries' lines to their guesses: few enough to follow
-ERROR_BANDS = ((1, (0, 140, 0)), (25, (20, 150, 150)), (200, (40, 80, 210)),
-               (750, (230, 140, 0)), (2500, (210, 30, 30)), (math.inf, (90, 0, 60)))
-
-def font(size: int = 13):
-    return ImageFont.load_default(size=size)  # Pillow's scalable font: legible at any size
-
-def grid_cell(row: int, col: int) -> tuple[int, int]:
-    """Top-left pixel of a grid's thumbnail: a caption line above each row, a line of scores
-    under it; columns 0 the query, 1-5 its top 5, 6 its correct match."""
-    return (GRID_GAP + col * (GRID_THUMB + GRID_GAP),
-            GRID_LINE + row * (GRID_THUMB + GRID_GAP + 2 * GRID_LINE))
-
-def picture_queries(ranks: list[int], seed: int, how: str = "random") -> list[int]:
-    """The queries a grid shows, GRID_ROWS of them: seeded random ones in order, or (hard) the
-    best-, median- and worst-ranked, in that order."""
-    n = len(ranks)
-    if how == "random":
-        return sorted(random.Random(seed).sample(range(n), min(GRID_ROWS, n)))
-    order = sorted(range(n), key=lambda i: ranks[i])  # stable: ties keep the query order
-    middle = (n - 2) // 2
-    return list(dict.fromkeys(order[:3] + order[middle:middle + 2] + order[-3:]))
-
-def thumbnail(path) -> Image.Image:
+def load_checkpoint(path: Path, resume: bool = False) -> dict:
+    """A checkpoint, its parts checked before anything uses them: one line naming the part."""
+    if not path.is_file():
+        raise UserError(f"{path}: no checkpoint there (train one with `python mml.py train`, "
+                        f"or name one with --ckpt)")
+    ckpt = load_tensors(path, "checkpoint")
+    for part, kind in CHECKPOINT_PARTS.items() | (RESUME_PARTS.items() if resume else set()):
+        value = ckpt.get(part)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            found = "missing" if part not in ckpt else f"a {type(value).__name__}"
+            raise UserError(f"{path}: not an mml checkpoint{' to resume' * resume} ({part} is "
+                            f"{found})")
+    bad = next((k for k, v in ckpt["model"].items() if not torch.is_tensor(v)), None)
+    if bad is not None:
+        raise UserError(f"{path}: not an mml checkpoint (model entry {bad!r} is not a tensor)")
     try:
-        return Image.fromarray(load_image(Path(path), GRID_THUMB))
-    except Exception:  # the grid still shows the rest
-        return Image.new("RGB", (GRID_THUMB, GRID_THUMB), (128, 128, 128))
+        Tokenizer.from_str(ckpt["tokenizer"])
+    except Exception as e:  # the tokenizers library raises its own exception types
+        raise UserError(f"{path}: not an mml checkpoint (its tokenizer does not load: "
+                        f"{str(e)[:80]})") from None
+    return ckpt
 
-def draw_task(task: Task, protocol: Protocol, q: Side, g: Side, q_emb, g_emb, ranks: dict,
-              columns: dict, path: Path, cfg: Config):
-    """A retrieval task's grid: each row a query (its image, or its sentence) and its top 5,
-    their scores underneath, bordered green where a result is the query's landmark, red
-    otherwise, distractors marked; then, when the top 5 miss it, the query's best-scoring
-    correct item and its rank. An x2C task's map: see draw_map."""
-    if task.geo:
-        return draw_map(task, protocol, q, columns, path)
-    text, n_junk = font(), int((g.labels == -1).sum())
-    rows = picture_queries(columns["rank_strict"], cfg.seed, cfg.viz_queries)
-    img = Image.new("RGB", (grid_cell(0, 7)[0], grid_cell(len(rows), 0)[1]), "white")
-    draw = ImageDraw.Draw(img)
+def load_matching(module: nn.Module, state: dict, what: str, ignore: tuple = ()):
+    """load_state_dict, but a mismatch names the first key that is missing, unexpected or of
+    another shape, with both shapes, in one line. Keys under the `ignore` prefixes (frozen
+    towers, loaded from their folder) are not expected in `state`."""
+    own = {k: v for k, v in module.state_dict().items() if not k.startswith(ignore)}
+    for key in list(own) + [k for k in state if k not in own]:
+        mine, theirs = own.get(key), state.get(key)
+        if mine is None or theirs is None or tuple(mine.shape) != tuple(theirs.shape):
+            shapes = ["absent" if t is None else tuple(getattr(t, "shape", ()))
+                      for t in (theirs, mine)]
+            raise UserError(f"{what}: does not fit this model: {key} is {shapes[0]} in the "
+                            f"file and {shapes[1]} in the model")
+    module.load_state_dict(state, strict=not ignore)
 
-    def cell(r: int, c: int, j: int, colour, under: str):
-        x, y = grid_cell(r, c)
-        img.paste(thumbnail(g.show[j]), (x, y))
-        draw.rectangle((x, y, x + GRID_THUMB - 1, y + GRID_THUMB - 1), outline=colour, width=4)
-        if j < n_junk:
-            draw.rectangle((x + 4, y + GRID_THUMB - 20, x + GRID_THUMB - 5, y + GRID_THUMB - 5),
-                           fill="black")
-            draw.text((x + 8, y + GRID_THUMB - 19), "distractor", fill="white", font=text)
-        draw.text((x, y + GRID_THUMB + 2), under, fill="black", font=text)
-    for r, i in enumerate(rows):
-        x, y = grid_cell(r, 0)
-        rank, official = columns["rank_strict"][i], columns["rank_official"][i]
-        caption = (f"query {q.ids[i]}" if task.query != "T" else "sentence") + (
-            f" (landmark {int(q.labels[i])}): correct match at rank {rank} (official {official})")
-        draw.text((x, y - GRID_LINE + 2), caption[:110], fill="black", font=text)
-        if task.query == "T":  # the sentence itself, wrapped into the query's cell
-            draw.rectangle((x, y, x + GRID_THUMB - 1, y + GRID_THUMB - 1), fill=(235, 235, 235))
-            lines = textwrap.wrap(str(q.show[i]), 15)[:7] or ["(empty)"]
-            draw.multiline_text((x + 3, y + 3), "\n".join(lines), fill="black", font=text)
-        else:
-            img.paste(thumbnail(q.show[i]), (x, y))
-        top = ranks["top"][i, :5].tolist()
-        scores = (g_emb[top] @ q_emb[i]).tolist()
-        for c, (j, s) in enumerate(zip(top, scores), 1):
-            cell(r, c, j, GREEN if g.labels[j] == q.labels[i] else RED, f"{s:.3f}")
-        if rank > len(top):
-            j = int(ranks["match"][i])
-            cell(r, 6, j, GREEN, f"{float(g_emb[j] @ q_emb[i]):.3f}  #{rank}")
-    img.save(path)
+def trained_state(model: MML) -> dict:
+    """What a checkpoint keeps of the model: everything but its frozen CLIP towers."""
+    towers = model.towers()
+    return {k: v for k, v in model.state_dict().items() if not k.startswith(towers)}
 
-def map_xy(lat: float, lon: float) -> tuple[float, float]:
-    """Equirectangular: a degree is MAP_PX pixels both ways."""
-    return (lon - MAP_LON[0]) * MAP_PX, (MAP_LAT[1] - lat) * MAP_PX
+def restore(path: Path, ckpt: dict, cfg: Config) -> MML:
+    """A checkpoint's model, on the CPU: its weights, and its frozen CLIP towers from their
+    folder (the checkpoint's, or --clip), refused unless they hold the very weights it was
+    trained with."""
+    model = MML(cfg)
+    towers = model.towers()
+    if towers:
+        state, digest = load_clip_weights(cfg.clip)
+        record = ckpt.get("towers")
+        want = record.get("digest") if isinstance(record, dict) else None
+        if digest != want:
+            raise UserError(f"{cfg.clip}: its weights (digest {digest[:12]}) are not the CLIP "
+                            f"towers {path} was trained with ({str(want)[:12]}); name their "
+                            f"folder with --clip")
+        install_towers(model, state, cfg.clip)
+        model.tower_digest = digest  # what evaluation's tower cache is keyed by
+    load_matching(model, ckpt["model"], str(path), ignore=towers)
+    return model
 
-def draw_map(task: Task, protocol: Protocol, q: Side, columns: dict, path: Path):
-    """The contiguous US, training landmarks faint; each query's true location a dot coloured
-    by its error band, the worst on the bottom and the best on top; lines from true location
-    to guess for the MAP_LINES worst queries only, so that they can be followed; a legend
-    with each band's share."""
-    width = int((MAP_LON[1] - MAP_LON[0]) * MAP_PX)
-    height = int((MAP_LAT[1] - MAP_LAT[0]) * MAP_PX)
-    img = Image.new("RGB", (width, height + 40), (250, 250, 246))
-    draw, text = ImageDraw.Draw(img), font()
-    for lat, lon in protocol.open_gps.latlon[len(protocol.index.sat):].tolist():
-        x, y = map_xy(lat, lon)
-        draw.ellipse((x - 1, y - 1, x + 1, y + 1), fill=(200, 200, 200))
-    km = [float(k) for k in columns["error_km"]]
-    guess = list(zip(map(float, columns["pred_lat"]), map(float, columns["pred_lon"])))
-    band = [next(n for n, (limit, _) in enumerate(ERROR_BANDS) if k <= limit) for k in km]
-    worst_first = sorted(range(len(km)), key=lambda i: -km[i])
-    for i in worst_first[:MAP_LINES]:
-        draw.line((*map_xy(*q.latlon[i].tolist()), *map_xy(*guess[i])),
-                  fill=ERROR_BANDS[band[i]][1], width=2)
-    for i in worst_first:
-        x, y = map_xy(*q.latlon[i].tolist())
-        draw.ellipse((x - 3, y - 3, x + 3, y + 3), fill=ERROR_BANDS[band[i]][1])
-    draw.text((8, 6), f"{task.name}: {len(km)} queries at their true location, coloured by "
-                      f"error; lines to the guess for the {MAP_LINES} worst", fill="black",
-              font=font(15))
-    for n, (limit, colour) in enumerate(ERROR_BANDS):
-        x = 8 + n * 155
-        share = 100 * band.count(n) / max(1, len(band))
-        label = f"<= {limit:g} km" if limit < math.inf else "> 2500 km"
-        draw.rectangle((x, height + 12, x + 14, height + 26), fill=colour)
-        draw.text((x + 20, height + 12), f"{label}: {share:.0f}%", fill="black", font=text)
-    img.save(path)
+class Checkpoint:
+    """An mml checkpoint ready to embed, the Python API: `model = mml.load(CKPT)`, then
 
-def plot(draw: ImageDraw.ImageDraw, box: tuple, title: str, series: dict):
-    """Line plots in box (x0, y0, x1, y1): {name: (xs, ys)}, with their extremes labelled."""
-    x0, y0, x1, y1 = box
-    text, palette = font(), [(0, 0, 0), (31, 119, 180), (255, 127, 14), (44, 160, 44),
-                             (214, 39, 40), (148, 103, 189), (140, 86, 75)]
-    draw.text((x0 + 8, y0 + 4), title, fill="black", font=font(14))
-    left, top, right, bottom = x0 + 58, y0 + 26, x1 - 12, y1 - 22  # the plotting area
-    draw.rectangle((left, top, right, bottom), outline=(150, 150, 150))
-    points = [(x, y) for xs, ys in series.values() for x, y in zip(xs, ys) if math.isfinite(y)]
-    if not points:
-        return
-    lo_x, hi_x = min(p[0] for p in points), max(p[0] for p in points)
-    lo_y, hi_y = min(p[1] for p in points), max(p[1] for p in points)
-    hi_x, hi_y = max(hi_x, lo_x + 1e-12), max(hi_y, lo_y + 1e-12)
-    for value, y in ((hi_y, top), (lo_y, bottom - 12)):
-        draw.text((x0 + 4, y), f"{value:.3g}", fill="black", font=text)
-    for value, x in ((lo_x, left), (hi_x, right - 30)):
-        draw.text((x, bottom + 4), f"{value:g}", fill="black", font=text)
-    for n, (name, (xs, ys)) in enumerate(series.items()):
-        colour = palette[n % len(palette)]
-        line = [(left + (x - lo_x) / (hi_x - lo_x) * (right - left),
-                 bottom - (y - lo_y) / (hi_y - lo_y) * (bottom - top))
-                for x, y in zip(xs, ys) if math.isfinite(y)]
-        if len(line) > 1:
-            draw.line(line, fill=colour, width=2)
-        else:  # one point: an epoch so far
-            draw.point(line, fill=colour)
-        draw.text((right - 70, top + 4 + 14 * n), name, fill=colour, font=text)
+        model.embed_images(["photo.jpg"], kind="ground")  # paths or (H, W, 3) uint8 arrays
+        model.embed_text(["a red church in Denver"])
+        model.embed_gps([[40.7, -74.0]])                   # lat, lon in degrees
 
-def draw_curves(log: Path, path: Path):
-    """Training curves from a run's log.jsonl: losses by step, validation by epoch, the lr,
-    the logit scale and the throughput: 1200 x 540 px."""
-    if not log.is_file():
-        print(f"no training curves: {log} not found")
-        return
-    records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
-    steps = [r for r in records if "loss" in r]
-    epochs = [r for r in records if "val_loss" in r]
-    by = lambda rows, x, key: ([r[x] for r in rows], [r[key] for r in rows])
-    pairs = [k for k in (steps[0] if steps else {}) if k.startswith("loss_")]
-    recalls = [k for k in (epochs[0] if epochs else {}) if k.startswith("val_") and "R@1" in k]
-    panels = [("training loss by step", {"total": by(steps, "step", "loss"),
-                                         **{k[5:]: by(steps, "step", k) for k in pairs}}),
-              ("validation loss by epoch", {"val": by(epochs, "epoch", "val_loss")}),
-              ("validation R@1 (%) by epoch", {k[4:-4] or "mean": by(epochs, "epoch", k)
-                                               for k in recalls}),
-              ("learning rate by step", {"lr": by(steps, "step", "lr")}),
-              ("logit scale by step", {"scale": by(steps, "step", "logit_scale")}),
-              ("samples/s by step", {"rate": by(steps, "step", "samples_per_s")})]
-    img = Image.new("RGB", (1200, 540), "white")
-    draw = ImageDraw.Draw(img)
-    for n, (title, series) in enumerate(panels):
-        x, y = 400 * (n % 3), 270 * (n // 3)
-        plot(draw, (x, y, x + 400, y + 270), title, series)
-    img.save(path)
+    each an (N, D) float32 tensor of unit vectors, made with the checkpoint's own
+    preprocessing and tokenizer, in batches on the best device. `eval` embeds the protocol's
+    sides with it, and `Locator` answers with it."""
+
+    def __init__(self, ckpt, device=None, clip: str = "", batch: int = 256, workers: int = 0,
+                 cache: str = ""):
+        self.path = Path(ckpt)
+        saved = load_checkpoint(self.path)
+        self.cfg = dataclasses.replace(checkpoint_config(self.path, saved), eval_batch=batch,
+                                       workers=workers, cache=cache)
+        self.cfg.clip = clip or self.cfg.clip
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model = restore(self.path, saved, self.cfg).to(self.device).eval()
+        self.tok = Tokenizer.from_str(saved["tokenizer"])
+        self.step, self.epoch, self.config = saved["step"], saved["epoch"], saved["config"]
+        self.modalities = self.cfg.modalities
+
+    def encoder(self, m: str) -> Encoder:
+        if m not in self.model.enc:
+            raise UserError(f"{self.path}: has no {MODALITY[m]} encoder (trained on "
+                            f"{self.cfg.modalities})")
+        return self.model.enc[m]
+
+    def embed_images(self, images, kind: str = "ground") -> torch.Tensor:
+        """(N, D): images as paths, or decoded (H, W, 3) uint8 arrays of any size."""
+        m, size, how = LETTER[kind], self.cfg.img_size, self.cfg.resize
+        pixels = [load_image(Path(x), size, how) if isinstance(x, (str, Path)) else
+                  to_square(Image.fromarray(np.asarray(x, dtype=np.uint8)), size, how)
+                  for x in images]
+        x = torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2)               # (N, 3, H, H)
+        return embed(self.encoder(m), x, f"{kind} images", self.cfg, self.device)
+
+    def embed_text(self, sentences: list[str]) -> torch.Tensor:
+        tokens = tokenize(self.tok, [str(s) for s in sentences])                  # (N, L)
+        return embed(self.encoder("T"), tokens, "sentences", self.cfg, self.device)
+
+    def embed_gps(self, latlon) -> torch.Tensor:
+        points = torch.as_tensor(np.asarray(latlon, dtype=np.float64)).view(-1, 2)
+        return embed(self.encoder("C"), points, "points", self.cfg, self.device)
+
+    def embed_side(self, side: Side, root: Path) -> torch.Tensor:
+        """A side of the protocol: images through the DataLoader's workers (and a frozen CLIP
+        tower through its cache), sentences through the checkpoint's tokenizer."""
+        enc, cfg = self.encoder(side.modality), self.cfg
+        if side.modality == "T":
+            return embed(enc, tokenize(self.tok, side.items), side.name, cfg, self.device)
+        if side.modality == "C":
+            return embed(enc, side.items, side.name, cfg, self.device)
+        if f"enc.{side.modality}.trunk." in self.model.towers():  # each image once per tower
+            features = torch.cat([self.tower_features(enc, part, root) for part in side.items])
+            return embed(enc.project, features, side.name, cfg, self.device)
+        return embed(enc, ImageList(side.items, cfg), side.name, cfg, self.device)
+
+    def tower_features(self, enc: Encoder, part: tuple, root: Path) -> torch.Tensor:
+        """(n, E) outputs of a frozen CLIP tower for one split's images, from the tower cache
+        when it holds them. The key covers the towers' weights, the preprocessing, the
+        precision and the image list: a second checkpoint on the same towers runs only its
+        heads, and a cache made by anything else is never used."""
+        split_dir, kind, ids = part
+        precision = "bf16" if bf16_on(self.device, self.cfg) else "fp32"
+        key = hashlib.sha256(json.dumps([self.model.tower_digest, self.cfg.img_size,
+                                         self.cfg.resize, precision, kind, ids]).encode())
+        key, name = key.hexdigest(), f"{split_dir.name}_{kind}"
+        path = cache_dir(self.cfg, root) / "towers" / f"{name}-{key[:16]}.pt"
+        features = read_cache(path, key, (len(ids), enc.width))
+        if features is None:
+            features = embed(enc.features, ImageList([part], self.cfg), f"{name} (CLIP tower)",
+                             self.cfg, self.device)
+            if is_master():
+                write_cache(path, key, features)
+        return features.to(self.device)
+
+def load(ckpt, device=None, clip: str = "", batch: int = 256) -> Checkpoint:
+    """An mml checkpoint (trained, or made by `convert`) ready to embed: see Checkpoint."""
+    return Checkpoint(ckpt, device, clip, batch)
+
+def evaluate_encoders(encoders: dict, data, out="runs/encoders", tasks: str = "",
+                      img_size: int = 224, resize: str = "crop", batch: int = 256,
+                      device: str = "", workers: int = 0, viz: bool = False,
+                      name: str = "encoders") -> dict:
+    """Any model on the benchmark, from Python: encoders maps some of "G", "S", "T", "C" to
+    functions of a batch (see Functions); the tasks they cannot run are named and skipped.
+    Writes what `eval` writes into OUT/eval/ and returns {task: results}."""
+    cfg = dataclasses.replace(Config(), data=str(data), out=str(out), tasks=tasks,
+                              img_size=img_size, resize=resize, eval_batch=batch,
+                              device=device, workers=workers, viz=viz)
+    check_config(cfg)
+    unknown = set(encoders) - set("GSTC")
+    if unknown:
+        raise UserError(f"evaluate_encoders: modalities {sorted(unknown)}; expected some of "
+                        f"G, S, T, C")
+    writable_folder(Path(cfg.out) / "eval", "out")
+    protocol = Protocol(check_root(Path(cfg.data)))
+    embedder = Functions(encoders, cfg)
+    return score(protocol, embedder, runnable(protocol, cfg, embedder.modalities), cfg,
+                 {"data": str(protocol.root), "encoders": name})
 
 class Locator:
     """Where is this? The top locations of photos, aerial images or sentences in a GPS
@@ -3085,7 +2692,7 @@ class Locator:
         """One answer per input, in order: {"input", "top": [...]}, or {"input", "error"}.
         Inputs are read, embedded and scored LOCATE_CHUNK at a time: memory stays bounded by
         that many rows of scores against the gallery, however many inputs come."""
-        m, cfg = {"ground": "G", "satellite": "S", "text": "T"}[kind], self.model.cfg
+        m, cfg = LETTER[kind], self.model.cfg
         encoder = self.model.encoder(m)  # an error now, not after reading the inputs
         results = [{"input": str(x)} for x in inputs]
         for start in range(0, len(inputs), LOCATE_CHUNK):
@@ -3185,7 +2792,7 @@ def locate(cfg: Config):
     if any("error" in r for r in results):
         sys.exit(1)
 
-# ---- outside models -----------------------------------------------------------------------
+# ---- outside models: CLIP, the authors' weights, GeoCLIP ----------------------------------
 # CLIP's towers come from a Hugging Face folder the user fetched once (mml never downloads):
 # its config.json sizes the towers of the model section, its weights fill them and its
 # tokenizer.json tokenises. `convert` turns the field's models into mml checkpoints.
@@ -3200,7 +2807,7 @@ CLIP_TEXT = {"vocab_size": 49408, "hidden_size": 512, "intermediate_size": 2048,
              "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5, "eos_token_id": 49407}
 
 def clip_config(folder: str) -> dict:
-    """A CLIP folder's config.json as {"vision": sizes, "text": sizes, "projection_dim": P},
+    """A CLIP folder's config.json as {"vision": sizes, "text": sizes, "projection_dim": E},
     checked to be the architecture the model section implements."""
     if not folder:
         raise UserError("--clip: name the Hugging Face CLIP folder (such as "
@@ -3397,11 +3004,10 @@ def convert_geoclip(src: Path, clip: str) -> tuple[Config, dict, Tokenizer]:
 
 # ---- command line -------------------------------------------------------------------------
 
-MODEL_FIELDS = ("modalities", "embed_dim", "image_backbone", "text_backbone", "img_width",
+CHECKPOINT_FIELDS = ("modalities", "embed_dim", "image_backbone", "text_backbone", "img_width",
                 "share_image_trunk", "freeze", "head", "head_hidden", "vocab_size", "max_len",
                 "text_width", "text_layers", "gps_width", "gps_depth", "gps_scaling", "img_size",
                 "resize", "preset")  # what eval and --resume take from the checkpoint
-ENCODER_NAMES = {"ground": "G", "satellite": "S", "text": "T", "gps": "C"}
 
 def parse_args(argv=None) -> tuple[str, Config, set]:
     """Command, Config and the names of the options given explicitly. Each command's options
@@ -3409,7 +3015,7 @@ def parse_args(argv=None) -> tuple[str, Config, set]:
     p = argparse.ArgumentParser(prog="mml.py", description=__doc__.split("\n\n")[0],
                                 allow_abbrev=False)  # abbreviations would hide typos too
     commands = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    flags, quiet = {}, argparse.SUPPRESS  # quiet: an option not given is not set at all
+    flags, not_given = {}, argparse.SUPPRESS  # an option not given is not set at all
     for command, about in COMMANDS.items():
         sub = commands.add_parser(command, help=about, description=about, allow_abbrev=False)
         flags[command] = []
@@ -3418,19 +3024,20 @@ def parse_args(argv=None) -> tuple[str, Config, set]:
             if "default" not in help and f.default is not False and f.default not in ("", ()):
                 help += f" (default: {f.default})"
             if f.name == "inputs":
-                sub.add_argument("inputs", nargs="*", default=quiet, help=help, metavar="INPUT")
+                sub.add_argument("inputs", nargs="*", default=not_given, help=help, metavar="INPUT")
             elif f.name == "source":
-                sub.add_argument("source", nargs="?", default=quiet, help=help, metavar="SRC")
+                sub.add_argument("source", nargs="?", default=not_given, help=help, metavar="SRC")
             elif f.name == "runs":
                 sub.add_argument("runs", nargs="+", help=help, metavar="RUN")
             elif f.type is bool:
-                sub.add_argument(flag, action=argparse.BooleanOptionalAction, default=quiet,
+                sub.add_argument(flag, action=argparse.BooleanOptionalAction, default=not_given,
                                  help=help)
             elif f.type is tuple:
-                sub.add_argument(flag, action="append", default=quiet, help=help, metavar="TEXT")
+                sub.add_argument(flag, action="append", default=not_given, help=help,
+                                 metavar="TEXT")
             else:
                 choices = f.metadata["choices"]  # argparse names them in --help and errors
-                sub.add_argument(flag, type=f.type, default=quiet, help=help, choices=choices,
+                sub.add_argument(flag, type=f.type, default=not_given, help=help, choices=choices,
                                  metavar=None if choices else f.type.__name__.upper())
             flags[command].append(flag)
     args, unknown = p.parse_known_args(argv)
@@ -3535,7 +3142,7 @@ def resolve_model(cfg: Config, given: set) -> Config:
                             f"--pretrained, and multiples of 16 without")
     letters = ""
     for name in filter(None, (n.strip() for n in cfg.freeze.split(","))):
-        letters += ENCODER_NAMES.get(name.lower(), name.upper())  # a name, or letters: GST
+        letters += LETTER.get(name.lower(), name.upper())  # a name, or letters: GST
         if not set(letters) <= set("GSTC"):
             raise UserError(f"--freeze {cfg.freeze}: expected some of ground, satellite, text, "
                             f"gps (or G, S, T, C)")
@@ -3591,7 +3198,7 @@ def resolve(command: str, cfg: Config, given: set) -> Config:
             cfg.out = cfg.embeddings
         if "ckpt" in given or not (cfg.export or cfg.embeddings):
             # the checkpoint's model, and its data unless --data names other data
-            cfg, saved = adopt_saved(cfg, given, Path(cfg.ckpt), MODEL_FIELDS)
+            cfg, saved = adopt_saved(cfg, given, Path(cfg.ckpt), CHECKPOINT_FIELDS)
             cfg.data = cfg.data if "data" in given else saved.data
             cfg.clip = cfg.clip if "clip" in given else saved.clip
         if not cfg.data:
@@ -3610,7 +3217,7 @@ def resolve(command: str, cfg: Config, given: set) -> Config:
         if not (out / "last.pt").is_file():
             raise UserError(f"{out / 'last.pt'}: no run to resume there (--resume continues the "
                             f"run in --out: name its folder with --out)")
-        cfg, saved = adopt_saved(cfg, given, out / "last.pt", MODEL_FIELDS)
+        cfg, saved = adopt_saved(cfg, given, out / "last.pt", CHECKPOINT_FIELDS)
         cfg = dataclasses.replace(saved, **{k: getattr(cfg, k) for k in given})
     elif command == "train" and not cfg.overwrite:
         held = [n for n in ("last.pt", "best.pt", "log.jsonl") if (out / n).exists()]
@@ -3636,7 +3243,419 @@ def main(argv=None):
         if dist.is_initialized():
             dist.destroy_process_group()
 
-# ---- appendix: the synthetic world (a first reading skips it) ----------------------------
+# ---- appendix: the image cache (a first reading skips it) ---------------------------------
+# `prepare` decodes every image of the chosen splits once into one uint8 array per split and
+# kind, with a JSON manifest of its ids written last; `ImageStore` (data) reads it back.
+
+def decode_or_none(job: tuple) -> np.ndarray | None:
+    try:
+        return load_image(*job)
+    except Exception:  # counted as broken in the manifest: see ImageStore
+        return None
+
+def build_cache(split_dir: Path, kind: str, ids: list[str], size: int, cache: Path, pool,
+                resize: str = "crop") -> int:
+    """Decode images into cache/{split}_{kind}.u8 (n, H, H, 3), then write the manifest, so
+    that an interrupted build is never taken for a whole one; return how many were unreadable.
+    An existing array is replaced only if its manifest says mml made it. Written as a stream,
+    not through a memory map: a full disk is then an error, not a SIGBUS."""
+    store = ImageStore(split_dir, kind, size, None, resize=resize)
+    name = cache / f"{split_dir.name}_{kind}"
+    manifest, array = name.with_suffix(".json"), name.with_suffix(".u8")
+    head = manifest.read_bytes()[:100] if manifest.is_file() else b""  # the ids come after
+    if (array.exists() or manifest.exists()) and b'"generator": "mml.py prepare"' not in head:
+        raise UserError(f"{array}: exists and was not made by `mml.py prepare`; refusing to "
+                        f"replace it (--cache names another folder)")
+    broken, blank = [], np.zeros((size, size, 3), np.uint8)
+
+    def decode_all(tmp: Path):
+        with open(tmp, "wb") as f:
+            jobs = ((store.path(i), size, resize) for i in ids)
+            for row, img in enumerate(pool.imap(decode_or_none, jobs, chunksize=32)):
+                if img is None:
+                    broken.append(ids[row])
+                f.write((blank if img is None else img).tobytes())
+            if not ids:  # one blank row: an empty array cannot be mapped
+                f.write(blank.tobytes())
+    manifest.unlink(missing_ok=True)  # never an old manifest beside a new array
+    write_atomically(array, decode_all)
+    write_atomically(manifest, lambda tmp: tmp.write_text(json.dumps({
+        "generator": "mml.py prepare", "size": size, "resize": resize, "ids": ids,
+        "broken": broken})))
+    return len(broken)
+
+def prepare(cfg: Config):
+    """`prepare`: decode every image of --splits once into the cache, so that training reads
+    pixels, not JPEGs."""
+    root = default_world(cfg)
+    cache = writable_folder(cache_dir(cfg, root), "--cache")
+    jobs = []  # (split folder, kind, image ids)
+    for split in cfg.splits.split(","):
+        if split == "index":
+            index = read_index(root)
+            jobs += [(index.dir, "ground", index.ground), (index.dir, "satellite", index.sat)]
+        else:
+            s = read_split(root, split)
+            tiles = dict.fromkeys(i for g in s.sat + [s.latest] for i in g)
+            jobs += [(s.dir, "ground", [i for g in s.ground for i in g]),
+                     (s.dir, "satellite", list(tiles))]
+    n, side = sum(len(ids) for *_, ids in jobs), cfg.img_size
+    need, free = n * side * side * 3, shutil.disk_usage(cache).free
+    print0(f"prepare: {n} images at {side}x{side} px -> {need / 1e9:.2f} GB in {cache}")
+    if need > free:  # checked before the hours of decoding, not found at their end
+        raise UserError(f"{cache}: {need / 1e9:.2f} GB needed and {free / 1e9:.2f} GB free; "
+                        f"--cache names a larger disk, --splits fewer splits")
+    with torch.multiprocessing.get_context("fork").Pool(max(1, cfg.workers)) as pool:
+        for split_dir, kind, ids in jobs:
+            t = time.time()
+            broken = build_cache(split_dir, kind, ids, side, cache, pool, cfg.resize)
+            print0(f"  {split_dir.name} {kind}: {len(ids)} images, {broken} unreadable, "
+                   f"{len(ids) / (time.time() - t):.0f} images/s")
+
+# ---- appendix: comparing runs (a first reading skips it) ----------------------------------
+# Runs side by side, with what a paper needs to tell a difference from noise: 95% bootstrap
+# intervals that resample query landmarks (a landmark's photos are not independent queries,
+# and resampling photos would overstate the confidence), each run's difference to the
+# first on the very same resamples (paired), and runs that differ only in --seed as one
+# setting, mean +- std.
+
+HEADLINE = {False: ("R@1", "R@5", "R@10", "mAP@1k"),  # retrieval, official
+            True: ("acc@1km", "acc@25km", "acc@200km", "acc@750km", "acc@2500km")}  # x2C
+# options that change no result, or change only the draw of one (--seed): runs that differ
+# in these alone are seeds of one setting
+NOT_A_SETTING = ("seed", "out", "resume", "overwrite", "workers", "device", "log_every",
+                 "cache", "data", "ckpt", "compile")
+
+def read_run(folder: Path) -> dict:
+    """A run folder (holding eval/) or an eval folder: its metrics.json and, per task, the
+    per-query values of the headline metrics, from the task's CSV."""
+    path = next((p for p in (folder / "metrics.json", folder / "eval/metrics.json")
+                 if p.is_file()), None)
+    if path is None:
+        raise UserError(f"{folder}: no metrics.json there or in eval/ (run `mml.py eval`)")
+    try:
+        metrics = json.loads(path.read_text(encoding="utf-8"))
+        listed = metrics["tasks"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{path}: not a metrics.json of mml ({type(e).__name__})") from None
+    tasks = {}
+    for name, r in listed.items():
+        geo = name[2] == "C"
+        columns = ["landmark_id", "error_km"] if geo else ["landmark_id", "rank_official",
+                                                           "ap_official"]
+        rows = read_table(path.parent / f"{name}.csv", columns)
+        numbers = {c: parse_numbers(path.parent / f"{name}.csv", rows, [c], float)[:, 0]
+                   for c in columns}
+        if geo:
+            values = {f"acc@{t}km": 100.0 * (numbers["error_km"] <= t) for t in
+                      (1, 25, 200, 750, 2500)}
+        else:
+            values = {f"R@{k}": 100.0 * (numbers["rank_official"] <= k) for k in (1, 5, 10)}
+            values["mAP@1k"] = 100 * numbers["ap_official"]
+        tasks[name] = {"protocol": r.get("protocol"), "data": r.get("data"), "values": values,
+                       "landmarks": numbers["landmark_id"].astype(np.int64)}
+    label = folder.parent.name if folder.name == "eval" else folder.name
+    return {"name": label, "path": path, "config": metrics.get("config"), "tasks": tasks}
+
+def cluster_weights(landmarks: np.ndarray, resamples: int, seed: int = 0) -> np.ndarray:
+    """(resamples, Q): how often each query is drawn when the query landmarks are drawn with
+    replacement, all of a landmark's queries together. A resampled mean is weights @ values
+    / weights.sum()."""
+    unique, landmark_of = np.unique(landmarks, return_inverse=True)
+    picks = np.random.default_rng(seed).integers(0, len(unique), (resamples, len(unique)))
+    counts = np.stack([np.bincount(p, minlength=len(unique)) for p in picks])   # (R, L)
+    return counts[:, landmark_of].astype(np.float64)                            # (R, Q)
+
+def setting_groups(runs: list[dict]) -> list[list[dict]]:
+    """Runs grouped by setting: the same training config but for NOT_A_SETTING, each with a
+    seed of its own; a run without a config (outside embeddings) is its own group."""
+    groups, keys = [], []
+    for run in runs:
+        config = run["config"]
+        key = None if config is None else json.dumps(
+            {k: v for k, v in config.items() if k not in NOT_A_SETTING}, sort_keys=True)
+        same = [g for g, k in zip(groups, keys) if key is not None and k == key and
+                config.get("seed") not in [r["config"].get("seed") for r in g]]
+        if same:
+            same[0].append(run)
+        else:
+            groups.append([run])
+            keys.append(key)
+    return groups
+
+def comparison(runs: list[dict], resamples: int) -> dict:
+    """{(task, metric): [per group: (value, std, lo, hi, diff, diff_lo, diff_hi)]}: a group's
+    value is its runs' mean (std across them, 0 for one run); lo and hi bound its 95%
+    bootstrap interval; diff and its interval are to the first group, on the same resamples.
+    Runs evaluated on other queries or galleries than the first are refused, naming both."""
+    first, groups, table = runs[0], setting_groups(runs), {}
+    for run in runs[1:]:
+        for name, t in run["tasks"].items():
+            mine = first["tasks"].get(name)
+            if mine and mine["protocol"] != t["protocol"]:
+                raise UserError(f"{run['path']} and {first['path']} were evaluated on different "
+                                f"queries or galleries for {name} (data {t['data']} and "
+                                f"{mine['data']}): compare runs of one protocol")
+    names = list(dict.fromkeys(n for r in runs for n in r["tasks"]))
+    for name in names:
+        have = [all(name in r["tasks"] for r in g) for g in groups]
+        if not any(have):
+            continue
+        landmarks = groups[have.index(True)][0]["tasks"][name]["landmarks"]
+        w = cluster_weights(landmarks, resamples)                                   # (R, Q)
+        for metric in HEADLINE[name[2] == "C"]:
+            cells, base = [], None
+            for g, here in zip(groups, have):
+                if not here:
+                    cells.append(None)
+                    continue
+                x = np.stack([r["tasks"][name]["values"][metric] for r in g])     # (runs, Q)
+                points = x.mean(1)                                                # (runs,)
+                boot = (w @ x.T / w.sum(1, keepdims=True)).mean(1)                 # (R,)
+                base = (boot, points.mean()) if base is None else base
+                cells.append((points.mean(), points.std(ddof=1) if len(g) > 1 else 0.0,
+                              *np.percentile(boot, [2.5, 97.5]), points.mean() - base[1],
+                              *np.percentile(boot - base[0], [2.5, 97.5])))
+            table[name, metric] = cells
+    return table
+
+def compare(cfg: Config):
+    """`compare RUN...`: one table of every task's headline metrics (official R@k and mAP@1k,
+    or the geolocalisation's accuracies), each run with its 95% interval and, after the
+    first, its paired difference to the first; also as compare.csv and compare.png in --out,
+    and with --latex for a paper."""
+    runs = [read_run(Path(r)) for r in cfg.runs]
+    groups = setting_groups(runs)
+    labels = [g[0]["name"] + (f" ({len(g)} seeds)" if len(g) > 1 else "") for g in groups]
+    table = comparison(runs, cfg.resamples)
+    text = lambda c, d: "-" if c is None else (
+        f"{c[4]:+.2f} [{c[5]:+.2f}, {c[6]:+.2f}]" if d else
+        f"{c[0]:.2f}" + (f" +- {c[1]:.2f}" if c[1] else "") + f" [{c[2]:.2f}, {c[3]:.2f}]")
+    header = ["task", "metric"] + labels + [f"{lab} - {labels[0]}" for lab in labels[1:]]
+    rows = [[t, m] + [text(c, False) for c in cells] + [text(c, True) for c in cells[1:]]
+            for (t, m), cells in table.items()]
+    widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
+    for r in [header] + rows:
+        print("  ".join(f"{str(v):<{w}}" for v, w in zip(r, widths)))
+    out = writable_folder(Path(cfg.out), "--out")
+    write_atomically(out / "compare.csv", lambda tmp: write_csv(
+        tmp, ["task", "metric", "run", "value", "std", "low", "high", "diff", "diff_low",
+              "diff_high"], [[t, m, lab, *c] for (t, m), cells in table.items()
+                             for lab, c in zip(labels, cells) if c is not None]))
+    draw_comparison(table, labels, out / "compare.png")
+    if cfg.latex:
+        tex = lambda r: " & ".join(str(v).replace("+-", "$\\pm$").replace("_", "\\_")
+                                   for v in r) + " \\\\"
+        print("\n\\begin{tabular}{ll" + "r" * (len(header) - 2) + "}\n\\toprule")
+        print(tex(header) + "\n\\midrule")
+        for r in rows:
+            print(tex(r))
+        print("\\bottomrule\n\\end{tabular}")
+    print(f"\n95% intervals: {cfg.resamples} bootstrap resamples of the query landmarks; "
+          f"compare.csv and compare.png in {out}/")
+
+def draw_comparison(table: dict, labels: list[str], path: Path):
+    """Each task and metric a row, each setting a dot at its value and a bar over its 95%
+    interval, on one 0-100% axis."""
+    palette = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189)]
+    left, width, line = 190, 600, 16
+    img = Image.new("RGB", (left + width + 20, 40 + line * len(table) + 20 * len(labels)),
+                    "white")
+    draw, text = ImageDraw.Draw(img), font(12)
+    for x in range(0, 101, 20):
+        draw.line((left + x * width / 100, 30, left + x * width / 100, 30 + line * len(table)),
+                  fill=(225, 225, 225))
+        draw.text((left + x * width / 100 - 8, 14), f"{x}%", fill="black", font=text)
+    for n, ((task, metric), cells) in enumerate(table.items()):
+        y = 30 + n * line + line // 2
+        draw.text((8, y - 7), f"{task} {metric}", fill="black", font=text)
+        for k, c in enumerate(cells):
+            if c is not None:
+                colour, dy = palette[k % len(palette)], (k - len(cells) / 2) * 3
+                draw.line((left + c[2] * width / 100, y + dy, left + c[3] * width / 100, y + dy),
+                          fill=colour, width=2)
+                draw.ellipse((left + c[0] * width / 100 - 3, y + dy - 3,
+                              left + c[0] * width / 100 + 3, y + dy + 3), fill=colour)
+    for k, label in enumerate(labels):
+        y = 40 + line * len(table) + 20 * k
+        draw.rectangle((8, y, 20, y + 12), fill=palette[k % len(palette)])
+        draw.text((28, y - 1), label, fill="black", font=text)
+    img.save(path)
+
+# ---- appendix: the pictures (a first reading skips it) ------------------------------------
+
+# Pictures (`eval --viz`), with Pillow alone: per retrieval task a grid of queries, their top
+# 5 and, when it is not among them, their correct match; per x2C task a map of the errors;
+# the training curves from log.jsonl.
+GRID_THUMB, GRID_GAP, GRID_LINE, GRID_ROWS = 96, 8, 18, 8  # px, px, px, queries
+GREEN, RED = (0, 160, 0), (200, 30, 30)
+MAP_LAT, MAP_LON, MAP_PX = (24.0, 50.0), (-125.0, -66.0), 16  # contiguous US, px per degree
+MAP_LINES = 12  # the worst queries' lines to their guesses: few enough to follow
+ERROR_BANDS = ((1, (0, 140, 0)), (25, (20, 150, 150)), (200, (40, 80, 210)),
+               (750, (230, 140, 0)), (2500, (210, 30, 30)), (math.inf, (90, 0, 60)))
+
+def font(size: int = 13):
+    return ImageFont.load_default(size=size)  # Pillow's scalable font: legible at any size
+
+def grid_cell(row: int, col: int) -> tuple[int, int]:
+    """Top-left pixel of a grid's thumbnail: a caption line above each row, a line of scores
+    under it; columns 0 the query, 1-5 its top 5, 6 its correct match."""
+    return (GRID_GAP + col * (GRID_THUMB + GRID_GAP),
+            GRID_LINE + row * (GRID_THUMB + GRID_GAP + 2 * GRID_LINE))
+
+def picture_queries(ranks: list[int], seed: int, how: str = "random") -> list[int]:
+    """The queries a grid shows, GRID_ROWS of them: seeded random ones in order, or (hard) the
+    best-, median- and worst-ranked, in that order."""
+    n = len(ranks)
+    if how == "random":
+        return sorted(random.Random(seed).sample(range(n), min(GRID_ROWS, n)))
+    order = sorted(range(n), key=lambda i: ranks[i])  # stable: ties keep the query order
+    middle = (n - 2) // 2
+    return list(dict.fromkeys(order[:3] + order[middle:middle + 2] + order[-3:]))
+
+def thumbnail(path) -> Image.Image:
+    try:
+        return Image.fromarray(load_image(Path(path), GRID_THUMB))
+    except Exception:  # the grid still shows the rest
+        return Image.new("RGB", (GRID_THUMB, GRID_THUMB), (128, 128, 128))
+
+def draw_task(task: Task, protocol: Protocol, q: Side, g: Side, q_emb, g_emb, ranks: dict,
+              columns: dict, path: Path, cfg: Config):
+    """A retrieval task's grid: each row a query (its image, or its sentence) and its top 5,
+    their scores underneath, bordered green where a result is the query's landmark, red
+    otherwise, distractors marked; then, when the top 5 miss it, the query's best-scoring
+    correct item and its rank. An x2C task's map: see draw_map."""
+    if task.geo:
+        return draw_map(task, protocol, q, columns, path)
+    text, n_junk = font(), int((g.labels == -1).sum())
+    rows = picture_queries(columns["rank_strict"], cfg.seed, cfg.viz_queries)
+    img = Image.new("RGB", (grid_cell(0, 7)[0], grid_cell(len(rows), 0)[1]), "white")
+    draw = ImageDraw.Draw(img)
+
+    def cell(r: int, c: int, j: int, colour, under: str):
+        x, y = grid_cell(r, c)
+        img.paste(thumbnail(g.show[j]), (x, y))
+        draw.rectangle((x, y, x + GRID_THUMB - 1, y + GRID_THUMB - 1), outline=colour, width=4)
+        if j < n_junk:
+            draw.rectangle((x + 4, y + GRID_THUMB - 20, x + GRID_THUMB - 5, y + GRID_THUMB - 5),
+                           fill="black")
+            draw.text((x + 8, y + GRID_THUMB - 19), "distractor", fill="white", font=text)
+        draw.text((x, y + GRID_THUMB + 2), under, fill="black", font=text)
+    for r, i in enumerate(rows):
+        x, y = grid_cell(r, 0)
+        rank, official = columns["rank_strict"][i], columns["rank_official"][i]
+        caption = (f"query {q.ids[i]}" if task.query != "T" else "sentence") + (
+            f" (landmark {int(q.labels[i])}): correct match at rank {rank} (official {official})")
+        draw.text((x, y - GRID_LINE + 2), caption[:110], fill="black", font=text)
+        if task.query == "T":  # the sentence itself, wrapped into the query's cell
+            draw.rectangle((x, y, x + GRID_THUMB - 1, y + GRID_THUMB - 1), fill=(235, 235, 235))
+            lines = textwrap.wrap(str(q.show[i]), 15)[:7] or ["(empty)"]
+            draw.multiline_text((x + 3, y + 3), "\n".join(lines), fill="black", font=text)
+        else:
+            img.paste(thumbnail(q.show[i]), (x, y))
+        top = ranks["top"][i, :5].tolist()
+        scores = (g_emb[top] @ q_emb[i]).tolist()
+        for c, (j, s) in enumerate(zip(top, scores), 1):
+            cell(r, c, j, GREEN if g.labels[j] == q.labels[i] else RED, f"{s:.3f}")
+        if rank > len(top):
+            j = int(ranks["match"][i])
+            cell(r, 6, j, GREEN, f"{float(g_emb[j] @ q_emb[i]):.3f}  #{rank}")
+    img.save(path)
+
+def map_xy(lat: float, lon: float) -> tuple[float, float]:
+    """Equirectangular: a degree is MAP_PX pixels both ways."""
+    return (lon - MAP_LON[0]) * MAP_PX, (MAP_LAT[1] - lat) * MAP_PX
+
+def draw_map(task: Task, protocol: Protocol, q: Side, columns: dict, path: Path):
+    """The contiguous US, training landmarks faint; each query's true location a dot coloured
+    by its error band, the worst on the bottom and the best on top; lines from true location
+    to guess for the MAP_LINES worst queries only, so that they can be followed; a legend
+    with each band's share."""
+    width = int((MAP_LON[1] - MAP_LON[0]) * MAP_PX)
+    height = int((MAP_LAT[1] - MAP_LAT[0]) * MAP_PX)
+    img = Image.new("RGB", (width, height + 40), (250, 250, 246))
+    draw, text = ImageDraw.Draw(img), font()
+    for lat, lon in protocol.open_gps.latlon[len(protocol.index.sat):].tolist():
+        x, y = map_xy(lat, lon)
+        draw.ellipse((x - 1, y - 1, x + 1, y + 1), fill=(200, 200, 200))
+    km = [float(k) for k in columns["error_km"]]
+    guess = list(zip(map(float, columns["pred_lat"]), map(float, columns["pred_lon"])))
+    band = [next(n for n, (limit, _) in enumerate(ERROR_BANDS) if k <= limit) for k in km]
+    worst_first = sorted(range(len(km)), key=lambda i: -km[i])
+    for i in worst_first[:MAP_LINES]:
+        draw.line((*map_xy(*q.latlon[i].tolist()), *map_xy(*guess[i])),
+                  fill=ERROR_BANDS[band[i]][1], width=2)
+    for i in worst_first:
+        x, y = map_xy(*q.latlon[i].tolist())
+        draw.ellipse((x - 3, y - 3, x + 3, y + 3), fill=ERROR_BANDS[band[i]][1])
+    draw.text((8, 6), f"{task.name}: {len(km)} queries at their true location, coloured by "
+                      f"error; lines to the guess for the {MAP_LINES} worst", fill="black",
+              font=font(15))
+    for n, (limit, colour) in enumerate(ERROR_BANDS):
+        x = 8 + n * 155
+        share = 100 * band.count(n) / max(1, len(band))
+        label = f"<= {limit:g} km" if limit < math.inf else "> 2500 km"
+        draw.rectangle((x, height + 12, x + 14, height + 26), fill=colour)
+        draw.text((x + 20, height + 12), f"{label}: {share:.0f}%", fill="black", font=text)
+    img.save(path)
+
+def plot(draw: ImageDraw.ImageDraw, box: tuple, title: str, series: dict):
+    """Line plots in box (x0, y0, x1, y1): {name: (xs, ys)}, with their extremes labelled."""
+    x0, y0, x1, y1 = box
+    text, palette = font(), [(0, 0, 0), (31, 119, 180), (255, 127, 14), (44, 160, 44),
+                             (214, 39, 40), (148, 103, 189), (140, 86, 75)]
+    draw.text((x0 + 8, y0 + 4), title, fill="black", font=font(14))
+    left, top, right, bottom = x0 + 58, y0 + 26, x1 - 12, y1 - 22  # the plotting area
+    draw.rectangle((left, top, right, bottom), outline=(150, 150, 150))
+    points = [(x, y) for xs, ys in series.values() for x, y in zip(xs, ys) if math.isfinite(y)]
+    if not points:
+        return
+    lo_x, hi_x = min(p[0] for p in points), max(p[0] for p in points)
+    lo_y, hi_y = min(p[1] for p in points), max(p[1] for p in points)
+    hi_x, hi_y = max(hi_x, lo_x + 1e-12), max(hi_y, lo_y + 1e-12)
+    for value, y in ((hi_y, top), (lo_y, bottom - 12)):
+        draw.text((x0 + 4, y), f"{value:.3g}", fill="black", font=text)
+    for value, x in ((lo_x, left), (hi_x, right - 30)):
+        draw.text((x, bottom + 4), f"{value:g}", fill="black", font=text)
+    for n, (name, (xs, ys)) in enumerate(series.items()):
+        colour = palette[n % len(palette)]
+        line = [(left + (x - lo_x) / (hi_x - lo_x) * (right - left),
+                 bottom - (y - lo_y) / (hi_y - lo_y) * (bottom - top))
+                for x, y in zip(xs, ys) if math.isfinite(y)]
+        if len(line) > 1:
+            draw.line(line, fill=colour, width=2)
+        else:  # one point: an epoch so far
+            draw.point(line, fill=colour)
+        draw.text((right - 70, top + 4 + 14 * n), name, fill=colour, font=text)
+
+def draw_curves(log: Path, path: Path):
+    """Training curves from a run's log.jsonl: losses by step, validation by epoch, the lr,
+    the logit scale and the throughput: 1200 x 540 px."""
+    if not log.is_file():
+        print(f"no training curves: {log} not found")
+        return
+    records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    steps = [r for r in records if "loss" in r]
+    epochs = [r for r in records if "val_loss" in r]
+    by = lambda rows, x, key: ([r[x] for r in rows], [r[key] for r in rows])
+    pairs = [k for k in (steps[0] if steps else {}) if k.startswith("loss_")]
+    recalls = [k for k in (epochs[0] if epochs else {}) if k.startswith("val_") and "R@1" in k]
+    panels = [("training loss by step", {"total": by(steps, "step", "loss"),
+                                         **{k[5:]: by(steps, "step", k) for k in pairs}}),
+              ("validation loss by epoch", {"val": by(epochs, "epoch", "val_loss")}),
+              ("validation R@1 (%) by epoch", {k[4:-4] or "mean": by(epochs, "epoch", k)
+                                               for k in recalls}),
+              ("learning rate by step", {"lr": by(steps, "step", "lr")}),
+              ("logit scale by step", {"scale": by(steps, "step", "logit_scale")}),
+              ("samples/s by step", {"rate": by(steps, "step", "samples_per_s")})]
+    img = Image.new("RGB", (1200, 540), "white")
+    draw = ImageDraw.Draw(img)
+    for n, (title, series) in enumerate(panels):
+        x, y = 400 * (n % 3), 270 * (n // 3)
+        plot(draw, (x, y, x + 400, y + 270), title, series)
+    img.save(path)
+
+# ---- appendix: the synthetic world (a first reading skips it) -----------------------------
 # A small world written in the released layout, so that a demo run and every test read data
 # through the same code a real user's run does. It is learnable across modalities: location
 # decides the land cover seen from above and from the ground; each landmark's category decides
@@ -3907,7 +3926,7 @@ def synth(cfg: Config):
     counts = synthesize(Path(cfg.out), cfg.scale, cfg.seed)
     print(f"synthetic world in {cfg.out} ({time.time() - t:.0f}s): {json.dumps(counts)}")
 
-# ---- appendix: the bench (a first reading skips it) --------------------------------------
+# ---- appendix: the bench (a first reading skips it) ---------------------------------------
 # `python mml.py bench` times each phase of a run in one go on this machine. Ratios between
 # rows are meaningful; absolute numbers only with the device they were measured on.
 
@@ -3980,7 +3999,8 @@ def step_rate(cfg: Config, device, sync, label: str) -> float:
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    rate = cfg.batch_size / timed(step, 3.0 if cuda else 5.0, sync)
+    with matmul_precision("high"):  # as the training loop
+        rate = cfg.batch_size / timed(step, 3.0 if cuda else 5.0, sync)
     # on the CPU the process's peak resident memory: ru_maxrss is in KiB on Linux
     peak = (f"peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if cuda
             else f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.1f} GiB")
@@ -3992,7 +4012,6 @@ def step_rate(cfg: Config, device, sync, label: str) -> float:
 
 def bench_steps(cfg: Config, device, sync, done: dict) -> float:
     """Training steps: fp32, and on a GPU bf16 and bf16 + compile; returns the fastest."""
-    torch.set_float32_matmul_precision("high")
     rates = [step_rate(dataclasses.replace(cfg, bf16=False), device, sync, "train step, fp32")]
     if device.type == "cuda":
         rates.append(step_rate(cfg, device, sync, "train step, bf16"))
@@ -4097,9 +4116,9 @@ def bench_rank(cfg: Config, device, sync, done: dict):
         fast = time.perf_counter() - t0
         sample = torch.randperm(nq, generator=torch.Generator().manual_seed(0))
         sample = sample[:cfg.bench_queries].to(device)
-        torch.set_float32_matmul_precision("highest")
         t0 = time.perf_counter()
-        loop = argsort_ranks(q[sample], g, ql[sample], gl)
+        with matmul_precision("highest"):
+            loop = argsort_ranks(q[sample], g, ql[sample], gl)
         sync()
         slow = (time.perf_counter() - t0) * nq / len(sample)
         same = all(torch.equal(loop[k], ranks[k][sample].cpu())
