@@ -65,7 +65,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 from PIL import Image, ImageDraw, ImageEnhance, ImageFont, ImageOps
-from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
 
 # ---- config -------------------------------------------------------------------------------
 
@@ -2197,7 +2197,10 @@ class Functions:
     a tensor or array. Batches are handed over on the CPU."""
 
     def __init__(self, fns: dict, cfg: Config):
-        self.fns, self.cfg, self.modalities = fns, cfg, "".join(m for m in "GSTC" if m in fns)
+        self.fns, self.cfg = fns, cfg
+
+    def missing(self, task: Task) -> str:
+        return encoders_lacking(task, "".join(m for m in "GSTC" if m in self.fns))
 
     def embed_side(self, side: Side, root: Path) -> torch.Tensor:
         data = ImageList(side.items, self.cfg) if side.modality in "GS" else side.items
@@ -2210,12 +2213,10 @@ class Files:
 
     def __init__(self, folder: Path, cfg: Config):
         self.folder, self.cfg = folder, cfg
-        sides = {p.stem for p in folder.glob("*.npy")}
-        self.modalities = "".join(m for m, names in (
-            ("G", "query_ground gallery_ground"), ("S", "query_satellite gallery_satellite"),
-            ("T", "query_text_"), ("C", "gallery_gps")) if any(
-                s.startswith(tuple(names.split())) for s in sides))
-        self.present = sides
+
+    def missing(self, task: Task) -> str:
+        lacking = [s for s in task.sides if not (self.folder / f"{s}.npy").is_file()]
+        return f"{self.folder / lacking[0]}.npy: not found" if lacking else ""
 
     def embed_side(self, side: Side, root: Path) -> torch.Tensor:
         path = self.folder / f"{side.name}.npy"
@@ -2369,7 +2370,7 @@ def evaluate(cfg: Config):
     root = check_root(Path(cfg.data))  # never generated here: a checkpoint names its data
     protocol = Protocol(root)
     if cfg.export:
-        return export_protocol(protocol, runnable(protocol, cfg, "GSTC"), Path(cfg.export))
+        return export_protocol(protocol, runnable(protocol, cfg), Path(cfg.export))
     if cfg.embeddings:
         embedder, config = Files(Path(cfg.embeddings), cfg), None
         source = {"data": str(root), "embeddings": str(Path(cfg.embeddings).resolve())}
@@ -2380,16 +2381,19 @@ def evaluate(cfg: Config):
         source = {"data": str(root), "checkpoint": str(cfg.ckpt), "step": embedder.step,
                   "epoch": embedder.epoch}
     print0(f"evaluating {source_name(source)} on {root}")
-    score(protocol, embedder, runnable(protocol, cfg, embedder.modalities), cfg, source, config)
+    score(protocol, embedder, runnable(protocol, cfg, embedder), cfg, source, config)
 
-def runnable(protocol: Protocol, cfg: Config, modalities: str) -> list[Task]:
-    """The tasks asked for that the data and the model can run: one asked for by name and
+def encoders_lacking(task: Task, modalities: str) -> str:
+    """Why encoders of these modalities cannot run a task ("" when they can)."""
+    absent = [m for m in task.query + task.gallery if m not in modalities]
+    return f"no {MODALITY[absent[0]]} encoder (the model has {modalities})" if absent else ""
+
+def runnable(protocol: Protocol, cfg: Config, embedder=None) -> list[Task]:
+    """The tasks asked for that the data and the embedder can run: one asked for by name and
     impossible is an error, one of all the tasks a note."""
     tasks = []
     for task in task_list(cfg.tasks, cfg.query_text):
-        absent = [m for m in task.query + task.gallery if m not in modalities]
-        why = (f"no {absent[0]} encoder (the model has {modalities})" if absent else
-               protocol.missing(task))
+        why = protocol.missing(task) or (embedder.missing(task) if embedder else "")
         if why and cfg.tasks:
             raise UserError(f"task {task.name}: {why}")
         if why:
@@ -2566,6 +2570,9 @@ class Checkpoint:
         self.step, self.epoch, self.config = saved["step"], saved["epoch"], saved["config"]
         self.modalities = self.cfg.modalities
 
+    def missing(self, task: Task) -> str:
+        return encoders_lacking(task, self.modalities)
+
     def encoder(self, m: str) -> Encoder:
         if m not in self.model.enc:
             raise UserError(f"{self.path}: has no {MODALITY[m]} encoder (trained on "
@@ -2643,7 +2650,7 @@ def evaluate_encoders(encoders: dict, data, out="runs/encoders", tasks: str = ""
     writable_folder(Path(cfg.out) / "eval", "out")
     protocol = Protocol(check_root(Path(cfg.data)))
     embedder = Functions(encoders, cfg)
-    return score(protocol, embedder, runnable(protocol, cfg, embedder.modalities), cfg,
+    return score(protocol, embedder, runnable(protocol, cfg, embedder), cfg,
                  {"data": str(protocol.root), "encoders": name})
 
 class Locator:
@@ -4155,21 +4162,11 @@ def bench_locate(cfg: Config, device, sync, done: dict):
 def write_clip_folder(folder: Path, vision: dict, text: dict, projection: int,
                       weights: bool = True) -> Path:
     """A Hugging Face-style CLIP folder with random weights: config.json, pytorch_model.bin
-    (unless not `weights`) and a small byte-level BPE tokenizer.json with CLIP's special
-    tokens. What the bench times; in tests, a stand-in for a downloaded folder."""
+    (unless not `weights`) and the test fixture's small CLIP tokenizer.json (664 tokens).
+    What the bench times."""
     folder.mkdir(parents=True, exist_ok=True)
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    specials = ["<|startoftext|>", "<|endoftext|>"]
-    tok.train_from_iterator([f"a {c} {k} in {t[0]}" for c in COLOURS for k in CATEGORIES
-                             for t in CITIES], trainers.BpeTrainer(
-        vocab_size=400, special_tokens=specials, show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tok.post_processor = processors.TemplateProcessing(
-        single=f"{specials[0]} $A {specials[1]}", special_tokens=[(s, i) for i, s in
-                                                                  enumerate(specials)])
-    tok.save(str(folder / "tokenizer.json"))
-    text = {**text, "vocab_size": tok.get_vocab_size(), "eos_token_id": 1}
+    shutil.copy(Path(__file__).parent / "assets/fixtures/clip-tiny/tokenizer.json", folder)
+    text = {**text, "vocab_size": 664, "eos_token_id": 663}  # the fixture's <|endoftext|>
     (folder / "config.json").write_text(json.dumps({
         "model_type": "clip", "projection_dim": projection, "vision_config": vision,
         "text_config": text}))

@@ -641,6 +641,41 @@ def test_every_modality_set_and_loss_trains(world, modalities):
             assert any(not torch.equal(p, q) for p, q in zip(e.parameters(), before[m])), (loss, m)
 
 
+def test_the_loops_step_caps_the_logit_scale_at_clips_100():
+    """train_step, the function the loop calls each step (and the bench times), caps the
+    learnt scale at ln(100) after the update, CLIP's cap; --scale-cap 0 lifts it (the
+    authors' setting)."""
+    cfg = mml.resolve("train", mml.parse_args(["train", *TINY])[1], set())
+    batch, pairs = mml.random_batch(cfg, 8), mml.loss_pairs(cfg.modalities, cfg.loss)
+    for cap in (100.0, 0.0):
+        torch.manual_seed(0)
+        raw = mml.MML(cfg)
+        with torch.no_grad():
+            raw.logit_scale.fill_(math.log(400))
+        run_cfg = dataclasses.replace(cfg, scale_cap=cap)
+        mml.train_step(raw, raw, mml.make_optimizer(raw, run_cfg), batch, run_cfg, pairs, 0, 0, 1e-3)
+        if cap:
+            assert raw.logit_scale.item() == torch.tensor(math.log(100)).item()
+        else:
+            assert raw.logit_scale.item() > math.log(390)
+
+
+def test_validation_sees_each_landmarks_first_photo_latest_tile_and_first_sentence(world):
+    """Validation must not depend on a draw: the held-out landmarks' first ground photo, latest
+    aerial tile and first sentence, whatever the epoch; so best.pt is chosen on one fixed set."""
+    cfg = mml.resolve("train", mml.parse_args(["train", "--data", str(world), *TINY])[1], {"data"})
+    _, val, tok = mml.training_sets(cfg, world, None)
+    s, rows = val.split, list(range(len(val)))
+    first, later = val[[(0, i) for i in rows]], val[[(7, i) for i in rows]]
+    assert max(len(g) for g in s.ground) > 1 and max(len(t) for t in s.sat) > 1  # there is a choice
+    for i in rows:
+        assert np.array_equal(first["G"][i].permute(1, 2, 0).numpy(), val.stores["G"](s.ground[i][0]))
+        assert np.array_equal(first["S"][i].permute(1, 2, 0).numpy(), val.stores["S"](s.latest[i]))
+        article = mml.read_article(mml.shard(s.dir, "text", s.text[i]))
+        assert torch.equal(first["T"][i], mml.tokenize(tok, [authors_sentence(article, "first", None)])[0])
+    assert all(torch.equal(first[m], later[m]) for m in "GSTC")
+
+
 def test_nonfinite_losses_are_skipped_then_stop_the_run(world, tmp_path, monkeypatch, capsys):
     real = mml.contrastive_loss
     calls = {"n": 0}
@@ -1220,8 +1255,11 @@ def test_unnormalised_embeddings_are_normalised_with_a_warning(world, trained, t
     for name, kind in (("query_ground", "ground"), ("gallery_satellite", "satellite")):
         emb = model.embed_images([r["item"] for r in read_rows(tmp_path / f"{name}.csv")], kind)
         np.save(tmp_path / f"{name}.npy", (3 * emb).numpy())
-    run("eval", "--embeddings", tmp_path, "--data", world, "--tasks", "G2S")
-    assert "are not unit vectors; normalising them" in capsys.readouterr().out
+    run("eval", "--embeddings", tmp_path, "--data", world)  # the tasks whose sides are there
+    out = capsys.readouterr().out
+    assert "are not unit vectors; normalising them" in out
+    assert f"skipping S2G: {tmp_path / 'query_satellite.npy'}: not found" in out
+    assert list(task_results(tmp_path)) == ["G2S"]
     run("eval", "--ckpt", trained / "best.pt", "--out", tmp_path / "ref", "--tasks", "G2S", "--workers", 0)
     assert task_results(tmp_path)["G2S"]["official"] == task_results(tmp_path / "ref")["G2S"]["official"]
     with pytest.raises(mml.UserError, match=r"encoder G on query_ground: the encoder returned \(95, 4, 2\)"):
