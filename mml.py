@@ -298,7 +298,8 @@ def write_atomically(path: Path, write):
         os.replace(tmp, path)
     except BaseException as e:
         tmp.unlink(missing_ok=True)
-        if isinstance(e, (OSError, RuntimeError)):  # torch.save reports ENOSPC as RuntimeError
+        # torch.save reports ENOSPC as RuntimeError
+        if isinstance(e, (OSError, RuntimeError)):
             why = (str(e).splitlines() or [type(e).__name__])[0]
             raise UserError(f"{path}: could not be written ({why})") from None
         raise
@@ -405,13 +406,15 @@ def read_split(root: Path, split: str, outdoor_only: bool = False) -> Split:
     if split == "query" and (d / f"{p}_all_satellite.csv").is_file():
         # the query split lists the latest image alone, and every year in another CSV
         sat = by_landmark(d / f"{p}_all_satellite.csv", "images", listing, listed)
-    latest = {i: (s.split() or [""])[-1] for i, s in latest.items()}  # ids listed oldest first
+    # each landmark's aerial ids are listed oldest first: the last is the latest
+    latest = {i: (s.split() or [""])[-1] for i, s in latest.items()}
     text = by_landmark(d / f"{p}_text.csv", "json", listing, listed)
     no_cues = None
     if (d / f"{p}_text_sentences.csv").is_file():
         no_cues = by_landmark(d / f"{p}_text_sentences.csv", "sentences", listing, listed)
     keep = [n for n, i in enumerate(listed) if ground.get(i, "").split() and sat[i].split()]
-    if len(keep) < len(ids):  # the outdoor subset leaves out landmarks with no outdoor photo
+    # the outdoor subset leaves out landmarks with no outdoor photo
+    if len(keep) < len(ids):
         print0(f"{d}: {len(ids) - len(keep)} landmarks without ground or aerial images left out")
     rows = ids[keep].tolist()
     row_of = {i: n for n, i in enumerate(rows)}
@@ -463,7 +466,8 @@ def read_train(cfg: Config, root: Path) -> tuple[Split, Split]:
     split = read_split(root, "train", cfg.outdoor_only)
     if cfg.subset:
         split = split.take(range(min(cfg.subset, len(split.ids))))
-    n_val = min(cfg.n_val, max(2, len(split.ids) // 10))  # 1,024 of 17,557 on the real data
+    # held out: 1,024 of 17,557 on the real data
+    n_val = min(cfg.n_val, max(2, len(split.ids) // 10))
     if cfg.holdout == "authors":
         order = list(range(len(split.ids)))
         random.Random(42).shuffle(order)
@@ -486,7 +490,8 @@ def read_table(path: Path, columns: list[str], lower: bool = False,
         raise UserError(f"{path}: file not found (expected a CSV with columns {','.join(columns)})")
     data = path.read_bytes()
     try:
-        text = data.decode("utf-8-sig")  # -sig: a byte-order mark is not part of the header
+        # -sig: a byte-order mark is not part of the header
+        text = data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         line = data[:e.start].count(b"\n") + 1
         raise UserError(f"{path}, line {line}: not UTF-8 text (byte {data[e.start]:#04x})"
@@ -605,7 +610,8 @@ def to_square(im: Image.Image, size: int, resize: str = "crop") -> np.ndarray:
         x = F.interpolate(x, (size, size), mode="bilinear", align_corners=False, antialias=False)
         return x[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy()
     short, long = sorted(im.size)
-    long = int(size * long / short)  # as transformers' get_resize_output_image_size rounds
+    # as transformers' get_resize_output_image_size rounds
+    long = int(size * long / short)
     im = im.resize((size, long) if im.width == short else (long, size), Image.BICUBIC)
     left, top = (im.width - size) // 2, (im.height - size) // 2
     return np.array(im.crop((left, top, left + size, top + size)))
@@ -650,7 +656,8 @@ class ImageStore:
     def path(self, image_id: str) -> Path:
         return shard(self.dir, self.kind, image_id)
 
-    def __getstate__(self):  # an open file is reopened in each worker, not pickled into it
+    def __getstate__(self):
+        # an open file is reopened in each worker, not pickled into it
         return {**self.__dict__, "file": None}
 
     def __call__(self, image_id: str, out: np.ndarray | None = None) -> np.ndarray:
@@ -660,7 +667,8 @@ class ImageStore:
             try:
                 out[...] = load_image(self.path(image_id), self.size, self.resize)
                 return out
-            except Exception as e:  # missing, truncated, not an image: decoders raise all sorts
+            except Exception as e:
+                # missing, truncated, not an image: decoders raise all sorts
                 raise UnreadableFile(f"{self.path(image_id)}: {e}") from None
         if image_id in self.broken:
             raise UnreadableFile(f"{self.path(image_id)}: could not be decoded when cached")
@@ -671,7 +679,8 @@ class ImageStore:
             self.file = open(self.cache.with_suffix(".u8"), "rb", buffering=0)
             self.pid = os.getpid()
         self.file.seek(self.row_of[image_id] * out.nbytes)
-        if self.file.readinto(out) != out.nbytes:  # the array was cut short while in use
+        # the array was cut short while in use
+        if self.file.readinto(out) != out.nbytes:
             raise UnreadableFile(f"{self.cache}.u8: ends before image {image_id}")
         return out
 
@@ -706,7 +715,8 @@ def read_article(path: Path) -> dict:
         if regular_file(path).stat().st_size > MAX_ARTICLE_BYTES:
             raise ValueError(f"over the {MAX_ARTICLE_BYTES:,}-byte limit")
         article = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError) as e:  # RecursionError: nested too deeply
+    except (OSError, ValueError, RecursionError) as e:
+        # RecursionError: nested too deeply
         raise UnreadableFile(f"{path}: {type(e).__name__}: {e}") from None
     if not isinstance(article, dict) or not article or not all(
             isinstance(text, str) for text in article.values()):
@@ -734,7 +744,8 @@ def train_tokenizer(texts, cfg: Config) -> Tokenizer:
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.train_from_iterator(texts, trainers.BpeTrainer(
         vocab_size=cfg.vocab_size, special_tokens=["[PAD]", "[UNK]"], show_progress=False))
-    tok.enable_padding(pad_id=0, pad_token="[PAD]", length=cfg.max_len)  # id 0 is padding
+    # id 0 is padding, which SmallText masks
+    tok.enable_padding(pad_id=0, pad_token="[PAD]", length=cfg.max_len)
     tok.enable_truncation(cfg.max_len)
     return tok
 
@@ -752,7 +763,8 @@ class Sentences:
     def __init__(self, articles: list[dict | None], tok: Tokenizer | None, mode: str):
         levels, self.texts = ([], [], []), []
         keep = 1 if mode == "first" else None
-        for article in articles:  # an unreadable article (None) gives one empty sentence
+        # an unreadable article (None) gives one empty sentence
+        for article in articles:
             sections = list((article or {"": ""}).values())[:keep]
             levels[0].append((len(levels[1]), len(sections)))
             for section in sections:
@@ -992,7 +1004,8 @@ class Block(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
         x = x + self.self_attn["out_proj"](y.transpose(1, 2).reshape(B, L, W))
         y = self.mlp["fc1"](self.layer_norm2(x))
-        y = y * torch.sigmoid(1.702 * y) if self.act == "quick_gelu" else F.gelu(y)  # CLIP's
+        # quick_gelu, x sigmoid(1.702 x): CLIP's approximation of gelu
+        y = y * torch.sigmoid(1.702 * y) if self.act == "quick_gelu" else F.gelu(y)
         return x + self.mlp["fc2"](y)
 
 class SmallText(nn.Module):
@@ -1009,7 +1022,8 @@ class SmallText(nn.Module):
 
     def forward(self, ids):
         keep = ids != 0                                            # (B, L)
-        keep[:, 0] = True  # an empty sentence keeps one token: an all-masked row would be NaN
+        # an empty sentence keeps one token: an all-masked row would be NaN
+        keep[:, 0] = True
         x = self.tokens(ids) + self.pos[: ids.shape[1]]            # (B, L, width)
         for block in self.blocks:
             x = block(x, keep)
@@ -1117,7 +1131,8 @@ def load_pretrained(trunk: nn.Module, name: str):
     path = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
     try:
         state = weights.get_state_dict(progress=is_master(), check_hash=True, weights_only=True)
-    except Exception as e:  # no network, a truncated download, a file of another format
+    except Exception as e:
+        # no network, a truncated download, a file of another format
         why = str(e).splitlines()[0] if str(e) else ""
         raise UserError(f"--pretrained: {name}'s ImageNet weights are not usable at {path} and "
                         f"not downloadable from {weights.url} ({type(e).__name__}: {why}); put "
@@ -1260,7 +1275,8 @@ class MML(nn.Module):
 
     def train(self, mode: bool = True):
         super().train(mode)
-        for f in self.frozen:  # module by module: a frozen backbone's BatchNorm stays fixed
+        # module by module: a frozen backbone's BatchNorm stays fixed
+        for f in self.frozen:
             for name, module in self.enc[f].named_modules():
                 module.training = mode and is_head(name)
         return self
@@ -1393,7 +1409,8 @@ def rank_queries(q: torch.Tensor, g: torch.Tensor, q_labels: torch.Tensor,
     Q, N = len(q), len(g)
     junk = g_labels == -1
     n_junk, order = int(junk.sum()), None
-    if not bool(junk[:n_junk].all()):  # distractors first: counting them is then a slice
+    # distractors first: counting them is then a slice
+    if not bool(junk[:n_junk].all()):
         order = torch.argsort((~junk).int(), stable=True)
         g, g_labels = g[order], g_labels[order]
     pos_index, is_pos, n_good = positives(q_labels, g_labels)                    # (Q, P) ...
@@ -1416,12 +1433,14 @@ def rank_queries(q: torch.Tensor, g: torch.Tensor, q_labels: torch.Tensor,
             # the first positive, counted against the whole gallery
             t = pos[:, :1]
             junk_above, labelled_above = count_at_least(scores, t, n_junk)
-            official = labelled_above - (pos >= t).sum(1)  # non-positives of the query split
+            # the query split's non-positives scoring at least as high
+            official = labelled_above - (pos >= t).sum(1)
             res["first_official"][part] = official
             res["first_strict"][part] = official + junk_above
             # every positive within the top K, counted among the top K scores alone
             top_is_junk = top_index < n_junk                                   # (c, K)
-            cutoff = top_scores[:, -1:]  # the K-th best score: lower ones are out of the top K
+            # the K-th best score: lower ones are out of the top K
+            cutoff = top_scores[:, -1:]
             for j in range(pos.shape[1]):
                 t = pos[:, j:j + 1]                                            # (c, 1)
                 real = j < n_good[part]
@@ -1432,7 +1451,8 @@ def rank_queries(q: torch.Tensor, g: torch.Tensor, q_labels: torch.Tensor,
                 at_least = top_scores >= t
                 junk_above = (at_least & top_is_junk).sum(1, dtype=torch.int32)
                 labelled_above = (at_least & ~top_is_junk).sum(1, dtype=torch.int32)
-                if bool(at_cutoff.any()):  # its ties may go on past the top K: count them all
+                # its ties may go on past the top K: count them all
+                if bool(at_cutoff.any()):
                     junk_above[at_cutoff], labelled_above[at_cutoff] = count_at_least(
                         scores[at_cutoff], t[at_cutoff], n_junk)
                 # positions of positive j: items above it, less the positives among them,
@@ -1576,10 +1596,12 @@ def build_model(cfg: Config, device, ckpt: dict | None, path: Path) -> tuple:
         if "clip" in (cfg.image_backbone, cfg.text_backbone):
             state, digest = load_clip_weights(cfg.clip)
             install_towers(raw, state, cfg.clip)
-            if raw.towers():  # checkpoints name the folder and its digest instead of copying it
+            # checkpoints name the folder and its digest instead of copying it
+            if raw.towers():
                 towers = {"folder": str(Path(cfg.clip).resolve()), "digest": digest}
         if cfg.pretrained and cfg.image_backbone not in ("small", "clip"):
-            for m in {"G", "S"} & set(raw.enc):  # a shared trunk loads twice: the same weights
+            # a shared trunk loads twice: the same weights
+            for m in {"G", "S"} & set(raw.enc):
                 load_pretrained(raw.enc[m].trunk, cfg.image_backbone)
         if cfg.gps_init:
             if "C" not in raw.enc:
@@ -1716,7 +1738,8 @@ class TrainLog:
     time and ETA); per epoch its validation record; at the end a summary."""
 
     def __init__(self, out: Path, step: int, total: int, batch: int):
-        self.file = open(out / "log.jsonl", "a", buffering=1)  # line-buffered: each flushed
+        # line-buffered: each flushed
+        self.file = open(out / "log.jsonl", "a", buffering=1)
         self.start_step, self.total, self.batch = step, total, batch
         self.t_start = self.t_last = time.time()
         self.step_last = step
@@ -1813,8 +1836,10 @@ def fit(cfg: Config, device: torch.device):
     # No per-rank seed offset is needed (nanoGPT has one for its data): every random draw of
     # the data is keyed by (seed, epoch, row) or by a sample's place in the global batch.
     raw, optimizer, towers = build_model(cfg, device, ckpt, out / "last.pt")
-    warmup = max(1, round(cfg.warmup * total))  # the lr is a function of the step alone
-    lower_is_better = cfg.select == "loss"  # best.pt: lowest validation loss, or highest R@1
+    # the lr is a function of the step alone
+    warmup = max(1, round(cfg.warmup * total))
+    # best.pt: lowest validation loss, or highest R@1
+    lower_is_better = cfg.select == "loss"
     best = ckpt["best"] if ckpt else (math.inf if lower_is_better else -math.inf)
     if ckpt:
         print0(f"resumed {out / 'last.pt'} at step {step}")
@@ -1838,14 +1863,17 @@ def fit(cfg: Config, device: torch.device):
            f"({len(val_set)} held out) from {root}, batch {B} on {world} x {device.type}, "
            f"{steps_per_epoch} steps/epoch, {total} steps")
     log = TrainLog(out, step, total, B) if rank == 0 else None
-    saved = {"config": dataclasses.asdict(cfg), "tokenizer": tok.to_str()}  # in every save
+    # in every save
+    saved = {"config": dataclasses.asdict(cfg), "tokenizer": tok.to_str()}
     if towers:
         saved["towers"] = towers
     batches = loader
     if cfg.overfit_batch:  # one fixed batch, again and again: the loss must fall to ~0
         batches = itertools.repeat(next(iter(loader)), total - step)
-    bad_in_row, skipped, unreadable = 0, 0, []  # non-finite losses: in a row now, and in all
-    with StopSignal() as stop, matmul_precision("high"):  # TF32 for training, not for scores
+    # non-finite losses: in a row now, and in all
+    bad_in_row, skipped, unreadable = 0, 0, []
+    # TF32 for training, not for scores
+    with StopSignal() as stop, matmul_precision("high"):
         for batch in batches:
             epoch = step // steps_per_epoch
             unreadable += [line for s in batch["bad"] for line in s.split("\n") if line]
@@ -2250,7 +2278,8 @@ def score(protocol: Protocol, embedder, tasks: list[Task], cfg: Config, source: 
     for task in tasks:
         (q, q_emb), (g, g_emb) = side(task.sides[0]), side(task.sides[1])
         opened = side("open_gps") if task.geo else None
-        if rank != 0:  # every process embeds its share above; process 0 ranks and reports
+        # every process embeds its share above; process 0 ranks and reports
+        if rank != 0:
             continue
         if q_emb.shape[1] != g_emb.shape[1]:
             raise UserError(f"{task.name}: {q.name} is {q_emb.shape[1]}-d, {g.name} "
@@ -2262,7 +2291,8 @@ def score(protocol: Protocol, embedder, tasks: list[Task], cfg: Config, source: 
         res["protocol"], res["queries"] = items_digest(q, g), len(q.ids)
         res["gallery"], res["distractors"] = len(g.ids), int((g.labels == -1).sum())
         columns = per_query(ranks, q, g)
-        if task.geo:  # the guess is the top-1 point: from the ranking, and from the open one
+        # the guess is the top-1 point: from the ranking, and from the open one
+        if task.geo:
             for block, (gallery, emb) in (("geo", (g, g_emb)), ("geo_open", opened)):
                 top = ranks["top"][:, 0] if block == "geo" else nearest(q_emb, emb, cfg.chunk)
                 pred = gallery.latlon[top.cpu()]
@@ -2272,7 +2302,8 @@ def score(protocol: Protocol, embedder, tasks: list[Task], cfg: Config, source: 
                 columns[f"{prefix}pred_lat"] = [f"{v:.6f}" for v in pred[:, 0].tolist()]
                 columns[f"{prefix}pred_lon"] = [f"{v:.6f}" for v in pred[:, 1].tolist()]
                 columns[f"{prefix}error_km"] = [f"{v:.3f}" for v in km.tolist()]
-        seconds = time.time() - t0  # printed, not in metrics.json: it holds results alone
+        # printed, not in metrics.json: it holds results alone
+        seconds = time.time() - t0
         res |= breakdowns(protocol, task, q, columns)
         write_atomically(out / f"{task.name}.csv", lambda tmp: write_csv(
             tmp, list(columns), zip(*columns.values())))
@@ -2347,13 +2378,16 @@ def write_metrics(path: Path, results: dict, cfg: Config, device, source: dict, 
 def provenance(cfg: Config, device: torch.device) -> dict:
     """What metrics.json records of the evaluation itself: its options, the code (mml.py's
     sha256 and, in a git checkout, the commit), torch, the device and the date."""
-    here = Path(__file__).resolve()
-    git = subprocess.run(["git", "-C", str(here.parent), "rev-parse", "HEAD"],
-                         capture_output=True, text=True, timeout=10)
+    here, commit = Path(__file__).resolve(), None
+    try:
+        git = subprocess.run(["git", "-C", str(here.parent), "rev-parse", "HEAD"],
+                             capture_output=True, text=True, timeout=10)
+        commit = git.stdout.strip() if git.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):  # no git on this machine
+        pass
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     return {"eval": {k: getattr(cfg, k) for k in EVAL_OPTIONS},
-            "code": {"mml_sha256": hashlib.sha256(here.read_bytes()).hexdigest(),
-                     "git": git.stdout.strip() if git.returncode == 0 else None},
+            "code": {"mml_sha256": hashlib.sha256(here.read_bytes()).hexdigest(), "git": commit},
             "torch": torch.__version__, "device": name,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
@@ -2367,7 +2401,8 @@ def evaluate(cfg: Config):
     device = setup_distributed(cfg)
     if is_master() and not cfg.export:  # before the hours of embedding, not after them
         writable_folder(Path(cfg.out) / "eval", "--out")
-    root = check_root(Path(cfg.data))  # never generated here: a checkpoint names its data
+    # never generated here: a checkpoint names its data
+    root = check_root(Path(cfg.data))
     protocol = Protocol(root)
     if cfg.export:
         return export_protocol(protocol, runnable(protocol, cfg), Path(cfg.export))
@@ -2604,7 +2639,8 @@ class Checkpoint:
             return embed(enc, tokenize(self.tok, side.items), side.name, cfg, self.device)
         if side.modality == "C":
             return embed(enc, side.items, side.name, cfg, self.device)
-        if f"enc.{side.modality}.trunk." in self.model.towers():  # each image once per tower
+        # each image once per tower
+        if f"enc.{side.modality}.trunk." in self.model.towers():
             features = torch.cat([self.tower_features(enc, part, root) for part in side.items])
             return embed(enc.project, features, side.name, cfg, self.device)
         return embed(enc, ImageList(side.items, cfg), side.name, cfg, self.device)
@@ -2711,7 +2747,8 @@ class Locator:
                 for n in list(rows):
                     try:
                         pixels.append(load_image(Path(inputs[n]), cfg.img_size, cfg.resize))
-                    except Exception as e:  # missing, not an image: this input's error alone
+                    except Exception as e:
+                        # missing, not an image: this input's error alone
                         results[n]["error"] = f"{inputs[n]}: cannot read it as an image ({e})"
                         rows.remove(n)
                 if not rows:
@@ -2761,7 +2798,8 @@ def write_cache(path: Path, key: str, tensor: torch.Tensor):
     try:
         writable_folder(path.parent, "cache")
         save_checkpoint({"key": key, "tensor": tensor.cpu()}, path)
-    except UserError as e:  # a read-only or full disk: the answer comes anyway, uncached
+    except UserError as e:
+        # a read-only or full disk: the answer comes anyway, uncached
         note(f"not cached: {e}")
 
 def note(*args):
@@ -2922,52 +2960,50 @@ def convert(cfg: Config):
     projected image and text embeddings, normalised; no GPS), the authors' weights_best.pth
     with --clip of clip-vit-large-patch14-336 (their released model, all four modalities),
     or GeoCLIP's weights folder with --clip of clip-vit-large-patch14 (images to GPS)."""
-    src = Path(cfg.source)
-    if (src / "config.json").is_file():
-        new, state, tok = convert_clip(src)
-    elif (src / "location_encoder_weights.pth").is_file():
-        new, state, tok = convert_geoclip(src, cfg.clip)
-    elif src.is_file():
-        new, state, tok = convert_authors(src, cfg.clip)
-    else:
+    src, out = Path(cfg.source), Path(cfg.out)
+    kind = ("clip" if (src / "config.json").is_file() else "geoclip" if (
+        src / "location_encoder_weights.pth").is_file() else "authors" if src.is_file() else "")
+    if not kind:
         raise UserError(f"{src}: not a model `convert` knows: a Hugging Face CLIP folder holds "
                         f"config.json; GeoCLIP's weights folder holds location_encoder_weights"
                         f".pth, image_encoder_mlp_weights.pth, logit_scale_weights.pth (with "
                         f"--clip); the authors' release is one file, weights_best.pth (with "
                         f"--clip)")
-    model = MML(new)
-    weights, digest = load_clip_weights(new.clip)
-    install_towers(model, weights, new.clip)
-    load_matching(model, state, str(src), ignore=model.towers())
-    out = Path(cfg.out)
     writable_folder(out.parent, "--out")
+    if kind != "clip":
+        clip_config(cfg.clip)  # without --clip, one line saying it is needed
+    folder = str((src if kind == "clip" else Path(cfg.clip)).resolve())
+    weights, digest = load_clip_weights(folder)  # read once: 1.7 GB for ViT-L/14-336
+    converter = {"clip": convert_clip, "geoclip": convert_geoclip, "authors": convert_authors}
+    new, state, tok = converter[kind](src, folder, weights, digest)
+    model = MML(new)
+    install_towers(model, weights, folder)
+    load_matching(model, state, str(src), ignore=model.towers())
     save_checkpoint({"model": trained_state(model), "config": dataclasses.asdict(new),
                      "tokenizer": tok.to_str(), "step": 0, "epoch": 0,
-                     "towers": {"folder": new.clip, "digest": digest},
+                     "towers": {"folder": folder, "digest": digest},
                      "converted_from": str(src.resolve())}, out)
-    print(f"{out}: {new.modalities} from {src}, towers from {new.clip} (digest {digest[:12]}); "
+    print(f"{out}: {new.modalities} from {src}, towers from {folder} (digest {digest[:12]}); "
           f"evaluate it with `python mml.py eval --ckpt {out} --data ROOT`")
 
-def convert_clip(src: Path) -> tuple[Config, dict, Tokenizer]:
+def convert_clip(src: Path, folder: str, weights: dict, digest: str) -> tuple:
     """Off-the-shelf CLIP: both towers frozen, no heads, CLIP's own logit scale."""
-    c = clip_config(str(src))
+    c = clip_config(folder)
     new = dataclasses.replace(
-        Config(), clip=str(src.resolve()), modalities="GST", image_backbone="clip",
-        text_backbone="clip", share_image_trunk=True, freeze="GST", head="none",
-        embed_dim=c["projection_dim"], img_size=c["vision"]["image_size"], resize="clip",
+        Config(), clip=folder, modalities="GST", image_backbone="clip", text_backbone="clip",
+        share_image_trunk=True, freeze="GST", head="none", embed_dim=c["projection_dim"],
+        img_size=c["vision"]["image_size"], resize="clip",
         max_len=c["text"]["max_position_embeddings"])
-    weights, _ = load_clip_weights(new.clip)
     if "logit_scale" not in weights:
         raise UserError(f"{src}: its weights hold no logit_scale: not a CLIPModel's")
     return new, {"logit_scale": weights["logit_scale"]}, clip_tokenizer(new.clip, new.max_len)
 
-def convert_authors(src: Path, clip: str) -> tuple[Config, dict, Tokenizer]:
+def convert_authors(src: Path, clip: str, weights: dict, digest: str) -> tuple:
     """The authors' MmlCLIP state dict (their weights_best.pth): its two copies of CLIP must
     be the --clip folder's weights; its heads, GPS encoder and scale are renamed to mml's."""
     c = clip_config(clip)
     theirs = {k: v for k, v in load_tensors(src, "state dict of the authors' MmlCLIP").items()
               if not k.endswith("position_ids")}
-    _, digest = load_clip_weights(clip)
     for copy in ("image_encoder.clip_model.", "text_encoder.clip_model.", ):
         if tensor_digest({k[len(copy):]: v for k, v in theirs.items()
                           if k.startswith(copy)}) != digest:
@@ -2984,12 +3020,12 @@ def convert_authors(src: Path, clip: str) -> tuple[Config, dict, Tokenizer]:
                 raise UserError(f"{src}: {k} is not a key of the authors' MmlCLIP")
             # their GPS heads are bare Linear layers, GeoCLIP's (and mml's) a Sequential of one
             state[re.sub(r"(LocEnc\d+\.head)\.", r"\1.0.", names[prefix] + k[len(prefix):])] = v
-    new = dataclasses.replace(Config(), **PRESETS["paper"], clip=str(Path(clip).resolve()),
+    new = dataclasses.replace(Config(), **PRESETS["paper"], clip=clip,
                               img_size=c["vision"]["image_size"],
                               max_len=c["text"]["max_position_embeddings"])
     return new, state, clip_tokenizer(clip, new.max_len)
 
-def convert_geoclip(src: Path, clip: str) -> tuple[Config, dict, Tokenizer]:
+def convert_geoclip(src: Path, clip: str, weights: dict, digest: str) -> tuple:
     """GeoCLIP (its wheel's geoclip/model/weights): CLIP ViT-L/14's projected image embedding
     through an MLP (768-768-512) for ground and aerial images alike, its location encoder
     (with the SF/180 scaling) and its logit scale."""
@@ -3001,7 +3037,7 @@ def convert_geoclip(src: Path, clip: str) -> tuple[Config, dict, Tokenizer]:
         raise UserError(f"{src / 'image_encoder_mlp_weights.pth'}: expected GeoCLIP's keys "
                         f"0.weight, 0.bias, 2.weight, 2.bias")
     new = dataclasses.replace(
-        Config(), clip=str(Path(clip).resolve()), modalities="GSC", image_backbone="clip",
+        Config(), clip=clip, modalities="GSC", image_backbone="clip",
         share_image_trunk=True, freeze="GS", head="mlp", head_hidden=mlp["0.weight"].shape[0],
         embed_dim=mlp["2.weight"].shape[0], gps_width=1024, gps_depth=3, img_size=c[
             "vision"]["image_size"], resize="clip")
@@ -3095,7 +3131,8 @@ def check_config(cfg: Config, where: str = ""):
     option = (lambda f: f"{where}{f}") if where else (lambda f: "--" + f.replace("_", "-"))
     if cfg.img_width % 8:  # GroupNorm(8, ...) in the image CNN
         raise UserError(f"{option('img_width')} {cfg.img_width}: expected a multiple of 8")
-    if cfg.text_width > 64 and cfg.text_width % 64:  # one attention head per 64 channels
+    # one attention head per 64 channels
+    if cfg.text_width > 64 and cfg.text_width % 64:
         raise UserError(f"{option('text_width')} {cfg.text_width}: expected a multiple of 64, "
                         f"or at most 64")
     mods = cfg.modalities.upper()
@@ -3127,7 +3164,8 @@ def adopt_saved(cfg: Config, given: set, path: Path, fields) -> tuple[Config, Co
 
 def resolve_model(cfg: Config, given: set) -> Config:
     """Backbone, image size, --freeze and the GPS preset, checked and made canonical."""
-    if "clip" in (cfg.image_backbone, cfg.text_backbone):  # the sizes the towers were made for
+    # the sizes the towers were made for
+    if "clip" in (cfg.image_backbone, cfg.text_backbone):
         c = clip_config(cfg.clip)
         side, tokens = c["vision"]["image_size"], c["text"]["max_position_embeddings"]
         if cfg.image_backbone == "clip" and "img_size" in given and cfg.img_size != side:
@@ -3139,7 +3177,8 @@ def resolve_model(cfg: Config, given: set) -> Config:
         cfg = dataclasses.replace(
             cfg, img_size=side if cfg.image_backbone == "clip" else cfg.img_size,
             max_len=cfg.max_len if "max_len" in given or cfg.text_backbone != "clip" else tokens)
-    elif cfg.image_backbone != "small":  # the size the ImageNet weights were trained at
+    # the size the ImageNet weights were trained at
+    elif cfg.image_backbone != "small":
         crop = backbone_weights(cfg.image_backbone).transforms().crop_size[0]
         if "img_size" not in given:
             cfg = dataclasses.replace(cfg, img_size=crop)
@@ -3180,7 +3219,8 @@ def resolve(command: str, cfg: Config, given: set) -> Config:
     """Settings that follow from others, all in one place: checks; where eval and --resume take
     the model from (its checkpoint); where eval writes (beside its checkpoint)."""
     check_config(cfg)
-    if command == "train" and cfg.preset and not cfg.resume:  # where the options say nothing
+    # where the options say nothing
+    if command == "train" and cfg.preset and not cfg.resume:
         cfg = dataclasses.replace(cfg, **{k: v for k, v in PRESETS[cfg.preset].items()
                                          if k not in given})
     mods = cfg.modalities.upper()
@@ -3217,7 +3257,8 @@ def resolve(command: str, cfg: Config, given: set) -> Config:
     if command == "compare" and "out" not in given:
         cfg.out = "runs/compare"
     out = Path(cfg.out)
-    if command == "train" and cfg.resume:  # the run's own settings, except those given now
+    # the run's own settings, except those given now
+    if command == "train" and cfg.resume:
         if cfg.overwrite:
             raise UserError("--resume continues the run in --out, --overwrite replaces it: "
                             "give one of them")
@@ -3236,7 +3277,8 @@ def resolve(command: str, cfg: Config, given: set) -> Config:
     return cfg
 
 def main(argv=None):
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # workers are forked after use
+    # workers are forked after use
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     command, cfg, given = parse_args(argv)
     try:
         cfg = resolve(command, cfg, given)
@@ -3269,7 +3311,8 @@ def build_cache(split_dir: Path, kind: str, ids: list[str], size: int, cache: Pa
     store = ImageStore(split_dir, kind, size, None, resize=resize)
     name = cache / f"{split_dir.name}_{kind}"
     manifest, array = name.with_suffix(".json"), name.with_suffix(".u8")
-    head = manifest.read_bytes()[:100] if manifest.is_file() else b""  # the ids come after
+    # the ids come after
+    head = manifest.read_bytes()[:100] if manifest.is_file() else b""
     if (array.exists() or manifest.exists()) and b'"generator": "mml.py prepare"' not in head:
         raise UserError(f"{array}: exists and was not made by `mml.py prepare`; refusing to "
                         f"replace it (--cache names another folder)")
@@ -3502,7 +3545,8 @@ ERROR_BANDS = ((1, (0, 140, 0)), (25, (20, 150, 150)), (200, (40, 80, 210)),
                (750, (230, 140, 0)), (2500, (210, 30, 30)), (math.inf, (90, 0, 60)))
 
 def font(size: int = 13):
-    return ImageFont.load_default(size=size)  # Pillow's scalable font: legible at any size
+    # Pillow's scalable font: legible at any size
+    return ImageFont.load_default(size=size)
 
 def grid_cell(row: int, col: int) -> tuple[int, int]:
     """Top-left pixel of a grid's thumbnail: a caption line above each row, a line of scores
@@ -3516,7 +3560,8 @@ def picture_queries(ranks: list[int], seed: int, how: str = "random") -> list[in
     n = len(ranks)
     if how == "random":
         return sorted(random.Random(seed).sample(range(n), min(GRID_ROWS, n)))
-    order = sorted(range(n), key=lambda i: ranks[i])  # stable: ties keep the query order
+    # stable: ties keep the query order
+    order = sorted(range(n), key=lambda i: ranks[i])
     middle = (n - 2) // 2
     return list(dict.fromkeys(order[:3] + order[middle:middle + 2] + order[-3:]))
 
@@ -3758,7 +3803,8 @@ def render_satellite(lm: dict | None, lat: float, lon: float, rng: random.Random
     _, cover = land_cover(lat, lon)
     canvas = Image.new("RGB", (2 * size, 2 * size), rgb(cover))  # turned, then cropped
     d = ImageDraw.Draw(canvas)
-    ground = random.Random(f"{lat:.4f},{lon:.4f}")  # the same fields and roads every year
+    # the same fields and roads every year
+    ground = random.Random(f"{lat:.4f},{lon:.4f}")
     for _ in range(30):
         x, y, w, h = (ground.uniform(0, 2 * size) for _ in range(4))
         d.rectangle((x, y, x + w / 4, y + h / 4), fill=rgb(cover + [ground.gauss(0, 18)] * 3))
@@ -3821,7 +3867,8 @@ def describe(lm: dict) -> tuple[dict, str]:
                         f"surrounded by {land_cover(lm['lat'], lm['lon'])[0]}."}
     return article, first
 
-SYNTH_MARKER = "mml_synthetic.json"  # only mml writes it: a folder with it is mml's to replace
+# only mml writes it: a folder with it is mml's to replace
+SYNTH_MARKER = "mml_synthetic.json"
 
 def refuse_unless_synthetic(folder: Path):
     """mml replaces a folder only if it wrote it: an empty one, or a world with SYNTH_MARKER."""
@@ -3851,7 +3898,8 @@ def synthesize(out: Path, scale: float = 1.0, seed: int = 0) -> dict:
     SYNTH_MARKER from their first moment, so mml only ever replaces worlds of its own."""
     tmp = out.with_name(out.name + ".tmp")
     for folder in (out, tmp):
-        if folder.is_symlink():  # replacing it would replace the link, not what it names
+        # replacing it would replace the link, not what it names
+        if folder.is_symlink():
             raise UserError(f"{folder}: a symbolic link; name the folder itself with --out")
         refuse_unless_synthetic(folder)
     writable_folder(out.parent, "--out")
@@ -4083,7 +4131,8 @@ def argsort_ranks(q, g, q_labels, g_labels, map_top: int = 1000) -> dict:
         hit, junk = positive[order], g_labels[order] == -1
         strict = torch.nonzero(hit)[:, 0]
         official = torch.nonzero(hit[~junk])[:, 0]
-        kept = int((strict < map_top).sum())  # top map_top of the full ranking, then junk out
+        # top map_top of the full ranking, then junk out
+        kept = int((strict < map_top).sum())
         for name, rows in (("strict", strict), ("official", official)):
             res[f"first_{name}"].append(int(rows[0]))
             res[f"ap_{name}"].append(sum(((j / r if r else 1) + (j + 1) / (r + 1)) / 2
@@ -4115,7 +4164,8 @@ def bench_rank(cfg: Config, device, sync, done: dict):
     for task, nq, n_lm, n_lab, n_junk in (("G2S", 18688, 1000, 1000, 99539),
                                           ("S2G", 1000, 1000, 18688, 714554)):
         q, g, ql, gl = fake_embeddings(nq, n_lm, n_lab, n_junk, 512, device)
-        rank_queries(q[:64], g, ql[:64], gl)  # warm-up: library start-up is not ranking time
+        # warm-up: library start-up is not ranking time
+        rank_queries(q[:64], g, ql[:64], gl)
         sync()
         t0 = time.perf_counter()
         ranks = rank_queries(q, g, ql, gl, chunk=cfg.chunk)
@@ -4166,7 +4216,8 @@ def write_clip_folder(folder: Path, vision: dict, text: dict, projection: int,
     What the bench times."""
     folder.mkdir(parents=True, exist_ok=True)
     shutil.copy(Path(__file__).parent / "assets/fixtures/clip-tiny/tokenizer.json", folder)
-    text = {**text, "vocab_size": 664, "eos_token_id": 663}  # the fixture's <|endoftext|>
+    # the fixture's <|endoftext|>
+    text = {**text, "vocab_size": 664, "eos_token_id": 663}
     (folder / "config.json").write_text(json.dumps({
         "model_type": "clip", "projection_dim": projection, "vision_config": vision,
         "text_config": text}))
@@ -4230,9 +4281,10 @@ def bench_paper(cfg: Config, device, sync, done: dict):
     cuda = device.type == "cuda"
     with tempfile.TemporaryDirectory() as tmp:
         folder = write_clip_folder(Path(tmp), *VIT_L_336, weights=False)
-        run = dataclasses.replace(cfg, **PRESETS["paper"], clip=str(folder), img_size=336,
-                                  max_len=77, batch_size=cfg.batch_size if cuda else 2,
-                                  eval_batch=cfg.eval_batch if cuda else 2)
+        run = dataclasses.replace(cfg, **{
+            **PRESETS["paper"], "clip": str(folder), "img_size": 336, "max_len": 77,
+            "batch_size": cfg.batch_size if cuda else 2,
+            "eval_batch": cfg.eval_batch if cuda else 2})
         rate = step_rate(run, device, sync, "train step, --preset paper, ViT-L/14-336")
         images = tower_rate(run, device, sync)
     report("CLIP ViT-L/14-336 vision tower", images, "images/s",
