@@ -8,8 +8,8 @@ and a sentence its images (T2G, T2S).
 
     pip install -r requirements.txt
     python mml.py train        # no data needed: writes a synthetic world in the released
-                               #   layout (20 s), then trains (about 4 min on 2 CPU cores)
-    python mml.py eval         # all 13 tasks, official and strict (10 s); --viz: pictures
+                               #   layout (25 s), then trains (4-6 min on 2 CPU cores)
+    python mml.py eval         # all 13 tasks, official and strict (15 s); --viz: pictures
     python mml.py locate photo.jpg          # where is it? the top 5 places
     python mml.py train --data /data/MMLandmarks --preset paper --clip DIR  # the authors'
     torchrun --standalone --nproc_per_node=8 mml.py train --data /data/MMLandmarks ...
@@ -2036,21 +2036,21 @@ class Protocol:
                            [(self.query.dir, "satellite", self.query.latest)], self.lm,
                            self.latlon)
 
+    def image_gallery(self, kind: str, distractors: list[str], own: Side) -> Side:
+        """The index's images (label -1), then the query side's own, in its order."""
+        labels = torch.cat([torch.full((len(distractors),), -1), own.labels])
+        return self.images(f"gallery_{kind}", kind,
+                           [(self.index.dir, kind, distractors), *own.items], labels)
+
     @functools.cached_property
     def gallery_ground(self) -> Side:
         """The index photos, then every query photo."""
-        junk, own = torch.full((len(self.index.ground),), -1), self.query_ground
-        return self.images("gallery_ground", "ground", [
-            (self.index.dir, "ground", self.index.ground), *own.items],
-            torch.cat([junk, own.labels]))
+        return self.image_gallery("ground", self.index.ground, self.query_ground)
 
     @functools.cached_property
     def gallery_satellite(self) -> Side:
         """The index tiles, then each query landmark's latest tile."""
-        junk, own = torch.full((len(self.index.sat),), -1), self.query_satellite
-        return self.images("gallery_satellite", "satellite", [
-            (self.index.dir, "satellite", self.index.sat), *own.items],
-            torch.cat([junk, own.labels]))
+        return self.image_gallery("satellite", self.index.sat, self.query_satellite)
 
     @functools.cached_property
     def gallery_gps(self) -> Side:
@@ -2675,9 +2675,10 @@ def evaluate_encoders(encoders: dict, data, out="runs/encoders", tasks: str = ""
     """Any model on the benchmark, from Python: encoders maps some of "G", "S", "T", "C" to
     functions of a batch (see Functions); the tasks they cannot run are named and skipped.
     Writes what `eval` writes into OUT/eval/ and returns {task: results}."""
+    # bf16 off: the functions run in whatever precision they choose themselves
     cfg = dataclasses.replace(Config(), data=str(data), out=str(out), tasks=tasks,
                               img_size=img_size, resize=resize, eval_batch=batch,
-                              device=device, workers=workers, viz=viz)
+                              device=device, workers=workers, viz=viz, bf16=False)
     check_config(cfg)
     unknown = set(encoders) - set("GSTC")
     if unknown:
@@ -3219,7 +3220,7 @@ def resolve(command: str, cfg: Config, given: set) -> Config:
     """Settings that follow from others, all in one place: checks; where eval and --resume take
     the model from (its checkpoint); where eval writes (beside its checkpoint)."""
     check_config(cfg)
-    # where the options say nothing
+    # a preset sets what the options given leave unsaid
     if command == "train" and cfg.preset and not cfg.resume:
         cfg = dataclasses.replace(cfg, **{k: v for k, v in PRESETS[cfg.preset].items()
                                          if k not in given})
