@@ -951,9 +951,10 @@ def augment(images: torch.Tensor, params: torch.Tensor, rotate: bool,
 # Four encoders, one per modality, each a backbone (the trunk), then a projection head to the
 # shared width D and an L2 normalisation, so that a dot product between any two embeddings is
 # a cosine similarity. Backbones: a small CNN or torchvision's for images, a small transformer
-# for text, or CLIP's towers for both; GeoCLIP's location encoder for GPS. GroupNorm rather
-# than BatchNorm in the CNN: a sample's embedding must not depend on the rest of its batch (in
-# evaluation, or on another GPU's share of the batch).
+# for text, or CLIP's towers for both (in the section on outside models, after the main
+# path); GeoCLIP's location encoder for GPS. GroupNorm rather than BatchNorm in the CNN: a
+# sample's embedding must not depend on the rest of its batch (in evaluation, or on another
+# GPU's share of the batch).
 
 class ResBlock(nn.Module):
     """Two 3x3 convolutions with a shortcut, halving the side: (B, c_in, h, h) -> (B, c_out,
@@ -1030,71 +1031,6 @@ class SmallText(nn.Module):
         weight = keep.unsqueeze(-1).to(x.dtype)                    # (B, L, 1)
         return (self.norm(x) * weight).sum(1) / weight.sum(1)      # (B, width)
 
-def clip_layers(c: dict) -> nn.Module:
-    """A CLIP tower's stack of layers, at Hugging Face's key `encoder.layers.{i}`."""
-    encoder = nn.Module()
-    encoder.layers = nn.ModuleList(Block(c["hidden_size"], c["num_attention_heads"],
-                                         c["intermediate_size"], c["hidden_act"],
-                                         c["layer_norm_eps"])
-                                   for _ in range(c["num_hidden_layers"]))
-    return encoder
-
-class CLIPVision(nn.Module):
-    """CLIP's vision tower (Radford et al. 2021): (B, 3, H, H) normalised pixels -> (B, E),
-    its projected image embedding. The image is cut into patches, each a token; a learnt class
-    token goes first, and its state after the layers, normed and projected, is the image's
-    (Hugging Face's `pooler_output`, then `visual_projection`)."""
-
-    def __init__(self, c: dict, projection: int):
-        super().__init__()
-        W, patch, eps = c["hidden_size"], c["patch_size"], c["layer_norm_eps"]
-        self.embeddings = nn.Module()
-        self.embeddings.class_embedding = nn.Parameter(torch.randn(W) * 0.02)
-        self.embeddings.patch_embedding = nn.Conv2d(3, W, patch, stride=patch, bias=False)
-        self.embeddings.position_embedding = nn.Embedding((c["image_size"] // patch) ** 2 + 1, W)
-        self.pre_layrnorm = nn.LayerNorm(W, eps=eps)  # sic: Hugging Face's spelling
-        self.encoder = clip_layers(c)
-        self.post_layernorm = nn.LayerNorm(W, eps=eps)
-        self.projection = nn.Linear(W, projection, bias=False)
-
-    def forward(self, x):
-        e = self.embeddings
-        x = e.patch_embedding(x).flatten(2).transpose(1, 2)                # (B, patches, W)
-        first = e.class_embedding.to(x.dtype).expand(len(x), 1, -1)        # (B, 1, W)
-        x = self.pre_layrnorm(torch.cat([first, x], 1) + e.position_embedding.weight)
-        for layer in self.encoder.layers:
-            x = layer(x)
-        return self.projection(self.post_layernorm(x[:, 0]))              # (B, E)
-
-class CLIPText(nn.Module):
-    """CLIP's text tower: (B, L) CLIP token ids -> (B, E). Causal layers; the sentence's
-    embedding is the state at its first end-of-text token, normed and projected. The padding
-    comes after that token, so under the causal mask it is never attended to."""
-
-    def __init__(self, c: dict, projection: int):
-        super().__init__()
-        W = c["hidden_size"]
-        self.embeddings = nn.Module()
-        self.embeddings.token_embedding = nn.Embedding(c["vocab_size"], W)
-        self.embeddings.position_embedding = nn.Embedding(c["max_position_embeddings"], W)
-        self.encoder = clip_layers(c)
-        self.final_layer_norm = nn.LayerNorm(W, eps=c["layer_norm_eps"])
-        self.projection = nn.Linear(W, projection, bias=False)
-        # Hugging Face's rule: an end-of-text id of 2 (old configs) means "the largest id",
-        # which in CLIP's vocabulary is the end-of-text token
-        self.end = c["eos_token_id"]
-
-    def forward(self, ids):
-        e = self.embeddings
-        x = e.token_embedding(ids) + e.position_embedding.weight[: ids.shape[1]]  # (B, L, W)
-        for layer in self.encoder.layers:
-            x = layer(x, causal=True)
-        end = ids.argmax(1) if self.end == 2 else (ids == self.end).int().argmax(1)   # (B,)
-        x = self.final_layer_norm(x[torch.arange(len(x), device=x.device), end])
-        return self.projection(x)                                          # (B, E)
-
-CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
-
 def image_backbone(cfg: Config) -> tuple[nn.Module, int]:
     """(B, 3, H, H) normalised pixels -> (B, width) features: (module, width). `small` is
     the CNN above, `clip` the vision tower of the --clip folder; the others are torchvision's
@@ -1118,27 +1054,6 @@ def image_backbone(cfg: Config) -> tuple[nn.Module, int]:
         width = net.heads.head.in_features
         net.heads = nn.Identity()
     return net, width
-
-def backbone_weights(name: str):
-    """torchvision's ImageNet weights of a backbone: their URL, image size, pixel statistics."""
-    return torchvision.models.get_model_weights(name).DEFAULT
-
-def load_pretrained(trunk: nn.Module, name: str):
-    """Start a torchvision backbone from ImageNet, through torchvision's weights API: taken
-    from its cache (TORCH_HOME/hub/checkpoints) when there, downloaded into it otherwise;
-    read with weights_only=True like every file mml loads. The classifier's keys are dropped."""
-    weights = backbone_weights(name)
-    path = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
-    try:
-        state = weights.get_state_dict(progress=is_master(), check_hash=True, weights_only=True)
-    except Exception as e:
-        # no network, a truncated download, a file of another format
-        why = str(e).splitlines()[0] if str(e) else ""
-        raise UserError(f"--pretrained: {name}'s ImageNet weights are not usable at {path} and "
-                        f"not downloadable from {weights.url} ({type(e).__name__}: {why}); put "
-                        f"that file there") from None
-    own = trunk.state_dict()
-    load_matching(trunk, {k: v for k, v in state.items() if k in own}, f"--pretrained {path}")
 
 def projection_head(cfg: Config, width: int) -> nn.Module:
     """(B, width) -> (B, D): one Linear (mml's), Linear-ReLU-Linear (the authors' heads, and
@@ -2838,10 +2753,98 @@ def locate(cfg: Config):
     if any("error" in r for r in results):
         sys.exit(1)
 
-# ---- outside models: CLIP, the authors' weights, GeoCLIP ----------------------------------
-# CLIP's towers come from a Hugging Face folder the user fetched once (mml never downloads):
-# its config.json sizes the towers of the model section, its weights fill them and its
-# tokenizer.json tokenises. `convert` turns the field's models into mml checkpoints.
+# ---- outside models: CLIP, torchvision's weights, the authors', GeoCLIP -------------------
+# Models made elsewhere, for the model section's backbones: CLIP's vision and text towers, in
+# plain torch from the model section's transformer Block, sized by a Hugging Face folder the
+# user fetched once (mml never downloads it), filled from its weights and tokenising with its
+# tokenizer.json; torchvision's ImageNet weights. `convert` turns the field's models into mml
+# checkpoints.
+
+def clip_layers(c: dict) -> nn.Module:
+    """A CLIP tower's stack of layers, at Hugging Face's key `encoder.layers.{i}`."""
+    encoder = nn.Module()
+    encoder.layers = nn.ModuleList(Block(c["hidden_size"], c["num_attention_heads"],
+                                         c["intermediate_size"], c["hidden_act"],
+                                         c["layer_norm_eps"])
+                                   for _ in range(c["num_hidden_layers"]))
+    return encoder
+
+class CLIPVision(nn.Module):
+    """CLIP's vision tower (Radford et al. 2021): (B, 3, H, H) normalised pixels -> (B, E),
+    its projected image embedding. The image is cut into patches, each a token; a learnt class
+    token goes first, and its state after the layers, normed and projected, is the image's
+    (Hugging Face's `pooler_output`, then `visual_projection`)."""
+
+    def __init__(self, c: dict, projection: int):
+        super().__init__()
+        W, patch, eps = c["hidden_size"], c["patch_size"], c["layer_norm_eps"]
+        self.embeddings = nn.Module()
+        self.embeddings.class_embedding = nn.Parameter(torch.randn(W) * 0.02)
+        self.embeddings.patch_embedding = nn.Conv2d(3, W, patch, stride=patch, bias=False)
+        self.embeddings.position_embedding = nn.Embedding((c["image_size"] // patch) ** 2 + 1, W)
+        self.pre_layrnorm = nn.LayerNorm(W, eps=eps)  # sic: Hugging Face's spelling
+        self.encoder = clip_layers(c)
+        self.post_layernorm = nn.LayerNorm(W, eps=eps)
+        self.projection = nn.Linear(W, projection, bias=False)
+
+    def forward(self, x):
+        e = self.embeddings
+        x = e.patch_embedding(x).flatten(2).transpose(1, 2)                # (B, patches, W)
+        first = e.class_embedding.to(x.dtype).expand(len(x), 1, -1)        # (B, 1, W)
+        x = self.pre_layrnorm(torch.cat([first, x], 1) + e.position_embedding.weight)
+        for layer in self.encoder.layers:
+            x = layer(x)
+        return self.projection(self.post_layernorm(x[:, 0]))              # (B, E)
+
+class CLIPText(nn.Module):
+    """CLIP's text tower: (B, L) CLIP token ids -> (B, E). Causal layers; the sentence's
+    embedding is the state at its first end-of-text token, normed and projected. The padding
+    comes after that token, so under the causal mask it is never attended to."""
+
+    def __init__(self, c: dict, projection: int):
+        super().__init__()
+        W = c["hidden_size"]
+        self.embeddings = nn.Module()
+        self.embeddings.token_embedding = nn.Embedding(c["vocab_size"], W)
+        self.embeddings.position_embedding = nn.Embedding(c["max_position_embeddings"], W)
+        self.encoder = clip_layers(c)
+        self.final_layer_norm = nn.LayerNorm(W, eps=c["layer_norm_eps"])
+        self.projection = nn.Linear(W, projection, bias=False)
+        # Hugging Face's rule: an end-of-text id of 2 (old configs) means "the largest id",
+        # which in CLIP's vocabulary is the end-of-text token
+        self.end = c["eos_token_id"]
+
+    def forward(self, ids):
+        e = self.embeddings
+        x = e.token_embedding(ids) + e.position_embedding.weight[: ids.shape[1]]  # (B, L, W)
+        for layer in self.encoder.layers:
+            x = layer(x, causal=True)
+        end = ids.argmax(1) if self.end == 2 else (ids == self.end).int().argmax(1)   # (B,)
+        x = self.final_layer_norm(x[torch.arange(len(x), device=x.device), end])
+        return self.projection(x)                                          # (B, E)
+
+CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+
+def backbone_weights(name: str):
+    """torchvision's ImageNet weights of a backbone: their URL, image size, pixel statistics."""
+    return torchvision.models.get_model_weights(name).DEFAULT
+
+def load_pretrained(trunk: nn.Module, name: str):
+    """Start a torchvision backbone from ImageNet, through torchvision's weights API: taken
+    from its cache (TORCH_HOME/hub/checkpoints) when there, downloaded into it otherwise;
+    read with weights_only=True like every file mml loads. The classifier's keys are dropped."""
+    weights = backbone_weights(name)
+    path = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
+    try:
+        state = weights.get_state_dict(progress=is_master(), check_hash=True, weights_only=True)
+    except Exception as e:
+        # no network, a truncated download, a file of another format
+        why = str(e).splitlines()[0] if str(e) else ""
+        raise UserError(f"--pretrained: {name}'s ImageNet weights are not usable at {path} and "
+                        f"not downloadable from {weights.url} ({type(e).__name__}: {why}); put "
+                        f"that file there") from None
+    own = trunk.state_dict()
+    load_matching(trunk, {k: v for k, v in state.items() if k in own}, f"--pretrained {path}")
 
 # Hugging Face's defaults (CLIPVisionConfig, CLIPTextConfig): a saved config.json leaves out
 # the values that equal them
