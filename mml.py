@@ -8,25 +8,18 @@ and a sentence its images (T2G, T2S).
 
     pip install -r requirements.txt
     python mml.py train        # no data needed: writes a synthetic world in the released
-                               #   layout (25 s), then trains (4-6 min on 2 CPU cores)
+                               #   layout (25 s), then trains (about 6 min on 2 CPU cores)
     python mml.py eval         # all 13 tasks, official and strict (15 s); --viz: pictures
-    python mml.py locate photo.jpg          # where is it? the top 5 places
     python mml.py train --data /data/MMLandmarks --preset paper --clip DIR  # the authors'
     torchrun --standalone --nproc_per_node=8 mml.py train --data /data/MMLandmarks ...
-    python mml.py convert weights_best.pth --clip DIR --out authors.pt   # their release
-    python mml.py compare runs/a runs/b     # side by side, with bootstrap intervals
-    python mml.py bench        # where the time goes, on this machine
 
-Reading path. The main path comes first, in the order the data flows: config, geometry,
-data (the released layout, then the checks that guard it; images, sentences, batches,
-augmentation), model, loss, metrics, train (ending with the loop), eval (the protocol's
-sides, what embeds them, the scoring). Then using a model (checkpoints, `load`, `locate`),
-outside models (CLIP folders, `convert`) and the command line; last, five appendices a
-first reading skips: the image cache, comparing runs, the pictures, the synthetic world,
-the bench. The core is model, loss, metrics and train. PROTOCOL N cites section N of the
-protocol in README.md.
+Map. The main path, in the order the data flows: config, geometry, data, model, loss,
+metrics, train. Then eval (the protocol's tasks), using a model (checkpoints, the Python
+API), outside models (CLIP, torchvision's weights, `convert`), the tools (compare, locate,
+the pictures, the image cache, the bench), the synthetic world, and the command line.
+PROTOCOL N cites section N of the protocol in README.md.
 
-Shape letters: B batch, D embedding width, E a CLIP tower's output width, H image side in
+Shape letters: B batch, D embedding width, E a backbone's output width, H image side in
 pixels, L tokens, Q queries, N gallery items, P positives per query, W processes.
 """
 import argparse
@@ -35,9 +28,9 @@ import csv
 import dataclasses
 import datetime
 import difflib
-import fcntl
 import functools
 import hashlib
+import inspect
 import io
 import itertools
 import json
@@ -47,7 +40,6 @@ import os
 import pickle
 import random
 import re
-import resource
 import shutil
 import signal
 import subprocess
@@ -55,8 +47,10 @@ import sys
 import tempfile
 import textwrap
 import time
-from dataclasses import dataclass, field
+import typing
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -68,209 +62,100 @@ from PIL import Image, ImageDraw, ImageEnhance, ImageFont, ImageOps
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
 
 # ---- config -------------------------------------------------------------------------------
+# One dataclass is the whole configuration. The comment beside a field is its --help line,
+# and the command line is made from the fields (`parse_args`, at the end of the file). A
+# checkpoint stores its Config, and `check_config` holds a checkpoint's values to the same
+# types, choices and bounds as the command line's.
 
-def option(default, help: str, cmds: str = "train", low=None, high=None, choices=None):
-    """A Config field: its help becomes its --help line; cmds names the commands that take
-    it; low and high bound a number, choices a string (both checked in `check_config`)."""
-    return field(default=default, metadata={"help": help, "cmds": cmds.split(),
-                                            "range": (low, high), "choices": choices})
-
-# the commands that take an option; in Config, `option(..., MODEL_CMDS)` says which
-DATA_CMDS, MODEL_CMDS = "train eval prepare bench", "train bench"
-BACKBONES = ("small", "resnet18", "resnet50", "convnext_tiny", "vit_b_16", "clip")  # images
+BACKBONE = Literal["small", "resnet18", "resnet50", "convnext_tiny", "vit_b_16", "clip"]
 
 @dataclass
 class Config:
-    # data
-    data: str = option("", "dataset root in the released layout (default: a synthetic world "
-                           "in data/synthetic, made on first use; eval: the checkpoint's)",
-                       DATA_CMDS)
-    scale: float = option(1.0, "size of the synthetic world (1: 1,600 train, 100 query "
-                               "landmarks)", "train prepare bench synth", 0.01, 100)
-    subset: int = option(0, "train on the first N training landmarks only (0: all)", low=0)
-    n_val: int = option(1024, "training landmarks held out for validation (<= 10%% of them)",
-                        low=2)
-    holdout: str = option("seeded", "which: seeded by --seed, or the authors' (their "
-                                    "random.Random(42) shuffle of the sorted ids)",
-                          choices=("seeded", "authors"))
-    outdoor_only: bool = option(False, "train on the outdoor ground photos only (the subset "
-                                       "CSV)")
-    last_sat_only: bool = option(False, "train on each landmark's latest aerial image only")
-    train_text: str = option("first", "training sentence (PROTOCOL 2)",
-                             choices=("first", "random"))
-    query_text: str = option("first,random,no_cues", "query sentences of the text tasks", "eval")
-    img_size: int = option(64, "images are resized to H x H (torchvision and CLIP backbones: "
-                               "their weights' size)", MODEL_CMDS + " prepare", 16, 1024)
-    resize: str = option("crop", "crop: the short side to H and the centre square (mml's); "
-                                 "squash: the whole image to H x H (the authors'); clip: as "
-                                 "CLIP's image processor", MODEL_CMDS + " prepare",
-                         choices=("crop", "squash", "clip"))
-    cache: str = option("", "image cache folder made by `prepare` (default: DATA/cache)",
-                        DATA_CMDS)
-    workers: int = option(min(8, os.cpu_count() or 1), "DataLoader worker processes",
-                          DATA_CMDS, 0, 256)
-    seed: int = option(0, "seed of training (hold-out, sampling, augmentation, init); of "
-                           "eval: the queries the pictures show, never the protocol's",
-                       "train eval synth bench")
-    device: str = option("", "cuda or cpu (default: cuda when a GPU is visible)",
-                         "train eval locate bench")
+    # data (the fields from here to `select` are `train`'s options)
+    data: str = ""  # dataset root in the released layout (default: a synthetic world)
+    scale: float = 1.0  # size of the synthetic world (1: 1,600 train, 100 query landmarks)
+    n_val: int = 1024  # training landmarks held out for validation (at most a tenth)
+    holdout: Literal["seeded", "authors"] = "seeded"  # by --seed, or the authors' own draw
+    outdoor_only: bool = False  # train on the outdoor ground photos only (the subset CSV)
+    last_sat_only: bool = False  # train on each landmark's latest aerial image only
+    train_text: Literal["first", "random"] = "first"  # the training sentence (PROTOCOL 2)
+    img_size: int = 64  # images are resized to H x H (pretrained backbones: their size)
+    resize: Literal["crop", "squash", "clip"] = "crop"  # centre square, whole, or as CLIP
+    cache: str = ""  # the image cache `prepare` writes (default: DATA/cache)
+    workers: int = min(8, os.cpu_count() or 1)  # DataLoader worker processes
+    seed: int = 0  # seeds the hold-out, the sampling, the jitter and the initial weights
+    device: str = ""  # cuda or cpu (default: cuda when a GPU is visible)
     # model
-    preset: str = option("", "paper: the authors' baseline (needs --clip; the first log line "
-                             "shows what it sets, any option given overrides it)",
-                         choices=("", "paper"))
-    clip: str = option("", "a Hugging Face CLIP folder (config.json, model.safetensors or "
-                           "pytorch_model.bin, tokenizer.json) for the clip backbones",
-                       "train eval locate convert bench")
-    modalities: str = option("GSTC", "modalities to train: any two or more of G S T C",
-                             MODEL_CMDS)
-    embed_dim: int = option(128, "width D of the shared space (the authors: 512)", MODEL_CMDS,
-                            2, 65536)
-    image_backbone: str = option("small", "small is a CNN from scratch, clip the --clip "
-                                          "folder's vision tower; the others are "
-                                          "torchvision's", MODEL_CMDS, choices=BACKBONES)
-    text_backbone: str = option("small", "small is a transformer from scratch, clip the --clip "
-                                         "folder's text tower", MODEL_CMDS,
-                                choices=("small", "clip"))
-    pretrained: bool = option(False, "start torchvision backbones from their ImageNet weights "
-                                     "(downloaded once into torchvision's cache)", MODEL_CMDS)
-    freeze: str = option("", "encoders whose backbone stays fixed while their heads train (the "
-                             "authors' setting): some of ground,satellite,text,gps or G,S,T,C")
-    head: str = option("linear", "projection heads of G, S and T: linear; mlp: Linear-ReLU-"
-                                 "Linear (the authors'); none: the backbone's own output",
-                       MODEL_CMDS, choices=("linear", "mlp", "none"))
-    head_hidden: int = option(0, "hidden width of the mlp heads (0: --embed-dim)", MODEL_CMDS,
-                              0, 65536)
-    img_width: int = option(32, "channels of the small CNN's first stage (x2 per stage; a "
-                                "multiple of 8)", MODEL_CMDS, 8, 4096)
-    share_image_trunk: bool = option(False, "ground and aerial share one backbone (as the "
-                                            "authors' CLIP), with separate heads")
-    vocab_size: int = option(2000, "BPE vocabulary of the text tokenizer", MODEL_CMDS, 32, 10**6)
-    max_len: int = option(40, "tokens per sentence, padded or truncated (CLIP: 77)", MODEL_CMDS,
-                          2, 4096)
-    text_width: int = option(128, "text transformer width (a multiple of 64, or at most 64)",
-                             MODEL_CMDS, 8, 65536)
-    text_layers: int = option(2, "text transformer layers", MODEL_CMDS, 1, 256)
-    gps_width: int = option(256, "GPS MLP width (GeoCLIP: 1024)", MODEL_CMDS, 1, 65536)
-    gps_depth: int = option(2, "GPS MLP hidden layers per scale (GeoCLIP: 3)", MODEL_CMDS, 0, 64)
-    gps_preset: str = option("", "geoclip: GeoCLIP's GPS sizes (--gps-width 1024 --gps-depth 3 "
-                                 "--embed-dim 512), which its weights need", MODEL_CMDS,
-                             choices=("", "geoclip"))
-    gps_scaling: bool = option(True, "Equal Earth scaled by SF/180 as GeoCLIP's weights need "
-                                     "(the authors' GPS encoder, from scratch, is not)",
-                               MODEL_CMDS)
-    gps_init: str = option("", "GeoCLIP location-encoder state dict to start the GPS encoder "
-                               "from")
+    preset: Literal["", "paper"] = ""  # paper: the authors' baseline (needs --clip)
+    clip: str = ""  # a Hugging Face CLIP folder, for the clip backbones
+    modalities: str = "GSTC"  # the modalities to train: two or more of G S T C
+    embed_dim: int = 128  # width D of the shared space (the authors: 512)
+    image_backbone: BACKBONE = "small"  # small: a CNN; clip: CLIP's; or torchvision's
+    text_backbone: Literal["small", "clip"] = "small"  # small: a transformer; or CLIP's
+    pretrained: bool = False  # torchvision's backbones start from their ImageNet weights
+    freeze: str = ""  # encoders whose backbone stays fixed, heads trained: G,S or ground,...
+    head: Literal["linear", "mlp", "geoclip", "none"] = "linear"  # G S T heads (mlp: the authors')
+    img_width: int = 32  # channels of the small CNN's first stage (a multiple of 8)
+    share_image_trunk: bool = False  # ground and aerial views share one backbone
+    vocab_size: int = 2000  # BPE vocabulary of the small text encoder
+    max_len: int = 40  # tokens per sentence (CLIP: 77)
+    text_width: int = 128  # small text transformer's width (a multiple of 64, or below)
+    text_layers: int = 2  # small text transformer's layers
+    gps_width: int = 256  # GPS MLP width (GeoCLIP: 1024)
+    gps_depth: int = 2  # GPS MLP hidden layers per scale (GeoCLIP: 3)
+    gps_scaling: bool = True  # Equal Earth scaled by SF/180, as GeoCLIP (the authors: no)
     # training
-    loss: str = option("complete", "complete: all modality pairs; imagebind: ground vs each "
-                                   "other", MODEL_CMDS, choices=("complete", "imagebind"))
-    batch_size: int = option(128, "global batch (split across torchrun processes)", MODEL_CMDS,
-                             2, 10**6)
-    epochs: int = option(25, "passes over the training landmarks, one sample each", low=1)
-    max_steps: int = option(0, "stop after N steps, which the lr schedule spans (0: --epochs)",
-                            low=0)
-    lr: float = option(2e-3, "peak AdamW learning rate", low=0.0)
-    schedule: str = option("cosine", "the lr after the warmup: a cosine decay to 0, or constant "
-                                     "(the authors')", choices=("cosine", "constant"))
-    warmup: float = option(0.05, "fraction of the steps warming the lr up linearly", low=0.0,
-                           high=1.0)
-    weight_decay: float = option(0.05, "AdamW weight decay", low=0.0)
-    decay_all: bool = option(False, "decay biases, norms and the scale too (the authors'), not "
-                                    "only weight matrices")
-    grad_clip: float = option(1.0, "clip the gradient norm to this (0: off)", low=0.0)
-    grad_clip_value: float = option(0.0, "clip each gradient element to +-this (the authors: "
-                                         "100; 0: off)", low=0.0)
-    scale_cap: float = option(100.0, "cap of the learnt logit scale after each step (CLIP: "
-                                     "100; 0: none, as the authors)", low=0.0)
-    augment: str = option("mml", "mml: colour jitter always, blur or sharpen 20%% each; paper: "
-                                 "the authors' strengths (jitter 0.15 with hue at p=0.5, 15%% "
-                                 "each)", choices=("mml", "paper"))
-    bf16: bool = option(True, "bf16 autocast on GPUs that support it (the CPU: fp32)",
-                        "train eval bench")
-    compile: bool = option(False, "torch.compile the model", MODEL_CMDS)
-    log_every: int = option(10, "steps between log lines", low=1)
-    out: str = option("runs/mml", "run folder: checkpoints, log.jsonl, eval/ (synth: the "
-                                  "world; convert: the checkpoint; compare: its table)",
-                      "train eval synth convert compare")
-    resume: bool = option(False, "continue the run in --out from its last.pt, exactly")
-    overwrite: bool = option(False, "start over in an --out that holds a run, replacing it")
-    select: str = option("loss", "best.pt: the epoch of lowest validation loss (the authors' "
-                                 "rule), or of highest mean validation R@1",
-                         choices=("loss", "recall"))
-    val_batch: int = option(0, "validation batch (0: --batch-size; the authors: 128)", low=0)
-    overfit_batch: bool = option(False, "train on one fixed batch: the loss must fall to ~0")
-    max_bad_steps: int = option(10, "stop after this many non-finite losses in a row", low=1)
-    # evaluation and locate
-    ckpt: str = option("", "the checkpoint (default: OUT/best.pt, runs/mml/best.pt unless "
-                           "--out)", "eval locate")
-    tasks: str = option("", "comma-separated tasks, e.g. G2S,T2C-no_cues (default: all)", "eval")
-    chunk: int = option(512, "queries scored at once; memory ~ 6 bytes x chunk x gallery",
-                        "eval bench", 1)
-    eval_batch: int = option(256, "batch when embedding queries and galleries",
-                             "eval locate bench", 1)
-    viz: bool = option(False, "also draw pictures: a grid of results per retrieval task, a map "
-                              "per x2C task, the training curves", "eval")
-    viz_queries: str = option("random", "the queries the grids show: random (seeded by "
-                                        "--seed), or hard: the best-, median- and worst-ranked",
-                              "eval", choices=("random", "hard"))
-    by: str = option("", "also print the results by landmark category or state", "eval",
-                     choices=("", "category", "state"))
-    export: str = option("", "write the protocol's sides to this folder, a CSV each, for any "
-                             "model to embed (no evaluation)", "eval")
-    embeddings: str = option("", "score the embeddings in this folder ({side}.npy, rows as in "
-                                 "--export's CSVs) instead of a checkpoint's", "eval")
-    runs: tuple = option((), "run or eval folders to compare; the first is the baseline",
-                         "compare")
-    latex: bool = option(False, "also print the comparison as a LaTeX table", "compare")
-    resamples: int = option(1000, "bootstrap resamples of the query landmarks", "compare", 100,
-                            100000)
-    inputs: tuple = option((), "ground photos to locate (aerial images with --satellite)",
-                           "locate")
-    text: tuple = option((), "a description to locate (repeatable)", "locate")
-    satellite: bool = option(False, "the inputs are aerial images", "locate")
-    top: int = option(5, "locations per input", "locate", 1)
-    gallery: str = option("", "a lat,lon[,name] CSV of candidate places (default: the index "
-                              "tiles' centres and the training landmarks)", "locate")
-    json: bool = option(False, "answer with one JSON list on standard output", "locate")
-    source: str = option("", "what to convert: a Hugging Face CLIP folder, the authors' "
-                             "weights_best.pth or GeoCLIP's weights folder (both with --clip)",
-                         "convert")
-    # prepare and bench
-    splits: str = option("train,query,index", "splits `prepare` decodes into the cache",
-                         "prepare")
-    phases: str = option("decode,steps,backbones,loader,augment,embed,rank,locate,towers,paper",
-                         "phases `bench` times, in order", "bench")
-    bench_queries: int = option(200, "queries timed for the per-query baseline", "bench", 1)
+    loss: Literal["complete", "imagebind"] = "complete"  # every pair, or ground with each
+    batch_size: int = 128  # the global batch, split across torchrun's processes
+    epochs: int = 25  # passes over the training landmarks, one sample of each
+    max_steps: int = 0  # stop after this many steps (0: --epochs)
+    lr: float = 2e-3  # peak AdamW learning rate
+    weight_decay: float = 0.05  # AdamW weight decay
+    recipe: Literal["mml", "paper"] = "mml"  # optimisation and jitter (see train_step)
+    bf16: bool = True  # bf16 autocast on GPUs that have it (the CPU: float32)
+    compile: bool = False  # torch.compile the model
+    log_every: int = 10  # steps between log lines
+    out: str = "runs/mml"  # run folder (synth: the world; convert: the checkpoint)
+    resume: bool = False  # continue the run in --out from its last.pt, exactly
+    overwrite: bool = False  # start over in an --out that holds a run
+    select: Literal["recall", "loss"] = "recall"  # best.pt: best validation R@1, or loss
+    # evaluation and the tools
+    ckpt: str = ""  # the checkpoint (default: OUT/best.pt)
+    tasks: str = ""  # comma-separated tasks, e.g. G2S,T2C-no_cues (default: all 13)
+    chunk: int = 512  # queries scored at once: memory about 6 bytes x chunk x gallery
+    eval_batch: int = 256  # batch of embedding, in evaluation and locate
+    viz: bool = False  # also draw result grids and the training curves
+    inputs: tuple = ()  # photos to locate (aerial images with --satellite)
+    text: tuple = ()  # a description to locate (repeatable)
+    satellite: bool = False  # the inputs are aerial images
+    top: int = 5  # places per input
+    gallery: str = ""  # a lat,lon[,name] CSV of places (default: index tiles, train landmarks)
+    json: bool = False  # answer with one JSON list on standard output
+    source: str = ""  # a CLIP folder, the authors' weights_best.pth or GeoCLIP's weights
+    runs: tuple = ()  # run or eval folders; the first is the baseline
+    latex: bool = False  # also print the table in LaTeX
+    resamples: int = 1000  # bootstrap resamples of the query landmarks
+    splits: str = "train,query,index"  # splits `prepare` decodes into the cache
+    phases: str = "steps,loader,rank,towers,paper"  # what `bench` times, in order
+    bench_queries: int = 200  # queries timed for the per-query baseline
 
-# The authors' setting (PROTOCOL 5: their train.py, configs/mml_clip.yaml, models/*.py):
-# frozen CLIP towers, one for both image views, MLP heads, GeoCLIP's GPS encoder from scratch
-# without the scaling, squashed images, their augmentation strengths and optimisation. The
-# image size and the 77 tokens come from the --clip folder.
+# The authors' baseline (PROTOCOL 5; their train.py and configs/mml_clip.yaml): frozen CLIP
+# towers, one for both image views, MLP heads, GeoCLIP's GPS encoder from scratch without
+# the scaling, squashed images, their optimisation and jitter, selection by validation loss.
+# The image size and the 77 tokens come from the --clip folder.
 PRESETS = {"paper": {
     "image_backbone": "clip", "text_backbone": "clip", "share_image_trunk": True,
     "freeze": "GST", "head": "mlp", "embed_dim": 512, "gps_width": 1024, "gps_depth": 3,
     "gps_scaling": False, "resize": "squash", "modalities": "GSTC", "loss": "complete",
-    "train_text": "first", "lr": 1e-4, "weight_decay": 5e-4, "decay_all": True,
-    "batch_size": 512, "epochs": 20, "warmup": 0.0, "schedule": "constant", "grad_clip": 0.0,
-    "grad_clip_value": 100.0, "scale_cap": 0.0, "augment": "paper", "n_val": 1024,
-    "holdout": "authors", "val_batch": 128, "select": "loss"}}
+    "train_text": "first", "lr": 1e-4, "weight_decay": 5e-4, "recipe": "paper",
+    "batch_size": 512, "epochs": 20, "n_val": 1024, "holdout": "authors", "select": "loss"}}
 
-COMMANDS = {  # each command and its --help line
-    "train": "train a model (on a synthetic world made on first use, without --data)",
-    "eval": "evaluate a checkpoint on every task of the protocol",
-    "locate": "the likeliest places of photos, aerial images or sentences",
-    "synth": "write a synthetic world in the released layout",
-    "prepare": "decode every image once into a cache that training and eval read",
-    "bench": "time each phase of a run on this machine",
-    "convert": "make an mml checkpoint of CLIP, the authors' released model or GeoCLIP",
-    "compare": "set runs side by side, with bootstrap intervals over query landmarks",
-}
-
-# The four modalities by letter, and the names the command line and the API also accept.
+# The modalities by letter, and the names the command line and the API also accept.
 MODALITY = {"G": "ground", "S": "satellite", "T": "text", "C": "gps"}
 LETTER = {name: m for m, name in MODALITY.items()}
 
 class UserError(Exception):
-    """A mistake in the input (a path, a file, a flag): printed as one line, no traceback."""
+    """A mistake in the input (a path, a file, an option): one line, exit status 1."""
 
 def is_master() -> bool:
     """True in a single process, and in process 0 of a torchrun group."""
@@ -290,7 +175,7 @@ def rank_and_world() -> tuple[int, int]:
 
 def write_atomically(path: Path, write):
     """write(tmp), then rename tmp to path: a crash never leaves a half-written file where a
-    whole one was. A failed write (a full disk, a read-only folder) is one line, and leaves
+    whole one was. A failed write (a full disk, a read-only folder) is one line and leaves
     no .tmp behind."""
     tmp = path.with_name(path.name + ".tmp")
     try:
@@ -298,14 +183,14 @@ def write_atomically(path: Path, write):
         os.replace(tmp, path)
     except BaseException as e:
         tmp.unlink(missing_ok=True)
-        # torch.save reports ENOSPC as RuntimeError
+        # torch.save reports a full disk as a RuntimeError
         if isinstance(e, (OSError, RuntimeError)):
             why = (str(e).splitlines() or [type(e).__name__])[0]
             raise UserError(f"{path}: could not be written ({why})") from None
         raise
 
 def writable_folder(path: Path, option: str) -> Path:
-    """The folder, made if need be and proven writable, before any work that a write failing
+    """The folder, made if need be and proven writable before any work that a failed write
     at its end would lose."""
     try:
         path.mkdir(parents=True, exist_ok=True)
@@ -344,30 +229,12 @@ def haversine_km(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return 2 * EARTH_RADIUS_KM * torch.asin(torch.sqrt(h.clamp(0, 1)))
 
 # ---- data ---------------------------------------------------------------------------------
-# The reader follows the released layout (PROTOCOL 1): per split, a CSV of landmarks with GPS
-# and one CSV per modality listing image ids; files sharded by id under
-# split/{ground,satellite,text}/a/b/c/. Everything is read with the csv module into plain
-# lists, so 800k index rows take about a second.
-
-def synthetic_root(scale: float) -> Path:
-    """Where `train`, `prepare` and `synth` put the synthetic world of a given --scale."""
-    return Path("data") / ("synthetic" if scale == 1 else f"synthetic-x{scale:g}")
-
-def default_world(cfg: Config) -> Path:
-    """The dataset root: --data, or the synthetic world (generated on first use)."""
-    if cfg.data:
-        return Path(cfg.data)
-    root = synthetic_root(cfg.scale)
-    if is_master() and not root.exists():  # renamed into place when whole
-        t = time.time()
-        print0(f"no --data given: generating a synthetic world in {root} ...")
-        counts = synthesize(root, cfg.scale)
-        print0(f"  done in {time.time() - t:.0f}s: {json.dumps(counts)}")
-    barrier()  # every process, whether or not the world had to be written
-    return root
+# The released layout (PROTOCOL 1): per split a CSV of landmarks with their GPS and one CSV
+# per modality listing file ids; the files sharded by id under split/{ground,satellite,text}/
+# a/b/c/. Read with the csv module into plain lists: 800k index rows take about a second.
 
 def shard(split_dir: Path, kind: str, image_id: str) -> Path:
-    """ROOT/split/kind/a/b/c/id.ext: the released sharding by the id's first three digits."""
+    """ROOT/split/kind/a/b/c/id.ext: the released sharding by the id's first three letters."""
     ext = {"ground": ".jpg", "satellite": ".png", "text": ".json"}[kind]
     return split_dir / kind / image_id[0] / image_id[1] / image_id[2] / (image_id + ext)
 
@@ -393,27 +260,28 @@ class Split:
         return Split(self.dir, self.ids[rows], self.latlon[rows], *lists, order)
 
 def read_split(root: Path, split: str, outdoor_only: bool = False) -> Split:
-    """Read ROOT/{train,query}: landmarks, GPS, image lists, text ids (PROTOCOL 1)."""
+    """Read ROOT/{train,query}: landmarks, GPS, file lists, article ids (PROTOCOL 1)."""
     d, p = check_root(root, split), f"mml_{split}"
     listing = d / f"{p}.csv"
-    meta = read_table(listing, ["landmark_id", "lat", "lon"])
+    meta = read_csv(listing, ["landmark_id", "lat", "lon"])
     ids = np.array(unique_landmarks(listing, meta), dtype=np.int64)
-    latlon = parse_latlon(listing, meta)
-    listed = ids.tolist()
-    ground = by_landmark(d / f"{p}_ground{'_subset' * outdoor_only}.csv", "images", listing,
-                         listed, partial=outdoor_only)
-    sat = latest = by_landmark(d / f"{p}_satellite.csv", "images", listing, listed)
+    latlon, listed = parse_latlon(listing, meta), ids.tolist()
+
+    def column(name: str, values: str = "images", partial: bool = False) -> dict:
+        return by_landmark(d / f"{p}_{name}.csv", values, listing, listed, partial)
+    ground = column("ground_subset" if outdoor_only else "ground", partial=outdoor_only)
+    sat = latest = column("satellite")
     if split == "query" and (d / f"{p}_all_satellite.csv").is_file():
         # the query split lists the latest image alone, and every year in another CSV
-        sat = by_landmark(d / f"{p}_all_satellite.csv", "images", listing, listed)
+        sat = column("all_satellite")
     # each landmark's aerial ids are listed oldest first: the last is the latest
     latest = {i: (s.split() or [""])[-1] for i, s in latest.items()}
-    text = by_landmark(d / f"{p}_text.csv", "json", listing, listed)
+    text = column("text", "json")
     no_cues = None
     if (d / f"{p}_text_sentences.csv").is_file():
-        no_cues = by_landmark(d / f"{p}_text_sentences.csv", "sentences", listing, listed)
-    keep = [n for n, i in enumerate(listed) if ground.get(i, "").split() and sat[i].split()]
+        no_cues = column("text_sentences", "sentences")
     # the outdoor subset leaves out landmarks with no outdoor photo
+    keep = [n for n, i in enumerate(listed) if ground.get(i, "").split() and sat[i].split()]
     if len(keep) < len(ids):
         print0(f"{d}: {len(ids) - len(keep)} landmarks without ground or aerial images left out")
     rows = ids[keep].tolist()
@@ -427,7 +295,7 @@ def by_landmark(path: Path, column: str, listing: Path, ids: list[int],
                 partial: bool = False) -> dict:
     """{landmark id: value} of one CSV of a split, checked both ways against the split's
     listing (partial: the CSV may leave some out, as the outdoor subset does)."""
-    table = read_table(path, ["landmark_id", column], ids=(column,) * (column != "sentences"))
+    table = read_csv(path, ["landmark_id", column], ids=(column,) * (column != "sentences"))
     values, known = dict(zip(unique_landmarks(path, table), table[column])), set(ids)
     extra = [i for i in values if i not in known]
     absent = [] if partial else [i for i in ids if i not in values]
@@ -440,8 +308,8 @@ def by_landmark(path: Path, column: str, listing: Path, ids: list[int],
 
 @dataclass
 class Index:
-    """The distractors. Evaluation may run without one of the lists (None): it then skips
-    the tasks whose gallery needs it."""
+    """The distractors. Evaluation runs without one of the lists (None), skipping the tasks
+    whose gallery needs it."""
     dir: Path
     ground: list[str] | None       # GLDv2 ground photo ids
     sat: list[str] | None          # aerial image ids
@@ -451,21 +319,18 @@ def read_index(root: Path, required: bool = True) -> Index:
     d = check_root(root, "index") if required else root / "index"
     index = Index(d, None, None, None)
     if required or (d / "mml_index_ground.csv").is_file():
-        index.ground = read_table(d / "mml_index_ground.csv", ["images"], ids=("images",))["images"]
+        index.ground = read_csv(d / "mml_index_ground.csv", ["images"], ids=("images",))["images"]
     if required or (d / "mml_index_satellite.csv").is_file():
-        sat = read_table(d / "mml_index_satellite.csv", ["images", "lat", "lon"],
-                         ids=("images",))
-        index.sat = sat["images"]
-        index.sat_latlon = parse_latlon(d / "mml_index_satellite.csv", sat)
+        path = d / "mml_index_satellite.csv"
+        sat = read_csv(path, ["images", "lat", "lon"], ids=("images",))
+        index.sat, index.sat_latlon = sat["images"], parse_latlon(path, sat)
     return index
 
 def read_train(cfg: Config, root: Path) -> tuple[Split, Split]:
-    """The training split, cut to --subset, minus a hold-out: (train, validation). Seeded by
-    --seed, or the authors' (their train_dataset.py): random.Random(42) shuffles the positions
-    of the sorted landmark ids, and the first n_val are held out."""
+    """The training split minus a hold-out: (train, validation). Seeded by --seed, or the
+    authors' (their train_dataset.py): random.Random(42) shuffles the positions of the sorted
+    landmark ids, and the first n_val are held out."""
     split = read_split(root, "train", cfg.outdoor_only)
-    if cfg.subset:
-        split = split.take(range(min(cfg.subset, len(split.ids))))
     # held out: 1,024 of 17,557 on the real data
     n_val = min(cfg.n_val, max(2, len(split.ids) // 10))
     if cfg.holdout == "authors":
@@ -479,13 +344,14 @@ def read_train(cfg: Config, root: Path) -> tuple[Split, Split]:
 # What guards the reader: every CSV is checked as it is read, and a bad cell is one line naming
 # the file and the line. Ids become file names (shard): plain names only, so that no path
 # built from a CSV can leave the dataset root (no separator, no "..", never absolute). The
-# release's are 16 hex digits.
+# release's ids are 16 hex digits.
 PLAIN_ID = re.compile(r"[A-Za-z0-9_-]{3,}")
 
-def read_table(path: Path, columns: list[str], lower: bool = False,
-               ids: tuple = ()) -> dict[str, list[str]]:
-    """One CSV as {column: values}, checking the columns (lower: the header in any case) and
-    that the `ids` columns hold space-separated plain ids only."""
+def read_csv(path: Path, columns: list[str], ids: tuple = (), lower: bool = False,
+             optional: tuple = ()) -> dict:
+    """One CSV as {column: values}: UTF-8 text, the columns there (and the `optional` ones
+    that are; lower: headers in any case), every row whole, the `ids` columns holding
+    space-separated plain ids only."""
     if not path.is_file():
         raise UserError(f"{path}: file not found (expected a CSV with columns {','.join(columns)})")
     data = path.read_bytes()
@@ -498,19 +364,20 @@ def read_table(path: Path, columns: list[str], lower: bool = False,
                         ) from None
     reader = csv.reader(io.StringIO(text, newline=""))
     try:
-        header = [h.strip().lower() if lower else h for h in next(reader, [])]
-        rows = list(reader)
+        header, *rows = list(reader) or [[]]
     except csv.Error as e:
         raise UserError(f"{path}, line {reader.line_num}: not a CSV row ({e})") from None
-    for c in columns:
-        if c not in header:
-            raise UserError(f"{path}: no column {c!r} (expected {','.join(columns)}, found "
-                            f"{','.join(header)})")
+    header = [h.strip().lower() for h in header] if lower else header
+    missing = [c for c in columns if c not in header]
+    if missing:
+        raise UserError(f"{path}: no column {missing[0]!r} (expected {','.join(columns)}, found "
+                        f"{','.join(header)})")
     short = next((n for n, r in enumerate(rows, 2) if len(r) < len(header)), None)
     if short is not None:
         raise UserError(f"{path}, line {short}: {len(rows[short - 2])} fields, expected "
                         f"{len(header)}")
-    table = {c: [r[header.index(c)] for r in rows] for c in columns}
+    table = {c: [r[header.index(c)] for r in rows]
+             for c in columns + [c for c in optional if c in header]}
     for c in ids:
         for n, cell in enumerate(table[c], 2):
             bad = [i for i in cell.split() if not PLAIN_ID.fullmatch(i)]
@@ -519,25 +386,18 @@ def read_table(path: Path, columns: list[str], lower: bool = False,
                                 f"digits, _ and -, at least 3 of them)")
     return table
 
-def csv_header(path: Path) -> list[str]:
-    """A CSV's column names, lower-cased, without reading the rest."""
-    with open(path, newline="", encoding="utf-8-sig", errors="replace") as f:
-        return [h.strip().lower() for h in next(csv.reader(f), [])]
-
 def unique_landmarks(path: Path, table: dict) -> list[int]:
     """The landmark_id column as integers, each listed once: a repeated row would count its
     landmark's queries twice."""
     keys = parse_numbers(path, table, ["landmark_id"], int)[:, 0].tolist()
-    if len(set(keys)) < len(keys):
-        seen = {}
-        for n, k in enumerate(keys, 2):
-            if k in seen:
-                raise UserError(f"{path}, line {n}: landmark {k} again (first on line {seen[k]})")
-            seen[k] = n
+    first = {}
+    for n, k in enumerate(keys, 2):
+        if first.setdefault(k, n) != n:
+            raise UserError(f"{path}, line {n}: landmark {k} again (first on line {first[k]})")
     return keys
 
 def parse_numbers(path: Path, table: dict, columns: list[str], dtype) -> np.ndarray:
-    """(N, len(columns)) numbers from CSV columns; a bad cell is an error naming its line."""
+    """(N, len(columns)) numbers from CSV columns; a bad cell is one line naming its line."""
     try:
         return np.array([table[c] for c in columns], dtype=dtype).T
     except ValueError:
@@ -549,7 +409,7 @@ def parse_numbers(path: Path, table: dict, columns: list[str], dtype) -> np.ndar
         raise
 
 def parse_latlon(path: Path, table: dict) -> np.ndarray:
-    """(N, 2) latitude and longitude in degrees; NaN or out of range is an error."""
+    """(N, 2) latitude and longitude in degrees; NaN or out of range is one line."""
     latlon = parse_numbers(path, table, ["lat", "lon"], float)
     ok = (np.abs(latlon[:, 0]) <= 90) & (np.abs(latlon[:, 1]) <= 180)  # False for NaN too
     if not ok.all():
@@ -558,20 +418,15 @@ def parse_latlon(path: Path, table: dict) -> np.ndarray:
                         f"a latitude in [-90, 90] and a longitude in [-180, 180]")
     return latlon
 
-def check_root(root: Path, sub: str = "") -> Path:
+def check_root(root: Path, sub: str) -> Path:
     if not root.is_dir():
         raise UserError(f"{root}: dataset root not found (expected the MMLandmarks layout: "
                         f"mmlandmarks.csv, train/, query/, index/)")
-    if sub and not (root / sub).is_dir():
+    if not (root / sub).is_dir():
+        hint = f"; the root is {root.parent}" if (root.parent / sub).is_dir() else ""
         raise UserError(f"{root / sub}: split folder not found (expected mml_{sub}*.csv and "
-                        f"ground/, satellite/ inside)")
+                        f"ground/, satellite/ inside{hint})")
     return root / sub
-
-def write_csv(path: Path, header: list[str], rows):
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(header)
-        writer.writerows(rows)
 
 # Images: decoded to H x H uint8, from the files or from the `prepare` cache.
 
@@ -580,18 +435,21 @@ def write_csv(path: Path, header: list[str], rows):
 MAX_PIXELS = 50_000_000      # a decoded image (after draft): 50 megapixels, 150 MB of RGB
 MAX_ARTICLE_BYTES = 1 << 24  # an article: 16 MiB of JSON
 
+class UnreadableFile(Exception):
+    """A data file (image or article) that is missing or cannot be decoded."""
+
 def regular_file(path: Path) -> Path:
     """path, if it names a regular file or nothing (a FIFO or a device would block a read)."""
     if path.exists() and not path.is_file():
         raise ValueError("not a regular file")
     return path
 
-def load_image(path: Path, size: int, resize: str = "crop", draft: bool = True) -> np.ndarray:
+def load_image(path: Path, size: int, resize: str = "crop") -> np.ndarray:
     """(H, H, 3) uint8, decoded and resized by `to_square`. For --resize crop, draft() lets the
     JPEG decoder work at 1/2, 1/4 or 1/8 scale, never below H: 800-px photos decode 2-3x
-    faster (see `bench`); the other modes decode in full, as the code they follow does."""
+    faster; the other modes decode in full, as the code they follow does."""
     with Image.open(regular_file(path)) as im:
-        if draft and resize == "crop":
+        if resize == "crop":
             im.draft("RGB", (size, size))
         if im.width * im.height > MAX_PIXELS:  # known from the header, before decoding
             raise ValueError(f"{im.width}x{im.height} px, over the {MAX_PIXELS:,}-pixel limit")
@@ -601,7 +459,7 @@ def to_square(im: Image.Image, size: int, resize: str = "crop") -> np.ndarray:
     """An RGB image -> (H, H, 3) uint8. crop: the short side to H (bilinear), then the centre
     square. squash: the whole image to H x H, as the authors' OpenCV INTER_LINEAR_EXACT, which
     torch's bilinear without antialiasing matches to within one grey level (PIL's bilinear
-    antialiases: about ten off). clip: as CLIP's image processor, the short side to H
+    antialiases: up to 96 off). clip: as CLIP's image processor, the short side to H
     (bicubic), then the centre square."""
     if resize == "crop":
         return np.array(ImageOps.fit(im, (size, size), Image.BILINEAR))
@@ -616,42 +474,50 @@ def to_square(im: Image.Image, size: int, resize: str = "crop") -> np.ndarray:
     left, top = (im.width - size) // 2, (im.height - size) // 2
     return np.array(im.crop((left, top, left + size, top + size)))
 
-class UnreadableFile(Exception):
-    """A data file (image or article) that is missing or cannot be decoded."""
+def read_manifest(path: Path) -> dict:
+    """The JSON manifest `prepare` writes beside a cache array, its fields typed, or one line."""
+    try:
+        m = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: not a readable cache manifest ({e}); move it away and rerun "
+                        f"`prepare`") from None
+    fields = {"size": int, "ids": list, "broken": list, "resize": str}
+    wrong = [k for k, t in fields.items() if not isinstance(m, dict) or not isinstance(m.get(k), t)]
+    if wrong:
+        raise UserError(f"{path}: not an mml cache manifest ({wrong[0]!r} missing or not a "
+                        f"{fields[wrong[0]].__name__}); move it away and rerun `prepare`")
+    return m
 
 class ImageStore:
     """Decoded H x H images of one split and kind (ground or satellite), looked up by id:
-    from the `prepare` cache when it has this split and kind (a uint8 array (n, H, H, 3) on
-    disk and a manifest of ids), else from the files. A cache made for another size, one
-    that lacks images this run needs, or one whose array is not whole, is refused, never
-    silently used."""
+    from the `prepare` cache when it holds this split and kind (a uint8 array (n, H, H, 3)
+    beside a manifest of ids), else from the files. A cache made for another size or
+    --resize, one that lacks images of this run, or one whose array is not whole, is refused,
+    never silently used."""
 
-    def __init__(self, split_dir: Path, kind: str, size: int, cache: Path | None, needed=(),
-                 resize: str = "crop"):
+    def __init__(self, split_dir: Path, kind: str, size: int, cache: Path | None = None,
+                 needed=(), resize: str = "crop"):
         self.dir, self.kind, self.size, self.resize = split_dir, kind, size, resize
-        self.cached, self.row_of, self.file, self.pid = False, {}, None, None
-        self.cache = cache / f"{split_dir.name}_{kind}" if cache else None
-        manifest = self.cache.with_suffix(".json") if cache else None
-        if manifest and manifest.is_file():
-            m = read_manifest(manifest, {"size": int, "ids": list, "broken": list})
-            made = (m["size"], m.get("resize", "crop"))
-            if made != (size, resize):
-                raise UserError(f"{manifest}: the cache holds {made[0]} px images made by "
-                                f"--resize {made[1]}, not --img-size {size} --resize {resize}; "
-                                f"rerun `prepare` with those, or name another --cache")
-            array = self.cache.with_suffix(".u8")
-            whole = max(1, len(m["ids"])) * size * size * 3  # an empty list keeps one row
-            found = array.stat().st_size if array.is_file() else 0
-            if found != whole:
-                raise UserError(f"{array}: {found} bytes where its manifest promises {whole} "
-                                f"({len(m['ids'])} images): the cache is not whole; rerun "
-                                f"`prepare`")
-            self.cached, self.row_of = True, {i: n for n, i in enumerate(m["ids"])}
-            self.broken = set(m["broken"])
-            lacking = [i for i in needed if i not in self.row_of]
-            if lacking:
-                raise UserError(f"{manifest}: the cache lacks {len(lacking)} images of this run "
-                                f"(first: {lacking[0]}); the file list changed: rerun `prepare`")
+        self.row_of, self.file, self.pid = None, None, None
+        self.array = cache / f"{split_dir.name}_{kind}.u8" if cache else None
+        manifest = self.array.with_suffix(".json") if cache else None
+        if not (manifest and manifest.is_file()):
+            return
+        m = read_manifest(manifest)
+        if (m["size"], m["resize"]) != (size, resize):
+            raise UserError(f"{manifest}: the cache holds {m['size']} px images made by "
+                            f"--resize {m['resize']}, not --img-size {size} --resize {resize}; "
+                            f"rerun `prepare` with those, or name another --cache")
+        whole = max(1, len(m["ids"])) * size * size * 3  # an empty list keeps one row
+        found = self.array.stat().st_size if self.array.is_file() else 0
+        if found != whole:
+            raise UserError(f"{self.array}: {found} bytes where its manifest promises {whole} "
+                            f"({len(m['ids'])} images): the cache is not whole; rerun `prepare`")
+        self.row_of, self.broken = {i: n for n, i in enumerate(m["ids"])}, set(m["broken"])
+        lacking = [i for i in needed if i not in self.row_of]
+        if lacking:
+            raise UserError(f"{manifest}: the cache lacks {len(lacking)} images of this run "
+                            f"(first: {lacking[0]}); the file list changed: rerun `prepare`")
 
     def path(self, image_id: str) -> Path:
         return shard(self.dir, self.kind, image_id)
@@ -663,7 +529,7 @@ class ImageStore:
     def __call__(self, image_id: str, out: np.ndarray | None = None) -> np.ndarray:
         """The image as (H, H, 3) uint8, written into `out` when given (a batch's slot)."""
         out = np.empty((self.size, self.size, 3), np.uint8) if out is None else out
-        if not self.cached:
+        if self.row_of is None:
             try:
                 out[...] = load_image(self.path(image_id), self.size, self.resize)
                 return out
@@ -676,36 +542,16 @@ class ImageStore:
         # first touch of each page faults. Each process opens the file itself: forked workers
         # sharing one descriptor would share its read position.
         if self.pid != os.getpid():
-            self.file = open(self.cache.with_suffix(".u8"), "rb", buffering=0)
-            self.pid = os.getpid()
+            self.file, self.pid = open(self.array, "rb", buffering=0), os.getpid()
         self.file.seek(self.row_of[image_id] * out.nbytes)
         # the array was cut short while in use
         if self.file.readinto(out) != out.nbytes:
-            raise UnreadableFile(f"{self.cache}.u8: ends before image {image_id}")
+            raise UnreadableFile(f"{self.array}: ends before image {image_id}")
         return out
-
-def read_manifest(path: Path, fields: dict) -> dict:
-    """A cache's JSON manifest, with the types its fields must have; one line otherwise."""
-    try:
-        m = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path}: not a readable cache manifest ({e}); move it away and rerun "
-                        f"`prepare`") from None
-    wrong = [k for k, t in fields.items() if not isinstance(m, dict) or
-             not isinstance(m.get(k), t)]
-    if wrong:
-        raise UserError(f"{path}: not an mml cache manifest ({wrong[0]!r} missing or not a "
-                        f"{fields[wrong[0]].__name__}); move it away and rerun `prepare`")
-    return m
 
 def cache_dir(cfg: Config, root: Path) -> Path:
     """Where the image and tower caches of a dataset live: --cache, or ROOT/cache."""
     return Path(cfg.cache) if cfg.cache else root / "cache"
-
-def image_stores(cfg: Config, split_dir: Path, needed: dict) -> dict:
-    """{"G": store, "S": store} for one split; needed: {"G": ids, "S": ids} the run will read."""
-    return {m: ImageStore(split_dir, MODALITY[m], cfg.img_size, cache_dir(cfg, split_dir.parent),
-                          needed.get(m, ()), cfg.resize) for m in "GS"}
 
 # Text: every article read, split into sentences and tokenised once, before training.
 
@@ -775,7 +621,7 @@ class Sentences:
                     levels[2].append((len(self.texts), len(pieces)))
                     self.texts += pieces
         self.levels = [np.array(rows, dtype=np.int64) for rows in levels]
-        if tok is not None:  # evaluation tokenises the few sentences it draws, later
+        if tok is not None:  # evaluation draws its few sentences as texts
             self.tokens = torch.cat([tokenize(tok, self.texts[i:i + 65536])          # (P, L)
                                      for i in range(0, len(self.texts), 65536)])
 
@@ -791,19 +637,17 @@ class Sentences:
 class LandmarkSet(torch.utils.data.Dataset):
     """Landmarks -> batches: a list of (epoch, row) keys -> {"G", "S": (B, 3, H, H) uint8,
     "T": (B, L) ids, "C": (B, 2) lat/lon, "bad": B strings naming unreadable files}, for the
-    active modalities. Training draws a random photo, a random year's aerial image (the latest
-    with --last-sat-only) and a --train-text sentence; validation the first photo, the latest
-    tile and the first sentence. A sample's randomness is seeded by (seed, epoch, row): the
-    same whichever worker draws it, so --resume is exact. Workers only read; the loop jitters
-    whole batches on the device (`augment`).
+    trained modalities. Training draws a random photo, a random year's aerial image (the
+    latest with --last-sat-only) and a --train-text sentence; validation the first photo, the
+    latest tile and the first sentence. A sample's randomness is seeded by (seed, epoch,
+    row): the same whichever worker draws it, so --resume is exact. Workers only read; the
+    loop jitters whole batches on the device (`augment`).
 
     Whole batches, not samples: in a worker the arrays are made in shared memory and each
     image is read straight into its slot, sparing the two copies of every pixel that
     collating samples costs (2x a worker's throughput). They are (B, H, H, 3) as stored, so
     their (B, 3, H, H) view is channels-last, the layout GPU convolutions run fastest in.
-
-    An unreadable file is skipped for another view of the landmark and listed in "bad"; the
-    training loop reports them per epoch."""
+    An unreadable file is skipped for another view of the landmark and listed in "bad"."""
 
     def __init__(self, split: Split, stores: dict, sentences: Sentences, cfg: Config, train: bool):
         self.split, self.stores, self.sentences, self.cfg = split, stores, sentences, cfg
@@ -870,7 +714,7 @@ class EpochSampler(torch.utils.data.Sampler):
             first = b * self.batch + self.rank * local
             yield [(epoch, int(i)) for i in perm[first:first + local]]
 
-def augment_params(seed: int, epoch: int, step: int, n: int, strength: str = "mml"):
+def augment_params(seed: int, epoch: int, step: int, n: int, recipe: str = "mml"):
     """(n, 2, 7) jitter for the n samples of one global batch, each view (ground, aerial) its
     own: brightness, contrast and saturation factors; a draw r (blur if r < 0.2, sharpen if
     r < 0.4); the blur's sigma in [0.3, 1]; quarter turns in {0, 1, 2, 3}; a hue shift in
@@ -884,7 +728,7 @@ def augment_params(seed: int, epoch: int, step: int, n: int, strength: str = "mm
     low = torch.tensor([0.8, 0.8, 0.8, 0.0, 0.3, 0.0], dtype=torch.float64)
     span = torch.tensor([0.4, 0.4, 0.4, 1.0, 0.7, 4.0], dtype=torch.float64)
     params = torch.cat([low + span * u, torch.zeros(n, 2, 1, dtype=torch.float64)], -1)
-    if strength == "paper":  # drawn after mml's, which therefore stay as they were
+    if recipe == "paper":  # drawn after mml's, which therefore stay as they were
         hue, jittered = torch.from_numpy(rng.random((n, 2, 2))).unbind(-1)  # each (n, 2)
         on = (jittered < 0.5).double()
         params[..., :3] = 1 + on[..., None] * 0.3 * (u[..., :3] - 0.5)     # [0.85, 1.15]
@@ -951,10 +795,10 @@ def augment(images: torch.Tensor, params: torch.Tensor, rotate: bool,
 # Four encoders, one per modality, each a backbone (the trunk), then a projection head to the
 # shared width D and an L2 normalisation, so that a dot product between any two embeddings is
 # a cosine similarity. Backbones: a small CNN or torchvision's for images, a small transformer
-# for text, or CLIP's towers for both (in the section on outside models, after the main
-# path); GeoCLIP's location encoder for GPS. GroupNorm rather than BatchNorm in the CNN: a
-# sample's embedding must not depend on the rest of its batch (in evaluation, or on another
-# GPU's share of the batch).
+# for text, CLIP's towers for both (built from this section's Block, in the section on
+# outside models), GeoCLIP's location encoder for GPS. GroupNorm rather than BatchNorm in the
+# CNN: a sample's embedding must not depend on the rest of its batch (in evaluation, or on
+# another GPU's share of the batch).
 
 class ResBlock(nn.Module):
     """Two 3x3 convolutions with a shortcut, halving the side: (B, c_in, h, h) -> (B, c_out,
@@ -1031,43 +875,45 @@ class SmallText(nn.Module):
         weight = keep.unsqueeze(-1).to(x.dtype)                    # (B, L, 1)
         return (self.norm(x) * weight).sum(1) / weight.sum(1)      # (B, width)
 
+def backbone_weights(name: str):
+    """torchvision's ImageNet weights of a backbone: their URL, image size, pixel statistics."""
+    return torchvision.models.get_model_weights(name).DEFAULT
+
 def image_backbone(cfg: Config) -> tuple[nn.Module, int]:
-    """(B, 3, H, H) normalised pixels -> (B, width) features: (module, width). `small` is
-    the CNN above, `clip` the vision tower of the --clip folder; the others are torchvision's
-    ImageNet classifiers with their classifier layer replaced by nothing (our head projects
-    to D instead). Random weights here, always: train loads the pretrained ones, and eval the
-    checkpoint's."""
+    """(B, 3, H, H) normalised pixels -> (B, E) features: (module, E). `small` is the CNN
+    above, `clip` the vision tower of the --clip folder; the others are torchvision's ImageNet
+    classifiers with their classifier layer removed (our head projects to D instead). Random
+    weights here: `train` loads pretrained ones, and `eval` the checkpoint's."""
     if cfg.image_backbone == "small":
         return image_trunk(cfg.img_width), 8 * cfg.img_width
     if cfg.image_backbone == "clip":
-        c = clip_config(cfg.clip)
-        return CLIPVision(c["vision"], c["projection_dim"]), c["projection_dim"]
+        return clip_tower(cfg.clip, "vision")
     size = {"image_size": cfg.img_size} if cfg.image_backbone == "vit_b_16" else {}
     net = torchvision.models.get_model(cfg.image_backbone, weights=None, **size)
     if cfg.image_backbone.startswith("resnet"):
-        width = net.fc.in_features
-        net.fc = nn.Identity()
+        width, net.fc = net.fc.in_features, nn.Identity()
     elif cfg.image_backbone == "convnext_tiny":
-        width = net.classifier[2].in_features
-        net.classifier[2] = nn.Identity()
+        width, net.classifier[2] = net.classifier[2].in_features, nn.Identity()
     else:
-        width = net.heads.head.in_features
-        net.heads = nn.Identity()
+        width, net.heads = net.heads.head.in_features, nn.Identity()
     return net, width
 
 def projection_head(cfg: Config, width: int) -> nn.Module:
-    """(B, width) -> (B, D): one Linear (mml's), Linear-ReLU-Linear (the authors' heads, and
-    GeoCLIP's with --head-hidden 768), or none: the backbone's own output (off-the-shelf
-    CLIP, whose towers end in their own projection)."""
+    """(B, E) -> (B, D): one Linear (mml's); Linear-ReLU-Linear with a hidden width of D (the
+    authors') or of E (GeoCLIP's); or none, the backbone's own output (CLIP's towers end in
+    their own projection)."""
     if cfg.head == "none":
         if width != cfg.embed_dim:
             raise UserError(f"--head none: the backbone's output is {width}-d, not --embed-dim "
                             f"{cfg.embed_dim}")
         return nn.Identity()
-    if cfg.head == "mlp":
-        hidden = cfg.head_hidden or cfg.embed_dim
+    if cfg.head in ("mlp", "geoclip"):
+        hidden = cfg.embed_dim if cfg.head == "mlp" else width
         return nn.Sequential(nn.Linear(width, hidden), nn.ReLU(), nn.Linear(hidden, cfg.embed_dim))
     return nn.Linear(width, cfg.embed_dim)
+
+# CLIP's pixel statistics (its image processor's image_mean and image_std)
+CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 
 class Encoder(nn.Module):
     """A backbone (trunk) and its projection head: (B, ...) -> (B, D) unit vectors. Image
@@ -1083,7 +929,7 @@ class Encoder(nn.Module):
             self.register_buffer("std", torch.tensor(pixels[1]).view(3, 1, 1), persistent=False)
 
     def features(self, x):
-        """The backbone's output (B, width): what the frozen-tower cache of `eval` holds."""
+        """The backbone's output (B, E): what the frozen-tower cache of `eval` holds."""
         if self.pixels:
             x = ((x.float() / 255 if x.dtype == torch.uint8 else x) - self.mean) / self.std
         return self.trunk(x)
@@ -1097,7 +943,7 @@ class Encoder(nn.Module):
 def image_encoder(cfg: Config, share_with: Encoder | None = None) -> Encoder:
     """A ground or aerial encoder; with share_with, on that one's backbone (its own head)."""
     trunk, width = (share_with.trunk, share_with.width) if share_with else image_backbone(cfg)
-    # small: [0, 1] to [-1, 1]; torchvision's: the ImageNet statistics its weights expect
+    # small: [0, 1] to [-1, 1]; the others: the statistics their weights expect
     if cfg.image_backbone == "small":
         pixels = ((0.5,) * 3, (0.5,) * 3)
     elif cfg.image_backbone == "clip":
@@ -1109,8 +955,7 @@ def image_encoder(cfg: Config, share_with: Encoder | None = None) -> Encoder:
 
 def text_encoder(cfg: Config) -> Encoder:
     if cfg.text_backbone == "clip":
-        c = clip_config(cfg.clip)
-        return Encoder(CLIPText(c["text"], c["projection_dim"]), c["projection_dim"], cfg)
+        return Encoder(*clip_tower(cfg.clip, "text"), cfg)
     trunk = SmallText(cfg.vocab_size, cfg.max_len, cfg.text_width, cfg.text_layers)
     return Encoder(trunk, cfg.text_width, cfg)
 
@@ -1136,10 +981,10 @@ class GPSEncoder(nn.Module):
 
     Equal Earth projection, then per scale sigma in (2^0, 2^4, 2^8) random Fourier features
     and an MLP with a linear head; the three scales' outputs are summed. Module names follow
-    GeoCLIP (LocEnc{k}.capsule / .head), so with --gps-width 1024 --gps-depth 3
-    --embed-dim 512 its pretrained state dict loads unchanged (--gps-init). `scaled`: the
-    projection's SF/180 scaling, which GeoCLIP's weights need and the authors' copy, trained
-    from scratch, leaves out (PROTOCOL 6).
+    GeoCLIP (LocEnc{k}.capsule / .head), so at width 1024, depth 3 and D = 512 its pretrained
+    state dict loads unchanged (load_state_dict, or `convert`). `scaled`: the projection's
+    SF/180 scaling, which GeoCLIP's weights need and the authors' copy, trained from scratch,
+    leaves out (PROTOCOL 6).
     """
     SIGMAS = (2**0, 2**4, 2**8)
 
@@ -1269,7 +1114,7 @@ def contrastive_loss(emb: dict, scale: torch.Tensor, pairs: list[str], gather: b
 def matmul_precision(level: str):
     """Float32 matmuls at this precision inside, and what was set before afterwards: "high"
     (TF32) for training's speed; "highest" for scores, where TF32's rounding would create
-    ties among 100k+ gallery items. The one switch of matmul precision; it always restores."""
+    ties among 100k+ gallery items."""
     before = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision(level)
     try:
@@ -1330,12 +1175,10 @@ def rank_queries(q: torch.Tensor, g: torch.Tensor, q_labels: torch.Tensor,
         g, g_labels = g[order], g_labels[order]
     pos_index, is_pos, n_good = positives(q_labels, g_labels)                    # (Q, P) ...
     K = min(map_top, N)
-    res = {"first_strict": torch.zeros(Q, dtype=torch.long, device=g.device),
-           "first_official": torch.zeros(Q, dtype=torch.long, device=g.device),
-           "ap_strict": torch.zeros(Q, dtype=torch.float64, device=g.device),
-           "ap_official": torch.zeros(Q, dtype=torch.float64, device=g.device),
-           "top": torch.zeros(Q, min(top, N), dtype=torch.long, device=g.device),
-           "match": torch.zeros(Q, dtype=torch.long, device=g.device)}
+    zeros = lambda *shape, dtype=torch.long: torch.zeros(*shape, dtype=dtype, device=g.device)
+    res = {"first_strict": zeros(Q), "first_official": zeros(Q), "match": zeros(Q),
+           "ap_strict": zeros(Q, dtype=torch.float64), "top": zeros(Q, min(top, N)),
+           "ap_official": zeros(Q, dtype=torch.float64)}
     with matmul_precision("highest"):
         for s in range(0, Q, chunk):
             part = slice(s, s + chunk)
@@ -1411,23 +1254,22 @@ def geo_metrics(km: torch.Tensor) -> dict:
 # One process per GPU under torchrun (nanoGPT's shape): RANK in the environment means
 # distributed; process 0 logs, validates and writes checkpoints while the others wait at a
 # barrier. Without torchrun all of this reduces to rank 0 of 1 and no extra code runs.
-# `train` checks and locks the run folder, then `fit` runs the phases; the loop is its last
-# screen, and the per-step work is `train_step`.
+# `fit` runs the phases; the loop is its last screen, and the work of a step is `train_step`.
 
-def setup_distributed(cfg: Config) -> torch.device:
-    """Join the torchrun group if there is one (NCCL on GPUs, gloo on the CPU); return the
-    device this process computes on."""
-    cuda = cfg.device != "cpu" and torch.cuda.is_available()
-    if cfg.device == "cuda" and not cuda:
-        raise UserError("--device cuda: no CUDA GPU is visible to PyTorch")
+def setup_distributed(cfg: Config):
+    """Join the torchrun group if there is one: NCCL on GPUs, gloo on the CPU."""
     if "RANK" in os.environ and not dist.is_initialized():
+        cuda = cfg.device != "cpu" and torch.cuda.is_available()
         dist.init_process_group("nccl" if cuda else "gloo")
         if cuda:
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    return torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
 
-def fmt_time(seconds: float) -> str:
-    return f"{int(seconds // 3600)}:{int(seconds % 3600 // 60):02d}:{int(seconds % 60):02d}"
+def device_of(cfg: Config) -> torch.device:
+    """Where this process computes: --device, else its GPU when one is visible."""
+    cuda = cfg.device != "cpu" and torch.cuda.is_available()
+    if cfg.device == "cuda" and not cuda:
+        raise UserError("--device cuda: no CUDA GPU is visible to PyTorch")
+    return torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
 
 def bf16_on(device: torch.device, cfg: Config) -> bool:
     return device.type == "cuda" and cfg.bf16 and torch.cuda.is_bf16_supported()
@@ -1469,9 +1311,10 @@ def learn_tokenizer(cfg: Config, articles: list, ckpt: dict | None) -> Tokenizer
         dist.broadcast_object_list(tok_json)
     return Tokenizer.from_str(tok_json[0])
 
-def training_sets(cfg: Config, root: Path, ckpt: dict | None) -> tuple:
+def training_sets(cfg: Config, ckpt: dict | None) -> tuple:
     """(training set, validation set, tokenizer): the splits, every article read and
     tokenised once, the images' stores (the cache when there is one)."""
+    root = Path(cfg.data)
     train_split, val_split = read_train(cfg, root)
     if len(train_split.ids) < 2 or len(val_split.ids) < 2:
         raise UserError(f"{root}: {len(train_split.ids)} training and {len(val_split.ids)} "
@@ -1482,47 +1325,34 @@ def training_sets(cfg: Config, root: Path, ckpt: dict | None) -> tuple:
                f"sentence (first: {(bad + val_bad)[0]})")
     tok = learn_tokenizer(cfg, articles, ckpt)
     both = (train_split, val_split)
-    stores = image_stores(cfg, train_split.dir, {
-        "G": [i for s in both for g in s.ground for i in g],
-        "S": [i for s in both for g in s.sat for i in g]})
+    needed = {"G": [i for s in both for g in s.ground for i in g],
+              "S": [i for s in both for g in s.sat for i in g]}
+    stores = {m: ImageStore(train_split.dir, MODALITY[m], cfg.img_size, cache_dir(cfg, root),
+                            needed[m], cfg.resize) for m in "GS"}
     return (LandmarkSet(train_split, stores, Sentences(articles, tok, cfg.train_text), cfg, True),
             LandmarkSet(val_split, stores, Sentences(val_articles, tok, "first"), cfg, False), tok)
 
 def make_optimizer(raw: MML, cfg: Config) -> torch.optim.AdamW:
-    """AdamW over the trained parameters (frozen ones get no optimizer state)."""
+    """AdamW over the trained parameters (frozen ones get no optimizer state). mml: weight
+    decay on weight matrices only (not biases, norms, the scale), betas as CLIP's. The
+    authors: AdamW(model.parameters(), lr, weight_decay), torch's defaults otherwise."""
     trained = [p for p in raw.parameters() if p.requires_grad]
-    if cfg.decay_all:  # the authors' AdamW(model.parameters(), weight_decay=...)
-        groups = [{"params": trained, "weight_decay": cfg.weight_decay}]
-    else:  # decay weight matrices; not biases, norms, the scale
-        groups = [{"params": [p for p in trained if p.dim() >= 2],
-                   "weight_decay": cfg.weight_decay},
-                  {"params": [p for p in trained if p.dim() < 2], "weight_decay": 0.0}]
+    if cfg.recipe == "paper":
+        return torch.optim.AdamW(trained, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    groups = [{"params": [p for p in trained if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in trained if p.dim() < 2], "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98))
 
 def build_model(cfg: Config, device, ckpt: dict | None, path: Path) -> tuple:
     """(model, optimizer, the frozen towers' record): from the checkpoint at path on
     --resume; else initialised (the same seed on every process: identical weights), with
-    CLIP's towers from --clip, --pretrained and --gps-init."""
+    pretrained parts from CLIP's folder or torchvision's cache."""
     torch.manual_seed(cfg.seed)
     if ckpt:
         raw, towers = restore(path, ckpt, cfg), ckpt.get("towers")
     else:
-        raw, towers = MML(cfg), None
-        if "clip" in (cfg.image_backbone, cfg.text_backbone):
-            state, digest = load_clip_weights(cfg.clip)
-            install_towers(raw, state, cfg.clip)
-            # checkpoints name the folder and its digest instead of copying it
-            if raw.towers():
-                towers = {"folder": str(Path(cfg.clip).resolve()), "digest": digest}
-        if cfg.pretrained and cfg.image_backbone not in ("small", "clip"):
-            # a shared trunk loads twice: the same weights
-            for m in {"G", "S"} & set(raw.enc):
-                load_pretrained(raw.enc[m].trunk, cfg.image_backbone)
-        if cfg.gps_init:
-            if "C" not in raw.enc:
-                raise UserError("--gps-init: needs C in --modalities")
-            load_matching(raw.enc["C"], load_tensors(Path(cfg.gps_init), "state dict"),
-                          f"--gps-init {cfg.gps_init}")
+        raw = MML(cfg)
+        towers = load_pretrained(raw, cfg)
     raw = raw.to(device)
     if device.type == "cuda":
         raw = raw.to(memory_format=torch.channels_last)
@@ -1535,21 +1365,29 @@ def build_model(cfg: Config, device, ckpt: dict | None, path: Path) -> tuple:
         torch.set_rng_state(ckpt["torch_rng"])
     return raw, optimizer, towers
 
-def lr_factor(step: int, total: int, warmup: int, schedule: str = "cosine") -> float:
-    """Linear warmup, then a cosine decay to zero, or constant."""
-    if step < warmup:
-        return (step + 1) / warmup
-    if schedule == "constant":
-        return 1.0
-    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+def lr_at(step: int, total: int, cfg: Config) -> float:
+    """mml: a linear warmup over the first 5% of the steps, then a cosine decay to zero. The
+    authors: constant."""
+    warmup = max(1, round(0.05 * total))
+    if cfg.recipe == "paper":
+        factor = 1.0
+    elif step < warmup:
+        factor = (step + 1) / warmup
+    else:
+        factor = 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+    return cfg.lr * factor
+
+# The validation batch, the authors' batch_size_eval: fixed, so that validation losses of runs
+# with other training batches compare (the loss depends on how many negatives a batch holds).
+VAL_BATCH = 128
 
 @torch.no_grad()
 def validate(model: MML, val_set: LandmarkSet, cfg: Config, pairs: list[str], device) -> dict:
-    """Loss over the held-out landmarks in fixed batches (--val-batch), and for each trained
-    pair an in-set retrieval R@1 (the first modality's items searching the second's), with
-    their mean "val_R@1" (what --select recall picks by): a quick check, not the benchmark."""
+    """Loss over the held-out landmarks in fixed batches, and for each trained pair an in-set
+    retrieval R@1 (the first modality's items searching the second's), with their mean
+    "val_R@1" (what --select recall picks by): a quick check, not the benchmark."""
     model.eval()
-    n, B = len(val_set), min(cfg.val_batch or cfg.batch_size, len(val_set))
+    n, B = len(val_set), min(VAL_BATCH, len(val_set))
     batches = [[(0, i) for i in range(s, min(s + B, n))] for s in range(0, n, B)]
     loader = torch.utils.data.DataLoader(val_set, batch_size=None, sampler=batches,
                                          num_workers=min(cfg.workers, 2))
@@ -1568,27 +1406,25 @@ def validate(model: MML, val_set: LandmarkSet, cfg: Config, pairs: list[str], de
     return {"val_loss": total / n, "val_R@1": sum(r1.values()) / len(r1), **r1,
             "chance_R@1": 100 / n}
 
-class StopSignal:
+@contextlib.contextmanager
+def stop_signals():
     """SIGTERM (a cluster's preemption or time limit) and SIGINT (Ctrl-C) ask the training
-    loop to stop: it finishes the step, saves last.pt and exits. A second signal exits at once.
-    Used as `with StopSignal() as stop:`; the previous handlers come back on exit."""
+    loop to stop: it finishes the step, saves last.pt and exits; a second signal exits at
+    once. Yields {"signal": the first one's number, 0 until then}; the handlers that were
+    there before come back on exit."""
+    state = {"signal": 0}
 
-    def __enter__(self):
-        self.signum = 0  # the first signal received
-        self.previous = {}
-        for s in (signal.SIGTERM, signal.SIGINT):
-            self.previous[s] = signal.signal(s, self.handle)
-        return self
-
-    def handle(self, signum, frame):
-        if self.signum:
+    def handle(signum, frame):
+        if state["signal"]:
             raise SystemExit(128 + signum)
-        self.signum = signum
+        state["signal"] = signum
         print(f"{signal.Signals(signum).name}: stopping after this step (send it again to stop "
               f"at once)", file=sys.stderr, flush=True)
-
-    def __exit__(self, *exc):
-        for s, handler in self.previous.items():
+    previous = {s: signal.signal(s, handle) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield state
+    finally:
+        for s, handler in previous.items():
             signal.signal(s, handler)
 
 def ignore_stop_signals(worker_id: int):
@@ -1596,11 +1432,6 @@ def ignore_stop_signals(worker_id: int):
     it would take the main process's last step with it. The main process decides to stop."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-def start_over(out: Path):
-    """--overwrite: remove what an earlier run of mml wrote in `out`, and nothing else."""
-    for name in ("last.pt", "best.pt", "log.jsonl", "eval/metrics.json"):
-        (out / name).unlink(missing_ok=True)
 
 def save_checkpoint(state: dict, path: Path):
     """torch.save through a temporary file: a crash mid-write never leaves a half-written
@@ -1619,7 +1450,7 @@ def train_step(model: nn.Module, raw: MML, optimizer, batch: dict, cfg: Config, 
     device, local = raw.logit_scale.device, len(batch["bad"])  # this process's rows
     for group in optimizer.param_groups:
         group["lr"] = lr
-    params = augment_params(cfg.seed, epoch, step, local * world, cfg.augment)  # (B, 2, 7)
+    params = augment_params(cfg.seed, epoch, step, local * world, cfg.recipe)  # (B, 2, 7)
     inputs = jitter(to_device(batch, device), params[rank * local:(rank + 1) * local])
     with autocast_for(device, cfg):
         emb, scale = model(inputs)
@@ -1637,24 +1468,26 @@ def train_step(model: nn.Module, raw: MML, optimizer, batch: dict, cfg: Config, 
     if math.isfinite(losses[0]):
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if cfg.grad_clip:
-            nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip)
-        if cfg.grad_clip_value:  # the authors' clip_grad_value_
-            nn.utils.clip_grad_value_(raw.parameters(), cfg.grad_clip_value)
+        if cfg.recipe == "paper":  # the authors' clip_grad_value_(100)
+            nn.utils.clip_grad_value_(raw.parameters(), 100.0)
+        else:
+            nn.utils.clip_grad_norm_(raw.parameters(), 1.0)
         optimizer.step()
-        if cfg.scale_cap:  # CLIP caps the scale at 100 so training cannot blow up
+        if cfg.recipe == "mml":  # CLIP caps the scale at 100 so training cannot blow up
             with torch.no_grad():
-                raw.logit_scale.clamp_(max=math.log(cfg.scale_cap))
+                raw.logit_scale.clamp_(max=math.log(100.0))
     return losses, scale.detach(), stop_votes > 0
+
+def fmt_time(seconds: float) -> str:
+    return f"{int(seconds // 3600)}:{int(seconds % 3600 // 60):02d}:{int(seconds % 60):02d}"
 
 class TrainLog:
     """Process 0's log: per --log-every steps one line and one log.jsonl record (step, the
     losses, lr, the logit scale, which people watch to diagnose collapse, samples/s, elapsed
-    time and ETA); per epoch its validation record; at the end a summary."""
+    time and ETA); per epoch its validation record."""
 
     def __init__(self, out: Path, step: int, total: int, batch: int):
-        # line-buffered: each flushed
-        self.file = open(out / "log.jsonl", "a", buffering=1)
+        self.file = open(out / "log.jsonl", "a", buffering=1)  # line-buffered: each flushed
         self.start_step, self.total, self.batch = step, total, batch
         self.t_start = self.t_last = time.time()
         self.step_last = step
@@ -1685,8 +1518,8 @@ class TrainLog:
         took, steps = time.time() - self.t_start, step - self.start_step
         rate = steps * self.batch / max(took, 1e-9)
         print(f"done: {steps} steps in {fmt_time(took)} ({rate:.0f} samples/s with "
-              f"validation), {skipped} skipped; best val {select} {best:.3f}; checkpoints in "
-              f"{Path(self.file.name).parent}/")
+              f"validation), {skipped} skipped; best validation {select} {best:.3f}; "
+              f"checkpoints in {Path(self.file.name).parent}/")
         self.file.close()
 
 def end_of_epoch(raw: MML, optimizer, saved: dict, cfg: Config, epoch: int, step: int,
@@ -1720,17 +1553,20 @@ def end_of_epoch(raw: MML, optimizer, saved: dict, cfg: Config, epoch: int, step
     barrier()
     return best  # process 0's is the one that counts: only it saves
 
-def fit(cfg: Config, device: torch.device):
-    """Phases: data (`training_sets`, one loader iterator for the whole run), model (fresh, or
-    the checkpoint's on --resume), then the loop: per step `train_step`, per --log-every
-    steps a log line, per epoch (or on a stop signal) `end_of_epoch`: validate, save best.pt
-    and last.pt. Process 0 logs, validates and saves; the others wait at a barrier."""
+# Non-finite losses in a row that stop a run: one is skipped, ten mean the run has diverged.
+MAX_BAD_STEPS = 10
+
+def fit(cfg: Config):
+    """`train`. Phases: data (`training_sets`, one loader iterator for the whole run), model
+    (fresh, or the checkpoint's on --resume), then the loop: per step `train_step`, per
+    --log-every steps a log line, per epoch (or on a stop signal) `end_of_epoch`: validate,
+    save best.pt and last.pt. Process 0 logs, validates and saves; the others wait."""
     rank, world = rank_and_world()
-    out, root = Path(cfg.out), default_world(cfg)
-    # the checkpoint records the data as an absolute path: eval reads it from anywhere
-    cfg = dataclasses.replace(cfg, data=str(root.resolve()))
+    out, device = Path(cfg.out), device_of(cfg)
+    if rank == 0:  # before any data is read, not at the first save
+        writable_folder(out, "--out")
     ckpt = load_checkpoint(out / "last.pt", resume=True) if cfg.resume else None
-    train_set, val_set, tok = training_sets(cfg, root, ckpt)
+    train_set, val_set, tok = training_sets(cfg, ckpt)
 
     # A global batch never larger than the landmarks, and divisible by the process count.
     if cfg.batch_size % world:
@@ -1751,15 +1587,13 @@ def fit(cfg: Config, device: torch.device):
     # No per-rank seed offset is needed (nanoGPT has one for its data): every random draw of
     # the data is keyed by (seed, epoch, row) or by a sample's place in the global batch.
     raw, optimizer, towers = build_model(cfg, device, ckpt, out / "last.pt")
-    # the lr is a function of the step alone
-    warmup = max(1, round(cfg.warmup * total))
-    # best.pt: lowest validation loss, or highest R@1
-    lower_is_better = cfg.select == "loss"
-    best = ckpt["best"] if ckpt else (math.inf if lower_is_better else -math.inf)
+    # best.pt: the lowest validation loss, or the highest mean R@1
+    best = ckpt["best"] if ckpt else (math.inf if cfg.select == "loss" else -math.inf)
     if ckpt:
         print0(f"resumed {out / 'last.pt'} at step {step}")
-    elif rank == 0 and cfg.overwrite:
-        start_over(out)
+    elif rank == 0 and cfg.overwrite:  # what an earlier run of mml wrote here, nothing else
+        for name in ("last.pt", "best.pt", "log.jsonl", "eval/metrics.json"):
+            (out / name).unlink(missing_ok=True)
     # Keep `raw` for saving: checkpoints then never carry compile's `_orig_mod.` or DDP's
     # `module.` prefixes (nanoGPT and open_clip both had to patch those out later).
     model = torch.compile(raw) if cfg.compile else raw
@@ -1775,92 +1609,53 @@ def fit(cfg: Config, device: torch.device):
     n_trained = sum(p.numel() for p in raw.parameters() if p.requires_grad)
     print0(f"training {cfg.modalities} ({cfg.loss}: {' '.join(pairs)}), {n_params / 1e6:.2f}M "
            f"parameters ({n_trained / 1e6:.2f}M trained), {len(train_set)} landmarks "
-           f"({len(val_set)} held out) from {root}, batch {B} on {world} x {device.type}, "
+           f"({len(val_set)} held out) from {cfg.data}, batch {B} on {world} x {device.type}, "
            f"{steps_per_epoch} steps/epoch, {total} steps")
     log = TrainLog(out, step, total, B) if rank == 0 else None
-    # in every save
-    saved = {"config": dataclasses.asdict(cfg), "tokenizer": tok.to_str()}
+    saved = {"config": dataclasses.asdict(cfg), "tokenizer": tok.to_str()}  # in every save
     if towers:
         saved["towers"] = towers
-    batches = loader
-    if cfg.overfit_batch:  # one fixed batch, again and again: the loss must fall to ~0
-        batches = itertools.repeat(next(iter(loader)), total - step)
     # non-finite losses: in a row now, and in all
     bad_in_row, skipped, unreadable = 0, 0, []
     # TF32 for training, not for scores
-    with StopSignal() as stop, matmul_precision("high"):
-        for batch in batches:
+    with stop_signals() as stop, matmul_precision("high"):
+        for batch in loader:
             epoch = step // steps_per_epoch
             unreadable += [line for s in batch["bad"] for line in s.split("\n") if line]
-            lr = cfg.lr * lr_factor(step, total, warmup, cfg.schedule)
+            lr = lr_at(step, total, cfg)
             losses, scale, stopping = train_step(model, raw, optimizer, batch, cfg, pairs,
-                                                 epoch, step, lr, stop.signum > 0)
-            if math.isfinite(losses[0]):
-                bad_in_row = 0
-            else:
-                bad_in_row, skipped = bad_in_row + 1, skipped + 1
+                                                 epoch, step, lr, stop["signal"] > 0)
+            bad_in_row = 0 if math.isfinite(losses[0]) else bad_in_row + 1
+            if bad_in_row:
+                skipped += 1
                 print0(f"step {step}: loss is {losses[0]}, step skipped")
-                if bad_in_row >= cfg.max_bad_steps:
+                if bad_in_row >= MAX_BAD_STEPS:
                     raise UserError(f"{bad_in_row} non-finite losses in a row at step {step}: "
                                     f"stopping; the last good checkpoint is {out / 'last.pt'} "
                                     f"(try a lower --lr)")
             step += 1
             if log and (step % cfg.log_every == 0 or step == total or stopping):
                 log.step(epoch, step, dict(zip(["loss"] + list(pairs), losses)), lr, scale)
-            if step % steps_per_epoch == 0 or step >= total or stopping:
+            epoch_done = step % steps_per_epoch == 0 or step >= total
+            if epoch_done or stopping:
                 best = end_of_epoch(raw, optimizer, saved, cfg, epoch, step, best, unreadable,
-                                    val_set, pairs, device, log,
-                                    epoch_done=step % steps_per_epoch == 0 or step >= total)
+                                    val_set, pairs, device, log, epoch_done)
                 unreadable = []
             if stopping and step < total:
                 print0(f"stopped at step {step} of {total}: saved {out / 'last.pt'}; continue "
                        f"with `python mml.py train --out {out} --resume`")
-                raise SystemExit(128 + (stop.signum or signal.SIGTERM))
+                raise SystemExit(128 + (stop["signal"] or signal.SIGTERM))
     if log:
         log.done(step, skipped, cfg.select, best)
 
-class RunLock:
-    """One writer per run folder: an exclusive flock on OUT/train.lock while the `with` lasts.
-    The kernel drops a flock when its process dies, so a killed run's lock is never stale; the
-    file names the process that holds it."""
-
-    def __init__(self, out: Path):
-        self.path = out / "train.lock"
-
-    def __enter__(self):
-        self.file = open(self.path, "a+")
-        try:
-            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self.file.seek(0)
-            holder = self.file.read().strip() or "unknown"
-            self.file.close()
-            raise UserError(f"{self.path.parent}: another `train` is writing there (process "
-                            f"{holder}); wait for it to end, or stop it") from None
-        self.file.truncate(0)
-        self.file.write(f"{os.getpid()}\n")
-        self.file.flush()
-        return self
-
-    def __exit__(self, *exc):
-        self.file.close()  # and with it the lock
-
-def train(cfg: Config):
-    """`train`: the run folder checked and locked before any data is read, then `fit`."""
-    device = setup_distributed(cfg)
-    if is_master():
-        writable_folder(Path(cfg.out), "--out")
-    with RunLock(Path(cfg.out)) if is_master() else contextlib.nullcontext():
-        fit(cfg, device)
-
 # ---- eval ---------------------------------------------------------------------------------
-# PROTOCOL 3: every query ground photo is its own query; the aerial queries are the
-# latest tile of each query landmark; galleries are the index distractors (label -1) plus the
-# query split's own items; the GPS gallery is the index tiles' centres plus the query
-# landmarks' coordinates, and a geolocalisation guess is the top-1 GPS item. Evaluation is
-# in three parts: the protocol's sides (the named lists of items each task queries or
-# searches), something that embeds them (an mml checkpoint, any functions, or files of
-# embeddings made elsewhere), and `score`, which ranks, summarises and writes.
+# PROTOCOL 3: every query ground photo is its own query; the aerial queries are the latest
+# tile of each query landmark; galleries are the index distractors (label -1) plus the query
+# split's own items; the GPS gallery is the index tiles' centres plus the query landmarks'
+# coordinates, and a geolocalisation guess is the top-1 GPS item. Evaluation is in three
+# parts: the protocol's sides (the named lists of items each task queries or searches),
+# functions that embed them (`Functions`; an mml checkpoint is one), and `score`, which
+# ranks, summarises and writes.
 
 TASKS = ("G2S", "S2G", "G2C", "S2C", "T2G", "T2S", "T2C")
 TEXT_MODES = ("first", "random", "no_cues")
@@ -1887,31 +1682,30 @@ class Task:
         gallery = {"G": "gallery_ground", "S": "gallery_satellite", "C": "gallery_gps"}
         return (query, gallery[self.gallery]) + ("open_gps",) * self.geo
 
-def task_list(names: str, query_text: str = "first,random,no_cues") -> list[Task]:
+ALL_TASKS = [Task(t, t[0], t[2]) for t in TASKS if t[0] != "T"] + [
+    Task(f"{t}-{m}", "T", t[2], m) for t in TASKS if t[0] == "T" for m in TEXT_MODES]
+
+def task_list(names: str) -> list[Task]:
     """The tasks to run: all of them, or those named (T2C picks T2C in every sentence mode);
     names in any case, spaces allowed after commas."""
-    every = [Task(t, t[0], t[2]) for t in TASKS if t[0] != "T"] + [
-        Task(f"{t}-{m}", "T", t[2], m) for t in TASKS if t[0] == "T"
-        for m in query_text.split(",")]
     chosen = []
     for name in filter(None, (n.strip().lower() for n in names.split(","))):
-        match = [t for t in every if name in (t.name.lower(), t.name.split("-")[0].lower())]
+        match = [t for t in ALL_TASKS if name in (t.name.lower(), t.name.split("-")[0].lower())]
         if not match:
             raise UserError(f"--tasks: no task {name!r} (known: "
-                            f"{', '.join(t.name for t in every)})")
+                            f"{', '.join(t.name for t in ALL_TASKS)})")
         chosen += match
-    return list(dict.fromkeys(chosen)) or every
+    return list(dict.fromkeys(chosen)) or ALL_TASKS
 
 @dataclass
 class Side:
-    """One side of the protocol: its items in a fixed order, the same for every model. What
-    `--export` writes, `--embeddings` reads and every embedder embeds."""
+    """One side of the protocol: its items in a fixed order, the same for every model."""
     name: str
     modality: str                # what embeds it: G, S (images), T (sentences), C (points)
     labels: torch.Tensor         # (N,) landmark ids; -1 marks a distractor
     ids: list[str]               # image ids; landmark ids for sentences and query points
     latlon: torch.Tensor | None  # (N, 2) float64 degrees, where known
-    show: list                   # what a row is: a file path, a sentence, or None (a point)
+    show: list                   # what a row is: a file path, a sentence, or a place's name
     items: object                # images: [(split folder, kind, ids)]; sentences; (N, 2) points
 
 class Protocol:
@@ -1923,12 +1717,15 @@ class Protocol:
         self.index = read_index(root, required=False)
         self.lm = torch.as_tensor(self.query.ids)                                  # (Q,)
         self.latlon = torch.as_tensor(self.query.latlon, dtype=torch.float64)      # (Q, 2)
-        self.drawn = {}  # the sentence sides, by mode
+        self.built = {}
 
     def side(self, name: str) -> Side:
-        if name.startswith("query_text_"):
-            return self.sentences(name[len("query_text_"):])
-        return getattr(self, name)
+        if name not in self.built:
+            if name.startswith("query_text_"):
+                self.built[name] = self.sentences(name[len("query_text_"):])
+            else:
+                self.built[name] = getattr(self, name)()
+        return self.built[name]
 
     def images(self, name: str, kind: str, parts: list, labels, latlon=None) -> Side:
         """An image side of parts (split folder, kind, ids), in order."""
@@ -1936,7 +1733,6 @@ class Protocol:
         show = [shard(d, k, i) for d, k, part in parts for i in part]
         return Side(name, LETTER[kind], labels, ids, latlon, show, parts)
 
-    @functools.cached_property
     def query_ground(self) -> Side:
         """Every query ground photo, labelled with its landmark: each is its own query."""
         q, per_landmark = self.query, torch.tensor([len(g) for g in self.query.ground])
@@ -1944,7 +1740,6 @@ class Protocol:
                            self.lm.repeat_interleave(per_landmark),
                            self.latlon.repeat_interleave(per_landmark, dim=0))
 
-    @functools.cached_property
     def query_satellite(self) -> Side:
         """The latest aerial image of each query landmark."""
         return self.images("query_satellite", "satellite",
@@ -1957,26 +1752,20 @@ class Protocol:
         return self.images(f"gallery_{kind}", kind,
                            [(self.index.dir, kind, distractors), *own.items], labels)
 
-    @functools.cached_property
     def gallery_ground(self) -> Side:
-        """The index photos, then every query photo."""
-        return self.image_gallery("ground", self.index.ground, self.query_ground)
+        return self.image_gallery("ground", self.index.ground, self.side("query_ground"))
 
-    @functools.cached_property
     def gallery_satellite(self) -> Side:
-        """The index tiles, then each query landmark's latest tile."""
-        return self.image_gallery("satellite", self.index.sat, self.query_satellite)
+        return self.image_gallery("satellite", self.index.sat, self.side("query_satellite"))
 
-    @functools.cached_property
     def gallery_gps(self) -> Side:
         """The index tiles' centres, then the query landmarks' coordinates: the protocol's,
         where every query's true location is among the answers."""
         points = torch.cat([torch.as_tensor(self.index.sat_latlon), self.latlon])
         labels = torch.cat([torch.full((len(self.index.sat),), -1), self.lm])
         ids = self.index.sat + [str(i) for i in self.query.ids.tolist()]
-        return Side("gallery_gps", "C", labels, ids, points, [None] * len(ids), points)
+        return Side("gallery_gps", "C", labels, ids, points, [""] * len(ids), points)
 
-    @functools.cached_property
     def open_gps(self) -> Side:
         """The index tiles' centres and the training landmarks, no query landmark: where a
         geolocaliser has to find a place it has not been given (`locate`'s default)."""
@@ -1990,26 +1779,18 @@ class Protocol:
         (eval_dataset.py, _load_text_data): one random.Random(42) stream over the rows of
         mml_query_text.csv in file order, a section, a paragraph and a piece each, so they
         are part of the protocol and no option changes them."""
-        q = self.query
-        if mode not in self.drawn:
-            if mode == "no_cues":
-                texts = q.no_cues
-            else:
-                table, rng, texts = self.articles, random.Random(42), [""] * len(q.ids)
-                for n in q.text_order:
-                    texts[n] = table.texts[table.pick(n, mode, rng)]
-            ids = [str(i) for i in q.ids.tolist()]
-            self.drawn[mode] = Side(f"query_text_{mode}", "T", self.lm, ids, self.latlon, texts,
-                                    texts)
-        return self.drawn[mode]
-
-    @functools.cached_property
-    def articles(self) -> "Sentences":
-        """Every sentence of the query articles, read once for the first and random modes."""
-        articles, bad = read_articles(self.query)
-        if bad:
-            raise UserError(f"{bad[0]} (evaluation needs every file of the protocol)")
-        return Sentences(articles, None, "random")
+        q, texts = self.query, self.query.no_cues
+        if mode != "no_cues":
+            if "articles" not in self.built:  # read once for the first and random modes
+                articles, bad = read_articles(q)
+                if bad:
+                    raise UserError(f"{bad[0]} (evaluation needs every file of the protocol)")
+                self.built["articles"] = Sentences(articles, None, "random")
+            table, rng, texts = self.built["articles"], random.Random(42), [""] * len(q.ids)
+            for n in q.text_order:
+                texts[n] = table.texts[table.pick(n, mode, rng)]
+        ids = [str(i) for i in q.ids.tolist()]
+        return Side(f"query_text_{mode}", "T", self.lm, ids, self.latlon, texts, texts)
 
     def missing(self, task: Task) -> str:
         """Why the data cannot run a task ("" when it can)."""
@@ -2021,16 +1802,6 @@ class Protocol:
             return f"{self.query.dir / 'mml_query_text_sentences.csv'}: not found"
         return ""
 
-    @functools.cached_property
-    def groups(self) -> dict | None:
-        """{"category" | "state": {landmark id: its group}} from mmlandmarks.csv, or None."""
-        path = self.root / "mmlandmarks.csv"
-        if not path.is_file() or not {"category", "state"} <= set(csv_header(path)):
-            return None
-        table = read_table(path, ["landmark_id", "category", "state"])
-        ids = unique_landmarks(path, table)
-        return {g: dict(zip(ids, table[g])) for g in ("category", "state")}
-
 def open_gallery(root: Path) -> tuple[torch.Tensor, list[str]]:
     """(N, 2) lat/lon and names: the index tiles' centres (no name), then the training
     landmarks (named by their Commons category). Never the query landmarks: they are the test."""
@@ -2039,7 +1810,7 @@ def open_gallery(root: Path) -> tuple[torch.Tensor, list[str]]:
         raise UserError(f"{index.dir / 'mml_index_satellite.csv'}: file not found (the open "
                         f"gallery holds the index tiles' centres)")
     path = check_root(root, "train") / "mml_train.csv"
-    train = read_table(path, ["CommonsCategory", "lat", "lon"])
+    train = read_csv(path, ["CommonsCategory", "lat", "lon"])
     latlon = np.concatenate([index.sat_latlon, parse_latlon(path, train)])   # (N, 2) float64
     return torch.as_tensor(latlon), [""] * len(index.sat) + train["CommonsCategory"]
 
@@ -2074,12 +1845,13 @@ def gather_rows(x: torch.Tensor, n: int) -> torch.Tensor:
     return torch.cat([p[:s] for p, s in zip(parts, sizes)])
 
 @torch.no_grad()
-def embed(encoder, data, what: str, cfg: Config, device, inputs_on=None) -> torch.Tensor:
+def embed(fn, data, what: str, cfg: Config, device, spread: bool = True) -> torch.Tensor:
     """(N, D) float32 embeddings on `device`, in batches of --eval-batch: of an ImageList, a
-    list of sentences or a tensor of inputs (tokens, points, features). Each batch is handed
-    to `encoder` on `inputs_on` (default: device). Under torchrun each process embeds its
-    share and all receive every row."""
-    rank, world = rank_and_world()
+    list of sentences, or a tensor of points or features, each batch handed to fn on the
+    CPU. What fn returns is held to the protocol batch by batch: (n, D) floats, the same D in
+    every batch, every row finite. Under torchrun (and with `spread`) each process embeds its
+    share, and all receive every row."""
+    rank, world = rank_and_world() if spread else (0, 1)
     n, B = len(data), cfg.eval_batch
     lo, hi = n * rank // world, n * (rank + 1) // world
     if isinstance(data, torch.utils.data.Dataset):
@@ -2088,117 +1860,101 @@ def embed(encoder, data, what: str, cfg: Config, device, inputs_on=None) -> torc
             num_workers=cfg.workers, pin_memory=device.type == "cuda")
     else:
         batches = ((data[s:min(s + B, hi)], ()) for s in range(lo, hi, B))
-    parts, t0, t_print = [], time.time(), time.time()
+    parts, done, t0, t_print = [], lo, time.time(), time.time()
     for x, errors in batches:
         bad = [e for e in errors if e]
         if bad:  # unlike training: a missing gallery image would change the benchmark
             raise UserError(f"{bad[0]} (evaluation needs every file of the protocol)")
-        if torch.is_tensor(x):
-            x = to_device({"x": x}, inputs_on or device)["x"]
-        with autocast_for(device, cfg):
-            parts.append(embedding_rows(encoder(x), len(x), what).to(device))
-        done = sum(len(p) for p in parts) * world
+        out = batch_rows(fn(x), len(x), what, parts[0].shape[1] if parts else None, done)
+        parts.append(out.to(device))
+        done += len(out)
         if time.time() - t_print > 10:
-            rate = done / (time.time() - t0)
-            eta = fmt_time((n - done) / rate)
-            print0(f"  embedding {what}: {done}/{n}, {rate:.0f}/s, ETA {eta}")
+            rate = (done - lo) * world / (time.time() - t0)
+            print0(f"  embedding {what}: {done * world}/{n}, {rate:.0f}/s, "
+                   f"ETA {fmt_time((n - done * world) / rate)}")
             t_print = time.time()
-    emb = torch.cat(parts) if parts else torch.zeros(0, cfg.embed_dim, device=device)
+    emb = torch.cat(parts) if parts else torch.zeros(0, 1, device=device)
     return gather_rows(emb, n) if world > 1 else emb
 
-def embedding_rows(out, n: int, what: str) -> torch.Tensor:
-    """An encoder's output for n inputs as (n, D) float32: what any encoder must return."""
+def batch_rows(out, n: int, what: str, width: int | None = None, first: int = 0):
+    """What an encoder returned for a batch of n, held to the protocol: (n, D) floats, D the
+    width of its earlier batches, every row finite. Rows number from `first` in messages."""
     out = out if torch.is_tensor(out) else torch.as_tensor(np.asarray(out))
-    if out.dim() != 2 or len(out) != n or not out.is_floating_point():
+    if out.dim() != 2 or len(out) != n or not out.is_floating_point() or (
+            width is not None and out.shape[1] != width):
         raise UserError(f"{what}: the encoder returned {tuple(out.shape)} {out.dtype} for a "
-                        f"batch of {n}; expected ({n}, D) floats")
+                        f"batch of {n}; expected ({n}, {width or 'D'}) floats")
+    finite = torch.isfinite(out).all(1)
+    if not bool(finite.all()):
+        row = first + int(torch.nonzero(~finite)[0])
+        raise UserError(f"{what}: the embedding of row {row} is not finite (NaN or inf)")
     return out.float()
 
-def checked(emb: torch.Tensor, side: Side, what: str) -> torch.Tensor:
-    """A side's embeddings, held to the protocol: a row per item, finite, unit length (rows
-    that are not are normalised, with a warning: cosine scores need unit vectors)."""
-    if emb.dim() != 2 or len(emb) != len(side.ids):
-        raise UserError(f"{what}: {tuple(emb.shape)} embeddings for the {len(side.ids)} rows of "
-                        f"{side.name}; expected ({len(side.ids)}, D)")
-    if not bool(torch.isfinite(emb).all()):
-        bad = int(torch.nonzero(~torch.isfinite(emb).all(1))[0])
-        raise UserError(f"{what}: row {bad} of {side.name} is not finite (NaN or inf)")
-    norms = emb.norm(dim=1)
+def unit_rows(emb: torch.Tensor, side: Side) -> torch.Tensor:
+    """A side's embeddings as unit vectors, which cosine scores need: rows that are not are
+    normalised (with a warning); a zero row, which has no direction, is one line. Norms in
+    float64: a float32 norm of rows past about 1e19 overflows, and would zero them."""
+    norms = emb.double().norm(dim=1, keepdim=True)                             # (N, 1)
+    if bool((norms == 0).any()):
+        row = int(torch.nonzero(norms[:, 0] == 0)[0])
+        raise UserError(f"{side.name}: the embedding of row {row} is zero (no direction)")
     if bool(((norms - 1).abs() > 1e-3).any()):
-        print0(f"warning: {what}: {int(((norms - 1).abs() > 1e-3).sum())} rows of {side.name} "
-               f"are not unit vectors; normalising them")
-        emb = F.normalize(emb, dim=-1)
+        print0(f"warning: {int(((norms - 1).abs() > 1e-3).sum())} rows of {side.name} are not "
+               f"unit vectors; normalising them")
+        emb = (emb.double() / norms).float()
     return emb
-
-def device_for(cfg: Config) -> torch.device:
-    cuda = cfg.device != "cpu" and torch.cuda.is_available()
-    return torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
 
 class Functions:
     """Any encoders, as functions of a batch: {"G" or "S": (B, 3, H, H) uint8 images decoded
-    by --resize to img_size, "T": a list of B strings, "C": (B, 2) float64 lat/lon} -> (B, D),
-    a tensor or array. Batches are handed over on the CPU."""
+    by --resize to img_size, "T": a list of B strings, "C": (B, 2) float64 lat/lon} -> (B, D)
+    floats, a tensor or an array. Batches are handed over on the CPU."""
 
     def __init__(self, fns: dict, cfg: Config):
         self.fns, self.cfg = fns, cfg
 
     def missing(self, task: Task) -> str:
-        return encoders_lacking(task, "".join(m for m in "GSTC" if m in self.fns))
+        absent = [m for m in task.query + task.gallery if m not in self.fns]
+        return f"no {MODALITY[absent[0]]} encoder" if absent else ""
 
-    def embed_side(self, side: Side, root: Path) -> torch.Tensor:
+    def width(self, m: str) -> int:
+        """The width D of modality m's embeddings, from a batch of one blank input."""
+        side = self.cfg.img_size
+        blank = {"T": ["a"], "C": torch.zeros(1, 2, dtype=torch.float64)}.get(
+            m, torch.zeros(1, 3, side, side, dtype=torch.uint8))
+        return batch_rows(self.fns[m](blank), 1, f"{MODALITY[m]} encoder").shape[1]
+
+    def embed_side(self, side: Side) -> torch.Tensor:
         data = ImageList(side.items, self.cfg) if side.modality in "GS" else side.items
-        return embed(self.fns[side.modality], data, f"encoder {side.modality} on {side.name}",
-                     self.cfg, device_for(self.cfg), torch.device("cpu"))
+        return embed(self.fns[side.modality], data, f"{MODALITY[side.modality]} encoder on "
+                     f"{side.name}", self.cfg, device_of(self.cfg))
 
-class Files:
-    """Embeddings made elsewhere: FOLDER/{side}.npy, (N, D) rows in the order of the CSV that
-    `eval --export` wrote for that side."""
-
-    def __init__(self, folder: Path, cfg: Config):
-        self.folder, self.cfg = folder, cfg
-
-    def missing(self, task: Task) -> str:
-        lacking = [s for s in task.sides if not (self.folder / f"{s}.npy").is_file()]
-        return f"{self.folder / lacking[0]}.npy: not found" if lacking else ""
-
-    def embed_side(self, side: Side, root: Path) -> torch.Tensor:
-        path = self.folder / f"{side.name}.npy"
-        if not path.is_file():
-            raise UserError(f"{path}: not found (embed the rows of {side.name}.csv, which "
-                            f"`eval --export` writes, in order)")
-        try:
-            array = np.load(path, allow_pickle=False)  # never a pickle
-        except (OSError, ValueError) as e:
-            raise UserError(f"{path}: not a readable .npy file ({e})") from None
-        if array.dtype.kind != "f":
-            raise UserError(f"{path}: {array.dtype} values; expected floats")
-        return torch.from_numpy(array.astype(np.float32)).to(device_for(self.cfg))
-
-def score(protocol: Protocol, embedder, tasks: list[Task], cfg: Config, source: dict,
-          config: dict | None = None) -> dict:
+def score(protocol: Protocol, embedder: Functions, tasks: list[Task], cfg: Config,
+          source: dict) -> dict:
     """The protocol's tasks, embedded by `embedder` (each side once, shared between tasks):
     rank, summarise official and strict metrics (and for x2C the geolocalisation, against the
-    protocol's gallery and the open one), break them down by category and state, write the
-    task's CSV and, with --viz, its picture; finally merge metrics.json and print the tables.
-    Returns {task: results}."""
+    protocol's gallery and the open one), write each task's CSV and its entry of
+    metrics.json together, with --viz its picture; then print the tables. A task whose two
+    sides have different widths is named before any embedding, and the others still run."""
     rank, _ = rank_and_world()
-    device, out, embedded, results = device_for(cfg), Path(cfg.out) / "eval", {}, {}
-
-    def side(name: str) -> tuple[Side, torch.Tensor]:
-        if name not in embedded:
-            s = protocol.side(name)
-            embedded[name] = s, checked(embedder.embed_side(s, protocol.root), s, source_name(
-                source))
-        return embedded[name]
-    for task in tasks:
-        (q, q_emb), (g, g_emb) = side(task.sides[0]), side(task.sides[1])
-        opened = side("open_gps") if task.geo else None
+    device, out, embedded, results = device_of(cfg), Path(cfg.out) / "eval", {}, {}
+    widths = {m: embedder.width(m) for m in dict.fromkeys(m for t in tasks for m in
+                                                             t.query + t.gallery)}
+    clash = [f"{t.name}: {MODALITY[t.query]} embeddings are {widths[t.query]}-d, "
+             f"{MODALITY[t.gallery]} {widths[t.gallery]}-d; a task's two sides share one space"
+             for t in tasks if widths[t.query] != widths[t.gallery]]
+    for line in clash:
+        print0(f"skipping {line}")
+    for task in (t for t in tasks if widths[t.query] == widths[t.gallery]):
+        sides = []
+        for name in task.sides:
+            if name not in embedded:
+                s = protocol.side(name)
+                embedded[name] = s, unit_rows(embedder.embed_side(s), s)
+            sides.append(embedded[name])
         # every process embeds its share above; process 0 ranks and reports
         if rank != 0:
             continue
-        if q_emb.shape[1] != g_emb.shape[1]:
-            raise UserError(f"{task.name}: {q.name} is {q_emb.shape[1]}-d, {g.name} "
-                            f"{g_emb.shape[1]}-d; a task's two sides share one space")
+        (q, q_emb), (g, g_emb) = sides[:2]
         t0 = time.time()
         ranks = rank_queries(q_emb, g_emb, q.labels.to(device), g.labels.to(device),
                              chunk=cfg.chunk)
@@ -2208,7 +1964,7 @@ def score(protocol: Protocol, embedder, tasks: list[Task], cfg: Config, source: 
         columns = per_query(ranks, q, g)
         # the guess is the top-1 point: from the ranking, and from the open one
         if task.geo:
-            for block, (gallery, emb) in (("geo", (g, g_emb)), ("geo_open", opened)):
+            for block, (gallery, emb) in (("geo", (g, g_emb)), ("geo_open", sides[2])):
                 top = ranks["top"][:, 0] if block == "geo" else nearest(q_emb, emb, cfg.chunk)
                 pred = gallery.latlon[top.cpu()]
                 km = haversine_km(pred, q.latlon)
@@ -2217,34 +1973,36 @@ def score(protocol: Protocol, embedder, tasks: list[Task], cfg: Config, source: 
                 columns[f"{prefix}pred_lat"] = [f"{v:.6f}" for v in pred[:, 0].tolist()]
                 columns[f"{prefix}pred_lon"] = [f"{v:.6f}" for v in pred[:, 1].tolist()]
                 columns[f"{prefix}error_km"] = [f"{v:.3f}" for v in km.tolist()]
-        # printed, not in metrics.json: it holds results alone
-        seconds = time.time() - t0
-        res |= breakdowns(protocol, task, q, columns)
-        write_atomically(out / f"{task.name}.csv", lambda tmp: write_csv(
-            tmp, list(columns), zip(*columns.values())))
-        results[task.name] = res
         print(f"{task.name}: {len(q.ids)} queries x {len(g.ids)} gallery ({res['distractors']} "
-              f"distractors) ranked in {seconds:.2f}s", flush=True)
+              f"distractors) ranked in {time.time() - t0:.2f}s", flush=True)
+        # the CSV, then its entry in metrics.json with the CSV's digest: `compare` refuses a
+        # CSV that is not the one its entry describes (another eval's, or a cut one)
+        text = io.StringIO()
+        csv.writer(text).writerows([list(columns), *zip(*columns.values())])
+        data = text.getvalue().encode()
+        write_atomically(out / f"{task.name}.csv", lambda tmp: tmp.write_bytes(data))
+        res["csv_sha256"] = hashlib.sha256(data).hexdigest()
+        results[task.name] = res | source
+        write_metrics(out / "metrics.json", {task.name: results[task.name]}, cfg, device, source)
         if cfg.viz:
-            draw_task(task, protocol, q, g, q_emb, g_emb, ranks, columns,
-                      out / f"{task.name}.png", cfg)
+            draw_grid(task, q, g, q_emb, g_emb, ranks, columns, out / f"{task.name}.png")
     if rank == 0 and results:
-        write_metrics(out / "metrics.json", results, cfg, device, source, config)
-        print_tables(results, cfg.by)
+        print_tables(results)
         if cfg.viz and "checkpoint" in source:
             draw_curves(Path(source["checkpoint"]).parent / "log.jsonl", out / "curves.png")
         print(f"\nper-query results{', pictures' if cfg.viz else ''} and metrics.json in {out}/")
     barrier()
+    if clash:
+        raise UserError(f"{clash[0]}" + (f" (and {len(clash) - 1} more)" if len(clash) > 1 else ""))
     return results
-
-def source_name(source: dict) -> str:
-    return next(str(source[k]) for k in ("checkpoint", "embeddings", "encoders") if k in source)
 
 def per_query(ranks: dict, q: Side, g: Side) -> dict:
     """The task's CSV, column by column: per query its 1-based rank (strict and official), its
-    AP (what `compare` resamples), its top 5 and which of them are its landmark."""
+    AP (what `compare` resamples), its top 5 and which of them are its landmark; for a
+    sentence task the sentence asked."""
     hits = (g.labels[ranks["top"].cpu()] == q.labels[:, None]).int()               # (Q, 5)
-    return {"query_id": q.ids, "landmark_id": q.labels.tolist(),
+    sentence = {"query_text": q.show} if q.modality == "T" else {}
+    return {"query_id": q.ids, "landmark_id": q.labels.tolist(), **sentence,
             "rank_strict": (ranks["first_strict"] + 1).tolist(),
             "rank_official": (ranks["first_official"] + 1).tolist(),
             "ap_strict": [f"{v:.6f}" for v in ranks["ap_strict"].tolist()],
@@ -2252,98 +2010,45 @@ def per_query(ranks: dict, q: Side, g: Side) -> dict:
             "top5": [" ".join(g.ids[j] for j in row) for row in ranks["top"].tolist()],
             "top5_hits": [" ".join(map(str, row)) for row in hits.tolist()]}
 
-def breakdowns(protocol: Protocol, task: Task, q: Side, columns: dict) -> dict:
-    """Per landmark category and per state (mmlandmarks.csv): the number of queries and R@1
-    (official) for retrieval, acc@25km and acc@750km for geolocalisation."""
-    if protocol.groups is None:
-        return {}
-    values = {"R@1": [100.0 * (r == 1) for r in columns["rank_official"]]}
-    if task.geo:
-        km = [float(k) for k in columns["error_km"]]
-        values = {f"acc@{t}km": [100.0 * (k <= t) for k in km] for t in (25, 750)}
-    out = {}
-    for by, group_of in protocol.groups.items():
-        groups = {}
-        for n, lm in enumerate(q.labels.tolist()):
-            groups.setdefault(group_of.get(lm, "?"), []).append(n)
-        out[f"by_{by}"] = {name: {"queries": len(rows), **{k: sum(v[r] for r in rows) / len(rows)
-                                                          for k, v in values.items()}}
-                           for name, rows in sorted(groups.items())}
-    return out
-
 def items_digest(q: Side, g: Side) -> str:
     """What a task was scored on: its queries and gallery, ids and labels (compare refuses
     runs whose digests differ)."""
     h = hashlib.sha256(json.dumps([q.ids, q.labels.tolist(), g.ids, g.labels.tolist()]).encode())
     return h.hexdigest()[:16]
 
-def write_metrics(path: Path, results: dict, cfg: Config, device, source: dict, config):
-    """metrics.json, merged by task: results of other tasks (other checkpoints) stay, each
-    naming its source and data; the evaluation's own record at the top."""
+def write_metrics(path: Path, results: dict, cfg: Config, device, source: dict):
+    """metrics.json, merged by task: the results of other tasks (other checkpoints) stay,
+    each naming its source; the latest evaluation's own record at the top."""
     earlier = {}
     if path.is_file():
         try:
-            earlier = json.loads(path.read_text(encoding="utf-8"))["tasks"]
+            earlier = dict(json.loads(path.read_text(encoding="utf-8"))["tasks"])
         except (ValueError, KeyError, TypeError):
             print(f"warning: {path}: not a metrics.json mml wrote; replacing it")
-    merged = {**source, **provenance(cfg, device), "config": config,
-              "tasks": earlier | {t: {**r, **source} for t, r in results.items()}}
+    merged = {**source, **provenance(cfg, device), "tasks": earlier | results}
     write_atomically(path, lambda tmp: tmp.write_text(json.dumps(merged, indent=1)))
 
 def provenance(cfg: Config, device: torch.device) -> dict:
     """What metrics.json records of the evaluation itself: its options, the code (mml.py's
     sha256 and, in a git checkout, the commit), torch, the device and the date."""
     here, commit = Path(__file__).resolve(), None
-    try:
+    with contextlib.suppress(OSError, subprocess.SubprocessError):  # no git on this machine
         git = subprocess.run(["git", "-C", str(here.parent), "rev-parse", "HEAD"],
                              capture_output=True, text=True, timeout=10)
         commit = git.stdout.strip() if git.returncode == 0 else None
-    except (OSError, subprocess.SubprocessError):  # no git on this machine
-        pass
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    return {"eval": {k: getattr(cfg, k) for k in EVAL_OPTIONS},
+    return {"eval": {k: getattr(cfg, k) for k in ("tasks", "chunk", "eval_batch", "img_size",
+                                                   "resize")},
             "code": {"mml_sha256": hashlib.sha256(here.read_bytes()).hexdigest(), "git": commit},
-            "torch": torch.__version__, "device": name,
+            "torch": torch.__version__,
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
-EVAL_OPTIONS = ("tasks", "query_text", "chunk", "eval_batch", "img_size", "resize", "seed",
-                "viz_queries")
-
-def evaluate(cfg: Config):
-    """`eval`: the protocol on the data, embedded by the checkpoint (--ckpt) or read from
-    files (--embeddings); or, with --export, the protocol's sides written for another model
-    to embed. Tasks the data or the model cannot run are named and skipped."""
-    device = setup_distributed(cfg)
-    if is_master() and not cfg.export:  # before the hours of embedding, not after them
-        writable_folder(Path(cfg.out) / "eval", "--out")
-    # never generated here: a checkpoint names its data
-    root = check_root(Path(cfg.data))
-    protocol = Protocol(root)
-    if cfg.export:
-        return export_protocol(protocol, runnable(protocol, cfg), Path(cfg.export))
-    if cfg.embeddings:
-        embedder, config = Files(Path(cfg.embeddings), cfg), None
-        source = {"data": str(root), "embeddings": str(Path(cfg.embeddings).resolve())}
-    else:
-        embedder = Checkpoint(cfg.ckpt, device, cfg.clip, cfg.eval_batch, cfg.workers,
-                              cfg.cache)
-        config = embedder.config
-        source = {"data": str(root), "checkpoint": str(cfg.ckpt), "step": embedder.step,
-                  "epoch": embedder.epoch}
-    print0(f"evaluating {source_name(source)} on {root}")
-    score(protocol, embedder, runnable(protocol, cfg, embedder), cfg, source, config)
-
-def encoders_lacking(task: Task, modalities: str) -> str:
-    """Why encoders of these modalities cannot run a task ("" when they can)."""
-    absent = [m for m in task.query + task.gallery if m not in modalities]
-    return f"no {MODALITY[absent[0]]} encoder (the model has {modalities})" if absent else ""
-
-def runnable(protocol: Protocol, cfg: Config, embedder=None) -> list[Task]:
+def runnable(protocol: Protocol, cfg: Config, embedder: Functions) -> list[Task]:
     """The tasks asked for that the data and the embedder can run: one asked for by name and
     impossible is an error, one of all the tasks a note."""
     tasks = []
-    for task in task_list(cfg.tasks, cfg.query_text):
-        why = protocol.missing(task) or (embedder.missing(task) if embedder else "")
+    for task in task_list(cfg.tasks):
+        why = protocol.missing(task) or embedder.missing(task)
         if why and cfg.tasks:
             raise UserError(f"task {task.name}: {why}")
         if why:
@@ -2352,25 +2057,23 @@ def runnable(protocol: Protocol, cfg: Config, embedder=None) -> list[Task]:
             tasks.append(task)
     return tasks
 
-def export_protocol(protocol: Protocol, tasks: list[Task], folder: Path):
-    """`eval --export DIR`: every side of the tasks as DIR/{side}.csv (row, id, item: a file
-    path or a sentence, landmark: its id or -1 for a distractor, lat, lon where known), and
-    DIR/tasks.json naming each task's sides. Embed each CSV's rows, in order, into
-    DIR/{side}.npy of shape (rows, D), then score them with `eval --embeddings DIR`."""
-    writable_folder(folder, "--export")
-    names = list(dict.fromkeys(name for t in tasks for name in t.sides))
-    for name in names:
-        s = protocol.side(name)
-        latlon = s.latlon.tolist() if s.latlon is not None else [("", "")] * len(s.ids)
-        rows = [(n, i, "" if shown is None else shown, label, lat, lon) for n, (
-            i, shown, label, (lat, lon)) in enumerate(zip(s.ids, s.show, s.labels.tolist(),
-                                                           latlon))]
-        write_atomically(folder / f"{name}.csv", lambda tmp: write_csv(
-            tmp, ["row", "id", "item", "landmark", "lat", "lon"], rows))
-    sides = {t.name: dict(zip(("queries", "gallery", "open_gallery"), t.sides)) for t in tasks}
-    write_atomically(folder / "tasks.json", lambda tmp: tmp.write_text(json.dumps(sides, indent=1)))
-    print(f"{len(names)} sides of {len(tasks)} tasks in {folder}/: embed each {{side}}.csv into "
-          f"{{side}}.npy, then `python mml.py eval --embeddings {folder} --data {protocol.root}`")
+def evaluate(cfg: Config):
+    """`eval`: the protocol on the checkpoint's data (or --data; never generated here),
+    embedded by the checkpoint. The tasks the data or the model cannot run are named and
+    skipped."""
+    if is_master():  # before the hours of embedding, not after them
+        writable_folder(Path(cfg.out) / "eval", "--out")
+    model = Checkpoint(cfg.ckpt, device_of(cfg), cfg.clip, cfg.eval_batch, cfg.workers,
+                       cfg.cache)
+    cfg = dataclasses.replace(cfg, data=cfg.data or model.cfg.data, img_size=model.cfg.img_size,
+                              resize=model.cfg.resize)
+    if not cfg.data:
+        raise UserError(f"--data: name the dataset root ({cfg.ckpt} names none)")
+    protocol = Protocol(Path(cfg.data))
+    source = {"data": cfg.data, "checkpoint": str(cfg.ckpt), "step": model.step,
+              "epoch": model.epoch, "config": model.config}
+    print0(f"evaluating {cfg.ckpt} on {cfg.data}")
+    score(protocol, model, runnable(protocol, cfg, model), cfg, source)
 
 @torch.no_grad()
 def nearest(q: torch.Tensor, g: torch.Tensor, chunk: int = 512) -> torch.Tensor:
@@ -2378,10 +2081,9 @@ def nearest(q: torch.Tensor, g: torch.Tensor, chunk: int = 512) -> torch.Tensor:
     with matmul_precision("highest"):
         return torch.cat([(part @ g.float().T).argmax(1) for part in q.float().split(chunk)])
 
-def print_tables(results: dict, by: str = ""):
-    """The results laid out like the authors' tables (PROTOCOL 5), then the
-    geolocalisation against the protocol's GPS gallery and against the open one, and with
-    --by, the breakdown by category or state."""
+def print_tables(results: dict):
+    """The results laid out like the authors' tables (PROTOCOL 5), then the geolocalisation
+    against the protocol's GPS gallery and against the open one."""
     cols = ("mAP@1k", "R@1", "R@5", "R@10")
     print(f"\n{'task':<16}{'medR':>8} | official (distractors as junk)      | strict "
           f"(distractors ranked)")
@@ -2401,17 +2103,11 @@ def print_tables(results: dict, by: str = ""):
                   + "   (% of queries within; median error)")
             for task, g in geo.items():
                 print(f"{task:<16}" + "".join(f"{g[k]:>11.1f}" for k in keys))
-    if by:
-        print(f"\nby {by} (queries; R@1, or acc@25km and acc@750km for geolocalisation)")
-        for task, r in results.items():
-            for group, v in r.get(f"by_{by}", {}).items():
-                print(f"{task:<16}{group[:28]:<30}{v['queries']:>7}" + "".join(
-                    f"{x:>9.1f}" for k, x in v.items() if k != "queries"))
 
-# ---- using a model: checkpoints, the Python API, locate -----------------------------------
+# ---- using a model: checkpoints, the Python API ------------------------------------------
 # A checkpoint is checked before use and never unpickled; `load` makes it an embedder (what
-# `eval` and `Locator` use, and what a researcher's script calls); `evaluate_encoders` scores
-# any functions on the protocol; `locate` answers where a photo or a sentence is.
+# `eval` and `locate` use, and what a researcher's script calls); `evaluate_encoders` scores
+# any functions on the protocol.
 
 # What a checkpoint must hold, and of which type; --resume needs the training state too.
 CHECKPOINT_PARTS = {"model": dict, "config": dict, "tokenizer": str, "step": int, "epoch": int}
@@ -2420,24 +2116,37 @@ RESUME_PARTS = {"optimizer": dict, "torch_rng": torch.Tensor, "best": (int, floa
 def load_tensors(path: Path, what: str, expect: type = dict):
     """torch.load that never runs code: weights_only=True unpickles tensors, numbers, strings,
     lists and dicts only. A file that needs more could execute anything while loading (a
-    checkpoint is a pickle), so it is refused, never unpickled."""
+    checkpoint is a pickle), so it is refused, never unpickled. A state dict's keys must be
+    names and its values tensors."""
     if not path.is_file():
         raise UserError(f"{path}: no {what} there")
+    with open(path, "rb") as f:
+        # torch.save writes a zip archive (PK), older torch a bare pickle (protocol 2+: 0x80)
+        if f.read(4)[:2] not in (b"PK", b"\x80\x02"):
+            raise UserError(f"{path}: not a {what} (not a file torch.save writes)")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise UserError(f"{path}: not an mml {what}: it needs more than tensors and plain data "
-                        f"to load, and may contain code, so it is not unpickled") from None
-    except Exception as e:  # truncated, not a torch file at all
-        why = str(e).splitlines()[0] if str(e) else ""
-        raise UserError(f"{path}: not a readable {what} ({type(e).__name__}: {why})") from None
+    except Exception as e:
+        why = (str(e).splitlines() or [type(e).__name__])[0][:200]
+        if isinstance(e, pickle.UnpicklingError):
+            why = "it needs more than tensors and plain data to load, and may contain code, so it is not unpickled"
+        raise UserError(f"{path}: not a readable {what} ({why})") from None
     if not isinstance(obj, expect):
         raise UserError(f"{path}: not a {what} (holds a {type(obj).__name__}, not a "
                         f"{expect.__name__})")
+    if what.endswith("state dict"):
+        bad = next((k for k, v in obj.items() if not isinstance(k, str) or not torch.is_tensor(v)),
+                   None)
+        if bad is not None:
+            raise UserError(f"{path}: not a {what} (entry {bad!r} is not a named tensor)")
     return obj
 
 def load_checkpoint(path: Path, resume: bool = False) -> dict:
     """A checkpoint, its parts checked before anything uses them: one line naming the part."""
+    if path.is_dir():
+        inside = sorted(p.name for p in path.glob("*.pt"))
+        raise UserError(f"{path}: a folder; name a checkpoint in it"
+                        + (f" (it holds {', '.join(inside)})" if inside else ""))
     if not path.is_file():
         raise UserError(f"{path}: no checkpoint there (train one with `python mml.py train`, "
                         f"or name one with --ckpt)")
@@ -2479,8 +2188,11 @@ def trained_state(model: MML) -> dict:
 
 def restore(path: Path, ckpt: dict, cfg: Config) -> MML:
     """A checkpoint's model, on the CPU: its weights, and its frozen CLIP towers from their
-    folder (the checkpoint's, or --clip), refused unless they hold the very weights it was
+    folder (the checkpoint's, or --clip), refused unless they are the very towers it was
     trained with."""
+    if "clip" in (cfg.image_backbone, cfg.text_backbone) and not Path(cfg.clip).is_dir():
+        raise UserError(f"{cfg.clip}: the CLIP folder {path} was trained with is not there "
+                        f"(moved?); name it with --clip")
     model = MML(cfg)
     towers = model.towers()
     if towers:
@@ -2488,40 +2200,46 @@ def restore(path: Path, ckpt: dict, cfg: Config) -> MML:
         record = ckpt.get("towers")
         want = record.get("digest") if isinstance(record, dict) else None
         if digest != want:
-            raise UserError(f"{cfg.clip}: its weights (digest {digest[:12]}) are not the CLIP "
-                            f"towers {path} was trained with ({str(want)[:12]}); name their "
-                            f"folder with --clip")
+            raise UserError(f"{cfg.clip}: its config and weights (digest {digest[:12]}) are not "
+                            f"the CLIP towers {path} was trained with ({str(want)[:12]}); name "
+                            f"their folder with --clip")
         install_towers(model, state, cfg.clip)
         model.tower_digest = digest  # what evaluation's tower cache is keyed by
     load_matching(model, ckpt["model"], str(path), ignore=towers)
     return model
 
-class Checkpoint:
+class Checkpoint(Functions):
     """An mml checkpoint ready to embed, the Python API: `model = mml.load(CKPT)`, then
 
-        model.embed_images(["photo.jpg"], kind="ground")  # paths or (H, W, 3) uint8 arrays
+        model.embed_images(["photo.jpg"], kind="ground")  # or (H, W, 3) uint8 arrays
         model.embed_text(["a red church in Denver"])
         model.embed_gps([[40.7, -74.0]])                   # lat, lon in degrees
 
     each an (N, D) float32 tensor of unit vectors, made with the checkpoint's own
-    preprocessing and tokenizer, in batches on the best device. `eval` embeds the protocol's
-    sides with it, and `Locator` answers with it."""
+    preprocessing and tokenizer, in batches on the best device. They also take what
+    `evaluate_encoders` hands over ((B, 3, H, H) uint8 images at the checkpoint's img_size,
+    sentences, (B, 2) points), so scoring them there gives `eval`'s numbers; `eval` itself
+    embeds the protocol's sides through the same encoders."""
 
     def __init__(self, ckpt, device=None, clip: str = "", batch: int = 256, workers: int = 0,
                  cache: str = ""):
+        if not isinstance(batch, int) or batch < 1:
+            raise UserError(f"batch {batch!r}: expected an integer of at least 1")
         self.path = Path(ckpt)
         saved = load_checkpoint(self.path)
-        self.cfg = dataclasses.replace(checkpoint_config(self.path, saved), eval_batch=batch,
-                                       workers=workers, cache=cache)
-        self.cfg.clip = clip or self.cfg.clip
+        config = checkpoint_config(self.path, saved)
+        self.cfg = dataclasses.replace(config, eval_batch=batch, workers=workers, cache=cache,
+                                       clip=clip or config.clip)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = restore(self.path, saved, self.cfg).to(self.device).eval()
         self.tok = Tokenizer.from_str(saved["tokenizer"])
         self.step, self.epoch, self.config = saved["step"], saved["epoch"], saved["config"]
-        self.modalities = self.cfg.modalities
+        # the protocol's batches, one through an encoder: what `eval` embeds with
+        super().__init__({m: functools.partial(self.encode, m) for m in self.model.enc},
+                         self.cfg)
 
-    def missing(self, task: Task) -> str:
-        return encoders_lacking(task, self.modalities)
+    def width(self, m: str) -> int:
+        return self.cfg.embed_dim  # every encoder's; no need to run one to know
 
     def encoder(self, m: str) -> Encoder:
         if m not in self.model.enc:
@@ -2529,55 +2247,106 @@ class Checkpoint:
                             f"{self.cfg.modalities})")
         return self.model.enc[m]
 
+    @torch.no_grad()
+    def encode(self, m: str, x) -> torch.Tensor:
+        """One batch of modality m through its encoder, on the device: (B, D)."""
+        if m == "T":
+            x = tokenize(self.tok, [str(s) for s in x])                            # (B, L)
+        x = to_device({"x": torch.as_tensor(x)}, self.device)["x"]
+        with autocast_for(self.device, self.cfg):
+            return self.encoder(m)(x)
+
     def embed_images(self, images, kind: str = "ground") -> torch.Tensor:
-        """(N, D): images as paths, or decoded (H, W, 3) uint8 arrays of any size."""
-        m, size, how = LETTER[kind], self.cfg.img_size, self.cfg.resize
-        pixels = [load_image(Path(x), size, how) if isinstance(x, (str, Path)) else
-                  to_square(Image.fromarray(np.asarray(x, dtype=np.uint8)), size, how)
-                  for x in images]
-        x = torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2)               # (N, 3, H, H)
-        return embed(self.encoder(m), x, f"{kind} images", self.cfg, self.device)
+        """(N, D): images as paths, decoded (H, W, 3) uint8 arrays of any size, or a (B, 3,
+        H, H) uint8 tensor at the checkpoint's img_size. Anything else is one line."""
+        m, size, how = LETTER.get(kind, kind), self.cfg.img_size, self.cfg.resize
+        self.encoder(m)  # an error now, not after reading the images
+        if torch.is_tensor(images):
+            if images.dtype != torch.uint8 or tuple(images.shape[1:]) != (3, size, size):
+                raise UserError(f"embed_images: a {tuple(images.shape)} {images.dtype} tensor; "
+                                f"expected (B, 3, {size}, {size}) uint8")
+            x = images
+        else:
+            pixels = []
+            for n, image in enumerate(images):
+                if isinstance(image, (str, Path)):
+                    pixels.append(read_image(Path(image), size, how))
+                    continue
+                array = np.asarray(image)
+                if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
+                    raise UserError(f"embed_images: image {n} is a {array.shape} {array.dtype} "
+                                    f"array; expected (H, W, 3) uint8 (or a path)")
+                pixels.append(to_square(Image.fromarray(array), size, how))
+            x = torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2)               # (N, 3, H, H)
+        return embed(self.fns[m], x, f"{kind} images", self.cfg, self.device, spread=False)
 
     def embed_text(self, sentences: list[str]) -> torch.Tensor:
-        tokens = tokenize(self.tok, [str(s) for s in sentences])                  # (N, L)
-        return embed(self.encoder("T"), tokens, "sentences", self.cfg, self.device)
+        self.encoder("T")
+        return embed(self.fns["T"], list(sentences), "sentences", self.cfg, self.device,
+                     spread=False)
 
     def embed_gps(self, latlon) -> torch.Tensor:
+        self.encoder("C")
         points = torch.as_tensor(np.asarray(latlon, dtype=np.float64)).view(-1, 2)
-        return embed(self.encoder("C"), points, "points", self.cfg, self.device)
+        return embed(self.fns["C"], points, "points", self.cfg, self.device, spread=False)
 
-    def embed_side(self, side: Side, root: Path) -> torch.Tensor:
-        """A side of the protocol: images through the DataLoader's workers (and a frozen CLIP
-        tower through its cache), sentences through the checkpoint's tokenizer."""
-        enc, cfg = self.encoder(side.modality), self.cfg
-        if side.modality == "T":
-            return embed(enc, tokenize(self.tok, side.items), side.name, cfg, self.device)
-        if side.modality == "C":
-            return embed(enc, side.items, side.name, cfg, self.device)
-        # each image once per tower
-        if f"enc.{side.modality}.trunk." in self.model.towers():
-            features = torch.cat([self.tower_features(enc, part, root) for part in side.items])
-            return embed(enc.project, features, side.name, cfg, self.device)
-        return embed(enc, ImageList(side.items, cfg), side.name, cfg, self.device)
+    def embed_side(self, side: Side) -> torch.Tensor:
+        """A side of the protocol: a frozen CLIP tower runs through its cache, once per image;
+        everything else as any encoder does."""
+        enc = self.encoder(side.modality)
+        if side.modality not in "GS" or f"enc.{side.modality}.trunk." not in self.model.towers():
+            return super().embed_side(side)
+        features = torch.cat([self.tower_features(enc, part) for part in side.items])
+        with autocast_for(self.device, self.cfg):
+            return embed(enc.project, features, side.name, self.cfg, self.device)
 
-    def tower_features(self, enc: Encoder, part: tuple, root: Path) -> torch.Tensor:
+    def tower_features(self, enc: Encoder, part: tuple) -> torch.Tensor:
         """(n, E) outputs of a frozen CLIP tower for one split's images, from the tower cache
-        when it holds them. The key covers the towers' weights, the preprocessing, the
-        precision and the image list: a second checkpoint on the same towers runs only its
-        heads, and a cache made by anything else is never used."""
+        when it holds them. The key covers the towers, the preprocessing, the precision and
+        the image list: a second checkpoint on the same towers runs only its heads, and a
+        cache made by anything else is never used."""
         split_dir, kind, ids = part
         precision = "bf16" if bf16_on(self.device, self.cfg) else "fp32"
         key = hashlib.sha256(json.dumps([self.model.tower_digest, self.cfg.img_size,
                                          self.cfg.resize, precision, kind, ids]).encode())
         key, name = key.hexdigest(), f"{split_dir.name}_{kind}"
-        path = cache_dir(self.cfg, root) / "towers" / f"{name}-{key[:16]}.pt"
+        path = cache_dir(self.cfg, split_dir.parent) / "towers" / f"{name}-{key[:16]}.pt"
         features = read_cache(path, key, (len(ids), enc.width))
         if features is None:
-            features = embed(enc.features, ImageList([part], self.cfg), f"{name} (CLIP tower)",
-                             self.cfg, self.device)
+            with autocast_for(self.device, self.cfg):
+                features = embed(lambda x: enc.features(to_device({"x": x}, self.device)["x"]),
+                                 ImageList([part], self.cfg), f"{name} (CLIP tower)", self.cfg,
+                                 self.device)
             if is_master():
                 write_cache(path, key, features)
         return features.to(self.device)
+
+def read_image(path: Path, size: int, resize: str) -> np.ndarray:
+    """An image handed in by a user (API, `locate`): (H, H, 3) uint8, or one line naming it."""
+    try:
+        return load_image(path, size, resize)
+    except Exception as e:  # missing, not an image: decoders raise all sorts
+        raise UserError(f"{path}: cannot read it as an image ({e})") from None
+
+def read_cache(path: Path, key: str, shape: tuple) -> torch.Tensor | None:
+    """A cache that write_cache wrote, or None when it is absent, unreadable, made for another
+    key, or of another shape or dtype: then the caller rebuilds it, never uses it."""
+    try:
+        cached = load_tensors(path, "cache") if path.is_file() else {}
+    except UserError:
+        cached = {}
+    tensor = cached.get("tensor")
+    if (cached.get("key") == key and torch.is_tensor(tensor) and tuple(tensor.shape) == shape
+            and tensor.dtype == torch.float32):
+        return tensor
+    return None
+
+def write_cache(path: Path, key: str, tensor: torch.Tensor):
+    try:
+        writable_folder(path.parent, "cache")
+        save_checkpoint({"key": key, "tensor": tensor.float().cpu()}, path)
+    except UserError as e:  # a read-only or full disk: the answer comes anyway, uncached
+        print(f"not cached: {e}", file=sys.stderr)
 
 def load(ckpt, device=None, clip: str = "", batch: int = 256) -> Checkpoint:
     """An mml checkpoint (trained, or made by `convert`) ready to embed: see Checkpoint."""
@@ -2590,175 +2359,26 @@ def evaluate_encoders(encoders: dict, data, out="runs/encoders", tasks: str = ""
     """Any model on the benchmark, from Python: encoders maps some of "G", "S", "T", "C" to
     functions of a batch (see Functions); the tasks they cannot run are named and skipped.
     Writes what `eval` writes into OUT/eval/ and returns {task: results}."""
+    unknown = sorted(set(encoders) - set("GSTC"))
+    if unknown:
+        raise UserError(f"evaluate_encoders: modalities {unknown}; expected some of G, S, T, C")
     # bf16 off: the functions run in whatever precision they choose themselves
     cfg = dataclasses.replace(Config(), data=str(data), out=str(out), tasks=tasks,
                               img_size=img_size, resize=resize, eval_batch=batch,
                               device=device, workers=workers, viz=viz, bf16=False)
-    check_config(cfg)
-    unknown = set(encoders) - set("GSTC")
-    if unknown:
-        raise UserError(f"evaluate_encoders: modalities {sorted(unknown)}; expected some of "
-                        f"G, S, T, C")
+    check_config(cfg, "evaluate_encoders: ")
     writable_folder(Path(cfg.out) / "eval", "out")
-    protocol = Protocol(check_root(Path(cfg.data)))
-    embedder = Functions(encoders, cfg)
+    protocol, embedder = Protocol(Path(cfg.data)), Functions(encoders, cfg)
     return score(protocol, embedder, runnable(protocol, cfg, embedder), cfg,
                  {"data": str(protocol.root), "encoders": name})
 
-class Locator:
-    """Where is this? The top locations of photos, aerial images or sentences in a GPS
-    gallery, by a trained model; `python mml.py locate` in Python:
-
-        from mml import Locator
-        where = Locator("runs/mml/best.pt")   # gallery: index tiles and training landmarks
-        where(["photo.jpg"], top=3)           # or kind="satellite", or kind="text" (sentences)
-        # -> [{"input": "photo.jpg", "top": [{"lat", "lon", "score", "prob", "name"}, ...]}]
-
-    prob is the softmax over the whole gallery at the model's learnt logit scale. The
-    gallery (the default, or a lat,lon[,name] CSV such as GeoCLIP's) is embedded once and
-    cached beside the checkpoint, in a file named after the gallery's content and keyed by
-    the GPS encoder's weights: reused while both are unchanged, rebuilt when either changes."""
-
-    def __init__(self, ckpt: str | Path, gallery: str | Path | None = None, device=None,
-                 batch: int = 256, clip: str = ""):
-        self.model = load(ckpt, device, clip, batch)
-        path, cfg = self.model.path, self.model.cfg
-        if "C" not in cfg.modalities:
-            raise UserError(f"{path}: trained without the GPS encoder (C): nothing to locate with")
-        if gallery:
-            self.latlon, self.names = read_gallery(Path(gallery))
-        elif not cfg.data:
-            raise UserError(f"{path}: names no dataset (a converted model): give --gallery, a "
-                            f"lat,lon CSV of places")
-        else:
-            self.latlon, self.names = open_gallery(check_root(Path(cfg.data)))
-        digest = hashlib.sha256(self.latlon.numpy().tobytes() + "\n".join(self.names).encode())
-        cache = path.with_name(f"{path.stem}.gallery-{digest.hexdigest()[:16]}.pt")
-        # the gallery's embeddings depend on the GPS encoder alone: its weights are the key
-        key = tensor_digest(self.model.encoder("C").state_dict())
-        self.emb = read_cache(cache, key, (len(self.names), cfg.embed_dim))
-        if self.emb is not None:
-            note(f"gallery: {len(self.names)} points, embeddings from {cache}")
-        else:
-            t = time.time()
-            self.emb = self.model.embed_gps(self.latlon)                              # (N, D)
-            note(f"gallery: {len(self.names)} points embedded in {time.time() - t:.1f}s")
-            write_cache(cache, key, self.emb)  # a read-only folder: no cache, no harm
-        self.emb = self.emb.to(self.model.device)
-
-    @torch.no_grad()
-    def __call__(self, inputs: list[str], kind: str = "ground", top: int = 5) -> list[dict]:
-        """One answer per input, in order: {"input", "top": [...]}, or {"input", "error"}.
-        Inputs are read, embedded and scored LOCATE_CHUNK at a time: memory stays bounded by
-        that many rows of scores against the gallery, however many inputs come."""
-        m, cfg = LETTER[kind], self.model.cfg
-        encoder = self.model.encoder(m)  # an error now, not after reading the inputs
-        results = [{"input": str(x)} for x in inputs]
-        for start in range(0, len(inputs), LOCATE_CHUNK):
-            rows = list(range(start, min(start + LOCATE_CHUNK, len(inputs))))
-            if kind == "text":
-                q = self.model.embed_text([inputs[n] for n in rows])
-            else:
-                pixels = []
-                for n in list(rows):
-                    try:
-                        pixels.append(load_image(Path(inputs[n]), cfg.img_size, cfg.resize))
-                    except Exception as e:
-                        # missing, not an image: this input's error alone
-                        results[n]["error"] = f"{inputs[n]}: cannot read it as an image ({e})"
-                        rows.remove(n)
-                if not rows:
-                    continue
-                x = torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2)       # (n, 3, H, H)
-                q = embed(encoder, x, f"{kind} images", cfg, self.model.device)
-            self.answer(q, top, [results[n] for n in rows])
-        return results
-
-    def answer(self, q: torch.Tensor, top: int, results: list[dict]):
-        """Fill results with the top places of embedded inputs q (n, D)."""
-        scores = q @ self.emb.T                                                     # (n, N)
-        probs = torch.softmax(self.model.model.logit_scale.exp() * scores, dim=1)
-        best = scores.topk(min(top, len(self.names)), dim=1).indices
-        for n, (result, picks) in enumerate(zip(results, best.tolist())):
-            result["top"] = [{"lat": round(float(self.latlon[j, 0]), 6),
-                              "lon": round(float(self.latlon[j, 1]), 6),
-                              "score": float(scores[n, j]), "prob": float(probs[n, j]),
-                              "name": self.names[j]} for j in picks]
-
-LOCATE_CHUNK = 64  # inputs at a time: 64 x 4 bytes x gallery of scores (77 MB at 300k)
-
-def tensor_digest(state: dict) -> str:
-    """sha256 of a state dict's names and bytes: what a cache of its outputs is keyed by."""
-    h = hashlib.sha256()
-    for k in sorted(state):
-        h.update(k.encode())
-        h.update(state[k].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
-    return h.hexdigest()
-
-def read_cache(path: Path, key: str, shape: tuple) -> torch.Tensor | None:
-    """A cache mml wrote with write_cache, or None when it is absent, unreadable, made for
-    another key or of another shape: then the caller rebuilds it, never uses it."""
-    if not path.is_file():
-        return None
-    try:
-        cached = load_tensors(path, "cache")
-    except UserError:
-        note(f"{path}: not a readable cache; rebuilding it")
-        return None
-    tensor = cached.get("tensor")
-    if cached.get("key") != key or not torch.is_tensor(tensor) or tuple(tensor.shape) != shape:
-        return None
-    return tensor
-
-def write_cache(path: Path, key: str, tensor: torch.Tensor):
-    try:
-        writable_folder(path.parent, "cache")
-        save_checkpoint({"key": key, "tensor": tensor.cpu()}, path)
-    except UserError as e:
-        # a read-only or full disk: the answer comes anyway, uncached
-        note(f"not cached: {e}")
-
-def note(*args):
-    """Progress and notes of `locate`: standard error, so that its standard output holds the
-    answers alone (with --json, JSON that pipes into other tools)."""
-    print(*args, file=sys.stderr, flush=True)
-
-def read_gallery(path: Path) -> tuple[torch.Tensor, list[str]]:
-    """A GPS gallery CSV: lat,lon and an optional name column (any case: GeoCLIP's has
-    LAT,LON)."""
-    if not path.is_file():
-        raise UserError(f"{path}: gallery not found (expected a CSV with columns lat,lon[,name])")
-    named = "name" in csv_header(path)
-    table = read_table(path, ["lat", "lon"] + ["name"] * named, lower=True)
-    if not table["lat"]:
-        raise UserError(f"{path}: no places listed (expected rows of lat,lon[,name])")
-    latlon = torch.as_tensor(parse_latlon(path, table))                       # (N, 2) float64
-    return latlon, table.get("name", [""] * len(latlon))
-
-def locate(cfg: Config):
-    """`python mml.py locate`: answers on standard output, one block or one JSON list."""
-    if not cfg.inputs and not cfg.text:
-        raise UserError("locate: give image paths, or sentences with --text")
-    where = Locator(cfg.ckpt, cfg.gallery or None, cfg.device or None, cfg.eval_batch, cfg.clip)
-    results = where(list(cfg.inputs), "satellite" if cfg.satellite else "ground", cfg.top)
-    results += where(list(cfg.text), "text", cfg.top)
-    if cfg.json:
-        print(json.dumps(results, indent=1))
-    else:
-        for r in results:
-            print(r["input"] if "top" in r else f"{r['input']}\n  error: {r['error']}")
-            for n, p in enumerate(r.get("top", []), 1):
-                print(f"  {n}. {p['lat']:10.5f} {p['lon']:11.5f}  score {p['score']:.3f}  "
-                      f"p {p['prob']:.3f}  {p['name']}")
-    if any("error" in r for r in results):
-        sys.exit(1)
-
 # ---- outside models: CLIP, torchvision's weights, the authors', GeoCLIP -------------------
-# Models made elsewhere, for the model section's backbones: CLIP's vision and text towers, in
-# plain torch from the model section's transformer Block, sized by a Hugging Face folder the
-# user fetched once (mml never downloads it), filled from its weights and tokenising with its
-# tokenizer.json; torchvision's ImageNet weights. `convert` turns the field's models into mml
-# checkpoints.
+# CLIP's vision and text towers in plain torch from the model section's Block, sized by a
+# Hugging Face folder the user fetched once (mml never downloads it), filled from its weights,
+# tokenising with its tokenizer.json; torchvision's ImageNet weights; `convert`, which makes
+# the field's models mml checkpoints. A file handed in is checked before it is trusted: a
+# regular file of bounded size, sizes within bounds before anything is allocated, the
+# byte ranges of safetensors inside the file and apart.
 
 def clip_layers(c: dict) -> nn.Module:
     """A CLIP tower's stack of layers, at Hugging Face's key `encoder.layers.{i}`."""
@@ -2823,28 +2443,52 @@ class CLIPText(nn.Module):
         x = self.final_layer_norm(x[torch.arange(len(x), device=x.device), end])
         return self.projection(x)                                          # (B, E)
 
-CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+def clip_tower(folder: str, part: str) -> tuple[nn.Module, int]:
+    """The --clip folder's vision or text tower (random weights until load_pretrained), E."""
+    c = clip_config(folder)
+    tower = (CLIPVision if part == "vision" else CLIPText)(c[part], c["projection_dim"])
+    return tower, c["projection_dim"]
 
-def backbone_weights(name: str):
-    """torchvision's ImageNet weights of a backbone: their URL, image size, pixel statistics."""
-    return torchvision.models.get_model_weights(name).DEFAULT
+def load_pretrained(model: MML, cfg: Config) -> dict | None:
+    """A fresh model's pretrained parts: CLIP's towers from --clip, and with --pretrained
+    torchvision's ImageNet weights through its weights API (taken from its cache,
+    TORCH_HOME/hub/checkpoints, when there; read with weights_only=True like every file mml
+    loads). Returns the frozen towers' record {folder, digest}: what checkpoints keep instead
+    of 1.7 GB of frozen weights."""
+    towers = None
+    if "clip" in (cfg.image_backbone, cfg.text_backbone):
+        state, digest = load_clip_weights(cfg.clip)
+        install_towers(model, state, cfg.clip)
+        if model.towers():
+            towers = {"folder": str(Path(cfg.clip).resolve()), "digest": digest}
+    if cfg.pretrained and cfg.image_backbone not in ("small", "clip"):
+        weights = backbone_weights(cfg.image_backbone)
+        path = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
+        try:
+            state = weights.get_state_dict(progress=is_master(), check_hash=True,
+                                           weights_only=True)
+        except Exception as e:  # no network, a truncated download, a file of another format
+            why = (str(e).splitlines() or [""])[0]
+            raise UserError(f"--pretrained: {cfg.image_backbone}'s ImageNet weights are not "
+                            f"usable at {path} and not downloadable from {weights.url} "
+                            f"({type(e).__name__}: {why}); put that file there") from None
+        for m in {"G", "S"} & set(model.enc):  # a shared trunk loads twice: the same weights
+            own = model.enc[m].trunk.state_dict()  # the classifier's keys are dropped
+            load_matching(model.enc[m].trunk, {k: v for k, v in state.items() if k in own},
+                          f"--pretrained {path}")
+    return towers
 
-def load_pretrained(trunk: nn.Module, name: str):
-    """Start a torchvision backbone from ImageNet, through torchvision's weights API: taken
-    from its cache (TORCH_HOME/hub/checkpoints) when there, downloaded into it otherwise;
-    read with weights_only=True like every file mml loads. The classifier's keys are dropped."""
-    weights = backbone_weights(name)
-    path = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
+def read_bounded(path: Path, limit: int, what: str) -> str:
+    """A small text file of a folder handed in: a regular file (a FIFO would block a read, a
+    link to /dev/zero never end it) of at most `limit` bytes, in UTF-8."""
     try:
-        state = weights.get_state_dict(progress=is_master(), check_hash=True, weights_only=True)
-    except Exception as e:
-        # no network, a truncated download, a file of another format
-        why = str(e).splitlines()[0] if str(e) else ""
-        raise UserError(f"--pretrained: {name}'s ImageNet weights are not usable at {path} and "
-                        f"not downloadable from {weights.url} ({type(e).__name__}: {why}); put "
-                        f"that file there") from None
-    own = trunk.state_dict()
-    load_matching(trunk, {k: v for k, v in state.items() if k in own}, f"--pretrained {path}")
+        if not path.is_file():
+            raise ValueError("not a regular file" if path.exists() else "not found")
+        if path.stat().st_size > limit:
+            raise ValueError(f"{path.stat().st_size:,} bytes, over the {limit:,} allowed")
+        return path.read_text(encoding="utf-8")
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: not a readable {what} ({e})") from None
 
 # Hugging Face's defaults (CLIPVisionConfig, CLIPTextConfig): a saved config.json leaves out
 # the values that equal them
@@ -2854,69 +2498,110 @@ CLIP_VISION = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers
 CLIP_TEXT = {"vocab_size": 49408, "hidden_size": 512, "intermediate_size": 2048,
              "num_hidden_layers": 12, "num_attention_heads": 8, "max_position_embeddings": 77,
              "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5, "eos_token_id": 49407}
+# Bounds far above every CLIP (ViT-bigG: 48 layers, width 1,664), checked before anything is
+# allocated: a config.json asking for 10**6 layers or a width of 10**9 is one line.
+CLIP_BOUNDS = {"num_hidden_layers": 64, "hidden_size": 16384, "intermediate_size": 65536,
+               "num_attention_heads": 256, "vocab_size": 10**6, "max_position_embeddings": 4096,
+               "image_size": 1024, "patch_size": 1024, "eos_token_id": 10**6,
+               "projection_dim": 16384}
 
 def clip_config(folder: str) -> dict:
     """A CLIP folder's config.json as {"vision": sizes, "text": sizes, "projection_dim": E},
-    checked to be the architecture the model section implements."""
+    checked to be the architecture the towers implement, of sizes within CLIP_BOUNDS."""
     if not folder:
         raise UserError("--clip: name the Hugging Face CLIP folder (such as "
                         "clip-vit-large-patch14-336) that the clip backbones read")
     path = Path(folder) / "config.json"
     try:
-        c = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path}: not a readable CLIP config ({type(e).__name__}: {e})") from None
+        c = json.loads(read_bounded(path, 1 << 20, "CLIP config"))
+    except ValueError as e:
+        raise UserError(f"{path}: not a readable CLIP config ({e})") from None
     if not isinstance(c, dict) or c.get("model_type") != "clip":
         raise UserError(f"{path}: model_type {c.get('model_type') if isinstance(c, dict) else c!r}"
                         f"; supported: Hugging Face CLIPModel folders (model_type \"clip\")")
-    # old configs keep their sizes in *_config_dict, which override *_config (as in transformers)
-    vision = {**CLIP_VISION, **c.get("vision_config", {}), **c.get("vision_config_dict", {})}
-    text = {**CLIP_TEXT, **c.get("text_config", {}), **c.get("text_config_dict", {})}
-    projection = c.get("projection_dim", 512)
-    for part, sizes in (("vision", vision), ("text", text)):
-        bad = [k for k in CLIP_TEXT | CLIP_VISION if k in sizes and k not in (
-            "hidden_act", "layer_norm_eps") and not (isinstance(sizes[k], int) and sizes[k] > 0)]
-        if bad or sizes["hidden_act"] not in ("quick_gelu", "gelu") or not isinstance(
-                projection, int) or sizes["hidden_size"] % sizes["num_attention_heads"]:
-            raise UserError(f"{path}: {part} config {bad[0] if bad else 'hidden_act'} "
-                            f"{sizes[bad[0]] if bad else sizes['hidden_act']!r} is not one this "
-                            f"CLIP implements (positive sizes, heads dividing the width, "
-                            f"quick_gelu or gelu)")
-    if vision["image_size"] % vision["patch_size"]:
-        raise UserError(f"{path}: image_size {vision['image_size']} is not a multiple of "
-                        f"patch_size {vision['patch_size']}")
-    return {"vision": vision, "text": text, "projection_dim": projection}
+    out = {"projection_dim": c.get("projection_dim", 512)}
+    for part, defaults in (("vision", CLIP_VISION), ("text", CLIP_TEXT)):
+        # old configs keep sizes in *_config_dict, which override *_config (as transformers)
+        given = [c.get(f"{part}_config") or {}, c.get(f"{part}_config_dict") or {}]
+        if not all(isinstance(g, dict) for g in given):
+            raise UserError(f"{path}: {part}_config is not an object of sizes")
+        out[part] = {**defaults, **given[0], **given[1]}
+    for part, sizes in (("vision", out["vision"]), ("text", out["text"]), ("", out)):
+        for k, bound in CLIP_BOUNDS.items():
+            v = sizes.get(k, 1)
+            if type(v) is not int or not 0 < v <= bound:  # type: True is an int too
+                raise UserError(f"{path}: {part}_config {k} {v!r}: expected an integer in "
+                                f"[1, {bound:,}]".replace(": _config", ":"))
+    for part in ("vision", "text"):
+        s = out[part]
+        if s["hidden_act"] not in ("quick_gelu", "gelu") or s["hidden_size"] % s[
+                "num_attention_heads"] or not isinstance(s["layer_norm_eps"], float):
+            raise UserError(f"{path}: {part}_config hidden_act {s['hidden_act']!r}, heads "
+                            f"{s['num_attention_heads']}, layer_norm_eps {s['layer_norm_eps']!r}"
+                            f": not what these towers implement (quick_gelu or gelu, heads "
+                            f"dividing the width)")
+    if out["vision"]["image_size"] % out["vision"]["patch_size"]:
+        raise UserError(f"{path}: image_size {out['vision']['image_size']} is not a multiple "
+                        f"of patch_size {out['vision']['patch_size']}")
+    return out
 
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
                       "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32}
 
 def read_safetensors(path: Path) -> dict:
     """A .safetensors file without the safetensors package: 8 bytes of header length, a JSON
-    header of each tensor's dtype, shape and byte range, then the bytes. The file is mapped
-    copy-on-write, and each tensor is a view of the map: nothing is copied until loaded."""
-    try:
-        with open(path, "rb") as f:
-            n = int.from_bytes(f.read(8), "little")
+    header of each tensor's dtype, shape and byte range, then the bytes. The ranges must lie
+    in the file, fit their shapes and not overlap; then the file is mapped copy-on-write and
+    each tensor is a view of the map, copied only when loaded."""
+    def unreadable(why) -> UserError:
+        return UserError(f"{path}: not a readable safetensors file ({why})")
+    with open(regular_file(path), "rb") as f:
+        size, n = os.fstat(f.fileno()).st_size, int.from_bytes(f.read(8), "little")
+        if not 2 <= n <= size - 8:
+            raise unreadable(f"a header of {n:,} bytes in a file of {size:,}")
+        try:
             header = json.loads(f.read(n))
-            data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-        tensors = {}
-        for name, t in header.items():
-            if name != "__metadata__":
-                dtype, (begin, end) = SAFETENSORS_DTYPES[t["dtype"]], t["data_offsets"]
-                count = (end - begin) // dtype.itemsize
-                flat = (torch.frombuffer(data, dtype=dtype, count=count, offset=8 + n + begin)
-                        if count else torch.empty(0, dtype=dtype))
-                tensors[name] = flat.reshape(t["shape"])
-        return tensors
-    except (OSError, ValueError, KeyError, TypeError, AttributeError, RuntimeError) as e:
-        raise UserError(f"{path}: not a readable safetensors file ({type(e).__name__}: "
-                        f"{e})") from None
+        except ValueError as e:
+            raise unreadable(e) from None
+        data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    if not isinstance(header, dict):
+        raise unreadable("its header is not an object")
+    tensors, ranges = {}, []
+    for name, t in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, (begin, end), shape = SAFETENSORS_DTYPES[t["dtype"]], t["data_offsets"], t["shape"]
+            count = math.prod(shape)
+            ok = all(type(v) is int and v >= 0 for v in [begin, end, *shape])
+        except (KeyError, TypeError, ValueError):
+            ok = False
+        if not ok or begin + count * dtype.itemsize != end or end > size - 8 - n:
+            raise unreadable(f"{name}: its dtype, shape or bytes [{t!s:.80}] do not fit the file")
+        ranges.append((begin, end, name))
+        tensors[name] = (torch.frombuffer(data, dtype=dtype, count=count, offset=8 + n + begin)
+                         if count else torch.empty(0, dtype=dtype)).reshape(shape)
+    ranges.sort()
+    clash = next((b for a, b in zip(ranges, ranges[1:]) if b[0] < a[1]), None)
+    if clash:
+        raise unreadable(f"{clash[2]} overlaps another tensor's bytes")
+    return tensors
+
+def tensor_digest(state: dict) -> str:
+    """sha256 over a state dict's names, dtypes, shapes and bytes, in name order."""
+    h = hashlib.sha256()
+    for k in sorted(state):
+        v = state[k].detach().cpu().contiguous()
+        h.update(f"{k} {v.dtype} {tuple(v.shape)}".encode())
+        h.update(v.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
 
 def load_clip_weights(folder: str) -> tuple[dict, str]:
     """The folder's weights as Hugging Face's state dict (model.safetensors, else
-    pytorch_model.bin read with weights_only=True), and their digest: what a checkpoint
-    records of its frozen towers, and what the tower cache is keyed by."""
-    d = Path(folder)
+    pytorch_model.bin read with weights_only=True), and the digest of the towers: their
+    config and their weights. What a checkpoint records of its frozen towers, and what the
+    tower cache is keyed by."""
+    d, config = Path(folder), clip_config(folder)
     if (d / "model.safetensors").is_file():
         state = read_safetensors(d / "model.safetensors")
     elif (d / "pytorch_model.bin").is_file():
@@ -2926,7 +2611,9 @@ def load_clip_weights(folder: str) -> tuple[dict, str]:
                         f"Hugging Face CLIP folder; README, Real data, says how to fetch them)")
     # older transformers also saved the towers' position index buffers: not weights
     state = {k: v for k, v in state.items() if not k.endswith("position_ids")}
-    return state, tensor_digest(state)
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
+    digest.update(tensor_digest(state).encode())
+    return state, digest.hexdigest()
 
 def install_towers(model: nn.Module, state: dict, what: str):
     """Fill a model's CLIP towers from Hugging Face's keys: vision_model.* and
@@ -2944,16 +2631,20 @@ def install_towers(model: nn.Module, state: dict, what: str):
 def clip_tokenizer(folder: str, max_len: int) -> Tokenizer:
     """The folder's tokenizer.json: CLIP's byte-level BPE, each sentence between its start
     and end-of-text tokens, truncated to max_len and padded with end-of-text, as the authors'
-    CLIPTokenizer(padding="max_length", truncation=True) does."""
+    CLIPTokenizer(padding="max_length", truncation=True) does. Its ids must all lie within
+    the text tower's vocabulary."""
     path = Path(folder) / "tokenizer.json"
     try:
-        tok = Tokenizer.from_file(str(path))
+        tok = Tokenizer.from_str(read_bounded(path, 1 << 26, "tokenizer"))
+    except UserError:
+        raise
     except Exception as e:  # the tokenizers library raises its own exception types
         raise UserError(f"{path}: not a readable tokenizer ({str(e)[:80]}); a Hugging Face "
                         f"CLIP folder holds one") from None
-    end = tok.token_to_id("<|endoftext|>")
-    if end is None:
-        raise UserError(f"{path}: no <|endoftext|> token: not CLIP's tokenizer")
+    end, vocab = tok.token_to_id("<|endoftext|>"), clip_config(folder)["text"]["vocab_size"]
+    if end is None or tok.get_vocab_size() > vocab:
+        raise UserError(f"{path}: {tok.get_vocab_size()} tokens, end-of-text {end}: not "
+                        f"CLIP's tokenizer for a text tower of {vocab} tokens")
     tok.enable_padding(pad_id=end, pad_token="<|endoftext|>", length=max_len)
     tok.enable_truncation(max_len)
     return tok
@@ -2965,7 +2656,12 @@ def convert(cfg: Config):
     with --clip of clip-vit-large-patch14-336 (their released model, all four modalities),
     or GeoCLIP's weights folder with --clip of clip-vit-large-patch14 (images to GPS)."""
     src, out = Path(cfg.source), Path(cfg.out)
-    kind = ("clip" if (src / "config.json").is_file() else "geoclip" if (
+    if out.exists() or out.is_symlink():  # never the 3.5 GB download it reads, nor any file
+        if not cfg.overwrite:
+            raise UserError(f"{out}: exists; --out names a new file (--overwrite replaces an "
+                            f"mml checkpoint)")
+        load_checkpoint(out)  # anything but an mml checkpoint is refused in one line
+    kind = ("clip" if (src / "config.json").exists() else "geoclip" if (
         src / "location_encoder_weights.pth").is_file() else "authors" if src.is_file() else "")
     if not kind:
         raise UserError(f"{src}: not a model `convert` knows: a Hugging Face CLIP folder holds "
@@ -2974,12 +2670,12 @@ def convert(cfg: Config):
                         f"--clip); the authors' release is one file, weights_best.pth (with "
                         f"--clip)")
     writable_folder(out.parent, "--out")
-    if kind != "clip":
-        clip_config(cfg.clip)  # without --clip, one line saying it is needed
     folder = str((src if kind == "clip" else Path(cfg.clip)).resolve())
+    if kind != "clip" and not cfg.clip:
+        clip_config(cfg.clip)  # one line saying --clip is needed
     weights, digest = load_clip_weights(folder)  # read once: 1.7 GB for ViT-L/14-336
     converter = {"clip": convert_clip, "geoclip": convert_geoclip, "authors": convert_authors}
-    new, state, tok = converter[kind](src, folder, weights, digest)
+    new, state, tok = converter[kind](src, folder, weights)
     model = MML(new)
     install_towers(model, weights, folder)
     load_matching(model, state, str(src), ignore=model.towers())
@@ -2990,27 +2686,29 @@ def convert(cfg: Config):
     print(f"{out}: {new.modalities} from {src}, towers from {folder} (digest {digest[:12]}); "
           f"evaluate it with `python mml.py eval --ckpt {out} --data ROOT`")
 
-def convert_clip(src: Path, folder: str, weights: dict, digest: str) -> tuple:
-    """Off-the-shelf CLIP: both towers frozen, no heads, CLIP's own logit scale."""
+def clip_sized(folder: str, **fields) -> Config:
+    """A Config of CLIP towers from a folder: its image size and its text's positions."""
     c = clip_config(folder)
-    new = dataclasses.replace(
-        Config(), clip=folder, modalities="GST", image_backbone="clip", text_backbone="clip",
-        share_image_trunk=True, freeze="GST", head="none", embed_dim=c["projection_dim"],
-        img_size=c["vision"]["image_size"], resize="clip",
-        max_len=c["text"]["max_position_embeddings"])
-    if "logit_scale" not in weights:
-        raise UserError(f"{src}: its weights hold no logit_scale: not a CLIPModel's")
-    return new, {"logit_scale": weights["logit_scale"]}, clip_tokenizer(new.clip, new.max_len)
+    return dataclasses.replace(Config(), clip=folder, img_size=c["vision"]["image_size"],
+                               max_len=c["text"]["max_position_embeddings"], **fields)
 
-def convert_authors(src: Path, clip: str, weights: dict, digest: str) -> tuple:
+def convert_clip(src: Path, folder: str, weights: dict) -> tuple:
+    """Off-the-shelf CLIP: both towers frozen, no heads, CLIP's own logit scale."""
+    new = clip_sized(folder, modalities="GST", image_backbone="clip", text_backbone="clip",
+                     share_image_trunk=True, freeze="GST", head="none", resize="clip",
+                     embed_dim=clip_config(folder)["projection_dim"])
+    if not torch.is_tensor(weights.get("logit_scale")):
+        raise UserError(f"{src}: its weights hold no logit_scale: not a CLIPModel's")
+    return new, {"logit_scale": weights["logit_scale"]}, clip_tokenizer(folder, new.max_len)
+
+def convert_authors(src: Path, clip: str, weights: dict) -> tuple:
     """The authors' MmlCLIP state dict (their weights_best.pth): its two copies of CLIP must
     be the --clip folder's weights; its heads, GPS encoder and scale are renamed to mml's."""
-    c = clip_config(clip)
-    theirs = {k: v for k, v in load_tensors(src, "state dict of the authors' MmlCLIP").items()
+    theirs = {k: v for k, v in load_tensors(src, "authors' MmlCLIP state dict").items()
               if not k.endswith("position_ids")}
-    for copy in ("image_encoder.clip_model.", "text_encoder.clip_model.", ):
-        if tensor_digest({k[len(copy):]: v for k, v in theirs.items()
-                          if k.startswith(copy)}) != digest:
+    for copy in ("image_encoder.clip_model.", "text_encoder.clip_model."):
+        mine = {k[len(copy):]: v for k, v in theirs.items() if k.startswith(copy)}
+        if tensor_digest(mine) != tensor_digest(weights):
             raise UserError(f"{src}: its {copy[:-1]} is not the CLIP of {clip}; give the "
                             f"folder they trained from (openai/clip-vit-large-patch14-336)")
     names = {"ground_projector.": "enc.G.head.", "satellite_projector.": "enc.S.head.",
@@ -3024,392 +2722,76 @@ def convert_authors(src: Path, clip: str, weights: dict, digest: str) -> tuple:
                 raise UserError(f"{src}: {k} is not a key of the authors' MmlCLIP")
             # their GPS heads are bare Linear layers, GeoCLIP's (and mml's) a Sequential of one
             state[re.sub(r"(LocEnc\d+\.head)\.", r"\1.0.", names[prefix] + k[len(prefix):])] = v
-    new = dataclasses.replace(Config(), **PRESETS["paper"], clip=clip,
-                              img_size=c["vision"]["image_size"],
-                              max_len=c["text"]["max_position_embeddings"])
+    new = clip_sized(clip, **PRESETS["paper"])
     return new, state, clip_tokenizer(clip, new.max_len)
 
-def convert_geoclip(src: Path, clip: str, weights: dict, digest: str) -> tuple:
+def convert_geoclip(src: Path, clip: str, weights: dict) -> tuple:
     """GeoCLIP (its wheel's geoclip/model/weights): CLIP ViT-L/14's projected image embedding
     through an MLP (768-768-512) for ground and aerial images alike, its location encoder
     (with the SF/180 scaling) and its logit scale."""
-    c = clip_config(clip)
-    mlp = load_tensors(src / "image_encoder_mlp_weights.pth", "GeoCLIP image MLP")
-    location = load_tensors(src / "location_encoder_weights.pth", "GeoCLIP location encoder")
+    path = src / "image_encoder_mlp_weights.pth"
+    mlp = load_tensors(path, "GeoCLIP image MLP state dict")
+    location = load_tensors(src / "location_encoder_weights.pth",
+                            "GeoCLIP location encoder state dict")
     scale = load_tensors(src / "logit_scale_weights.pth", "GeoCLIP logit scale", torch.Tensor)
-    if not {"0.weight", "2.weight"} <= set(mlp):
-        raise UserError(f"{src / 'image_encoder_mlp_weights.pth'}: expected GeoCLIP's keys "
-                        f"0.weight, 0.bias, 2.weight, 2.bias")
-    new = dataclasses.replace(
-        Config(), clip=clip, modalities="GSC", image_backbone="clip",
-        share_image_trunk=True, freeze="GS", head="mlp", head_hidden=mlp["0.weight"].shape[0],
-        embed_dim=mlp["2.weight"].shape[0], gps_width=1024, gps_depth=3, img_size=c[
-            "vision"]["image_size"], resize="clip")
+    out = mlp.get("2.weight")
+    if out is None or "0.weight" not in mlp or out.dim() != 2 or not 0 < out.shape[0] <= 16384:
+        raise UserError(f"{path}: expected GeoCLIP's keys 0.weight, 0.bias, 2.weight, 2.bias, "
+                        f"2.weight a (D, hidden) matrix with D in [1, 16,384]")
+    new = clip_sized(clip, modalities="GSC", image_backbone="clip", share_image_trunk=True,
+                     freeze="GS", head="geoclip", embed_dim=out.shape[0], gps_width=1024,
+                     gps_depth=3, resize="clip")
     state = {f"enc.{m}.head.{k}": v for m in "GS" for k, v in mlp.items()}
     state |= {f"enc.C.{k}": v for k, v in location.items()} | {"logit_scale": scale.detach()}
     return new, state, Tokenizer(models.BPE())  # no text tower: an empty tokenizer
 
-# ---- command line -------------------------------------------------------------------------
+# ---- tools: compare, locate, the pictures, the image cache --------------------------------
 
-CHECKPOINT_FIELDS = ("modalities", "embed_dim", "image_backbone", "text_backbone", "img_width",
-                "share_image_trunk", "freeze", "head", "head_hidden", "vocab_size", "max_len",
-                "text_width", "text_layers", "gps_width", "gps_depth", "gps_scaling", "img_size",
-                "resize", "preset")  # what eval and --resume take from the checkpoint
-
-def parse_args(argv=None) -> tuple[str, Config, set]:
-    """Command, Config and the names of the options given explicitly. Each command's options
-    are the Config fields that name it; an unknown one is an error naming the closest."""
-    p = argparse.ArgumentParser(prog="mml.py", description=__doc__.split("\n\n")[0],
-                                allow_abbrev=False)  # abbreviations would hide typos too
-    commands = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    flags, not_given = {}, argparse.SUPPRESS  # an option not given is not set at all
-    for command, about in COMMANDS.items():
-        sub = commands.add_parser(command, help=about, description=about, allow_abbrev=False)
-        flags[command] = []
-        for f in (f for f in dataclasses.fields(Config) if command in f.metadata["cmds"]):
-            flag, help = "--" + f.name.replace("_", "-"), f.metadata["help"]
-            if "default" not in help and f.default is not False and f.default not in ("", ()):
-                help += f" (default: {f.default})"
-            if f.name == "inputs":
-                sub.add_argument("inputs", nargs="*", default=not_given, help=help, metavar="INPUT")
-            elif f.name == "source":
-                sub.add_argument("source", nargs="?", default=not_given, help=help, metavar="SRC")
-            elif f.name == "runs":
-                sub.add_argument("runs", nargs="+", help=help, metavar="RUN")
-            elif f.type is bool:
-                sub.add_argument(flag, action=argparse.BooleanOptionalAction, default=not_given,
-                                 help=help)
-            elif f.type is tuple:
-                sub.add_argument(flag, action="append", default=not_given, help=help,
-                                 metavar="TEXT")
-            else:
-                choices = f.metadata["choices"]  # argparse names them in --help and errors
-                sub.add_argument(flag, type=f.type, default=not_given, help=help, choices=choices,
-                                 metavar=None if choices else f.type.__name__.upper())
-            flags[command].append(flag)
-    args, unknown = p.parse_known_args(argv)
-    for u in unknown:
-        flag = u.split("=")[0]
-        elsewhere = [c for c, names in flags.items() if flag in names]
-        close = difflib.get_close_matches(flag, flags[args.command], n=1)
-        if args.command in ("eval", "locate") and flag in flags["train"]:
-            p.error(f"{args.command}: {flag} is the checkpoint's (a model and its training "
-                    f"settings come from it)")
-        p.error(f"{args.command}: unknown option {u}" + (
-            f" (an option of {' and '.join(elsewhere)})" if elsewhere else
-            f"; did you mean {close[0]}?" if close else ""))
-    given = {k: v for k, v in vars(args).items() if k != "command"}
-    return args.command, Config(**given), set(given)
-
-def checkpoint_config(path: Path, ckpt: dict | None = None) -> Config:
-    """The Config a checkpoint (at path, or loaded from there) was trained with, held to the
-    same checks as the command line. Options added to mml.py since take their defaults; one
-    this mml.py does not know is an error."""
-    saved, defaults = (ckpt or load_checkpoint(path))["config"], dataclasses.asdict(Config())
-    unknown = sorted(set(saved) - set(defaults))
-    if unknown:
-        raise UserError(f"{path}: its config does not fit this mml.py (unknown options: "
-                        f"{', '.join(map(str, unknown))})")
-    cfg = Config(**(defaults | saved))
-    check_config(cfg, f"{path}: config field ")
-    return cfg
-
-def check_config(cfg: Config, where: str = ""):
-    """Each field of its type, within its (low, high) and among its choices, and the settings
-    that must agree: one line naming the option, or the checkpoint's field (where)."""
-    for f in dataclasses.fields(Config):
-        value, choices = getattr(cfg, f.name), f.metadata["choices"]
-        low, high = f.metadata["range"]
-        name = f"{where}{f.name}" if where else "--" + f.name.replace("_", "-")
-        kinds = {float: (int, float), tuple: (tuple, list)}.get(f.type, f.type)
-        if not isinstance(value, kinds) or isinstance(value, bool) != (f.type is bool):
-            raise UserError(f"{name} {value!r}: expected a {f.type.__name__}")
-        if f.type is float and not math.isfinite(value):
-            raise UserError(f"{name} {value}: expected a finite number")
-        if choices and value not in choices:
-            raise UserError(f"{name} {value!r}: expected one of {', '.join(map(repr, choices))}")
-        if (low is not None and value < low) or (high is not None and value > high):
-            kind = "an integer" if f.type is int else "a number"
-            bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
-            raise UserError(f"{name} {value}: expected {kind} {bounds}")
-    option = (lambda f: f"{where}{f}") if where else (lambda f: "--" + f.replace("_", "-"))
-    if cfg.img_width % 8:  # GroupNorm(8, ...) in the image CNN
-        raise UserError(f"{option('img_width')} {cfg.img_width}: expected a multiple of 8")
-    # one attention head per 64 channels
-    if cfg.text_width > 64 and cfg.text_width % 64:
-        raise UserError(f"{option('text_width')} {cfg.text_width}: expected a multiple of 64, "
-                        f"or at most 64")
-    mods = cfg.modalities.upper()
-    if len(set(mods)) < 2 or set(mods) - set("GSTC") or len(set(mods)) != len(mods):
-        raise UserError(f"{option('modalities')} {cfg.modalities}: expected two or more "
-                        f"distinct letters of GSTC")
-    if cfg.loss == "imagebind" and "G" not in mods:
-        raise UserError(f"{option('loss')} imagebind: pairs ground with the others: needs G in "
-                        f"--modalities")
-    if cfg.share_image_trunk and not {"G", "S"} <= set(mods):
-        raise UserError(f"{option('share_image_trunk')}: needs both G and S in --modalities "
-                        f"(got {mods})")
-    if set(cfg.phases.split(",")) - set(BENCH_PHASES):
-        raise UserError(f"{option('phases')} {cfg.phases}: expected some of "
-                        f"{','.join(BENCH_PHASES)}")
-    if set(cfg.query_text.split(",")) - set(TEXT_MODES):
-        raise UserError(f"{option('query_text')} {cfg.query_text}: expected some of "
-                        f"{','.join(TEXT_MODES)}")
-
-def adopt_saved(cfg: Config, given: set, path: Path, fields) -> tuple[Config, Config]:
-    """cfg with `fields` taken from the checkpoint at path; one given otherwise is an error.
-    Returns (cfg, the checkpoint's whole saved config)."""
-    saved = checkpoint_config(path)
-    for k in fields:
-        if k in given and getattr(cfg, k) != getattr(saved, k):
-            raise UserError(f"--{k.replace('_', '-')} {getattr(cfg, k)}: {path} was trained with "
-                            f"{getattr(saved, k)}; leave the option out to use the checkpoint's")
-    return dataclasses.replace(cfg, **{k: getattr(saved, k) for k in fields}), saved
-
-def resolve_model(cfg: Config, given: set) -> Config:
-    """Backbone, image size, --freeze and the GPS preset, checked and made canonical."""
-    # the sizes the towers were made for
-    if "clip" in (cfg.image_backbone, cfg.text_backbone):
-        c = clip_config(cfg.clip)
-        side, tokens = c["vision"]["image_size"], c["text"]["max_position_embeddings"]
-        if cfg.image_backbone == "clip" and "img_size" in given and cfg.img_size != side:
-            raise UserError(f"--img-size {cfg.img_size}: the vision tower of {cfg.clip} takes "
-                            f"{side} px images")
-        if cfg.text_backbone == "clip" and "max_len" in given and cfg.max_len > tokens:
-            raise UserError(f"--max-len {cfg.max_len}: the text tower of {cfg.clip} takes at "
-                            f"most {tokens} tokens")
-        cfg = dataclasses.replace(
-            cfg, img_size=side if cfg.image_backbone == "clip" else cfg.img_size,
-            max_len=cfg.max_len if "max_len" in given or cfg.text_backbone != "clip" else tokens)
-    # the size the ImageNet weights were trained at
-    elif cfg.image_backbone != "small":
-        crop = backbone_weights(cfg.image_backbone).transforms().crop_size[0]
-        if "img_size" not in given:
-            cfg = dataclasses.replace(cfg, img_size=crop)
-        vit = cfg.image_backbone == "vit_b_16"
-        if vit and (cfg.img_size % 16 or cfg.pretrained and cfg.img_size != crop):
-            raise UserError(f"--img-size {cfg.img_size}: vit_b_16 takes {crop} px images with "
-                            f"--pretrained, and multiples of 16 without")
-    letters = ""
-    for name in filter(None, (n.strip() for n in cfg.freeze.split(","))):
-        letters += LETTER.get(name.lower(), name.upper())  # a name, or letters: GST
-        if not set(letters) <= set("GSTC"):
-            raise UserError(f"--freeze {cfg.freeze}: expected some of ground, satellite, text, "
-                            f"gps (or G, S, T, C)")
-    freeze = "".join(m for m in "GSTC" if m in letters)
-    if cfg.share_image_trunk and len({"G", "S"} & set(freeze)) == 1:
-        raise UserError(f"--freeze {cfg.freeze}: the ground and aerial encoders share one "
-                        f"backbone (--share-image-trunk): freeze both or neither")
-    if cfg.gps_preset == "geoclip":
-        for k, v in (("gps_width", 1024), ("gps_depth", 3), ("embed_dim", 512)):
-            if k in given and getattr(cfg, k) != v:
-                raise UserError(f"--gps-preset geoclip sets --{k.replace('_', '-')} {v}, not "
-                                f"{getattr(cfg, k)}")
-        cfg = dataclasses.replace(cfg, gps_width=1024, gps_depth=3, embed_dim=512)
-    return dataclasses.replace(cfg, freeze=freeze)
-
-def warn_random_frozen(cfg: Config):
-    """A frozen backbone that starts from random weights never learns: say so, once."""
-    pretrained = {"G": cfg.image_backbone == "clip" or cfg.pretrained and cfg.image_backbone
-                  != "small", "T": cfg.text_backbone == "clip", "C": bool(cfg.gps_init)}
-    pretrained["S"] = pretrained["G"]
-    random_frozen = [m for m in cfg.freeze if m in cfg.modalities and not pretrained[m]]
-    if random_frozen:
-        print0(f"warning: --freeze {','.join(random_frozen)}: these backbones start from random "
-               f"weights, and frozen they never learn (--pretrained, --clip or --gps-init "
-               f"give them weights)")
-
-def resolve(command: str, cfg: Config, given: set) -> Config:
-    """Settings that follow from others, all in one place: checks; where eval and --resume take
-    the model from (its checkpoint); where eval writes (beside its checkpoint)."""
-    check_config(cfg)
-    # a preset sets what the options given leave unsaid
-    if command == "train" and cfg.preset and not cfg.resume:
-        cfg = dataclasses.replace(cfg, **{k: v for k, v in PRESETS[cfg.preset].items()
-                                         if k not in given})
-    mods = cfg.modalities.upper()
-    cfg = dataclasses.replace(cfg, modalities="".join(m for m in "GSTC" if m in mods))
-    cfg = resolve_model(cfg, given)
-    if command == "convert" and not {"source", "out"} <= given:
-        raise UserError("convert: name what to convert (SRC) and the checkpoint to write "
-                        "(--out)")
-    if command == "synth" and "out" not in given:
-        cfg.out = str(synthetic_root(cfg.scale))
-    if command == "locate" and "ckpt" not in given:
-        cfg.ckpt = str(Path(cfg.out) / "best.pt")
-    if command == "eval":
-        if cfg.export and cfg.embeddings:
-            raise UserError("--export writes the protocol's sides, --embeddings scores them: "
-                            "one at a time")
-        if "ckpt" not in given:
-            cfg.ckpt = str(Path(cfg.out) / "best.pt")
-        elif "out" not in given:
-            cfg.out = str(Path(cfg.ckpt).parent)
-        if cfg.embeddings and "out" not in given:
-            cfg.out = cfg.embeddings
-        if "ckpt" in given or not (cfg.export or cfg.embeddings):
-            # the checkpoint's model, and its data unless --data names other data
-            cfg, saved = adopt_saved(cfg, given, Path(cfg.ckpt), CHECKPOINT_FIELDS)
-            cfg.data = cfg.data if "data" in given else saved.data
-            cfg.clip = cfg.clip if "clip" in given else saved.clip
-        if not cfg.data:
-            names = cfg.ckpt if "ckpt" in given else "--export and --embeddings have no checkpoint"
-            raise UserError(f"--data: name the dataset root ({names} to name it)")
-        groups = Path(cfg.data) / "mmlandmarks.csv"
-        if cfg.by and not (groups.is_file() and cfg.by in csv_header(groups)):
-            raise UserError(f"--by {cfg.by}: {groups} has no {cfg.by} column (or is missing)")
-    if command == "compare" and "out" not in given:
-        cfg.out = "runs/compare"
-    out = Path(cfg.out)
-    # the run's own settings, except those given now
-    if command == "train" and cfg.resume:
-        if cfg.overwrite:
-            raise UserError("--resume continues the run in --out, --overwrite replaces it: "
-                            "give one of them")
-        if not (out / "last.pt").is_file():
-            raise UserError(f"{out / 'last.pt'}: no run to resume there (--resume continues the "
-                            f"run in --out: name its folder with --out)")
-        cfg, saved = adopt_saved(cfg, given, out / "last.pt", CHECKPOINT_FIELDS)
-        cfg = dataclasses.replace(saved, **{k: getattr(cfg, k) for k in given})
-    elif command == "train" and not cfg.overwrite:
-        held = [n for n in ("last.pt", "best.pt", "log.jsonl") if (out / n).exists()]
-        if held:
-            raise UserError(f"{out}: holds a run already ({', '.join(held)}): continue it with "
-                            f"--resume, or start over with --overwrite")
-    if command == "train":
-        warn_random_frozen(cfg)
-    return cfg
-
-def main(argv=None):
-    # workers are forked after use
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    command, cfg, given = parse_args(argv)
-    try:
-        cfg = resolve(command, cfg, given)
-        run = {"train": train, "eval": evaluate, "locate": locate, "synth": synth,
-               "prepare": prepare, "bench": bench, "convert": convert, "compare": compare}
-        run[command](cfg)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-# ---- appendix: the image cache (a first reading skips it) ---------------------------------
-# `prepare` decodes every image of the chosen splits once into one uint8 array per split and
-# kind, with a JSON manifest of its ids written last; `ImageStore` (data) reads it back.
-
-def decode_or_none(job: tuple) -> np.ndarray | None:
-    try:
-        return load_image(*job)
-    except Exception:  # counted as broken in the manifest: see ImageStore
-        return None
-
-def build_cache(split_dir: Path, kind: str, ids: list[str], size: int, cache: Path, pool,
-                resize: str = "crop") -> int:
-    """Decode images into cache/{split}_{kind}.u8 (n, H, H, 3), then write the manifest, so
-    that an interrupted build is never taken for a whole one; return how many were unreadable.
-    An existing array is replaced only if its manifest says mml made it. Written as a stream,
-    not through a memory map: a full disk is then an error, not a SIGBUS."""
-    store = ImageStore(split_dir, kind, size, None, resize=resize)
-    name = cache / f"{split_dir.name}_{kind}"
-    manifest, array = name.with_suffix(".json"), name.with_suffix(".u8")
-    # the ids come after
-    head = manifest.read_bytes()[:100] if manifest.is_file() else b""
-    if (array.exists() or manifest.exists()) and b'"generator": "mml.py prepare"' not in head:
-        raise UserError(f"{array}: exists and was not made by `mml.py prepare`; refusing to "
-                        f"replace it (--cache names another folder)")
-    broken, blank = [], np.zeros((size, size, 3), np.uint8)
-
-    def decode_all(tmp: Path):
-        with open(tmp, "wb") as f:
-            jobs = ((store.path(i), size, resize) for i in ids)
-            for row, img in enumerate(pool.imap(decode_or_none, jobs, chunksize=32)):
-                if img is None:
-                    broken.append(ids[row])
-                f.write((blank if img is None else img).tobytes())
-            if not ids:  # one blank row: an empty array cannot be mapped
-                f.write(blank.tobytes())
-    manifest.unlink(missing_ok=True)  # never an old manifest beside a new array
-    write_atomically(array, decode_all)
-    write_atomically(manifest, lambda tmp: tmp.write_text(json.dumps({
-        "generator": "mml.py prepare", "size": size, "resize": resize, "ids": ids,
-        "broken": broken})))
-    return len(broken)
-
-def prepare(cfg: Config):
-    """`prepare`: decode every image of --splits once into the cache, so that training reads
-    pixels, not JPEGs."""
-    root = default_world(cfg)
-    cache = writable_folder(cache_dir(cfg, root), "--cache")
-    jobs = []  # (split folder, kind, image ids)
-    for split in cfg.splits.split(","):
-        if split == "index":
-            index = read_index(root)
-            jobs += [(index.dir, "ground", index.ground), (index.dir, "satellite", index.sat)]
-        else:
-            s = read_split(root, split)
-            tiles = dict.fromkeys(i for g in s.sat + [s.latest] for i in g)
-            jobs += [(s.dir, "ground", [i for g in s.ground for i in g]),
-                     (s.dir, "satellite", list(tiles))]
-    n, side = sum(len(ids) for *_, ids in jobs), cfg.img_size
-    need, free = n * side * side * 3, shutil.disk_usage(cache).free
-    print0(f"prepare: {n} images at {side}x{side} px -> {need / 1e9:.2f} GB in {cache}")
-    if need > free:  # checked before the hours of decoding, not found at their end
-        raise UserError(f"{cache}: {need / 1e9:.2f} GB needed and {free / 1e9:.2f} GB free; "
-                        f"--cache names a larger disk, --splits fewer splits")
-    with torch.multiprocessing.get_context("fork").Pool(max(1, cfg.workers)) as pool:
-        for split_dir, kind, ids in jobs:
-            t = time.time()
-            broken = build_cache(split_dir, kind, ids, side, cache, pool, cfg.resize)
-            print0(f"  {split_dir.name} {kind}: {len(ids)} images, {broken} unreadable, "
-                   f"{len(ids) / (time.time() - t):.0f} images/s")
-
-# ---- appendix: comparing runs (a first reading skips it) ----------------------------------
-# Runs side by side, with what a paper needs to tell a difference from noise: 95% bootstrap
-# intervals that resample query landmarks (a landmark's photos are not independent queries,
-# and resampling photos would overstate the confidence), each run's difference to the
-# first on the very same resamples (paired), and runs that differ only in --seed as one
-# setting, mean +- std.
-
+# `compare`: runs side by side, with what a paper needs to tell a difference from noise: 95%
+# bootstrap intervals that resample query landmarks (a landmark's photos are not independent
+# queries; resampling photos would overstate the confidence), each run's difference to the
+# first on the very same resamples (paired), and runs that differ only in --seed pooled.
 HEADLINE = {False: ("R@1", "R@5", "R@10", "mAP@1k"),  # retrieval, official
             True: ("acc@1km", "acc@25km", "acc@200km", "acc@750km", "acc@2500km")}  # x2C
-# options that change no result, or change only the draw of one (--seed): runs that differ
-# in these alone are seeds of one setting
+# options that change no result, or only the draw of one (--seed): runs that differ in these
+# alone are seeds of one setting
 NOT_A_SETTING = ("seed", "out", "resume", "overwrite", "workers", "device", "log_every",
                  "cache", "data", "ckpt", "compile")
 
 def read_run(folder: Path) -> dict:
     """A run folder (holding eval/) or an eval folder: its metrics.json and, per task, the
-    per-query values of the headline metrics, from the task's CSV."""
+    per-query values of the headline metrics from the task's CSV, which must be the very
+    CSV its entry describes (not another evaluation's, not one cut short)."""
     path = next((p for p in (folder / "metrics.json", folder / "eval/metrics.json")
-                 if p.is_file()), None)
-    if path is None:
-        raise UserError(f"{folder}: no metrics.json there or in eval/ (run `mml.py eval`)")
+                 if p.is_file()), folder / "metrics.json")
     try:
-        metrics = json.loads(path.read_text(encoding="utf-8"))
-        listed = metrics["tasks"]
-    except (ValueError, KeyError, TypeError) as e:
-        raise UserError(f"{path}: not a metrics.json of mml ({type(e).__name__})") from None
-    tasks = {}
-    for name, r in listed.items():
-        geo = name[2] == "C"
-        columns = ["landmark_id", "error_km"] if geo else ["landmark_id", "rank_official",
-                                                           "ap_official"]
-        rows = read_table(path.parent / f"{name}.csv", columns)
-        numbers = {c: parse_numbers(path.parent / f"{name}.csv", rows, [c], float)[:, 0]
-                   for c in columns}
+        metrics = json.loads(read_bounded(path, 1 << 28, "metrics.json"))
+        tasks, config = metrics["tasks"], metrics.get("config")
+        assert isinstance(tasks, dict) and isinstance(config, (dict, type(None)))
+        assert all(isinstance(r, dict) for r in tasks.values())
+    except (ValueError, KeyError, TypeError, AssertionError):
+        raise UserError(f"{path}: not a metrics.json of mml (run `mml.py eval`)") from None
+    known, out = {t.name for t in ALL_TASKS}, {}
+    for name, r in tasks.items():
+        if name not in known:  # names become file names: only the protocol's
+            raise UserError(f"{path}: {name!r} is not a task of the protocol")
+        csv_path, geo = path.parent / f"{name}.csv", name[2] == "C"
+        if not csv_path.is_file() or hashlib.sha256(csv_path.read_bytes()).hexdigest() != r.get(
+                "csv_sha256"):
+            raise UserError(f"{csv_path}: not the CSV that {path} describes (missing, or "
+                            f"another evaluation's); evaluate {name} again")
+        columns = ["landmark_id"] + (["error_km"] if geo else ["rank_official", "ap_official"])
+        rows = read_csv(csv_path, columns)
+        x = {c: parse_numbers(csv_path, rows, [c], float)[:, 0] for c in columns}
         if geo:
-            values = {f"acc@{t}km": 100.0 * (numbers["error_km"] <= t) for t in
-                      (1, 25, 200, 750, 2500)}
+            values = {f"acc@{t}km": 100.0 * (x["error_km"] <= t) for t in (1, 25, 200, 750, 2500)}
         else:
-            values = {f"R@{k}": 100.0 * (numbers["rank_official"] <= k) for k in (1, 5, 10)}
-            values["mAP@1k"] = 100 * numbers["ap_official"]
-        tasks[name] = {"protocol": r.get("protocol"), "data": r.get("data"), "values": values,
-                       "landmarks": numbers["landmark_id"].astype(np.int64)}
+            values = {f"R@{k}": 100.0 * (x["rank_official"] <= k) for k in (1, 5, 10)}
+            values["mAP@1k"] = 100 * x["ap_official"]
+        out[name] = {"protocol": r.get("protocol"), "values": values,
+                     "landmarks": x["landmark_id"].astype(np.int64)}
     label = folder.parent.name if folder.name == "eval" else folder.name
-    return {"name": label, "path": path, "config": metrics.get("config"), "tasks": tasks}
+    return {"name": label, "path": path, "config": config, "tasks": out}
 
 def cluster_weights(landmarks: np.ndarray, resamples: int, seed: int = 0) -> np.ndarray:
     """(resamples, Q): how often each query is drawn when the query landmarks are drawn with
@@ -3422,7 +2804,7 @@ def cluster_weights(landmarks: np.ndarray, resamples: int, seed: int = 0) -> np.
 
 def setting_groups(runs: list[dict]) -> list[list[dict]]:
     """Runs grouped by setting: the same training config but for NOT_A_SETTING, each with a
-    seed of its own; a run without a config (outside embeddings) is its own group."""
+    seed of its own; a run without a config (outside encoders) is its own group."""
     groups, keys = [], []
     for run in runs:
         config = run["config"]
@@ -3437,120 +2819,145 @@ def setting_groups(runs: list[dict]) -> list[list[dict]]:
             keys.append(key)
     return groups
 
-def comparison(runs: list[dict], resamples: int) -> dict:
-    """{(task, metric): [per group: (value, std, lo, hi, diff, diff_lo, diff_hi)]}: a group's
-    value is its runs' mean (std across them, 0 for one run); lo and hi bound its 95%
-    bootstrap interval; diff and its interval are to the first group, on the same resamples.
-    Runs evaluated on other queries or galleries than the first are refused, naming both."""
-    first, groups, table = runs[0], setting_groups(runs), {}
-    for run in runs[1:]:
-        for name, t in run["tasks"].items():
-            mine = first["tasks"].get(name)
-            if mine and mine["protocol"] != t["protocol"]:
-                raise UserError(f"{run['path']} and {first['path']} were evaluated on different "
-                                f"queries or galleries for {name} (data {t['data']} and "
-                                f"{mine['data']}): compare runs of one protocol")
-    names = list(dict.fromkeys(n for r in runs for n in r["tasks"]))
-    for name in names:
-        have = [all(name in r["tasks"] for r in g) for g in groups]
-        if not any(have):
-            continue
-        landmarks = groups[have.index(True)][0]["tasks"][name]["landmarks"]
-        w = cluster_weights(landmarks, resamples)                                   # (R, Q)
+def comparison(runs: list[dict], resamples: int) -> tuple[list[str], dict]:
+    """(group labels, {task: {metric: per group (value, std, lo, hi, diff, diff_lo,
+    diff_hi) or None}}): a group's value is its runs' mean (std across them), lo and hi its
+    95% bootstrap interval; diff and its interval are to the first group's own result on the
+    same resamples (None where the first lacks the task). Runs evaluated on other queries or
+    galleries are refused, naming both."""
+    groups = setting_groups(runs)
+    labels = [g[0]["name"] + (f" ({len(g)} seeds)" if len(g) > 1 else "") for g in groups]
+    table = {}
+    for name in dict.fromkeys(n for r in runs for n in r["tasks"]):
+        having = [r for r in runs if name in r["tasks"]]
+        odd = next((r for r in having if r["tasks"][name]["protocol"] !=
+                    having[0]["tasks"][name]["protocol"]), None)
+        if odd:
+            raise UserError(f"{odd['path']} and {having[0]['path']} were evaluated on different "
+                            f"queries or galleries for {name}: compare runs of one protocol")
+        w = cluster_weights(having[0]["tasks"][name]["landmarks"], resamples)     # (R, Q)
+        table[name] = {}
         for metric in HEADLINE[name[2] == "C"]:
             cells, base = [], None
-            for g, here in zip(groups, have):
-                if not here:
+            for k, g in enumerate(groups):
+                if not all(name in r["tasks"] for r in g):
                     cells.append(None)
                     continue
                 x = np.stack([r["tasks"][name]["values"][metric] for r in g])     # (runs, Q)
-                points = x.mean(1)                                                # (runs,)
                 boot = (w @ x.T / w.sum(1, keepdims=True)).mean(1)                 # (R,)
-                base = (boot, points.mean()) if base is None else base
-                cells.append((points.mean(), points.std(ddof=1) if len(g) > 1 else 0.0,
-                              *np.percentile(boot, [2.5, 97.5]), points.mean() - base[1],
-                              *np.percentile(boot - base[0], [2.5, 97.5])))
-            table[name, metric] = cells
-    return table
+                value = x.mean(1).mean()
+                base = (boot, value) if k == 0 else base
+                diff = (None,) * 3 if base is None else (
+                    value - base[1], *np.percentile(boot - base[0], [2.5, 97.5]))
+                cells.append((value, x.mean(1).std(ddof=1) if len(g) > 1 else 0.0,
+                              *np.percentile(boot, [2.5, 97.5]), *diff))
+            table[name][metric] = cells
+    return labels, table
 
 def compare(cfg: Config):
-    """`compare RUN...`: one table of every task's headline metrics (official R@k and mAP@1k,
-    or the geolocalisation's accuracies), each run with its 95% interval and, after the
-    first, its paired difference to the first; also as compare.csv and compare.png in --out,
-    and with --latex for a paper."""
+    """`compare RUN...`: per task, each run's headline metrics (official R@k and mAP@1k, or
+    the geolocalisation's accuracies) with 95% intervals and, after the first, its paired
+    difference to the first; two tables (retrieval, geolocalisation) of tasks by metrics,
+    also in LaTeX with --latex."""
     runs = [read_run(Path(r)) for r in cfg.runs]
-    groups = setting_groups(runs)
-    labels = [g[0]["name"] + (f" ({len(g)} seeds)" if len(g) > 1 else "") for g in groups]
-    table = comparison(runs, cfg.resamples)
-    text = lambda c, d: "-" if c is None else (
-        f"{c[4]:+.2f} [{c[5]:+.2f}, {c[6]:+.2f}]" if d else
-        f"{c[0]:.2f}" + (f" +- {c[1]:.2f}" if c[1] else "") + f" [{c[2]:.2f}, {c[3]:.2f}]")
-    header = ["task", "metric"] + labels + [f"{lab} - {labels[0]}" for lab in labels[1:]]
-    rows = [[t, m] + [text(c, False) for c in cells] + [text(c, True) for c in cells[1:]]
-            for (t, m), cells in table.items()]
-    widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
-    for r in [header] + rows:
-        print("  ".join(f"{str(v):<{w}}" for v, w in zip(r, widths)))
-    out = writable_folder(Path(cfg.out), "--out")
-    write_atomically(out / "compare.csv", lambda tmp: write_csv(
-        tmp, ["task", "metric", "run", "value", "std", "low", "high", "diff", "diff_low",
-              "diff_high"], [[t, m, lab, *c] for (t, m), cells in table.items()
-                             for lab, c in zip(labels, cells) if c is not None]))
-    draw_comparison(table, labels, out / "compare.png")
-    if cfg.latex:
-        tex = lambda r: " & ".join(str(v).replace("+-", "$\\pm$").replace("_", "\\_")
-                                   for v in r) + " \\\\"
-        print("\n\\begin{tabular}{ll" + "r" * (len(header) - 2) + "}\n\\toprule")
-        print(tex(header) + "\n\\midrule")
-        for r in rows:
-            print(tex(r))
-        print("\\bottomrule\n\\end{tabular}")
-    print(f"\n95% intervals: {cfg.resamples} bootstrap resamples of the query landmarks; "
-          f"compare.csv and compare.png in {out}/")
+    labels, table = comparison(runs, cfg.resamples)
+    for name, cells in table.items():
+        lacking = [lab for lab, c in zip(labels, next(iter(cells.values()))) if c is None]
+        if lacking:
+            print(f"{name}: not evaluated in {', '.join(lacking)}")
+    fmt = lambda c: (f"{c[0]:.2f}" + (f" +- {c[1]:.2f}" if c[1] else "")
+                     + f" [{c[2]:.2f}, {c[3]:.2f}]")
+    diff = lambda c: f"{c[4]:+.2f} [{c[5]:+.2f}, {c[6]:+.2f}]"
+    for geo in (False, True):
+        rows = []
+        for name, cells in ((n, c) for n, c in table.items() if (n[2] == "C") == geo):
+            for k, label in enumerate(labels):
+                got = [cells[m][k] for m in HEADLINE[geo]]
+                if got[0] is not None:
+                    rows.append([name, label, *map(fmt, got)])
+                if k and got[0] is not None and got[0][4] is not None:
+                    rows.append([name, f"{label} - {labels[0]}", *map(diff, got)])
+        if rows:
+            header = ["task", "run", *HEADLINE[geo]]
+            widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
+            print("\n" + "\n".join("  ".join(f"{v:<{w}}" for v, w in zip(r, widths))
+                                   for r in [header] + rows))
+            if cfg.latex:
+                tex = lambda r: " & ".join(v.replace("+-", "$\\pm$").replace("_", "\\_")
+                                           for v in r) + " \\\\"
+                print(f"\\begin{{tabular}}{{ll{'r' * len(HEADLINE[geo])}}}\n\\toprule\n"
+                      f"{tex(header)}\n\\midrule\n" + "\n".join(map(tex, rows))
+                      + "\n\\bottomrule\n\\end{tabular}")
+    print(f"\n95% intervals: {cfg.resamples} bootstrap resamples of the query landmarks")
 
-def draw_comparison(table: dict, labels: list[str], path: Path):
-    """Each task and metric a row, each setting a dot at its value and a bar over its 95%
-    interval, on one 0-100% axis."""
-    palette = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189)]
-    left, width, line = 190, 600, 16
-    img = Image.new("RGB", (left + width + 20, 40 + line * len(table) + 20 * len(labels)),
-                    "white")
-    draw, text = ImageDraw.Draw(img), font(12)
-    for x in range(0, 101, 20):
-        draw.line((left + x * width / 100, 30, left + x * width / 100, 30 + line * len(table)),
-                  fill=(225, 225, 225))
-        draw.text((left + x * width / 100 - 8, 14), f"{x}%", fill="black", font=text)
-    for n, ((task, metric), cells) in enumerate(table.items()):
-        y = 30 + n * line + line // 2
-        draw.text((8, y - 7), f"{task} {metric}", fill="black", font=text)
-        for k, c in enumerate(cells):
-            if c is not None:
-                colour, dy = palette[k % len(palette)], (k - len(cells) / 2) * 3
-                draw.line((left + c[2] * width / 100, y + dy, left + c[3] * width / 100, y + dy),
-                          fill=colour, width=2)
-                draw.ellipse((left + c[0] * width / 100 - 3, y + dy - 3,
-                              left + c[0] * width / 100 + 3, y + dy + 3), fill=colour)
-    for k, label in enumerate(labels):
-        y = 40 + line * len(table) + 20 * k
-        draw.rectangle((8, y, 20, y + 12), fill=palette[k % len(palette)])
-        draw.text((28, y - 1), label, fill="black", font=text)
-    img.save(path)
+# `locate`: where is this? The gallery is embedded each call (100,000 points in about 3 s on
+# two CPU cores); inputs are read, embedded and scored LOCATE_CHUNK at a time, so memory
+# stays bounded by that many rows of scores, however many inputs come.
+LOCATE_CHUNK = 64
 
-# ---- appendix: the pictures (a first reading skips it) ------------------------------------
+def read_gallery(path: Path) -> tuple[torch.Tensor, list[str]]:
+    """A GPS gallery CSV: lat,lon and an optional name column, headers in any case
+    (GeoCLIP's is LAT,LON)."""
+    table = read_csv(path, ["lat", "lon"], lower=True, optional=("name",))
+    if not table["lat"]:
+        raise UserError(f"{path}: no places listed (expected rows of lat,lon[,name])")
+    return torch.as_tensor(parse_latlon(path, table)), table.get("name", [""] * len(table["lat"]))
 
-# Pictures (`eval --viz`), with Pillow alone: per retrieval task a grid of queries, their top
-# 5 and, when it is not among them, their correct match; per x2C task a map of the errors;
-# the training curves from log.jsonl.
+@torch.no_grad()
+def locate(cfg: Config):
+    """`locate`: the top places of photos, aerial images (--satellite) or sentences (--text)
+    in a GPS gallery, with the cosine score and the probability (a softmax over the gallery at
+    the model's logit scale); one block per input, or one JSON list. An input that cannot be
+    read gets its own error, the others are answered, and the exit status is 1."""
+    if not cfg.inputs and not cfg.text:
+        raise UserError("locate: give image paths, or sentences with --text")
+    model = load(cfg.ckpt, cfg.device or None, cfg.clip, cfg.eval_batch)
+    model.encoder("C")
+    if not cfg.gallery and not model.cfg.data:
+        raise UserError(f"{cfg.ckpt}: names no dataset (a converted model): give --gallery, a "
+                        f"lat,lon CSV of places")
+    latlon, names = (read_gallery(Path(cfg.gallery)) if cfg.gallery else
+                     open_gallery(Path(model.cfg.data)))
+    gallery = model.embed_gps(latlon)                                              # (N, D)
+    kind = "satellite" if cfg.satellite else "ground"
+    jobs = [(x, kind) for x in cfg.inputs] + [(x, "text") for x in cfg.text]
+    results = [{"input": str(x)} for x, _ in jobs]
+    for start in range(0, len(jobs), LOCATE_CHUNK):
+        rows, pixels = list(range(start, min(start + LOCATE_CHUNK, len(jobs)))), {}
+        for n in rows:
+            if jobs[n][1] != "text":
+                try:
+                    pixels[n] = read_image(Path(jobs[n][0]), model.cfg.img_size, model.cfg.resize)
+                except UserError as e:  # this input's error alone
+                    results[n]["error"] = str(e)
+        for what in (kind, "text"):
+            chosen = [n for n in rows if jobs[n][1] == what and "error" not in results[n]]
+            if not chosen:
+                continue
+            q = (model.embed_text([jobs[n][0] for n in chosen]) if what == "text" else
+                 model.embed_images([pixels[n] for n in chosen], what))
+            scores = q @ gallery.T                                               # (n, N)
+            probs = torch.softmax(model.model.logit_scale.exp() * scores, dim=1)
+            best = scores.topk(min(cfg.top, len(names)), dim=1).indices
+            for i, n in enumerate(chosen):
+                results[n]["top"] = [{"lat": round(float(latlon[j, 0]), 6),
+                                      "lon": round(float(latlon[j, 1]), 6),
+                                      "score": float(scores[i, j]), "prob": float(probs[i, j]),
+                                      "name": names[j]} for j in best[i].tolist()]
+    if cfg.json:
+        print(json.dumps(results, indent=1))
+    for r in [] if cfg.json else results:
+        print(r["input"] if "top" in r else f"{r['input']}\n  error: {r['error']}")
+        for n, p in enumerate(r.get("top", []), 1):
+            print(f"  {n}. {p['lat']:10.5f} {p['lon']:11.5f}  score {p['score']:.3f}  "
+                  f"p {p['prob']:.3f}  {p['name']}")
+    if any("error" in r for r in results):
+        sys.exit(1)
+
+# The pictures (`eval --viz`), with Pillow alone: per retrieval task a grid of eight queries,
+# their top 5 and, when it is not among them, their correct match; the training curves.
 GRID_THUMB, GRID_GAP, GRID_LINE, GRID_ROWS = 96, 8, 18, 8  # px, px, px, queries
 GREEN, RED = (0, 160, 0), (200, 30, 30)
-MAP_LAT, MAP_LON, MAP_PX = (24.0, 50.0), (-125.0, -66.0), 16  # contiguous US, px per degree
-MAP_LINES = 12  # the worst queries' lines to their guesses: few enough to follow
-ERROR_BANDS = ((1, (0, 140, 0)), (25, (20, 150, 150)), (200, (40, 80, 210)),
-               (750, (230, 140, 0)), (2500, (210, 30, 30)), (math.inf, (90, 0, 60)))
-
-def font(size: int = 13):
-    # Pillow's scalable font: legible at any size
-    return ImageFont.load_default(size=size)
 
 def grid_cell(row: int, col: int) -> tuple[int, int]:
     """Top-left pixel of a grid's thumbnail: a caption line above each row, a line of scores
@@ -3558,16 +2965,9 @@ def grid_cell(row: int, col: int) -> tuple[int, int]:
     return (GRID_GAP + col * (GRID_THUMB + GRID_GAP),
             GRID_LINE + row * (GRID_THUMB + GRID_GAP + 2 * GRID_LINE))
 
-def picture_queries(ranks: list[int], seed: int, how: str = "random") -> list[int]:
-    """The queries a grid shows, GRID_ROWS of them: seeded random ones in order, or (hard) the
-    best-, median- and worst-ranked, in that order."""
-    n = len(ranks)
-    if how == "random":
-        return sorted(random.Random(seed).sample(range(n), min(GRID_ROWS, n)))
-    # stable: ties keep the query order
-    order = sorted(range(n), key=lambda i: ranks[i])
-    middle = (n - 2) // 2
-    return list(dict.fromkeys(order[:3] + order[middle:middle + 2] + order[-3:]))
+def grid_queries(n: int) -> list[int]:
+    """The queries a grid shows: GRID_ROWS of n, drawn once with a fixed seed, in order."""
+    return sorted(random.Random(0).sample(range(n), min(GRID_ROWS, n)))
 
 def thumbnail(path) -> Image.Image:
     try:
@@ -3575,16 +2975,16 @@ def thumbnail(path) -> Image.Image:
     except Exception:  # the grid still shows the rest
         return Image.new("RGB", (GRID_THUMB, GRID_THUMB), (128, 128, 128))
 
-def draw_task(task: Task, protocol: Protocol, q: Side, g: Side, q_emb, g_emb, ranks: dict,
-              columns: dict, path: Path, cfg: Config):
-    """A retrieval task's grid: each row a query (its image, or its sentence) and its top 5,
-    their scores underneath, bordered green where a result is the query's landmark, red
-    otherwise, distractors marked; then, when the top 5 miss it, the query's best-scoring
-    correct item and its rank. An x2C task's map: see draw_map."""
+def draw_grid(task: Task, q: Side, g: Side, q_emb, g_emb, ranks: dict, columns: dict,
+              path: Path):
+    """A retrieval task's grid: eight queries (the same for every model), each its image or
+    its sentence and its top 5 with their scores, bordered green where a result is the
+    query's landmark, red otherwise, distractors marked; then, when the top 5 miss it, its
+    best-scoring correct item and its rank."""
     if task.geo:
-        return draw_map(task, protocol, q, columns, path)
-    text, n_junk = font(), int((g.labels == -1).sum())
-    rows = picture_queries(columns["rank_strict"], cfg.seed, cfg.viz_queries)
+        return
+    font, n_junk = ImageFont.load_default(size=13), int((g.labels == -1).sum())
+    rows = grid_queries(len(q.ids))
     img = Image.new("RGB", (grid_cell(0, 7)[0], grid_cell(len(rows), 0)[1]), "white")
     draw = ImageDraw.Draw(img)
 
@@ -3595,123 +2995,382 @@ def draw_task(task: Task, protocol: Protocol, q: Side, g: Side, q_emb, g_emb, ra
         if j < n_junk:
             draw.rectangle((x + 4, y + GRID_THUMB - 20, x + GRID_THUMB - 5, y + GRID_THUMB - 5),
                            fill="black")
-            draw.text((x + 8, y + GRID_THUMB - 19), "distractor", fill="white", font=text)
-        draw.text((x, y + GRID_THUMB + 2), under, fill="black", font=text)
+            draw.text((x + 8, y + GRID_THUMB - 19), "distractor", fill="white", font=font)
+        draw.text((x, y + GRID_THUMB + 2), under, fill="black", font=font)
     for r, i in enumerate(rows):
         x, y = grid_cell(r, 0)
         rank, official = columns["rank_strict"][i], columns["rank_official"][i]
         caption = (f"query {q.ids[i]}" if task.query != "T" else "sentence") + (
             f" (landmark {int(q.labels[i])}): correct match at rank {rank} (official {official})")
-        draw.text((x, y - GRID_LINE + 2), caption[:110], fill="black", font=text)
+        draw.text((x, y - GRID_LINE + 2), caption[:110], fill="black", font=font)
         if task.query == "T":  # the sentence itself, wrapped into the query's cell
             draw.rectangle((x, y, x + GRID_THUMB - 1, y + GRID_THUMB - 1), fill=(235, 235, 235))
             lines = textwrap.wrap(str(q.show[i]), 15)[:7] or ["(empty)"]
-            draw.multiline_text((x + 3, y + 3), "\n".join(lines), fill="black", font=text)
+            draw.multiline_text((x + 3, y + 3), "\n".join(lines), fill="black", font=font)
         else:
             img.paste(thumbnail(q.show[i]), (x, y))
         top = ranks["top"][i, :5].tolist()
-        scores = (g_emb[top] @ q_emb[i]).tolist()
-        for c, (j, s) in enumerate(zip(top, scores), 1):
+        for c, (j, s) in enumerate(zip(top, (g_emb[top] @ q_emb[i]).tolist()), 1):
             cell(r, c, j, GREEN if g.labels[j] == q.labels[i] else RED, f"{s:.3f}")
         if rank > len(top):
             j = int(ranks["match"][i])
             cell(r, 6, j, GREEN, f"{float(g_emb[j] @ q_emb[i]):.3f}  #{rank}")
     img.save(path)
 
-def map_xy(lat: float, lon: float) -> tuple[float, float]:
-    """Equirectangular: a degree is MAP_PX pixels both ways."""
-    return (lon - MAP_LON[0]) * MAP_PX, (MAP_LAT[1] - lat) * MAP_PX
-
-def draw_map(task: Task, protocol: Protocol, q: Side, columns: dict, path: Path):
-    """The contiguous US, training landmarks faint; each query's true location a dot coloured
-    by its error band, the worst on the bottom and the best on top; lines from true location
-    to guess for the MAP_LINES worst queries only, so that they can be followed; a legend
-    with each band's share."""
-    width = int((MAP_LON[1] - MAP_LON[0]) * MAP_PX)
-    height = int((MAP_LAT[1] - MAP_LAT[0]) * MAP_PX)
-    img = Image.new("RGB", (width, height + 40), (250, 250, 246))
-    draw, text = ImageDraw.Draw(img), font()
-    for lat, lon in protocol.open_gps.latlon[len(protocol.index.sat):].tolist():
-        x, y = map_xy(lat, lon)
-        draw.ellipse((x - 1, y - 1, x + 1, y + 1), fill=(200, 200, 200))
-    km = [float(k) for k in columns["error_km"]]
-    guess = list(zip(map(float, columns["pred_lat"]), map(float, columns["pred_lon"])))
-    band = [next(n for n, (limit, _) in enumerate(ERROR_BANDS) if k <= limit) for k in km]
-    worst_first = sorted(range(len(km)), key=lambda i: -km[i])
-    for i in worst_first[:MAP_LINES]:
-        draw.line((*map_xy(*q.latlon[i].tolist()), *map_xy(*guess[i])),
-                  fill=ERROR_BANDS[band[i]][1], width=2)
-    for i in worst_first:
-        x, y = map_xy(*q.latlon[i].tolist())
-        draw.ellipse((x - 3, y - 3, x + 3, y + 3), fill=ERROR_BANDS[band[i]][1])
-    draw.text((8, 6), f"{task.name}: {len(km)} queries at their true location, coloured by "
-                      f"error; lines to the guess for the {MAP_LINES} worst", fill="black",
-              font=font(15))
-    for n, (limit, colour) in enumerate(ERROR_BANDS):
-        x = 8 + n * 155
-        share = 100 * band.count(n) / max(1, len(band))
-        label = f"<= {limit:g} km" if limit < math.inf else "> 2500 km"
-        draw.rectangle((x, height + 12, x + 14, height + 26), fill=colour)
-        draw.text((x + 20, height + 12), f"{label}: {share:.0f}%", fill="black", font=text)
-    img.save(path)
-
-def plot(draw: ImageDraw.ImageDraw, box: tuple, title: str, series: dict):
-    """Line plots in box (x0, y0, x1, y1): {name: (xs, ys)}, with their extremes labelled."""
-    x0, y0, x1, y1 = box
-    text, palette = font(), [(0, 0, 0), (31, 119, 180), (255, 127, 14), (44, 160, 44),
-                             (214, 39, 40), (148, 103, 189), (140, 86, 75)]
-    draw.text((x0 + 8, y0 + 4), title, fill="black", font=font(14))
-    left, top, right, bottom = x0 + 58, y0 + 26, x1 - 12, y1 - 22  # the plotting area
-    draw.rectangle((left, top, right, bottom), outline=(150, 150, 150))
-    points = [(x, y) for xs, ys in series.values() for x, y in zip(xs, ys) if math.isfinite(y)]
-    if not points:
-        return
-    lo_x, hi_x = min(p[0] for p in points), max(p[0] for p in points)
-    lo_y, hi_y = min(p[1] for p in points), max(p[1] for p in points)
-    hi_x, hi_y = max(hi_x, lo_x + 1e-12), max(hi_y, lo_y + 1e-12)
-    for value, y in ((hi_y, top), (lo_y, bottom - 12)):
-        draw.text((x0 + 4, y), f"{value:.3g}", fill="black", font=text)
-    for value, x in ((lo_x, left), (hi_x, right - 30)):
-        draw.text((x, bottom + 4), f"{value:g}", fill="black", font=text)
-    for n, (name, (xs, ys)) in enumerate(series.items()):
-        colour = palette[n % len(palette)]
-        line = [(left + (x - lo_x) / (hi_x - lo_x) * (right - left),
-                 bottom - (y - lo_y) / (hi_y - lo_y) * (bottom - top))
-                for x, y in zip(xs, ys) if math.isfinite(y)]
-        if len(line) > 1:
-            draw.line(line, fill=colour, width=2)
-        else:  # one point: an epoch so far
-            draw.point(line, fill=colour)
-        draw.text((right - 70, top + 4 + 14 * n), name, fill=colour, font=text)
-
 def draw_curves(log: Path, path: Path):
-    """Training curves from a run's log.jsonl: losses by step, validation by epoch, the lr,
-    the logit scale and the throughput: 1200 x 540 px."""
+    """Training curves from a run's log.jsonl, 1200 x 540 px: the losses by step, validation
+    loss and R@1 by epoch, the lr, the logit scale and the throughput."""
     if not log.is_file():
-        print(f"no training curves: {log} not found")
-        return
+        return print(f"no training curves: {log} not found")
     records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
-    steps = [r for r in records if "loss" in r]
-    epochs = [r for r in records if "val_loss" in r]
-    by = lambda rows, x, key: ([r[x] for r in rows], [r[key] for r in rows])
-    pairs = [k for k in (steps[0] if steps else {}) if k.startswith("loss_")]
-    recalls = [k for k in (epochs[0] if epochs else {}) if k.startswith("val_") and "R@1" in k]
-    panels = [("training loss by step", {"total": by(steps, "step", "loss"),
-                                         **{k[5:]: by(steps, "step", k) for k in pairs}}),
-              ("validation loss by epoch", {"val": by(epochs, "epoch", "val_loss")}),
-              ("validation R@1 (%) by epoch", {k[4:-4] or "mean": by(epochs, "epoch", k)
-                                               for k in recalls}),
-              ("learning rate by step", {"lr": by(steps, "step", "lr")}),
-              ("logit scale by step", {"scale": by(steps, "step", "logit_scale")}),
-              ("samples/s by step", {"rate": by(steps, "step", "samples_per_s")})]
-    img = Image.new("RGB", (1200, 540), "white")
-    draw = ImageDraw.Draw(img)
-    for n, (title, series) in enumerate(panels):
-        x, y = 400 * (n % 3), 270 * (n // 3)
-        plot(draw, (x, y, x + 400, y + 270), title, series)
+    steps, epochs = [r for r in records if "loss" in r], [r for r in records if "val_loss" in r]
+    series = lambda rows, x, keys: {k: ([r[x] for r in rows], [r[k] for r in rows]) for k in keys}
+    first_step, first_epoch = (steps or [{}])[0], (epochs or [{}])[0]
+    panels = [("training loss by step", series(steps, "step", [k for k in first_step
+                                                              if k.startswith("loss")])),
+              ("validation loss by epoch", series(epochs, "epoch", ["val_loss"])),
+              ("validation R@1 (%) by epoch", series(epochs, "epoch", [
+                  k for k in first_epoch if k.startswith("val_") and "R@1" in k])),
+              ("learning rate by step", series(steps, "step", ["lr"])),
+              ("logit scale by step", series(steps, "step", ["logit_scale"])),
+              ("samples/s by step", series(steps, "step", ["samples_per_s"]))]
+    img, font = Image.new("RGB", (1200, 540), "white"), ImageFont.load_default(size=13)
+    draw, palette = ImageDraw.Draw(img), [(0, 0, 0), (31, 119, 180), (255, 127, 14),
+                                          (44, 160, 44), (214, 39, 40), (148, 103, 189)]
+    for n, (title, lines) in enumerate(panels):
+        x0, y0 = 400 * (n % 3), 270 * (n // 3)
+        left, top, right, bottom = x0 + 58, y0 + 26, x0 + 388, y0 + 248  # the plotting area
+        draw.text((x0 + 8, y0 + 4), title, fill="black", font=font)
+        draw.rectangle((left, top, right, bottom), outline=(150, 150, 150))
+        points = [(x, y) for xs, ys in lines.values() for x, y in zip(xs, ys) if math.isfinite(y)]
+        if not points:
+            continue
+        (lo_x, lo_y), (hi_x, hi_y) = np.min(points, 0), np.max(points, 0)
+        hi_x, hi_y = max(hi_x, lo_x + 1e-12), max(hi_y, lo_y + 1e-12)
+        for value, y in ((hi_y, top), (lo_y, bottom - 12)):
+            draw.text((x0 + 4, y), f"{value:.3g}", fill="black", font=font)
+        for k, (name, (xs, ys)) in enumerate(lines.items()):
+            line = [(left + (x - lo_x) / (hi_x - lo_x) * (right - left),
+                     bottom - (y - lo_y) / (hi_y - lo_y) * (bottom - top))
+                    for x, y in zip(xs, ys) if math.isfinite(y)]
+            draw.line(line + line[-1:], fill=palette[k % len(palette)], width=2)
+            draw.text((right - 90, top + 4 + 14 * k), name, fill=palette[k % len(palette)],
+                      font=font)
     img.save(path)
 
-# ---- appendix: the synthetic world (a first reading skips it) -----------------------------
+# `prepare` decodes every image of the chosen splits once into one uint8 array per split and
+# kind, with its JSON manifest of ids written last; `ImageStore` reads it back.
+
+def decode_or_none(job: tuple) -> np.ndarray | None:
+    try:
+        return load_image(*job)
+    except Exception:  # counted as broken in the manifest: see ImageStore
+        return None
+
+def build_cache(split_dir: Path, kind: str, ids: list[str], size: int, cache: Path, pool,
+                resize: str = "crop") -> int:
+    """Decode images into cache/{split}_{kind}.u8 (n, H, H, 3), then write the manifest, so
+    that an interrupted build is never taken for a whole one; return how many were broken.
+    An existing array is replaced only if its manifest says mml made it. Written as a stream,
+    not through a memory map: a full disk is then an error, not a SIGBUS."""
+    array = cache / f"{split_dir.name}_{kind}.u8"
+    manifest = array.with_suffix(".json")
+    head = manifest.read_bytes()[:100] if manifest.is_file() else b""
+    if (array.exists() or manifest.exists()) and b'"generator": "mml.py prepare"' not in head:
+        raise UserError(f"{array}: exists and was not made by `mml.py prepare`; refusing to "
+                        f"replace it (--cache names another folder)")
+    broken, blank = [], np.zeros((size, size, 3), np.uint8)
+
+    def decode_all(tmp: Path):
+        with open(tmp, "wb") as f:
+            jobs = ((shard(split_dir, kind, i), size, resize) for i in ids)
+            for row, img in enumerate(pool.imap(decode_or_none, jobs, chunksize=32)):
+                if img is None:
+                    broken.append(ids[row])
+                f.write((blank if img is None else img).tobytes())
+            if not ids:  # one blank row: an empty array cannot be mapped
+                f.write(blank.tobytes())
+    manifest.unlink(missing_ok=True)  # never an old manifest beside a new array
+    write_atomically(array, decode_all)
+    write_atomically(manifest, lambda tmp: tmp.write_text(json.dumps({
+        "generator": "mml.py prepare", "size": size, "resize": resize, "ids": ids,
+        "broken": broken})))
+    return len(broken)
+
+def prepare(cfg: Config):
+    """`prepare`: decode every image of --splits once into the cache, so that training and
+    evaluation read pixels, not JPEGs."""
+    root = Path(cfg.data)
+    cache = writable_folder(cache_dir(cfg, root), "--cache")
+    jobs = []  # (split folder, kind, image ids)
+    for split in cfg.splits.split(","):
+        if split == "index":
+            index = read_index(root)
+            jobs += [(index.dir, "ground", index.ground), (index.dir, "satellite", index.sat)]
+        else:
+            s = read_split(root, split)
+            tiles = dict.fromkeys(i for g in s.sat + [s.latest] for i in g)
+            jobs += [(s.dir, "ground", [i for g in s.ground for i in g]),
+                     (s.dir, "satellite", list(tiles))]
+    n = sum(len(ids) for *_, ids in jobs)
+    print0(f"prepare: {n} images at {cfg.img_size}x{cfg.img_size} px "
+           f"({n * cfg.img_size ** 2 * 3 / 1e9:.2f} GB) into {cache}")
+    with torch.multiprocessing.get_context("fork").Pool(max(1, cfg.workers)) as pool:
+        for split_dir, kind, ids in jobs:
+            t = time.time()
+            broken = build_cache(split_dir, kind, ids, cfg.img_size, cache, pool, cfg.resize)
+            print0(f"  {split_dir.name} {kind}: {len(ids)} images, {broken} unreadable, "
+                   f"{len(ids) / (time.time() - t):.0f} images/s")
+
+# ---- tools: the bench ---------------------------------------------------------------------
+# `python mml.py bench` times each phase on this machine, each the very code a run calls.
+# Ratios between rows of one run are meaningful; absolute numbers only with their device.
+
+def timed(fn, min_seconds: float = 1.0, sync=lambda: None) -> float:
+    """Seconds per call of fn, averaged over as many calls as fill min_seconds (after one)."""
+    fn()
+    sync()
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < min_seconds:
+        fn()
+        n += 1
+    sync()
+    return (time.perf_counter() - t0) / n
+
+def report(what: str, value: float, unit: str, how: str):
+    print(f"  {what:<46}{value:>12,.{3 if value < 10 else 1}f} {unit:<10} {how}", flush=True)
+
+def random_batch(cfg: Config, B: int) -> dict:
+    """A batch of the configured shape with random content, as the loader delivers it: on the
+    CPU, pinned for a GPU."""
+    gen, side = torch.Generator().manual_seed(0), cfg.img_size
+    vocab = clip_config(cfg.clip)["text"]["vocab_size"] if cfg.text_backbone == "clip" else (
+        cfg.vocab_size)
+    batch = {m: torch.randint(0, 256, (B, 3, side, side), dtype=torch.uint8, generator=gen)
+             for m in "GS"}
+    batch["T"] = torch.randint(1, vocab, (B, cfg.max_len), generator=gen)
+    batch["C"] = torch.rand(B, 2, generator=gen) * 20 + torch.tensor([28.0, -110.0])
+    pin = torch.cuda.is_available()
+    return {m: x.pin_memory() if pin else x for m, x in batch.items()
+            if m in cfg.modalities} | {"bad": [""] * B}
+
+def step_rate(cfg: Config, device, sync, label: str) -> float:
+    """Training samples/s of the model cfg describes: `train_step` itself, the function the
+    loop calls (jitter, forward, loss, all-reduce, backward, clipping, update, the scale's
+    cap), on random inputs copied from the CPU as the loader's are."""
+    torch.manual_seed(0)
+    raw = MML(cfg).to(device)
+    if device.type == "cuda":
+        raw = raw.to(memory_format=torch.channels_last)
+        torch.cuda.reset_peak_memory_stats()
+    model = torch.compile(raw) if cfg.compile else raw
+    optimizer, pairs = make_optimizer(raw, cfg), loss_pairs(cfg.modalities, cfg.loss)
+    batch, steps = random_batch(cfg, cfg.batch_size), itertools.count()
+    step = lambda: train_step(model, raw, optimizer, batch, cfg, pairs, 0, next(steps), cfg.lr)
+    with matmul_precision("high"):  # as the training loop
+        rate = cfg.batch_size / timed(step, 3.0 if device.type == "cuda" else 5.0, sync)
+    trained = sum(p.numel() for p in raw.parameters() if p.requires_grad) / 1e6
+    peak = (f", peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB"
+            if device.type == "cuda" else "")
+    report(label, rate, "samples/s", f"{device.type}, batch {cfg.batch_size}, H {cfg.img_size}, "
+           f"{trained:.1f}M trained parameters{peak}")
+    return rate
+
+def bench_steps(cfg: Config, device, sync, done: dict) -> float:
+    """Training steps: fp32, and on a GPU bf16 and bf16 + compile; returns the fastest."""
+    rates = [step_rate(dataclasses.replace(cfg, bf16=False), device, sync, "train step, fp32")]
+    if device.type == "cuda":
+        rates.append(step_rate(cfg, device, sync, "train step, bf16"))
+        rates.append(step_rate(dataclasses.replace(cfg, compile=True), device, sync,
+                               "train step, bf16 + compile"))
+    return max(rates)
+
+def bench_loader(cfg: Config, device, sync, done: dict):
+    """The training loader on the dataset: batches as the loop's single iterator delivers
+    them (collated, pinned on a GPU), for at least 3 s, epoch after epoch."""
+    data, _, _ = training_sets(cfg, None)
+    B = min(cfg.batch_size, len(data))
+    batches = iter(torch.utils.data.DataLoader(
+        data, batch_size=None, sampler=EpochSampler(len(data), B, 0, stop=10**9),
+        num_workers=cfg.workers, pin_memory=device.type == "cuda",
+        prefetch_factor=4 if cfg.workers > 0 else None))
+    next(batches)  # the workers' start-up is not loading time
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < 3:
+        n += len(next(batches)["bad"])
+    rate = n / (time.perf_counter() - t0)
+    source = "from the cache" if data.stores["G"].row_of is not None else "decoding"
+    pace = "keeps up with" if rate >= done.get("steps", 0) else "slower than"
+    report(f"training loader, {cfg.workers} workers", rate, "samples/s",
+           f"{cfg.data}, {source}, batch {B}; {pace} the fastest step")
+
+def argsort_ranks(q, g, q_labels, g_labels, map_top: int = 1000) -> dict:
+    """The authors' way, for comparison: per query, score, sort the whole gallery, walk it.
+    Ties are broken the documented way (positives after the items they tie with)."""
+    res = {k: [] for k in ("first_strict", "first_official", "ap_strict", "ap_official")}
+    for i in range(len(q)):
+        scores, positive = g @ q[i], g_labels == q_labels[i]
+        by_kind = torch.cat([torch.nonzero(~positive)[:, 0], torch.nonzero(positive)[:, 0]])
+        order = by_kind[torch.argsort(scores[by_kind], descending=True, stable=True)]
+        hit, junk = positive[order], g_labels[order] == -1
+        strict = torch.nonzero(hit)[:, 0]
+        official = torch.nonzero(hit[~junk])[:, 0]
+        # top map_top of the full ranking, then junk out
+        kept = int((strict < map_top).sum())
+        for name, rows in (("strict", strict), ("official", official)):
+            res[f"first_{name}"].append(int(rows[0]))
+            res[f"ap_{name}"].append(sum(((j / r if r else 1) + (j + 1) / (r + 1)) / 2
+                                         for j, r in enumerate(rows[:kept].tolist())) / len(strict))
+    return {k: torch.tensor(v, dtype=torch.float64 if k.startswith("ap") else torch.long)
+            for k, v in res.items()}
+
+def fake_embeddings(n_queries: int, n_landmarks: int, n_labelled: int, n_junk: int, dim: int,
+                    device, seed: int = 0) -> tuple:
+    """Random unit vectors shaped like a task: queries and labelled gallery items scattered
+    around a random centre per landmark (positives rank high, as with a trained model),
+    distractors anywhere -> (q, g, q_labels, g_labels), distractors first. Rounded to
+    multiples of 2^-10, so that every score is exact in float32 in any summation order (a
+    GEMM and a GEMV, a CPU and a GPU agree): the bench compares rankings, not roundings."""
+    gen = torch.Generator(device).manual_seed(seed)
+    noise = lambda n: torch.randn(n, dim, generator=gen, device=device)
+    unit = lambda x: torch.round(F.normalize(x, dim=-1) * 1024) / 1024
+    centres = F.normalize(noise(n_landmarks), dim=-1)
+    q_labels = torch.arange(n_queries, device=device) % n_landmarks
+    lab = torch.arange(n_labelled, device=device) % n_landmarks
+    near = lambda labels: unit(centres[labels] + 0.1 * noise(len(labels)))
+    g = torch.cat([unit(noise(n_junk)), near(lab)])
+    return near(q_labels), g, q_labels, torch.cat([torch.full((n_junk,), -1, device=device), lab])
+
+def bench_rank(cfg: Config, device, sync, done: dict):
+    """Ranking at full scale, G2S 18,688 x (99,539 + 1,000) and S2G 1,000 x (714,554 +
+    18,688): against the bare score GEMM (the floor) and the authors' per-query argsort on
+    a sample of queries, which must give the same metrics."""
+    for task, nq, n_lm, n_lab, n_junk in (("G2S", 18688, 1000, 1000, 99539),
+                                          ("S2G", 1000, 1000, 18688, 714554)):
+        q, g, ql, gl = fake_embeddings(nq, n_lm, n_lab, n_junk, 512, device)
+        rank_queries(q[:64], g, ql[:64], gl)  # warm-up: library start-up is not ranking time
+        with matmul_precision("highest"):
+            gemm = timed(lambda: [part @ g.T for part in q.split(cfg.chunk)], 0.5, sync)
+        sync()
+        t0 = time.perf_counter()
+        ranks = rank_queries(q, g, ql, gl, chunk=cfg.chunk)
+        sync()
+        fast = time.perf_counter() - t0
+        sample = torch.randperm(nq, generator=torch.Generator().manual_seed(0))
+        sample = sample[:cfg.bench_queries].to(device)
+        t0 = time.perf_counter()
+        with matmul_precision("highest"):
+            loop = argsort_ranks(q[sample], g, ql[sample], gl)
+        sync()
+        slow = (time.perf_counter() - t0) * nq / len(sample)
+        same = all(torch.equal(loop[k], ranks[k][sample].cpu())
+                   for k in ("first_strict", "first_official"))
+        same &= all(torch.allclose(loop[k].double(), ranks[k][sample].cpu(), atol=1e-9)
+                    for k in ("ap_strict", "ap_official"))
+        how = f"{device.type}, D = 512, --chunk {cfg.chunk}"
+        report(f"rank {task} {nq} x {len(g)}, chunked counts", fast, "s", how)
+        report(f"rank {task}, the score GEMM alone", gemm, "s", f"{fast / gemm:.1f}x of it")
+        report(f"rank {task}, per-query argsort loop", slow, "s",
+               f"{len(sample)} queries timed, x {nq / len(sample):.0f}")
+        report(f"rank {task}, speed-up (metrics {'identical' if same else 'DIFFER'})", slow / fast,
+               "x", "same device, same run")
+        if not same:
+            raise SystemExit("bench: the chunked ranking disagrees with the per-query loop")
+
+def write_clip_folder(folder: Path, vision: dict, text: dict, projection: int,
+                      weights: bool = True) -> Path:
+    """A Hugging Face-style CLIP folder with random weights: config.json, pytorch_model.bin
+    (unless not `weights`) and the test fixture's small CLIP tokenizer.json (664 tokens)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copy(Path(__file__).parent / "assets/fixtures/clip-tiny/tokenizer.json", folder)
+    text = {**text, "vocab_size": 664, "eos_token_id": 663}  # the fixture's <|endoftext|>
+    (folder / "config.json").write_text(json.dumps({
+        "model_type": "clip", "projection_dim": projection, "vision_config": vision,
+        "text_config": text}))
+    if weights:
+        c, state = clip_config(str(folder)), {"logit_scale": torch.tensor(math.log(1 / 0.07))}
+        for tower, prefix, projected in ((CLIPVision(c["vision"], projection), "vision_model.",
+                                          "visual_projection.weight"),
+                                         (CLIPText(c["text"], projection), "text_model.",
+                                          "text_projection.weight")):
+            for k, v in tower.state_dict().items():
+                state[projected if k == "projection.weight" else prefix + k] = v
+        torch.save(state, folder / "pytorch_model.bin")
+    return folder
+
+def bench_towers(cfg: Config, device, sync, done: dict):
+    """`eval` of G2S and S2G with frozen CLIP towers (a random-weight 4-layer ViT at 112 px),
+    twice on the dataset, as whole commands: the first runs the towers on every image and
+    caches their output; the second, as another checkpoint on the same towers would, runs
+    only the heads and the ranking."""
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        folder = write_clip_folder(tmp / "clip", {
+            "hidden_size": 256, "intermediate_size": 1024, "num_hidden_layers": 4,
+            "num_attention_heads": 4, "image_size": 112, "patch_size": 16}, {
+            "hidden_size": 128, "intermediate_size": 512, "num_hidden_layers": 2,
+            "num_attention_heads": 2}, 128)
+        seconds = []
+        with contextlib.redirect_stdout(io.StringIO()):
+            main(["convert", str(folder), "--out", str(tmp / "clip.pt")])
+        for label in ("first eval, runs the towers", "second eval, reads their cache"):
+            t0 = time.perf_counter()
+            with contextlib.redirect_stdout(io.StringIO()):
+                main(["eval", "--ckpt", str(tmp / "clip.pt"), "--data", cfg.data, "--out",
+                      str(tmp), "--cache", str(tmp / "cache"), "--tasks", "G2S,S2G",
+                      "--workers", str(cfg.workers), "--device", device.type])
+            seconds.append(time.perf_counter() - t0)
+            report(f"eval G2S+S2G, frozen CLIP: {label}", seconds[-1], "s",
+                   f"{device.type}, {cfg.data}")
+        report("eval on cached towers, speed-up", seconds[0] / seconds[1], "x", "same run")
+
+def bench_paper(cfg: Config, device, sync, done: dict):
+    """--preset paper at full size with random weights (no --clip needed): the training step
+    on frozen ViT-L/14-336 towers (a batch of 2 on the CPU), the tower's images/s, and from
+    those the time of the authors' 20 epochs of 16,533 landmarks and of a full evaluation's
+    833,781 images on this device: estimates from the step and the tower alone."""
+    cuda = device.type == "cuda"
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = write_clip_folder(Path(tmp), {  # openai/clip-vit-large-patch14-336's sizes
+            "hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24,
+            "num_attention_heads": 16, "image_size": 336, "patch_size": 14}, {
+            "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+            "num_attention_heads": 12}, 768, weights=False)
+        run = dataclasses.replace(cfg, **{
+            **PRESETS["paper"], "clip": str(folder), "img_size": 336, "max_len": 77,
+            "batch_size": cfg.batch_size if cuda else 2,
+            "eval_batch": cfg.eval_batch if cuda else 2})
+        rate = step_rate(run, device, sync, "train step, --preset paper, ViT-L/14-336")
+        tower, side = MML(run).enc["G"].to(device).eval(), run.img_size
+        x = torch.randint(0, 256, (run.eval_batch, 3, side, side), dtype=torch.uint8,
+                          device=device)
+        with torch.no_grad(), autocast_for(device, run):
+            images = run.eval_batch / timed(lambda: tower.features(x), 2.0, sync)
+    report("CLIP ViT-L/14-336 vision tower", images, "images/s",
+           f"{device.type}, batch {run.eval_batch}, {'bf16' if bf16_on(device, run) else 'fp32'}")
+    report("estimate: the paper's 20 epochs, steps alone", 20 * 16533 / rate / 3600, "h",
+           f"{device.type}, batch {run.batch_size}")
+    report("estimate: the towers of a full evaluation", 833781 / images / 60, "min",
+           f"{device.type}, each image once (the tower cache)")
+
+BENCH_PHASES = {"steps": bench_steps, "loader": bench_loader, "rank": bench_rank,
+                "towers": bench_towers, "paper": bench_paper}
+
+def bench(cfg: Config):
+    """`bench`: one table of throughputs on this machine, a phase at a time (--phases): the
+    training step, the loader against it, ranking against its floor and the authors' loop,
+    evaluation on cached CLIP towers, the paper's setting at full size."""
+    device = device_of(cfg)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    name = (torch.cuda.get_device_name() if device.type == "cuda"
+            else f"CPU, {torch.get_num_threads()} threads")
+    print(f"bench on {name}, torch {torch.__version__}; H = {cfg.img_size}, "
+          f"B = {cfg.batch_size}, D = {cfg.embed_dim}")
+    done = {}
+    for phase in cfg.phases.split(","):
+        done[phase] = BENCH_PHASES[phase](cfg, device, sync, done)
+
+# ---- the synthetic world -----------------------------------------------------------------
 # A small world written in the released layout, so that a demo run and every test read data
 # through the same code a real user's run does. It is learnable across modalities: location
 # decides the land cover seen from above and from the ground; each landmark's category decides
@@ -3985,339 +3644,241 @@ def synth(cfg: Config):
     counts = synthesize(Path(cfg.out), cfg.scale, cfg.seed)
     print(f"synthetic world in {cfg.out} ({time.time() - t:.0f}s): {json.dumps(counts)}")
 
-# ---- appendix: the bench (a first reading skips it) ---------------------------------------
-# `python mml.py bench` times each phase of a run in one go on this machine. Ratios between
-# rows are meaningful; absolute numbers only with the device they were measured on.
+def write_csv(path: Path, header: list[str], rows):
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)
 
-def timed(fn, min_seconds: float = 1.0, sync=lambda: None) -> float:
-    """Seconds per call of fn, averaged over as many calls as fill min_seconds (after one)."""
-    fn()
-    sync()
-    n, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < min_seconds:
-        fn()
-        n += 1
-    sync()
-    return (time.perf_counter() - t0) / n
+def synthetic_root(scale: float) -> Path:
+    """Where `train`, `prepare` and `synth` put the synthetic world of a given --scale."""
+    return Path("data") / ("synthetic" if scale == 1 else f"synthetic-x{scale:g}")
 
-def report(what: str, value: float, unit: str, how: str):
-    print(f"  {what:<46}{value:>12,.{3 if value < 10 else 1}f} {unit:<10} {how}", flush=True)
+def synthetic_world(scale: float) -> Path:
+    """The data of `train`, `prepare` and `bench` without --data: the synthetic world of
+    --scale, written on first use by process 0 while the others wait."""
+    root = synthetic_root(scale)
+    if is_master() and not root.exists():  # renamed into place when whole
+        t = time.time()
+        print0(f"no --data given: generating a synthetic world in {root} ...")
+        counts = synthesize(root, scale)
+        print0(f"  done in {time.time() - t:.0f}s: {json.dumps(counts)}")
+    barrier()  # every process, whether or not the world had to be written
+    return root
 
-def bench_decode(cfg: Config, device, sync, done: dict):
-    """Decoding real-sized files (an 800-px JPEG photo, an 800x800 PNG tile, with noise for
-    the texture real photos have and flat renders lack), and reading the prepare cache."""
-    image_id, how = "0123456789abcdef", "one process (= per worker), CPU"
-    with tempfile.TemporaryDirectory() as tmp, \
-            torch.multiprocessing.get_context("fork").Pool(1) as pool:
-        rng, noise = random.Random(0), np.random.default_rng(0)
-        lm, split_dir = place_landmark(rng), Path(tmp) / "bench"
-        for kind, img in (("ground", render_ground(lm, lm["lat"], lm["lon"], rng, 800, 600)),
-                          ("satellite", render_satellite(lm, lm["lat"], lm["lon"], rng, 800))):
-            pixels = np.asarray(img) + noise.integers(-24, 24, (*img.size[::-1], 3))
-            save(Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)),
-                 shard(split_dir, kind, image_id))
-        photo, tile = shard(split_dir, "ground", image_id), shard(split_dir, "satellite", image_id)
-        for what, path, draft in (("800x600 JPEG, full decode", photo, False),
-                                  ("800x600 JPEG, draft()", photo, True),
-                                  ("800x800 PNG", tile, True)):
-            seconds = timed(lambda: load_image(path, cfg.img_size, draft=draft))
-            report(f"decode+resize {what}", 1 / seconds, "images/s", how)
-        build_cache(split_dir, "ground", [image_id], cfg.img_size, Path(tmp), pool)
-        cached = ImageStore(split_dir, "ground", cfg.img_size, Path(tmp), [image_id])
-        report("read a cached image (prepare)", 1 / timed(lambda: cached(image_id)), "images/s",
-               how)
+# ---- command line -------------------------------------------------------------------------
 
-def random_batch(cfg: Config, B: int, device=None) -> dict:
-    """A batch of the configured shape with random content, as the loader delivers it (on the
-    CPU, pinned for a GPU), or on `device`."""
-    gen, side = torch.Generator().manual_seed(0), cfg.img_size
-    batch = {m: torch.randint(0, 256, (B, 3, side, side), dtype=torch.uint8, generator=gen)
-             for m in "GS"}
-    vocab = clip_config(cfg.clip)["text"]["vocab_size"] if cfg.text_backbone == "clip" else (
-        cfg.vocab_size)
-    batch["T"] = torch.randint(1, vocab, (B, cfg.max_len), generator=gen)
-    batch["C"] = torch.rand(B, 2, generator=gen) * 20 + torch.tensor([28.0, -110.0])
-    batch = {m: x for m, x in batch.items() if m in cfg.modalities}
-    if device is not None:
-        return to_device(batch, device)
-    pin = torch.cuda.is_available()
-    return {m: x.pin_memory() if pin else x for m, x in batch.items()} | {"bad": [""] * B}
+COMMANDS = {  # command: its --help line, and the Config fields it takes beyond `train`'s
+    "train": ("train a model (on a synthetic world made on first use, without --data)", ""),
+    "eval": ("evaluate a checkpoint on every task of the protocol",
+             "ckpt data out tasks chunk eval_batch viz cache workers device clip"),
+    "locate": ("the likeliest places of photos, aerial images or sentences",
+               "inputs text satellite top gallery json ckpt out eval_batch device clip"),
+    "synth": ("write a synthetic world in the released layout", "out scale seed"),
+    "prepare": ("decode every image once into a cache that training and eval read",
+                "data scale splits img_size resize cache workers"),
+    "bench": ("time each phase of a run on this machine (and every `train` option)",
+              "phases chunk eval_batch bench_queries"),
+    "convert": ("make an mml checkpoint of CLIP, the authors' released model or GeoCLIP",
+                "source out overwrite clip"),
+    "compare": ("set runs side by side, with bootstrap intervals over query landmarks",
+                "runs latex resamples"),
+}
+FIELDS = [f.name for f in dataclasses.fields(Config)]
+TRAIN_FIELDS = FIELDS[:FIELDS.index("select") + 1]
+# what a checkpoint decides: a model, and the preprocessing it was trained with
+MODEL_FIELDS = FIELDS[FIELDS.index("preset"):FIELDS.index("gps_scaling") + 1] + [
+    "img_size", "resize"]
+POSITIONAL = {"inputs": "*", "source": "?", "runs": "+"}
 
-def step_rate(cfg: Config, device, sync, label: str) -> float:
-    """Training samples/s of the model cfg describes: `train_step` itself, the function the
-    training loop calls (jitter, forward, loss, all-reduce, backward, clipping, update, the
-    scale's cap), on random inputs copied from the CPU as the loader's are."""
-    torch.manual_seed(0)
-    raw = MML(cfg).to(device)
-    if device.type == "cuda":
-        raw = raw.to(memory_format=torch.channels_last)
-    model = torch.compile(raw) if cfg.compile else raw
-    optimizer, pairs = make_optimizer(raw, cfg), loss_pairs(cfg.modalities, cfg.loss)
-    batch, steps = random_batch(cfg, cfg.batch_size), itertools.count()
-    step = lambda: train_step(model, raw, optimizer, batch, cfg, pairs, 0, next(steps), cfg.lr)
-    cuda = device.type == "cuda"
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    with matmul_precision("high"):  # as the training loop
-        rate = cfg.batch_size / timed(step, 3.0 if cuda else 5.0, sync)
-    # on the CPU the process's peak resident memory: ru_maxrss is in KiB on Linux
-    peak = (f"peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if cuda
-            else f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.1f} GiB")
-    params = [sum(p.numel() for p in raw.parameters() if p.requires_grad or every) / 1e6
-              for every in (True, False)]
-    report(label, rate, "samples/s", f"{device.type}, batch {cfg.batch_size}, H {cfg.img_size}, "
-           f"{params[0]:.1f}M params ({params[1]:.1f}M trained), {peak}")
-    return rate
+def parse_args(argv=None) -> tuple[str, Config, set]:
+    """Command, Config and the names of the options given. Each field's --help is the comment
+    beside it in Config; an option a command does not take is an error naming the closest."""
+    p = argparse.ArgumentParser(prog="mml.py", description=__doc__.split("\n\n")[0],
+                                allow_abbrev=False)  # abbreviations would hide typos too
+    commands = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    helps = dict(re.findall(r"^    (\w+): .*?  # (.*)$", inspect.getsource(Config), re.M))
+    types, flags = {f.name: f.type for f in dataclasses.fields(Config)}, {}
+    for command, (about, extra) in COMMANDS.items():
+        sub = commands.add_parser(command, help=about, description=about, allow_abbrev=False)
+        names = (TRAIN_FIELDS if command in ("train", "bench") else []) + extra.split()
+        flags[command] = ["--" + n.replace("_", "-") for n in names]
+        for name, flag in zip(names, flags[command]):
+            default, kind, choices = getattr(Config, name), types[name], typing.get_args(types[name])
+            shown = "" if default in ("", (), False) or "default" in helps[name] else (
+                f" (default: {default})")
+            # not given: not set at all, so that `given` knows what the user said
+            args = {"help": helps[name] + shown, "default": argparse.SUPPRESS}
+            if name in POSITIONAL:
+                sub.add_argument(name, nargs=POSITIONAL[name], metavar=name.upper(), **args)
+            elif kind is bool:
+                sub.add_argument(flag, action=argparse.BooleanOptionalAction, **args)
+            elif kind is tuple:
+                sub.add_argument(flag, action="append", metavar="TEXT", **args)
+            else:  # choices: argparse names them in --help and in its errors
+                sub.add_argument(flag, type=str if choices else kind, choices=choices or None,
+                                 metavar=None if choices else kind.__name__.upper(), **args)
+    args, unknown = p.parse_known_args(argv)
+    for u in unknown:
+        flag = u.split("=")[0]
+        elsewhere = [c for c, names in flags.items() if flag in names]
+        close = difflib.get_close_matches(flag, flags[args.command], n=1)
+        if args.command in ("eval", "locate") and flag in flags["train"]:
+            p.error(f"{args.command}: {flag} is the checkpoint's (a model and its training "
+                    f"settings come from it)")
+        p.error(f"{args.command}: unknown option {u}" + (
+            f" (an option of {' and '.join(elsewhere)})" if elsewhere else
+            f"; did you mean {close[0]}?" if close else ""))
+    given = {k: v for k, v in vars(args).items() if k != "command"}
+    return args.command, Config(**given), set(given)
 
-def bench_steps(cfg: Config, device, sync, done: dict) -> float:
-    """Training steps: fp32, and on a GPU bf16 and bf16 + compile; returns the fastest."""
-    rates = [step_rate(dataclasses.replace(cfg, bf16=False), device, sync, "train step, fp32")]
-    if device.type == "cuda":
-        rates.append(step_rate(cfg, device, sync, "train step, bf16"))
-        rates.append(step_rate(dataclasses.replace(cfg, compile=True), device, sync,
-                               "train step, bf16 + compile"))
-    return max(rates)
+# Bounds of the numbers where a wrong one does harm (memory asked for, a crash at hour five):
+# the command line's, and a checkpoint's config before anything is allocated from it.
+BOUNDS = {"scale": (0.01, 100), "n_val": (2, None), "img_size": (16, 1024),
+          "workers": (0, 256), "embed_dim": (2, 16384), "img_width": (8, 4096),
+          "vocab_size": (32, 10**6), "max_len": (2, 4096), "text_width": (8, 16384),
+          "text_layers": (1, 64), "gps_width": (1, 16384), "gps_depth": (0, 64),
+          "batch_size": (2, 10**6), "epochs": (1, None), "max_steps": (0, None),
+          "lr": (0, None), "weight_decay": (0, None), "log_every": (1, None),
+          "chunk": (1, None), "eval_batch": (1, None), "top": (1, None),
+          "resamples": (100, 10**5), "bench_queries": (1, None)}
 
-def bench_backbones(cfg: Config, device, sync, done: dict):
-    """A step with each image backbone at 224 px, trained whole and with frozen image
-    backbones (the authors' setting); a batch of at most 8 on the CPU, where they are slow."""
-    B = cfg.batch_size if device.type == "cuda" else min(cfg.batch_size, 8)
-    for backbone in BACKBONES[:-1]:  # CLIP's have a phase of their own: paper
-        for freeze in ("", "GS"):
-            run = dataclasses.replace(cfg, image_backbone=backbone, img_size=224, batch_size=B,
-                                      freeze=freeze)
-            step_rate(run, device, sync, f"train step, {backbone}{', frozen' * bool(freeze)}")
+def check_config(cfg: Config, where: str = "--"):
+    """Each field of its type and among its choices, the numbers within BOUNDS, and the
+    settings that must agree: one line naming the option, or the checkpoint's field (where:
+    "PATH: config field ")."""
+    name = lambda k: where + (k.replace("_", "-") if where == "--" else k)
+    for f in dataclasses.fields(Config):
+        value, choices = getattr(cfg, f.name), typing.get_args(f.type)
+        kind = str if choices else {float: (int, float), tuple: (tuple, list)}.get(f.type, f.type)
+        if not isinstance(value, kind) or isinstance(value, bool) != (f.type is bool):
+            raise UserError(f"{name(f.name)} {value!r}: expected a "
+                            f"{getattr(f.type, '__name__', 'str')}")
+        if choices and value not in choices:
+            raise UserError(f"{name(f.name)} {value!r}: expected one of "
+                            f"{', '.join(map(repr, choices))}")
+        low, high = BOUNDS.get(f.name, (None, None))
+        if f.type is float and not math.isfinite(value):
+            raise UserError(f"{name(f.name)} {value}: expected a finite number")
+        if (low is not None and value < low) or (high is not None and value > high):
+            kind = "an integer" if f.type is int else "a number"
+            raise UserError(f"{name(f.name)} {value}: expected {kind} "
+                            + (f">= {low}" if high is None else f"in [{low}, {high}]"))
+    mods = cfg.modalities.upper()
+    if len(set(mods)) < 2 or set(mods) - set("GSTC") or len(set(mods)) != len(mods):
+        raise UserError(f"{name('modalities')} {cfg.modalities}: expected two or more distinct "
+                        f"letters of GSTC")
+    if cfg.img_width % 8:  # GroupNorm(8, ...) in the image CNN
+        raise UserError(f"{name('img_width')} {cfg.img_width}: expected a multiple of 8")
+    if cfg.text_width > 64 and cfg.text_width % 64:  # one attention head per 64 channels
+        raise UserError(f"{name('text_width')} {cfg.text_width}: expected a multiple of 64, "
+                        f"or at most 64")
+    if cfg.loss == "imagebind" and "G" not in mods:
+        raise UserError(f"{name('loss')} imagebind pairs ground with the others: needs G")
+    if cfg.share_image_trunk and not {"G", "S"} <= set(mods):
+        raise UserError(f"{name('share_image_trunk')}: needs both G and S in the modalities")
 
-def bench_loader(cfg: Config, device, sync, done: dict):
-    """The training loader on the dataset (the synthetic world by default): batches ready for
-    the step (collated, pinned on a GPU) for at least 3 s, epoch after epoch, as the training
-    loop's single iterator delivers them."""
-    root = default_world(cfg)
-    data, _, _ = training_sets(cfg, root, None)
-    B = min(cfg.batch_size, len(data))
-    batches = iter(torch.utils.data.DataLoader(
-        data, batch_size=None, sampler=EpochSampler(len(data), B, 0, stop=10**9),
-        num_workers=cfg.workers,
-        pin_memory=device.type == "cuda", prefetch_factor=4 if cfg.workers > 0 else None))
-    next(batches)  # the workers' start-up is not loading time
-    n, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < 3:
-        n += len(next(batches)["bad"])
-    rate = n / (time.perf_counter() - t0)
-    source = "from the cache" if data.stores["G"].cached else "decoding"
-    pace = "keeps up with" if rate >= done.get("steps", 0) else "slower than"
-    report(f"training loader, {cfg.workers} workers", rate, "samples/s",
-           f"{root}, {source}, batch {B}; {pace} the fastest step")
+def checkpoint_config(path: Path, ckpt: dict) -> Config:
+    """The Config a checkpoint was trained with, held to the command line's checks. Options
+    added to mml.py since take their defaults; one this mml.py does not know is an error."""
+    saved, defaults = ckpt["config"], dataclasses.asdict(Config())
+    unknown = sorted(set(saved) - set(defaults))
+    if unknown:
+        raise UserError(f"{path}: its config does not fit this mml.py (unknown options: "
+                        f"{', '.join(map(str, unknown))})")
+    cfg = Config(**(defaults | saved))
+    check_config(cfg, f"{path}: config field ")
+    return cfg
 
-def bench_augment(cfg: Config, device, sync, done: dict):
-    batch = random_batch(cfg, cfg.batch_size, device)
-    params = augment_params(0, 0, 0, cfg.batch_size)
-    seconds = timed(lambda: jitter(dict(batch), params), 2.0, sync)
-    report(f"augmentation, batched on {device.type}", cfg.batch_size / seconds, "samples/s",
-           f"ground and aerial view, batch {cfg.batch_size}, H {cfg.img_size}")
+def resolve(command: str, cfg: Config, given: set) -> Config:
+    """Settings that follow from others, all in one place: a preset's, modalities and
+    --freeze as letters, the image size and tokens pretrained weights were made for, where
+    eval reads and writes, the run folder's state and the data (by default the synthetic
+    world)."""
+    check_config(cfg)
+    out = Path(cfg.out)
+    if command == "train" and cfg.resume:  # the run's own settings, but those given now
+        if cfg.overwrite or not (out / "last.pt").is_file():
+            raise UserError(f"{out / 'last.pt'}: no run to resume there (--resume continues "
+                            f"the run in --out; --overwrite starts over instead)")
+        saved = checkpoint_config(out / "last.pt", load_checkpoint(out / "last.pt", True))
+        for k in MODEL_FIELDS:
+            if k in given and getattr(cfg, k) != getattr(saved, k):
+                raise UserError(f"--{k.replace('_', '-')} {getattr(cfg, k)}: {out / 'last.pt'} "
+                                f"was trained with {getattr(saved, k)}; leave it out to resume")
+        return dataclasses.replace(saved, **{k: getattr(cfg, k) for k in given})
+    held = [n for n in ("last.pt", "best.pt", "log.jsonl") if (out / n).exists()]
+    if command == "train" and held and not cfg.overwrite:
+        raise UserError(f"{out}: holds a run already ({', '.join(held)}): continue it with "
+                        f"--resume, or start over with --overwrite")
+    if command == "train" and cfg.preset:  # a preset sets what the options given leave unsaid
+        cfg = dataclasses.replace(cfg, **{k: v for k, v in PRESETS[cfg.preset].items()
+                                         if k not in given})
+    letters = "".join(LETTER.get(n.strip().lower(), n.strip().upper())
+                      for n in cfg.freeze.split(","))
+    if set(letters) - set("GSTC"):
+        raise UserError(f"--freeze {cfg.freeze}: expected some of ground, satellite, text, gps "
+                        f"(or G, S, T, C)")
+    in_order = lambda s: "".join(m for m in "GSTC" if m in s.upper())
+    cfg = dataclasses.replace(cfg, modalities=in_order(cfg.modalities), freeze=in_order(letters))
+    if cfg.share_image_trunk and len({"G", "S"} & set(cfg.freeze)) == 1:
+        raise UserError(f"--freeze {cfg.freeze}: the ground and aerial encoders share one "
+                        f"backbone (--share-image-trunk): freeze both or neither")
+    if command in ("train", "bench", "prepare"):
+        cfg = resolve_sizes(cfg, given)
+        # the checkpoint records the data as an absolute path: eval reads it from anywhere
+        data = Path(cfg.data) if cfg.data else synthetic_world(cfg.scale)
+        cfg = dataclasses.replace(cfg, data=str(data.resolve()))
+    if command == "synth" and "out" not in given:
+        cfg.out = str(synthetic_root(cfg.scale))
+    if command in ("eval", "locate") and "ckpt" not in given:
+        cfg.ckpt = str(out / "best.pt")
+    elif command == "eval" and "out" not in given:  # eval writes beside its checkpoint
+        cfg.out = str(Path(cfg.ckpt).parent)
+    if command == "convert" and not {"source", "out"} <= given:
+        raise UserError("convert: name what to convert (SRC) and the checkpoint to write "
+                        "(--out)")
+    return cfg
 
-@torch.no_grad()
-def bench_embed(cfg: Config, device, sync, done: dict):
-    model, batch = MML(cfg).to(device).eval(), random_batch(cfg, cfg.eval_batch, device)
-    for m in cfg.modalities:
-        seconds = timed(lambda: model.enc[m](batch[m]), 2.0, sync)
-        report(f"embed {m}", cfg.eval_batch / seconds, "items/s",
-               f"{device.type}, batch {cfg.eval_batch}, fp32")
+def resolve_sizes(cfg: Config, given: set) -> Config:
+    """The image size and tokens of pretrained backbones: CLIP's from its folder, torchvision's
+    from its weights (224 px); a size given otherwise is one line where it cannot work."""
+    if "clip" in (cfg.image_backbone, cfg.text_backbone):
+        c = clip_config(cfg.clip)
+        side, tokens = c["vision"]["image_size"], c["text"]["max_position_embeddings"]
+        if cfg.image_backbone == "clip" and "img_size" in given and cfg.img_size != side:
+            raise UserError(f"--img-size {cfg.img_size}: the vision tower of {cfg.clip} takes "
+                            f"{side} px images")
+        if cfg.text_backbone == "clip" and "max_len" in given and cfg.max_len > tokens:
+            raise UserError(f"--max-len {cfg.max_len}: the text tower of {cfg.clip} takes at "
+                            f"most {tokens} tokens")
+        return dataclasses.replace(
+            cfg, img_size=side if cfg.image_backbone == "clip" else cfg.img_size,
+            max_len=cfg.max_len if "max_len" in given or cfg.text_backbone != "clip" else tokens)
+    if cfg.image_backbone != "small":
+        crop = backbone_weights(cfg.image_backbone).transforms().crop_size[0]
+        cfg = cfg if "img_size" in given else dataclasses.replace(cfg, img_size=crop)
+        vit = cfg.image_backbone == "vit_b_16"
+        if vit and (cfg.img_size % 16 or cfg.pretrained and cfg.img_size != crop):
+            raise UserError(f"--img-size {cfg.img_size}: vit_b_16 takes {crop} px images with "
+                            f"--pretrained, and multiples of 16 without")
+    return cfg
 
-def argsort_ranks(q, g, q_labels, g_labels, map_top: int = 1000) -> dict:
-    """The authors' way, for comparison: per query, score, sort the whole gallery, walk it.
-    Ties are broken the documented way (positives after the items they tie with)."""
-    res = {k: [] for k in ("first_strict", "first_official", "ap_strict", "ap_official")}
-    for i in range(len(q)):
-        scores, positive = g @ q[i], g_labels == q_labels[i]
-        by_kind = torch.cat([torch.nonzero(~positive)[:, 0], torch.nonzero(positive)[:, 0]])
-        order = by_kind[torch.argsort(scores[by_kind], descending=True, stable=True)]
-        hit, junk = positive[order], g_labels[order] == -1
-        strict = torch.nonzero(hit)[:, 0]
-        official = torch.nonzero(hit[~junk])[:, 0]
-        # top map_top of the full ranking, then junk out
-        kept = int((strict < map_top).sum())
-        for name, rows in (("strict", strict), ("official", official)):
-            res[f"first_{name}"].append(int(rows[0]))
-            res[f"ap_{name}"].append(sum(((j / r if r else 1) + (j + 1) / (r + 1)) / 2
-                                         for j, r in enumerate(rows[:kept].tolist())) / len(strict))
-    return {k: torch.tensor(v, dtype=torch.float64 if k.startswith("ap") else torch.long)
-            for k, v in res.items()}
-
-def fake_embeddings(n_queries: int, n_landmarks: int, n_labelled: int, n_junk: int, dim: int,
-                    device, seed: int = 0) -> tuple:
-    """Random unit vectors shaped like a task: queries and labelled gallery items scattered
-    around a random centre per landmark (so positives rank high, as with a trained model),
-    distractors anywhere. -> (q (Q, D), g (N, D), q_labels, g_labels), distractors first.
-    Rounded to multiples of 2^-10, so that every score is a multiple of 2^-20 below 1 in size
-    and exact in float32 whatever the order of summation (a GEMM and a GEMV, a CPU and a GPU
-    all agree): the bench compares two rankings, not two roundings."""
-    gen = torch.Generator(device).manual_seed(seed)
-    noise = lambda n: torch.randn(n, dim, generator=gen, device=device)
-    unit = lambda x: torch.round(F.normalize(x, dim=-1) * 1024) / 1024
-    centres = F.normalize(noise(n_landmarks), dim=-1)
-    q_labels = torch.arange(n_queries, device=device) % n_landmarks
-    lab = torch.arange(n_labelled, device=device) % n_landmarks
-    near = lambda labels: unit(centres[labels] + 0.1 * noise(len(labels)))
-    g = torch.cat([unit(noise(n_junk)), near(lab)])
-    return near(q_labels), g, q_labels, torch.cat([torch.full((n_junk,), -1, device=device), lab])
-
-def bench_rank(cfg: Config, device, sync, done: dict):
-    """Ranking at full scale, G2S 18,688 x (99,539 + 1,000) and S2G 1,000 x (714,554 + 18,688),
-    against the authors' per-query argsort on a sample of queries: the same metrics, or stop."""
-    for task, nq, n_lm, n_lab, n_junk in (("G2S", 18688, 1000, 1000, 99539),
-                                          ("S2G", 1000, 1000, 18688, 714554)):
-        q, g, ql, gl = fake_embeddings(nq, n_lm, n_lab, n_junk, 512, device)
-        # warm-up: library start-up is not ranking time
-        rank_queries(q[:64], g, ql[:64], gl)
-        sync()
-        t0 = time.perf_counter()
-        ranks = rank_queries(q, g, ql, gl, chunk=cfg.chunk)
-        sync()
-        fast = time.perf_counter() - t0
-        sample = torch.randperm(nq, generator=torch.Generator().manual_seed(0))
-        sample = sample[:cfg.bench_queries].to(device)
-        t0 = time.perf_counter()
-        with matmul_precision("highest"):
-            loop = argsort_ranks(q[sample], g, ql[sample], gl)
-        sync()
-        slow = (time.perf_counter() - t0) * nq / len(sample)
-        same = all(torch.equal(loop[k], ranks[k][sample].cpu())
-                   for k in ("first_strict", "first_official"))
-        same &= all(torch.allclose(loop[k].double(), ranks[k][sample].cpu(), atol=1e-9)
-                    for k in ("ap_strict", "ap_official"))
-        report(f"rank {task} {nq} x {len(g)}, chunked counts", fast, "s",
-               f"{device.type}, D = 512, all queries, --chunk {cfg.chunk}")
-        report(f"rank {task}, per-query argsort loop", slow, "s",
-               f"{device.type}, {len(sample)} queries timed, x {nq / len(sample):.0f}")
-        report(f"rank {task}, speed-up (metrics {'identical' if same else 'DIFFER'})", slow / fast,
-               "x", "same device, same run")
-        if not same:
-            raise SystemExit("bench: the chunked ranking disagrees with the per-query loop")
-
-def bench_locate(cfg: Config, device, sync, done: dict):
-    """`locate` with a 100,000-point gallery (GeoCLIP's size), whole calls: the first embeds
-    and caches the gallery, a later one reads the cache."""
-    with tempfile.TemporaryDirectory() as tmp:
-        torch.manual_seed(0)
-        ckpt, gallery = Path(tmp) / "model.pt", Path(tmp) / "gallery.csv"
-        tok = train_tokenizer(["a red church in a city"], cfg)
-        save_checkpoint({"model": MML(cfg).state_dict(), "config": dataclasses.asdict(cfg),
-                         "tokenizer": tok.to_str(), "step": 0, "epoch": 0}, ckpt)
-        rng = np.random.default_rng(0)
-        write_csv(gallery, ["lat", "lon"], np.stack([rng.uniform(24, 50, 100_000),
-                                                     rng.uniform(-125, -66, 100_000)], 1))
-        for label in ("first call, embeds the gallery", "later call, reads the cache"):
-            t0 = time.perf_counter()
-            Locator(ckpt, gallery, device, cfg.eval_batch)(["a red church"], "text")
-            report(f"locate, 100,000 points: {label}", time.perf_counter() - t0, "s",
-                   f"{device.type}, GPS width {cfg.gps_width}, loading included")
-
-def write_clip_folder(folder: Path, vision: dict, text: dict, projection: int,
-                      weights: bool = True) -> Path:
-    """A Hugging Face-style CLIP folder with random weights: config.json, pytorch_model.bin
-    (unless not `weights`) and the test fixture's small CLIP tokenizer.json (664 tokens).
-    What the bench times."""
-    folder.mkdir(parents=True, exist_ok=True)
-    shutil.copy(Path(__file__).parent / "assets/fixtures/clip-tiny/tokenizer.json", folder)
-    # the fixture's <|endoftext|>
-    text = {**text, "vocab_size": 664, "eos_token_id": 663}
-    (folder / "config.json").write_text(json.dumps({
-        "model_type": "clip", "projection_dim": projection, "vision_config": vision,
-        "text_config": text}))
-    if weights:
-        c, state = clip_config(str(folder)), {"logit_scale": torch.tensor(math.log(1 / 0.07))}
-        for tower, prefix, projected in ((CLIPVision(c["vision"], projection), "vision_model.",
-                                          "visual_projection.weight"),
-                                         (CLIPText(c["text"], projection), "text_model.",
-                                          "text_projection.weight")):
-            for k, v in tower.state_dict().items():
-                state[projected if k == "projection.weight" else prefix + k] = v
-        torch.save(state, folder / "pytorch_model.bin")
-    return folder
-
-def bench_towers(cfg: Config, device, sync, done: dict):
-    """`eval` of G2S and S2G with frozen CLIP towers (a random-weight 4-layer ViT at 112 px,
-    CLIP's architecture), twice on the dataset: the first runs the towers on every image and
-    caches their output; the second, as for another checkpoint on the same towers, runs
-    only the heads and the ranking."""
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp, root = Path(tmp), default_world(cfg)
-        folder = write_clip_folder(tmp / "clip", {
-            "hidden_size": 256, "intermediate_size": 1024, "num_hidden_layers": 4,
-            "num_attention_heads": 4, "image_size": 112, "patch_size": 16}, {
-            "hidden_size": 128, "intermediate_size": 512, "num_hidden_layers": 2,
-            "num_attention_heads": 2}, 128)
-        seconds = []
-        with contextlib.redirect_stdout(io.StringIO()):
-            main(["convert", str(folder), "--out", str(tmp / "clip.pt")])
-        for label in ("first eval, runs the towers", "second eval, reads their cache"):
-            t0 = time.perf_counter()
-            with contextlib.redirect_stdout(io.StringIO()):
-                main(["eval", "--ckpt", str(tmp / "clip.pt"), "--data", str(root), "--out",
-                      str(tmp), "--cache", str(tmp / "cache"), "--tasks", "G2S,S2G",
-                      "--workers", str(cfg.workers), "--device", device.type])
-            seconds.append(time.perf_counter() - t0)
-            report(f"eval G2S+S2G, frozen CLIP: {label}", seconds[-1], "s",
-                   f"{device.type}, {root}, whole commands")
-        report("eval on cached towers, speed-up", seconds[0] / seconds[1], "x", "same run")
-
-# CLIP ViT-L/14-336's sizes (openai/clip-vit-large-patch14-336's config.json)
-VIT_L_336 = ({"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24,
-              "num_attention_heads": 16, "image_size": 336, "patch_size": 14},
-             {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
-              "num_attention_heads": 12}, 768)
-
-@torch.no_grad()
-def tower_rate(cfg: Config, device, sync) -> float:
-    """Images/s through the vision tower alone, under the run's precision."""
-    enc, side = MML(cfg).enc["G"].to(device).eval(), cfg.img_size
-    x = torch.randint(0, 256, (cfg.eval_batch, 3, side, side), dtype=torch.uint8, device=device)
-    with autocast_for(device, cfg):
-        return cfg.eval_batch / timed(lambda: enc.features(x), 2.0, sync)
-
-def bench_paper(cfg: Config, device, sync, done: dict):
-    """--preset paper at full size with random weights (no --clip needed): the training step
-    with frozen ViT-L/14-336 towers (a batch of 2 on the CPU), the tower's embedding rate,
-    and from those the time of the authors' 20 epochs of 16,533 landmarks and of a full
-    evaluation's 833,781 images on this device: estimates from the step and the tower alone,
-    without the loader and the ranking."""
-    cuda = device.type == "cuda"
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = write_clip_folder(Path(tmp), *VIT_L_336, weights=False)
-        run = dataclasses.replace(cfg, **{
-            **PRESETS["paper"], "clip": str(folder), "img_size": 336, "max_len": 77,
-            "batch_size": cfg.batch_size if cuda else 2,
-            "eval_batch": cfg.eval_batch if cuda else 2})
-        rate = step_rate(run, device, sync, "train step, --preset paper, ViT-L/14-336")
-        images = tower_rate(run, device, sync)
-    report("CLIP ViT-L/14-336 vision tower", images, "images/s",
-           f"{device.type}, batch {run.eval_batch}, {'bf16' if bf16_on(device, run) else 'fp32'}")
-    report("estimate: the paper's 20 epochs, steps alone", 20 * 16533 / rate / 3600, "h",
-           f"{device.type}, batch {run.batch_size}")
-    report("estimate: the towers of a full evaluation", 833781 / images / 60, "min",
-           f"{device.type}, each image once (the tower cache)")
-
-BENCH_PHASES = {"decode": bench_decode, "steps": bench_steps, "backbones": bench_backbones,
-                "loader": bench_loader, "augment": bench_augment, "embed": bench_embed,
-                "rank": bench_rank, "locate": bench_locate, "towers": bench_towers,
-                "paper": bench_paper}
-
-def bench(cfg: Config):
-    """`bench`: one table of throughputs on this machine, a phase at a time (--phases):
-    decoding and the cache, training steps, each image backbone's step, the training loader
-    against the fastest step, the batched augmentation, embedding, ranking against the
-    authors' per-query loop, and `locate` with a 100,000-point gallery. Each phase is given
-    what the earlier ones returned."""
-    device = setup_distributed(cfg)
-    cuda = device.type == "cuda"
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
-    name = torch.cuda.get_device_name() if cuda else f"CPU, {torch.get_num_threads()} threads"
-    print(f"bench on {name}, torch {torch.__version__}; H = {cfg.img_size}, "
-          f"B = {cfg.batch_size}, D = {cfg.embed_dim}")
-    done = {}
-    for phase in cfg.phases.split(","):
-        done[phase] = BENCH_PHASES[phase](cfg, device, sync, done)
+def main(argv=None):
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # workers are forked after use
+    command, cfg, given = parse_args(argv)
+    try:
+        setup_distributed(cfg)
+        cfg = resolve(command, cfg, given)
+        run = {"train": fit, "eval": evaluate, "locate": locate, "synth": synth,
+               "prepare": prepare, "bench": bench, "convert": convert, "compare": compare}
+        run[command](cfg)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 if __name__ == "__main__":
     main()

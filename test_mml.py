@@ -3,6 +3,7 @@ layer against a hand-written fixture, the real commands on a tiny synthetic worl
 distributed loss and evaluation against a single process.  Run: python -m pytest -q"""
 import csv
 import dataclasses
+import contextlib
 import datetime
 import hashlib
 import json
@@ -15,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 import urllib.error
 from pathlib import Path
 
@@ -251,32 +253,6 @@ def test_gps_encoder_loads_geoclip_key_layout():
     assert torch.equal(enc.LocEnc2.capsule[0].b, geoclip["LocEnc2.capsule.0.b"])
 
 
-def test_gps_init_starts_training_from_a_saved_location_encoder(world, tmp_path, capsys):
-    torch.manual_seed(5)
-    saved = mml.GPSEncoder(width=32, depth=2, dim=32).state_dict()
-    torch.save(saved, tmp_path / "gps.pt")
-    run("train", "--data", world, "--out", tmp_path / "run", *TINY, "--epochs", 1, "--lr", 0,
-        "--gps-init", tmp_path / "gps.pt")
-    model = torch.load(tmp_path / "run/last.pt", weights_only=True)["model"]
-    assert all(torch.equal(model[f"enc.C.{k}"], v) for k, v in saved.items())
-    # GeoCLIP's weights need its sizes: --gps-preset geoclip sets them, and they load
-    torch.save(geoclip_state_dict(), tmp_path / "geoclip.pt")
-    err = fails_in_one_line(capsys, "train", "--data", world, "--out", tmp_path / "run2", *TINY,
-                            "--gps-init", tmp_path / "geoclip.pt")
-    assert "LocEnc0.capsule.1.weight is (1024, 512) in the file and (32, 512) in the model" in err
-    run("train", "--data", world, "--out", tmp_path / "run3", *TINY, "--gps-width", 1024,
-        "--embed-dim", 512, "--gps-preset", "geoclip", "--epochs", 1, "--lr", 0,
-        "--gps-init", tmp_path / "geoclip.pt")  # TINY's sizes given again as the preset's
-    model = torch.load(tmp_path / "run3/last.pt", weights_only=True)["model"]
-    assert all(torch.equal(model[f"enc.C.{k}"], v) for k, v in
-               torch.load(tmp_path / "geoclip.pt", weights_only=True).items())
-    assert "--gps-preset geoclip sets --embed-dim 512, not 32" in fails_in_one_line(
-        capsys, "train", "--out", tmp_path / "x", "--gps-preset", "geoclip", "--embed-dim", 32)
-
-
-# ---- image backbones ----------------------------------------------------------------------
-
-
 @pytest.fixture
 def offline(monkeypatch, tmp_path):
     """An empty torchvision cache, and any download attempt fails the test."""
@@ -339,6 +315,7 @@ def test_pretrained_weights_come_from_torchvisions_cache_and_frozen_backbones_st
         "--img-size", 32)
 
 
+
 def test_parse_args_builds_config_and_names_the_nearest_option(capsys):
     cmd, cfg, given = mml.parse_args(["train", "--batch-size", "7", "--no-bf16", "--modalities", "GS"])
     assert (cmd, cfg.batch_size, cfg.bf16, cfg.modalities, given) == ("train", 7, False, "GS", {"batch_size", "bf16", "modalities"})
@@ -347,7 +324,7 @@ def test_parse_args_builds_config_and_names_the_nearest_option(capsys):
     assert "did you mean --batch-size" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # a choice: argparse names the valid ones
         mml.parse_args(["train", "--select", "accuracy"])
-    assert "invalid choice: 'accuracy' (choose from 'loss', 'recall')" in capsys.readouterr().err
+    assert "invalid choice: 'accuracy' (choose from 'recall', 'loss')" in capsys.readouterr().err
     with pytest.raises(mml.UserError, match="modalities"):
         mml.resolve("train", mml.Config(modalities="G"), set())
 
@@ -356,8 +333,9 @@ def test_parse_args_builds_config_and_names_the_nearest_option(capsys):
     ("train", ["--batch-size", "--image-backbone", "--freeze", "--select", "--resume"],
      ["--tasks", "--chunk", "--bench-queries", "--top", "--viz"]),
     ("eval", ["--ckpt", "--tasks", "--chunk", "--viz", "--data"],
-     ["--batch-size", "--lr", "--bench-queries", "--embed-dim"]),
-    ("locate", ["INPUT", "--text", "--top", "--json", "--gallery"], ["--tasks", "--lr"]),
+     ["--batch-size", "--lr", "--bench-queries", "--embed-dim", "--seed"]),
+    ("locate", ["INPUTS", "--text", "--top", "--json", "--gallery"], ["--tasks", "--lr"]),
+    ("convert", ["SOURCE", "--out", "--overwrite", "--clip"], ["--tasks", "--lr"]),
 ])
 def test_help_by_command_shows_its_own_options_with_each_default_once(capsys, command, shown,
                                                                       hidden):
@@ -365,12 +343,13 @@ def test_help_by_command_shows_its_own_options_with_each_default_once(capsys, co
         mml.parse_args([command, "--help"])
     text = capsys.readouterr().out
     assert all(o in text for o in shown) and not any(o + " " in text for o in hidden)
-    assert mml.COMMANDS[command] in text.replace("\n", " ")
+    assert mml.COMMANDS[command][0] in text.replace("\n", " ")
     assert "(default: 128)" in text if command == "train" else True
     assert not re.search(r"\(default:[^)]*\)\s*\(default:", text)
 
 
 # ---- data ---------------------------------------------------------------------------------
+
 
 
 def write(path: Path, text: str):
@@ -514,7 +493,7 @@ def test_image_cache_is_used_checked_and_exact(world, tmp_path):
     for i in photos[:10]:  # the same decode: identical pixels
         assert np.array_equal(cached(i), direct(i))
         # draft() decodes the JPEG at reduced scale: close to a full decode, not identical
-        full = mml.load_image(direct.path(i), 24, draft=False)
+        full = mml.to_square(Image.open(direct.path(i)).convert("RGB"), 24)
         assert np.abs(cached(i).astype(int) - full).mean() < 6
     tile_store = mml.ImageStore(q.dir, "satellite", 24, cache, tiles)
     path = tile_store.path(tiles[0])
@@ -540,21 +519,25 @@ def test_image_cache_is_used_checked_and_exact(world, tmp_path):
 # ---- training -----------------------------------------------------------------------------
 
 
+
 def log_records(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
 
 
-def test_overfit_one_batch_drives_the_loss_to_zero(world, tmp_path):
-    run("train", "--data", world, "--out", tmp_path, *TINY, "--overfit-batch", "--max-steps", 150, "--lr", "3e-3")
-    losses = [r["loss"] for r in log_records(tmp_path) if "loss" in r]
-    assert losses[0] > 2.0 and losses[-1] < 0.05, (losses[0], losses[-1])
+def tiny_config(world: Path, *argv) -> mml.Config:
+    """The Config `train` would run with on the tiny world and TINY's sizes."""
+    return mml.resolve("train", mml.parse_args(["train", "--data", str(world), *TINY, *argv])[1], {"data"})
+
+
+def image_stores(cfg: mml.Config, split: mml.Split) -> dict:
+    return {m: mml.ImageStore(split.dir, mml.MODALITY[m], cfg.img_size) for m in "GS"}
 
 
 @pytest.mark.parametrize("crash_after", ["last.pt", "best.pt"])
 def test_resume_is_exact(world, tmp_path, monkeypatch, crash_after):
     """4 epochs straight == 2 epochs, a crash, --resume, 2 more: bit-identical weights. The
     crash comes right after last.pt, or between best.pt and last.pt: best.pt is right too."""
-    args = ["--data", world, *TINY, "--epochs", 4, "--train-text", "random"]
+    args = ["--data", world, *TINY, "--epochs", 4, "--train-text", "random", "--select", "loss"]
     run("train", "--out", tmp_path / "a", *args)
     real_save = mml.save_checkpoint
 
@@ -607,25 +590,32 @@ def test_sigterm_saves_the_step_and_resume_matches_an_uninterrupted_run(world, t
     assert all(torch.equal(v, b["model"][k]) for k, v in a["model"].items())
 
 
-def test_select_recall_keeps_the_epoch_of_best_validation_recall(world, tmp_path):
-    run("train", "--data", world, "--out", tmp_path, *TINY, "--epochs", 4, "--select", "recall")
-    epochs = [r for r in log_records(tmp_path) if "val_R@1" in r]
+def test_best_pt_is_the_epoch_of_best_validation_recall_or_loss(world, tmp_path):
+    """mml's default keeps the epoch of the highest mean validation R@1; --select loss (the
+    authors' rule, and --preset paper's) the lowest validation loss."""
+    run("train", "--data", world, "--out", tmp_path / "r", *TINY, "--epochs", 4)
+    epochs = [r for r in log_records(tmp_path / "r") if "val_R@1" in r]
     pairs = ["GS", "GT", "GC", "ST", "SC", "TC"]
     for r in epochs:  # the mean over the trained pairs
         assert r["val_R@1"] == pytest.approx(np.mean([r[f"val_{p[0]}2{p[1]}_R@1"] for p in pairs]))
-    best = torch.load(tmp_path / "best.pt", weights_only=True)
+    best = torch.load(tmp_path / "r/best.pt", weights_only=True)
     want = max(epochs, key=lambda r: r["val_R@1"])  # the first of equals, as training keeps it
     assert best["epoch"] == want["epoch"] and best["best"] == want["val_R@1"]
+    run("train", "--data", world, "--out", tmp_path / "l", *TINY, "--epochs", 4, "--select", "loss")
+    epochs = [r for r in log_records(tmp_path / "l") if "val_loss" in r]
+    best = torch.load(tmp_path / "l/best.pt", weights_only=True)
+    want = min(epochs, key=lambda r: r["val_loss"])
+    assert best["epoch"] == want["epoch"] and best["best"] == want["val_loss"]
 
 
 @pytest.mark.parametrize("modalities", ["GS", "GT", "GC", "ST", "SC", "TC", "GST", "GSC", "GTC", "STC", "GSTC"])
 def test_every_modality_set_and_loss_trains(world, modalities):
     """One optimiser step on a real batch: finite loss, every encoder's weights move."""
-    cfg = mml.resolve("train", mml.parse_args(["train", *TINY, "--modalities", modalities])[1], set())
+    cfg = tiny_config(world, "--modalities", modalities)
     tr, _ = mml.read_train(cfg, world)
     tok = mml.train_tokenizer(["a tower in a city", "a red dome"], cfg)
     sentences = mml.Sentences(mml.read_articles(tr)[0], tok, "first")
-    data = mml.LandmarkSet(tr, mml.image_stores(cfg, tr.dir, {}), sentences, cfg, train=True)
+    data = mml.LandmarkSet(tr, image_stores(cfg, tr), sentences, cfg, train=True)
     batch = data[[(0, i) for i in range(8)]]
     batch = mml.jitter(batch, mml.augment_params(0, 0, 0, 8))
     for loss in ["complete"] + (["imagebind"] if "G" in modalities else []):
@@ -641,20 +631,20 @@ def test_every_modality_set_and_loss_trains(world, modalities):
             assert any(not torch.equal(p, q) for p, q in zip(e.parameters(), before[m])), (loss, m)
 
 
-def test_the_loops_step_caps_the_logit_scale_at_clips_100():
+def test_the_loops_step_caps_the_logit_scale_at_clips_100(world):
     """train_step, the function the loop calls each step (and the bench times), caps the
-    learnt scale at ln(100) after the update, CLIP's cap; --scale-cap 0 lifts it (the
-    authors' setting)."""
-    cfg = mml.resolve("train", mml.parse_args(["train", *TINY])[1], set())
+    learnt scale at ln(100) after the update, CLIP's cap; --recipe paper (the authors') does
+    not cap it."""
+    cfg = tiny_config(world)
     batch, pairs = mml.random_batch(cfg, 8), mml.loss_pairs(cfg.modalities, cfg.loss)
-    for cap in (100.0, 0.0):
+    for recipe in ("mml", "paper"):
         torch.manual_seed(0)
         raw = mml.MML(cfg)
         with torch.no_grad():
             raw.logit_scale.fill_(math.log(400))
-        run_cfg = dataclasses.replace(cfg, scale_cap=cap)
+        run_cfg = dataclasses.replace(cfg, recipe=recipe)
         mml.train_step(raw, raw, mml.make_optimizer(raw, run_cfg), batch, run_cfg, pairs, 0, 0, 1e-3)
-        if cap:
+        if recipe == "mml":
             assert raw.logit_scale.item() == torch.tensor(math.log(100)).item()
         else:
             assert raw.logit_scale.item() > math.log(390)
@@ -663,8 +653,8 @@ def test_the_loops_step_caps_the_logit_scale_at_clips_100():
 def test_validation_sees_each_landmarks_first_photo_latest_tile_and_first_sentence(world):
     """Validation must not depend on a draw: the held-out landmarks' first ground photo, latest
     aerial tile and first sentence, whatever the epoch; so best.pt is chosen on one fixed set."""
-    cfg = mml.resolve("train", mml.parse_args(["train", "--data", str(world), *TINY])[1], {"data"})
-    _, val, tok = mml.training_sets(cfg, world, None)
+    cfg = tiny_config(world)
+    _, val, tok = mml.training_sets(cfg, None)
     s, rows = val.split, list(range(len(val)))
     first, later = val[[(0, i) for i in rows]], val[[(7, i) for i in rows]]
     assert max(len(g) for g in s.ground) > 1 and max(len(t) for t in s.sat) > 1  # there is a choice
@@ -692,8 +682,9 @@ def test_nonfinite_losses_are_skipped_then_stop_the_run(world, tmp_path, monkeyp
     assert all(torch.isfinite(v).all() for v in good["model"].values())
 
     monkeypatch.setattr(mml, "contrastive_loss", lambda e, s, p, gather=True: (real(e, s, p, gather)[0] * float("inf"), {}))
+    monkeypatch.setattr(mml, "MAX_BAD_STEPS", 3)
     with pytest.raises(SystemExit):
-        run("train", "--out", tmp_path, "--resume", "--epochs", 2, "--max-bad-steps", 3)
+        run("train", "--out", tmp_path, "--resume", "--epochs", 2)
     assert "3 non-finite losses in a row" in capsys.readouterr().err
     kept = torch.load(tmp_path / "last.pt", weights_only=True)  # the good checkpoint survives
     assert all(torch.equal(v, good["model"][k]) for k, v in kept["model"].items())
@@ -702,14 +693,14 @@ def test_nonfinite_losses_are_skipped_then_stop_the_run(world, tmp_path, monkeyp
 def test_unreadable_images_are_skipped_in_training_and_fatal_in_eval(world, tmp_path, capsys):
     root = tmp_path / "w"
     shutil.copytree(world, root)
-    cfg = mml.resolve("train", mml.parse_args(["train", *TINY])[1], set())
+    cfg = tiny_config(root)
     tr, _ = mml.read_train(cfg, root)
     for photo in tr.ground[0][:-1]:  # landmark 0 keeps one good photo
         mml.shard(tr.dir, "ground", photo).write_bytes(b"not a jpeg")
     for tile in tr.sat[1]:  # landmark 1 has no readable aerial image at all
         os.remove(mml.shard(tr.dir, "satellite", tile))
     sentences = mml.Sentences(mml.read_articles(tr)[0], mml.train_tokenizer(["a b"], cfg), "first")
-    data = mml.LandmarkSet(tr, mml.image_stores(cfg, tr.dir, {}), sentences, cfg, train=True)
+    data = mml.LandmarkSet(tr, image_stores(cfg, tr), sentences, cfg, train=True)
     batch = data[[(0, 0), (0, 1)]]
     assert batch["G"][0].float().mean() > 10  # another view of the same landmark stood in
     assert all(line.split(":")[0].endswith(".jpg") for line in batch["bad"][0].splitlines())
@@ -890,9 +881,15 @@ def test_eval_runs_every_task_with_the_protocols_galleries(world, trained, tmp_p
     for name, r in again.items():
         updated = name.startswith("T2C") or name == "G2S"
         assert r["checkpoint"] == str(trained / ("last.pt" if updated else "best.pt")), name
-    # a sentence query carries its landmark id; a photo query its own id
-    assert read_rows(tmp_path / "eval/T2S-first.csv")[0]["query_id"] == str(q.ids[0])
+    # a sentence query carries its landmark id and its sentence; a photo query its own id
+    sentences = mml.Protocol(world).side("query_text_random")
+    rows = read_rows(tmp_path / "eval/T2S-random.csv")
+    assert [r["query_id"] for r in rows] == sentences.ids and rows[0]["query_id"] == str(q.ids[0])
+    assert [r["query_text"] for r in rows] == sentences.show
     assert read_rows(tmp_path / "eval/G2S.csv")[0]["query_id"] == q.ground[0][0]
+    # each task's entry names its CSV by digest: written together
+    for name, r in again.items():
+        assert r["csv_sha256"] == hashlib.sha256((tmp_path / f"eval/{name}.csv").read_bytes()).hexdigest()
 
 
 def test_eval_recomputes_g2s_exactly(world, trained, tmp_path):
@@ -960,12 +957,19 @@ def located(tmp_path_factory) -> tuple[Path, Path]:
     return root / "w", root / "run/last.pt"
 
 
-def test_locate_finds_query_landmarks_better_than_chance(located):
+def locate(capsys, *argv) -> list[dict]:
+    """`locate ... --json`, its answers."""
+    with contextlib.suppress(SystemExit):
+        run("locate", *argv, "--json")
+    return json.loads(capsys.readouterr().out)
+
+
+def test_locate_finds_query_landmarks_better_than_chance(located, capsys):
     world, ckpt = located
     q = mml.read_split(world, "query")
     photos = [mml.shard(q.dir, "ground", i) for g in q.ground for i in g]
     truth = torch.tensor(q.latlon).repeat_interleave(torch.tensor([len(g) for g in q.ground]), 0)
-    answers = mml.Locator(ckpt)(photos)
+    answers = locate(capsys, "--ckpt", ckpt, *photos)
     guess = torch.tensor([[a["top"][0]["lat"], a["top"][0]["lon"]] for a in answers])
     located = (mml.haversine_km(guess, truth) <= 750).double().mean()
     gallery, names = mml.open_gallery(world)  # what `locate` searches: random points of it
@@ -973,8 +977,8 @@ def test_locate_finds_query_landmarks_better_than_chance(located):
     assert located > 1.5 * chance, (located, chance)  # measured: 0.38 against 0.17
     named = {n for n in names if n}  # training landmarks answer with their names
     assert any(p["name"] in named for a in answers for p in a["top"])
-    with pytest.raises(mml.UserError, match="has no text encoder"):  # trained on G and C only
-        mml.Locator(ckpt)(["a red tower"], "text")
+    # trained on G and C only
+    assert "has no text encoder" in fails_in_one_line(capsys, "locate", "--ckpt", ckpt, "--text", "a red tower")
 
 
 def test_locate_answers_every_input_in_json(world, trained, tmp_path, capsys):
@@ -994,26 +998,14 @@ def test_locate_answers_every_input_in_json(world, trained, tmp_path, capsys):
         assert 0 < a["top"][2]["prob"] <= a["top"][0]["prob"] < 1
     run("locate", "--ckpt", trained / "best.pt", photos[0])  # all answered: exit status 0
     assert capsys.readouterr().out.startswith(f"{photos[0]}\n  1. ")
-
-
-def test_locate_caches_the_gallery_per_checkpoint_and_gallery(trained, tmp_path, monkeypatch):
-    shutil.copy(trained / "best.pt", tmp_path / "model.pt")
-    calls = []
-    real = mml.embed
-    monkeypatch.setattr(mml, "embed", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
-    first = mml.Locator(tmp_path / "model.pt")(["a red tower"], "text")
-    again = mml.Locator(tmp_path / "model.pt")(["a red tower"], "text")
-    assert first == again and calls.count("points") == 1  # reused
-    (tmp_path / "g.csv").write_text("LAT,LON\n40.7,-74.0\n34.05,-118.25\n")  # GeoCLIP's header
-    small = mml.Locator(tmp_path / "model.pt", tmp_path / "g.csv")(["a red tower"], "text", top=5)
-    assert calls.count("points") == 2 and len(small[0]["top"]) == 2 and small[0]["top"][0]["name"] == ""
-    assert sum(p["prob"] for p in small[0]["top"]) == pytest.approx(1)
-    ckpt = torch.load(tmp_path / "model.pt", weights_only=True)  # a new checkpoint, same path
-    ckpt["model"]["enc.C.LocEnc0.head.0.bias"] += 1
-    torch.save(ckpt, tmp_path / "model.pt")
-    mml.Locator(tmp_path / "model.pt")
-    assert calls.count("points") == 3
-    assert len(list(tmp_path.glob("model.gallery-*.pt"))) == 2  # one per gallery
+    # a gallery of one's own, headers in any case (GeoCLIP's is LAT,LON)
+    (tmp_path / "g.csv").write_text("LAT,LON\n40.7,-74.0\n34.05,-118.25\n")
+    [answer] = locate(capsys, "--ckpt", trained / "best.pt", "--gallery", tmp_path / "g.csv", "--text", "a red tower")
+    assert len(answer["top"]) == 2 and answer["top"][0]["name"] == ""
+    assert sum(p["prob"] for p in answer["top"]) == pytest.approx(1)
+    (tmp_path / "header.csv").write_text("lat,lon\n")
+    err = fails_in_one_line(capsys, "locate", "--ckpt", trained / "best.pt", "--gallery", tmp_path / "header.csv", "--text", "x")
+    assert "header.csv: no places listed" in err
 
 
 def test_open_world_geolocalisation_leaves_the_query_landmarks_out(world, trained, tmp_path):
@@ -1039,79 +1031,65 @@ def test_open_world_geolocalisation_leaves_the_query_landmarks_out(world, traine
     assert [float(r["open_pred_lat"]) for r in rows] == pytest.approx(pred[:, 0].tolist(), abs=1e-5)
 
 
+
 def test_pictures_show_what_the_csv_says(world, trained, tmp_path):
-    for how in ("random", "hard"):
-        run("eval", "--ckpt", trained / "best.pt", "--out", tmp_path / how, "--tasks", "G2S,T2S-first,G2C",
-            "--workers", 0, "--viz", "--viz-queries", how)
-        for task in ("G2S", "T2S-first"):
-            grid = Image.open(tmp_path / how / f"eval/{task}.png").convert("RGB")
-            rows = read_rows(tmp_path / how / f"eval/{task}.csv")
-            ranks = [int(r["rank_strict"]) for r in rows]
-            chosen = mml.picture_queries(ranks, 0, how)
-            assert grid.size == (mml.grid_cell(0, 7)[0], mml.grid_cell(len(chosen), 0)[1])
-            if how == "hard":  # the best-ranked first, the worst last
-                assert ranks[chosen[0]] == min(ranks) and ranks[chosen[-1]] == max(ranks)
-            for r, i in enumerate(chosen):
-                for c, hit in enumerate(rows[i]["top5_hits"].split(), 1):
-                    x, y = mml.grid_cell(r, c)
-                    assert grid.getpixel((x + 1, y + 1)) == (mml.GREEN if hit == "1" else mml.RED)
-                x, y = mml.grid_cell(r, 6)  # the correct match, when the top 5 miss it
-                assert grid.getpixel((x + 1, y + 1)) == (mml.GREEN if ranks[i] > 5 else (255, 255, 255))
-    rows = read_rows(tmp_path / "random/eval/G2C.csv")
-    q = mml.read_split(world, "query")
-    true = {str(lm): ll for lm, ll in zip(q.ids.tolist(), q.latlon.tolist())}
-    best = min(rows, key=lambda r: float(r["error_km"]))  # its dot is drawn last, on top
-    colour = next(c for limit, c in mml.ERROR_BANDS if float(best["error_km"]) <= limit)
-    picture = Image.open(tmp_path / "random/eval/G2C.png").convert("RGB")
-    x, y = mml.map_xy(*true[best["landmark_id"]])
-    assert picture.getpixel((int(x), int(y))) == colour
-    for name, size in (("G2C", (944, 456)), ("curves", (1200, 540))):
-        picture = np.asarray(Image.open(tmp_path / f"random/eval/{name}.png").convert("RGB"))
-        assert picture.shape == (size[1], size[0], 3)
-        assert len(np.unique(picture.reshape(-1, 3), axis=0)) > 10  # dots and text, not blank
+    run("eval", "--ckpt", trained / "best.pt", "--out", tmp_path, "--tasks", "G2S,T2S-first,G2C",
+        "--workers", 0, "--viz")
+    for task in ("G2S", "T2S-first"):
+        grid = Image.open(tmp_path / f"eval/{task}.png").convert("RGB")
+        rows = read_rows(tmp_path / f"eval/{task}.csv")
+        ranks = [int(r["rank_strict"]) for r in rows]
+        chosen = mml.grid_queries(len(rows))
+        assert grid.size == (mml.grid_cell(0, 7)[0], mml.grid_cell(len(chosen), 0)[1])
+        for r, i in enumerate(chosen):
+            for c, hit in enumerate(rows[i]["top5_hits"].split(), 1):
+                x, y = mml.grid_cell(r, c)
+                assert grid.getpixel((x + 1, y + 1)) == (mml.GREEN if hit == "1" else mml.RED)
+            x, y = mml.grid_cell(r, 6)  # the correct match, when the top 5 miss it
+            assert grid.getpixel((x + 1, y + 1)) == (mml.GREEN if ranks[i] > 5 else (255, 255, 255))
+    assert not (tmp_path / "eval/G2C.png").exists()  # geolocalisation has no grid
+    picture = np.asarray(Image.open(tmp_path / "eval/curves.png").convert("RGB"))
+    assert picture.shape == (540, 1200, 3)
+    assert len(np.unique(picture.reshape(-1, 3), axis=0)) > 10  # lines and text, not blank
 
 
-# ---- any model on the benchmark: the Python API, outside embeddings, compare --------------
+# ---- any model on the benchmark: the Python API, compare --------------------------------
 
 
 def task_results(folder: Path) -> dict:
     """metrics.json's per-task results, without what names their source."""
     tasks = json.loads((folder / "eval/metrics.json").read_text())["tasks"]
-    return {t: {k: v for k, v in r.items() if k not in ("checkpoint", "step", "epoch", "embeddings", "encoders")}
-            for t, r in tasks.items()}
+    source = ("checkpoint", "step", "epoch", "encoders", "config", "data")
+    return {t: {k: v for k, v in r.items() if k not in source} for t, r in tasks.items()}
 
 
-def test_outside_embeddings_and_functions_give_evals_metrics(world, trained, tmp_path):
+def test_the_api_composes_and_any_encoders_give_evals_metrics(world, trained, tmp_path):
+    """load(ckpt)'s embed_* functions, handed to evaluate_encoders as they are, give eval's
+    very metrics and per-query CSVs (their digests); so do the bare encoders; the tasks a
+    subset of the modalities cannot run are named and skipped."""
     run("eval", "--ckpt", trained / "best.pt", "--out", tmp_path / "eval", "--workers", 0)
     want = task_results(tmp_path / "eval")
-    # files: the protocol's sides exported, embedded row by row with the Python API, scored
-    run("eval", "--export", tmp_path / "sides", "--data", world)
     model = mml.load(trained / "best.pt", device="cpu")
-    sides = json.loads((tmp_path / "sides/tasks.json").read_text())
-    assert sides["G2C"] == {"queries": "query_ground", "gallery": "gallery_gps", "open_gallery": "open_gps"}
-    for csv_file in (tmp_path / "sides").glob("*.csv"):
-        rows = read_rows(csv_file)
-        name = csv_file.stem
-        if name.startswith("query_text_"):
-            emb = model.embed_text([r["item"] for r in rows])
-        elif name.endswith("gps"):
-            emb = model.embed_gps([[float(r["lat"]), float(r["lon"])] for r in rows])
-        else:
-            emb = model.embed_images([r["item"] for r in rows], kind=name.split("_")[1])
-        assert emb.shape == (len(rows), 32) and torch.allclose(emb.norm(dim=1), torch.ones(len(rows)))
-        np.save(tmp_path / "sides" / f"{name}.npy", emb.numpy())
-    run("eval", "--embeddings", tmp_path / "sides", "--data", world)
-    assert task_results(tmp_path / "sides") == want
-    # functions: any encoders of a batch, from Python
-    enc = model.model.enc
-    got = mml.evaluate_encoders(
-        {"G": enc["G"], "S": enc["S"], "C": lambda x: enc["C"](x),
-         "T": lambda texts: enc["T"](mml.tokenize(model.tok, texts))},
-        data=world, out=tmp_path / "fns", img_size=32)
-    assert task_results(tmp_path / "fns") == want and set(got) == set(want)
-    # a subset of the modalities: the tasks it cannot run are named and skipped
+    got = mml.evaluate_encoders({"G": model.embed_images, "T": model.embed_text, "C": model.embed_gps,
+                                 "S": lambda x: model.embed_images(x, "satellite")},
+                                data=world, out=tmp_path / "api", img_size=32)
+    assert task_results(tmp_path / "api") == want and set(got) == set(want)
+    enc = model.model.enc  # the bare encoders, tokenising the sentences as the checkpoint does
+    mml.evaluate_encoders({"G": enc["G"], "S": enc["S"], "C": enc["C"],
+                           "T": lambda texts: enc["T"](mml.tokenize(model.tok, texts))},
+                          data=world, out=tmp_path / "fns", img_size=32)
+    assert task_results(tmp_path / "fns") == want
     mml.evaluate_encoders({"G": enc["G"], "S": enc["S"]}, data=world, out=tmp_path / "gs", img_size=32)
     assert set(task_results(tmp_path / "gs")) == {"G2S", "S2G"}
+    # an image as a path, an (H, W, 3) array or a (1, 3, H, H) tensor: one embedding
+    q = mml.read_split(world, "query")
+    photo = mml.shard(q.dir, "ground", q.ground[0][0])
+    by_path = model.embed_images([photo])  # decoded at reduced scale (JPEG draft)
+    assert torch.allclose(by_path, model.embed_images(
+        torch.from_numpy(mml.load_image(photo, 32)).permute(2, 0, 1)[None]), atol=1e-6)
+    full = np.asarray(Image.open(photo).convert("RGB"))  # decoded in full
+    assert torch.allclose(model.embed_images([full]), model.embed_images(
+        torch.from_numpy(mml.to_square(Image.fromarray(full), 32)).permute(2, 0, 1)[None]), atol=1e-6)
 
 
 def test_the_readme_section_runs_as_written(world, tmp_path):
@@ -1152,37 +1130,13 @@ def test_the_random_sentences_are_the_authors_draw(world, tmp_path):
             w.writerows(rows)
 
 
-def test_eval_seed_changes_no_metric_and_metrics_record_the_evaluation(trained, tmp_path):
-    for seed in (1, 2):
-        run("eval", "--ckpt", trained / "best.pt", "--out", tmp_path / str(seed), "--workers", 0, "--seed", seed)
-    assert task_results(tmp_path / "1") == task_results(tmp_path / "2")
-    metrics = json.loads((tmp_path / "2/eval/metrics.json").read_text())
-    assert metrics["eval"]["seed"] == 2 and metrics["eval"]["chunk"] == 512 and metrics["device"] == "cpu"
+def test_metrics_record_the_evaluation(trained, tmp_path):
+    run("eval", "--ckpt", trained / "best.pt", "--out", tmp_path, "--workers", 0, "--tasks", "S2C")
+    metrics = json.loads((tmp_path / "eval/metrics.json").read_text())
+    assert metrics["eval"]["chunk"] == 512 and metrics["eval"]["tasks"] == "S2C" and metrics["device"] == "cpu"
     assert metrics["code"]["mml_sha256"] == hashlib.sha256((HERE / "mml.py").read_bytes()).hexdigest()
     assert metrics["torch"] == torch.__version__ and metrics["date"][:4].isdigit()
-    assert metrics["config"]["seed"] == 0  # the training run's own, beside
-
-
-def test_breakdowns_by_category_and_state(world, trained, tmp_path, capsys):
-    run("eval", "--ckpt", trained / "best.pt", "--out", tmp_path, "--workers", 0, "--tasks", "G2S,G2C", "--by", "state")
-    out = capsys.readouterr().out
-    tasks = json.loads((tmp_path / "eval/metrics.json").read_text())["tasks"]
-    master = read_rows(world / "mmlandmarks.csv")
-    category = {r["landmark_id"]: r["category"] for r in master}
-    rows = read_rows(tmp_path / "eval/G2S.csv")
-    groups = {}
-    for r in rows:
-        groups.setdefault(category[r["landmark_id"]], []).append(int(r["rank_official"]) == 1)
-    assert tasks["G2S"]["by_category"] == {c: {"queries": len(v), "R@1": pytest.approx(100 * sum(v) / len(v))}
-                                           for c, v in sorted(groups.items())}
-    geo = tasks["G2C"]["by_state"]
-    assert sum(g["queries"] for g in geo.values()) == tasks["G2C"]["queries"] and set(next(iter(geo.values()))) == {
-        "queries", "acc@25km", "acc@750km"}
-    assert "by state (queries" in out and list(geo)[0] in out
-    root = copy_world(world, tmp_path)
-    os.remove(root / "mmlandmarks.csv")
-    err = fails_in_one_line(capsys, "eval", "--ckpt", trained / "best.pt", "--data", root, "--by", "category")
-    assert "--by category: " in err and "mmlandmarks.csv" in err
+    assert metrics["config"]["seed"] == 0 and metrics["tasks"]["S2C"]["config"] == metrics["config"]
 
 
 def brute_force_interval(landmarks: np.ndarray, values: np.ndarray, resamples: int) -> tuple:
@@ -1198,76 +1152,41 @@ def brute_force_interval(landmarks: np.ndarray, values: np.ndarray, resamples: i
     return tuple(np.percentile(means, [2.5, 97.5]))
 
 
-def test_compare_matches_a_brute_force_cluster_bootstrap(world, trained, tmp_path, capsys):
+@pytest.fixture(scope="session")
+def seeds(world, tmp_path_factory) -> Path:
+    """Three runs that differ only in --seed, each evaluated on G2S and S2C."""
+    root = tmp_path_factory.mktemp("seeds")
     for name, seed in (("a", 0), ("b", 1), ("c", 2)):
-        run("train", "--data", world, "--out", tmp_path / name, *TINY, "--epochs", 1, "--seed", seed)
-        run("eval", "--out", tmp_path / name, "--workers", 0, "--tasks", "G2S,S2C")
-    shutil.copytree(tmp_path / "a", tmp_path / "a_again")
-    run("compare", tmp_path / "a", tmp_path / "a_again", "--out", tmp_path / "cmp", "--resamples", 200, "--latex")
-    out = capsys.readouterr().out
-    rows = read_rows(tmp_path / "cmp/compare.csv")
+        run("train", "--data", world, "--out", root / name, *TINY, "--epochs", 1, "--seed", seed)
+        run("eval", "--out", root / name, "--workers", 0, "--tasks", "G2S,S2C")
+    return root
+
+
+def test_compare_matches_a_brute_force_cluster_bootstrap(world, seeds, tmp_path, capsys):
+    shutil.copytree(seeds / "a", tmp_path / "a")
+    shutil.copytree(seeds / "a", tmp_path / "a_again")
+    labels, table = mml.comparison([mml.read_run(tmp_path / x) for x in ("a", "a_again")], 200)
     g2s = read_rows(tmp_path / "a/eval/G2S.csv")
     lms = np.array([int(r["landmark_id"]) for r in g2s])
     r1 = np.array([100.0 * (int(r["rank_official"]) <= 1) for r in g2s])
-    mine = next(r for r in rows if r["task"] == "G2S" and r["metric"] == "R@1" and r["run"] == "a")
-    assert float(mine["value"]) == pytest.approx(r1.mean())
-    assert (float(mine["low"]), float(mine["high"])) == pytest.approx(brute_force_interval(lms, r1, 200))
-    again = [r for r in rows if r["run"] == "a_again"]
-    assert again and all(float(r[k]) == 0 for r in again for k in ("diff", "diff_low", "diff_high"))
-    assert "\\begin{tabular}" in out and "G2S" in out
-    assert Image.open(tmp_path / "cmp/compare.png").size[0] > 500
-    # runs that differ only in --seed are one setting: mean +- std over them
-    run("compare", tmp_path / "a", tmp_path / "b", tmp_path / "c", "--out", tmp_path / "seeds", "--resamples", 100)
-    assert "a (3 seeds)" in capsys.readouterr().out
-    seeds = read_rows(tmp_path / "seeds/compare.csv")
-    row = next(r for r in seeds if r["task"] == "S2C" and r["metric"] == "acc@750km")
-    accs = [np.mean([100.0 * (float(x["error_km"]) <= 750) for x in read_rows(tmp_path / s / "eval/S2C.csv")])
-            for s in "abc"]
-    assert float(row["value"]) == pytest.approx(np.mean(accs)) and float(row["std"]) == pytest.approx(np.std(accs, ddof=1))
-    # runs on other data are refused, naming both
-    other = copy_world(world, tmp_path)
-    rewrite_row(other / "query/mml_query_satellite.csv", 0, "images", mml.read_split(world, "query").sat[0][0])
-    run("eval", "--ckpt", tmp_path / "b/best.pt", "--data", other, "--out", tmp_path / "other", "--workers", 0,
-        "--tasks", "S2C")
-    err = fails_in_one_line(capsys, "compare", tmp_path / "a", tmp_path / "other", "--out", tmp_path / "x")
-    assert "were evaluated on different queries or galleries for S2C" in err and str(tmp_path / "other") in err
-
-
-@pytest.mark.parametrize("damage,message", [
-    (lambda a: a[:-1], "embeddings for the 95 rows of query_ground"),
-    (lambda a: a.astype(np.int32), "int32 values; expected floats"),
-    (lambda a: np.where(np.arange(len(a))[:, None] == 3, np.nan, a), "row 3 of query_ground is not finite"),
-    (lambda a: a[:, :16], "query_ground is 16-d, gallery_satellite 32-d"),
-])
-def test_bad_embeddings_are_one_line(world, trained, tmp_path, capsys, damage, message):
-    run("eval", "--export", tmp_path, "--data", world, "--tasks", "G2S")
-    model = mml.load(trained / "best.pt", device="cpu")
-    for name, kind in (("query_ground", "ground"), ("gallery_satellite", "satellite")):
-        emb = model.embed_images([r["item"] for r in read_rows(tmp_path / f"{name}.csv")], kind).numpy()
-        np.save(tmp_path / f"{name}.npy", damage(emb) if name == "query_ground" else emb)
-    err = fails_in_one_line(capsys, "eval", "--embeddings", tmp_path, "--data", world, "--tasks", "G2S")
-    assert message in err, err
-
-
-def test_unnormalised_embeddings_are_normalised_with_a_warning(world, trained, tmp_path, capsys):
-    run("eval", "--export", tmp_path, "--data", world, "--tasks", "G2S")
-    model = mml.load(trained / "best.pt", device="cpu")
-    for name, kind in (("query_ground", "ground"), ("gallery_satellite", "satellite")):
-        emb = model.embed_images([r["item"] for r in read_rows(tmp_path / f"{name}.csv")], kind)
-        np.save(tmp_path / f"{name}.npy", (3 * emb).numpy())
-    run("eval", "--embeddings", tmp_path, "--data", world)  # the tasks whose sides are there
+    mine = table["G2S"]["R@1"][0]
+    assert labels == ["a", "a_again"] and mine[0] == pytest.approx(r1.mean())
+    assert mine[2:4] == pytest.approx(brute_force_interval(lms, r1, 200))
+    again = [cells[1] for metrics in table.values() for cells in metrics.values()]
+    assert len(again) == 9 and all(c[4:] == (0, 0, 0) for c in again)  # paired: exactly 0
+    run("compare", tmp_path / "a", tmp_path / "a_again", "--resamples", 200, "--latex")
     out = capsys.readouterr().out
-    assert "are not unit vectors; normalising them" in out
-    assert f"skipping S2G: {tmp_path / 'query_satellite.npy'}: not found" in out
-    assert list(task_results(tmp_path)) == ["G2S"]
-    run("eval", "--ckpt", trained / "best.pt", "--out", tmp_path / "ref", "--tasks", "G2S", "--workers", 0)
-    assert task_results(tmp_path)["G2S"]["official"] == task_results(tmp_path / "ref")["G2S"]["official"]
-    with pytest.raises(mml.UserError, match=r"encoder G on query_ground: the encoder returned \(95, 4, 2\)"):
-        mml.evaluate_encoders({"G": lambda x: torch.zeros(len(x), 4, 2), "S": lambda x: torch.zeros(len(x), 8)},
-                              data=world, out=tmp_path / "f", img_size=32)
-
-
-# ---- reliability: a user's slips and a cluster's signals -----------------------------------
+    # a paper's table: tasks as rows, metrics as columns
+    assert "task & run & R@1 & R@5 & R@10 & mAP@1k \\\\" in out
+    assert "task & run & acc@1km & acc@25km & acc@200km & acc@750km & acc@2500km \\\\" in out
+    assert re.search(r"^G2S & a & [\d.]+ \[[\d.]+, [\d.]+\] & ", out, re.M)
+    assert re.search(r"^G2S & a\\_again - a & \+0.00 \[\+0.00, \+0.00\] & ", out, re.M)
+    # runs that differ only in --seed are one setting: mean +- std over them
+    labels, table = mml.comparison([mml.read_run(seeds / s) for s in "abc"], 100)
+    accs = [np.mean([100.0 * (float(x["error_km"]) <= 750) for x in read_rows(seeds / s / "eval/S2C.csv")])
+            for s in "abc"]
+    assert labels == ["a (3 seeds)"]
+    assert table["S2C"]["acc@750km"][0][:2] == pytest.approx((np.mean(accs), np.std(accs, ddof=1)))
 
 
 def tree_bytes(root: Path) -> dict:
@@ -1326,8 +1245,7 @@ def test_a_checkpoint_that_would_run_code_is_refused_unopened(world, trained, tm
     torch.save({**ckpt, "extra": Trap(sprung)}, tmp_path / "run/last.pt")
     for argv in (["eval", "--ckpt", tmp_path / "trap.pt"],
                  ["train", "--out", tmp_path / "run", "--resume"],
-                 ["train", "--data", world, "--out", tmp_path / "new", *TINY,
-                  "--gps-init", tmp_path / "trap.pt"]):
+                 ["locate", "--ckpt", tmp_path / "trap.pt", "--text", "a tower"]):
         assert "may contain code, so it is not unpickled" in fails_in_one_line(capsys, *argv)
         assert not sprung.exists()
 
@@ -1372,7 +1290,7 @@ def test_overwrite_starts_over(world, tmp_path):
     (["--batch-size", 0], "--batch-size 0: expected an integer in [2, "),
     (["--epochs", 0], "--epochs 0: expected an integer >= 1"),
     (["--scale", 0], "--scale 0.0: expected a number in [0.01, 100]"),
-    (["--warmup", 1.5], "--warmup 1.5: expected a number in [0.0, 1.0]"),
+    (["--lr", "nan"], "--lr nan: expected a finite number"),
     (["--img-width", 12], "--img-width 12: expected a multiple of 8"),
     (["--modalities", "TC", "--share-image-trunk"], "--share-image-trunk: needs both G and S"),
     (["--resume"], "no run to resume there (--resume continues the run in --out"),
@@ -1399,6 +1317,7 @@ FIXTURES = HERE / "assets/fixtures"
 SENTENCES = ["a red church in Denver", " ".join(["the old harbor lighthouse"] * 40),
              "Café Noël à São Paulo: naïve façade", "🏛️ museum 🗽 & 🌉!", "",
              "Mixed   whitespace\tand\nnewlines", "THE GRAND CAPITOL"]
+
 LATLON = torch.tensor([[40.71, -74.01], [34.05, -118.24], [47.61, -122.33], [25.76, -80.19]])
 
 
@@ -1573,7 +1492,7 @@ def test_geoclip_converts_to_its_embeddings(tmp_path):
     (lambda f: (f / "tokenizer.json").unlink(), "tokenizer.json: not a readable tokenizer"),
     (lambda f: (f / "config.json").write_text('{"model_type": "siglip"}'), "model_type 'siglip'; supported: Hugging Face CLIPModel"),
     (lambda f: (f / "config.json").write_text(json.dumps({**json.loads((f / "config.json").read_text()), "vision_config": {
-        **json.loads((f / "config.json").read_text())["vision_config"], "hidden_act": "silu"}})), "vision config hidden_act 'silu'"),
+        **json.loads((f / "config.json").read_text())["vision_config"], "hidden_act": "silu"}})), "vision_config hidden_act 'silu'"),
     (lambda f: (f / "model.safetensors").write_bytes((f / "model.safetensors").read_bytes()[:5000]), "not a readable safetensors file"),
 ])
 def test_a_bad_clip_folder_is_one_line(world, tmp_path, capsys, break_it, message):
@@ -1591,8 +1510,8 @@ def test_the_paper_preset_trains_on_frozen_towers_and_evaluates(world, tmp_path,
     out = capsys.readouterr().out
     first = out.splitlines()[0]  # the first line names every setting the preset chose
     for setting in ("--image-backbone clip", "--head mlp", "--gps-scaling False", "--resize squash",
-                    "--lr 0.0001", "--grad-clip-value 100.0", "--schedule constant", "--scale-cap 0.0",
-                    "--holdout authors", "--batch-size 16"):  # and what the command line overrode
+                    "--lr 0.0001", "--recipe paper", "--select loss", "--holdout authors",
+                    "--batch-size 16"):  # and what the command line overrode
         assert setting in first, (setting, first)
     saved = torch.load(tmp_path / "run/last.pt", weights_only=True)
     cfg = mml.Config(**saved["config"])
@@ -1640,12 +1559,6 @@ def test_frozen_towers_run_once_per_image_in_evaluation(world, tmp_path, monkeyp
     assert json.loads((tmp_path / "c/eval/metrics.json").read_text())["tasks"]["S2G"] == tasks[0]["S2G"]
 
 
-def test_freezing_a_backbone_of_random_weights_is_warned_about(world, tmp_path, capsys):
-    run("train", "--data", world, "--out", tmp_path, *TINY, "--max-steps", 1, "--freeze", "ground,text")
-    assert "warning: --freeze G,T: these backbones start from random weights" in capsys.readouterr().out
-
-
-# ---- the red-team breaks (issue 20): each is one line naming the file and field ------------
 
 OPENED = []  # files opened while a test records them (an audit hook sees every open)
 sys.addaudithook(lambda event, args: OPENED.append(str(args[0])) if event == "open" and
@@ -1749,8 +1662,8 @@ def corrupt(ckpt: dict, where: str, value) -> dict:
     ("config.embed_dim", "32", "config field embed_dim '32': expected a int"),
     ("config.lr", float("nan"), "config field lr nan: expected a finite number"),
     ("config.modalities", "GX", "config field modalities GX: expected two or more"),
-    ("step", "20", "not an mml checkpoint (step is a str)"),
-    ("model", [1, 2], "not an mml checkpoint (model is a list)"),
+    ("step", "20", "(step is a str)"),
+    ("model", [1, 2], "(model is a list)"),
     ("tokenizer", "{garbage", "its tokenizer does not load"),
     ("optimizer", None, "not an mml checkpoint to resume (optimizer is missing)"),
     ("torch_rng", None, "not an mml checkpoint to resume (torch_rng is missing)"),
@@ -1797,10 +1710,6 @@ def test_a_full_disk_is_one_line_and_leaves_no_tmp(world, tmp_path, monkeypatch,
     assert p.returncode == 1 and p.stderr.count("\n") == 1, p.stderr
     assert "query_ground.u8: could not be written" in p.stderr
     assert not list(cache.glob("*.tmp")) and not (cache / "query_ground.json").exists()
-    # the free space is checked against prepare's own estimate before any decoding
-    monkeypatch.setattr(mml.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10, 10, 1000))
-    err = fails_in_one_line(capsys, "prepare", "--data", world, "--splits", "query", "--cache", cache)
-    assert "GB needed and 0.00 GB free" in err
     # a checkpoint save that fails keeps the old checkpoint and leaves no .tmp
     run("train", "--data", world, "--out", tmp_path / "run", *TINY, "--epochs", 1)
     before = (tmp_path / "run/last.pt").read_bytes()
@@ -1815,30 +1724,7 @@ def test_a_full_disk_is_one_line_and_leaves_no_tmp(world, tmp_path, monkeypatch,
     assert (tmp_path / "run/last.pt").read_bytes() == before and not list((tmp_path / "run").glob("*.tmp"))
 
 
-def test_locate_answers_when_it_cannot_cache_and_rebuilds_a_bad_cache(trained, tmp_path, monkeypatch, capsys):
-    shutil.copy(trained / "best.pt", tmp_path / "model.pt")
-    want = mml.Locator(tmp_path / "model.pt")(["a red tower"], "text")
-    [cache] = tmp_path.glob("model.gallery-*.pt")
-    for damage in (lambda: cache.write_bytes(cache.read_bytes()[:1000]),  # truncated
-                   lambda: torch.save({"key": "x", "tensor": torch.zeros(3, 3)}, cache)):  # another key and shape
-        damage()
-        assert mml.Locator(tmp_path / "model.pt")(["a red tower"], "text") == want
-        assert mml.Locator(tmp_path / "model.pt").emb.shape[0] > 3  # rebuilt, and whole again
-    cache.unlink()
-    real_save = torch.save
-
-    def read_only(obj, f, *a, **k):  # what torch.save raises beside a read-only checkpoint
-        raise RuntimeError(f"File {f} cannot be opened.")
-    monkeypatch.setattr(torch, "save", read_only)
-    assert mml.Locator(tmp_path / "model.pt")(["a red tower"], "text") == want
-    assert "not cached: " in capsys.readouterr().err and not list(tmp_path.glob("*.tmp"))
-    monkeypatch.setattr(torch, "save", real_save)
-    (tmp_path / "header.csv").write_text("lat,lon\n")
-    err = fails_in_one_line(capsys, "locate", "--ckpt", tmp_path / "model.pt", "--gallery", tmp_path / "header.csv", "--text", "x")
-    assert "header.csv: no places listed" in err
-
-
-def test_locate_reads_only_bounded_regular_files_in_chunks(world, trained, tmp_path, monkeypatch):
+def test_locate_reads_only_bounded_regular_files_in_chunks(world, trained, tmp_path, monkeypatch, capsys):
     fifo = tmp_path / "pipe.jpg"
     os.mkfifo(fifo)
     big = tmp_path / "big.png"
@@ -1850,10 +1736,9 @@ def test_locate_reads_only_bounded_regular_files_in_chunks(world, trained, tmp_p
     answers = json.loads(p.stdout)
     assert p.returncode == 1 and "not a regular file" in answers[0]["error"]
     assert "12000x12000 px, over the 50,000,000-pixel limit" in answers[1]["error"] and "top" in answers[2]
-    where = mml.Locator(trained / "best.pt")
-    whole = where(photos)
+    whole = locate(capsys, "--ckpt", trained / "best.pt", *photos)
     monkeypatch.setattr(mml, "LOCATE_CHUNK", 2)  # 5 inputs in 3 chunks: the same answers
-    chunked = where(photos)
+    chunked = locate(capsys, "--ckpt", trained / "best.pt", *photos)
     for a, b in zip(whole, chunked):
         assert [(t["lat"], t["lon"]) for t in a["top"]] == [(t["lat"], t["lon"]) for t in b["top"]]
         assert [t["prob"] for t in a["top"]] == pytest.approx([t["prob"] for t in b["top"]], rel=1e-5)
@@ -1873,14 +1758,290 @@ def test_out_and_cache_are_checked_before_any_data_is_read(world, trained, tmp_p
     assert sorted(os.listdir(tmp_path)) == ["a_file", "elsewhere", "link"] and not os.listdir(tmp_path / "elsewhere")
 
 
-def test_one_run_folder_has_one_writer(world, tmp_path, capsys):
-    run("train", "--data", world, "--out", tmp_path, *TINY, "--epochs", 1)
-    with mml.RunLock(tmp_path):  # as if another train held it
-        err = fails_in_one_line(capsys, "train", "--out", tmp_path, "--resume", "--epochs", 2)
-        assert f"another `train` is writing there (process {os.getpid()})" in err
-    run("train", "--out", tmp_path, "--resume", "--epochs", 2)  # released: a lock of a dead process is no lock
-    steps = [r["step"] for r in log_records(tmp_path) if "loss" in r]
-    assert steps == sorted(set(steps))  # each step logged once
+# ---- untrusted input, round two (issue 24): no wrong number, no file replaced, no hang ----
+
+
+def as_setting(run_folder: Path, lr: float):
+    """Make a run folder's metrics.json say it was trained with another --lr: another setting."""
+    path = run_folder / "eval/metrics.json"
+    metrics = json.loads(path.read_text())
+    metrics["config"]["lr"] = lr
+    path.write_text(json.dumps(metrics))
+
+
+def test_compare_differences_are_only_against_the_first_runs_own_result(seeds, tmp_path, capsys):
+    """The first run lacks S2C (as off-the-shelf CLIP lacks every x2C task): S2C is said to be
+    missing there and has no differences, not differences against the next run under the
+    first's name; and every run of a task is checked against every other, not the first."""
+    for name, lr in (("a", 1.0), ("b", 2.0), ("c", 3.0)):
+        shutil.copytree(seeds / name, tmp_path / name)
+        as_setting(tmp_path / name, lr)
+    path = tmp_path / "a/eval/metrics.json"
+    metrics = json.loads(path.read_text())
+    del metrics["tasks"]["S2C"]
+    path.write_text(json.dumps(metrics))
+    run("compare", *(tmp_path / x for x in "abc"), "--resamples", 100)
+    out = capsys.readouterr().out
+    assert "S2C: not evaluated in a" in out and "b - a" in out
+    s2c = [line for line in out.splitlines() if line.startswith("S2C  ")]
+    assert len(s2c) == 2 and not any(" - " in line for line in s2c)  # b and c, no differences
+    labels, table = mml.comparison([mml.read_run(tmp_path / x) for x in "abc"], 100)
+    assert table["S2C"]["acc@750km"][0] is None and table["S2C"]["acc@750km"][1][4] is None
+    path = tmp_path / "c/eval/metrics.json"  # c's S2C on other data than b's
+    metrics = json.loads(path.read_text())
+    metrics["tasks"]["S2C"]["protocol"] = "another"
+    path.write_text(json.dumps(metrics))
+    err = fails_in_one_line(capsys, "compare", *(tmp_path / x for x in "abc"))
+    assert "evaluated on different queries or galleries for S2C" in err and str(tmp_path / "c") in err
+
+
+def test_compare_refuses_a_csv_its_metrics_do_not_describe(world, seeds, tmp_path, capsys):
+    shutil.copytree(seeds / "a", tmp_path / "a")
+    csv_path = tmp_path / "a/eval/G2S.csv"
+    whole = csv_path.read_bytes()
+    for damage in (whole[:len(whole) // 2], (seeds / "b/eval/G2S.csv").read_bytes()):
+        csv_path.write_bytes(damage)  # cut short, or another evaluation's
+        err = fails_in_one_line(capsys, "compare", tmp_path / "a")
+        assert f"{csv_path}: not the CSV that" in err
+    csv_path.write_bytes(whole)
+    # an eval of b stopped on its second task (an article is missing) wrote its first task's
+    # CSV and its entry together: what compare reads is b's G2S beside a's S2C, each named
+    root = copy_world(world, tmp_path)
+    q = mml.read_split(root, "query")
+    mml.shard(q.dir, "text", q.text[0]).unlink()
+    with pytest.raises(SystemExit):
+        run("eval", "--ckpt", seeds / "b/best.pt", "--data", root, "--out", tmp_path / "a",
+            "--tasks", "G2S,T2S-first", "--workers", 0)
+    tasks = json.loads((tmp_path / "a/eval/metrics.json").read_text())["tasks"]
+    assert tasks["G2S"]["checkpoint"] == str(seeds / "b/best.pt") and "T2S-first" not in tasks
+    assert tasks["S2C"]["checkpoint"] == str(seeds / "a/best.pt")
+    assert mml.read_run(tmp_path / "a")["tasks"]["G2S"]["values"]["R@1"].tolist() == [
+        100.0 * (int(r["rank_official"]) <= 1) for r in read_rows(seeds / "b/eval/G2S.csv")]
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda m: m | {"tasks": list(m["tasks"])}, "not a metrics.json of mml"),
+    (lambda m: m | {"tasks": None}, "not a metrics.json of mml"),
+    (lambda m: m | {"tasks": {**m["tasks"], "G2S": 3}}, "not a metrics.json of mml"),
+    (lambda m: m | {"config": "lr=1"}, "not a metrics.json of mml"),
+    (lambda m: m | {"tasks": {"../../other/eval/G2S": m["tasks"]["G2S"]}},
+     "'../../other/eval/G2S' is not a task of the protocol"),
+])
+def test_compare_of_a_broken_metrics_json_is_one_line(seeds, tmp_path, capsys, damage, message):
+    shutil.copytree(seeds / "a", tmp_path / "a")
+    path = tmp_path / "a/eval/metrics.json"
+    path.write_text(json.dumps(damage(json.loads(path.read_text()))))
+    assert message in fails_in_one_line(capsys, "compare", tmp_path / "a")
+
+
+def test_the_towers_digest_covers_their_config_and_dtypes(world, tmp_path, capsys):
+    """The same weight bytes under another config.json (4 heads, not 2; gelu, not quick_gelu)
+    or with a tensor's dtype relabelled are other towers: eval refuses them, naming --clip."""
+    folder = clip_folder(tmp_path)
+    run("convert", folder, "--out", tmp_path / "clip.pt")
+    digest = mml.load_clip_weights(str(folder))[1]
+    config = json.loads((folder / "config.json").read_text())
+    for part, key, value in (("vision_config", "num_attention_heads", 4), ("text_config", "hidden_act", "gelu")):
+        other = clip_folder(tmp_path / f"{key}")
+        changed = json.loads(json.dumps(config))
+        changed[part][key] = value
+        (other / "config.json").write_text(json.dumps(changed))
+        assert mml.load_clip_weights(str(other))[1] != digest
+        err = fails_in_one_line(capsys, "eval", "--ckpt", tmp_path / "clip.pt", "--clip", other,
+                                "--data", world, "--tasks", "G2S", "--workers", 0)
+        assert "are not the CLIP towers" in err and "--clip" in err
+    relabelled = clip_folder(tmp_path / "dtype", drop=["pytorch_model.bin"])
+    data = (relabelled / "model.safetensors").read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    header = data[8:8 + n].replace(b'"F32"', b'"I32"', 1)  # one tensor's bytes read as int32
+    (relabelled / "model.safetensors").write_bytes(data[:8] + header + data[8 + n:])
+    assert mml.load_clip_weights(str(relabelled))[1] != digest
+
+
+def test_the_python_api_takes_uint8_images_and_batches_of_one_or_more(trained):
+    model = mml.load(trained / "best.pt", device="cpu")
+    for bad in ([np.full((50, 60, 3), 0.5)], [np.full((50, 60, 3), 300)], [np.zeros((50, 60))]):
+        with pytest.raises(mml.UserError, match=r"expected \(H, W, 3\) uint8"):
+            model.embed_images(bad)
+    with pytest.raises(mml.UserError, match=r"expected \(B, 3, 32, 32\) uint8"):
+        model.embed_images(torch.zeros(2, 3, 32, 32))
+    with pytest.raises(mml.UserError, match="batch -5: expected an integer of at least 1"):
+        mml.load(trained / "best.pt", batch=-5)
+
+
+def test_rows_of_any_norm_are_normalised_and_a_zero_row_is_one_line(world, trained, tmp_path):
+    """Embeddings scaled by 3 or by 1e20 (a float32 norm of such rows overflows to inf) give
+    the unit vectors' metrics, with a warning; a row of zeros has no direction: one line."""
+    enc = mml.load(trained / "best.pt", device="cpu").model.enc
+    want = mml.evaluate_encoders({"G": enc["G"], "S": enc["S"]}, data=world, out=tmp_path / "u", img_size=32)
+    for scale in (3.0, 1e20):
+        got = mml.evaluate_encoders({"G": lambda x: scale * enc["G"](x), "S": lambda x: scale * enc["S"](x)},
+                                    data=world, out=tmp_path / f"x{scale}", img_size=32)
+        assert {t: r["official"] for t, r in got.items()} == {t: r["official"] for t, r in want.items()}
+    zero_row = lambda x: enc["G"](x) * (torch.arange(len(x)) != 3)[:, None]
+    with pytest.raises(mml.UserError, match="query_ground: the embedding of row 3 is zero"):
+        mml.evaluate_encoders({"G": zero_row, "S": enc["S"]}, data=world, out=tmp_path / "z", img_size=32)
+
+
+def wider_after(calls: int):
+    """An encoder whose width changes from 8 to 9 after its first `calls` batches."""
+    seen = []
+    return lambda x: seen.append(1) or torch.randn(len(x), 8 if len(seen) <= calls else 9)
+
+
+@pytest.mark.parametrize("encoder,message", [
+    # the first batch is the probe of one blank image that learns the width
+    (lambda x: torch.zeros(len(x) - 1, 8), "ground encoder: the encoder returned (0, 8) torch.float32 for a batch of 1; expected (1, D) floats"),
+    (lambda x: torch.zeros(len(x), 8, dtype=torch.int64), "returned (1, 8) torch.int64 for a batch of 1; expected (1, D) floats"),
+    (lambda x: torch.randn(len(x), 8) * torch.where(torch.arange(len(x))[:, None] == 1, float("nan"), 1.0),
+     "ground encoder on query_ground: the embedding of row 1 is not finite"),
+    (wider_after(2), "ground encoder on query_ground: the encoder returned (2, 9) torch.float32 for a batch of 2; expected (2, 8) floats"),
+])
+def test_what_an_encoder_returns_is_checked_batch_by_batch(world, tmp_path, encoder, message):
+    with pytest.raises(mml.UserError) as e:
+        mml.evaluate_encoders({"G": encoder, "S": lambda x: torch.randn(len(x), 8)}, data=world,
+                              out=tmp_path, img_size=32, batch=2, tasks="G2S")
+    assert message in str(e.value)
+
+
+def test_a_width_mismatch_is_named_before_any_gallery_is_embedded(world, trained, tmp_path, capsys):
+    """Text embeddings 16-d, images 32-d: the T2G and T2S tasks are named before anything is
+    embedded, the others run and are written, and the run ends in one line, status 1."""
+    enc, seen = mml.load(trained / "best.pt", device="cpu").model.enc, []
+    record = lambda m, fn: lambda x: seen.append(m) or fn(x)
+    fns = {"G": record("G", enc["G"]), "S": record("S", enc["S"]), "T": record("T", lambda s: torch.randn(len(s), 16))}
+    with pytest.raises(mml.UserError, match=r"T2G-first: text embeddings are 16-d, ground 32-d; a task's two sides"):
+        mml.evaluate_encoders(fns, data=world, out=tmp_path, img_size=32)
+    out = capsys.readouterr().out
+    assert out.index("skipping T2S-no_cues: text embeddings are 16-d") < out.index("G2S: ")
+    assert set(task_results(tmp_path)) == {"G2S", "S2G"}
+    assert seen[:3] == ["G", "S", "T"] and seen.count("T") == 1  # one blank probe each, first
+
+
+def test_locate_refuses_an_embedding_that_is_not_finite(trained, tmp_path, capsys):
+    ckpt = torch.load(trained / "best.pt", weights_only=True)
+    ckpt["model"]["enc.C.LocEnc0.head.0.bias"][:] = float("nan")
+    torch.save(ckpt, tmp_path / "nan.pt")
+    err = fails_in_one_line(capsys, "locate", "--ckpt", tmp_path / "nan.pt", "--text", "a tower", "--json")
+    assert "points: the embedding of row 0 is not finite" in err and capsys.readouterr().out == ""
+
+
+def test_convert_never_replaces_a_file_it_did_not_write(tmp_path, capsys):
+    folder = clip_folder(tmp_path)
+    source = folder / "model.safetensors"
+    before = source.read_bytes()
+    for argv in (["--out", source], ["--out", source, "--overwrite"]):  # its own source
+        assert str(source) in fails_in_one_line(capsys, "convert", folder, *argv)
+        assert source.read_bytes() == before
+    run("convert", folder, "--out", tmp_path / "clip.pt")
+    assert "exists; --out names a new file" in fails_in_one_line(capsys, "convert", folder, "--out", tmp_path / "clip.pt")
+    run("convert", folder, "--out", tmp_path / "clip.pt", "--overwrite")  # an mml checkpoint: replaced
+
+
+def fifo_or_zero(path: Path, kind: str):
+    path.unlink()
+    os.mkfifo(path) if kind == "fifo" else path.symlink_to("/dev/zero")
+
+
+@pytest.mark.parametrize("name,kind", [("config.json", "fifo"), ("config.json", "zero"),
+                                       ("tokenizer.json", "fifo"), ("tokenizer.json", "zero")])
+def test_only_bounded_regular_files_of_a_clip_folder_are_read(tmp_path, name, kind):
+    folder = clip_folder(tmp_path)
+    fifo_or_zero(folder / name, kind)
+    p = subprocess.run([sys.executable, HERE / "mml.py", "convert", folder, "--out", tmp_path / "x.pt"],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 1 and p.stderr.count("\n") == 1 and f"{name}: not a readable" in p.stderr
+    assert "not a regular file" in p.stderr
+
+
+def edit_config(folder: Path, change):
+    config = json.loads((folder / "config.json").read_text())
+    change(config)
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda c: c["vision_config"].update(num_hidden_layers=10**6), "vision_config num_hidden_layers 1000000: expected an integer in [1, 64]"),
+    (lambda c: c["text_config"].update(hidden_size=10**9), "text_config hidden_size 1000000000: expected an integer in [1, 16,384]"),
+    (lambda c: c["text_config"].update(vocab_size=10**9), "vocab_size 1000000000"),
+    (lambda c: c["text_config"].update(max_position_embeddings=10**9), "max_position_embeddings 1000000000"),
+    (lambda c: c.update(projection_dim=10**9), "projection_dim 1000000000: expected an integer in [1, 16,384]"),
+    (lambda c: c["vision_config"].update(image_size=10**9), "image_size 1000000000"),
+    (lambda c: c.update(projection_dim=True), "projection_dim True: expected an integer"),
+    (lambda c: c.update(vision_config=[1, 2]), "vision_config is not an object of sizes"),
+    (lambda c: c.update(vision_config="big"), "vision_config is not an object of sizes"),
+    (lambda c: c["text_config"].update(vocab_size=100), "tokenizer.json: 664 tokens, end-of-text 663: not CLIP's tokenizer for a text tower of 100"),
+])
+def test_a_clip_config_is_bounded_and_checked_before_anything_is_allocated(tmp_path, capsys, change, message):
+    folder = clip_folder(tmp_path)
+    edit_config(folder, change)
+    t0 = time.time()
+    assert message in fails_in_one_line(capsys, "convert", folder, "--out", tmp_path / "x.pt")
+    assert time.time() - t0 < 30
+
+
+def write_safetensors(path: Path, header: dict, data: bytes = b"\0" * 64, n: int | None = None):
+    raw = json.dumps(header).encode()
+    path.write_bytes((len(raw) if n is None else n).to_bytes(8, "little") + raw + data)
+
+
+@pytest.mark.parametrize("header,n,message", [
+    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, 10**12, "a header of 1,000,000,000,000 bytes"),
+    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, 2**63 - 1, "a header of 9,223,372,036,854,775,807 bytes"),
+    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [-8, 0]}}, None, "a: its dtype, shape or bytes"),
+    ({"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]},
+      "b": {"dtype": "F32", "shape": [4], "data_offsets": [8, 24]}}, None, "overlaps another tensor's bytes"),
+    ({"a": {"dtype": "F32", "shape": [100], "data_offsets": [0, 400]}}, None, "a: its dtype, shape or bytes"),
+])
+def test_safetensors_byte_ranges_are_checked(tmp_path, header, n, message):
+    write_safetensors(tmp_path / "w.safetensors", header, n=n)
+    with pytest.raises(mml.UserError, match="not a readable safetensors file") as e:
+        mml.read_safetensors(tmp_path / "w.safetensors")
+    assert message in str(e.value)
+
+
+def test_the_authors_and_geoclips_files_of_the_wrong_form_are_one_line(tmp_path, capsys):
+    folder = clip_folder(tmp_path)
+    state = authors_weights(mml.read_safetensors(folder / "model.safetensors"))
+    for broken, message in ((state | {"logit_scale": 2.5}, "entry 'logit_scale' is not a named tensor"),
+                            (state | {"logit_scale": "2.5"}, "entry 'logit_scale' is not a named tensor"),
+                            (state | {7: torch.zeros(1)}, "entry 7 is not a named tensor"),
+                            (state | {(1, 2): torch.zeros(1)}, "entry (1, 2) is not a named tensor")):
+        torch.save(broken, tmp_path / "w.pth")
+        assert message in fails_in_one_line(capsys, "convert", tmp_path / "w.pth", "--clip", folder, "--out", tmp_path / "x.pt")
+    mlp, location = geoclip_weights()
+    weights = tmp_path / "geoclip"
+    weights.mkdir()
+    torch.save(location, weights / "location_encoder_weights.pth")
+    torch.save(torch.tensor(3.2), weights / "logit_scale_weights.pth")
+    clip768 = clip_folder(tmp_path / "768", "clip-tiny-768")
+    for weight, message in ((torch.tensor(1.0), "2.weight a (D, hidden) matrix"), ([1, 2], "entry '2.weight' is not a named tensor"),
+                            (torch.zeros(10**9, 0), "2.weight a (D, hidden) matrix")):
+        torch.save(mlp | {"2.weight": weight}, weights / "image_encoder_mlp_weights.pth")
+        assert message in fails_in_one_line(capsys, "convert", weights, "--clip", clip768, "--out", tmp_path / "x.pt")
+
+
+def test_a_tower_cache_of_another_dtype_is_rebuilt(tmp_path):
+    torch.save({"key": "k", "tensor": torch.zeros(3, 4, dtype=torch.float64)}, tmp_path / "c.pt")
+    assert mml.read_cache(tmp_path / "c.pt", "k", (3, 4)) is None
+    torch.save({"key": "k", "tensor": torch.zeros(3, 4)}, tmp_path / "c.pt")
+    assert mml.read_cache(tmp_path / "c.pt", "k", (3, 4)) is not None
+
+
+def test_messages_say_what_the_user_most_likely_meant(world, trained, tmp_path, capsys):
+    err = fails_in_one_line(capsys, "eval", "--ckpt", trained)
+    assert "a folder; name a checkpoint in it (it holds best.pt, last.pt)" in err
+    err = fails_in_one_line(capsys, "eval", "--ckpt", trained / "log.jsonl")
+    assert "log.jsonl: not a checkpoint (not a file torch.save writes)" in err and "code" not in err
+    err = fails_in_one_line(capsys, "train", "--data", world / "train", "--out", tmp_path / "r", *TINY)
+    assert f"the root is {world}" in err
+    folder = clip_folder(tmp_path)
+    run("convert", folder, "--out", tmp_path / "clip.pt")
+    shutil.move(folder, tmp_path / "moved")
+    err = fails_in_one_line(capsys, "eval", "--ckpt", tmp_path / "clip.pt", "--data", world, "--workers", 0)
+    assert "is not there (moved?); name it with --clip" in err
+    run("eval", "--ckpt", tmp_path / "clip.pt", "--data", world, "--workers", 0, "--tasks", "G2S",
+        "--clip", tmp_path / "moved", "--out", tmp_path / "e")
 
 
 # ---- several processes --------------------------------------------------------------------
