@@ -271,15 +271,11 @@ def read_split(root: Path, split: str, outdoor_only: bool = False) -> Split:
         return by_landmark(d / f"{p}_{name}.csv", values, listing, listed, partial)
     ground = column("ground_subset" if outdoor_only else "ground", partial=outdoor_only)
     sat = latest = column("satellite")
-    if split == "query" and (d / f"{p}_all_satellite.csv").is_file():
-        # the query split lists the latest image alone, and every year in another CSV
-        sat = column("all_satellite")
+    if split == "query":  # it lists the latest aerial image alone, and every year apart
+        sat, no_cues = column("all_satellite"), column("text_sentences", "sentences")
     # each landmark's aerial ids are listed oldest first: the last is the latest
     latest = {i: (s.split() or [""])[-1] for i, s in latest.items()}
     text = column("text", "json")
-    no_cues = None
-    if (d / f"{p}_text_sentences.csv").is_file():
-        no_cues = column("text_sentences", "sentences")
     # the outdoor subset leaves out landmarks with no outdoor photo
     keep = [n for n, i in enumerate(listed) if ground.get(i, "").split() and sat[i].split()]
     if len(keep) < len(ids):
@@ -288,8 +284,8 @@ def read_split(root: Path, split: str, outdoor_only: bool = False) -> Split:
     row_of = {i: n for n, i in enumerate(rows)}
     return Split(d, ids[keep], latlon[keep], [ground[i].split() for i in rows],
                  [sat[i].split() for i in rows], [latest[i] for i in rows],
-                 [text[i] for i in rows], None if no_cues is None else [no_cues[i] for i in rows],
-                 [row_of[i] for i in text if i in row_of])  # dicts keep the CSV's order
+                 [text[i] for i in rows], [no_cues[i] for i in rows] if split == "query" else
+                 None, [row_of[i] for i in text if i in row_of])  # dicts keep the CSV's order
 
 def by_landmark(path: Path, column: str, listing: Path, ids: list[int],
                 partial: bool = False) -> dict:
@@ -305,26 +301,6 @@ def by_landmark(path: Path, column: str, listing: Path, ids: list[int],
             raise UserError(f"{here}: landmark {', '.join(map(str, missing[:5]))}{more} listed "
                             f"in {there} but missing here")
     return values
-
-@dataclass
-class Index:
-    """The distractors. Evaluation runs without one of the lists (None), skipping the tasks
-    whose gallery needs it."""
-    dir: Path
-    ground: list[str] | None       # GLDv2 ground photo ids
-    sat: list[str] | None          # aerial image ids
-    sat_latlon: np.ndarray | None  # (n, 2) the tiles' centres: the GPS gallery's distractors
-
-def read_index(root: Path, required: bool = True) -> Index:
-    d = check_root(root, "index") if required else root / "index"
-    index = Index(d, None, None, None)
-    if required or (d / "mml_index_ground.csv").is_file():
-        index.ground = read_csv(d / "mml_index_ground.csv", ["images"], ids=("images",))["images"]
-    if required or (d / "mml_index_satellite.csv").is_file():
-        path = d / "mml_index_satellite.csv"
-        sat = read_csv(path, ["images", "lat", "lon"], ids=("images",))
-        index.sat, index.sat_latlon = sat["images"], parse_latlon(path, sat)
-    return index
 
 def read_train(cfg: Config, root: Path) -> tuple[Split, Split]:
     """The training split minus a hold-out: (train, validation). Seeded by --seed, or the
@@ -356,8 +332,7 @@ def read_csv(path: Path, columns: list[str], ids: tuple = (), lower: bool = Fals
         raise UserError(f"{path}: file not found (expected a CSV with columns {','.join(columns)})")
     data = path.read_bytes()
     try:
-        # -sig: a byte-order mark is not part of the header
-        text = data.decode("utf-8-sig")
+        text = data.decode("utf-8-sig")  # -sig: a byte-order mark is not part of the header
     except UnicodeDecodeError as e:
         line = data[:e.start].count(b"\n") + 1
         raise UserError(f"{path}, line {line}: not UTF-8 text (byte {data[e.start]:#04x})"
@@ -422,16 +397,15 @@ def check_root(root: Path, sub: str) -> Path:
     if not root.is_dir():
         raise UserError(f"{root}: dataset root not found (expected the MMLandmarks layout: "
                         f"mmlandmarks.csv, train/, query/, index/)")
-    if not (root / sub).is_dir():
+    if not (root / sub).is_dir():  # --data ROOT/train, say, for ROOT
         hint = f"; the root is {root.parent}" if (root.parent / sub).is_dir() else ""
         raise UserError(f"{root / sub}: split folder not found (expected mml_{sub}*.csv and "
                         f"ground/, satellite/ inside{hint})")
     return root / sub
 
-# Images: decoded to H x H uint8, from the files or from the `prepare` cache.
-
-# Bounds on what one input may cost. The release's photos are about 800 px and its articles
-# well under a megabyte; a file past these is unreadable, as a corrupt one is.
+# Images: decoded to H x H uint8, from the files or from the `prepare` cache. Bounds on what
+# one input may cost: the release's photos are about 800 px and its articles well under a
+# megabyte; a file past these is unreadable, as a corrupt one is.
 MAX_PIXELS = 50_000_000      # a decoded image (after draft): 50 megapixels, 150 MB of RGB
 MAX_ARTICLE_BYTES = 1 << 24  # an article: 16 MiB of JSON
 
@@ -468,32 +442,16 @@ def to_square(im: Image.Image, size: int, resize: str = "crop") -> np.ndarray:
         x = F.interpolate(x, (size, size), mode="bilinear", align_corners=False, antialias=False)
         return x[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy()
     short, long = sorted(im.size)
-    # as transformers' get_resize_output_image_size rounds
-    long = int(size * long / short)
+    long = int(size * long / short)  # as transformers' get_resize_output_image_size rounds
     im = im.resize((size, long) if im.width == short else (long, size), Image.BICUBIC)
     left, top = (im.width - size) // 2, (im.height - size) // 2
     return np.array(im.crop((left, top, left + size, top + size)))
 
-def read_manifest(path: Path) -> dict:
-    """The JSON manifest `prepare` writes beside a cache array, its fields typed, or one line."""
-    try:
-        m = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path}: not a readable cache manifest ({e}); move it away and rerun "
-                        f"`prepare`") from None
-    fields = {"size": int, "ids": list, "broken": list, "resize": str}
-    wrong = [k for k, t in fields.items() if not isinstance(m, dict) or not isinstance(m.get(k), t)]
-    if wrong:
-        raise UserError(f"{path}: not an mml cache manifest ({wrong[0]!r} missing or not a "
-                        f"{fields[wrong[0]].__name__}); move it away and rerun `prepare`")
-    return m
-
 class ImageStore:
     """Decoded H x H images of one split and kind (ground or satellite), looked up by id:
-    from the `prepare` cache when it holds this split and kind (a uint8 array (n, H, H, 3)
-    beside a manifest of ids), else from the files. A cache made for another size or
-    --resize, one that lacks images of this run, or one whose array is not whole, is refused,
-    never silently used."""
+    from the `prepare` cache when it holds them (a uint8 array (n, H, H, 3) beside a JSON
+    manifest of ids), else from the files. A cache made for another size or --resize, one
+    that lacks images of this run, or one whose array is not whole, is refused, never used."""
 
     def __init__(self, split_dir: Path, kind: str, size: int, cache: Path | None = None,
                  needed=(), resize: str = "crop"):
@@ -503,11 +461,18 @@ class ImageStore:
         manifest = self.array.with_suffix(".json") if cache else None
         if not (manifest and manifest.is_file()):
             return
-        m = read_manifest(manifest)
+        try:
+            m = json.loads(manifest.read_text(encoding="utf-8"))
+            types = [isinstance(m[k], t) for k, t in
+                     (("size", int), ("ids", list), ("broken", list), ("resize", str))]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            types = [f"{type(e).__name__}: {e}"]
+        if not all(t is True for t in types):
+            raise UserError(f"{manifest}: not a cache manifest mml wrote ({types[-1]}); move it "
+                            f"away and rerun `prepare`")
         if (m["size"], m["resize"]) != (size, resize):
             raise UserError(f"{manifest}: the cache holds {m['size']} px images made by "
-                            f"--resize {m['resize']}, not --img-size {size} --resize {resize}; "
-                            f"rerun `prepare` with those, or name another --cache")
+                            f"--resize {m['resize']}, not --img-size {size} --resize {resize}")
         whole = max(1, len(m["ids"])) * size * size * 3  # an empty list keeps one row
         found = self.array.stat().st_size if self.array.is_file() else 0
         if found != whole:
@@ -523,8 +488,7 @@ class ImageStore:
         return shard(self.dir, self.kind, image_id)
 
     def __getstate__(self):
-        # an open file is reopened in each worker, not pickled into it
-        return {**self.__dict__, "file": None}
+        return {**self.__dict__, "file": None}  # reopened in each worker, not pickled into it
 
     def __call__(self, image_id: str, out: np.ndarray | None = None) -> np.ndarray:
         """The image as (H, H, 3) uint8, written into `out` when given (a batch's slot)."""
@@ -533,8 +497,7 @@ class ImageStore:
             try:
                 out[...] = load_image(self.path(image_id), self.size, self.resize)
                 return out
-            except Exception as e:
-                # missing, truncated, not an image: decoders raise all sorts
+            except Exception as e:  # missing, truncated, not an image: decoders raise all sorts
                 raise UnreadableFile(f"{self.path(image_id)}: {e}") from None
         if image_id in self.broken:
             raise UnreadableFile(f"{self.path(image_id)}: could not be decoded when cached")
@@ -544,8 +507,7 @@ class ImageStore:
         if self.pid != os.getpid():
             self.file, self.pid = open(self.array, "rb", buffering=0), os.getpid()
         self.file.seek(self.row_of[image_id] * out.nbytes)
-        # the array was cut short while in use
-        if self.file.readinto(out) != out.nbytes:
+        if self.file.readinto(out) != out.nbytes:  # the array was cut short while in use
             raise UnreadableFile(f"{self.array}: ends before image {image_id}")
         return out
 
@@ -561,8 +523,7 @@ def read_article(path: Path) -> dict:
         if regular_file(path).stat().st_size > MAX_ARTICLE_BYTES:
             raise ValueError(f"over the {MAX_ARTICLE_BYTES:,}-byte limit")
         article = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError) as e:
-        # RecursionError: nested too deeply
+    except (OSError, ValueError, RecursionError) as e:  # RecursionError: nested too deeply
         raise UnreadableFile(f"{path}: {type(e).__name__}: {e}") from None
     if not isinstance(article, dict) or not article or not all(
             isinstance(text, str) for text in article.values()):
@@ -590,8 +551,7 @@ def train_tokenizer(texts, cfg: Config) -> Tokenizer:
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.train_from_iterator(texts, trainers.BpeTrainer(
         vocab_size=cfg.vocab_size, special_tokens=["[PAD]", "[UNK]"], show_progress=False))
-    # id 0 is padding, which SmallText masks
-    tok.enable_padding(pad_id=0, pad_token="[PAD]", length=cfg.max_len)
+    tok.enable_padding(pad_id=0, pad_token="[PAD]", length=cfg.max_len)  # SmallText masks 0
     tok.enable_truncation(cfg.max_len)
     return tok
 
@@ -609,8 +569,7 @@ class Sentences:
     def __init__(self, articles: list[dict | None], tok: Tokenizer | None, mode: str):
         levels, self.texts = ([], [], []), []
         keep = 1 if mode == "first" else None
-        # an unreadable article (None) gives one empty sentence
-        for article in articles:
+        for article in articles:  # an unreadable article (None) gives one empty sentence
             sections = list((article or {"": ""}).values())[:keep]
             levels[0].append((len(levels[1]), len(sections)))
             for section in sections:
@@ -636,18 +595,16 @@ class Sentences:
 
 class LandmarkSet(torch.utils.data.Dataset):
     """Landmarks -> batches: a list of (epoch, row) keys -> {"G", "S": (B, 3, H, H) uint8,
-    "T": (B, L) ids, "C": (B, 2) lat/lon, "bad": B strings naming unreadable files}, for the
-    trained modalities. Training draws a random photo, a random year's aerial image (the
-    latest with --last-sat-only) and a --train-text sentence; validation the first photo, the
-    latest tile and the first sentence. A sample's randomness is seeded by (seed, epoch,
-    row): the same whichever worker draws it, so --resume is exact. Workers only read; the
-    loop jitters whole batches on the device (`augment`).
+    "T": (B, L) ids, "C": (B, 2) lat/lon, "bad": B strings naming unreadable files}. Training
+    draws a random photo, a random year's aerial image (the latest with --last-sat-only) and
+    a --train-text sentence; validation the first photo, the latest tile, the first sentence.
+    A sample's randomness is seeded by (seed, epoch, row), whichever worker draws it, so
+    --resume is exact. An unreadable file is skipped for another view and listed in "bad".
 
     Whole batches, not samples: in a worker the arrays are made in shared memory and each
     image is read straight into its slot, sparing the two copies of every pixel that
     collating samples costs (2x a worker's throughput). They are (B, H, H, 3) as stored, so
-    their (B, 3, H, H) view is channels-last, the layout GPU convolutions run fastest in.
-    An unreadable file is skipped for another view of the landmark and listed in "bad"."""
+    their (B, 3, H, H) view is channels-last, the layout GPU convolutions run fastest in."""
 
     def __init__(self, split: Split, stores: dict, sentences: Sentences, cfg: Config, train: bool):
         self.split, self.stores, self.sentences, self.cfg = split, stores, sentences, cfg
@@ -1653,7 +1610,7 @@ def fit(cfg: Config):
 # tile of each query landmark; galleries are the index distractors (label -1) plus the query
 # split's own items; the GPS gallery is the index tiles' centres plus the query landmarks'
 # coordinates, and a geolocalisation guess is the top-1 GPS item. Evaluation is in three
-# parts: the protocol's sides (the named lists of items each task queries or searches),
+# parts: the protocol's sides (the named lists of items a task queries or searches), the
 # functions that embed them (`Functions`; an mml checkpoint is one), and `score`, which
 # ranks, summarises and writes.
 
@@ -1698,6 +1655,20 @@ def task_list(names: str) -> list[Task]:
     return list(dict.fromkeys(chosen)) or ALL_TASKS
 
 @dataclass
+class Index:
+    """The distractors: index/mml_index_{ground,satellite}.csv."""
+    dir: Path
+    ground: list[str]       # GLDv2 ground photo ids
+    sat: list[str]          # aerial image ids
+    sat_latlon: np.ndarray  # (n, 2) the tiles' centres: the GPS gallery's distractors
+
+def read_index(root: Path) -> Index:
+    d = check_root(root, "index")
+    sat = read_csv(d / "mml_index_satellite.csv", ["images", "lat", "lon"], ids=("images",))
+    return Index(d, read_csv(d / "mml_index_ground.csv", ["images"], ids=("images",))["images"],
+                 sat["images"], parse_latlon(d / "mml_index_satellite.csv", sat))
+
+@dataclass
 class Side:
     """One side of the protocol: its items in a fixed order, the same for every model."""
     name: str
@@ -1708,70 +1679,49 @@ class Side:
     show: list                   # what a row is: a file path, a sentence, or a place's name
     items: object                # images: [(split folder, kind, ids)]; sentences; (N, 2) points
 
+def image_side(name: str, parts: list, labels: torch.Tensor, latlon=None) -> Side:
+    """A side of images: parts (split folder, kind, ids), in order."""
+    ids = [i for _, _, part in parts for i in part]
+    show = [shard(d, kind, i) for d, kind, part in parts for i in part]
+    return Side(name, LETTER[parts[0][1]], labels, ids, latlon, show, parts)
+
 class Protocol:
     """The protocol's sides on one dataset (PROTOCOL 3), each built when a task first asks for
     it. Galleries hold their distractors (label -1) first, then the query split's items."""
 
     def __init__(self, root: Path):
-        self.root, self.query = root, read_split(root, "query")
-        self.index = read_index(root, required=False)
+        self.root, self.query, self.index = root, read_split(root, "query"), read_index(root)
         self.lm = torch.as_tensor(self.query.ids)                                  # (Q,)
         self.latlon = torch.as_tensor(self.query.latlon, dtype=torch.float64)      # (Q, 2)
-        self.built = {}
+        self.sides = {}
 
     def side(self, name: str) -> Side:
-        if name not in self.built:
-            if name.startswith("query_text_"):
-                self.built[name] = self.sentences(name[len("query_text_"):])
-            else:
-                self.built[name] = getattr(self, name)()
-        return self.built[name]
+        if name not in self.sides:
+            self.sides[name] = self.build(name)
+        return self.sides[name]
 
-    def images(self, name: str, kind: str, parts: list, labels, latlon=None) -> Side:
-        """An image side of parts (split folder, kind, ids), in order."""
-        ids = [i for _, _, part in parts for i in part]
-        show = [shard(d, k, i) for d, k, part in parts for i in part]
-        return Side(name, LETTER[kind], labels, ids, latlon, show, parts)
-
-    def query_ground(self) -> Side:
-        """Every query ground photo, labelled with its landmark: each is its own query."""
-        q, per_landmark = self.query, torch.tensor([len(g) for g in self.query.ground])
-        return self.images("query_ground", "ground", [(q.dir, "ground", sum(q.ground, []))],
-                           self.lm.repeat_interleave(per_landmark),
-                           self.latlon.repeat_interleave(per_landmark, dim=0))
-
-    def query_satellite(self) -> Side:
-        """The latest aerial image of each query landmark."""
-        return self.images("query_satellite", "satellite",
-                           [(self.query.dir, "satellite", self.query.latest)], self.lm,
-                           self.latlon)
-
-    def image_gallery(self, kind: str, distractors: list[str], own: Side) -> Side:
-        """The index's images (label -1), then the query side's own, in its order."""
-        labels = torch.cat([torch.full((len(distractors),), -1), own.labels])
-        return self.images(f"gallery_{kind}", kind,
-                           [(self.index.dir, kind, distractors), *own.items], labels)
-
-    def gallery_ground(self) -> Side:
-        return self.image_gallery("ground", self.index.ground, self.side("query_ground"))
-
-    def gallery_satellite(self) -> Side:
-        return self.image_gallery("satellite", self.index.sat, self.side("query_satellite"))
-
-    def gallery_gps(self) -> Side:
-        """The index tiles' centres, then the query landmarks' coordinates: the protocol's,
-        where every query's true location is among the answers."""
-        points = torch.cat([torch.as_tensor(self.index.sat_latlon), self.latlon])
-        labels = torch.cat([torch.full((len(self.index.sat),), -1), self.lm])
-        ids = self.index.sat + [str(i) for i in self.query.ids.tolist()]
-        return Side("gallery_gps", "C", labels, ids, points, [""] * len(ids), points)
-
-    def open_gps(self) -> Side:
-        """The index tiles' centres and the training landmarks, no query landmark: where a
-        geolocaliser has to find a place it has not been given (`locate`'s default)."""
-        points, names = open_gallery(self.root)
-        return Side("open_gps", "C", torch.full((len(points),), -1), names, points, names,
-                    points)
+    def build(self, name: str) -> Side:
+        q, index, kind = self.query, self.index, name.split("_")[-1]
+        if name == "query_ground":  # every query photo, labelled with its landmark
+            n = torch.tensor([len(g) for g in q.ground])
+            return image_side(name, [(q.dir, "ground", sum(q.ground, []))],
+                              self.lm.repeat_interleave(n), self.latlon.repeat_interleave(n, 0))
+        if name == "query_satellite":  # the latest aerial image of each query landmark
+            return image_side(name, [(q.dir, "satellite", q.latest)], self.lm, self.latlon)
+        if name in ("gallery_ground", "gallery_satellite"):  # the index's, then the query's
+            own, distractors = self.side(f"query_{kind}"), (index.ground if kind == "ground"
+                                                             else index.sat)
+            labels = torch.cat([torch.full((len(distractors),), -1), own.labels])
+            return image_side(name, [(index.dir, kind, distractors), *own.items], labels)
+        if name == "gallery_gps":  # the tiles' centres, then each query landmark's own point
+            points = torch.cat([torch.as_tensor(index.sat_latlon), self.latlon])
+            labels = torch.cat([torch.full((len(index.sat),), -1), self.lm])
+            ids = index.sat + [str(i) for i in q.ids.tolist()]
+            return Side(name, "C", labels, ids, points, [""] * len(ids), points)
+        if name == "open_gps":  # no query landmark: a place the geolocaliser was not given
+            points, names = open_gallery(self.root)
+            return Side(name, "C", torch.full((len(points),), -1), names, points, names, points)
+        return self.sentences(name[len("query_text_"):])
 
     def sentences(self, mode: str) -> Side:
         """One sentence per query landmark: first, random, or the no_cues sentence of
@@ -1781,35 +1731,21 @@ class Protocol:
         are part of the protocol and no option changes them."""
         q, texts = self.query, self.query.no_cues
         if mode != "no_cues":
-            if "articles" not in self.built:  # read once for the first and random modes
+            if "articles" not in self.sides:  # read once for the first and random modes
                 articles, bad = read_articles(q)
                 if bad:
                     raise UserError(f"{bad[0]} (evaluation needs every file of the protocol)")
-                self.built["articles"] = Sentences(articles, None, "random")
-            table, rng, texts = self.built["articles"], random.Random(42), [""] * len(q.ids)
+                self.sides["articles"] = Sentences(articles, None, "random")
+            table, rng, texts = self.sides["articles"], random.Random(42), [""] * len(q.ids)
             for n in q.text_order:
                 texts[n] = table.texts[table.pick(n, mode, rng)]
         ids = [str(i) for i in q.ids.tolist()]
         return Side(f"query_text_{mode}", "T", self.lm, ids, self.latlon, texts, texts)
 
-    def missing(self, task: Task) -> str:
-        """Why the data cannot run a task ("" when it can)."""
-        # the ground gallery needs the index photos; the aerial and GPS galleries its tiles
-        kind = MODALITY[task.gallery if task.gallery in "GS" else "S"]
-        if (self.index.ground if kind == "ground" else self.index.sat) is None:
-            return f"{self.index.dir / f'mml_index_{kind}.csv'}: not found"
-        if task.text == "no_cues" and self.query.no_cues is None:
-            return f"{self.query.dir / 'mml_query_text_sentences.csv'}: not found"
-        return ""
-
 def open_gallery(root: Path) -> tuple[torch.Tensor, list[str]]:
     """(N, 2) lat/lon and names: the index tiles' centres (no name), then the training
     landmarks (named by their Commons category). Never the query landmarks: they are the test."""
-    index = read_index(root, required=False)  # the tiles' list alone is needed
-    if index.sat is None:
-        raise UserError(f"{index.dir / 'mml_index_satellite.csv'}: file not found (the open "
-                        f"gallery holds the index tiles' centres)")
-    path = check_root(root, "train") / "mml_train.csv"
+    index, path = read_index(root), check_root(root, "train") / "mml_train.csv"
     train = read_csv(path, ["CommonsCategory", "lat", "lon"])
     latlon = np.concatenate([index.sat_latlon, parse_latlon(path, train)])   # (N, 2) float64
     return torch.as_tensor(latlon), [""] * len(index.sat) + train["CommonsCategory"]
@@ -1847,10 +1783,9 @@ def gather_rows(x: torch.Tensor, n: int) -> torch.Tensor:
 @torch.no_grad()
 def embed(fn, data, what: str, cfg: Config, device, spread: bool = True) -> torch.Tensor:
     """(N, D) float32 embeddings on `device`, in batches of --eval-batch: of an ImageList, a
-    list of sentences, or a tensor of points or features, each batch handed to fn on the
-    CPU. What fn returns is held to the protocol batch by batch: (n, D) floats, the same D in
-    every batch, every row finite. Under torchrun (and with `spread`) each process embeds its
-    share, and all receive every row."""
+    list of sentences, or a tensor of points or features, each batch handed to fn on the CPU
+    and what it returns checked (batch_rows). With torchrun (and `spread`) each process embeds
+    its share, and all receive every row."""
     rank, world = rank_and_world() if spread else (0, 1)
     n, B = len(data), cfg.eval_batch
     lo, hi = n * rank // world, n * (rank + 1) // world
@@ -1865,9 +1800,9 @@ def embed(fn, data, what: str, cfg: Config, device, spread: bool = True) -> torc
         bad = [e for e in errors if e]
         if bad:  # unlike training: a missing gallery image would change the benchmark
             raise UserError(f"{bad[0]} (evaluation needs every file of the protocol)")
-        out = batch_rows(fn(x), len(x), what, parts[0].shape[1] if parts else None, done)
-        parts.append(out.to(device))
-        done += len(out)
+        parts.append(batch_rows(fn(x), len(x), what, parts[0].shape[1] if parts else None,
+                                done).to(device))
+        done += len(x)
         if time.time() - t_print > 10:
             rate = (done - lo) * world / (time.time() - t0)
             print0(f"  embedding {what}: {done * world}/{n}, {rate:.0f}/s, "
@@ -1878,7 +1813,7 @@ def embed(fn, data, what: str, cfg: Config, device, spread: bool = True) -> torc
 
 def batch_rows(out, n: int, what: str, width: int | None = None, first: int = 0):
     """What an encoder returned for a batch of n, held to the protocol: (n, D) floats, D the
-    width of its earlier batches, every row finite. Rows number from `first` in messages."""
+    width of its earlier batches, every row finite. Rows are numbered from `first`."""
     out = out if torch.is_tensor(out) else torch.as_tensor(np.asarray(out))
     if out.dim() != 2 or len(out) != n or not out.is_floating_point() or (
             width is not None and out.shape[1] != width):
@@ -1898,9 +1833,9 @@ def unit_rows(emb: torch.Tensor, side: Side) -> torch.Tensor:
     if bool((norms == 0).any()):
         row = int(torch.nonzero(norms[:, 0] == 0)[0])
         raise UserError(f"{side.name}: the embedding of row {row} is zero (no direction)")
-    if bool(((norms - 1).abs() > 1e-3).any()):
-        print0(f"warning: {int(((norms - 1).abs() > 1e-3).sum())} rows of {side.name} are not "
-               f"unit vectors; normalising them")
+    off = int(((norms - 1).abs() > 1e-3).sum())
+    if off:
+        print0(f"warning: {off} rows of {side.name} are not unit vectors; normalising them")
         emb = (emb.double() / norms).float()
     return emb
 
@@ -1911,10 +1846,6 @@ class Functions:
 
     def __init__(self, fns: dict, cfg: Config):
         self.fns, self.cfg = fns, cfg
-
-    def missing(self, task: Task) -> str:
-        absent = [m for m in task.query + task.gallery if m not in self.fns]
-        return f"no {MODALITY[absent[0]]} encoder" if absent else ""
 
     def width(self, m: str) -> int:
         """The width D of modality m's embeddings, from a batch of one blank input."""
@@ -1928,15 +1859,23 @@ class Functions:
         return embed(self.fns[side.modality], data, f"{MODALITY[side.modality]} encoder on "
                      f"{side.name}", self.cfg, device_of(self.cfg))
 
-def score(protocol: Protocol, embedder: Functions, tasks: list[Task], cfg: Config,
-          source: dict) -> dict:
-    """The protocol's tasks, embedded by `embedder` (each side once, shared between tasks):
-    rank, summarise official and strict metrics (and for x2C the geolocalisation, against the
-    protocol's gallery and the open one), write each task's CSV and its entry of
-    metrics.json together, with --viz its picture; then print the tables. A task whose two
-    sides have different widths is named before any embedding, and the others still run."""
+def score(protocol: Protocol, embedder: Functions, cfg: Config, source: dict) -> dict:
+    """The tasks of --tasks that the embedder has encoders for (the others are named and
+    skipped), each side embedded once and shared between tasks: rank, summarise official and
+    strict metrics (and for x2C the geolocalisation, against the protocol's gallery and the
+    open one), write each task's CSV and its entry of metrics.json together, with --viz its
+    picture; then print the tables. A task whose two sides' widths differ is named before any
+    embedding, the others still run, and it ends in an error."""
     rank, _ = rank_and_world()
-    device, out, embedded, results = device_of(cfg), Path(cfg.out) / "eval", {}, {}
+    device, out, embedded, results, tasks = device_of(cfg), Path(cfg.out) / "eval", {}, {}, []
+    for task in task_list(cfg.tasks):
+        absent = [m for m in task.query + task.gallery if m not in embedder.fns]
+        if absent and cfg.tasks:
+            raise UserError(f"task {task.name}: no {MODALITY[absent[0]]} encoder")
+        if absent:
+            print0(f"skipping {task.name}: no {MODALITY[absent[0]]} encoder")
+        else:
+            tasks.append(task)
     widths = {m: embedder.width(m) for m in dict.fromkeys(m for t in tasks for m in
                                                              t.query + t.gallery)}
     clash = [f"{t.name}: {MODALITY[t.query]} embeddings are {widths[t.query]}-d, "
@@ -1945,34 +1884,28 @@ def score(protocol: Protocol, embedder: Functions, tasks: list[Task], cfg: Confi
     for line in clash:
         print0(f"skipping {line}")
     for task in (t for t in tasks if widths[t.query] == widths[t.gallery]):
-        sides = []
-        for name in task.sides:
-            if name not in embedded:
-                s = protocol.side(name)
-                embedded[name] = s, unit_rows(embedder.embed_side(s), s)
-            sides.append(embedded[name])
-        # every process embeds its share above; process 0 ranks and reports
-        if rank != 0:
+        for name in (n for n in task.sides if n not in embedded):
+            s = protocol.side(name)
+            embedded[name] = s, unit_rows(embedder.embed_side(s), s)
+        if rank != 0:  # every process embeds its share above; process 0 ranks and reports
             continue
-        (q, q_emb), (g, g_emb) = sides[:2]
+        (q, q_emb), (g, g_emb) = embedded[task.sides[0]], embedded[task.sides[1]]
         t0 = time.time()
         ranks = rank_queries(q_emb, g_emb, q.labels.to(device), g.labels.to(device),
                              chunk=cfg.chunk)
-        res = summarise(ranks)
-        res["protocol"], res["queries"] = items_digest(q, g), len(q.ids)
-        res["gallery"], res["distractors"] = len(g.ids), int((g.labels == -1).sum())
+        res = summarise(ranks) | {"protocol": items_digest(q, g), "queries": len(q.ids),
+                                  "gallery": len(g.ids), "distractors": int((g.labels < 0).sum())}
         columns = per_query(ranks, q, g)
-        # the guess is the top-1 point: from the ranking, and from the open one
-        if task.geo:
-            for block, (gallery, emb) in (("geo", (g, g_emb)), ("geo_open", sides[2])):
-                top = ranks["top"][:, 0] if block == "geo" else nearest(q_emb, emb, cfg.chunk)
-                pred = gallery.latlon[top.cpu()]
-                km = haversine_km(pred, q.latlon)
-                res[block] = geo_metrics(km)
-                prefix = "" if block == "geo" else "open_"
-                columns[f"{prefix}pred_lat"] = [f"{v:.6f}" for v in pred[:, 0].tolist()]
-                columns[f"{prefix}pred_lon"] = [f"{v:.6f}" for v in pred[:, 1].tolist()]
-                columns[f"{prefix}error_km"] = [f"{v:.3f}" for v in km.tolist()]
+        # the guess is the top-1 point: of the ranking, and of the open gallery
+        blocks = [("geo", "", (g, g_emb)), ("geo_open", "open_", embedded.get("open_gps"))]
+        for block, prefix, (gallery, emb) in blocks if task.geo else []:
+            top = ranks["top"][:, 0] if block == "geo" else nearest(q_emb, emb, cfg.chunk)
+            pred = gallery.latlon[top.cpu()]
+            km = haversine_km(pred, q.latlon)
+            res[block] = geo_metrics(km)
+            columns[f"{prefix}pred_lat"] = [f"{v:.6f}" for v in pred[:, 0].tolist()]
+            columns[f"{prefix}pred_lon"] = [f"{v:.6f}" for v in pred[:, 1].tolist()]
+            columns[f"{prefix}error_km"] = [f"{v:.3f}" for v in km.tolist()]
         print(f"{task.name}: {len(q.ids)} queries x {len(g.ids)} gallery ({res['distractors']} "
               f"distractors) ranked in {time.time() - t0:.2f}s", flush=True)
         # the CSV, then its entry in metrics.json with the CSV's digest: `compare` refuses a
@@ -1981,10 +1914,9 @@ def score(protocol: Protocol, embedder: Functions, tasks: list[Task], cfg: Confi
         csv.writer(text).writerows([list(columns), *zip(*columns.values())])
         data = text.getvalue().encode()
         write_atomically(out / f"{task.name}.csv", lambda tmp: tmp.write_bytes(data))
-        res["csv_sha256"] = hashlib.sha256(data).hexdigest()
-        results[task.name] = res | source
+        results[task.name] = res | {"csv_sha256": hashlib.sha256(data).hexdigest()} | source
         write_metrics(out / "metrics.json", {task.name: results[task.name]}, cfg, device, source)
-        if cfg.viz:
+        if cfg.viz and not task.geo:
             draw_grid(task, q, g, q_emb, g_emb, ranks, columns, out / f"{task.name}.png")
     if rank == 0 and results:
         print_tables(results)
@@ -1993,7 +1925,7 @@ def score(protocol: Protocol, embedder: Functions, tasks: list[Task], cfg: Confi
         print(f"\nper-query results{', pictures' if cfg.viz else ''} and metrics.json in {out}/")
     barrier()
     if clash:
-        raise UserError(f"{clash[0]}" + (f" (and {len(clash) - 1} more)" if len(clash) > 1 else ""))
+        raise UserError(clash[0] + (f" (and {len(clash) - 1} more)" if len(clash) > 1 else ""))
     return results
 
 def per_query(ranks: dict, q: Side, g: Side) -> dict:
@@ -2018,49 +1950,28 @@ def items_digest(q: Side, g: Side) -> str:
 
 def write_metrics(path: Path, results: dict, cfg: Config, device, source: dict):
     """metrics.json, merged by task: the results of other tasks (other checkpoints) stay,
-    each naming its source; the latest evaluation's own record at the top."""
-    earlier = {}
-    if path.is_file():
-        try:
-            earlier = dict(json.loads(path.read_text(encoding="utf-8"))["tasks"])
-        except (ValueError, KeyError, TypeError):
-            print(f"warning: {path}: not a metrics.json mml wrote; replacing it")
-    merged = {**source, **provenance(cfg, device), "tasks": earlier | results}
-    write_atomically(path, lambda tmp: tmp.write_text(json.dumps(merged, indent=1)))
-
-def provenance(cfg: Config, device: torch.device) -> dict:
-    """What metrics.json records of the evaluation itself: its options, the code (mml.py's
-    sha256 and, in a git checkout, the commit), torch, the device and the date."""
-    here, commit = Path(__file__).resolve(), None
+    each naming its source; the latest evaluation's own record at the top: its options, the
+    code (mml.py's sha256 and, in a git checkout, the commit), torch, the device, the date."""
+    earlier, here, commit = {}, Path(__file__).resolve(), None
+    with contextlib.suppress(ValueError, KeyError, TypeError, OSError):
+        earlier = dict(json.loads(path.read_text(encoding="utf-8"))["tasks"])
     with contextlib.suppress(OSError, subprocess.SubprocessError):  # no git on this machine
         git = subprocess.run(["git", "-C", str(here.parent), "rev-parse", "HEAD"],
                              capture_output=True, text=True, timeout=10)
         commit = git.stdout.strip() if git.returncode == 0 else None
-    return {"eval": {k: getattr(cfg, k) for k in ("tasks", "chunk", "eval_batch", "img_size",
-                                                   "resize")},
-            "code": {"mml_sha256": hashlib.sha256(here.read_bytes()).hexdigest(), "git": commit},
-            "torch": torch.__version__,
-            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-
-def runnable(protocol: Protocol, cfg: Config, embedder: Functions) -> list[Task]:
-    """The tasks asked for that the data and the embedder can run: one asked for by name and
-    impossible is an error, one of all the tasks a note."""
-    tasks = []
-    for task in task_list(cfg.tasks):
-        why = protocol.missing(task) or embedder.missing(task)
-        if why and cfg.tasks:
-            raise UserError(f"task {task.name}: {why}")
-        if why:
-            print0(f"skipping {task.name}: {why}")
-        else:
-            tasks.append(task)
-    return tasks
+    merged = source | {
+        "eval": {k: getattr(cfg, k) for k in ("tasks", "chunk", "eval_batch", "img_size",
+                                               "resize")},
+        "code": {"mml_sha256": hashlib.sha256(here.read_bytes()).hexdigest(), "git": commit},
+        "torch": torch.__version__,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "tasks": earlier | results}
+    write_atomically(path, lambda tmp: tmp.write_text(json.dumps(merged, indent=1)))
 
 def evaluate(cfg: Config):
     """`eval`: the protocol on the checkpoint's data (or --data; never generated here),
-    embedded by the checkpoint. The tasks the data or the model cannot run are named and
-    skipped."""
+    embedded by the checkpoint."""
     if is_master():  # before the hours of embedding, not after them
         writable_folder(Path(cfg.out) / "eval", "--out")
     model = Checkpoint(cfg.ckpt, device_of(cfg), cfg.clip, cfg.eval_batch, cfg.workers,
@@ -2069,11 +1980,10 @@ def evaluate(cfg: Config):
                               resize=model.cfg.resize)
     if not cfg.data:
         raise UserError(f"--data: name the dataset root ({cfg.ckpt} names none)")
-    protocol = Protocol(Path(cfg.data))
-    source = {"data": cfg.data, "checkpoint": str(cfg.ckpt), "step": model.step,
-              "epoch": model.epoch, "config": model.config}
     print0(f"evaluating {cfg.ckpt} on {cfg.data}")
-    score(protocol, model, runnable(protocol, cfg, model), cfg, source)
+    score(Protocol(Path(cfg.data)), model, cfg, {"data": cfg.data, "checkpoint": str(cfg.ckpt),
+                                                "step": model.step, "epoch": model.epoch,
+                                                "config": model.config})
 
 @torch.no_grad()
 def nearest(q: torch.Tensor, g: torch.Tensor, chunk: int = 512) -> torch.Tensor:
@@ -2094,8 +2004,8 @@ def print_tables(results: dict):
               + "".join(f"{r['official'][c]:>8.2f}" for c in cols) + "   | "
               + "".join(f"{r['strict'][c]:>8.2f}" for c in cols))
     keys = ("acc@1km", "acc@25km", "acc@200km", "acc@750km", "acc@2500km", "median_km")
-    for block, title in (("geo", "geolocalisation, the protocol's gallery (the true point is in "
-                                 "it)"),
+    for block, title in (("geo", "geolocalisation, the protocol's gallery (the true point is "
+                                 "in it)"),
                          ("geo_open", "open world: index tiles and training landmarks only")):
         geo = {t: r[block] for t, r in results.items() if block in r}
         if geo:
@@ -2120,25 +2030,22 @@ def load_tensors(path: Path, what: str, expect: type = dict):
     names and its values tensors."""
     if not path.is_file():
         raise UserError(f"{path}: no {what} there")
-    with open(path, "rb") as f:
-        # torch.save writes a zip archive (PK), older torch a bare pickle (protocol 2+: 0x80)
-        if f.read(4)[:2] not in (b"PK", b"\x80\x02"):
+    with open(path, "rb") as f:  # torch.save writes a zip (PK); old torch a pickle (0x80 2)
+        if f.read(2) not in (b"PK", b"\x80\x02"):
             raise UserError(f"{path}: not a {what} (not a file torch.save writes)")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        why = (str(e).splitlines() or [type(e).__name__])[0][:200]
-        if isinstance(e, pickle.UnpicklingError):
-            why = "it needs more than tensors and plain data to load, and may contain code, so it is not unpickled"
-        raise UserError(f"{path}: not a readable {what} ({why})") from None
-    if not isinstance(obj, expect):
-        raise UserError(f"{path}: not a {what} (holds a {type(obj).__name__}, not a "
-                        f"{expect.__name__})")
-    if what.endswith("state dict"):
-        bad = next((k for k, v in obj.items() if not isinstance(k, str) or not torch.is_tensor(v)),
-                   None)
-        if bad is not None:
-            raise UserError(f"{path}: not a {what} (entry {bad!r} is not a named tensor)")
+    except pickle.UnpicklingError:
+        raise UserError(f"{path}: not a plain {what}: it needs more than tensors and plain data "
+                        f"to load, and may contain code, so it is not unpickled") from None
+    except Exception as e:  # truncated, corrupt
+        raise UserError(f"{path}: not a readable {what} ({type(e).__name__})") from None
+    bad = next((k for k, v in obj.items() if not isinstance(k, str) or not torch.is_tensor(v)),
+               None) if isinstance(obj, dict) and what.endswith("state dict") else None
+    if not isinstance(obj, expect) or bad is not None:
+        found = f"entry {bad!r} is not a named tensor" if bad is not None else (
+            f"holds a {type(obj).__name__}")
+        raise UserError(f"{path}: not a {what} ({found})")
     return obj
 
 def load_checkpoint(path: Path, resume: bool = False) -> dict:
@@ -2216,10 +2123,9 @@ class Checkpoint(Functions):
         model.embed_gps([[40.7, -74.0]])                   # lat, lon in degrees
 
     each an (N, D) float32 tensor of unit vectors, made with the checkpoint's own
-    preprocessing and tokenizer, in batches on the best device. They also take what
-    `evaluate_encoders` hands over ((B, 3, H, H) uint8 images at the checkpoint's img_size,
-    sentences, (B, 2) points), so scoring them there gives `eval`'s numbers; `eval` itself
-    embeds the protocol's sides through the same encoders."""
+    preprocessing and tokenizer, on the best device. They also take what `evaluate_encoders`
+    hands over ((B, 3, H, H) uint8 images at the checkpoint's img_size, sentences, points),
+    so scoring them there gives `eval`'s numbers; `eval` embeds through the same encoders."""
 
     def __init__(self, ckpt, device=None, clip: str = "", batch: int = 256, workers: int = 0,
                  cache: str = ""):
@@ -2239,7 +2145,7 @@ class Checkpoint(Functions):
                          self.cfg)
 
     def width(self, m: str) -> int:
-        return self.cfg.embed_dim  # every encoder's; no need to run one to know
+        return self.cfg.embed_dim  # every encoder's: known without running one
 
     def encoder(self, m: str) -> Encoder:
         if m not in self.model.enc:
@@ -2269,14 +2175,12 @@ class Checkpoint(Functions):
         else:
             pixels = []
             for n, image in enumerate(images):
-                if isinstance(image, (str, Path)):
-                    pixels.append(read_image(Path(image), size, how))
-                    continue
-                array = np.asarray(image)
-                if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
+                array = None if isinstance(image, (str, Path)) else np.asarray(image)
+                if array is not None and (array.dtype != np.uint8 or array.shape[2:] != (3,)):
                     raise UserError(f"embed_images: image {n} is a {array.shape} {array.dtype} "
                                     f"array; expected (H, W, 3) uint8 (or a path)")
-                pixels.append(to_square(Image.fromarray(array), size, how))
+                pixels.append(read_image(Path(image), size, how) if array is None else
+                              to_square(Image.fromarray(array), size, how))
             x = torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2)               # (N, 3, H, H)
         return embed(self.fns[m], x, f"{kind} images", self.cfg, self.device, spread=False)
 
@@ -2291,8 +2195,8 @@ class Checkpoint(Functions):
         return embed(self.fns["C"], points, "points", self.cfg, self.device, spread=False)
 
     def embed_side(self, side: Side) -> torch.Tensor:
-        """A side of the protocol: a frozen CLIP tower runs through its cache, once per image;
-        everything else as any encoder does."""
+        """A side of the protocol: images through a frozen CLIP tower run through its cache,
+        once per image; everything else as any encoder's."""
         enc = self.encoder(side.modality)
         if side.modality not in "GS" or f"enc.{side.modality}.trunk." not in self.model.towers():
             return super().embed_side(side)
@@ -2331,14 +2235,12 @@ def read_image(path: Path, size: int, resize: str) -> np.ndarray:
 def read_cache(path: Path, key: str, shape: tuple) -> torch.Tensor | None:
     """A cache that write_cache wrote, or None when it is absent, unreadable, made for another
     key, or of another shape or dtype: then the caller rebuilds it, never uses it."""
-    try:
-        cached = load_tensors(path, "cache") if path.is_file() else {}
-    except UserError:
-        cached = {}
-    tensor = cached.get("tensor")
-    if (cached.get("key") == key and torch.is_tensor(tensor) and tuple(tensor.shape) == shape
-            and tensor.dtype == torch.float32):
-        return tensor
+    with contextlib.suppress(UserError):
+        cached = load_tensors(path, "cache")
+        tensor = cached.get("tensor")
+        if (cached.get("key") == key and torch.is_tensor(tensor)
+                and tuple(tensor.shape) == shape and tensor.dtype == torch.float32):
+            return tensor
     return None
 
 def write_cache(path: Path, key: str, tensor: torch.Tensor):
@@ -2368,9 +2270,8 @@ def evaluate_encoders(encoders: dict, data, out="runs/encoders", tasks: str = ""
                               device=device, workers=workers, viz=viz, bf16=False)
     check_config(cfg, "evaluate_encoders: ")
     writable_folder(Path(cfg.out) / "eval", "out")
-    protocol, embedder = Protocol(Path(cfg.data)), Functions(encoders, cfg)
-    return score(protocol, embedder, runnable(protocol, cfg, embedder), cfg,
-                 {"data": str(protocol.root), "encoders": name})
+    return score(Protocol(Path(cfg.data)), Functions(encoders, cfg), cfg,
+                 {"data": str(cfg.data), "encoders": name})
 
 # ---- outside models: CLIP, torchvision's weights, the authors', GeoCLIP -------------------
 # CLIP's vision and text towers in plain torch from the model section's Block, sized by a
@@ -3827,7 +3728,7 @@ def resolve(command: str, cfg: Config, given: set) -> Config:
     if command in ("train", "bench", "prepare"):
         cfg = resolve_sizes(cfg, given)
         # the checkpoint records the data as an absolute path: eval reads it from anywhere
-        data = Path(cfg.data) if cfg.data else synthetic_world(cfg.scale)
+        data = Path(cfg.data) if cfg.data else synthetic_root(cfg.scale)  # made by `main`
         cfg = dataclasses.replace(cfg, data=str(data.resolve()))
     if command == "synth" and "out" not in given:
         cfg.out = str(synthetic_root(cfg.scale))
@@ -3870,6 +3771,8 @@ def main(argv=None):
     try:
         setup_distributed(cfg)
         cfg = resolve(command, cfg, given)
+        if command in ("train", "prepare", "bench") and "data" not in given and not cfg.resume:
+            synthetic_world(cfg.scale)  # the default data, written on first use
         run = {"train": fit, "eval": evaluate, "locate": locate, "synth": synth,
                "prepare": prepare, "bench": bench, "convert": convert, "compare": compare}
         run[command](cfg)

@@ -265,8 +265,7 @@ def offline(monkeypatch, tmp_path):
 
 
 @pytest.mark.parametrize("backbone,extra", [
-    ("resnet18", []),
-    ("resnet50", ["--freeze", "G,S"]),
+    ("resnet18", ["--freeze", "G,S"]),
     ("convnext_tiny", ["--share-image-trunk", "--freeze", "ground,satellite"]),
     ("vit_b_16", ["--share-image-trunk", "--freeze", "G,S"]),  # 32 px: 2x2 patches, untrained
 ])
@@ -935,11 +934,13 @@ def test_eval_bad_input(world, trained, tmp_path, capsys):
     root = tmp_path / "w"
     shutil.copytree(world, root)
     os.remove(root / "index/mml_index_ground.csv")
-    assert "task S2G: " in fails("--data", root, "--ckpt", trained / "best.pt", "--tasks", "S2G")
-    run("eval", "--data", root, "--ckpt", trained / "best.pt", "--out", tmp_path / "partial", "--workers", 0, "--device", "cpu")
-    out = capsys.readouterr().out
-    assert "skipping S2G: " in out and "mml_index_ground.csv: not found" in out and "skipping T2G-first" in out
-    assert list(json.loads((tmp_path / "partial/eval/metrics.json").read_text())["tasks"])[:3] == ["G2S", "G2C", "S2C"]
+    assert "mml_index_ground.csv: file not found" in fails("--data", root, "--ckpt", trained / "best.pt", "--tasks", "G2S")
+    # a model without an encoder of a task: the task is skipped by name, or fails when asked for
+    run("train", "--data", world, "--out", tmp_path / "gs", *TINY, "--modalities", "GS", "--max-steps", 1)
+    assert "task T2G-first: no text encoder" in fails("--data", world, "--ckpt", tmp_path / "gs/last.pt", "--tasks", "T2G")
+    run("eval", "--ckpt", tmp_path / "gs/last.pt", "--workers", 0, "--device", "cpu")
+    assert "skipping G2C: no gps encoder" in capsys.readouterr().out
+    assert list(json.loads((tmp_path / "gs/eval/metrics.json").read_text())["tasks"]) == ["G2S", "S2G"]
 
 
 # ---- locate, the open world, pictures -----------------------------------------------------
@@ -948,7 +949,8 @@ def test_eval_bad_input(world, trained, tmp_path, capsys):
 @pytest.fixture(scope="session")
 def located(tmp_path_factory) -> tuple[Path, Path]:
     """(world, checkpoint): ground photos to GPS, learnt from 480 landmarks (the tiny world's
-    72 are too few to generalise to new places from): about 20 s on 2 cores."""
+    72 are too few to generalise to new places from; 320 were too few too): about 20 s on 2
+    cores."""
     root = tmp_path_factory.mktemp("located")
     mml.synthesize(root / "w", scale=0.3, seed=0)
     run("train", "--data", root / "w", "--out", root / "run", *TINY, "--modalities", "GC",
@@ -1594,9 +1596,9 @@ def test_a_truncated_image_cache_is_refused(world, trained, tmp_path, capsys):
     assert f"{array}: {len(data) // 2} bytes where its manifest promises {len(data)}" in err
     array.write_bytes(data)
     (cache / "query_ground.json").write_text('{"generator": "mml.py prepare", "size": 32, "ids": ')
-    assert "query_ground.json: not a readable cache manifest" in fails_in_one_line(capsys, *argv)
+    assert "query_ground.json: not a cache manifest mml wrote (JSONDecodeError" in fails_in_one_line(capsys, *argv)
     (cache / "query_ground.json").write_text('{"generator": "mml.py prepare", "size": 32}')
-    assert "query_ground.json: not an mml cache manifest ('ids' missing" in fails_in_one_line(capsys, *argv)
+    assert "query_ground.json: not a cache manifest mml wrote (KeyError: 'ids')" in fails_in_one_line(capsys, *argv)
     shutil.rmtree(cache)
     run(*argv)  # the metrics of the whole data are unchanged
     assert json.loads((tmp_path / "eval/metrics.json").read_text())["tasks"]["G2S"]["official"] == whole
@@ -1724,6 +1726,7 @@ def test_a_full_disk_is_one_line_and_leaves_no_tmp(world, tmp_path, monkeypatch,
     assert (tmp_path / "run/last.pt").read_bytes() == before and not list((tmp_path / "run").glob("*.tmp"))
 
 
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
 def test_locate_reads_only_bounded_regular_files_in_chunks(world, trained, tmp_path, monkeypatch, capsys):
     fifo = tmp_path / "pipe.jpg"
     os.mkfifo(fifo)
@@ -1731,10 +1734,10 @@ def test_locate_reads_only_bounded_regular_files_in_chunks(world, trained, tmp_p
     Image.new("1", (12000, 12000)).save(big)  # 144 megapixels, under PIL's own bomb limit
     q = mml.read_split(world, "query")
     photos = [mml.shard(q.dir, "ground", i) for g in q.ground for i in g][:5]
-    p = subprocess.run([sys.executable, HERE / "mml.py", "locate", "--ckpt", trained / "best.pt", fifo, big, photos[0], "--json"],
-                       capture_output=True, text=True, timeout=60)
-    answers = json.loads(p.stdout)
-    assert p.returncode == 1 and "not a regular file" in answers[0]["error"]
+    with within(30), pytest.raises(SystemExit) as e:
+        run("locate", "--ckpt", trained / "best.pt", fifo, big, photos[0], "--json")
+    answers = json.loads(capsys.readouterr().out)
+    assert e.value.code == 1 and "not a regular file" in answers[0]["error"]
     assert "12000x12000 px, over the 50,000,000-pixel limit" in answers[1]["error"] and "top" in answers[2]
     whole = locate(capsys, "--ckpt", trained / "best.pt", *photos)
     monkeypatch.setattr(mml, "LOCATE_CHUNK", 2)  # 5 inputs in 3 chunks: the same answers
@@ -1943,15 +1946,28 @@ def fifo_or_zero(path: Path, kind: str):
     os.mkfifo(path) if kind == "fifo" else path.symlink_to("/dev/zero")
 
 
+@contextlib.contextmanager
+def within(seconds: int):
+    """Fail instead of hanging: SIGALRM interrupts a read that would never end."""
+    def stuck(signum, frame):
+        raise TimeoutError(f"still running after {seconds} s")
+    previous = signal.signal(signal.SIGALRM, stuck)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 @pytest.mark.parametrize("name,kind", [("config.json", "fifo"), ("config.json", "zero"),
                                        ("tokenizer.json", "fifo"), ("tokenizer.json", "zero")])
-def test_only_bounded_regular_files_of_a_clip_folder_are_read(tmp_path, name, kind):
+def test_only_bounded_regular_files_of_a_clip_folder_are_read(tmp_path, capsys, name, kind):
     folder = clip_folder(tmp_path)
     fifo_or_zero(folder / name, kind)
-    p = subprocess.run([sys.executable, HERE / "mml.py", "convert", folder, "--out", tmp_path / "x.pt"],
-                       capture_output=True, text=True, timeout=60)
-    assert p.returncode == 1 and p.stderr.count("\n") == 1 and f"{name}: not a readable" in p.stderr
-    assert "not a regular file" in p.stderr
+    with within(30):
+        err = fails_in_one_line(capsys, "convert", folder, "--out", tmp_path / "x.pt")
+    assert f"{name}: not a readable" in err and "not a regular file" in err
 
 
 def edit_config(folder: Path, change):
@@ -2055,7 +2071,7 @@ def free_port() -> int:
 
 def ddp_setup():
     """A small four-modality model and one fixed global batch of 8."""
-    cfg = mml.resolve("train", mml.parse_args(["train", *TINY])[1], set())
+    cfg = mml.parse_args(["train", *TINY])[1]
     gen = torch.Generator().manual_seed(1)
     batch = {"G": torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8, generator=gen),
              "S": torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8, generator=gen),
@@ -2133,24 +2149,22 @@ def test_torchrun_eval_equals_one_process(world, trained, tmp_path):
         assert read_rows(tmp_path / f"one/eval/{task}.csv") == read_rows(tmp_path / f"two/eval/{task}.csv")
 
 
-def test_torchrun_training_matches_one_process_and_resumes_across_counts(world, tmp_path):
+def test_torchrun_training_matches_one_process(world, tmp_path):
+    """Two processes train the weights one process does (resuming on another process count:
+    the SIGTERM test below)."""
     args = ["--data", world, *TINY, "--lr", "1e-3"]
     run("train", *args, "--epochs", 2, "--out", tmp_path / "one")
     torchrun("train", *args, "--epochs", 2, "--out", tmp_path / "two")
-    # one epoch, then one more after --resume: with 1 then 1 process, and with 2 then 1
-    for out, first in (("ref", run), ("mixed", torchrun)):
-        first("train", *args, "--epochs", 1, "--out", tmp_path / out)
-        run("train", *args, "--epochs", 2, "--out", tmp_path / out, "--resume")
-    for a, b in (("one", "two"), ("ref", "mixed")):
-        a, b = (torch.load(tmp_path / x / "last.pt", weights_only=True) for x in (a, b))
-        assert a["step"] == b["step"] == 8 and set(a["model"]) == set(b["model"])  # no "module." prefixes
-        for k, v in a["model"].items():  # summation order differs; Adam turns the float noise
-            # of zero-gradient weights (attention key biases) into steps of up to lr: hence 1e-4
-            assert torch.allclose(b["model"][k], v, atol=1e-4), k
+    a, b = (torch.load(tmp_path / x / "last.pt", weights_only=True) for x in ("one", "two"))
+    assert a["step"] == b["step"] == 8 and set(a["model"]) == set(b["model"])  # no "module." prefixes
+    for k, v in a["model"].items():  # summation order differs; Adam turns the float noise
+        # of zero-gradient weights (attention key biases) into steps of up to lr: hence 1e-4
+        assert torch.allclose(b["model"][k], v, atol=1e-4), k
 
 
 def test_torchrun_processes_stop_together_on_sigterm(world, tmp_path):
-    """Both processes stop after one agreed step, process 0 saves, and one process resumes."""
+    """Both processes stop after one agreed step, process 0 saves, and one process resumes to
+    the weights of an uninterrupted one-process run: a run resumes on another process count."""
     args = ["--data", world, *TINY, "--batch-size", 8, "--epochs", 3, "--lr", "1e-3"]
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     logged, output = train_until_sigterm(
