@@ -2427,12 +2427,13 @@ def clip_config(folder: str) -> dict:
         if not all(isinstance(g, dict) for g in given):
             raise UserError(f"{path}: {part}_config is not an object of sizes")
         out[part] = {**defaults, **given[0], **given[1]}
-    for part, sizes in (("vision", out["vision"]), ("text", out["text"]), ("", out)):
+    for part, sizes in (("vision_config ", out["vision"]), ("text_config ", out["text"]),
+                        ("", out)):
         for k, bound in CLIP_BOUNDS.items():
             v = sizes.get(k, 1)
             if type(v) is not int or not 0 < v <= bound:  # type: True is an int too
-                raise UserError(f"{path}: {part}_config {k} {v!r}: expected an integer in "
-                                f"[1, {bound:,}]".replace(": _config", ":"))
+                raise UserError(f"{path}: {part}{k} {v!r}: expected an integer in "
+                                f"[1, {bound:,}]")
     for part in ("vision", "text"):
         s = out[part]
         if s["hidden_act"] not in ("quick_gelu", "gelu") or s["hidden_size"] % s[
@@ -2456,7 +2457,7 @@ def read_safetensors(path: Path) -> dict:
     each tensor is a view of the map, copied only when loaded."""
     def unreadable(why) -> UserError:
         return UserError(f"{path}: not a readable safetensors file ({why})")
-    with open(regular_file(path), "rb") as f:
+    with open(path, "rb") as f:
         size, n = os.fstat(f.fileno()).st_size, int.from_bytes(f.read(8), "little")
         if not 2 <= n <= size - 8:
             raise unreadable(f"a header of {n:,} bytes in a file of {size:,}")
@@ -2570,10 +2571,10 @@ def convert(cfg: Config):
                         f".pth, image_encoder_mlp_weights.pth, logit_scale_weights.pth (with "
                         f"--clip); the authors' release is one file, weights_best.pth (with "
                         f"--clip)")
-    writable_folder(out.parent, "--out")
-    folder = str((src if kind == "clip" else Path(cfg.clip)).resolve())
     if kind != "clip" and not cfg.clip:
         clip_config(cfg.clip)  # one line saying --clip is needed
+    writable_folder(out.parent, "--out")
+    folder = str((src if kind == "clip" else Path(cfg.clip)).resolve())
     weights, digest = load_clip_weights(folder)  # read once: 1.7 GB for ViT-L/14-336
     converter = {"clip": convert_clip, "geoclip": convert_geoclip, "authors": convert_authors}
     new, state, tok = converter[kind](src, folder, weights)
@@ -2664,13 +2665,16 @@ def read_run(folder: Path) -> dict:
     per-query values of the headline metrics from the task's CSV, which must be the very
     CSV its entry describes (not another evaluation's, not one cut short)."""
     path = next((p for p in (folder / "metrics.json", folder / "eval/metrics.json")
-                 if p.is_file()), folder / "metrics.json")
+                 if p.exists()), None)
+    if path is None:
+        raise UserError(f"{folder}: no metrics.json there or in eval/ (run `mml.py eval`)")
     try:
         metrics = json.loads(read_bounded(path, 1 << 28, "metrics.json"))
         tasks, config = metrics["tasks"], metrics.get("config")
-        assert isinstance(tasks, dict) and isinstance(config, (dict, type(None)))
-        assert all(isinstance(r, dict) for r in tasks.values())
-    except (ValueError, KeyError, TypeError, AssertionError):
+        if not isinstance(tasks, dict) or not isinstance(config, (dict, type(None))) or not all(
+                isinstance(r, dict) for r in tasks.values()):
+            raise TypeError
+    except (ValueError, KeyError, TypeError, AttributeError):
         raise UserError(f"{path}: not a metrics.json of mml (run `mml.py eval`)") from None
     known, out = {t.name for t in ALL_TASKS}, {}
     for name, r in tasks.items():
@@ -2836,7 +2840,8 @@ def locate(cfg: Config):
             if not chosen:
                 continue
             q = (model.embed_text([jobs[n][0] for n in chosen]) if what == "text" else
-                 model.embed_images([pixels[n] for n in chosen], what))
+                 model.embed_images(torch.from_numpy(np.stack([pixels[n] for n in chosen]))
+                                    .permute(0, 3, 1, 2), what))                   # (n, D)
             scores = q @ gallery.T                                               # (n, N)
             probs = torch.softmax(model.model.logit_scale.exp() * scores, dim=1)
             best = scores.topk(min(cfg.top, len(names)), dim=1).indices
@@ -2847,11 +2852,12 @@ def locate(cfg: Config):
                                       "name": names[j]} for j in best[i].tolist()]
     if cfg.json:
         print(json.dumps(results, indent=1))
-    for r in [] if cfg.json else results:
-        print(r["input"] if "top" in r else f"{r['input']}\n  error: {r['error']}")
-        for n, p in enumerate(r.get("top", []), 1):
-            print(f"  {n}. {p['lat']:10.5f} {p['lon']:11.5f}  score {p['score']:.3f}  "
-                  f"p {p['prob']:.3f}  {p['name']}")
+    else:
+        for r in results:
+            print(r["input"] if "top" in r else f"{r['input']}\n  error: {r['error']}")
+            for n, p in enumerate(r.get("top", []), 1):
+                print(f"  {n}. {p['lat']:10.5f} {p['lon']:11.5f}  score {p['score']:.3f}  "
+                      f"p {p['prob']:.3f}  {p['name']}")
     if any("error" in r for r in results):
         sys.exit(1)
 
@@ -2937,7 +2943,8 @@ def draw_curves(log: Path, path: Path):
               ("samples/s by step", series(steps, "step", ["samples_per_s"]))]
     img, font = Image.new("RGB", (1200, 540), "white"), ImageFont.load_default(size=13)
     draw, palette = ImageDraw.Draw(img), [(0, 0, 0), (31, 119, 180), (255, 127, 14),
-                                          (44, 160, 44), (214, 39, 40), (148, 103, 189)]
+                                          (44, 160, 44), (214, 39, 40), (148, 103, 189),
+                                          (140, 86, 75)]  # seven: the total and six pairs
     for n, (title, lines) in enumerate(panels):
         x0, y0 = 400 * (n % 3), 270 * (n // 3)
         left, top, right, bottom = x0 + 58, y0 + 26, x0 + 388, y0 + 248  # the plotting area
@@ -2950,13 +2957,16 @@ def draw_curves(log: Path, path: Path):
         hi_x, hi_y = max(hi_x, lo_x + 1e-12), max(hi_y, lo_y + 1e-12)
         for value, y in ((hi_y, top), (lo_y, bottom - 12)):
             draw.text((x0 + 4, y), f"{value:.3g}", fill="black", font=font)
+        for value, x in ((lo_x, left), (hi_x, right - 30)):
+            draw.text((x, bottom + 4), f"{value:g}", fill="black", font=font)
         for k, (name, (xs, ys)) in enumerate(lines.items()):
             line = [(left + (x - lo_x) / (hi_x - lo_x) * (right - left),
                      bottom - (y - lo_y) / (hi_y - lo_y) * (bottom - top))
                     for x, y in zip(xs, ys) if math.isfinite(y)]
             draw.line(line + line[-1:], fill=palette[k % len(palette)], width=2)
-            draw.text((right - 90, top + 4 + 14 * k), name, fill=palette[k % len(palette)],
-                      font=font)
+            label = name.removeprefix("val_").removeprefix("loss_").removesuffix("_R@1")
+            draw.text((right - 90, top + 4 + 14 * k), {"R@1": "mean"}.get(label, label),
+                      fill=palette[k % len(palette)], font=font)
     img.save(path)
 
 # `prepare` decodes every image of the chosen splits once into one uint8 array per split and
@@ -3170,7 +3180,8 @@ def bench_rank(cfg: Config, device, sync, done: dict):
                     for k in ("ap_strict", "ap_official"))
         how = f"{device.type}, D = 512, --chunk {cfg.chunk}"
         report(f"rank {task} {nq} x {len(g)}, chunked counts", fast, "s", how)
-        report(f"rank {task}, the score GEMM alone", gemm, "s", f"{fast / gemm:.1f}x of it")
+        report(f"rank {task}, the score GEMM alone", gemm, "s",
+               f"the counts take {fast / gemm:.1f}x its time")
         report(f"rank {task}, per-query argsort loop", slow, "s",
                f"{len(sample)} queries timed, x {nq / len(sample):.0f}")
         report(f"rank {task}, speed-up (metrics {'identical' if same else 'DIFFER'})", slow / fast,
@@ -3214,15 +3225,15 @@ def bench_towers(cfg: Config, device, sync, done: dict):
         seconds = []
         with contextlib.redirect_stdout(io.StringIO()):
             main(["convert", str(folder), "--out", str(tmp / "clip.pt")])
-        for label in ("first eval, runs the towers", "second eval, reads their cache"):
+        for label in ("towers run", "towers cached"):
             t0 = time.perf_counter()
             with contextlib.redirect_stdout(io.StringIO()):
                 main(["eval", "--ckpt", str(tmp / "clip.pt"), "--data", cfg.data, "--out",
                       str(tmp), "--cache", str(tmp / "cache"), "--tasks", "G2S,S2G",
                       "--workers", str(cfg.workers), "--device", device.type])
             seconds.append(time.perf_counter() - t0)
-            report(f"eval G2S+S2G, frozen CLIP: {label}", seconds[-1], "s",
-                   f"{device.type}, {cfg.data}")
+            report(f"eval G2S+S2G, frozen CLIP, {label}", seconds[-1], "s",
+                   f"{device.type}, {cfg.data}, whole commands")
         report("eval on cached towers, speed-up", seconds[0] / seconds[1], "x", "same run")
 
 def bench_paper(cfg: Config, device, sync, done: dict):
@@ -3249,9 +3260,9 @@ def bench_paper(cfg: Config, device, sync, done: dict):
             images = run.eval_batch / timed(lambda: tower.features(x), 2.0, sync)
     report("CLIP ViT-L/14-336 vision tower", images, "images/s",
            f"{device.type}, batch {run.eval_batch}, {'bf16' if bf16_on(device, run) else 'fp32'}")
-    report("estimate: the paper's 20 epochs, steps alone", 20 * 16533 / rate / 3600, "h",
+    report("estimate: the paper's 20 epochs' steps", 20 * 16533 / rate / 3600, "h",
            f"{device.type}, batch {run.batch_size}")
-    report("estimate: the towers of a full evaluation", 833781 / images / 60, "min",
+    report("estimate: a full evaluation's towers", 833781 / images / 60, "min",
            f"{device.type}, each image once (the tower cache)")
 
 BENCH_PHASES = {"steps": bench_steps, "loader": bench_loader, "rank": bench_rank,
@@ -3699,9 +3710,12 @@ def resolve(command: str, cfg: Config, given: set) -> Config:
     check_config(cfg)
     out = Path(cfg.out)
     if command == "train" and cfg.resume:  # the run's own settings, but those given now
-        if cfg.overwrite or not (out / "last.pt").is_file():
+        if cfg.overwrite:
+            raise UserError("--resume continues the run in --out, --overwrite replaces it: "
+                            "give one of them")
+        if not (out / "last.pt").is_file():
             raise UserError(f"{out / 'last.pt'}: no run to resume there (--resume continues "
-                            f"the run in --out; --overwrite starts over instead)")
+                            f"the run in --out: name its folder with --out)")
         saved = checkpoint_config(out / "last.pt", load_checkpoint(out / "last.pt", True))
         for k in MODEL_FIELDS:
             if k in given and getattr(cfg, k) != getattr(saved, k):

@@ -577,7 +577,7 @@ def train_until_sigterm(cmd: list, after_step: int, env=None) -> tuple[int, str]
 def test_sigterm_saves_the_step_and_resume_matches_an_uninterrupted_run(world, tmp_path):
     """SIGTERM mid-run (loader worker included): last.pt at a step no earlier than the last
     one logged, and --resume reaches the weights of an uninterrupted run, bit for bit."""
-    args = ["--data", world, *TINY, "--batch-size", 8, "--epochs", 3, "--workers", 1]
+    args = ["--data", world, *TINY, "--batch-size", 8, "--epochs", 2, "--workers", 1]
     run("train", "--out", tmp_path / "a", *args)
     logged, output = train_until_sigterm(
         [sys.executable, HERE / "mml.py", "train", "--out", tmp_path / "b", *args], 3)
@@ -585,7 +585,7 @@ def test_sigterm_saves_the_step_and_resume_matches_an_uninterrupted_run(world, t
     assert torch.load(tmp_path / "b/last.pt", weights_only=True)["step"] >= logged >= 3
     run("train", "--out", tmp_path / "b", "--resume")
     a, b = (torch.load(tmp_path / x / "last.pt", weights_only=True) for x in "ab")
-    assert a["step"] == b["step"] == 3 * (72 // 8) and a["best"] == b["best"]
+    assert a["step"] == b["step"] == 2 * (72 // 8) and a["best"] == b["best"]
     assert all(torch.equal(v, b["model"][k]) for k, v in a["model"].items())
 
 
@@ -607,7 +607,7 @@ def test_best_pt_is_the_epoch_of_best_validation_recall_or_loss(world, tmp_path)
     assert best["epoch"] == want["epoch"] and best["best"] == want["val_loss"]
 
 
-@pytest.mark.parametrize("modalities", ["GS", "GT", "GC", "ST", "SC", "TC", "GST", "GSC", "GTC", "STC", "GSTC"])
+@pytest.mark.parametrize("modalities", ["GS", "GT", "SC", "TC", "GSC", "GSTC"])
 def test_every_modality_set_and_loss_trains(world, modalities):
     """One optimiser step on a real batch: finite loss, every encoder's weights move."""
     cfg = tiny_config(world, "--modalities", modalities)
@@ -804,14 +804,13 @@ def record_as_process(rank: int, port: int, argv: list, out: str):
 def test_a_samples_pixels_and_jitter_do_not_depend_on_workers_or_processes(world, tmp_path,
                                                                             monkeypatch):
     argv = ["train", "--data", world, *TINY, "--epochs", 1]
-    for workers in (0, 1, 2):
+    for workers in (0, 2):
         record_training_inputs([*argv, "--workers", workers, "--out", tmp_path / f"w{workers}"],
                                tmp_path / f"w{workers}.pt", monkeypatch)
     one = torch.load(tmp_path / "w0.pt")
     assert len(one) == 2 * (72 // 16)  # two image views a step
-    for workers in (1, 2):
-        other = torch.load(tmp_path / f"w{workers}.pt")
-        assert all(torch.equal(a, c) and torch.equal(b, d) for (a, b), (c, d) in zip(one, other))
+    other = torch.load(tmp_path / "w2.pt")
+    assert all(torch.equal(a, c) and torch.equal(b, d) for (a, b), (c, d) in zip(one, other))
     spawn_and_wait(record_as_process, (free_port(), argv, str(tmp_path)))
     halves = [torch.load(tmp_path / f"{rank}.pt") for rank in (0, 1)]
     for (pixels, params), (p0, j0), (p1, j1) in zip(one, *halves):  # rows split in two halves
@@ -2165,7 +2164,7 @@ def test_torchrun_training_matches_one_process(world, tmp_path):
 def test_torchrun_processes_stop_together_on_sigterm(world, tmp_path):
     """Both processes stop after one agreed step, process 0 saves, and one process resumes to
     the weights of an uninterrupted one-process run: a run resumes on another process count."""
-    args = ["--data", world, *TINY, "--batch-size", 8, "--epochs", 3, "--lr", "1e-3"]
+    args = ["--data", world, *TINY, "--batch-size", 8, "--epochs", 2, "--lr", "1e-3"]
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     logged, output = train_until_sigterm(
         [*launch, HERE / "mml.py", "train", "--out", tmp_path / "two", *args], 3,
