@@ -7,9 +7,9 @@ view its photos (S2G), a photo, an aerial view or a sentence its location (G2C, 
 and a sentence its images (T2G, T2S).
 
     pip install -r requirements.txt
-    python mml.py train        # no data needed: writes a synthetic world in the released
-                               #   layout (25 s), then trains (about 6 min on 2 CPU cores)
-    python mml.py eval         # all 13 tasks, official and strict (15 s); --viz: pictures
+    python mml.py train   # no data needed: writes a synthetic world in the released
+                          #   layout (30 s), then trains (about 7 min on 2 CPU cores)
+    python mml.py eval    # all 13 tasks, official and strict (20 s); --viz: pictures
     python mml.py train --data /data/MMLandmarks --preset paper --clip DIR  # the authors'
     torchrun --standalone --nproc_per_node=8 mml.py train --data /data/MMLandmarks ...
 
@@ -94,7 +94,7 @@ class Config:
     text_backbone: Literal["small", "clip"] = "small"  # small: a transformer; or CLIP's
     pretrained: bool = False  # torchvision's backbones start from their ImageNet weights
     freeze: str = ""  # encoders whose backbone stays fixed, heads trained: G,S or ground,...
-    head: Literal["linear", "mlp", "geoclip", "none"] = "linear"  # G S T heads (mlp: the authors')
+    head: Literal["linear", "mlp", "geoclip", "none"] = "linear"  # G, S, T projection heads
     img_width: int = 32  # channels of the small CNN's first stage (a multiple of 8)
     share_image_trunk: bool = False  # ground and aerial views share one backbone
     vocab_size: int = 2000  # BPE vocabulary of the small text encoder
@@ -241,15 +241,15 @@ def shard(split_dir: Path, kind: str, image_id: str) -> Path:
 @dataclass
 class Split:
     """One split's landmarks as parallel lists: row i describes one landmark."""
-    dir: Path                  # ROOT/train or ROOT/query
-    ids: np.ndarray            # (n,) landmark ids
-    latlon: np.ndarray         # (n, 2) degrees
-    ground: list[list[str]]    # ground photo ids
-    sat: list[list[str]]       # aerial image ids of every year, oldest first
+    dir: Path  # ROOT/train or ROOT/query
+    ids: np.ndarray  # (n,) landmark ids
+    latlon: np.ndarray  # (n, 2) degrees
+    ground: list[list[str]]  # ground photo ids
+    sat: list[list[str]]  # aerial image ids of every year, oldest first
     latest: list[str]          # the latest aerial image (the query split's evaluation view)
-    text: list[str]            # Wikipedia article (json) id
+    text: list[str]  # Wikipedia article (json) id
     no_cues: list[str] | None  # first sentence without geographic cues (query split only)
-    text_order: list[int]      # the rows in the order mml_{split}_text.csv lists them
+    text_order: list[int]  # the rows in the order mml_{split}_text.csv lists them
 
     def take(self, rows) -> "Split":
         rows = list(rows)
@@ -279,7 +279,7 @@ def read_split(root: Path, split: str, outdoor_only: bool = False) -> Split:
     # the outdoor subset leaves out landmarks with no outdoor photo
     keep = [n for n, i in enumerate(listed) if ground.get(i, "").split() and sat[i].split()]
     if len(keep) < len(ids):
-        print0(f"{d}: {len(ids) - len(keep)} landmarks without ground or aerial images left out")
+        print0(f"{d}: {len(ids) - len(keep)} landmarks without ground or aerial images skipped")
     rows = ids[keep].tolist()
     row_of = {i: n for n, i in enumerate(rows)}
     return Split(d, ids[keep], latlon[keep], [ground[i].split() for i in rows],
@@ -329,7 +329,7 @@ def read_csv(path: Path, columns: list[str], ids: tuple = (), lower: bool = Fals
     that are; lower: headers in any case), every row whole, the `ids` columns holding
     space-separated plain ids only."""
     if not path.is_file():
-        raise UserError(f"{path}: file not found (expected a CSV with columns {','.join(columns)})")
+        raise UserError(f"{path}: file not found (a CSV with columns {','.join(columns)})")
     data = path.read_bytes()
     try:
         text = data.decode("utf-8-sig")  # -sig: a byte-order mark is not part of the header
@@ -406,7 +406,7 @@ def check_root(root: Path, sub: str) -> Path:
 # Images: decoded to H x H uint8, from the files or from the `prepare` cache. Bounds on what
 # one input may cost: the release's photos are about 800 px and its articles well under a
 # megabyte; a file past these is unreadable, as a corrupt one is.
-MAX_PIXELS = 50_000_000      # a decoded image (after draft): 50 megapixels, 150 MB of RGB
+MAX_PIXELS = 50_000_000  # a decoded image (after draft): 50 megapixels, 150 MB of RGB
 MAX_ARTICLE_BYTES = 1 << 24  # an article: 16 MiB of JSON
 
 class UnreadableFile(Exception):
@@ -438,8 +438,9 @@ def to_square(im: Image.Image, size: int, resize: str = "crop") -> np.ndarray:
     if resize == "crop":
         return np.array(ImageOps.fit(im, (size, size), Image.BILINEAR))
     if resize == "squash":
-        x = torch.from_numpy(np.array(im)).permute(2, 0, 1)[None].float()        # (1, 3, h, w)
-        x = F.interpolate(x, (size, size), mode="bilinear", align_corners=False, antialias=False)
+        x = torch.from_numpy(np.array(im)).permute(2, 0, 1)[None].float()  # (1, 3, h, w)
+        x = F.interpolate(x, (size, size), mode="bilinear", align_corners=False,
+                          antialias=False)
         return x[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy()
     short, long = sorted(im.size)
     long = int(size * long / short)  # as transformers' get_resize_output_image_size rounds
@@ -581,7 +582,7 @@ class Sentences:
                     self.texts += pieces
         self.levels = [np.array(rows, dtype=np.int64) for rows in levels]
         if tok is not None:  # evaluation draws its few sentences as texts
-            self.tokens = torch.cat([tokenize(tok, self.texts[i:i + 65536])          # (P, L)
+            self.tokens = torch.cat([tokenize(tok, self.texts[i:i + 65536])  # (P, L)
                                      for i in range(0, len(self.texts), 65536)])
 
     def pick(self, i: int, mode: str, rng: random.Random) -> int:
@@ -606,7 +607,8 @@ class LandmarkSet(torch.utils.data.Dataset):
     collating samples costs (2x a worker's throughput). They are (B, H, H, 3) as stored, so
     their (B, 3, H, H) view is channels-last, the layout GPU convolutions run fastest in."""
 
-    def __init__(self, split: Split, stores: dict, sentences: Sentences, cfg: Config, train: bool):
+    def __init__(self, split: Split, stores: dict, sentences: Sentences, cfg: Config,
+                 train: bool):
         self.split, self.stores, self.sentences, self.cfg = split, stores, sentences, cfg
         self.train = train
 
@@ -625,7 +627,8 @@ class LandmarkSet(torch.utils.data.Dataset):
 
     def __getitem__(self, keys: list[tuple[int, int]]) -> dict:
         s, side, mods, B = self.split, self.cfg.img_size, self.cfg.modalities, len(keys)
-        images = {m: torch.empty(B, side, side, 3, dtype=torch.uint8) for m in "GS" if m in mods}
+        images = {m: torch.empty(B, side, side, 3, dtype=torch.uint8)
+                  for m in "GS" if m in mods}
         if torch.utils.data.get_worker_info() is not None:  # in a worker: shared memory
             images = {m: x.share_memory_() for m, x in images.items()}
         rows, tokens, bad = [i for _, i in keys], [], []
@@ -640,11 +643,11 @@ class LandmarkSet(torch.utils.data.Dataset):
                 mode = self.cfg.train_text if self.train else "first"
                 tokens.append(self.sentences.pick(i, mode, rng))
             bad.append("\n".join(problems))
-        out = {m: x.permute(0, 3, 1, 2) for m, x in images.items()}          # (B, 3, H, H)
+        out = {m: x.permute(0, 3, 1, 2) for m, x in images.items()}  # (B, 3, H, H)
         if "T" in mods:
-            out["T"] = self.sentences.tokens[tokens]                         # (B, L)
+            out["T"] = self.sentences.tokens[tokens]  # (B, L)
         if "C" in mods:
-            out["C"] = torch.tensor(s.latlon[rows], dtype=torch.float32)     # (B, 2)
+            out["C"] = torch.tensor(s.latlon[rows], dtype=torch.float32)  # (B, 2)
         return out | {"bad": bad}
 
 class EpochSampler(torch.utils.data.Sampler):
@@ -688,8 +691,8 @@ def augment_params(seed: int, epoch: int, step: int, n: int, recipe: str = "mml"
     if recipe == "paper":  # drawn after mml's, which therefore stay as they were
         hue, jittered = torch.from_numpy(rng.random((n, 2, 2))).unbind(-1)  # each (n, 2)
         on = (jittered < 0.5).double()
-        params[..., :3] = 1 + on[..., None] * 0.3 * (u[..., :3] - 0.5)     # [0.85, 1.15]
-        params[..., 6] = on * 0.3 * (hue - 0.5)                             # [-0.15, 0.15]
+        params[..., :3] = 1 + on[..., None] * 0.3 * (u[..., :3] - 0.5)  # [0.85, 1.15]
+        params[..., 6] = on * 0.3 * (hue - 0.5)  # [-0.15, 0.15]
         params[..., 3] = u[..., 3] * 0.4 / 0.3  # r < 0.2 for 15%, r < 0.4 for 30%
     params[..., 5] = params[..., 5].floor()
     return params.float()
@@ -699,7 +702,7 @@ def rotate_hue(x: torch.Tensor, turns: torch.Tensor) -> torch.Tensor:
     rotation of RGB space about its grey axis (Rodrigues' formula), which keeps greys and
     brightness and approximates HSV's hue shift (albumentations', torchvision's) without a
     round trip through HSV."""
-    angle = 2 * math.pi * turns.view(-1, 1, 1)                              # (B, 1, 1)
+    angle = 2 * math.pi * turns.view(-1, 1, 1)  # (B, 1, 1)
     cross = torch.tensor([[0.0, -1, 1], [1, 0, -1], [-1, 1, 0]], device=x.device) / math.sqrt(3)
     eye = torch.eye(3, device=x.device)
     rotation = torch.cos(angle) * eye + torch.sin(angle) * cross + (1 - torch.cos(angle)) / 3
@@ -720,7 +723,7 @@ def augment(images: torch.Tensor, params: torch.Tensor, rotate: bool,
     3x3 kernel, adjust_sharpness with factor 2, rot90; the hue shift is approximated."""
     x = images.float() / 255
     bright, contrast, sat, r, sigma, turns, shift = (p.view(-1, 1, 1, 1) for p in params.T)
-    x = (x * bright).clamp(0, 1)                                       # each param (B, 1, 1, 1)
+    x = (x * bright).clamp(0, 1)  # each param (B, 1, 1, 1)
     x = (contrast * x + (1 - contrast) * grayscale(x).mean((2, 3), keepdim=True)).clamp(0, 1)
     x = (sat * x + (1 - sat) * grayscale(x)).clamp(0, 1)
     if hue:
@@ -729,8 +732,8 @@ def augment(images: torch.Tensor, params: torch.Tensor, rotate: bool,
     # (2 sigma^2)), over a reflect-padded image, along rows then columns
     blur = (r < 0.2).view(-1)
     w = torch.exp(-0.5 / sigma[blur]**2)
-    pad = F.pad(x[blur], (1, 1, 1, 1), mode="reflect")                 # (b, 3, H+2, H+2)
-    rows = (pad[..., :-2] + pad[..., 2:]) * w + pad[..., 1:-1]         # (b, 3, H+2, H)
+    pad = F.pad(x[blur], (1, 1, 1, 1), mode="reflect")  # (b, 3, H+2, H+2)
+    rows = (pad[..., :-2] + pad[..., 2:]) * w + pad[..., 1:-1]  # (b, 3, H+2, H)
     blurred = ((rows[..., :-2, :] + rows[..., 2:, :]) * w + rows[..., 1:-1, :]) / (1 + 2 * w)**2
     # sharpen (0.2 <= r < 0.4): 2x - smooth, where smooth is x under the 3x3 kernel
     # [[1,1,1],[1,5,1],[1,1,1]] / 13, border pixels kept (the kernel's 3x3 box sum, + 4 x)
@@ -793,7 +796,8 @@ class Block(nn.Module):
         self.self_attn = nn.ModuleDict({p: nn.Linear(width, width) for p in
                                         ("q_proj", "k_proj", "v_proj", "out_proj")})
         self.layer_norm2 = nn.LayerNorm(width, eps=eps)
-        self.mlp = nn.ModuleDict({"fc1": nn.Linear(width, hidden), "fc2": nn.Linear(hidden, width)})
+        self.mlp = nn.ModuleDict({"fc1": nn.Linear(width, hidden),
+                                  "fc2": nn.Linear(hidden, width)})
 
     def forward(self, x, keep=None, causal: bool = False):
         """keep: (B, L), False at padding, which no token attends to; causal: each token sees
@@ -801,8 +805,8 @@ class Block(nn.Module):
         B, L, W = x.shape
         y = self.layer_norm1(x)
         q, k, v = (self.self_attn[p](y).view(B, L, self.heads, -1).transpose(1, 2)
-                   for p in ("q_proj", "k_proj", "v_proj"))                # (B, heads, L, W/heads)
-        mask = None if keep is None else keep[:, None, None, :]             # (B, 1, 1, L)
+                   for p in ("q_proj", "k_proj", "v_proj"))  # (B, heads, L, W/heads)
+        mask = None if keep is None else keep[:, None, None, :]  # (B, 1, 1, L)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
         x = x + self.self_attn["out_proj"](y.transpose(1, 2).reshape(B, L, W))
         y = self.mlp["fc1"](self.layer_norm2(x))
@@ -823,14 +827,14 @@ class SmallText(nn.Module):
         self.norm = nn.LayerNorm(width)
 
     def forward(self, ids):
-        keep = ids != 0                                            # (B, L)
+        keep = ids != 0  # (B, L)
         # an empty sentence keeps one token: an all-masked row would be NaN
         keep[:, 0] = True
-        x = self.tokens(ids) + self.pos[: ids.shape[1]]            # (B, L, width)
+        x = self.tokens(ids) + self.pos[: ids.shape[1]]  # (B, L, width)
         for block in self.blocks:
             x = block(x, keep)
-        weight = keep.unsqueeze(-1).to(x.dtype)                    # (B, L, 1)
-        return (self.norm(x) * weight).sum(1) / weight.sum(1)      # (B, width)
+        weight = keep.unsqueeze(-1).to(x.dtype)  # (B, L, 1)
+        return (self.norm(x) * weight).sum(1) / weight.sum(1)  # (B, width)
 
 def backbone_weights(name: str):
     """torchvision's ImageNet weights of a backbone: their URL, image size, pixel statistics."""
@@ -866,7 +870,8 @@ def projection_head(cfg: Config, width: int) -> nn.Module:
         return nn.Identity()
     if cfg.head in ("mlp", "geoclip"):
         hidden = cfg.embed_dim if cfg.head == "mlp" else width
-        return nn.Sequential(nn.Linear(width, hidden), nn.ReLU(), nn.Linear(hidden, cfg.embed_dim))
+        return nn.Sequential(nn.Linear(width, hidden), nn.ReLU(),
+                             nn.Linear(hidden, cfg.embed_dim))
     return nn.Linear(width, cfg.embed_dim)
 
 # CLIP's pixel statistics (its image processor's image_mean and image_std)
@@ -899,7 +904,10 @@ class Encoder(nn.Module):
 
 def image_encoder(cfg: Config, share_with: Encoder | None = None) -> Encoder:
     """A ground or aerial encoder; with share_with, on that one's backbone (its own head)."""
-    trunk, width = (share_with.trunk, share_with.width) if share_with else image_backbone(cfg)
+    if share_with:
+        trunk, width = share_with.trunk, share_with.width
+    else:
+        trunk, width = image_backbone(cfg)
     # small: [0, 1] to [-1, 1]; the others: the statistics their weights expect
     if cfg.image_backbone == "small":
         pixels = ((0.5,) * 3, (0.5,) * 3)
@@ -930,7 +938,7 @@ class RandomFourierFeatures(nn.Module):
 
     def forward(self, v):
         with torch.autocast(v.device.type, enabled=False):
-            phase = 2 * math.pi * v.float() @ self.b.T             # (B, n)
+            phase = 2 * math.pi * v.float() @ self.b.T  # (B, n)
             return torch.cat([torch.cos(phase), torch.sin(phase)], dim=-1)
 
 class GPSEncoder(nn.Module):
@@ -945,7 +953,8 @@ class GPSEncoder(nn.Module):
     """
     SIGMAS = (2**0, 2**4, 2**8)
 
-    def __init__(self, width: int, depth: int, dim: int, scaled: bool = True, n_freq: int = 256):
+    def __init__(self, width: int, depth: int, dim: int, scaled: bool = True,
+                 n_freq: int = 256):
         super().__init__()
         self.scaled = scaled
         for k, sigma in enumerate(self.SIGMAS):
@@ -953,11 +962,11 @@ class GPSEncoder(nn.Module):
             for _ in range(depth):
                 layers += [nn.Linear(d, width), nn.ReLU()]
                 d = width
-            self.add_module(f"LocEnc{k}", nn.ModuleDict(
-                {"capsule": nn.Sequential(*layers), "head": nn.Sequential(nn.Linear(d, dim))}))
+            self.add_module(f"LocEnc{k}", nn.ModuleDict({
+                "capsule": nn.Sequential(*layers), "head": nn.Sequential(nn.Linear(d, dim))}))
 
     def forward(self, latlon):
-        v = equal_earth(latlon.float(), self.scaled)               # (B, 2)
+        v = equal_earth(latlon.float(), self.scaled)  # (B, 2)
         out = sum(enc["head"](enc["capsule"](v)) for enc in self.children())
         return F.normalize(out.float(), dim=-1)
 
@@ -980,7 +989,8 @@ class MML(nn.Module):
         if "T" in m:
             enc["T"] = text_encoder(cfg)
         if "C" in m:
-            enc["C"] = GPSEncoder(cfg.gps_width, cfg.gps_depth, cfg.embed_dim, cfg.gps_scaling)
+            enc["C"] = GPSEncoder(cfg.gps_width, cfg.gps_depth, cfg.embed_dim,
+                                  cfg.gps_scaling)
         self.enc = nn.ModuleDict(enc)
         # CLIP's initial temperature 0.07, learnt in log space (Radford et al. 2021)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
@@ -1050,14 +1060,17 @@ def contrastive_loss(emb: dict, scale: torch.Tensor, pairs: list[str], gather: b
     Returns (loss, {pair: loss}). Call it outside autocast: logits up to 100 need float32.
     """
     world = dist.get_world_size() if gather and dist.is_initialized() else 1
-    cols = {m: GatherWithGrad.apply(e) if world > 1 else e for m, e in emb.items()}  # (W*B, D)
+    cols = {m: GatherWithGrad.apply(e) if world > 1 else e  # (W*B, D)
+            for m, e in emb.items()}
     B = next(iter(emb.values())).shape[0]
-    labels = torch.arange(B, device=scale.device) + (dist.get_rank() * B if world > 1 else 0)
+    offset = dist.get_rank() * B if world > 1 else 0  # our rows among the gathered columns
+    labels = torch.arange(B, device=scale.device) + offset
     parts = {}
     for a, b in pairs:
-        logits_ab = scale * emb[a] @ cols[b].T                     # (B, W*B)
-        logits_ba = scale * emb[b] @ cols[a].T                     # (B, W*B)
-        parts[a + b] = (F.cross_entropy(logits_ab, labels) + F.cross_entropy(logits_ba, labels)) / 2
+        logits_ab = scale * emb[a] @ cols[b].T  # (B, W*B)
+        logits_ba = scale * emb[b] @ cols[a].T  # (B, W*B)
+        parts[a + b] = (F.cross_entropy(logits_ab, labels)
+                        + F.cross_entropy(logits_ba, labels)) / 2
     return sum(parts.values()) / len(parts), parts
 
 # ---- metrics ------------------------------------------------------------------------------
@@ -1092,12 +1105,12 @@ def positives(q_labels: torch.Tensor, g_labels: torch.Tensor) -> tuple:
     by_label = torch.argsort(g_labels, stable=True)
     sorted_labels = g_labels[by_label]
     start = torch.searchsorted(sorted_labels, q_labels)
-    n_good = torch.searchsorted(sorted_labels, q_labels, right=True) - start       # (Q,)
+    n_good = torch.searchsorted(sorted_labels, q_labels, right=True) - start  # (Q,)
     if bool((n_good == 0).any()):
         raise ValueError(f"query {int(torch.nonzero(n_good == 0)[0])} has no positive in the "
                          f"gallery")
-    slots = torch.arange(int(n_good.max()), device=g_labels.device)                # (P,)
-    index = by_label[(start[:, None] + slots).clamp(max=len(g_labels) - 1)]       # (Q, P)
+    slots = torch.arange(int(n_good.max()), device=g_labels.device)  # (P,)
+    index = by_label[(start[:, None] + slots).clamp(max=len(g_labels) - 1)]  # (Q, P)
     return index, slots < n_good[:, None], n_good
 
 def ap_term(hit: int, position: torch.Tensor) -> torch.Tensor:
@@ -1130,21 +1143,22 @@ def rank_queries(q: torch.Tensor, g: torch.Tensor, q_labels: torch.Tensor,
     if not bool(junk[:n_junk].all()):
         order = torch.argsort((~junk).int(), stable=True)
         g, g_labels = g[order], g_labels[order]
-    pos_index, is_pos, n_good = positives(q_labels, g_labels)                    # (Q, P) ...
+    pos_index, is_pos, n_good = positives(q_labels, g_labels)  # (Q, P) ...
     K = min(map_top, N)
-    zeros = lambda *shape, dtype=torch.long: torch.zeros(*shape, dtype=dtype, device=g.device)
+    zeros = lambda *shape, dtype=torch.long: torch.zeros(*shape, dtype=dtype,
+                                                         device=g.device)
     res = {"first_strict": zeros(Q), "first_official": zeros(Q), "match": zeros(Q),
            "ap_strict": zeros(Q, dtype=torch.float64), "top": zeros(Q, min(top, N)),
            "ap_official": zeros(Q, dtype=torch.float64)}
     with matmul_precision("highest"):
         for s in range(0, Q, chunk):
             part = slice(s, s + chunk)
-            scores = q[part].float() @ g.float().T                            # (c, N)
-            top_scores, top_index = scores.topk(K, dim=1)                      # (c, K) best first
+            scores = q[part].float() @ g.float().T  # (c, N)
+            top_scores, top_index = scores.topk(K, dim=1)  # (c, K) best first
             res["top"][part] = top_index[:, :res["top"].shape[1]]
             pos = scores.gather(1, pos_index[part]).masked_fill(~is_pos[part], -math.inf)
             res["match"][part] = pos_index[part].gather(1, pos.argmax(1, keepdim=True))[:, 0]
-            pos = pos.sort(dim=1, descending=True).values                     # (c, P) best first
+            pos = pos.sort(dim=1, descending=True).values  # (c, P) best first
             # the first positive, counted against the whole gallery
             t = pos[:, :1]
             junk_above, labelled_above = count_at_least(scores, t, n_junk)
@@ -1153,11 +1167,11 @@ def rank_queries(q: torch.Tensor, g: torch.Tensor, q_labels: torch.Tensor,
             res["first_official"][part] = official
             res["first_strict"][part] = official + junk_above
             # every positive within the top K, counted among the top K scores alone
-            top_is_junk = top_index < n_junk                                   # (c, K)
+            top_is_junk = top_index < n_junk  # (c, K)
             # the K-th best score: lower ones are out of the top K
             cutoff = top_scores[:, -1:]
             for j in range(pos.shape[1]):
-                t = pos[:, j:j + 1]                                            # (c, 1)
+                t = pos[:, j:j + 1]  # (c, 1)
                 real = j < n_good[part]
                 above_cutoff = real & (t > cutoff)[:, 0]
                 at_cutoff = real & (t == cutoff)[:, 0]
@@ -1191,20 +1205,22 @@ def summarise(ranks: dict, ks=(1, 5, 10), map_top: int = 1000) -> dict:
     m = "mAP@1k" if map_top == 1000 else f"mAP@{map_top}"
     out = {}
     for p in ("official", "strict"):
-        recall = {f"R@{k}": 100 * (ranks[f"first_{p}"] < k).double().mean().item() for k in ks}
+        recall = {f"R@{k}": 100 * (ranks[f"first_{p}"] < k).double().mean().item()
+                  for k in ks}
         out[p] = {**recall, m: 100 * ranks[f"ap_{p}"].mean().item(), "medR": med}
     return out
 
 def retrieval_metrics(query_emb, gallery_emb, query_labels, gallery_labels, ks=(1, 5, 10),
                       map_top=1000) -> dict:
     """Official and strict R@k, mAP@map_top and medR of a retrieval task (PROTOCOL 4)."""
-    return summarise(rank_queries(query_emb, gallery_emb, query_labels, gallery_labels, map_top),
-                     ks, map_top)
+    ranks = rank_queries(query_emb, gallery_emb, query_labels, gallery_labels, map_top)
+    return summarise(ranks, ks, map_top)
 
 def geo_metrics(km: torch.Tensor) -> dict:
     """% of predictions within 1, 25, 200, 750, 2500 km of the truth, and the median error:
     from each query's error in km, (Q,)."""
-    within = {f"acc@{t}km": 100 * (km <= t).double().mean().item() for t in (1, 25, 200, 750, 2500)}
+    within = {f"acc@{t}km": 100 * (km <= t).double().mean().item()
+              for t in (1, 25, 200, 750, 2500)}
     return within | {"median_km": float(np.median(km.cpu().numpy()))}
 
 # ---- train --------------------------------------------------------------------------------
@@ -1237,7 +1253,8 @@ def autocast_for(device: torch.device, cfg: Config):
 
 def to_device(batch: dict, device: torch.device) -> dict:
     """Tensors to the device; pinned memory makes the copy asynchronous (non_blocking)."""
-    out = {m: x.to(device, non_blocking=True) for m, x in batch.items() if torch.is_tensor(x)}
+    out = {m: x.to(device, non_blocking=True)
+           for m, x in batch.items() if torch.is_tensor(x)}
     # images: channels-last on a GPU, where convolutions run fastest that way; plain
     # (B, 3, H, H) on the CPU, where the elementwise jitter runs 1.4x faster on it
     layout = torch.channels_last if device.type == "cuda" else torch.contiguous_format
@@ -1276,7 +1293,8 @@ def training_sets(cfg: Config, ckpt: dict | None) -> tuple:
     if len(train_split.ids) < 2 or len(val_split.ids) < 2:
         raise UserError(f"{root}: {len(train_split.ids)} training and {len(val_split.ids)} "
                         f"validation landmarks; need at least 2 of each")
-    (articles, bad), (val_articles, val_bad) = read_articles(train_split), read_articles(val_split)
+    articles, bad = read_articles(train_split)
+    val_articles, val_bad = read_articles(val_split)
     if bad or val_bad:
         print0(f"{len(bad + val_bad)} unreadable articles: their landmarks train with an empty "
                f"sentence (first: {(bad + val_bad)[0]})")
@@ -1286,8 +1304,11 @@ def training_sets(cfg: Config, ckpt: dict | None) -> tuple:
               "S": [i for s in both for g in s.sat for i in g]}
     stores = {m: ImageStore(train_split.dir, MODALITY[m], cfg.img_size, cache_dir(cfg, root),
                             needed[m], cfg.resize) for m in "GS"}
-    return (LandmarkSet(train_split, stores, Sentences(articles, tok, cfg.train_text), cfg, True),
-            LandmarkSet(val_split, stores, Sentences(val_articles, tok, "first"), cfg, False), tok)
+    train_set = LandmarkSet(train_split, stores, Sentences(articles, tok, cfg.train_text), cfg,
+                            train=True)
+    val_set = LandmarkSet(val_split, stores, Sentences(val_articles, tok, "first"), cfg,
+                          train=False)
+    return train_set, val_set, tok
 
 def make_optimizer(raw: MML, cfg: Config) -> torch.optim.AdamW:
     """AdamW over the trained parameters (frozen ones get no optimizer state). mml: weight
@@ -1296,7 +1317,8 @@ def make_optimizer(raw: MML, cfg: Config) -> torch.optim.AdamW:
     trained = [p for p in raw.parameters() if p.requires_grad]
     if cfg.recipe == "paper":
         return torch.optim.AdamW(trained, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    groups = [{"params": [p for p in trained if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+    groups = [{"params": [p for p in trained if p.dim() >= 2],
+               "weight_decay": cfg.weight_decay},
               {"params": [p for p in trained if p.dim() < 2], "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98))
 
@@ -1318,7 +1340,7 @@ def build_model(cfg: Config, device, ckpt: dict | None, path: Path) -> tuple:
         try:
             optimizer.load_state_dict(ckpt["optimizer"])
         except (ValueError, KeyError) as e:
-            raise UserError(f"{path}: its optimizer state does not fit this model ({e})") from None
+            raise UserError(f"{path}: its optimizer state does not fit the model ({e})") from None
         torch.set_rng_state(ckpt["torch_rng"])
     return raw, optimizer, towers
 
@@ -1622,8 +1644,8 @@ class Task:
     """A task, parsed once from its name (G2S, T2C-no_cues): which modality queries, which
     is searched, and for a sentence task which sentences."""
     name: str
-    query: str      # G, S or T
-    gallery: str    # G, S or C
+    query: str  # G, S or T
+    gallery: str  # G, S or C
     text: str = ""  # T2x: first, random or no_cues
 
     @property
@@ -1658,8 +1680,8 @@ def task_list(names: str) -> list[Task]:
 class Index:
     """The distractors: index/mml_index_{ground,satellite}.csv."""
     dir: Path
-    ground: list[str]       # GLDv2 ground photo ids
-    sat: list[str]          # aerial image ids
+    ground: list[str]  # GLDv2 ground photo ids
+    sat: list[str]  # aerial image ids
     sat_latlon: np.ndarray  # (n, 2) the tiles' centres: the GPS gallery's distractors
 
 def read_index(root: Path) -> Index:
@@ -1672,12 +1694,12 @@ def read_index(root: Path) -> Index:
 class Side:
     """One side of the protocol: its items in a fixed order, the same for every model."""
     name: str
-    modality: str                # what embeds it: G, S (images), T (sentences), C (points)
-    labels: torch.Tensor         # (N,) landmark ids; -1 marks a distractor
-    ids: list[str]               # image ids; landmark ids for sentences and query points
+    modality: str  # what embeds it: G, S (images), T (sentences), C (points)
+    labels: torch.Tensor  # (N,) landmark ids; -1 marks a distractor
+    ids: list[str]  # image ids; landmark ids for sentences and query points
     latlon: torch.Tensor | None  # (N, 2) float64 degrees, where known
     show: list                   # what a row is: a file path, a sentence, or a place's name
-    items: object                # images: [(split folder, kind, ids)]; sentences; (N, 2) points
+    items: object  # images: [(split folder, kind, ids)]; sentences; (N, 2) points
 
 def image_side(name: str, parts: list, labels: torch.Tensor, latlon=None) -> Side:
     """A side of images: parts (split folder, kind, ids), in order."""
@@ -1691,8 +1713,8 @@ class Protocol:
 
     def __init__(self, root: Path):
         self.root, self.query, self.index = root, read_split(root, "query"), read_index(root)
-        self.lm = torch.as_tensor(self.query.ids)                                  # (Q,)
-        self.latlon = torch.as_tensor(self.query.latlon, dtype=torch.float64)      # (Q, 2)
+        self.lm = torch.as_tensor(self.query.ids)  # (Q,)
+        self.latlon = torch.as_tensor(self.query.latlon, dtype=torch.float64)  # (Q, 2)
         self.sides = {}
 
     def side(self, name: str) -> Side:
@@ -1747,7 +1769,7 @@ def open_gallery(root: Path) -> tuple[torch.Tensor, list[str]]:
     landmarks (named by their Commons category). Never the query landmarks: they are the test."""
     index, path = read_index(root), check_root(root, "train") / "mml_train.csv"
     train = read_csv(path, ["CommonsCategory", "lat", "lon"])
-    latlon = np.concatenate([index.sat_latlon, parse_latlon(path, train)])   # (N, 2) float64
+    latlon = np.concatenate([index.sat_latlon, parse_latlon(path, train)])  # (N, 2) float64
     return torch.as_tensor(latlon), [""] * len(index.sat) + train["CommonsCategory"]
 
 class ImageList(torch.utils.data.Dataset):
@@ -1829,7 +1851,7 @@ def unit_rows(emb: torch.Tensor, side: Side) -> torch.Tensor:
     """A side's embeddings as unit vectors, which cosine scores need: rows that are not are
     normalised (with a warning); a zero row, which has no direction, is one line. Norms in
     float64: a float32 norm of rows past about 1e19 overflows, and would zero them."""
-    norms = emb.double().norm(dim=1, keepdim=True)                             # (N, 1)
+    norms = emb.double().norm(dim=1, keepdim=True)  # (N, 1)
     if bool((norms == 0).any()):
         row = int(torch.nonzero(norms[:, 0] == 0)[0])
         raise UserError(f"{side.name}: the embedding of row {row} is zero (no direction)")
@@ -1894,7 +1916,8 @@ def score(protocol: Protocol, embedder: Functions, cfg: Config, source: dict) ->
         ranks = rank_queries(q_emb, g_emb, q.labels.to(device), g.labels.to(device),
                              chunk=cfg.chunk)
         res = summarise(ranks) | {"protocol": items_digest(q, g), "queries": len(q.ids),
-                                  "gallery": len(g.ids), "distractors": int((g.labels < 0).sum())}
+                                  "gallery": len(g.ids),
+                                  "distractors": int((g.labels < 0).sum())}
         columns = per_query(ranks, q, g)
         # the guess is the top-1 point: of the ranking, and of the open gallery
         blocks = [("geo", "", (g, g_emb)), ("geo_open", "open_", embedded.get("open_gps"))]
@@ -1915,7 +1938,8 @@ def score(protocol: Protocol, embedder: Functions, cfg: Config, source: dict) ->
         data = text.getvalue().encode()
         write_atomically(out / f"{task.name}.csv", lambda tmp: tmp.write_bytes(data))
         results[task.name] = res | {"csv_sha256": hashlib.sha256(data).hexdigest()} | source
-        write_metrics(out / "metrics.json", {task.name: results[task.name]}, cfg, device, source)
+        write_metrics(out / "metrics.json", {task.name: results[task.name]}, cfg, device,
+                      source)
         if cfg.viz and not task.geo:
             draw_grid(task, q, g, q_emb, g_emb, ranks, columns, out / f"{task.name}.png")
     if rank == 0 and results:
@@ -1932,7 +1956,7 @@ def per_query(ranks: dict, q: Side, g: Side) -> dict:
     """The task's CSV, column by column: per query its 1-based rank (strict and official), its
     AP (what `compare` resamples), its top 5 and which of them are its landmark; for a
     sentence task the sentence asked."""
-    hits = (g.labels[ranks["top"].cpu()] == q.labels[:, None]).int()               # (Q, 5)
+    hits = (g.labels[ranks["top"].cpu()] == q.labels[:, None]).int()  # (Q, 5)
     sentence = {"query_text": q.show} if q.modality == "T" else {}
     return {"query_id": q.ids, "landmark_id": q.labels.tolist(), **sentence,
             "rank_strict": (ranks["first_strict"] + 1).tolist(),
@@ -1945,8 +1969,8 @@ def per_query(ranks: dict, q: Side, g: Side) -> dict:
 def items_digest(q: Side, g: Side) -> str:
     """What a task was scored on: its queries and gallery, ids and labels (compare refuses
     runs whose digests differ)."""
-    h = hashlib.sha256(json.dumps([q.ids, q.labels.tolist(), g.ids, g.labels.tolist()]).encode())
-    return h.hexdigest()[:16]
+    items = [q.ids, q.labels.tolist(), g.ids, g.labels.tolist()]
+    return hashlib.sha256(json.dumps(items).encode()).hexdigest()[:16]
 
 def write_metrics(path: Path, results: dict, cfg: Config, device, source: dict):
     """metrics.json, merged by task: the results of other tasks (other checkpoints) stay,
@@ -2157,7 +2181,7 @@ class Checkpoint(Functions):
     def encode(self, m: str, x) -> torch.Tensor:
         """One batch of modality m through its encoder, on the device: (B, D)."""
         if m == "T":
-            x = tokenize(self.tok, [str(s) for s in x])                            # (B, L)
+            x = tokenize(self.tok, [str(s) for s in x])  # (B, L)
         x = to_device({"x": torch.as_tensor(x)}, self.device)["x"]
         with autocast_for(self.device, self.cfg):
             return self.encoder(m)(x)
@@ -2181,7 +2205,7 @@ class Checkpoint(Functions):
                                     f"array; expected (H, W, 3) uint8 (or a path)")
                 pixels.append(read_image(Path(image), size, how) if array is None else
                               to_square(Image.fromarray(array), size, how))
-            x = torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2)               # (N, 3, H, H)
+            x = torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2)  # (N, 3, H, H)
         return embed(self.fns[m], x, f"{kind} images", self.cfg, self.device, spread=False)
 
     def embed_text(self, sentences: list[str]) -> torch.Tensor:
@@ -2198,7 +2222,8 @@ class Checkpoint(Functions):
         """A side of the protocol: images through a frozen CLIP tower run through its cache,
         once per image; everything else as any encoder's."""
         enc = self.encoder(side.modality)
-        if side.modality not in "GS" or f"enc.{side.modality}.trunk." not in self.model.towers():
+        frozen_tower = f"enc.{side.modality}.trunk." in self.model.towers()
+        if side.modality not in "GS" or not frozen_tower:
             return super().embed_side(side)
         features = torch.cat([self.tower_features(enc, part) for part in side.items])
         with autocast_for(self.device, self.cfg):
@@ -2310,12 +2335,12 @@ class CLIPVision(nn.Module):
 
     def forward(self, x):
         e = self.embeddings
-        x = e.patch_embedding(x).flatten(2).transpose(1, 2)                # (B, patches, W)
-        first = e.class_embedding.to(x.dtype).expand(len(x), 1, -1)        # (B, 1, W)
+        x = e.patch_embedding(x).flatten(2).transpose(1, 2)  # (B, patches, W)
+        first = e.class_embedding.to(x.dtype).expand(len(x), 1, -1)  # (B, 1, W)
         x = self.pre_layrnorm(torch.cat([first, x], 1) + e.position_embedding.weight)
         for layer in self.encoder.layers:
             x = layer(x)
-        return self.projection(self.post_layernorm(x[:, 0]))              # (B, E)
+        return self.projection(self.post_layernorm(x[:, 0]))  # (B, E)
 
 class CLIPText(nn.Module):
     """CLIP's text tower: (B, L) CLIP token ids -> (B, E). Causal layers; the sentence's
@@ -2340,9 +2365,9 @@ class CLIPText(nn.Module):
         x = e.token_embedding(ids) + e.position_embedding.weight[: ids.shape[1]]  # (B, L, W)
         for layer in self.encoder.layers:
             x = layer(x, causal=True)
-        end = ids.argmax(1) if self.end == 2 else (ids == self.end).int().argmax(1)   # (B,)
+        end = ids.argmax(1) if self.end == 2 else (ids == self.end).int().argmax(1)  # (B,)
         x = self.final_layer_norm(x[torch.arange(len(x), device=x.device), end])
-        return self.projection(x)                                          # (B, E)
+        return self.projection(x)  # (B, E)
 
 def clip_tower(folder: str, part: str) -> tuple[nn.Module, int]:
     """The --clip folder's vision or text tower (random weights until load_pretrained), E."""
@@ -2473,13 +2498,14 @@ def read_safetensors(path: Path) -> dict:
         if name == "__metadata__":
             continue
         try:
-            dtype, (begin, end), shape = SAFETENSORS_DTYPES[t["dtype"]], t["data_offsets"], t["shape"]
+            dtype, shape = SAFETENSORS_DTYPES[t["dtype"]], t["shape"]
+            begin, end = t["data_offsets"]
             count = math.prod(shape)
             ok = all(type(v) is int and v >= 0 for v in [begin, end, *shape])
         except (KeyError, TypeError, ValueError):
             ok = False
         if not ok or begin + count * dtype.itemsize != end or end > size - 8 - n:
-            raise unreadable(f"{name}: its dtype, shape or bytes [{t!s:.80}] do not fit the file")
+            raise unreadable(f"{name}: its dtype, shape or bytes ({t!s:.80}) do not fit")
         ranges.append((begin, end, name))
         tensors[name] = (torch.frombuffer(data, dtype=dtype, count=count, offset=8 + n + begin)
                          if count else torch.empty(0, dtype=dtype)).reshape(shape)
@@ -2704,8 +2730,8 @@ def cluster_weights(landmarks: np.ndarray, resamples: int, seed: int = 0) -> np.
     / weights.sum()."""
     unique, landmark_of = np.unique(landmarks, return_inverse=True)
     picks = np.random.default_rng(seed).integers(0, len(unique), (resamples, len(unique)))
-    counts = np.stack([np.bincount(p, minlength=len(unique)) for p in picks])   # (R, L)
-    return counts[:, landmark_of].astype(np.float64)                            # (R, Q)
+    counts = np.stack([np.bincount(p, minlength=len(unique)) for p in picks])  # (R, L)
+    return counts[:, landmark_of].astype(np.float64)  # (R, Q)
 
 def setting_groups(runs: list[dict]) -> list[list[dict]]:
     """Runs grouped by setting: the same training config but for NOT_A_SETTING, each with a
@@ -2740,7 +2766,7 @@ def comparison(runs: list[dict], resamples: int) -> tuple[list[str], dict]:
         if odd:
             raise UserError(f"{odd['path']} and {having[0]['path']} were evaluated on different "
                             f"queries or galleries for {name}: compare runs of one protocol")
-        w = cluster_weights(having[0]["tasks"][name]["landmarks"], resamples)     # (R, Q)
+        w = cluster_weights(having[0]["tasks"][name]["landmarks"], resamples)  # (R, Q)
         table[name] = {}
         for metric in HEADLINE[name[2] == "C"]:
             cells, base = [], None
@@ -2748,8 +2774,8 @@ def comparison(runs: list[dict], resamples: int) -> tuple[list[str], dict]:
                 if not all(name in r["tasks"] for r in g):
                     cells.append(None)
                     continue
-                x = np.stack([r["tasks"][name]["values"][metric] for r in g])     # (runs, Q)
-                boot = (w @ x.T / w.sum(1, keepdims=True)).mean(1)                 # (R,)
+                x = np.stack([r["tasks"][name]["values"][metric] for r in g])  # (runs, Q)
+                boot = (w @ x.T / w.sum(1, keepdims=True)).mean(1)  # (R,)
                 value = x.mean(1).mean()
                 base = (boot, value) if k == 0 else base
                 diff = (None,) * 3 if base is None else (
@@ -2806,7 +2832,8 @@ def read_gallery(path: Path) -> tuple[torch.Tensor, list[str]]:
     table = read_csv(path, ["lat", "lon"], lower=True, optional=("name",))
     if not table["lat"]:
         raise UserError(f"{path}: no places listed (expected rows of lat,lon[,name])")
-    return torch.as_tensor(parse_latlon(path, table)), table.get("name", [""] * len(table["lat"]))
+    names = table.get("name", [""] * len(table["lat"]))
+    return torch.as_tensor(parse_latlon(path, table)), names
 
 @torch.no_grad()
 def locate(cfg: Config):
@@ -2823,7 +2850,7 @@ def locate(cfg: Config):
                         f"lat,lon CSV of places")
     latlon, names = (read_gallery(Path(cfg.gallery)) if cfg.gallery else
                      open_gallery(Path(model.cfg.data)))
-    gallery = model.embed_gps(latlon)                                              # (N, D)
+    gallery = model.embed_gps(latlon)  # (N, D)
     kind = "satellite" if cfg.satellite else "ground"
     jobs = [(x, kind) for x in cfg.inputs] + [(x, "text") for x in cfg.text]
     results = [{"input": str(x)} for x, _ in jobs]
@@ -2832,7 +2859,8 @@ def locate(cfg: Config):
         for n in rows:
             if jobs[n][1] != "text":
                 try:
-                    pixels[n] = read_image(Path(jobs[n][0]), model.cfg.img_size, model.cfg.resize)
+                    pixels[n] = read_image(Path(jobs[n][0]), model.cfg.img_size,
+                                           model.cfg.resize)
                 except UserError as e:  # this input's error alone
                     results[n]["error"] = str(e)
         for what in (kind, "text"):
@@ -2841,8 +2869,8 @@ def locate(cfg: Config):
                 continue
             q = (model.embed_text([jobs[n][0] for n in chosen]) if what == "text" else
                  model.embed_images(torch.from_numpy(np.stack([pixels[n] for n in chosen]))
-                                    .permute(0, 3, 1, 2), what))                   # (n, D)
-            scores = q @ gallery.T                                               # (n, N)
+                                    .permute(0, 3, 1, 2), what))  # (n, D)
+            scores = q @ gallery.T  # (n, N)
             probs = torch.softmax(model.model.logit_scale.exp() * scores, dim=1)
             best = scores.topk(min(cfg.top, len(names)), dim=1).indices
             for i, n in enumerate(chosen):
@@ -2931,7 +2959,8 @@ def draw_curves(log: Path, path: Path):
         return print(f"no training curves: {log} not found")
     records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
     steps, epochs = [r for r in records if "loss" in r], [r for r in records if "val_loss" in r]
-    series = lambda rows, x, keys: {k: ([r[x] for r in rows], [r[k] for r in rows]) for k in keys}
+    series = lambda rows, x, keys: {k: ([r[x] for r in rows], [r[k] for r in rows])
+                                    for k in keys}
     first_step, first_epoch = (steps or [{}])[0], (epochs or [{}])[0]
     panels = [("training loss by step", series(steps, "step", [k for k in first_step
                                                               if k.startswith("loss")])),
@@ -2950,7 +2979,8 @@ def draw_curves(log: Path, path: Path):
         left, top, right, bottom = x0 + 58, y0 + 26, x0 + 388, y0 + 248  # the plotting area
         draw.text((x0 + 8, y0 + 4), title, fill="black", font=font)
         draw.rectangle((left, top, right, bottom), outline=(150, 150, 150))
-        points = [(x, y) for xs, ys in lines.values() for x, y in zip(xs, ys) if math.isfinite(y)]
+        points = [(x, y) for xs, ys in lines.values() for x, y in zip(xs, ys)
+                  if math.isfinite(y)]
         if not points:
             continue
         (lo_x, lo_y), (hi_x, hi_y) = np.min(points, 0), np.max(points, 0)
@@ -3345,8 +3375,8 @@ NAME_WORDS = ["Old", "Grand", "North", "Lake", "Cedar", "Liberty", "Union", "Har
 def land_cover(lat: float, lon: float) -> tuple[str, np.ndarray]:
     """What the ground looks like at a place, smooth in location: (name, RGB)."""
     dry = np.clip((-lon - 97) / 12, 0, 1) * np.clip((43 - lat) / 6, 0, 1)  # the south-west
-    cold = np.clip((lat - 42) / 4, 0, 1)                                   # the north
-    wave = 0.5 + 0.5 * math.sin(lat * 0.9) * math.cos(lon * 0.7)           # farm or forest
+    cold = np.clip((lat - 42) / 4, 0, 1)  # the north
+    wave = 0.5 + 0.5 * math.sin(lat * 0.9) * math.cos(lon * 0.7)  # farm or forest
     urban = max(math.exp(-((lat - c[2]) ** 2 + (lon - c[3]) ** 2) / 0.15**2) for c in CITIES)
     weights = {"desert": dry, "pine forest": (1 - dry) * cold * (1 - wave),
                "forest": (1 - dry) * (1 - cold) * (1 - wave), "farmland": (1 - dry) * wave,
@@ -3616,7 +3646,8 @@ def parse_args(argv=None) -> tuple[str, Config, set]:
         names = (TRAIN_FIELDS if command in ("train", "bench") else []) + extra.split()
         flags[command] = ["--" + n.replace("_", "-") for n in names]
         for name, flag in zip(names, flags[command]):
-            default, kind, choices = getattr(Config, name), types[name], typing.get_args(types[name])
+            default, kind = getattr(Config, name), types[name]
+            choices = typing.get_args(kind)
             shown = "" if default in ("", (), False) or "default" in helps[name] else (
                 f" (default: {default})")
             # not given: not set at all, so that `given` knows what the user said
@@ -3735,7 +3766,8 @@ def resolve(command: str, cfg: Config, given: set) -> Config:
         raise UserError(f"--freeze {cfg.freeze}: expected some of ground, satellite, text, gps "
                         f"(or G, S, T, C)")
     in_order = lambda s: "".join(m for m in "GSTC" if m in s.upper())
-    cfg = dataclasses.replace(cfg, modalities=in_order(cfg.modalities), freeze=in_order(letters))
+    cfg = dataclasses.replace(cfg, modalities=in_order(cfg.modalities),
+                              freeze=in_order(letters))
     if cfg.share_image_trunk and len({"G", "S"} & set(cfg.freeze)) == 1:
         raise UserError(f"--freeze {cfg.freeze}: the ground and aerial encoders share one "
                         f"backbone (--share-image-trunk): freeze both or neither")
