@@ -72,7 +72,7 @@ BACKBONE = Literal["small", "resnet18", "resnet50", "convnext_tiny", "vit_b_16",
 @dataclass
 class Config:
     # data (the fields from here to `select` are `train`'s options)
-    data: str = ""  # dataset root in the released layout (default: a synthetic world)
+    data: str = ""  # dataset root, released layout (default: synthetic; eval: the ckpt's)
     scale: float = 1.0  # size of the synthetic world (1: 1,600 train, 100 query landmarks)
     n_val: int = 1024  # training landmarks held out for validation (at most a tenth)
     holdout: Literal["seeded", "authors"] = "seeded"  # by --seed, or the authors' own draw
@@ -115,7 +115,7 @@ class Config:
     bf16: bool = True  # bf16 autocast on GPUs that have it (the CPU: float32)
     compile: bool = False  # torch.compile the model
     log_every: int = 10  # steps between log lines
-    out: str = "runs/mml"  # run folder (synth: the world; convert: the checkpoint)
+    out: str = "runs/mml"  # run folder (eval: the ckpt's; synth: the world; convert: a file)
     resume: bool = False  # continue the run in --out from its last.pt, exactly
     overwrite: bool = False  # start over in an --out that holds a run
     select: Literal["recall", "loss"] = "recall"  # best.pt: best validation R@1, or loss
@@ -1228,6 +1228,8 @@ def geo_metrics(km: torch.Tensor) -> dict:
 # distributed; process 0 logs, validates and writes checkpoints while the others wait at a
 # barrier. Without torchrun all of this reduces to rank 0 of 1 and no extra code runs.
 # `fit` runs the phases; the loop is its last screen, and the work of a step is `train_step`.
+# Reading checkpoints back (`load_checkpoint`, `restore`) and outside weights
+# (`load_pretrained`, `clip_tokenizer`) come after evaluation, with their other users.
 
 def setup_distributed(cfg: Config):
     """Join the torchrun group if there is one: NCCL on GPUs, gloo on the CPU."""
@@ -3648,8 +3650,9 @@ def parse_args(argv=None) -> tuple[str, Config, set]:
         for name, flag in zip(names, flags[command]):
             default, kind = getattr(Config, name), types[name]
             choices = typing.get_args(kind)
-            shown = "" if default in ("", (), False) or "default" in helps[name] else (
-                f" (default: {default})")
+            # a default worth saying (0 is one, False is not: the flag's absence says it)
+            shown = "" if default is False or default in ("", ()) or "default" in helps[
+                name] else f" (default: {default})"
             # not given: not set at all, so that `given` knows what the user said
             args = {"help": helps[name] + shown, "default": argparse.SUPPRESS}
             if name in POSITIONAL:

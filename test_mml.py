@@ -1690,22 +1690,34 @@ def test_a_deeply_nested_article_is_an_unreadable_one(world, trained, tmp_path, 
     assert "RecursionError" in err and "evaluation needs every file" in err
 
 
-def limited(max_bytes: int):
-    """A child process that may not write files past max_bytes: a full disk, as it looks to a writer."""
-    def preexec():
-        import resource as r
+def run_limited(max_bytes: int, *argv) -> tuple[int, str]:
+    """mml.main(argv) in a forked child that may not write files past max_bytes (a full disk,
+    as it looks to a writer): (exit status, its standard error). Forked, not started anew:
+    it needs no second import of torch."""
+    import resource
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        sys.stderr = open(write, "w", buffering=1)  # not pytest's capture
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # then a write past it fails with EFBIG
-        r.setrlimit(r.RLIMIT_FSIZE, (max_bytes, max_bytes))
-    return preexec
+        resource.setrlimit(resource.RLIMIT_FSIZE, (max_bytes, max_bytes))
+        code = 0
+        try:
+            run(*argv)
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+        os._exit(code)
+    os.close(write)
+    with os.fdopen(read) as f:
+        err = f.read()
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), err
 
 
 def test_a_full_disk_is_one_line_and_leaves_no_tmp(world, tmp_path, monkeypatch, capsys):
     cache = tmp_path / "cache"
-    p = subprocess.run([sys.executable, HERE / "mml.py", "prepare", "--data", world, "--img-size", "64",
-                        "--splits", "query", "--cache", cache, "--workers", "1"],
-                       capture_output=True, text=True, preexec_fn=limited(200_000), timeout=120)
-    assert p.returncode == 1 and p.stderr.count("\n") == 1, p.stderr
-    assert "query_ground.u8: could not be written" in p.stderr
+    code, err = run_limited(200_000, "prepare", "--data", world, "--img-size", 64, "--splits", "query",
+                            "--cache", cache, "--workers", 1)
+    assert code == 1 and err.count("\n") == 1 and "query_ground.u8: could not be written" in err, err
     assert not list(cache.glob("*.tmp")) and not (cache / "query_ground.json").exists()
     # a checkpoint save that fails keeps the old checkpoint and leaves no .tmp
     run("train", "--data", world, "--out", tmp_path / "run", *TINY, "--epochs", 1)
