@@ -1717,7 +1717,7 @@ class Protocol:
         self.root, self.query, self.index = root, read_split(root, "query"), read_index(root)
         self.lm = torch.as_tensor(self.query.ids)  # (Q,)
         self.latlon = torch.as_tensor(self.query.latlon, dtype=torch.float64)  # (Q, 2)
-        self.sides = {}
+        self.sides, self.articles = {}, None  # articles: read once, for first and random
 
     def side(self, name: str) -> Side:
         if name not in self.sides:
@@ -1755,12 +1755,12 @@ class Protocol:
         are part of the protocol and no option changes them."""
         q, texts = self.query, self.query.no_cues
         if mode != "no_cues":
-            if "articles" not in self.sides:  # read once for the first and random modes
+            if self.articles is None:
                 articles, bad = read_articles(q)
                 if bad:
                     raise UserError(f"{bad[0]} (evaluation needs every file of the protocol)")
-                self.sides["articles"] = Sentences(articles, None, "random")
-            table, rng, texts = self.sides["articles"], random.Random(42), [""] * len(q.ids)
+                self.articles = Sentences(articles, None, "random")
+            table, rng, texts = self.articles, random.Random(42), [""] * len(q.ids)
             for n in q.text_order:
                 texts[n] = table.texts[table.pick(n, mode, rng)]
         ids = [str(i) for i in q.ids.tolist()]
