@@ -361,16 +361,6 @@ def read_csv(path: Path, columns: list[str], ids: tuple = (), lower: bool = Fals
                                 f"digits, _ and -, at least 3 of them)")
     return table
 
-def unique_landmarks(path: Path, table: dict) -> list[int]:
-    """The landmark_id column as integers, each listed once: a repeated row would count its
-    landmark's queries twice."""
-    keys = parse_numbers(path, table, ["landmark_id"], int)[:, 0].tolist()
-    first = {}
-    for n, k in enumerate(keys, 2):
-        if first.setdefault(k, n) != n:
-            raise UserError(f"{path}, line {n}: landmark {k} again (first on line {first[k]})")
-    return keys
-
 def parse_numbers(path: Path, table: dict, columns: list[str], dtype) -> np.ndarray:
     """(N, len(columns)) numbers from CSV columns; a bad cell is one line naming its line."""
     try:
@@ -382,6 +372,16 @@ def parse_numbers(path: Path, table: dict, columns: list[str], dtype) -> np.ndar
             except ValueError:
                 raise UserError(f"{path}, line {n}: {','.join(row)} is not a number") from None
         raise
+
+def unique_landmarks(path: Path, table: dict) -> list[int]:
+    """The landmark_id column as integers, each listed once: a repeated row would count its
+    landmark's queries twice."""
+    keys = parse_numbers(path, table, ["landmark_id"], int)[:, 0].tolist()
+    first = {}
+    for n, k in enumerate(keys, 2):
+        if first.setdefault(k, n) != n:
+            raise UserError(f"{path}, line {n}: landmark {k} again (first on line {first[k]})")
+    return keys
 
 def parse_latlon(path: Path, table: dict) -> np.ndarray:
     """(N, 2) latitude and longitude in degrees; NaN or out of range is one line."""
@@ -418,17 +418,6 @@ def regular_file(path: Path) -> Path:
         raise ValueError("not a regular file")
     return path
 
-def load_image(path: Path, size: int, resize: str = "crop") -> np.ndarray:
-    """(H, H, 3) uint8, decoded and resized by `to_square`. For --resize crop, draft() lets the
-    JPEG decoder work at 1/2, 1/4 or 1/8 scale, never below H: 800-px photos decode 2-3x
-    faster; the other modes decode in full, as the code they follow does."""
-    with Image.open(regular_file(path)) as im:
-        if resize == "crop":
-            im.draft("RGB", (size, size))
-        if im.width * im.height > MAX_PIXELS:  # known from the header, before decoding
-            raise ValueError(f"{im.width}x{im.height} px, over the {MAX_PIXELS:,}-pixel limit")
-        return to_square(im.convert("RGB"), size, resize)
-
 def to_square(im: Image.Image, size: int, resize: str = "crop") -> np.ndarray:
     """An RGB image -> (H, H, 3) uint8. crop: the short side to H (bilinear), then the centre
     square. squash: the whole image to H x H, as the authors' OpenCV INTER_LINEAR_EXACT, which
@@ -447,6 +436,17 @@ def to_square(im: Image.Image, size: int, resize: str = "crop") -> np.ndarray:
     im = im.resize((size, long) if im.width == short else (long, size), Image.BICUBIC)
     left, top = (im.width - size) // 2, (im.height - size) // 2
     return np.array(im.crop((left, top, left + size, top + size)))
+
+def load_image(path: Path, size: int, resize: str = "crop") -> np.ndarray:
+    """(H, H, 3) uint8, decoded and resized by `to_square`. For --resize crop, draft() lets the
+    JPEG decoder work at 1/2, 1/4 or 1/8 scale, never below H: 800-px photos decode 2-3x
+    faster; the other modes decode in full, as the code they follow does."""
+    with Image.open(regular_file(path)) as im:
+        if resize == "crop":
+            im.draft("RGB", (size, size))
+        if im.width * im.height > MAX_PIXELS:  # known from the header, before decoding
+            raise ValueError(f"{im.width}x{im.height} px, over the {MAX_PIXELS:,}-pixel limit")
+        return to_square(im.convert("RGB"), size, resize)
 
 class ImageStore:
     """Decoded H x H images of one split and kind (ground or satellite), looked up by id:
@@ -995,6 +995,8 @@ class MML(nn.Module):
         # CLIP's initial temperature 0.07, learnt in log space (Radford et al. 2021)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
         self.frozen = [f for f in cfg.freeze if f in self.enc]
+        backbone = {"G": cfg.image_backbone, "S": cfg.image_backbone, "T": cfg.text_backbone}
+        self.frozen_clip = [f for f in self.frozen if backbone.get(f) == "clip"]
         for f in self.frozen:
             for name, p in self.enc[f].named_parameters():
                 p.requires_grad_(is_head(name))
@@ -1015,8 +1017,7 @@ class MML(nn.Module):
     def towers(self) -> tuple[str, ...]:
         """State-dict prefixes of the frozen CLIP towers: loaded from their folder, never
         saved (1.7 GB a checkpoint for ViT-L/14-336), their digest recorded instead."""
-        return tuple(f"enc.{m}.trunk." for m in self.frozen
-                     if isinstance(getattr(self.enc[m], "trunk", None), (CLIPVision, CLIPText)))
+        return tuple(f"enc.{m}.trunk." for m in self.frozen_clip)
 
 # ---- loss ---------------------------------------------------------------------------------
 
@@ -1413,6 +1414,11 @@ def ignore_stop_signals(worker_id: int):
     it would take the main process's last step with it. The main process decides to stop."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+def trained_state(model: MML) -> dict:
+    """What a checkpoint keeps of the model: everything but its frozen CLIP towers."""
+    towers = model.towers()
+    return {k: v for k, v in model.state_dict().items() if not k.startswith(towers)}
 
 def save_checkpoint(state: dict, path: Path):
     """torch.save through a temporary file: a crash mid-write never leaves a half-written
@@ -2113,11 +2119,6 @@ def load_matching(module: nn.Module, state: dict, what: str, ignore: tuple = ())
             raise UserError(f"{what}: does not fit this model: {key} is {shapes[0]} in the "
                             f"file and {shapes[1]} in the model")
     module.load_state_dict(state, strict=not ignore)
-
-def trained_state(model: MML) -> dict:
-    """What a checkpoint keeps of the model: everything but its frozen CLIP towers."""
-    towers = model.towers()
-    return {k: v for k, v in model.state_dict().items() if not k.startswith(towers)}
 
 def restore(path: Path, ckpt: dict, cfg: Config) -> MML:
     """A checkpoint's model, on the CPU: its weights, and its frozen CLIP towers from their
