@@ -802,7 +802,8 @@ def record_as_process(rank: int, port: int, argv: list, out: str):
 
 
 def test_a_samples_pixels_and_jitter_do_not_depend_on_workers_or_processes(world, tmp_path,
-                                                                            monkeypatch):
+                                                                            monkeypatch,
+                                                                            two_processes):
     argv = ["train", "--data", world, *TINY, "--epochs", 1]
     for workers in (0, 2):
         record_training_inputs([*argv, "--workers", workers, "--out", tmp_path / f"w{workers}"],
@@ -811,8 +812,7 @@ def test_a_samples_pixels_and_jitter_do_not_depend_on_workers_or_processes(world
     assert len(one) == 2 * (72 // 16)  # two image views a step
     other = torch.load(tmp_path / "w2.pt")
     assert all(torch.equal(a, c) and torch.equal(b, d) for (a, b), (c, d) in zip(one, other))
-    spawn_and_wait(record_as_process, (free_port(), argv, str(tmp_path)))
-    halves = [torch.load(tmp_path / f"{rank}.pt") for rank in (0, 1)]
+    halves = [torch.load(two_processes / f"{rank}.pt") for rank in (0, 1)]
     for (pixels, params), (p0, j0), (p1, j1) in zip(one, *halves):  # rows split in two halves
         assert torch.equal(pixels, torch.cat([p0, p1])) and torch.equal(params, torch.cat([j0, j1]))
 
@@ -2124,9 +2124,26 @@ def spawn_and_wait(fn, args: tuple):
     pytest.fail("two gloo processes did not finish in 120 s")
 
 
-def test_two_processes_give_the_gradients_of_one_big_batch(tmp_path):
-    spawn_and_wait(ddp_worker, (free_port(), str(tmp_path / "ddp.pt")))
-    ddp = torch.load(tmp_path / "ddp.pt")
+def two_process_worker(rank: int, ddp_port: int, port: int, argv: list, out: str):
+    ddp_worker(rank, ddp_port, f"{out}/ddp.pt")
+    record_as_process(rank, port, argv, out)
+
+
+@pytest.fixture(scope="session")
+def two_processes(world, tmp_path_factory) -> Path:
+    """Two gloo processes, spawned once for two tests (each spawn imports torch again): the
+    loss and gradients of a fixed batch split in halves (ddp.pt), then a one-epoch `train`
+    recording what `augment` received on each process (0.pt, 1.pt)."""
+    out, ports = tmp_path_factory.mktemp("two"), [free_port()]
+    while len(ports) < 2:
+        ports = list({ports[0], free_port()})
+    argv = ["train", "--data", world, *TINY, "--epochs", 1]
+    spawn_and_wait(two_process_worker, (*ports, argv, str(out)))
+    return out
+
+
+def test_two_processes_give_the_gradients_of_one_big_batch(two_processes):
+    ddp = torch.load(two_processes / "ddp.pt")
     _, model, batch = ddp_setup()
     for kind in ("complete", "imagebind"):
         emb, scale = model(batch)
