@@ -413,10 +413,17 @@ class UnreadableFile(Exception):
     """A data file (image or article) that is missing or cannot be decoded."""
 
 def regular_file(path: Path) -> Path:
-    """path, if it names a regular file or nothing (a FIFO or a device would block a read)."""
-    if path.exists() and not path.is_file():
-        raise ValueError("not a regular file")
+    """path, if it names a regular file (a FIFO would block a read, /dev/zero never end it)."""
+    if not path.is_file():
+        raise ValueError("not a regular file" if path.exists() else "not found")
     return path
+
+def read_text(path: Path, limit: int) -> str:
+    """A regular file's UTF-8 text, of at most `limit` bytes; else ValueError or OSError."""
+    size = regular_file(path).stat().st_size
+    if size > limit:
+        raise ValueError(f"{size:,} bytes, over the {limit:,} allowed")
+    return path.read_text(encoding="utf-8")
 
 def to_square(im: Image.Image, size: int, resize: str = "crop") -> np.ndarray:
     """An RGB image -> (H, H, 3) uint8. crop: the short side to H (bilinear), then the centre
@@ -521,9 +528,7 @@ def cache_dir(cfg: Config, root: Path) -> Path:
 def read_article(path: Path) -> dict:
     """A Wikipedia article: an ordered {section title: text}, paragraphs split by newlines."""
     try:
-        if regular_file(path).stat().st_size > MAX_ARTICLE_BYTES:
-            raise ValueError(f"over the {MAX_ARTICLE_BYTES:,}-byte limit")
-        article = json.loads(path.read_text(encoding="utf-8"))
+        article = json.loads(read_text(path, MAX_ARTICLE_BYTES))
     except (OSError, ValueError, RecursionError) as e:  # RecursionError: nested too deeply
         raise UnreadableFile(f"{path}: {type(e).__name__}: {e}") from None
     if not isinstance(article, dict) or not article or not all(
@@ -1254,14 +1259,17 @@ def autocast_for(device: torch.device, cfg: Config):
     """bf16 autocast on a GPU that has it, else a no-op: the one mixed-precision switch."""
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16_on(device, cfg))
 
-def to_device(batch: dict, device: torch.device) -> dict:
-    """Tensors to the device; pinned memory makes the copy asynchronous (non_blocking)."""
-    out = {m: x.to(device, non_blocking=True)
-           for m, x in batch.items() if torch.is_tensor(x)}
+def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A tensor to the device; pinned memory makes the copy asynchronous (non_blocking)."""
+    x = x.to(device, non_blocking=True)
     # images: channels-last on a GPU, where convolutions run fastest that way; plain
     # (B, 3, H, H) on the CPU, where the elementwise jitter runs 1.4x faster on it
     layout = torch.channels_last if device.type == "cuda" else torch.contiguous_format
-    return {m: x.contiguous(memory_format=layout) if x.dim() == 4 else x for m, x in out.items()}
+    return x.contiguous(memory_format=layout) if x.dim() == 4 else x
+
+def batch_to(batch: dict, device: torch.device) -> dict:
+    """A loader's batch on the device: its tensors (not its list of unreadable files)."""
+    return {m: to_device(x, device) for m, x in batch.items() if torch.is_tensor(x)}
 
 def jitter(inputs: dict, params: torch.Tensor) -> dict:
     """A batch's image views, on their device, augmented by their rows of params (B, 2, 7)."""
@@ -1269,7 +1277,7 @@ def jitter(inputs: dict, params: torch.Tensor) -> dict:
     for k, m in enumerate("GS"):
         if m in inputs:
             x = augment(inputs[m], params[:, k].to(inputs[m].device), m == "S", hue)
-            inputs[m] = to_device({m: x}, x.device)[m]  # the device's layout again
+            inputs[m] = to_device(x, x.device)  # the device's layout again
     return inputs
 
 def learn_tokenizer(cfg: Config, articles: list, ckpt: dict | None) -> Tokenizer:
@@ -1376,7 +1384,7 @@ def validate(model: MML, val_set: LandmarkSet, cfg: Config, pairs: list[str], de
     total, embs = 0.0, []
     for batch in loader:
         with autocast_for(device, cfg):
-            emb, scale = model(to_device(batch, device))
+            emb, scale = model(batch_to(batch, device))
         rows = len(batch["bad"])
         total += contrastive_loss(emb, scale, pairs, gather=False)[0].item() * rows
         embs.append(emb)
@@ -1438,7 +1446,7 @@ def train_step(model: nn.Module, raw: MML, optimizer, batch: dict, cfg: Config, 
     for group in optimizer.param_groups:
         group["lr"] = lr
     params = augment_params(cfg.seed, epoch, step, local * world, cfg.recipe)  # (B, 2, 7)
-    inputs = jitter(to_device(batch, device), params[rank * local:(rank + 1) * local])
+    inputs = jitter(batch_to(batch, device), params[rank * local:(rank + 1) * local])
     with autocast_for(device, cfg):
         emb, scale = model(inputs)
     loss, parts = contrastive_loss(emb, scale, pairs)  # float32, outside autocast
@@ -1980,21 +1988,28 @@ def items_digest(q: Side, g: Side) -> str:
     items = [q.ids, q.labels.tolist(), g.ids, g.labels.tolist()]
     return hashlib.sha256(json.dumps(items).encode()).hexdigest()[:16]
 
-def write_metrics(path: Path, results: dict, cfg: Config, device, source: dict):
-    """metrics.json, merged by task: the results of other tasks (other checkpoints) stay,
-    each naming its source; the latest evaluation's own record at the top: its options, the
-    code (mml.py's sha256 and, in a git checkout, the commit), torch, the device, the date."""
-    earlier, here, commit = {}, Path(__file__).resolve(), None
-    with contextlib.suppress(ValueError, KeyError, TypeError, OSError):
-        earlier = dict(json.loads(path.read_text(encoding="utf-8"))["tasks"])
+@functools.cache
+def code_record() -> dict:
+    """The code that ran: mml.py's sha256 and, in a git checkout, its commit. Once a process:
+    metrics.json is rewritten after every task."""
+    here, commit = Path(__file__).resolve(), None
     with contextlib.suppress(OSError, subprocess.SubprocessError):  # no git on this machine
         git = subprocess.run(["git", "-C", str(here.parent), "rev-parse", "HEAD"],
                              capture_output=True, text=True, timeout=10)
         commit = git.stdout.strip() if git.returncode == 0 else None
+    return {"mml_sha256": hashlib.sha256(here.read_bytes()).hexdigest(), "git": commit}
+
+def write_metrics(path: Path, results: dict, cfg: Config, device, source: dict):
+    """metrics.json, merged by task: the results of other tasks (other checkpoints) stay,
+    each naming its source; the latest evaluation's own record at the top: its options, the
+    code (mml.py's sha256 and, in a git checkout, the commit), torch, the device, the date."""
+    earlier = {}
+    with contextlib.suppress(ValueError, KeyError, TypeError, OSError):
+        earlier = dict(json.loads(path.read_text(encoding="utf-8"))["tasks"])
     merged = source | {
         "eval": {k: getattr(cfg, k) for k in ("tasks", "chunk", "eval_batch", "img_size",
                                                "resize")},
-        "code": {"mml_sha256": hashlib.sha256(here.read_bytes()).hexdigest(), "git": commit},
+        "code": code_record(),
         "torch": torch.__version__,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -2185,7 +2200,7 @@ class Checkpoint(Functions):
         """One batch of modality m through its encoder, on the device: (B, D)."""
         if m == "T":
             x = tokenize(self.tok, [str(s) for s in x])  # (B, L)
-        x = to_device({"x": torch.as_tensor(x)}, self.device)["x"]
+        x = to_device(torch.as_tensor(x), self.device)
         with autocast_for(self.device, self.cfg):
             return self.encoder(m)(x)
 
@@ -2246,7 +2261,7 @@ class Checkpoint(Functions):
         features = read_cache(path, key, (len(ids), enc.width))
         if features is None:
             with autocast_for(self.device, self.cfg):
-                features = embed(lambda x: enc.features(to_device({"x": x}, self.device)["x"]),
+                features = embed(lambda x: enc.features(to_device(x, self.device)),
                                  ImageList([part], self.cfg), f"{name} (CLIP tower)", self.cfg,
                                  self.device)
             if is_master():
@@ -2408,14 +2423,10 @@ def load_pretrained(model: MML, cfg: Config) -> dict | None:
     return towers
 
 def read_bounded(path: Path, limit: int, what: str) -> str:
-    """A small text file of a folder handed in: a regular file (a FIFO would block a read, a
-    link to /dev/zero never end it) of at most `limit` bytes, in UTF-8."""
+    """A small text file handed in (a CLIP folder's, a run's metrics.json), read by read_text:
+    one line naming it when it is not a regular UTF-8 file of at most `limit` bytes."""
     try:
-        if not path.is_file():
-            raise ValueError("not a regular file" if path.exists() else "not found")
-        if path.stat().st_size > limit:
-            raise ValueError(f"{path.stat().st_size:,} bytes, over the {limit:,} allowed")
-        return path.read_text(encoding="utf-8")
+        return read_text(path, limit)
     except (OSError, ValueError) as e:
         raise UserError(f"{path}: not a readable {what} ({e})") from None
 

@@ -621,7 +621,7 @@ def test_every_modality_set_and_loss_trains(world, modalities):
         torch.manual_seed(0)
         model = mml.MML(cfg)
         before = {m: [p.clone() for p in e.parameters()] for m, e in model.enc.items()}
-        emb, scale = model(mml.to_device(batch, torch.device("cpu")))
+        emb, scale = model(mml.batch_to(batch, torch.device("cpu")))
         total, parts = mml.contrastive_loss(emb, scale, mml.loss_pairs(cfg.modalities, loss))
         assert math.isfinite(total.item()) and len(parts) == (len(modalities) - 1 if loss == "imagebind" else math.comb(len(modalities), 2))
         total.backward()
@@ -2220,7 +2220,7 @@ def test_gpu_bf16_step_is_close_to_fp32_and_keeps_fourier_features_in_fp32():
     cfg, model, batch = ddp_setup()
     device = torch.device("cuda")
     model = model.to(device)
-    batch = mml.to_device(batch, device)
+    batch = mml.batch_to(batch, device)
     enc = model.enc["C"].LocEnc2.capsule[0]  # sigma = 256: phases of thousands of radians
     v = mml.equal_earth(batch["C"])
     with torch.autocast("cuda", dtype=torch.bfloat16):
