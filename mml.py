@@ -1423,6 +1423,13 @@ def ignore_stop_signals(worker_id: int):
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
+def training_loader(data: LandmarkSet, sampler: EpochSampler, cfg: Config, device):
+    """The training batches, in loader workers (batch_size None: the sampler yields batches)."""
+    return torch.utils.data.DataLoader(
+        data, batch_size=None, sampler=sampler, num_workers=cfg.workers,
+        pin_memory=device.type == "cuda", prefetch_factor=4 if cfg.workers > 0 else None,
+        worker_init_fn=ignore_stop_signals)
+
 def trained_state(model: MML) -> dict:
     """What a checkpoint keeps of the model: everything but its frozen CLIP towers."""
     towers = model.towers()
@@ -1574,10 +1581,7 @@ def fit(cfg: Config):
     total = cfg.max_steps or cfg.epochs * steps_per_epoch
     step = ckpt["step"] if ckpt else 0
     sampler = EpochSampler(len(train_set), B, cfg.seed, rank, world, step, total)
-    loader = torch.utils.data.DataLoader(  # batch_size None: the sampler yields batches
-        train_set, batch_size=None, sampler=sampler, num_workers=cfg.workers,
-        pin_memory=device.type == "cuda", prefetch_factor=4 if cfg.workers > 0 else None,
-        worker_init_fn=ignore_stop_signals)
+    loader = training_loader(train_set, sampler, cfg, device)
 
     # No per-rank seed offset is needed (nanoGPT has one for its data): every random draw of
     # the data is keyed by (seed, epoch, row) or by a sample's place in the global batch.
@@ -1679,6 +1683,7 @@ class Task:
 
 ALL_TASKS = [Task(t, t[0], t[2]) for t in TASKS if t[0] != "T"] + [
     Task(f"{t}-{m}", "T", t[2], m) for t in TASKS if t[0] == "T" for m in TEXT_MODES]
+TASK = {t.name: t for t in ALL_TASKS}  # by name
 
 def task_list(names: str) -> list[Task]:
     """The tasks to run: all of them, or those named (T2C picks T2C in every sentence mode);
@@ -2716,11 +2721,11 @@ def read_run(folder: Path) -> dict:
             raise TypeError
     except (ValueError, KeyError, TypeError, AttributeError):
         raise UserError(f"{path}: not a metrics.json of mml (run `mml.py eval`)") from None
-    known, out = {t.name for t in ALL_TASKS}, {}
+    out = {}
     for name, r in tasks.items():
-        if name not in known:  # names become file names: only the protocol's
+        if name not in TASK:  # names become file names: only the protocol's
             raise UserError(f"{path}: {name!r} is not a task of the protocol")
-        csv_path, geo = path.parent / f"{name}.csv", name[2] == "C"
+        csv_path, geo = path.parent / f"{name}.csv", TASK[name].geo
         if not csv_path.is_file() or hashlib.sha256(csv_path.read_bytes()).hexdigest() != r.get(
                 "csv_sha256"):
             raise UserError(f"{csv_path}: not the CSV that {path} describes (missing, or "
@@ -2782,7 +2787,7 @@ def comparison(runs: list[dict], resamples: int) -> tuple[list[str], dict]:
                             f"queries or galleries for {name}: compare runs of one protocol")
         w = cluster_weights(having[0]["tasks"][name]["landmarks"], resamples)  # (R, Q)
         table[name] = {}
-        for metric in HEADLINE[name[2] == "C"]:
+        for metric in HEADLINE[TASK[name].geo]:
             cells, base = [], None
             for k, g in enumerate(groups):
                 if not all(name in r["tasks"] for r in g):
@@ -2815,7 +2820,7 @@ def compare(cfg: Config):
     diff = lambda c: f"{c[4]:+.2f} [{c[5]:+.2f}, {c[6]:+.2f}]"
     for geo in (False, True):
         rows = []
-        for name, cells in ((n, c) for n, c in table.items() if (n[2] == "C") == geo):
+        for name, cells in ((n, c) for n, c in table.items() if TASK[n].geo == geo):
             for k, label in enumerate(labels):
                 got = [cells[m][k] for m in HEADLINE[geo]]
                 if got[0] is not None:
@@ -3141,14 +3146,11 @@ def bench_steps(cfg: Config, device, sync, done: dict) -> float:
     return max(rates)
 
 def bench_loader(cfg: Config, device, sync, done: dict):
-    """The training loader on the dataset: batches as the loop's single iterator delivers
-    them (collated, pinned on a GPU), for at least 3 s, epoch after epoch."""
+    """`training_loader` on the dataset: batches as the loop's single iterator delivers them
+    (collated, pinned on a GPU), for at least 3 s, epoch after epoch."""
     data, _, _ = training_sets(cfg, None)
     B = min(cfg.batch_size, len(data))
-    batches = iter(torch.utils.data.DataLoader(
-        data, batch_size=None, sampler=EpochSampler(len(data), B, 0, stop=10**9),
-        num_workers=cfg.workers, pin_memory=device.type == "cuda",
-        prefetch_factor=4 if cfg.workers > 0 else None))
+    batches = iter(training_loader(data, EpochSampler(len(data), B, 0, stop=10**9), cfg, device))
     next(batches)  # the workers' start-up is not loading time
     n, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < 3:
