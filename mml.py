@@ -18,9 +18,9 @@ train. Then eval, checkpoints and the Python API, outside models (CLIP, torchvis
 line. PROTOCOL N cites section N of the protocol in README.md. Shapes: B batch, D embedding
 width, E a backbone's width, H image side, L tokens, Q queries, N gallery, P positives.
 """
-import argparse, contextlib, csv, dataclasses, datetime, difflib, functools, hashlib, inspect
-import io, itertools, json, math, mmap, os, pickle, random, re, shutil, signal, subprocess
-import sys, textwrap, time, typing
+import argparse, contextlib, csv, dataclasses, datetime, difflib, functools, hashlib, io
+import itertools, json, math, mmap, os, pickle, random, re, shutil, signal, subprocess, sys
+import textwrap, time, typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -133,7 +133,7 @@ def equal_earth(latlon: torch.Tensor, scaled: bool = True) -> torch.Tensor:
     return torch.stack((x, y), dim=-1) * (sf / 180 if scaled else 1)
 
 def haversine_km(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Great-circle distance in km (R = 6371.0) between (..., 2) tensors of lat/lon degrees."""
+    """Great-circle distance in km (R = 6371.0) of (..., 2) lat/lon degrees."""
     a, b = torch.deg2rad(a.double()), torch.deg2rad(b.double())
     dlat, dlon = b[..., 0] - a[..., 0], b[..., 1] - a[..., 1]
     h = (torch.sin(dlat / 2) ** 2
@@ -208,9 +208,9 @@ def by_landmark(path: Path, column: str, listing: Path, ids: list[int]) -> dict:
     for missing, here, there in (([i for i in cells if i not in listed], listing, path.name),
                                  ([i for i in ids if i not in cells], path, listing.name)):
         if missing:
-            more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
-            raise UserError(f"{here}: landmark {', '.join(map(str, missing[:5]))}{more} listed "
-                            f"in {there} but missing here")
+            more = f" and {len(missing) - 5} more" * (len(missing) > 5)
+            raise UserError(f"{here}: landmark {', '.join(map(str, missing[:5]))}{more} "
+                            f"listed in {there} but missing here")
     return cells
 
 def check_root(root: Path, split: str) -> Path:  # ROOT/split, or which folder is missing
@@ -249,14 +249,16 @@ def read_split(root: Path, split: str) -> Split:
     ground = by_landmark(d / f"mml_{split}_ground.csv", "images", listing, ids)
     # every year's aerial ids, oldest first (the last is the latest); the query split lists
     # the latest alone, every year in _all_satellite
-    sat = by_landmark(d / f"mml_{split}_{'all_' * query}satellite.csv", "images", listing, ids)
-    latest = by_landmark(d / "mml_query_satellite.csv", "images", listing, ids) if query else sat
+    sat = by_landmark(d / f"mml_{split}_{'all_' * query}satellite.csv", "images", listing,
+                      ids)
+    latest = sat if not query else by_landmark(d / "mml_query_satellite.csv", "images",
+                                               listing, ids)
     text = by_landmark(d / f"mml_{split}_text.csv", "json", listing, ids)
     no_cues = query and by_landmark(d / "mml_query_text_sentences.csv", "sentences", listing,
                                     ids)
     rows = [n for n, i in enumerate(ids) if ground[i] and sat[i] and latest[i]]
     if len(rows) < len(ids):
-        print0(f"{d}: {len(ids) - len(rows)} landmarks without ground or aerial images skipped")
+        print0(f"{d}: {len(ids) - len(rows)} landmarks without photo or tile skipped")
     kept = [ids[n] for n in rows]
     return Split(d, np.array(kept, dtype=np.int64),
                  np.array([[table["lat"][n], table["lon"][n]] for n in rows]).reshape(-1, 2),
@@ -328,7 +330,8 @@ class ImageStore:
     cache when there is one (`Cache`, with the tools), else decoded from the files."""
 
     def __init__(self, split_dir: Path, kind: str, cfg: Config, needed=()):
-        self.dir, self.kind, self.size, self.resize = split_dir, kind, cfg.img_size, cfg.resize
+        self.dir, self.kind, self.size = split_dir, kind, cfg.img_size
+        self.resize = cfg.resize
         self.cache = Cache.open(split_dir, kind, cfg, needed)  # None: no cache
 
     def path(self, image_id: str) -> Path:
@@ -338,7 +341,7 @@ class ImageStore:
         """The image, written into `out` when given (a batch's slot)."""
         out = np.empty((self.size, self.size, 3), np.uint8) if out is None else out
         if self.cache:
-            return self.cache.read(image_id, out, self.path(image_id))
+            return self.cache.read(image_id, out, self.path)
         try:
             out[...] = load_image(self.path(image_id), self.size, self.resize)
         except Exception as e:  # missing, truncated, not an image: decoders raise all sorts
@@ -373,15 +376,16 @@ def train_tokenizer(texts, cfg: Config) -> Tokenizer:
     return tok
 
 def tokenize(tok: Tokenizer, sentences: list[str]) -> torch.Tensor:
-    return torch.tensor([e.ids for e in tok.encode_batch(sentences)], dtype=torch.long)  # (n, L)
+    return torch.tensor([e.ids for e in tok.encode_batch(sentences)], dtype=torch.long)
 
 class Sentences:
-    """A split's sentences, cut the authors' way (PROTOCOL 2; naive on purpose, so that numbers
-    compare): sections, paragraphs at newlines, pieces at '. '. tree[i] holds article i's rows
-    of `texts` (and `tokens`) by section and paragraph; mode "first" keeps the first piece:
+    """A split's sentences, cut the authors' way (PROTOCOL 2; naive on purpose, so that
+    numbers compare): sections, paragraphs at newlines, pieces at '. '. tree[i] holds article
+    i's rows of `texts` (and `tokens`) by section and paragraph:
 
-        {"Lead": "A. B\\nC", "History": "D"}  ->  texts [A, B, C, D], tree [[[0, 1], [2]], [[3]]]
-    """
+        {"Lead": "A. B\\nC", "Past": "D"}  ->  texts [A, B, C, D], tree [[[0, 1], [2]], [[3]]]
+
+    Mode "first" keeps the first piece."""
 
     def __init__(self, articles: list[dict | None], tok: Tokenizer | None, mode: str):
         self.texts, self.tree, keep = [], [], 1 if mode == "first" else None
@@ -398,8 +402,8 @@ class Sentences:
                                      for i in range(0, len(self.texts), 65536)])
 
     def pick(self, i: int, mode: str, rng: random.Random) -> int:
-        """Article i's row: the first or a random branch at each level of its tree (randrange(n)
-        draws what the authors' rng.choice of n items draws: the same rng, the same pick)."""
+        """Article i's row: the first or a random branch at each level of its tree; randrange
+        (n) draws what the authors' rng.choice of n items draws: the same rng, the same pick."""
         node = self.tree[i]
         while isinstance(node, list):
             node = node[rng.randrange(len(node)) if mode == "random" else 0]
@@ -410,10 +414,10 @@ class LandmarkSet(torch.utils.data.Dataset):
     lat/lon, "bad": B strings naming unreadable files, skipped for another view}. Training
     draws a photo, a year's aerial image and a --train-text
     sentence, seeded by (seed, epoch, row) in any worker; validation takes the first photo,
-    the latest tile, the first sentence. Whole batches: in a worker each image is read into
+    the latest tile, the first sentence. Whole batches: in a worker, each image is read into
     its slot of a shared-memory array, sparing the two copies of every pixel that collating
-    costs (2x a worker's throughput); (B, H, H, 3) as stored, so (B, 3, H, H) is channels-last,
-    the layout GPU convolutions run fastest in."""
+    costs (2x a worker's throughput); stored (B, H, H, 3), so that (B, 3, H, H) is
+    channels-last, the layout GPU convolutions run fastest in."""
 
     def __init__(self, split: Split, stores: dict, sentences: Sentences, cfg: Config,
                  train: bool):
@@ -457,10 +461,10 @@ class LandmarkSet(torch.utils.data.Dataset):
         return out | {"bad": bad}
 
 class EpochSampler(torch.utils.data.Sampler):
-    """One process's batches of (epoch, row) keys, steps start to stop: per epoch a permutation
-    seeded by (seed, epoch) cut into global batches of B (the last partial one dropped), of
-    which process r takes the r-th of W slices. The same batches for any W, resumable, and
-    one iterator for the run, so that workers never drain at an epoch's end."""
+    """One process's batches of (epoch, row) keys, steps start to stop: per epoch, a
+    permutation seeded by (seed, epoch) cut into global batches of B (the last partial one
+    dropped), of which process r takes the r-th of W slices. The same batches for any W,
+    resumable, one iterator for the run: workers never drain at an epoch's end."""
 
     def __init__(self, n: int, batch: int, seed: int, rank: int = 0, world: int = 1,
                  start: int = 0, stop: int = 0):
@@ -524,7 +528,8 @@ def augment(images: torch.Tensor, params: torch.Tensor, rotate: bool,
     w = torch.exp(-0.5 / sigma[blur]**2)
     pad = F.pad(x[blur], (1, 1, 1, 1), mode="reflect")  # (b, 3, H+2, H+2)
     rows = (pad[..., :-2] + pad[..., 2:]) * w + pad[..., 1:-1]  # (b, 3, H+2, H)
-    blurred = ((rows[..., :-2, :] + rows[..., 2:, :]) * w + rows[..., 1:-1, :]) / (1 + 2 * w)**2
+    blurred = (rows[..., :-2, :] + rows[..., 2:, :]) * w + rows[..., 1:-1, :]
+    blurred = blurred / (1 + 2 * w)**2
     # sharpen (0.2 <= r < 0.4): 2x - smooth, where smooth is x under the 3x3 kernel
     # [[1,1,1],[1,5,1],[1,1,1]] / 13, border pixels kept (the kernel's 3x3 box sum, + 4 x)
     sharp = ((r >= 0.2) & (r < 0.4)).view(-1)
@@ -547,7 +552,7 @@ def augment(images: torch.Tensor, params: torch.Tensor, rotate: bool,
 # BatchNorm: an embedding must not depend on the rest of its batch.
 
 class ResBlock(nn.Module):
-    """Two 3x3 convolutions and a shortcut, halving the side: (B, c, h, h) -> (B, c', h/2, h/2)."""
+    """Two 3x3 convolutions and a shortcut: (B, c, h, h) -> (B, c', h/2, h/2)."""
 
     def __init__(self, c_in: int, c_out: int):
         super().__init__()
@@ -584,7 +589,7 @@ class Block(nn.Module):
                                   "fc2": nn.Linear(hidden, width)})
 
     def forward(self, x, keep=None, causal: bool = False):
-        """keep: (B, L), False at padding; causal: a token sees only those before (CLIP's text)."""
+        """keep: (B, L), False at padding; causal: a token sees only those before it."""
         B, L, W = x.shape
         y = self.layer_norm1(x)
         q, k, v = (self.self_attn[p](y).view(B, L, self.heads, -1).transpose(1, 2)
@@ -622,8 +627,7 @@ def projection_head(cfg: Config, width: int) -> nn.Module:
     towers end in a projection of their own)."""
     if cfg.head == "none":
         if width != cfg.embed_dim:
-            raise UserError(f"--head none: the backbone's output is {width}-d, not --embed-dim "
-                            f"{cfg.embed_dim}")
+            raise UserError(f"--head none: the backbone is {width}-d, not {cfg.embed_dim}")
         return nn.Identity()
     if cfg.head == "linear":
         return nn.Linear(width, cfg.embed_dim)
@@ -716,7 +720,8 @@ class MML(nn.Module):
             shared = enc["G"] if m == "S" and cfg.share_image_trunk else None
             enc[m] = encoder(cfg, m, shared)
         if "C" in cfg.modalities:
-            enc["C"] = GPSEncoder(cfg.gps_width, cfg.gps_depth, cfg.embed_dim, cfg.gps_scaling)
+            enc["C"] = GPSEncoder(cfg.gps_width, cfg.gps_depth, cfg.embed_dim,
+                                  cfg.gps_scaling)
         self.enc = nn.ModuleDict(enc)
         # CLIP's initial temperature 0.07, learnt in log space (Radford et al. 2021)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
@@ -773,7 +778,8 @@ def contrastive_loss(emb: dict, scale: torch.Tensor, pairs: list[str], gather: b
     (also scaling the loss by W would multiply the gradients by W: open_clip issue 616).
     Outside autocast: logits up to 100 need float32."""
     world = dist.get_world_size() if gather and dist.is_initialized() else 1
-    cols = {m: GatherWithGrad.apply(e) if world > 1 else e for m, e in emb.items()}  # (W*B, D)
+    cols = {m: GatherWithGrad.apply(e) if world > 1 else e  # (W*B, D)
+            for m, e in emb.items()}
     B = next(iter(emb.values())).shape[0]
     offset = dist.get_rank() * B if world > 1 else 0  # our rows among the gathered ones
     labels = torch.arange(B, device=scale.device) + offset
@@ -901,9 +907,9 @@ def summarise(ranks: dict, ks=(1, 5, 10), map_top: int = 1000) -> dict:
     median 1-based position in the full ranking (as the authors'), numpy's median."""
     med = float(np.median(ranks["first_strict"].cpu().numpy() + 1))
     m = "mAP@1k" if map_top == 1000 else f"mAP@{map_top}"
-    return {p: {**{f"R@{k}": 100 * (ranks[f"first_{p}"] < k).double().mean().item() for k in ks},
-                m: 100 * ranks[f"ap_{p}"].mean().item(), "medR": med}
-            for p in ("official", "strict")}
+    percent = lambda x: 100 * x.double().mean().item()
+    return {p: {**{f"R@{k}": percent(ranks[f"first_{p}"] < k) for k in ks},
+                m: percent(ranks[f"ap_{p}"]), "medR": med} for p in ("official", "strict")}
 
 def retrieval_metrics(query_emb, gallery_emb, query_labels, gallery_labels, ks=(1, 5, 10),
                       map_top=1000) -> dict:
@@ -969,8 +975,8 @@ def training_sets(cfg: Config, ckpt: dict | None) -> tuple:
                         f"validation landmarks; need at least 2 of each")
     (articles, bad), (val_articles, val_bad) = map(read_articles, splits)
     if bad + val_bad:
-        print0(f"{len(bad + val_bad)} unreadable articles: their landmarks train with an empty "
-               f"sentence (first: {(bad + val_bad)[0]})")
+        print0(f"{len(bad + val_bad)} unreadable articles, their sentences empty (first: "
+               f"{(bad + val_bad)[0]})")
     # the tokenizer: the checkpoint's on --resume, CLIP's with its text tower, else learnt on
     # process 0 from the training articles and sent to the others, as all must agree
     if ckpt or cfg.text_backbone == "clip":
@@ -985,9 +991,10 @@ def training_sets(cfg: Config, ckpt: dict | None) -> tuple:
     needed = {m: [i for s in splits for ids in (s.ground if m == "G" else s.sat) for i in ids]
               for m in "GS"}
     stores = {m: ImageStore(splits[0].dir, MODALITY[m], cfg, needed[m]) for m in "GS"}
-    return (LandmarkSet(splits[0], stores, Sentences(articles, tok, cfg.train_text), cfg, True),
-            LandmarkSet(splits[1], stores, Sentences(val_articles, tok, "first"), cfg, False),
-            tok)
+    train = Sentences(articles, tok, cfg.train_text)
+    val = Sentences(val_articles, tok, "first")
+    return (LandmarkSet(splits[0], stores, train, cfg, True),
+            LandmarkSet(splits[1], stores, val, cfg, False), tok)
 
 def make_optimizer(raw: MML, cfg: Config) -> torch.optim.AdamW:
     """AdamW over the trained parameters. mml: decay on weight matrices only, CLIP's betas.
@@ -1001,7 +1008,7 @@ def make_optimizer(raw: MML, cfg: Config) -> torch.optim.AdamW:
         lr=cfg.lr, betas=(0.9, 0.98))
 
 def lr_at(step: int, total: int, cfg: Config) -> float:
-    """mml: a linear warmup over 5% of the steps, then a cosine decay to 0. The authors: flat."""
+    """mml: a linear warmup (5% of the steps), then a cosine decay. The authors: constant."""
     warmup = max(1, round(0.05 * total))
     if cfg.recipe == "paper":
         return cfg.lr
@@ -1045,8 +1052,8 @@ def stop_signals():
         if state["signal"]:
             raise SystemExit(128 + signum)
         state["signal"] = signum
-        print(f"{signal.Signals(signum).name}: stopping after this step (send it again to stop "
-              f"at once)", file=sys.stderr, flush=True)
+        print(f"{signal.Signals(signum).name}: stopping after this step (again: at once)",
+              file=sys.stderr, flush=True)
     previous = {s: signal.signal(s, handle) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield state
@@ -1132,11 +1139,13 @@ def end_of_epoch(raw: MML, optimizer, saved: dict, cfg: Config, epoch: int, step
     if dist.is_initialized():
         dist.all_reduce(n_bad)
     if n_bad:
+        first = unreadable[0] if unreadable else "on another process"
         print0(f"epoch {epoch}: {int(n_bad)} unreadable files skipped for other views (first: "
-               f"{unreadable[0] if unreadable else 'on another process'})")
+               f"{first})")
     if log:
-        state = {"model": trained_state(raw), "optimizer": optimizer.state_dict(), "step": step,
-                 "epoch": epoch, "best": best, "torch_rng": torch.get_rng_state(), **saved}
+        state = {"model": trained_state(raw), "optimizer": optimizer.state_dict(),
+                 "step": step, "epoch": epoch, "best": best,
+                 "torch_rng": torch.get_rng_state(), **saved}
         if epoch_done:
             val = validate(raw, val_set, cfg, pairs, device)
             value = val["val_loss" if cfg.select == "loss" else "val_R@1"]
@@ -1228,9 +1237,9 @@ def fit(cfg: Config):
                 skipped += 1
                 print0(f"step {step}: loss is {losses[0]}, step skipped")
                 if bad_in_row >= MAX_BAD_STEPS:
-                    raise UserError(f"{bad_in_row} non-finite losses in a row at step {step}: "
-                                    f"stopping; the last good checkpoint is {out / 'last.pt'} "
-                                    f"(try a lower --lr)")
+                    raise UserError(f"{bad_in_row} non-finite losses in a row at step "
+                                    f"{step}; {out / 'last.pt'} is the last good one (try a "
+                                    f"lower --lr)")
             step += 1
             if log and (step % cfg.log_every == 0 or step == total or stopping):
                 now = time.time()
@@ -1244,7 +1253,7 @@ def fit(cfg: Config):
                                     val_set, pairs, device, log, epoch_done)
                 unreadable = []
             if stopping and step < total:
-                print0(f"stopped at step {step} of {total}: saved {out / 'last.pt'}; continue "
+                print0(f"stopped at step {step} of {total}, saved {out / 'last.pt'}: continue "
                        f"with `python mml.py train --out {out} --resume`")
                 raise SystemExit(128 + (stop["signal"] or signal.SIGTERM))
     took = time.time() - t_start
@@ -1372,7 +1381,10 @@ class ImageList(torch.utils.data.Dataset):
     """An image side's parts -> ((3, H, H) uint8, "" or why the file could not be read)."""
 
     def __init__(self, parts: list, cfg: Config):
-        self.rows = [(ImageStore(d, kind, cfg, ids), i) for d, kind, ids in parts for i in ids]
+        self.rows = []  # (store, image id): one store a part
+        for split_dir, kind, ids in parts:
+            store = ImageStore(split_dir, kind, cfg, ids)
+            self.rows += [(store, i) for i in ids]
 
     def __len__(self):
         return len(self.rows)
@@ -2379,12 +2391,12 @@ class Cache:
     def __getstate__(self):
         return {**self.__dict__, "file": None}  # reopened in each worker, not pickled into it
 
-    def read(self, image_id: str, out: np.ndarray, path: Path) -> np.ndarray:
+    def read(self, image_id: str, out: np.ndarray, path) -> np.ndarray:
         """The image, read straight into `out`: 5-10x faster than copying out of a memory map,
         whose first touch of each page faults. Each process opens the file itself (forked
         workers sharing a descriptor would share its read position)."""
-        if image_id in self.broken:
-            raise UnreadableFile(f"{path}: could not be decoded when cached")
+        if image_id in self.broken:  # path(image_id): the file it was made from
+            raise UnreadableFile(f"{path(image_id)}: could not be decoded when cached")
         if self.pid != os.getpid():
             self.file, self.pid = open(self.array, "rb", buffering=0), os.getpid()
         self.file.seek(self.row_of[image_id] * out.nbytes)
@@ -2730,7 +2742,8 @@ def parse_args(argv=None) -> tuple[str, Config, set]:
     p = argparse.ArgumentParser(prog="mml.py", description=__doc__.split("\n\n")[0],
                                 allow_abbrev=False)  # abbreviations would hide typos too
     commands = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    helps = dict(re.findall(r"^    (\w+): .*?  # (.*)$", inspect.getsource(Config), re.M))
+    config = Path(__file__).read_text(encoding="utf-8").split("class Config:")[1].split("\n\n")[0]
+    helps = dict(re.findall(r"^    (\w+): .*?  # (.*)$", config, re.M))  # the fields' comments
     types, flags = {f.name: f.type for f in dataclasses.fields(Config)}, {}
     for command, (about, extra, own) in COMMANDS.items():
         sub = commands.add_parser(command, help=about, description=about, allow_abbrev=False)

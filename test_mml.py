@@ -230,9 +230,7 @@ def test_gps_encoder_equals_hand_computation():
 def offline(monkeypatch, tmp_path):
     """An empty torchvision cache, and any download attempt fails the test."""
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
-
-    def no_network(url, *args, **kwargs):
-        raise urllib.error.URLError(f"no network in the tests ({url})")
+    no_network = unittest.mock.Mock(side_effect=urllib.error.URLError("no network in the tests"))
     monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
     return tmp_path / "torch_home/hub/checkpoints"
 
@@ -796,9 +794,11 @@ def restored(ckpt: Path) -> mml.MML:
 def evaluated(trained, tmp_path_factory) -> tuple[Path, str]:
     """`eval` of the tiny model's best.pt on every task, run from an empty folder without
     --data (the checkpoint names its data): (the folder it wrote, what it printed)."""
-    here, printed = tmp_path_factory.mktemp("elsewhere"), io.StringIO()
-    with contextlib.chdir(here), contextlib.redirect_stdout(printed):
+    here, printed, before = tmp_path_factory.mktemp("elsewhere"), io.StringIO(), os.getcwd()
+    os.chdir(here)  # (contextlib.chdir needs Python 3.11; a failure leaves it to the test's own)
+    with contextlib.redirect_stdout(printed):
         run("eval", "--ckpt", trained / "best.pt", "--out", here / "e", "--workers", 0)
+    os.chdir(before)
     return here / "e", printed.getvalue()
 
 def test_eval_runs_every_task_with_the_protocols_galleries(world, trained, tmp_path):
@@ -987,18 +987,21 @@ def test_the_api_composes_and_any_encoders_give_evals_metrics(world, trained, ev
     assert torch.equal(model.embed_text("a red tower"), model.embed_text(["a red tower"])) and model.embed_text("hello").shape == (1, 32)
     assert torch.equal(model.embed_gps([40.7, -74.0]), model.embed_gps([[40.7, -74.0]])) and model.embed_gps([40.7, -74.0]).shape == (1, 32)
 
-def test_the_readme_section_runs_as_written(world, tmp_path):
+def test_the_readme_section_runs_as_written(world, trained, evaluated, tmp_path):
     """README's "Evaluate your own model", its Python block executed as written, here on the
-    tiny world where the README's data/synthetic would be."""
+    tiny world and run where the README's data/synthetic and runs/mml would be: a checkpoint
+    handed to evaluate_encoders as README shows gives eval's very numbers."""
     readme = (HERE / "README.md").read_text()
     section = readme.split("## Evaluate your own model", 1)[1]
     code = section.split("```python\n", 1)[1].split("```", 1)[0]
     assert len([line for line in code.splitlines() if line.strip()]) <= 15
-    (tmp_path / "data").mkdir()
-    (tmp_path / "data/synthetic").symlink_to(world)
+    for link, target in (("data/synthetic", world), ("runs/mml", trained)):
+        (tmp_path / link).parent.mkdir(exist_ok=True)
+        (tmp_path / link).symlink_to(target)
     exec(compile(code, "README.md", "exec"), {})
     results = task_results(tmp_path / "runs/mine")
     assert {"G2S", "S2G"} <= set(results) and results["G2S"]["official"]["R@1"] >= 0
+    assert task_results(tmp_path / "runs/again") == task_results(evaluated[0])
 
 @pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
 def test_the_python_api_refuses_what_it_cannot_embed_in_one_line(trained, tmp_path):
@@ -1659,8 +1662,7 @@ def test_convert_never_replaces_a_file_it_did_not_write(tmp_path, capsys):
 # ---- several processes --------------------------------------------------------------------
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+    with socket.create_server(("127.0.0.1", 0)) as s:
         return s.getsockname()[1]
 
 def ddp_setup():
@@ -1675,8 +1677,10 @@ def loss_and_grads(model, emb, scale) -> dict:
     total.backward()
     return {"loss": torch.stack([total.detach(), *(p.detach() for p in parts.values())]), "grads": {n: p.grad.clone() for n, p in model.named_parameters()}}
 
-def ddp_worker(rank: int, port: int, out: str):
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=60))
+def two_process_worker(rank: int, ddp_port: int, port: int, argv: list, out: str):
+    """The loss and gradients of a fixed batch's half (ddp.pt), then `train` recording what
+    `augment` receives ({rank}.pt)."""
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{ddp_port}", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=60))
     cfg, model, batch = ddp_setup()
     ddp = torch.nn.parallel.DistributedDataParallel(model)  # kept alive: its hooks all-reduce in backward
     emb, scale = ddp({m: x[4 * rank:4 * rank + 4] for m, x in batch.items()})  # this process's half
@@ -1684,11 +1688,8 @@ def ddp_worker(rank: int, port: int, out: str):
     dist.all_reduce(r["loss"])
     r["loss"] /= 2  # the mean of the two halves' losses is the global batch's loss
     if rank == 0:
-        torch.save(r, out)
+        torch.save(r, f"{out}/ddp.pt")
     dist.destroy_process_group()
-
-def two_process_worker(rank: int, ddp_port: int, port: int, argv: list, out: str):
-    ddp_worker(rank, ddp_port, f"{out}/ddp.pt")
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     record_training_inputs([*argv, "--out", f"{out}/run{rank}"], Path(f"{out}/{rank}.pt"))
 
