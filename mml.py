@@ -7,8 +7,8 @@ view its photos (S2G), a photo, an aerial view or a sentence its location (G2C, 
 and a sentence its images (T2G, T2S).
 
     pip install -r requirements.txt
-    python mml.py train   # no data: writes a synthetic world, then trains (5 min, 2 cores)
-    python mml.py eval    # all 13 tasks, official and strict (10 s); --viz: pictures
+    python mml.py train   # no data: writes a synthetic world, then trains (3 min, 2 cores)
+    python mml.py eval    # all 13 tasks, official and strict (8 s); --viz: pictures
     python mml.py train --data /data/MMLandmarks --preset paper --clip DIR  # the authors'
     torchrun --standalone --nproc_per_node=8 mml.py train --data /data/MMLandmarks ...
 
@@ -2703,7 +2703,8 @@ def synthetic_world(scale: float) -> Path:
     if rank_and_world()[0] == 0 and not root.exists():  # renamed into place when whole
         t = time.time()
         print0(f"no --data given: generating a synthetic world in {root} ...")
-        print0(f"  done in {time.time() - t:.0f}s: {json.dumps(synthesize(root, scale))}")
+        counts = synthesize(root, scale)
+        print0(f"  done in {time.time() - t:.0f}s: {json.dumps(counts)}")
     if dist.is_initialized():  # every process, whether or not the world had to be written
         dist.barrier()
     return root
