@@ -341,7 +341,7 @@ class ImageStore:
         """The image, written into `out` when given (a batch's slot)."""
         out = np.empty((self.size, self.size, 3), np.uint8) if out is None else out
         if self.cache:
-            return self.cache.read(image_id, out, self.path)
+            return self.cache.read(image_id, out, self)
         try:
             out[...] = load_image(self.path(image_id), self.size, self.resize)
         except Exception as e:  # missing, truncated, not an image: decoders raise all sorts
@@ -2391,12 +2391,12 @@ class Cache:
     def __getstate__(self):
         return {**self.__dict__, "file": None}  # reopened in each worker, not pickled into it
 
-    def read(self, image_id: str, out: np.ndarray, path) -> np.ndarray:
+    def read(self, image_id: str, out: np.ndarray, store) -> np.ndarray:
         """The image, read straight into `out`: 5-10x faster than copying out of a memory map,
         whose first touch of each page faults. Each process opens the file itself (forked
         workers sharing a descriptor would share its read position)."""
-        if image_id in self.broken:  # path(image_id): the file it was made from
-            raise UnreadableFile(f"{path(image_id)}: could not be decoded when cached")
+        if image_id in self.broken:  # named by the file the store would have decoded
+            raise UnreadableFile(f"{store.path(image_id)}: could not be decoded when cached")
         if self.pid != os.getpid():
             self.file, self.pid = open(self.array, "rb", buffering=0), os.getpid()
         self.file.seek(self.row_of[image_id] * out.nbytes)
