@@ -201,10 +201,11 @@ def read_csv(path: Path, columns: list[str]) -> dict[str, list]:
                             f"{first[landmark]})")
     return table
 
-def by_landmark(path: Path, column: str, listing: Path, ids: list[int]) -> dict:
-    """{landmark id: cell} of one of a split's CSVs, checked both ways against its listing."""
-    table = read_csv(path, ["landmark_id", column])
-    cells, listed = dict(zip(table["landmark_id"], table[column])), set(ids)
+def by_landmark(listing: Path, name: str, column: str, ids: list[int]) -> dict:
+    """{landmark id: cell} of the listing's mml_{split}_{name}.csv, checked both ways against
+    the listing: each landmark in both, or one line naming the first few."""
+    path = listing.with_name(f"{listing.stem}_{name}.csv")
+    cells, listed = dict(zip(*read_csv(path, ["landmark_id", column]).values())), set(ids)
     for missing, here, there in (([i for i in cells if i not in listed], listing, path.name),
                                  ([i for i in ids if i not in cells], path, listing.name)):
         if missing:
@@ -246,22 +247,19 @@ def read_split(root: Path, split: str) -> Split:
     listing = d / f"mml_{split}.csv"
     table = read_csv(listing, ["landmark_id", "lat", "lon"])
     ids = table["landmark_id"]
-    ground = by_landmark(d / f"mml_{split}_ground.csv", "images", listing, ids)
+    ground = by_landmark(listing, "ground", "images", ids)
     # every year's aerial ids, oldest first (the last is the latest); the query split lists
     # the latest alone, every year in _all_satellite
-    sat = by_landmark(d / f"mml_{split}_{'all_' * query}satellite.csv", "images", listing,
-                      ids)
-    latest = sat if not query else by_landmark(d / "mml_query_satellite.csv", "images",
-                                               listing, ids)
-    text = by_landmark(d / f"mml_{split}_text.csv", "json", listing, ids)
-    no_cues = query and by_landmark(d / "mml_query_text_sentences.csv", "sentences", listing,
-                                    ids)
-    rows = [n for n, i in enumerate(ids) if ground[i] and sat[i] and latest[i]]
-    if len(rows) < len(ids):
-        print0(f"{d}: {len(ids) - len(rows)} landmarks without photo or tile skipped")
-    kept = [ids[n] for n in rows]
+    sat = by_landmark(listing, "all_satellite" if query else "satellite", "images", ids)
+    latest = by_landmark(listing, "satellite", "images", ids) if query else sat
+    text = by_landmark(listing, "text", "json", ids)
+    no_cues = by_landmark(listing, "text_sentences", "sentences", ids) if query else None
+    kept = [i for i in ids if ground[i] and sat[i] and latest[i]]
+    if len(kept) < len(ids):
+        print0(f"{d}: {len(ids) - len(kept)} landmarks without photo or tile skipped")
+    latlon = dict(zip(ids, zip(table["lat"], table["lon"])))
     return Split(d, np.array(kept, dtype=np.int64),
-                 np.array([[table["lat"][n], table["lon"][n]] for n in rows]).reshape(-1, 2),
+                 np.array([latlon[i] for i in kept], dtype=np.float64).reshape(-1, 2),
                  [ground[i] for i in kept], [sat[i] for i in kept],
                  [latest[i][-1] for i in kept], [text[i] for i in kept],
                  [no_cues[i] for i in kept] if query else None)
@@ -412,17 +410,16 @@ class Sentences:
 class LandmarkSet(torch.utils.data.Dataset):
     """[(epoch, row), ...] -> {"G", "S": (B, 3, H, H) uint8, "T": (B, L) ids, "C": (B, 2)
     lat/lon, "bad": B strings naming unreadable files, skipped for another view}. Training
-    draws a photo, a year's aerial image and a --train-text
-    sentence, seeded by (seed, epoch, row) in any worker; validation takes the first photo,
-    the latest tile, the first sentence. Whole batches: in a worker, each image is read into
-    its slot of a shared-memory array, sparing the two copies of every pixel that collating
-    costs (2x a worker's throughput); stored (B, H, H, 3), so that (B, 3, H, H) is
-    channels-last, the layout GPU convolutions run fastest in."""
+    draws a photo, a year's aerial image and a --train-text sentence, seeded by (seed, epoch,
+    row) in any worker; validation takes the first photo, the latest tile, the first
+    sentence. In a worker, each image is read into its slot of a shared-memory batch, sparing
+    the two copies of every pixel that collating costs (2x a worker's throughput); stored
+    (B, H, H, 3), so that (B, 3, H, H) is channels-last, the layout GPU convolutions prefer."""
 
     def __init__(self, split: Split, stores: dict, sentences: Sentences, cfg: Config,
                  train: bool):
         self.split, self.stores, self.sentences, self.cfg = split, stores, sentences, cfg
-        self.train = train
+        self.train, self.mode = train, cfg.train_text if train else "first"
 
     def __len__(self):
         return len(self.split.ids)
@@ -444,14 +441,10 @@ class LandmarkSet(torch.utils.data.Dataset):
         rows, tokens, bad = [i for _, i in keys], [], []
         for j, (epoch, i) in enumerate(keys):
             rng, problems = random.Random(f"{self.cfg.seed}/{epoch}/{i}"), []
-            if "G" in mods:
-                self.view("G", s.ground[i], rng, images["G"][j].numpy(), problems)
-            if "S" in mods:
-                self.view("S", s.sat[i] if self.train else [s.latest[i]], rng,
-                          images["S"][j].numpy(), problems)
-            if "T" in mods:
-                tokens.append(self.sentences.pick(i, self.cfg.train_text if self.train else
-                                                  "first", rng))
+            views = {"G": s.ground[i], "S": s.sat[i] if self.train else [s.latest[i]]}
+            for m, x in images.items():  # G, then S: the draws' order
+                self.view(m, views[m], rng, x[j].numpy(), problems)
+            tokens.append(self.sentences.pick(i, self.mode, rng) if "T" in mods else 0)
             bad.append("\n".join(problems))
         out = {m: x.permute(0, 3, 1, 2) for m, x in images.items()}  # (B, 3, H, H)
         if "T" in mods:
@@ -460,28 +453,19 @@ class LandmarkSet(torch.utils.data.Dataset):
             out["C"] = torch.tensor(s.latlon[rows], dtype=torch.float32)  # (B, 2)
         return out | {"bad": bad}
 
-class EpochSampler(torch.utils.data.Sampler):
+def epoch_batches(n: int, batch: int, seed: int, rank: int = 0, world: int = 1,
+                  start: int = 0, stop: int = 0):
     """One process's batches of (epoch, row) keys, steps start to stop: per epoch, a
     permutation seeded by (seed, epoch) cut into global batches of B (the last partial one
     dropped), of which process r takes the r-th of W slices. The same batches for any W,
     resumable, one iterator for the run: workers never drain at an epoch's end."""
-
-    def __init__(self, n: int, batch: int, seed: int, rank: int = 0, world: int = 1,
-                 start: int = 0, stop: int = 0):
-        self.n, self.batch, self.seed, self.rank, self.world = n, batch, seed, rank, world
-        self.start, self.stop = start, stop
-
-    def __len__(self):
-        return self.stop - self.start
-
-    def __iter__(self):
-        per_epoch, local = self.n // self.batch, self.batch // self.world
-        for step in range(self.start, self.stop):
-            epoch, b = divmod(step, per_epoch)
-            if b == 0 or step == self.start:
-                perm = np.random.default_rng([self.seed, epoch]).permutation(self.n)
-            first = b * self.batch + self.rank * local
-            yield [(epoch, int(i)) for i in perm[first:first + local]]
+    per_epoch, local = n // batch, batch // world
+    for step in range(start, stop):
+        epoch, b = divmod(step, per_epoch)
+        if b == 0 or step == start:
+            perm = np.random.default_rng([seed, epoch]).permutation(n)
+        first = b * batch + rank * local
+        yield [(epoch, int(i)) for i in perm[first:first + local]]
 
 def augment_params(seed: int, epoch: int, step: int, n: int, recipe: str = "mml"):
     """(n, 2, 7) jitter of one global batch's ground and aerial views: brightness, contrast,
@@ -1067,7 +1051,7 @@ def ignore_stop_signals(worker_id: int):
     for s in (signal.SIGTERM, signal.SIGINT):
         signal.signal(s, signal.SIG_IGN)
 
-def training_loader(data: LandmarkSet, sampler: EpochSampler, cfg: Config, device):
+def training_loader(data: LandmarkSet, sampler, cfg: Config, device):
     """Training batches from workers (batch_size None: the sampler yields whole batches)."""
     return torch.utils.data.DataLoader(
         data, batch_size=None, sampler=sampler, num_workers=cfg.workers,
@@ -1183,8 +1167,8 @@ def fit(cfg: Config):
         print0(f"batch {cfg.batch_size} > {len(train_set)} training landmarks: using {B}")
     per_epoch = len(train_set) // B
     total, step = cfg.max_steps or cfg.epochs * per_epoch, ckpt["step"] if ckpt else 0
-    loader = training_loader(train_set, EpochSampler(len(train_set), B, cfg.seed, rank, world,
-                                                     step, total), cfg, device)
+    loader = training_loader(train_set, epoch_batches(len(train_set), B, cfg.seed, rank, world,
+                                                      step, total), cfg, device)
     # The same seed on every process: identical initial weights. No per-rank offset (nanoGPT
     # has one for its data): every draw of the data is keyed by (seed, epoch, row) or by a
     # sample's place in the global batch.
@@ -2515,7 +2499,7 @@ def bench(cfg: Config):
     if "loader" in cfg.phases:
         data = training_sets(cfg, None)[0]
         B = min(cfg.batch_size, len(data))
-        batches = iter(training_loader(data, EpochSampler(len(data), B, 0, stop=10**9), cfg,
+        batches = iter(training_loader(data, epoch_batches(len(data), B, 0, stop=10**9), cfg,
                                        device))
         seconds = timed(lambda: next(batches), lambda: None, 3.0)  # after the workers start
         row(f"training loader, {cfg.workers} workers", f"{B / seconds:,.0f}", "samples/s, " + (
