@@ -120,10 +120,9 @@ def print0(*args):
 # ---- geometry -----------------------------------------------------------------------------
 
 def equal_earth(latlon: torch.Tensor, scaled: bool = True) -> torch.Tensor:
-    """(..., 2) degrees (lat, lon) -> (..., 2) Equal Earth (x, y) (Savric et al. 2018), the
-    equal-area projection GeoCLIP feeds its location encoder, scaled by SF/180 so that x is
-    in [-1, 1], as its pretrained weights expect. The MMLandmarks authors' copy leaves the
-    scaling out (scaled=False); their encoder, trained from scratch, was fit to that."""
+    """(..., 2) degrees (lat, lon) -> (..., 2) Equal Earth (x, y) (Savric et al. 2018), as
+    GeoCLIP feeds its location encoder: scaled by SF/180 to x in [-1, 1]. The authors' copy
+    leaves the scaling out (scaled=False), and their encoder was trained without it."""
     a1, a2, a3, a4, sf = 1.340264, -0.081106, 0.000893, 0.003796, 66.50336
     lat, lon = torch.deg2rad(latlon[..., 0]), torch.deg2rad(latlon[..., 1])
     theta = torch.asin(math.sqrt(3) / 2 * torch.sin(lat))
@@ -297,10 +296,9 @@ def read_text(path: Path, limit: int) -> str:  # else ValueError or OSError
     return path.read_text(encoding="utf-8")
 
 def to_square(im: Image.Image, size: int, resize: str = "crop") -> np.ndarray:
-    """An RGB image -> (H, H, 3) uint8. crop: the short side to H, then the centre square.
-    squash: the whole image to H x H as the authors' OpenCV INTER_LINEAR_EXACT, which torch's
-    bilinear without antialiasing matches within a grey level (PIL's: up to 96 off). clip:
-    as CLIP's image processor (bicubic)."""
+    """An RGB image -> (H, H, 3) uint8. crop: short side to H, centre square. squash: whole
+    image to H x H as the authors' OpenCV INTER_LINEAR_EXACT (torch's bilinear without
+    antialiasing: within a grey level; PIL's: up to 96). clip: as CLIP's processor (bicubic)."""
     if resize == "crop":
         return np.array(ImageOps.fit(im, (size, size), Image.BILINEAR))
     if resize == "squash":
@@ -377,13 +375,12 @@ def tokenize(tok: Tokenizer, sentences: list[str]) -> torch.Tensor:
     return torch.tensor([e.ids for e in tok.encode_batch(sentences)], dtype=torch.long)
 
 class Sentences:
-    """A split's sentences, cut the authors' way (PROTOCOL 2; naive on purpose, so that
-    numbers compare): sections, paragraphs at newlines, pieces at '. '. tree[i] holds article
-    i's rows of `texts` (and `tokens`) by section and paragraph:
+    """A split's sentences, cut the authors' way (PROTOCOL 2; naive, so that numbers compare):
+    sections, paragraphs at newlines, pieces at '. '; tree[i] holds article i's rows of
+    `texts` (and `tokens`), mode "first" only the first piece:
 
         {"Lead": "A. B\\nC", "Past": "D"}  ->  texts [A, B, C, D], tree [[[0, 1], [2]], [[3]]]
-
-    Mode "first" keeps the first piece."""
+    """
 
     def __init__(self, articles: list[dict | None], tok: Tokenizer | None, mode: str):
         self.texts, self.tree, keep = [], [], 1 if mode == "first" else None
@@ -408,13 +405,11 @@ class Sentences:
         return node
 
 class LandmarkSet(torch.utils.data.Dataset):
-    """[(epoch, row), ...] -> {"G", "S": (B, 3, H, H) uint8, "T": (B, L) ids, "C": (B, 2)
-    lat/lon, "bad": B strings naming unreadable files, skipped for another view}. Training
-    draws a photo, a year's aerial image and a --train-text sentence, seeded by (seed, epoch,
-    row) in any worker; validation takes the first photo, the latest tile, the first
-    sentence. In a worker, each image is read into its slot of a shared-memory batch, sparing
-    the two copies of every pixel that collating costs (2x a worker's throughput); stored
-    (B, H, H, 3), so that (B, 3, H, H) is channels-last, the layout GPU convolutions prefer."""
+    """[(epoch, row), ...] -> {"G", "S": (B, 3, H, H) uint8, "T": (B, L), "C": (B, 2), "bad":
+    the unreadable files skipped}. Training draws a photo, a year's tile, a --train-text
+    sentence by (seed, epoch, row), in any worker; validation the first photo, latest tile,
+    first sentence. Images go into a shared-memory batch (no collating: 2x a worker's speed),
+    stored (B, H, H, 3) so that (B, 3, H, H) is channels-last, as GPU convolutions prefer."""
 
     def __init__(self, split: Split, stores: dict, sentences: Sentences, cfg: Config,
                  train: bool):
@@ -455,10 +450,9 @@ class LandmarkSet(torch.utils.data.Dataset):
 
 def epoch_batches(n: int, batch: int, seed: int, rank: int = 0, world: int = 1,
                   start: int = 0, stop: int = 0):
-    """One process's batches of (epoch, row) keys, steps start to stop: per epoch, a
-    permutation seeded by (seed, epoch) cut into global batches of B (the last partial one
-    dropped), of which process r takes the r-th of W slices. The same batches for any W,
-    resumable, one iterator for the run: workers never drain at an epoch's end."""
+    """Process r's (epoch, row) keys for steps start to stop: the r-th of W slices of global
+    batches cut from a permutation per epoch, seeded by (seed, epoch), the last partial one
+    dropped. The same for any W, resumable, and one iterator for the run (no drain)."""
     per_epoch, local = n // batch, batch // world
     for step in range(start, stop):
         epoch, b = divmod(step, per_epoch)
@@ -468,11 +462,10 @@ def epoch_batches(n: int, batch: int, seed: int, rank: int = 0, world: int = 1,
         yield [(epoch, int(i)) for i in perm[first:first + local]]
 
 def augment_params(seed: int, epoch: int, step: int, n: int, recipe: str = "mml"):
-    """(n, 2, 7) jitter of one global batch's ground and aerial views: brightness, contrast,
-    saturation; r (blur if r < 0.2, sharpen if r < 0.4); the blur's sigma; quarter turns; a
-    hue shift in turns. mml: factors in [0.8, 1.2]. paper, the authors' albumentations:
-    ColorJitter(0.15 x 4) on half the samples, blur or sharpen 15% each. Keyed by (seed,
-    epoch, step), taken by place in the batch: the same for any workers, processes, resume."""
+    """(n, 2, 7) jitter of a global batch's ground and aerial views: brightness, contrast,
+    saturation, r (blur if r < 0.2, sharpen if < 0.4), blur sigma, quarter turns, hue shift.
+    mml: factors in [0.8, 1.2]; paper (the authors' albumentations): ColorJitter(0.15 x 4) on
+    half, blur, sharpen 15% each. Keyed by (seed, epoch, step) and place: any W, resume."""
     rng = np.random.default_rng([seed, epoch, step])
     u = torch.from_numpy(rng.random((n, 2, 6)))
     low = torch.tensor([0.8, 0.8, 0.8, 0.0, 0.3, 0.0], dtype=torch.float64)
@@ -489,11 +482,10 @@ def augment_params(seed: int, epoch: int, step: int, n: int, recipe: str = "mml"
 
 def augment(images: torch.Tensor, params: torch.Tensor, rotate: bool,
             hue: bool = False) -> torch.Tensor:
-    """(B, 3, H, H) uint8 -> (B, 3, H, H) float in [0, 1], each image by its row of params,
-    all at once on the images' device: torchvision's adjust_brightness, _contrast,
-    _saturation, gaussian_blur (3x3), adjust_sharpness (2), rot90 written for a batch (and
-    tested against them), aerial views turned (north is not special). `hue`: whether any
-    shift was drawn (known on the CPU: no sync asks the device)."""
+    """(B, 3, H, H) uint8 -> float in [0, 1], each image by its row of params, all at once on
+    its device: torchvision's adjust_brightness, _contrast, _saturation, gaussian_blur (3x3),
+    adjust_sharpness (2), rot90, for a batch (tested against them); aerial views turned (no
+    north). `hue`: whether any shift was drawn (known on the CPU: no sync asks the device)."""
     x = images.float() / 255
     bright, contrast, sat, r, sigma, turns, shift = (p.view(-1, 1, 1, 1) for p in params.T)
     gray = lambda x: (0.2989 * x[:, :1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:])  # ITU-R 601
@@ -755,12 +747,11 @@ class GatherWithGrad(torch.autograd.Function):
         return grad[dist.get_rank() * B:(dist.get_rank() + 1) * B]
 
 def contrastive_loss(emb: dict, scale: torch.Tensor, pairs: list[str], gather: bool = True):
-    """Symmetric InfoNCE (CLIP) per pair, averaged: (loss, {pair: loss}). emb: {m: (B, D) unit
-    vectors}, row i of each modality the same landmark, other rows its negatives. Under
-    torchrun each process scores its B rows against all W*B (open_clip's local loss), labels
-    offset by rank*B; DDP averages the gradients, so the update is the global batch's mean
-    (also scaling the loss by W would multiply the gradients by W: open_clip issue 616).
-    Outside autocast: logits up to 100 need float32."""
+    """Symmetric InfoNCE (CLIP) per pair, averaged: (loss, {pair: loss}); emb {m: (B, D)},
+    row i of every modality one landmark. Under torchrun a process scores its B rows against
+    all W*B, labels offset by rank*B (open_clip's local loss); DDP's mean of the gradients
+    is then the global batch's (scaling by W too would be open_clip issue 616). float32:
+    logits reach 100."""
     world = dist.get_world_size() if gather and dist.is_initialized() else 1
     cols = {m: GatherWithGrad.apply(e) if world > 1 else e  # (W*B, D)
             for m, e in emb.items()}
@@ -829,13 +820,10 @@ def positives(q_labels: torch.Tensor, g_labels: torch.Tensor) -> tuple:
 def rank_queries(q: torch.Tensor, g: torch.Tensor, q_labels: torch.Tensor,
                  g_labels: torch.Tensor, map_top: int = 1000, chunk: int = 512,
                  top: int = 5) -> dict:
-    """argsort_ranks' numbers without sorting the gallery, and each query's `top` best items
-    ("top", (Q, top)) and best positive ("match"). A positive's position is a count: the
-    items scoring at least as high, less the positives among them, plus those before it. The
-    first positive is counted in the whole gallery (for medR); AP needs only positives in the
-    top K = map_top, above which every item is in the top K too: those are counted among the
-    top K scores (topk selects, it does not sort), the gallery only for ties at the K-th.
-    Float32 scores, TF32 off; memory about 6 bytes x chunk x N."""
+    """argsort_ranks' numbers without a sort, plus each query's `top` best items ("top") and
+    best positive ("match"). A positive's position is a count of the items scoring at least
+    as high: in the whole gallery for the first (medR), else among the top K = map_top
+    scores (AP sees no further), the gallery only for a tie at the K-th. 6 bytes x chunk x N."""
     junk = g_labels == -1
     n_junk, order = int(junk.sum()), None
     if not bool(junk[:n_junk].all()):  # distractors first: counting them is then a slice
