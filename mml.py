@@ -1268,8 +1268,6 @@ def fit(cfg: Config):
 # top-1 item. A task's sides (the named lists of items it queries and searches) are embedded
 # by `Functions` (an mml checkpoint is one); `score` ranks, summarises and writes.
 
-SIDE = {"G": "ground", "S": "satellite", "C": "gps"}
-
 @dataclass(frozen=True)
 class Task:
     """A task: what queries (G, S, T), what is searched (G, S, C), which sentences (T2x)."""
@@ -1277,9 +1275,9 @@ class Task:
     gallery: str
     text: str = ""
     name = property(lambda t: f"{t.query}2{t.gallery}" + f"-{t.text}" * bool(t.text))
-    # its sides' names: queries, gallery
-    sides = property(lambda t: (f"query_{SIDE.get(t.query, 'text_' + t.text)}",
-                                f"gallery_{SIDE[t.gallery]}"))
+    # its sides' names: query_ground ... query_text_first, then gallery_ground ...
+    sides = property(lambda t: (f"query_{MODALITY[t.query]}" + f"_{t.text}" * bool(t.text),
+                                f"gallery_{MODALITY[t.gallery]}"))
 
 ALL_TASKS = [Task(q, g) for q, g in ("GS", "SG", "GC", "SC")] + [
     Task("T", g, text) for g in "GSC" for text in ("first", "random", "no_cues")]
@@ -1289,8 +1287,8 @@ def task_list(names: str) -> list[Task]:
     chosen = []
     for name in filter(None, (n.strip().upper() for n in names.split(","))):
         if not (match := [t for t in ALL_TASKS if name in (t.name.upper(), t.name[:3])]):
-            raise UserError(f"--tasks: no task {name!r} (known: "
-                            f"{', '.join(t.name for t in ALL_TASKS)})")
+            known = ", ".join(t.name for t in ALL_TASKS)
+            raise UserError(f"--tasks: no task {name!r} (known: {known})")
         chosen += match
     return list(dict.fromkeys(chosen)) or ALL_TASKS
 
@@ -1306,85 +1304,76 @@ def read_index(root: Path) -> Index:
     d = check_root(root, "index")
     ground = read_csv(d / "mml_index_ground.csv", ["images"])["images"]
     sat = read_csv(d / "mml_index_satellite.csv", ["images", "lat", "lon"])
-    return Index(d, sum(ground, []), sum(sat["images"], []),
+    return Index(d, [i for row in ground for i in row], [i for row in sat["images"] for i in row],
                  np.array([sat["lat"], sat["lon"]], dtype=np.float64).T.reshape(-1, 2))
 
 @dataclass
 class Side:
-    """One side of the protocol: its items in a fixed order, the same for every model."""
+    """One side of a task: its items in a fixed order, the same for every model."""
     name: str
     modality: str  # what embeds it: G, S (images), T (sentences), C (points)
     labels: torch.Tensor  # (N,) landmark ids; -1 marks a distractor
     ids: list[str]  # image ids; landmark ids for sentences and query points
     latlon: torch.Tensor | None  # (N, 2) float64 degrees, where known
-    show: list  # what a row is: a file path, a sentence, or a place's name
+    show: list  # what a row is: a file path or a sentence
     items: object  # images: [(split folder, kind, ids)]; sentences; (N, 2) points
 
 class Protocol:
     """The protocol's sides on one dataset, each built when a task first asks for it."""
 
     def __init__(self, root: Path):
-        self.root, self.query, self.index = root, read_split(root, "query"), read_index(root)
+        self.query, self.index = read_split(root, "query"), read_index(root)
         self.lm = torch.as_tensor(self.query.ids)  # (Q,)
         self.latlon = torch.as_tensor(self.query.latlon, dtype=torch.float64)  # (Q, 2)
-        self.sides = {}
 
+    @functools.cache  # once per Protocol, which lives for one evaluation
     def side(self, name: str) -> Side:
-        if name not in self.sides:
-            self.sides[name] = self.build(name)
-        return self.sides[name]
-
-    def build(self, name: str) -> Side:
         q, index, kind = self.query, self.index, name.split("_")[-1]
+        landmarks = [str(i) for i in q.ids.tolist()]
+        if name.startswith("query_text_"):  # a sentence a landmark
+            texts = self.sentences(name.removeprefix("query_text_"))
+            return Side(name, "T", self.lm, landmarks, self.latlon, texts, texts)
+        if name == "gallery_gps":
+            points = torch.cat([torch.as_tensor(index.sat_latlon), self.latlon])
+            labels = torch.cat([torch.full((len(index.sat),), -1), self.lm])
+            return Side(name, "C", labels, index.sat + landmarks, points, [""] * len(points),
+                        points)
         if name == "query_ground":  # every query photo, labelled with its landmark
             n = torch.tensor([len(g) for g in q.ground])
-            parts = [(q.dir, kind, sum(q.ground, []))]
+            parts = [(q.dir, kind, [i for g in q.ground for i in g])]
             labels, latlon = self.lm.repeat_interleave(n), self.latlon.repeat_interleave(n, 0)
         elif name == "query_satellite":  # each query landmark's latest aerial image
             parts, labels, latlon = [(q.dir, kind, q.latest)], self.lm, self.latlon
-        elif name.startswith("gallery") and kind != "gps":  # the index's, then the query's
+        else:  # gallery_ground or gallery_satellite
             own, junk = self.side(f"query_{kind}"), index.ground if kind == "ground" else index.sat
             parts, latlon = [(index.dir, kind, junk), *own.items], None
             labels = torch.cat([torch.full((len(junk),), -1), own.labels])
-        elif name == "gallery_gps":
-            points = torch.cat([torch.as_tensor(index.sat_latlon), self.latlon])
-            ids = index.sat + [str(i) for i in q.ids.tolist()]
-            labels = torch.cat([torch.full((len(index.sat),), -1), self.lm])
-            return Side(name, "C", labels, ids, points, [""] * len(ids), points)
-        else:
-            texts = self.sentences(name.removeprefix("query_text_"))
-            ids = [str(i) for i in q.ids.tolist()]
-            return Side(name, "T", self.lm, ids, self.latlon, texts, texts)
-        ids = [i for _, _, part in parts for i in part]
+        ids = [i for *_, part in parts for i in part]
         show = [shard(d, k, i) for d, k, part in parts for i in part]
         return Side(name, LETTER[kind], labels, ids, latlon, show, parts)
 
     def sentences(self, mode: str) -> list[str]:
-        """A sentence per query landmark: first, random, or the no_cues of
-        mml_query_text_sentences.csv. The random ones are the authors' own draw
-        (eval_dataset.py): one random.Random(42) over mml_query_text.csv's rows in file order,
-        a section, paragraph and piece each: part of the protocol, changed by no option."""
+        """A sentence per query landmark: first, random, or mml_query_text_sentences.csv's
+        no_cues. Random is the authors' own draw (eval_dataset.py): one random.Random(42) over
+        mml_query_text.csv's rows in file order, a section, paragraph and piece each."""
         q = self.query
         if mode == "no_cues":
             return q.no_cues
         articles, bad = read_articles(q)
         if bad:
             raise UserError(f"{bad[0]} (evaluation needs every file of the protocol)")
-        table, rng, texts = Sentences(articles, None, "random"), random.Random(42), {}
-        row_of = {landmark: n for n, landmark in enumerate(q.ids.tolist())}
-        for landmark in read_csv(q.dir / "mml_query_text.csv", ["landmark_id"])["landmark_id"]:
-            if landmark in row_of:
-                texts[landmark] = table.texts[table.pick(row_of[landmark], mode, rng)]
+        table, rng = Sentences(articles, None, "random"), random.Random(42)
+        row = {landmark: n for n, landmark in enumerate(q.ids.tolist())}
+        order = read_csv(q.dir / "mml_query_text.csv", ["landmark_id"])["landmark_id"]
+        texts = {i: table.texts[table.pick(row[i], mode, rng)] for i in order if i in row}
         return [texts[i] for i in q.ids.tolist()]
 
 class ImageList(torch.utils.data.Dataset):
     """An image side's parts -> ((3, H, H) uint8, "" or why the file could not be read)."""
 
     def __init__(self, parts: list, cfg: Config):
-        self.rows = []  # (store, image id): one store a part
-        for split_dir, kind, ids in parts:
-            store = ImageStore(split_dir, kind, cfg, ids)
-            self.rows += [(store, i) for i in ids]
+        stores = [ImageStore(d, kind, cfg, ids) for d, kind, ids in parts]  # one a part
+        self.rows = [(store, i) for store, (*_, ids) in zip(stores, parts) for i in ids]
 
     def __len__(self):
         return len(self.rows)
@@ -1399,12 +1388,12 @@ class ImageList(torch.utils.data.Dataset):
 @torch.no_grad()
 def embed(fn, data, what: str, cfg: Config, device, spread: bool = True) -> torch.Tensor:
     """(N, D) float32 embeddings on `device` of an ImageList, sentences, points or features,
-    --eval-batch at a time, each batch handed to fn on the CPU and what it returns checked.
-    Under torchrun (and `spread`) each process embeds its share and all receive every row."""
+    --eval-batch at a time, each batch handed to fn and what it returns checked. Under
+    torchrun (and `spread`) each process embeds its share and all receive every row."""
     rank, world = rank_and_world() if spread else (0, 1)
     n, B = len(data), cfg.eval_batch
     lo, hi = n * rank // world, n * (rank + 1) // world
-    if isinstance(data, torch.utils.data.Dataset):
+    if isinstance(data, ImageList):
         batches = torch.utils.data.DataLoader(
             torch.utils.data.Subset(data, range(lo, hi)), batch_size=B,
             num_workers=cfg.workers, pin_memory=device.type == "cuda")
@@ -1415,12 +1404,12 @@ def embed(fn, data, what: str, cfg: Config, device, spread: bool = True) -> torc
         if bad := [e for e in errors if e]:  # unlike training: a gap would change the task
             raise UserError(f"{bad[0]} (evaluation needs every file of the protocol)")
         done = lo + sum(map(len, parts))
-        parts.append(batch_rows(fn(x), len(x), what, parts[0].shape[1] if parts else 0,
-                                done).to(device))
+        width = parts[0].shape[1] if parts else 0
+        parts.append(batch_rows(fn(x), len(x), what, width, done).to(device))
         if time.time() - t_print > 10:
             rate, t_print = (done - lo) * world / (time.time() - t0), time.time()
-            print0(f"  embedding {what}: {done * world}/{n}, {rate:.0f}/s, ETA "
-                   f"{fmt_time((n - done * world) / max(rate, 1e-9))}")
+            eta = fmt_time((n - done * world) / max(rate, 1e-9))
+            print0(f"  embedding {what}: {done * world}/{n}, {rate:.0f}/s, ETA {eta}")
     emb = torch.cat(parts) if parts else torch.zeros(0, 1, device=device)
     if world == 1:
         return emb
@@ -1432,15 +1421,14 @@ def embed(fn, data, what: str, cfg: Config, device, spread: bool = True) -> torc
 def batch_rows(out, n: int, what: str, width: int = 0, first: int = 0) -> torch.Tensor:
     """What an encoder returned for a batch of n, held to the protocol: (n, D) floats, D the
     width of its earlier batches, every row finite (rows numbered from `first`)."""
-    array = torch.is_tensor(out) or isinstance(out, (np.ndarray, list, tuple))
-    found = f"a {type(out).__name__}"  # None, a string: nothing like an array
+    found = f"a {type(out).__name__}"  # a string, a dict: nothing like an array
     with contextlib.suppress(TypeError, ValueError):
         out = out if torch.is_tensor(out) else torch.as_tensor(np.asarray(out, dtype=float))
         found = f"{tuple(out.shape)} {out.dtype}"
-    if not array or out.dim() != 2 or len(out) != n or not out.is_floating_point() or (
-            width and out.shape[1] != width):
-        raise UserError(f"{what}: the encoder returned {found} for a batch of {n}; expected "
-                        f"({n}, {width or 'D'}) floats")
+    if not torch.is_tensor(out) or out.dim() != 2 or len(out) != n or (
+            not out.is_floating_point() or width and out.shape[1] != width):
+        raise UserError(f"{what}: the encoder returned {found} for a batch of {n}; "
+                        f"expected ({n}, {width or 'D'}) floats")
     if not bool((finite := torch.isfinite(out).all(1)).all()):
         row = first + int(torch.nonzero(~finite)[0])
         raise UserError(f"{what}: the embedding of row {row} is not finite (NaN or inf)")
@@ -1448,8 +1436,8 @@ def batch_rows(out, n: int, what: str, width: int = 0, first: int = 0) -> torch.
 
 def unit_rows(emb: torch.Tensor, side: Side) -> torch.Tensor:
     """A side's embeddings as the unit vectors cosine scores need: others normalised, with a
-    warning; a zero row has no direction. Norms in float64: a float32 norm of rows past about
-    1e19 overflows, and would zero them."""
+    warning; a zero row has no direction. Norms in float64: in float32, rows past about
+    1e19 overflow to an infinite norm, and would become zeros."""
     norms = emb.double().norm(dim=1, keepdim=True)  # (N, 1)
     if bool((norms == 0).any()):
         row = int(torch.nonzero(norms[:, 0] == 0)[0])
@@ -1459,13 +1447,13 @@ def unit_rows(emb: torch.Tensor, side: Side) -> torch.Tensor:
         emb = (emb.double() / norms).float()
     return emb
 
+@dataclass
 class Functions:
     """Any encoders, as functions of a batch on the CPU: {"G" or "S": (B, 3, H, H) uint8 images
     (decoded by --resize to img_size), "T": B strings, "C": (B, 2) float64 lat/lon} -> (B, D)
     floats, a tensor or an array."""
-
-    def __init__(self, fns: dict, cfg: Config):
-        self.fns, self.cfg = fns, cfg
+    fns: dict
+    cfg: Config
 
     def width(self, m: str) -> int:
         """The width D of modality m's embeddings, from a batch of one blank input."""
@@ -1475,39 +1463,40 @@ class Functions:
         return batch_rows(self.fns[m](blank), 1, f"{MODALITY[m]} encoder").shape[1]
 
     def embed_side(self, side: Side) -> torch.Tensor:
-        data = ImageList(side.items, self.cfg) if side.modality in "GS" else side.items
-        return embed(self.fns[side.modality], data, f"{MODALITY[side.modality]} encoder on "
-                     f"{side.name}", self.cfg, device_of(self.cfg))
+        m = side.modality
+        data = ImageList(side.items, self.cfg) if m in "GS" else side.items
+        return embed(self.fns[m], data, f"{MODALITY[m]} encoder on {side.name}", self.cfg,
+                     device_of(self.cfg))
 
 def score(protocol: Protocol, embedder: Functions, cfg: Config, source: dict) -> dict:
     """The tasks of --tasks that the embedder has encoders for (the others named and skipped),
     each side embedded once: rank, summarise, write each task's CSV then its entry in
     metrics.json (--viz: its picture), print the tables. A task whose sides differ in width
     is named before anything is embedded; the others run, then it ends in an error."""
-    device, out, tasks, results = device_of(cfg), Path(cfg.out) / "eval", [], {}
+    device, out, tasks, results, embedded = device_of(cfg), Path(cfg.out) / "eval", [], {}, {}
     for task in task_list(cfg.tasks):
-        if absent := [m for m in task.query + task.gallery if m not in embedder.fns]:
-            if cfg.tasks:
-                raise UserError(f"task {task.name}: no {MODALITY[absent[0]]} encoder")
-            print0(f"skipping {task.name}: no {MODALITY[absent[0]]} encoder")
-        else:
+        absent = [MODALITY[m] for m in task.query + task.gallery if m not in embedder.fns]
+        if not absent:
             tasks.append(task)
-    width = {m: embedder.width(m) for m in dict.fromkeys("".join(t.query + t.gallery
-                                                                 for t in tasks))}
+        elif cfg.tasks:  # asked for by name
+            raise UserError(f"task {task.name}: no {absent[0]} encoder")
+        else:
+            print0(f"skipping {task.name}: no {absent[0]} encoder")
+    modalities = dict.fromkeys("".join(t.query + t.gallery for t in tasks))  # in order
+    width = {m: embedder.width(m) for m in modalities}
     clash = [f"{t.name}: {MODALITY[t.query]} embeddings are {width[t.query]}-d, "
              f"{MODALITY[t.gallery]} {width[t.gallery]}-d; a task's two sides share one space"
              for t in tasks if width[t.query] != width[t.gallery]]
     for line in clash:
         print0(f"skipping {line}")
-    embedded = {}
     for task in (t for t in tasks if width[t.query] == width[t.gallery]):
         for name in (n for n in task.sides if n not in embedded):
-            s = protocol.side(name)
-            embedded[name] = s, unit_rows(embedder.embed_side(s), s)
+            side = protocol.side(name)
+            embedded[name] = unit_rows(embedder.embed_side(side), side)
         if rank_and_world()[0] != 0:  # every process embeds its share; process 0 scores
             continue
-        (q, q_emb), (g, g_emb) = embedded[task.sides[0]], embedded[task.sides[1]]
-        t0 = time.time()
+        (q, g), t0 = map(protocol.side, task.sides), time.time()
+        q_emb, g_emb = embedded[q.name], embedded[g.name]
         ranks = rank_queries(q_emb, g_emb, q.labels.to(device), g.labels.to(device),
                              chunk=cfg.chunk)
         res = summarise(ranks) | {"queries": len(q.ids), "gallery": len(g.ids),
@@ -1516,9 +1505,8 @@ def score(protocol: Protocol, embedder: Functions, cfg: Config, source: dict) ->
         if task.gallery == "C":  # the guess is the top-1 point
             pred = g.latlon[ranks["top"][:, 0].cpu()]
             res["geo"] = geo_metrics(km := haversine_km(pred, q.latlon))
-            columns |= {"pred_lat": [f"{v:.6f}" for v in pred[:, 0].tolist()],
-                        "pred_lon": [f"{v:.6f}" for v in pred[:, 1].tolist()],
-                        "error_km": [f"{v:.3f}" for v in km.tolist()]}
+            columns |= {"pred_lat": decimals(pred[:, 0], 6), "pred_lon": decimals(pred[:, 1], 6),
+                        "error_km": decimals(km, 3)}
         print(f"{task.name}: {len(q.ids)} queries x {len(g.ids)} gallery ({res['distractors']} "
               f"distractors) ranked in {time.time() - t0:.2f}s", flush=True)
         text = io.StringIO()  # the CSV, then its entry: a task's two are written together
@@ -1537,26 +1525,28 @@ def score(protocol: Protocol, embedder: Functions, cfg: Config, source: dict) ->
         raise UserError(clash[0] + f" (and {len(clash) - 1} more)" * (len(clash) > 1))
     return results
 
+def decimals(x: torch.Tensor, places: int) -> list[str]:
+    return [f"{v:.{places}f}" for v in x.tolist()]
+
 def per_query(ranks: dict, q: Side, g: Side) -> dict:
     """A task's CSV by column: per query its 1-based ranks, APs, its top 5 and which of them
     are of its landmark; for a sentence task the sentence."""
-    hits = (g.labels[ranks["top"].cpu()] == q.labels[:, None]).int()  # (Q, 5)
-    both = ("strict", "official")
+    top, both = ranks["top"].cpu(), ("strict", "official")  # top: (Q, 5)
     return {"query_id": q.ids, "landmark_id": q.labels.tolist(),
             **({"query_text": q.show} if q.modality == "T" else {}),
             **{f"rank_{p}": (ranks[f"first_{p}"] + 1).tolist() for p in both},
-            **{f"ap_{p}": [f"{v:.6f}" for v in ranks[f"ap_{p}"].tolist()] for p in both},
-            "top5": [" ".join(g.ids[j] for j in row) for row in ranks["top"].tolist()],
-            "top5_hits": [" ".join(map(str, row)) for row in hits.tolist()]}
+            **{f"ap_{p}": decimals(ranks[f"ap_{p}"], 6) for p in both},
+            "top5": [" ".join(g.ids[j] for j in row) for row in top.tolist()],
+            "top5_hits": [" ".join(map(str, row)) for row in
+                          (g.labels[top] == q.labels[:, None]).int().tolist()]}
 
 @functools.cache
 def code_record() -> dict:
     """mml.py's sha256 and, in a git checkout, its commit: asked once a process."""
     here, commit = Path(__file__).resolve(), None
-    with contextlib.suppress(OSError, subprocess.SubprocessError):  # no git on this machine
-        git = subprocess.run(["git", "-C", str(here.parent), "rev-parse", "HEAD"],
-                             capture_output=True, text=True, timeout=10)
-        commit = git.stdout.strip() if git.returncode == 0 else None
+    with contextlib.suppress(OSError, subprocess.SubprocessError):  # no git, or no checkout
+        commit = subprocess.run(["git", "-C", str(here.parent), "rev-parse", "HEAD"], check=True,
+                                capture_output=True, text=True, timeout=10).stdout.strip()
     return {"mml_sha256": hashlib.sha256(here.read_bytes()).hexdigest(), "git": commit}
 
 def write_metrics(path: Path, results: dict, cfg: Config, device, source: dict):
@@ -1565,10 +1555,10 @@ def write_metrics(path: Path, results: dict, cfg: Config, device, source: dict):
     earlier = {}
     with contextlib.suppress(ValueError, KeyError, TypeError, OSError):
         earlier = dict(json.loads(path.read_text(encoding="utf-8"))["tasks"])
+    options = ("tasks", "chunk", "eval_batch", "img_size", "resize")
     merged = source | {
-        "eval": {k: getattr(cfg, k) for k in ("tasks", "chunk", "eval_batch", "img_size",
-                                               "resize")},
-        "code": code_record(), "torch": torch.__version__,
+        "eval": {k: getattr(cfg, k) for k in options}, "code": code_record(),
+        "torch": torch.__version__,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "tasks": earlier | results}
@@ -1584,23 +1574,21 @@ def evaluate(cfg: Config):
     if not cfg.data:
         raise UserError(f"--data: name the dataset root ({cfg.ckpt} names none)")
     print0(f"evaluating {cfg.ckpt} on {cfg.data}")
-    score(Protocol(Path(cfg.data)), model, cfg, {"data": cfg.data, "checkpoint": str(cfg.ckpt),
-                                                "step": model.step, "epoch": model.epoch,
-                                                "config": model.config})
+    source = {"data": cfg.data, "checkpoint": str(cfg.ckpt)} | model.record
+    score(Protocol(Path(cfg.data)), model, cfg, source)
 
 def print_tables(results: dict):
     """The results as the authors' tables (PROTOCOL 5), then the geolocalisation."""
     cols = ("mAP@1k", "R@1", "R@5", "R@10")
+    row = lambda head, cell: print(head + " | " + "   | ".join(
+        "".join(cell(p, c) for c in cols) for p in ("official", "strict")))
     print(f"\n{'task':<16}{'medR':>8} | official (distractors as junk)      | strict "
           f"(distractors ranked)")
-    print(f"{'':<24} | " + "".join(f"{c:>8}" for c in cols) + "   | "
-          + "".join(f"{c:>8}" for c in cols))
+    row(" " * 24, lambda p, c: f"{c:>8}")
     for task, r in results.items():
-        print(f"{task:<16}{r['official']['medR']:>8.1f} | "
-              + "".join(f"{r['official'][c]:>8.2f}" for c in cols) + "   | "
-              + "".join(f"{r['strict'][c]:>8.2f}" for c in cols))
-    keys = ("acc@1km", "acc@25km", "acc@200km", "acc@750km", "acc@2500km", "median_km")
+        row(f"{task:<16}{r['official']['medR']:>8.1f}", lambda p, c: f"{r[p][c]:>8.2f}")
     if geo := {t: r["geo"] for t, r in results.items() if "geo" in r}:
+        keys = list(next(iter(geo.values())))  # acc@1km ... acc@2500km, median_km
         print(f"\ngeolocalisation: % of queries within, and the median error\n{'':<16}"
               + "".join(f"{k.split('@')[-1]:>11}" for k in keys))
         for task, g in geo.items():
@@ -1640,10 +1628,9 @@ def trained_state(model: MML) -> dict:
     """What a checkpoint keeps of the model: everything but its frozen CLIP towers."""
     return {k: v for k, v in model.state_dict().items() if not k.startswith(model.towers)}
 
-def load_tensors(path: Path, what: str, expect: type = dict):
+def load_tensors(path: Path, what: str) -> dict:
     """torch.load that never runs code: weights_only=True loads tensors and plain data only,
-    and a file that needs more (it could run anything) is refused, never unpickled. A state
-    dict's keys must be names, its values tensors of real numbers."""
+    and a file that needs more (it could run anything) is refused, never unpickled."""
     if not path.is_file():
         raise UserError(f"{path}: no {what} there")
     with open(path, "rb") as f:  # torch.save writes a zip (PK); old torch a pickle (0x80 2)
@@ -1656,47 +1643,43 @@ def load_tensors(path: Path, what: str, expect: type = dict):
                         f"to load, and may contain code, so it is not unpickled") from None
     except Exception as e:  # truncated, corrupt
         raise UserError(f"{path}: not a readable {what} ({type(e).__name__})") from None
-    if not isinstance(obj, expect):
+    if not isinstance(obj, dict):
         raise UserError(f"{path}: not a {what} (a {type(obj).__name__})")
-    if what.endswith("state dict") and (bad := named_tensors(obj)):
-        raise UserError(f"{path}: not a {what} (entry {bad!r} is not a named real tensor)")
+    if what.endswith("state dict") and (bad := not_named_tensors(obj)):
+        raise UserError(f"{path}: not a {what} (entry {bad[0]!r} is not a named real tensor)")
     return obj
 
-def named_tensors(state: dict):
-    """The first key of a state dict that is not a name, or whose value is not a tensor of
-    real numbers; None when all are."""
-    return next((k for k, v in state.items() if not isinstance(k, str) or not torch.is_tensor(v)
-                 or v.is_complex()), None)
+def not_named_tensors(state: dict) -> list:
+    """The keys of a state dict that are not names, or whose values are not real tensors."""
+    return [k for k, v in state.items()
+            if not isinstance(k, str) or not torch.is_tensor(v) or v.is_complex()]
 
-# What a checkpoint must hold, of which type; --resume needs the training state too.
-PARTS = {"model": dict, "config": dict, "tokenizer": str, "step": int, "epoch": int}
-RESUME_PARTS = {"optimizer": dict, "torch_rng": torch.Tensor, "best": (int, float)}
+# A checkpoint's parts and their types; the last three only --resume reads.
+PARTS = {"model": dict, "config": dict, "tokenizer": str, "step": int, "epoch": int,
+         "optimizer": dict, "torch_rng": torch.Tensor, "best": (int, float)}
 
 def load_checkpoint(path: Path, resume: bool = False) -> dict:
     """A checkpoint, its parts checked before anything uses them: one line naming the part."""
     if path.is_dir():
         inside = ", ".join(sorted(p.name for p in path.glob("*.pt")))
-        raise UserError(f"{path}: a folder; name a checkpoint in it" +
-                        f" (it holds {inside})" * bool(inside))
+        raise UserError(f"{path}: a folder; name a checkpoint in it"
+                        + f" (it holds {inside})" * bool(inside))
     if not path.is_file():
         raise UserError(f"{path}: no checkpoint there (train one with `python mml.py train`, "
                         f"or name one with --ckpt)")
-    ckpt, rng = load_tensors(path, "checkpoint"), torch.get_rng_state()
-    for part, kind in PARTS.items() | (RESUME_PARTS.items() if resume else set()):
-        value = ckpt.get(part)
-        if not isinstance(value, kind) or isinstance(value, bool):
-            found = "missing" if part not in ckpt else f"a {type(value).__name__}"
-            raise UserError(f"{path}: not an mml checkpoint{' to resume' * resume} ({part} is "
-                            f"{found})")
-    key = named_tensors(ckpt["model"])
-    wrong = {f"model entry {key!r}": key is not None, f"step {ckpt['step']}": ckpt["step"] < 0,
-             f"epoch {ckpt['epoch']}": ckpt["epoch"] < 0}
-    if resume:
-        saved_rng = ckpt["torch_rng"]
-        wrong |= {f"best {ckpt['best']}": math.isnan(ckpt["best"]), "RNG state": (
-            saved_rng.shape != rng.shape or saved_rng.dtype != rng.dtype)}
-    if bad := next((what for what, is_wrong in wrong.items() if is_wrong), None):
-        raise UserError(f"{path}: not an mml checkpoint (its {bad} is not what mml saves)")
+    ckpt = load_tensors(path, "checkpoint")
+    for part, kind in list(PARTS.items())[:8 if resume else 5]:
+        if not isinstance(value := ckpt.get(part), kind) or isinstance(value, bool):
+            found = f"a {type(value).__name__}" if part in ckpt else "missing"
+            raise UserError(f"{path}: not an mml checkpoint{' to resume' * resume} "
+                            f"({part} is {found})")
+    bad, rng, now = not_named_tensors(ckpt["model"]), ckpt.get("torch_rng"), torch.get_rng_state()
+    wrong = {f"model entry {bad[0]!r}" if bad else "model": bool(bad),
+             f"step {ckpt['step']}": ckpt["step"] < 0, f"epoch {ckpt['epoch']}": ckpt["epoch"] < 0,
+             f"best {ckpt.get('best')}": resume and math.isnan(ckpt["best"]),
+             "RNG state": resume and (rng.shape, rng.dtype) != (now.shape, now.dtype)}
+    if bad := [what for what, is_wrong in wrong.items() if is_wrong]:
+        raise UserError(f"{path}: not an mml checkpoint (its {bad[0]} is not what mml saves)")
     try:
         Tokenizer.from_str(ckpt["tokenizer"])
     except Exception as e:  # the tokenizers library raises its own exception types
@@ -1799,22 +1782,21 @@ class Checkpoint(Functions):
             raise UserError(f"batch {batch!r}: expected an integer of at least 1")
         self.path = Path(ckpt)
         saved = load_checkpoint(self.path)
-        config = checkpoint_config(self.path, saved)
-        self.cfg = dataclasses.replace(config, eval_batch=batch, workers=workers, cache=cache,
-                                       clip=clip or config.clip)
+        cfg = checkpoint_config(self.path, saved)
+        cfg = dataclasses.replace(cfg, eval_batch=batch, workers=workers, cache=cache,
+                                  clip=clip or cfg.clip)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.model = restore(self.path, saved, self.cfg).to(self.device).eval()
+        self.model = restore(self.path, saved, cfg).to(self.device).eval()
         self.tok = Tokenizer.from_str(saved["tokenizer"])
-        self.step, self.epoch, self.config = saved["step"], saved["epoch"], saved["config"]
-        super().__init__({m: functools.partial(self.encode, m) for m in self.model.enc},
-                         self.cfg)
+        self.record = {k: saved[k] for k in ("step", "epoch", "config")}  # for metrics.json
+        super().__init__({m: functools.partial(self.encode, m) for m in self.model.enc}, cfg)
 
     def width(self, m: str) -> int:
         return self.cfg.embed_dim  # every encoder's, known without running one
 
     def encoder(self, m: str) -> Encoder:
         if m not in self.model.enc:
-            raise UserError(f"{self.path}: has no {MODALITY[m]} encoder (trained on "
+            raise UserError(f"{self.path}: has no {MODALITY.get(m, m)} encoder (trained on "
                             f"{self.cfg.modalities})")
         return self.model.enc[m]
 
@@ -1824,37 +1806,44 @@ class Checkpoint(Functions):
         resized to the checkpoint's own (antialiased bilinear)."""
         if m == "T":
             x = tokenize(self.tok, [str(s) for s in x])  # (B, L)
-        x = to_device(torch.as_tensor(x), self.device)
-        if m in "GS" and x.shape[-1] != self.cfg.img_size:
-            x = F.interpolate(x.float(), (self.cfg.img_size,) * 2, mode="bilinear",
-                              antialias=True).round().clamp(0, 255).to(torch.uint8)
+        x, size = to_device(torch.as_tensor(x), self.device), self.cfg.img_size
+        if m in "GS" and x.shape[-1] != size:
+            x = F.interpolate(x.float(), (size, size), mode="bilinear", antialias=True)
+            x = x.round().clamp(0, 255).to(torch.uint8)
         with autocast_for(self.device, self.cfg):
             return self.encoder(m)(x)
 
     def embed_images(self, images, kind: str = "ground") -> torch.Tensor:
         """(N, D): images as paths, decoded (H, W, 3) uint8 arrays of any size, or a (B, 3,
         H, H) uint8 tensor. Anything else is one line."""
-        m, size, how = LETTER.get(kind, kind), self.cfg.img_size, self.cfg.resize
+        m = LETTER.get(kind, kind)
         self.encoder(m)  # an error now, not after reading the images
-        if torch.is_tensor(images):
-            if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3 or (
-                    images.shape[2] != images.shape[3]):
-                raise UserError(f"embed_images: a {tuple(images.shape)} {images.dtype} tensor; "
-                                f"expected (B, 3, H, H) uint8")
-            x = images
-        else:
-            pixels = []
-            for n, image in enumerate([images] if isinstance(images, (str, Path)) else images):
-                array = None if isinstance(image, (str, Path)) else np.asarray(image)
-                if array is not None and (array.dtype != np.uint8 or array.shape[2:] != (3,)):
-                    raise UserError(f"embed_images: image {n} is a {array.shape} {array.dtype} "
-                                    f"array; expected (H, W, 3) uint8 (or a path)")
-                pixels.append(read_image(Path(image), size, how) if array is None else
-                              to_square(Image.fromarray(array), size, how))
+        if torch.is_tensor(x := images) and (x.dtype != torch.uint8 or x.dim() != 4 or (
+                x.shape[1] != 3 or x.shape[2] != x.shape[3])):
+            raise UserError(f"embed_images: a {tuple(x.shape)} {x.dtype} tensor; expected "
+                            f"(B, 3, H, H) uint8")
+        if not torch.is_tensor(x):
+            pixels = [self.image(n, image) for n, image in
+                      enumerate([x] if isinstance(x, (str, Path)) else x)]
             x = torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2)  # (N, 3, H, H)
         return embed(self.fns[m], x, f"{kind} images", self.cfg, self.device, spread=False)
 
+    def image(self, n: int, image) -> np.ndarray:
+        """Image n handed in: a path or an (H, W, 3) uint8 array -> (H, H, 3), or one line."""
+        size, how = self.cfg.img_size, self.cfg.resize
+        if not isinstance(image, (str, Path)):
+            a = np.asarray(image)
+            if a.dtype != np.uint8 or a.shape[2:] != (3,):
+                raise UserError(f"embed_images: image {n} is a {a.shape} {a.dtype} array; "
+                                f"expected (H, W, 3) uint8 (or a path)")
+            return to_square(Image.fromarray(a), size, how)
+        try:
+            return load_image(Path(image), size, how)
+        except Exception as e:  # missing, not an image: decoders raise all sorts
+            raise UserError(f"{Path(image)}: cannot read it as an image ({e})") from None
+
     def embed_text(self, sentences) -> torch.Tensor:
+        """(N, D) of sentences, or of one."""
         self.encoder("T")
         sentences = [sentences] if isinstance(sentences, str) else list(sentences)
         return embed(self.fns["T"], sentences, "sentences", self.cfg, self.device, spread=False)
@@ -1865,7 +1854,7 @@ class Checkpoint(Functions):
         points = torch.as_tensor(np.asarray(latlon, dtype=np.float64))
         points = points[None] if points.shape == (2,) else points
         if points.dim() != 2 or points.shape[1] != 2 or not bool(
-                (points[:, 0].abs() <= 90).all() and (points[:, 1].abs() <= 180).all()):
+                (points.abs() <= torch.tensor([90, 180])).all()):  # NaN is refused too
             raise UserError(f"embed_gps: a {tuple(points.shape)} array; expected (N, 2) of "
                             f"latitudes in [-90, 90] and longitudes in [-180, 180]")
         return embed(self.fns["C"], points, "points", self.cfg, self.device, spread=False)
@@ -1891,8 +1880,9 @@ class Checkpoint(Functions):
         path = cache_dir(self.cfg, split_dir.parent) / "towers" / f"{name}-{key[:16]}.pt"
         with contextlib.suppress(UserError):  # a cache of another key, shape or dtype: rebuilt
             cached = load_tensors(path, "cache")
-            if cached.get("key") == key and torch.is_tensor(t := cached.get("tensor")) and (
-                    t.shape == (len(ids), enc.width) and t.dtype == torch.float32):
+            t = cached.get("tensor")
+            if cached.get("key") == key and torch.is_tensor(t) and t.dtype == torch.float32 and (
+                    t.shape == (len(ids), enc.width)):
                 return t.to(self.device)
         with autocast_for(self.device, self.cfg):
             features = embed(lambda x: enc.features(to_device(x, self.device)),
@@ -1904,13 +1894,6 @@ class Checkpoint(Functions):
             except UserError as e:  # a read-only or full disk: the answer comes anyway
                 print(f"not cached: {e}", file=sys.stderr)
         return features
-
-def read_image(path: Path, size: int, resize: str) -> np.ndarray:
-    """An image handed in by a user: (H, H, 3) uint8, or one line naming it."""
-    try:
-        return load_image(path, size, resize)
-    except Exception as e:  # missing, not an image: decoders raise all sorts
-        raise UserError(f"{path}: cannot read it as an image ({e})") from None
 
 def load(ckpt, device=None, clip: str = "", batch: int = 256) -> Checkpoint:
     """An mml checkpoint (trained, or made by `convert`) ready to embed: see Checkpoint."""
@@ -1930,14 +1913,12 @@ def evaluate_encoders(encoders, data, out="runs/encoders", tasks: str = "",
         raise UserError("evaluate_encoders: expected a Checkpoint, or a dict of functions by "
                         "modality (some of G, S, T, C)")
     # bf16 off: the functions run in whatever precision they choose themselves
-    cfg = check_config(dataclasses.replace(
-        Config(), data=str(data), out=str(out), tasks=tasks, img_size=img_size, resize=resize,
-        eval_batch=batch, device=device, workers=workers, viz=viz, bf16=False),
-        "evaluate_encoders: ")
+    cfg = check_config(Config(data=str(data), out=str(out), tasks=tasks, img_size=img_size,
+                              resize=resize, eval_batch=batch, device=device,
+                              workers=workers, viz=viz, bf16=False), "evaluate_encoders: ")
     writable_folder(Path(cfg.out) / "eval", "out")
     embedder = encoders if isinstance(encoders, Checkpoint) else Functions(encoders, cfg)
     return score(Protocol(Path(cfg.data)), embedder, cfg, {"data": cfg.data, "encoders": name})
-
 # ---- outside models: torchvision, CLIP, the authors' -------------------------------------
 # torchvision's ImageNet backbones; CLIP's vision and text towers in plain torch from the
 # model section's Block, sized by a Hugging Face folder the user fetched once, filled from its
