@@ -1234,24 +1234,22 @@ def fit(cfg: Config):
            f"{best:.3f}; checkpoints in {out}/")
 
 # ---- eval ---------------------------------------------------------------------------------
-# PROTOCOL 3: every query photo is a query, and each query landmark's latest tile; a gallery
-# is the index's distractors (label -1), then the query split's items; the GPS gallery the
-# index tiles' centres, then the query landmarks' points, and a geolocalisation guess is its
-# top-1 item. A task's sides (the named lists of items it queries and searches) are embedded
-# by `Functions` (an mml checkpoint is one); `score` ranks, summarises and writes.
-
-SIDE = {"G": "ground", "S": "satellite", "C": "gps"}
+# PROTOCOL 3: the queries are every query photo and each query landmark's latest tile; a
+# gallery is the index's distractors (label -1), then the query split's items (for GPS: the
+# index tiles' centres, then the landmarks' points; a guess is the top-1 point). A task's
+# two sides are embedded by `Functions` (a checkpoint is one); `score` ranks and writes.
 
 @dataclass(frozen=True)
 class Task:
-    """A task: what queries (G, S, T), what is searched (G, S, C), which sentences (T2x)."""
+    """What queries (G, S, T), what is searched (G, S, C), which sentences (T2x)."""
     query: str
     gallery: str
     text: str = ""
     name = property(lambda t: f"{t.query}2{t.gallery}" + f"-{t.text}" * bool(t.text))
-    # its sides' names: queries, gallery
-    sides = property(lambda t: (f"query_{SIDE.get(t.query, 'text_' + t.text)}",
-                                f"gallery_{SIDE[t.gallery]}"))
+    # its sides' names: query_ground ... query_text_first; gallery_ground ...
+    sides = property(lambda t: (
+        f"query_{MODALITY[t.query]}" + f"_{t.text}" * bool(t.text),
+        f"gallery_{MODALITY[t.gallery]}"))
 
 ALL_TASKS = [Task(q, g) for q, g in ("GS", "SG", "GC", "SC")] + [
     Task("T", g, text) for g in "GSC" for text in ("first", "random", "no_cues")]
@@ -1260,9 +1258,10 @@ def task_list(names: str) -> list[Task]:
     """All tasks, or those named in any case (T2C: in every sentence mode)."""
     chosen = []
     for name in filter(None, (n.strip().upper() for n in names.split(","))):
-        if not (match := [t for t in ALL_TASKS if name in (t.name.upper(), t.name[:3])]):
-            raise UserError(f"--tasks: no task {name!r} (known: "
-                            f"{', '.join(t.name for t in ALL_TASKS)})")
+        match = [t for t in ALL_TASKS if name in (t.name.upper(), t.name[:3])]
+        if not match:
+            known = ", ".join(t.name for t in ALL_TASKS)
+            raise UserError(f"--tasks: no task {name!r} (known: {known})")
         chosen += match
     return list(dict.fromkeys(chosen)) or ALL_TASKS
 
@@ -1272,95 +1271,84 @@ class Index:
     dir: Path
     ground: list[str]
     sat: list[str]
-    sat_latlon: np.ndarray  # (n, 2): the tiles' centres, the GPS gallery's distractors
+    sat_latlon: np.ndarray  # (n, 2): the tiles' centres, the GPS distractors
 
 def read_index(root: Path) -> Index:
     d = check_root(root, "index")
     ground = read_csv(d / "mml_index_ground.csv", ["images"])["images"]
     sat = read_csv(d / "mml_index_satellite.csv", ["images", "lat", "lon"])
-    return Index(d, sum(ground, []), sum(sat["images"], []),
-                 np.array([sat["lat"], sat["lon"]], dtype=np.float64).T.reshape(-1, 2))
+    latlon = np.array([sat["lat"], sat["lon"]], dtype=np.float64).T
+    flat = lambda rows: [i for row in rows for i in row]
+    return Index(d, flat(ground), flat(sat["images"]), latlon.reshape(-1, 2))
 
 @dataclass
 class Side:
-    """One side of the protocol: its items in a fixed order, the same for every model."""
+    """One side of a task: its items in a fixed order, the same for every model."""
     name: str
     modality: str  # what embeds it: G, S (images), T (sentences), C (points)
     labels: torch.Tensor  # (N,) landmark ids; -1 marks a distractor
     ids: list[str]  # image ids; landmark ids for sentences and query points
     latlon: torch.Tensor | None  # (N, 2) float64 degrees, where known
-    show: list  # what a row is: a file path, a sentence, or a place's name
-    items: object  # images: [(split folder, kind, ids)]; sentences; (N, 2) points
+    show: list  # what a row is: a file path or a sentence
+    items: object  # images: [(split folder, kind, ids)]; sentences; points
 
 class Protocol:
-    """The protocol's sides on one dataset, each built when a task first asks for it."""
-
+    """The sides of the protocol's tasks on one dataset, each built once, when asked."""
     def __init__(self, root: Path):
-        self.root, self.query, self.index = root, read_split(root, "query"), read_index(root)
+        self.query, self.index = read_split(root, "query"), read_index(root)
         self.lm = torch.as_tensor(self.query.ids)  # (Q,)
-        self.latlon = torch.as_tensor(self.query.latlon, dtype=torch.float64)  # (Q, 2)
-        self.sides = {}
-
-    def side(self, name: str) -> Side:
-        if name not in self.sides:
-            self.sides[name] = self.build(name)
-        return self.sides[name]
-
+        self.latlon = torch.as_tensor(self.query.latlon, dtype=torch.float64)
+        self.side = functools.cache(self.build)  # side(name): built once, when asked
     def build(self, name: str) -> Side:
         q, index, kind = self.query, self.index, name.split("_")[-1]
-        if name == "query_ground":  # every query photo, labelled with its landmark
+        landmarks = [str(i) for i in q.ids.tolist()]
+        if name.startswith("query_text_"):  # a sentence a landmark
+            texts = self.sentences(name.removeprefix("query_text_"))
+            return Side(name, "T", self.lm, landmarks, self.latlon, texts, texts)
+        if name == "gallery_gps":
+            points = torch.cat([torch.as_tensor(index.sat_latlon), self.latlon])
+            labels = torch.cat([torch.full((len(index.sat),), -1), self.lm])
+            ids = index.sat + landmarks
+            return Side(name, "C", labels, ids, points, [""] * len(ids), points)
+        if name == "query_ground":  # every photo, labelled with its landmark
             n = torch.tensor([len(g) for g in q.ground])
-            parts = [(q.dir, kind, sum(q.ground, []))]
-            labels, latlon = self.lm.repeat_interleave(n), self.latlon.repeat_interleave(n, 0)
-        elif name == "query_satellite":  # each query landmark's latest aerial image
+            parts = [(q.dir, kind, [i for g in q.ground for i in g])]
+            labels = self.lm.repeat_interleave(n)
+            latlon = self.latlon.repeat_interleave(n, 0)
+        elif name == "query_satellite":  # each landmark's latest tile
             parts, labels, latlon = [(q.dir, kind, q.latest)], self.lm, self.latlon
-        elif name.startswith("gallery") and kind != "gps":  # the index's, then the query's
-            own, junk = self.side(f"query_{kind}"), index.ground if kind == "ground" else index.sat
+        else:  # gallery_ground or _satellite
+            own = self.side(f"query_{kind}")
+            junk = index.ground if kind == "ground" else index.sat
             parts, latlon = [(index.dir, kind, junk), *own.items], None
             labels = torch.cat([torch.full((len(junk),), -1), own.labels])
-        elif name == "gallery_gps":
-            points = torch.cat([torch.as_tensor(index.sat_latlon), self.latlon])
-            ids = index.sat + [str(i) for i in q.ids.tolist()]
-            labels = torch.cat([torch.full((len(index.sat),), -1), self.lm])
-            return Side(name, "C", labels, ids, points, [""] * len(ids), points)
-        else:
-            texts = self.sentences(name.removeprefix("query_text_"))
-            ids = [str(i) for i in q.ids.tolist()]
-            return Side(name, "T", self.lm, ids, self.latlon, texts, texts)
-        ids = [i for _, _, part in parts for i in part]
+        ids = [i for *_, part in parts for i in part]
         show = [shard(d, k, i) for d, k, part in parts for i in part]
         return Side(name, LETTER[kind], labels, ids, latlon, show, parts)
-
     def sentences(self, mode: str) -> list[str]:
-        """A sentence per query landmark: first, random, or the no_cues of
-        mml_query_text_sentences.csv. The random ones are the authors' own draw
-        (eval_dataset.py): one random.Random(42) over mml_query_text.csv's rows in file order,
-        a section, paragraph and piece each: part of the protocol, changed by no option."""
+        """A sentence per query landmark: first, random, or mml_query_text_sentences.csv's
+        no_cues. Random is the authors' own draw (eval_dataset.py): one Random(42) over
+        mml_query_text.csv's rows in order, a section, paragraph and piece each."""
         q = self.query
         if mode == "no_cues":
             return q.no_cues
         articles, bad = read_articles(q)
         if bad:
             raise UserError(f"{bad[0]} (evaluation needs every file of the protocol)")
-        table, rng, texts = Sentences(articles, None, "random"), random.Random(42), {}
-        row_of = {landmark: n for n, landmark in enumerate(q.ids.tolist())}
-        for landmark in read_csv(q.dir / "mml_query_text.csv", ["landmark_id"])["landmark_id"]:
-            if landmark in row_of:
-                texts[landmark] = table.texts[table.pick(row_of[landmark], mode, rng)]
+        table, rng = Sentences(articles, None, "random"), random.Random(42)
+        row = {landmark: n for n, landmark in enumerate(q.ids.tolist())}
+        csv_rows = read_csv(q.dir / "mml_query_text.csv", ["landmark_id"])
+        texts = {i: table.texts[table.pick(row[i], mode, rng)]
+                 for i in csv_rows["landmark_id"] if i in row}
         return [texts[i] for i in q.ids.tolist()]
 
 class ImageList(torch.utils.data.Dataset):
-    """An image side's parts -> ((3, H, H) uint8, "" or why the file could not be read)."""
-
+    """An image side's parts -> ((3, H, H) uint8, "" or why a file is unreadable)."""
     def __init__(self, parts: list, cfg: Config):
-        self.rows = []  # (store, image id): one store a part
-        for split_dir, kind, ids in parts:
-            store = ImageStore(split_dir, kind, cfg, ids)
-            self.rows += [(store, i) for i in ids]
-
+        stores = [ImageStore(d, kind, cfg, ids) for d, kind, ids in parts]
+        self.rows = [(s, i) for s, (*_, ids) in zip(stores, parts) for i in ids]
     def __len__(self):
         return len(self.rows)
-
     def __getitem__(self, n):
         store, image_id = self.rows[n]
         try:
@@ -1369,14 +1357,14 @@ class ImageList(torch.utils.data.Dataset):
             return torch.zeros(3, store.size, store.size, dtype=torch.uint8), str(e)
 
 @torch.no_grad()
-def embed(fn, data, what: str, cfg: Config, device, spread: bool = True) -> torch.Tensor:
-    """(N, D) float32 embeddings on `device` of an ImageList, sentences, points or features,
-    --eval-batch at a time, each batch handed to fn on the CPU and what it returns checked.
-    Under torchrun (and `spread`) each process embeds its share and all receive every row."""
+def embed(fn, data, what: str, cfg: Config, device, spread=True) -> torch.Tensor:
+    """(N, D) float32 on `device`: an ImageList, sentences, points or features through
+    fn, --eval-batch at a time, each batch's answer checked. Under torchrun (and
+    `spread`) each process embeds its share and all receive every row."""
     rank, world = rank_and_world() if spread else (0, 1)
     n, B = len(data), cfg.eval_batch
     lo, hi = n * rank // world, n * (rank + 1) // world
-    if isinstance(data, torch.utils.data.Dataset):
+    if isinstance(data, ImageList):
         batches = torch.utils.data.DataLoader(
             torch.utils.data.Subset(data, range(lo, hi)), batch_size=B,
             num_workers=cfg.workers, pin_memory=device.type == "cuda")
@@ -1384,44 +1372,43 @@ def embed(fn, data, what: str, cfg: Config, device, spread: bool = True) -> torc
         batches = ((data[s:min(s + B, hi)], ()) for s in range(lo, hi, B))
     parts, t0, t_print = [], time.time(), time.time()
     for x, errors in batches:
-        if bad := [e for e in errors if e]:  # unlike training: a gap would change the task
+        if bad := [e for e in errors if e]:  # unlike training: a gap changes the task
             raise UserError(f"{bad[0]} (evaluation needs every file of the protocol)")
         done = lo + sum(map(len, parts))
-        parts.append(batch_rows(fn(x), len(x), what, parts[0].shape[1] if parts else 0,
-                                done).to(device))
+        width = parts[0].shape[1] if parts else 0
+        parts.append(batch_rows(fn(x), len(x), what, width, done).to(device))
         if time.time() - t_print > 10:
-            rate, t_print = (done - lo) * world / (time.time() - t0), time.time()
-            print0(f"  embedding {what}: {done * world}/{n}, {rate:.0f}/s, ETA "
-                   f"{fmt_time((n - done * world) / max(rate, 1e-9))}")
+            rate = (done - lo) * world / (time.time() - t0)
+            eta, t_print = fmt_time((n - done * world) / max(rate, 1e-9)), time.time()
+            print0(f"  embedding {what}: {done * world}/{n}, {rate:.0f}/s, ETA {eta}")
     emb = torch.cat(parts) if parts else torch.zeros(0, 1, device=device)
     if world == 1:
         return emb
-    sizes = [n * (r + 1) // world - n * r // world for r in range(world)]  # every share
+    sizes = [n * (r + 1) // world - n * r // world for r in range(world)]
     padded = [emb.new_zeros(max(sizes), emb.shape[1]) for _ in range(world)]
     dist.all_gather(padded, torch.cat([emb, padded[0][len(emb):]]))
     return torch.cat([p[:s] for p, s in zip(padded, sizes)])
 
-def batch_rows(out, n: int, what: str, width: int = 0, first: int = 0) -> torch.Tensor:
-    """What an encoder returned for a batch of n, held to the protocol: (n, D) floats, D the
-    width of its earlier batches, every row finite (rows numbered from `first`)."""
-    array = torch.is_tensor(out) or isinstance(out, (np.ndarray, list, tuple))
-    found = f"a {type(out).__name__}"  # None, a string: nothing like an array
+def batch_rows(out, n: int, what: str, width=0, first=0) -> torch.Tensor:
+    """An encoder's answer to a batch of n, held to the protocol: (n, D) floats, D
+    as in its earlier batches, every row finite (rows numbered from `first`)."""
+    found = f"a {type(out).__name__}"  # a string, a dict: nothing like an array
     with contextlib.suppress(TypeError, ValueError):
-        out = out if torch.is_tensor(out) else torch.as_tensor(np.asarray(out, dtype=float))
+        if not torch.is_tensor(out):
+            out = torch.as_tensor(np.asarray(out, dtype=float))
         found = f"{tuple(out.shape)} {out.dtype}"
-    if not array or out.dim() != 2 or len(out) != n or not out.is_floating_point() or (
-            width and out.shape[1] != width):
-        raise UserError(f"{what}: the encoder returned {found} for a batch of {n}; expected "
-                        f"({n}, {width or 'D'}) floats")
+    if not torch.is_tensor(out) or out.dim() != 2 or len(out) != n or (
+            not out.is_floating_point() or width and out.shape[1] != width):
+        raise UserError(f"{what}: the encoder returned {found} for a batch of {n}; "
+                        f"expected ({n}, {width or 'D'}) floats")
     if not bool((finite := torch.isfinite(out).all(1)).all()):
         row = first + int(torch.nonzero(~finite)[0])
         raise UserError(f"{what}: the embedding of row {row} is not finite (NaN or inf)")
     return out.float()
 
 def unit_rows(emb: torch.Tensor, side: Side) -> torch.Tensor:
-    """A side's embeddings as the unit vectors cosine scores need: others normalised, with a
-    warning; a zero row has no direction. Norms in float64: a float32 norm of rows past about
-    1e19 overflows, and would zero them."""
+    """A side's embeddings as unit vectors (others normalised, with a warning; a zero row
+    has no direction). Norms in float64: a float32 norm past about 1e19 overflows."""
     norms = emb.double().norm(dim=1, keepdim=True)  # (N, 1)
     if bool((norms == 0).any()):
         row = int(torch.nonzero(norms[:, 0] == 0)[0])
@@ -1431,71 +1418,70 @@ def unit_rows(emb: torch.Tensor, side: Side) -> torch.Tensor:
         emb = (emb.double() / norms).float()
     return emb
 
+@dataclass
 class Functions:
-    """Any encoders, as functions of a batch on the CPU: {"G" or "S": (B, 3, H, H) uint8 images
-    (decoded by --resize to img_size), "T": B strings, "C": (B, 2) float64 lat/lon} -> (B, D)
-    floats, a tensor or an array."""
-
-    def __init__(self, fns: dict, cfg: Config):
-        self.fns, self.cfg = fns, cfg
-
+    """Any encoders, as functions of a batch on the CPU -> (B, D) floats (a tensor or an
+    array): "G", "S": (B, 3, H, H) uint8 images, decoded by --resize to img_size; "T": B
+    strings; "C": (B, 2) float64 lat/lon."""
+    fns: dict
+    cfg: Config
     def width(self, m: str) -> int:
         """The width D of modality m's embeddings, from a batch of one blank input."""
         H = self.cfg.img_size
         blank = {"T": ["a"], "C": torch.zeros(1, 2, dtype=torch.float64)}.get(
             m, torch.zeros(1, 3, H, H, dtype=torch.uint8))
         return batch_rows(self.fns[m](blank), 1, f"{MODALITY[m]} encoder").shape[1]
-
     def embed_side(self, side: Side) -> torch.Tensor:
-        data = ImageList(side.items, self.cfg) if side.modality in "GS" else side.items
-        return embed(self.fns[side.modality], data, f"{MODALITY[side.modality]} encoder on "
-                     f"{side.name}", self.cfg, device_of(self.cfg))
+        m = side.modality
+        data = ImageList(side.items, self.cfg) if m in "GS" else side.items
+        what = f"{MODALITY[m]} encoder on {side.name}"
+        return embed(self.fns[m], data, what, self.cfg, device_of(self.cfg))
 
 def score(protocol: Protocol, embedder: Functions, cfg: Config, source: dict) -> dict:
-    """The tasks of --tasks that the embedder has encoders for (the others named and skipped),
-    each side embedded once: rank, summarise, write each task's CSV then its entry in
-    metrics.json (--viz: its picture), print the tables. A task whose sides differ in width
-    is named before anything is embedded; the others run, then it ends in an error."""
-    device, out, tasks, results = device_of(cfg), Path(cfg.out) / "eval", [], {}
+    """The tasks of --tasks the embedder has encoders for (the others named and skipped),
+    each side embedded once, ranked, summarised and written: its CSV, then its entry in
+    metrics.json (--viz: its picture). A task whose sides differ in width is named before
+    anything is embedded; the others run, then it ends in an error."""
+    device, out = device_of(cfg), Path(cfg.out) / "eval"
+    tasks, results, embedded = [], {}, {}
     for task in task_list(cfg.tasks):
-        if absent := [m for m in task.query + task.gallery if m not in embedder.fns]:
-            if cfg.tasks:
-                raise UserError(f"task {task.name}: no {MODALITY[absent[0]]} encoder")
-            print0(f"skipping {task.name}: no {MODALITY[absent[0]]} encoder")
-        else:
+        absent = [MODALITY[m] for m in task.query + task.gallery if m not in embedder.fns]
+        if not absent:
             tasks.append(task)
-    width = {m: embedder.width(m) for m in dict.fromkeys("".join(t.query + t.gallery
-                                                                 for t in tasks))}
+        elif cfg.tasks:  # asked for by name
+            raise UserError(f"task {task.name}: no {absent[0]} encoder")
+        else:
+            print0(f"skipping {task.name}: no {absent[0]} encoder")
+    modalities = dict.fromkeys("".join(t.query + t.gallery for t in tasks))
+    width = {m: embedder.width(m) for m in modalities}  # in the order tasks meet them
     clash = [f"{t.name}: {MODALITY[t.query]} embeddings are {width[t.query]}-d, "
              f"{MODALITY[t.gallery]} {width[t.gallery]}-d; a task's two sides share one space"
              for t in tasks if width[t.query] != width[t.gallery]]
     for line in clash:
         print0(f"skipping {line}")
-    embedded = {}
     for task in (t for t in tasks if width[t.query] == width[t.gallery]):
-        for name in (n for n in task.sides if n not in embedded):
-            s = protocol.side(name)
-            embedded[name] = s, unit_rows(embedder.embed_side(s), s)
-        if rank_and_world()[0] != 0:  # every process embeds its share; process 0 scores
+        for side in (protocol.side(n) for n in task.sides if n not in embedded):
+            embedded[side.name] = unit_rows(embedder.embed_side(side), side)
+        if rank_and_world()[0] != 0:  # every process embeds its share; 0 scores
             continue
-        (q, q_emb), (g, g_emb) = embedded[task.sides[0]], embedded[task.sides[1]]
-        t0 = time.time()
+        (q, g), t0 = map(protocol.side, task.sides), time.time()
+        q_emb, g_emb = embedded[q.name], embedded[g.name]
         ranks = rank_queries(q_emb, g_emb, q.labels.to(device), g.labels.to(device),
                              chunk=cfg.chunk)
         res = summarise(ranks) | {"queries": len(q.ids), "gallery": len(g.ids),
                                   "distractors": int((g.labels < 0).sum())}
-        columns = per_query(ranks, q, g)
+        columns = per_query(ranks, q, g)  # the CSV, by column
         if task.gallery == "C":  # the guess is the top-1 point
             pred = g.latlon[ranks["top"][:, 0].cpu()]
             res["geo"] = geo_metrics(km := haversine_km(pred, q.latlon))
-            columns |= {"pred_lat": [f"{v:.6f}" for v in pred[:, 0].tolist()],
-                        "pred_lon": [f"{v:.6f}" for v in pred[:, 1].tolist()],
-                        "error_km": [f"{v:.3f}" for v in km.tolist()]}
-        print(f"{task.name}: {len(q.ids)} queries x {len(g.ids)} gallery ({res['distractors']} "
-              f"distractors) ranked in {time.time() - t0:.2f}s", flush=True)
-        text = io.StringIO()  # the CSV, then its entry: a task's two are written together
+            columns |= {"pred_lat": decimals(pred[:, 0], 6),
+                        "pred_lon": decimals(pred[:, 1], 6), "error_km": decimals(km, 3)}
+        print(f"{task.name}: {len(q.ids)} queries x {len(g.ids)} gallery "
+              f"({res['distractors']} distractors) ranked in {time.time() - t0:.2f}s",
+              flush=True)
+        text = io.StringIO()  # the CSV, then its entry: a task's two go together
         csv.writer(text).writerows([list(columns), *zip(*columns.values())])
-        write_atomically(out / f"{task.name}.csv", lambda tmp: tmp.write_text(text.getvalue()))
+        write_atomically(out / f"{task.name}.csv", lambda p: p.write_text(text.getvalue()))
         results[task.name] = res | source
         write_metrics(out / "metrics.json", results, cfg, device, source)
         if cfg.viz and task.gallery != "C":
@@ -1509,97 +1495,98 @@ def score(protocol: Protocol, embedder: Functions, cfg: Config, source: dict) ->
         raise UserError(clash[0] + f" (and {len(clash) - 1} more)" * (len(clash) > 1))
     return results
 
+def decimals(x: torch.Tensor, places: int) -> list[str]:
+    return [f"{v:.{places}f}" for v in x.tolist()]
+
 def per_query(ranks: dict, q: Side, g: Side) -> dict:
-    """A task's CSV by column: per query its 1-based ranks, APs, its top 5 and which of them
-    are of its landmark; for a sentence task the sentence."""
-    hits = (g.labels[ranks["top"].cpu()] == q.labels[:, None]).int()  # (Q, 5)
-    both = ("strict", "official")
+    """A task's CSV by column: per query its 1-based ranks, APs, its top 5 and which of
+    them are of its landmark; for a sentence task the sentence."""
+    top, both = ranks["top"].cpu(), ("strict", "official")  # top: (Q, 5)
+    hits = (g.labels[top] == q.labels[:, None]).int()
     return {"query_id": q.ids, "landmark_id": q.labels.tolist(),
             **({"query_text": q.show} if q.modality == "T" else {}),
             **{f"rank_{p}": (ranks[f"first_{p}"] + 1).tolist() for p in both},
-            **{f"ap_{p}": [f"{v:.6f}" for v in ranks[f"ap_{p}"].tolist()] for p in both},
-            "top5": [" ".join(g.ids[j] for j in row) for row in ranks["top"].tolist()],
+            **{f"ap_{p}": decimals(ranks[f"ap_{p}"], 6) for p in both},
+            "top5": [" ".join(g.ids[j] for j in row) for row in top.tolist()],
             "top5_hits": [" ".join(map(str, row)) for row in hits.tolist()]}
 
 @functools.cache
 def code_record() -> dict:
     """mml.py's sha256 and, in a git checkout, its commit: asked once a process."""
     here, commit = Path(__file__).resolve(), None
-    with contextlib.suppress(OSError, subprocess.SubprocessError):  # no git on this machine
-        git = subprocess.run(["git", "-C", str(here.parent), "rev-parse", "HEAD"],
-                             capture_output=True, text=True, timeout=10)
-        commit = git.stdout.strip() if git.returncode == 0 else None
+    git = ["git", "-C", str(here.parent), "rev-parse", "HEAD"]
+    with contextlib.suppress(OSError, subprocess.SubprocessError):  # no git, no checkout
+        commit = subprocess.run(git, capture_output=True, text=True, timeout=10,
+                                check=True).stdout.strip()
     return {"mml_sha256": hashlib.sha256(here.read_bytes()).hexdigest(), "git": commit}
 
 def write_metrics(path: Path, results: dict, cfg: Config, device, source: dict):
-    """metrics.json, merged by task (earlier ones, of other checkpoints, stay, each naming its
-    source), under this evaluation's record: options, code, torch, device and date."""
-    earlier = {}
+    """metrics.json, merged by task (others' earlier ones stay, each naming its source),
+    under this evaluation's record: options, code, torch, device and date."""
+    earlier, now = {}, datetime.datetime.now(datetime.timezone.utc)
     with contextlib.suppress(ValueError, KeyError, TypeError, OSError):
         earlier = dict(json.loads(path.read_text(encoding="utf-8"))["tasks"])
+    options = ("tasks", "chunk", "eval_batch", "img_size", "resize")
     merged = source | {
-        "eval": {k: getattr(cfg, k) for k in ("tasks", "chunk", "eval_batch", "img_size",
-                                               "resize")},
-        "code": code_record(), "torch": torch.__version__,
+        "eval": {k: getattr(cfg, k) for k in options}, "code": code_record(),
+        "torch": torch.__version__,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "tasks": earlier | results}
-    write_atomically(path, lambda tmp: tmp.write_text(json.dumps(merged, indent=1)))
+        "date": now.isoformat(timespec="seconds"), "tasks": earlier | results}
+    write_atomically(path, lambda p: p.write_text(json.dumps(merged, indent=1)))
 
 def evaluate(cfg: Config):
-    """`eval`: the protocol on the checkpoint's data (or --data), embedded by the checkpoint."""
-    writable_folder(Path(cfg.out) / "eval", "--out")  # before the hours of embedding
-    model = Checkpoint(cfg.ckpt, device_of(cfg), cfg.clip, cfg.eval_batch, cfg.workers,
-                       cfg.cache)
-    cfg = dataclasses.replace(cfg, data=cfg.data or model.cfg.data, img_size=model.cfg.img_size,
-                              resize=model.cfg.resize)
+    """`eval`: the protocol on the checkpoint's data (or --data), by the checkpoint."""
+    writable_folder(Path(cfg.out) / "eval", "--out")  # before hours of embedding
+    model = Checkpoint(cfg.ckpt, device_of(cfg), cfg.clip, cfg.eval_batch,
+                       cfg.workers, cfg.cache)
+    cfg = dataclasses.replace(cfg, data=cfg.data or model.cfg.data,
+                              img_size=model.cfg.img_size, resize=model.cfg.resize)
     if not cfg.data:
         raise UserError(f"--data: name the dataset root ({cfg.ckpt} names none)")
     print0(f"evaluating {cfg.ckpt} on {cfg.data}")
-    score(Protocol(Path(cfg.data)), model, cfg, {"data": cfg.data, "checkpoint": str(cfg.ckpt),
-                                                "step": model.step, "epoch": model.epoch,
-                                                "config": model.config})
+    source = {"data": cfg.data, "checkpoint": str(cfg.ckpt)} | model.record
+    score(Protocol(Path(cfg.data)), model, cfg, source)
 
 def print_tables(results: dict):
     """The results as the authors' tables (PROTOCOL 5), then the geolocalisation."""
     cols = ("mAP@1k", "R@1", "R@5", "R@10")
-    print(f"\n{'task':<16}{'medR':>8} | official (distractors as junk)      | strict "
-          f"(distractors ranked)")
-    print(f"{'':<24} | " + "".join(f"{c:>8}" for c in cols) + "   | "
-          + "".join(f"{c:>8}" for c in cols))
+    row = lambda head, cell: print(head + " | " + "   | ".join(
+        "".join(cell(p, c) for c in cols) for p in ("official", "strict")))
+    print(f"\n{'task':<16}{'medR':>8} | official (distractors as junk)      | "
+          f"strict (distractors ranked)")
+    row(" " * 24, lambda p, c: f"{c:>8}")
     for task, r in results.items():
-        print(f"{task:<16}{r['official']['medR']:>8.1f} | "
-              + "".join(f"{r['official'][c]:>8.2f}" for c in cols) + "   | "
-              + "".join(f"{r['strict'][c]:>8.2f}" for c in cols))
-    keys = ("acc@1km", "acc@25km", "acc@200km", "acc@750km", "acc@2500km", "median_km")
+        medR = r["official"]["medR"]
+        row(f"{task:<16}{medR:>8.1f}", lambda p, c: f"{r[p][c]:>8.2f}")
     if geo := {t: r["geo"] for t, r in results.items() if "geo" in r}:
-        print(f"\ngeolocalisation: % of queries within, and the median error\n{'':<16}"
-              + "".join(f"{k.split('@')[-1]:>11}" for k in keys))
+        keys = list(next(iter(geo.values())))  # acc@1km ... acc@2500km, median_km
+        print("\ngeolocalisation: % of queries within, and the median error\n"
+              + " " * 16 + "".join(f"{k.split('@')[-1]:>11}" for k in keys))
         for task, g in geo.items():
             print(f"{task:<16}" + "".join(f"{g[k]:>11.1f}" for k in keys))
 
 # ---- checkpoints and the Python API -------------------------------------------------------
-# A checkpoint is one dict (model, optimizer, step, epoch, config, tokenizer, RNG state, best
-# value), written atomically and read back checked, never unpickled. `load` makes one an
-# embedder (what `eval` uses, and a researcher's script); `evaluate_encoders` scores any.
+# A checkpoint is one dict (model, optimizer, step, epoch, config, tokenizer, RNG state,
+# best value), written atomically and read back checked, never unpickled. `load` makes one
+# an embedder (for `eval` and a researcher's script); `evaluate_encoders` scores any.
 
 def writable_folder(path: Path, option: str) -> Path:
-    """path, proven before any work to be a folder mml can write in (or make: at its first
-    write, so that a refused command leaves no folder behind)."""
+    """path, proven before any work to be a folder mml can write in (or make: at its
+    first write, so that a refused command leaves no folder behind)."""
     there = next(p for p in (path, *path.parents) if p.exists() or p.is_symlink())
     if not there.is_dir() or not os.access(there, os.W_OK | os.X_OK):
         raise UserError(f"{option} {path}: not a writable folder ({there} is not one)")
     return path
 
 def write_atomically(path: Path, write):
-    """write(tmp), then rename tmp to path: a crash never leaves a half-written file where a
-    whole one was; a failed write (a full disk) is one line and leaves no .tmp."""
+    """write(tmp), then rename tmp to path: a crash never leaves a half-written file; a
+    failed write (a full disk) is one line and leaves no .tmp."""
     tmp = path.with_name(path.name + ".tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         write(tmp)
         os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as RuntimeError
+    except (OSError, RuntimeError) as e:  # torch.save's full disk is a RuntimeError
         why = (str(e).splitlines() or [type(e).__name__])[0]
         raise UserError(f"{path}: could not be written ({why})") from None
     finally:
@@ -1609,66 +1596,61 @@ def save_checkpoint(state: dict, path: Path):
     write_atomically(path, lambda tmp: torch.save(state, tmp))
 
 def trained_state(model: MML) -> dict:
-    """What a checkpoint keeps of the model: everything but its frozen CLIP towers."""
+    """What a checkpoint keeps of the model: all but its frozen CLIP towers."""
     return {k: v for k, v in model.state_dict().items() if not k.startswith(model.towers)}
 
-def load_tensors(path: Path, what: str, expect: type = dict):
-    """torch.load that never runs code: weights_only=True loads tensors and plain data only,
-    and a file that needs more (it could run anything) is refused, never unpickled. A state
-    dict's keys must be names, its values tensors of real numbers."""
+def load_tensors(path: Path, what: str) -> dict:
+    """torch.load that never runs code: weights_only=True loads tensors and plain data,
+    and a file that needs more (it could run anything) is refused, never unpickled."""
     if not path.is_file():
         raise UserError(f"{path}: no {what} there")
-    with open(path, "rb") as f:  # torch.save writes a zip (PK); old torch a pickle (0x80 2)
+    with open(path, "rb") as f:  # torch.save: a zip (PK); old torch: a pickle (0x80 2)
         if f.read(2) not in (b"PK", b"\x80\x02"):
             raise UserError(f"{path}: not a {what} (not a file torch.save writes)")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
-        raise UserError(f"{path}: not a plain {what}: it needs more than tensors and plain data "
-                        f"to load, and may contain code, so it is not unpickled") from None
+        raise UserError(f"{path}: not a plain {what}: it may contain code, so it is "
+                        f"not unpickled") from None
     except Exception as e:  # truncated, corrupt
         raise UserError(f"{path}: not a readable {what} ({type(e).__name__})") from None
-    if not isinstance(obj, expect):
+    if not isinstance(obj, dict):
         raise UserError(f"{path}: not a {what} (a {type(obj).__name__})")
-    if what.endswith("state dict") and (bad := named_tensors(obj)):
-        raise UserError(f"{path}: not a {what} (entry {bad!r} is not a named real tensor)")
+    if what.endswith("state dict") and (bad := not_tensors(obj)):
+        raise UserError(f"{path}: not a {what} (entry {bad[0]!r} is not a named real tensor)")
     return obj
 
-def named_tensors(state: dict):
-    """The first key of a state dict that is not a name, or whose value is not a tensor of
-    real numbers; None when all are."""
-    return next((k for k, v in state.items() if not isinstance(k, str) or not torch.is_tensor(v)
-                 or v.is_complex()), None)
+def not_tensors(state: dict) -> list:
+    """The keys of a state dict that are not names or not of real tensors."""
+    return [k for k, v in state.items()
+            if not isinstance(k, str) or not torch.is_tensor(v) or v.is_complex()]
 
-# What a checkpoint must hold, of which type; --resume needs the training state too.
-PARTS = {"model": dict, "config": dict, "tokenizer": str, "step": int, "epoch": int}
-RESUME_PARTS = {"optimizer": dict, "torch_rng": torch.Tensor, "best": (int, float)}
+# A checkpoint's parts and their types; the last three only --resume reads.
+PARTS = {"model": dict, "config": dict, "tokenizer": str, "step": int, "epoch": int,
+         "optimizer": dict, "torch_rng": torch.Tensor, "best": (int, float)}
 
 def load_checkpoint(path: Path, resume: bool = False) -> dict:
-    """A checkpoint, its parts checked before anything uses them: one line naming the part."""
+    """A checkpoint, its parts checked before use: one line naming the part."""
     if path.is_dir():
         inside = ", ".join(sorted(p.name for p in path.glob("*.pt")))
-        raise UserError(f"{path}: a folder; name a checkpoint in it" +
-                        f" (it holds {inside})" * bool(inside))
+        raise UserError(f"{path}: a folder; name a checkpoint in it"
+                        + f" (it holds {inside})" * bool(inside))
     if not path.is_file():
-        raise UserError(f"{path}: no checkpoint there (train one with `python mml.py train`, "
-                        f"or name one with --ckpt)")
-    ckpt, rng = load_tensors(path, "checkpoint"), torch.get_rng_state()
-    for part, kind in PARTS.items() | (RESUME_PARTS.items() if resume else set()):
-        value = ckpt.get(part)
-        if not isinstance(value, kind) or isinstance(value, bool):
-            found = "missing" if part not in ckpt else f"a {type(value).__name__}"
-            raise UserError(f"{path}: not an mml checkpoint{' to resume' * resume} ({part} is "
-                            f"{found})")
-    key = named_tensors(ckpt["model"])
-    wrong = {f"model entry {key!r}": key is not None, f"step {ckpt['step']}": ckpt["step"] < 0,
-             f"epoch {ckpt['epoch']}": ckpt["epoch"] < 0}
-    if resume:
-        saved_rng = ckpt["torch_rng"]
-        wrong |= {f"best {ckpt['best']}": math.isnan(ckpt["best"]), "RNG state": (
-            saved_rng.shape != rng.shape or saved_rng.dtype != rng.dtype)}
-    if bad := next((what for what, is_wrong in wrong.items() if is_wrong), None):
-        raise UserError(f"{path}: not an mml checkpoint (its {bad} is not what mml saves)")
+        raise UserError(f"{path}: no checkpoint there (name one with --ckpt)")
+    ckpt = load_tensors(path, "checkpoint")
+    for part, kind in list(PARTS.items())[:8 if resume else 5]:
+        if not isinstance(value := ckpt.get(part), kind) or isinstance(value, bool):
+            found = f"a {type(value).__name__}" if part in ckpt else "missing"
+            raise UserError(f"{path}: not an mml checkpoint{' to resume' * resume} "
+                            f"({part} is {found})")
+    bad, rng, now = not_tensors(ckpt["model"]), ckpt.get("torch_rng"), torch.get_rng_state()
+    wrong = {f"model entry {bad[0]!r}" if bad else "model": bool(bad),
+             f"step {ckpt['step']}": ckpt["step"] < 0,
+             f"epoch {ckpt['epoch']}": ckpt["epoch"] < 0,
+             f"best {ckpt.get('best')}": resume and math.isnan(ckpt["best"]),
+             "RNG state": resume and (rng.shape, rng.dtype) != (now.shape, now.dtype)}
+    if bad := [what for what, is_wrong in wrong.items() if is_wrong]:
+        raise UserError(f"{path}: not an mml checkpoint (its {bad[0]} is not what mml saves)")
     try:
         Tokenizer.from_str(ckpt["tokenizer"])
     except Exception as e:  # the tokenizers library raises its own exception types
@@ -1677,8 +1659,8 @@ def load_checkpoint(path: Path, resume: bool = False) -> dict:
     return ckpt
 
 def checkpoint_config(path: Path, ckpt: dict) -> Config:
-    """The Config a checkpoint was trained with, held to the command line's checks. Options
-    added to mml.py since take their defaults; one this mml.py does not know is an error."""
+    """The Config a checkpoint was trained with, held to the command line's checks.
+    Options added since take their defaults; one this mml.py does not know is an error."""
     defaults = dataclasses.asdict(Config())
     saved = {k: v for k, v in ckpt["config"].items() if k not in RETIRED}
     if unknown := sorted(str(k) for k in saved if k not in defaults):
@@ -1691,42 +1673,42 @@ RETIRED = {"outdoor_only", "last_sat_only", "loss", "inputs", "text", "satellite
            "gallery", "json", "runs", "latex", "resamples", "bench_queries"}
 
 def load_matching(module: nn.Module, state: dict, what: str, ignore: tuple = ()):
-    """load_state_dict, but a mismatch names the first key missing, unexpected or of another
-    shape, with both shapes. Keys under `ignore` (frozen towers) are not in `state`."""
+    """load_state_dict, but a mismatch names the first key missing, unexpected or of
+    another shape. Keys under `ignore` (frozen towers) are not in `state`."""
     own = {k: v for k, v in module.state_dict().items() if not k.startswith(ignore)}
     for key in list(own) + [k for k in state if k not in own]:
         mine, theirs = own.get(key), state.get(key)
         if mine is None or theirs is None or mine.shape != theirs.shape:
-            shapes = ["absent" if t is None else tuple(t.shape) for t in (theirs, mine)]
-            raise UserError(f"{what}: does not fit this model: {key} is {shapes[0]} in the "
-                            f"file and {shapes[1]} in the model")
-    if not any(p.is_meta for p in module.parameters()):  # on meta, shapes are all there is
+            file, model = ("absent" if t is None else tuple(t.shape) for t in (theirs, mine))
+            raise UserError(f"{what}: does not fit this model: {key} is {file} in the file "
+                            f"and {model} in the model")
+    if not any(p.is_meta for p in module.parameters()):  # on meta: only shapes
         module.load_state_dict(state, strict=not ignore)
 
-# A model mml builds holds at most this many numbers (ViT-bigG's CLIP: 2.5 billion), counted
-# on the meta device before anything is allocated: sizes that are each within their bounds
-# can still multiply into a 65 GB tensor.
+# A model mml builds holds at most this many numbers (ViT-bigG's CLIP: 2.5 billion),
+# counted on the meta device before anything is allocated: sizes each within their
+# bounds can still multiply into a 65 GB tensor.
 MAX_PARAMETERS = 3 * 10**9
 
 def sized(cfg: Config, what: str) -> nn.Module:
-    """The model cfg describes, on the meta device (no memory), refused past MAX_PARAMETERS."""
+    """The model cfg describes, on the meta device (no memory), if not too large."""
     with torch.device("meta"):
         model = MML(cfg)
     if (n := sum(p.numel() for p in model.parameters())) > MAX_PARAMETERS:
-        raise UserError(f"{what}: a model of {n:,} parameters, over the {MAX_PARAMETERS:,} "
-                        f"allowed")
+        raise UserError(f"{what}: a model of {n:,} parameters, over the "
+                        f"{MAX_PARAMETERS:,} allowed")
     return model
 
 def restore(path: Path, ckpt: dict, cfg: Config) -> MML:
-    """A checkpoint's model on the CPU, its shapes compared on the meta device first: its
-    weights, and its frozen CLIP towers from their folder (the checkpoint's or --clip),
-    refused unless they are the very towers it was trained with."""
+    """A checkpoint's model on the CPU, its shapes compared on the meta device first;
+    its frozen CLIP towers from their folder (the checkpoint's or --clip), refused
+    unless they are the very towers it was trained with."""
     if "clip" in (cfg.image_backbone, cfg.text_backbone) and not Path(cfg.clip).is_dir():
-        raise UserError(f"{cfg.clip}: the CLIP folder {path} was trained with is not there "
-                        f"(moved?); name it with --clip")
+        raise UserError(f"{cfg.clip}: the CLIP folder {path} was trained with is not "
+                        f"there (moved?); name it with --clip")
     meta = sized(cfg, str(path))
     load_matching(meta, ckpt["model"], str(path), ignore=meta.towers)
-    if "T" in meta.enc:  # a token id past the text tower's vocabulary would index nothing
+    if "T" in meta.enc:  # a token past the text tower's vocabulary would index nothing
         vocab = next(m for m in meta.enc["T"].modules() if isinstance(m, nn.Embedding))
         if (n := Tokenizer.from_str(ckpt["tokenizer"]).get_vocab_size()) > vocab.num_embeddings:
             raise UserError(f"{path}: its tokenizer has {n} tokens, its text encoder "
@@ -1736,9 +1718,9 @@ def restore(path: Path, ckpt: dict, cfg: Config) -> MML:
         state, digest = load_clip_weights(cfg.clip)
         want = ckpt["towers"].get("digest") if isinstance(ckpt.get("towers"), dict) else None
         if digest != want:
-            raise UserError(f"{cfg.clip}: its config and weights (digest {digest[:12]}) are not "
-                            f"the CLIP towers {path} was trained with ({str(want)[:12]}); name "
-                            f"their folder with --clip")
+            raise UserError(f"{cfg.clip}: its config and weights ({digest[:12]}) are not "
+                            f"the CLIP towers {path} was trained with ({str(want)[:12]}); "
+                            f"name their folder with --clip")
         install_towers(model, state, cfg.clip)
         model.tower_digest = digest  # what evaluation's tower cache is keyed by
     load_matching(model, ckpt["model"], str(path), ignore=model.towers)
@@ -1762,114 +1744,113 @@ class Checkpoint(Functions):
         model.embed_text(["a red church in Denver"])
         model.embed_gps([[40.7, -74.0]])                   # lat, lon in degrees
 
-    each (N, D) float32 unit vectors, by the checkpoint's own preprocessing and tokenizer;
-    `evaluate_encoders(model, ...)` scores it as `eval` does, through the same encoders."""
-
-    def __init__(self, ckpt, device=None, clip: str = "", batch: int = 256, workers: int = 0,
-                 cache: str = ""):
+    each (N, D) float32 unit vectors, by the checkpoint's own preprocessing and
+    tokenizer; `evaluate_encoders(model, ...)` scores it as `eval` does."""
+    def __init__(self, ckpt, device=None, clip: str = "", batch: int = 256,
+                 workers: int = 0, cache: str = ""):
         if not isinstance(batch, int) or batch < 1:
             raise UserError(f"batch {batch!r}: expected an integer of at least 1")
         self.path = Path(ckpt)
         saved = load_checkpoint(self.path)
-        config = checkpoint_config(self.path, saved)
-        self.cfg = dataclasses.replace(config, eval_batch=batch, workers=workers, cache=cache,
-                                       clip=clip or config.clip)
+        cfg = checkpoint_config(self.path, saved)
+        cfg = dataclasses.replace(cfg, eval_batch=batch, workers=workers, cache=cache,
+                                  clip=clip or cfg.clip)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.model = restore(self.path, saved, self.cfg).to(self.device).eval()
+        self.model = restore(self.path, saved, cfg).to(self.device).eval()
         self.tok = Tokenizer.from_str(saved["tokenizer"])
-        self.step, self.epoch, self.config = saved["step"], saved["epoch"], saved["config"]
-        super().__init__({m: functools.partial(self.encode, m) for m in self.model.enc},
-                         self.cfg)
-
+        self.record = {k: saved[k] for k in ("step", "epoch", "config")}  # metrics.json's
+        super().__init__({m: functools.partial(self.encode, m) for m in self.model.enc}, cfg)
     def width(self, m: str) -> int:
         return self.cfg.embed_dim  # every encoder's, known without running one
-
     def encoder(self, m: str) -> Encoder:
         if m not in self.model.enc:
-            raise UserError(f"{self.path}: has no {MODALITY[m]} encoder (trained on "
-                            f"{self.cfg.modalities})")
+            raise UserError(f"{self.path}: has no {MODALITY.get(m, m)} encoder "
+                            f"(trained on {self.cfg.modalities})")
         return self.model.enc[m]
-
     @torch.no_grad()
     def encode(self, m: str, x) -> torch.Tensor:
-        """One batch of modality m through its encoder: (B, D). Images of another size are
+        """A batch of modality m through its encoder: (B, D). Images of another size are
         resized to the checkpoint's own (antialiased bilinear)."""
         if m == "T":
             x = tokenize(self.tok, [str(s) for s in x])  # (B, L)
-        x = to_device(torch.as_tensor(x), self.device)
-        if m in "GS" and x.shape[-1] != self.cfg.img_size:
-            x = F.interpolate(x.float(), (self.cfg.img_size,) * 2, mode="bilinear",
-                              antialias=True).round().clamp(0, 255).to(torch.uint8)
+        x, H = to_device(torch.as_tensor(x), self.device), self.cfg.img_size
+        if m in "GS" and x.shape[-1] != H:
+            x = F.interpolate(x.float(), (H, H), mode="bilinear", antialias=True)
+            x = x.round().clamp(0, 255).to(torch.uint8)
         with autocast_for(self.device, self.cfg):
             return self.encoder(m)(x)
-
     def embed_images(self, images, kind: str = "ground") -> torch.Tensor:
-        """(N, D): images as paths, decoded (H, W, 3) uint8 arrays of any size, or a (B, 3,
-        H, H) uint8 tensor. Anything else is one line."""
-        m, size, how = LETTER.get(kind, kind), self.cfg.img_size, self.cfg.resize
+        """(N, D): images as paths, decoded (H, W, 3) uint8 arrays of any size, or a
+        (B, 3, H, H) uint8 tensor. Anything else is one line."""
+        m = LETTER.get(kind, kind)
         self.encoder(m)  # an error now, not after reading the images
-        if torch.is_tensor(images):
-            if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3 or (
-                    images.shape[2] != images.shape[3]):
-                raise UserError(f"embed_images: a {tuple(images.shape)} {images.dtype} tensor; "
-                                f"expected (B, 3, H, H) uint8")
-            x = images
-        else:
-            pixels = []
-            for n, image in enumerate([images] if isinstance(images, (str, Path)) else images):
-                array = None if isinstance(image, (str, Path)) else np.asarray(image)
-                if array is not None and (array.dtype != np.uint8 or array.shape[2:] != (3,)):
-                    raise UserError(f"embed_images: image {n} is a {array.shape} {array.dtype} "
-                                    f"array; expected (H, W, 3) uint8 (or a path)")
-                pixels.append(read_image(Path(image), size, how) if array is None else
-                              to_square(Image.fromarray(array), size, how))
-            x = torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2)  # (N, 3, H, H)
-        return embed(self.fns[m], x, f"{kind} images", self.cfg, self.device, spread=False)
-
+        if not torch.is_tensor(x := images):
+            listed = [x] if isinstance(x, (str, Path)) else x
+            x = np.stack([self.image(n, image) for n, image in enumerate(listed)])
+            x = torch.from_numpy(x).permute(0, 3, 1, 2)  # (N, 3, H, H)
+        if x.dtype != torch.uint8 or x.dim() != 4 or x.shape[1] != 3 or (
+                x.shape[2] != x.shape[3]):
+            raise UserError(f"embed_images: a {tuple(x.shape)} {x.dtype} tensor; "
+                            f"expected (B, 3, H, H) uint8")
+        return self.embed_inputs(m, x, f"{kind} images")
+    def image(self, n: int, image) -> np.ndarray:
+        """Image n handed in: a path or an (H, W, 3) uint8 array -> (H, H, 3) uint8."""
+        size, how = self.cfg.img_size, self.cfg.resize
+        if not isinstance(image, (str, Path)):
+            a = np.asarray(image)
+            if a.dtype != np.uint8 or a.shape[2:] != (3,):
+                raise UserError(f"embed_images: image {n} is a {a.shape} {a.dtype} "
+                                f"array; expected (H, W, 3) uint8 (or a path)")
+            return to_square(Image.fromarray(a), size, how)
+        try:
+            return load_image(Path(image), size, how)
+        except Exception as e:  # missing, not an image: decoders raise all sorts
+            raise UserError(f"{Path(image)}: cannot read it as an image ({e})") from None
     def embed_text(self, sentences) -> torch.Tensor:
+        """(N, D) of sentences, or of one."""
         self.encoder("T")
         sentences = [sentences] if isinstance(sentences, str) else list(sentences)
-        return embed(self.fns["T"], sentences, "sentences", self.cfg, self.device, spread=False)
-
+        return self.embed_inputs("T", sentences, "sentences")
     def embed_gps(self, latlon) -> torch.Tensor:
         """(N, D) of (N, 2) points, or of one, in degrees (lat, lon)."""
         self.encoder("C")
         points = torch.as_tensor(np.asarray(latlon, dtype=np.float64))
         points = points[None] if points.shape == (2,) else points
         if points.dim() != 2 or points.shape[1] != 2 or not bool(
-                (points[:, 0].abs() <= 90).all() and (points[:, 1].abs() <= 180).all()):
+                (points.abs() <= torch.tensor([90, 180])).all()):  # NaN too
             raise UserError(f"embed_gps: a {tuple(points.shape)} array; expected (N, 2) of "
                             f"latitudes in [-90, 90] and longitudes in [-180, 180]")
-        return embed(self.fns["C"], points, "points", self.cfg, self.device, spread=False)
-
+        return self.embed_inputs("C", points, "points")
+    def embed_inputs(self, m: str, x, what: str) -> torch.Tensor:  # in this process
+        return embed(self.fns[m], x, what, self.cfg, self.device, spread=False)
     def embed_side(self, side: Side) -> torch.Tensor:
         """A side of the protocol; images through a frozen CLIP tower via its cache."""
-        enc = self.encoder(side.modality)
-        if side.modality not in "GS" or f"enc.{side.modality}.trunk." not in self.model.towers:
+        m, enc = side.modality, self.encoder(side.modality)
+        if m not in "GS" or f"enc.{m}.trunk." not in self.model.towers:
             return super().embed_side(side)
         features = torch.cat([self.tower_features(enc, part) for part in side.items])
         with autocast_for(self.device, self.cfg):
             return embed(enc.project, features, side.name, self.cfg, self.device)
-
     def tower_features(self, enc: Encoder, part: tuple) -> torch.Tensor:
-        """(n, E) outputs of a frozen CLIP tower for one split's images, from the tower cache
-        when it holds them: keyed by the towers, the preprocessing, the precision and the
-        images, so that a second checkpoint on the same towers runs only its heads."""
+        """(n, E) outputs of a frozen CLIP tower for one split's images, cached: keyed
+        by the towers, the preprocessing, the precision and the images, so that a second
+        checkpoint on the same towers runs only its heads."""
         split_dir, kind, ids = part
-        precision = "bf16" if bf16_on(self.device, self.cfg) else "fp32"
-        key = hashlib.sha256(json.dumps([self.model.tower_digest, self.cfg.img_size,
-                                         self.cfg.resize, precision, kind, ids]).encode())
-        key, name = key.hexdigest(), f"{split_dir.name}_{kind}"
-        path = cache_dir(self.cfg, split_dir.parent) / "towers" / f"{name}-{key[:16]}.pt"
-        with contextlib.suppress(UserError):  # a cache of another key, shape or dtype: rebuilt
+        cfg, device = self.cfg, self.device
+        precision = "bf16" if bf16_on(device, cfg) else "fp32"
+        key = [self.model.tower_digest, cfg.img_size, cfg.resize, precision, kind, ids]
+        key, name = hashlib.sha256(json.dumps(key).encode()).hexdigest(), split_dir.name
+        path = cache_dir(cfg, split_dir.parent) / f"towers/{name}_{kind}-{key[:16]}.pt"
+        with contextlib.suppress(UserError):  # another key, shape or dtype: rebuilt
             cached = load_tensors(path, "cache")
-            if cached.get("key") == key and torch.is_tensor(t := cached.get("tensor")) and (
-                    t.shape == (len(ids), enc.width) and t.dtype == torch.float32):
-                return t.to(self.device)
-        with autocast_for(self.device, self.cfg):
-            features = embed(lambda x: enc.features(to_device(x, self.device)),
-                             ImageList([part], self.cfg), f"{name} (CLIP tower)", self.cfg,
-                             self.device)
+            t = cached.get("tensor")
+            if cached.get("key") == key and torch.is_tensor(t) and (
+                    t.dtype == torch.float32 and t.shape == (len(ids), enc.width)):
+                return t.to(device)
+        with autocast_for(device, cfg):
+            features = embed(lambda x: enc.features(to_device(x, device)),
+                             ImageList([part], cfg), f"{name}_{kind} (CLIP tower)", cfg,
+                             device)
         if rank_and_world()[0] == 0:
             try:
                 save_checkpoint({"key": key, "tensor": features.float().cpu()}, path)
@@ -1877,38 +1858,29 @@ class Checkpoint(Functions):
                 print(f"not cached: {e}", file=sys.stderr)
         return features
 
-def read_image(path: Path, size: int, resize: str) -> np.ndarray:
-    """An image handed in by a user: (H, H, 3) uint8, or one line naming it."""
-    try:
-        return load_image(path, size, resize)
-    except Exception as e:  # missing, not an image: decoders raise all sorts
-        raise UserError(f"{path}: cannot read it as an image ({e})") from None
-
-def load(ckpt, device=None, clip: str = "", batch: int = 256) -> Checkpoint:
-    """An mml checkpoint (trained, or made by `convert`) ready to embed: see Checkpoint."""
-    return Checkpoint(ckpt, device, clip, batch)
+load = Checkpoint  # mml.load(CKPT): a trained checkpoint, or one `convert` made
 
 def evaluate_encoders(encoders, data, out="runs/encoders", tasks: str = "",
                       img_size: int = 224, resize: str = "crop", batch: int = 256,
                       device: str = "", workers: int = 0, viz: bool = False,
                       name: str = "encoders") -> dict:
-    """Any model on the benchmark, from Python: a Checkpoint (`load`), or a dict mapping some
-    of "G", "S", "T", "C" to functions of a batch (see Functions; the tasks the modalities
-    cannot run are named and skipped). Writes what `eval` writes to OUT/eval/, and returns
+    """Any model on the benchmark, from Python: a Checkpoint (`load`), or a dict mapping
+    some of "G", "S", "T", "C" to functions of a batch (see Functions; tasks needing
+    others are named and skipped). Writes what `eval` writes to OUT/eval/; returns
     {task: results}."""
     if isinstance(encoders, Checkpoint):  # its own image size and resize
-        img_size, resize, name = encoders.cfg.img_size, encoders.cfg.resize, str(encoders.path)
+        img_size, resize, name = encoders.cfg.img_size, encoders.cfg.resize, encoders.path
     elif not isinstance(encoders, dict) or set(encoders) - set("GSTC"):
-        raise UserError("evaluate_encoders: expected a Checkpoint, or a dict of functions by "
-                        "modality (some of G, S, T, C)")
+        raise UserError("evaluate_encoders: expected a Checkpoint or {G|S|T|C: function}")
     # bf16 off: the functions run in whatever precision they choose themselves
-    cfg = check_config(dataclasses.replace(
-        Config(), data=str(data), out=str(out), tasks=tasks, img_size=img_size, resize=resize,
+    cfg = check_config(Config(
+        data=str(data), out=str(out), tasks=tasks, img_size=img_size, resize=resize,
         eval_batch=batch, device=device, workers=workers, viz=viz, bf16=False),
         "evaluate_encoders: ")
     writable_folder(Path(cfg.out) / "eval", "out")
     embedder = encoders if isinstance(encoders, Checkpoint) else Functions(encoders, cfg)
-    return score(Protocol(Path(cfg.data)), embedder, cfg, {"data": cfg.data, "encoders": name})
+    source = {"data": cfg.data, "encoders": str(name)}
+    return score(Protocol(Path(cfg.data)), embedder, cfg, source)
 
 # ---- outside models: torchvision, CLIP, the authors' -------------------------------------
 # torchvision's ImageNet backbones; CLIP's vision and text towers in plain torch from the
