@@ -1939,40 +1939,37 @@ def evaluate_encoders(encoders, data, out="runs/encoders", tasks: str = "",
     return score(Protocol(Path(cfg.data)), embedder, cfg, {"data": cfg.data, "encoders": name})
 
 # ---- outside models: torchvision, CLIP, the authors' -------------------------------------
-# torchvision's ImageNet backbones; CLIP's vision and text towers in plain torch from the
-# model section's Block, sized by a Hugging Face folder the user fetched once, filled from its
-# weights, tokenising with its tokenizer.json; `convert`, which makes the field's models mml
-# checkpoints. A file handed in is checked before it is trusted: a regular file of bounded
-# size, sizes within bounds, the byte ranges of safetensors inside the file and apart.
+# torchvision's ImageNet backbones; CLIP's towers in plain torch from the model section's
+# Block, sized and filled from a Hugging Face folder; `convert`, which makes the field's
+# models mml checkpoints. A file handed in is checked before it is trusted: a bounded
+# regular file, sizes within bounds, the byte ranges of safetensors inside the file and apart.
 
 def backbone_weights(name: str):
     """torchvision's ImageNet weights of a backbone: their URL, image size, pixel statistics."""
     return torchvision.models.get_model_weights(name).DEFAULT
 
 def outside_backbone(cfg: Config, part: str) -> tuple[nn.Module, int, tuple]:
-    """(backbone, its width E, its pixel statistics) of the --clip folder's vision or text
-    tower, or of a torchvision classifier without its classifier layer (our head projects to
-    D instead). Random weights here: `train` loads pretrained ones, `eval` the checkpoint's."""
+    """(backbone, its width E, its pixel statistics): the --clip folder's vision or text tower,
+    or a torchvision classifier less its classifier (our head projects to D instead). Random
+    weights here: `train` loads pretrained ones, `eval` the checkpoint's."""
     if "clip" in (cfg.image_backbone if part == "vision" else cfg.text_backbone):
         c = clip_config(cfg.clip)
         tower = (CLIPVision if part == "vision" else CLIPText)(c[part], c["projection_dim"])
         return tower, c["projection_dim"], (CLIP_MEAN, CLIP_STD) * (part == "vision")
     size = {"image_size": cfg.img_size} if cfg.image_backbone == "vit_b_16" else {}
     net = torchvision.models.get_model(cfg.image_backbone, weights=None, **size)
-    if cfg.image_backbone.startswith("resnet"):
-        width, net.fc = net.fc.in_features, nn.Identity()
-    elif cfg.image_backbone == "convnext_tiny":
-        width, net.classifier[2] = net.classifier[2].in_features, nn.Identity()
-    else:
-        width, net.heads = net.heads.head.in_features, nn.Identity()
+    # the classifier is each family's last Linear layer: fc, classifier.2, heads.head
+    name = [n for n, m in net.named_modules() if isinstance(m, nn.Linear)][-1]
+    parent, _, leaf = name.rpartition(".")
+    width = net.get_submodule(name).in_features
+    setattr(net.get_submodule(parent), leaf, nn.Identity())
     stats = backbone_weights(cfg.image_backbone).transforms()
     return net, width, (stats.mean, stats.std)
 
 def load_pretrained(model: MML, cfg: Config) -> dict | None:
-    """A fresh model's pretrained parts: CLIP's towers from --clip, and with --pretrained
-    torchvision's ImageNet weights through its weights API (from torch's cache, else fetched
-    into it; read with weights_only=True like every file mml loads). Returns the frozen
-    towers' record {folder, digest}, which checkpoints keep instead of the towers."""
+    """A fresh model's pretrained parts: CLIP's towers from --clip; with --pretrained,
+    torchvision's ImageNet weights (from torch's cache, else fetched into it). Returns the
+    frozen towers' record {folder, digest}, which checkpoints keep instead of the towers."""
     towers = None
     if "clip" in (cfg.image_backbone, cfg.text_backbone):
         state, digest = load_clip_weights(cfg.clip)
@@ -1982,14 +1979,13 @@ def load_pretrained(model: MML, cfg: Config) -> dict | None:
     if cfg.pretrained and cfg.image_backbone not in ("small", "clip"):
         weights = backbone_weights(cfg.image_backbone)
         path = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
-        try:
-            state = weights.get_state_dict(progress=rank_and_world()[0] == 0, check_hash=True,
-                                           weights_only=True)
+        try:  # weights_only=True, like every file mml loads
+            state = weights.get_state_dict(progress=rank_and_world()[0] == 0,
+                                           check_hash=True, weights_only=True)
         except Exception as e:  # no network, a truncated download, a file of another format
-            raise UserError(f"--pretrained: {cfg.image_backbone}'s ImageNet weights are not "
-                            f"usable at {path} and not downloadable from {weights.url} "
-                            f"({type(e).__name__}: {(str(e).splitlines() or [''])[0]}); put "
-                            f"that file there") from None
+            why = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
+            raise UserError(f"--pretrained: {path} is not usable and {weights.url} not "
+                            f"downloadable ({why}); put that file there") from None
         for m in {"G", "S"} & set(model.enc):  # a shared trunk loads twice: the same weights
             own = model.enc[m].trunk.state_dict()  # the classifier's keys are dropped
             load_matching(model.enc[m].trunk, {k: v for k, v in state.items() if k in own},
@@ -2009,6 +2005,7 @@ class CLIPVision(nn.Module):
     the projected image embedding. The image is cut into patches, each a token; a learnt
     class token goes first, and its state after the layers, normed and projected, is the
     image's (Hugging Face's `pooler_output`, then `visual_projection`)."""
+    hf_keys = ("vision_model.", "visual_projection.weight")  # its weights in a CLIPModel's
 
     def __init__(self, c: dict, projection: int):
         super().__init__()
@@ -2035,6 +2032,7 @@ class CLIPText(nn.Module):
     """CLIP's text tower: (B, L) CLIP token ids -> (B, E). Causal layers; the sentence's
     embedding is the state at its first end-of-text token, normed and projected. The padding
     comes after that token, so under the causal mask it is never attended to."""
+    hf_keys = ("text_model.", "text_projection.weight")
 
     def __init__(self, c: dict, projection: int):
         super().__init__()
@@ -2067,9 +2065,8 @@ CLIP_VISION = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers
 CLIP_TEXT = {"vocab_size": 49408, "hidden_size": 512, "intermediate_size": 2048,
              "num_hidden_layers": 12, "num_attention_heads": 8, "max_position_embeddings": 77,
              "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5, "eos_token_id": 49407}
-# Each size's bound, far above every CLIP's (ViT-bigG: 48 layers, width 1,664): a config
-# asking for 10**6 layers is one line, before anything is allocated (`sized` bounds their
-# product).
+# Each size's bound, far above every CLIP's (ViT-bigG: 48 layers, width 1,664): 10**6 layers
+# is one line, before anything is allocated (`sized` bounds their product).
 CLIP_BOUNDS = {"num_hidden_layers": 64, "hidden_size": 16384, "intermediate_size": 65536,
                "num_attention_heads": 256, "vocab_size": 10**6, "max_position_embeddings": 4096,
                "image_size": 1024, "patch_size": 1024, "eos_token_id": 10**6,
@@ -2080,42 +2077,39 @@ def read_json(path: Path, what: str, limit: int = 1 << 30):
     try:
         return json.loads(read_text(path, limit))
     except (OSError, ValueError, RecursionError) as e:
-        raise UserError(f"{path}: not a readable {what} ({type(e).__name__}: {e})"[:300]
-                        ) from None
+        raise UserError(f"{path}: not a readable {what} ({type(e).__name__}: {e})"[:300]) from None
 
 def clip_config(folder: str) -> dict:
     """A CLIP folder's config.json as {"vision": sizes, "text": sizes, "projection_dim": E},
     held to the architecture the towers implement and to CLIP_BOUNDS."""
     if not folder:
-        raise UserError("--clip: name the Hugging Face CLIP folder (such as "
-                        "clip-vit-large-patch14-336) that the clip backbones read")
+        raise UserError("--clip: name the Hugging Face CLIP folder the clip backbones read")
     path = Path(folder) / "config.json"
     c = read_json(path, "CLIP config", 1 << 20)
-    if not isinstance(c, dict) or c.get("model_type") != "clip":
-        raise UserError(f"{path}: model_type {c.get('model_type') if isinstance(c, dict) else c!r}"
-                        f"; supported: Hugging Face CLIPModel folders (model_type \"clip\")")
+    if (kind := c.get("model_type") if isinstance(c, dict) else c) != "clip":
+        raise UserError(f"{path}: model_type {kind!r}; supported: Hugging Face CLIPModel folders")
     out = {"projection_dim": c.get("projection_dim", 512)}
     for part, defaults in (("vision", CLIP_VISION), ("text", CLIP_TEXT)):
         # old configs keep sizes in *_config_dict, which override *_config (as transformers)
         given = [c.get(f"{part}_config") or {}, c.get(f"{part}_config_dict") or {}]
         if not all(isinstance(g, dict) for g in given):
             raise UserError(f"{path}: {part}_config is not an object of sizes")
-        out[part] = {**defaults, **given[0], **given[1]}
+        out[part] = defaults | given[0] | given[1]
     for part, sizes in (("vision_config ", out["vision"]), ("text_config ", out["text"]),
                         ("", out)):
-        for k, bound in CLIP_BOUNDS.items():
+        for k, bound in CLIP_BOUNDS.items():  # an absent size reads 1: within bounds
             if type(v := sizes.get(k, 1)) is not int or not 0 < v <= bound:  # True: not an int
-                raise UserError(f"{path}: {part}{k} {v!r}: expected an integer in "
-                                f"[1, {bound:,}]")
-        eps, heads = sizes.get("layer_norm_eps", 0.1), sizes.get("num_attention_heads", 1)
-        if sizes.get("hidden_act", "gelu") not in ("quick_gelu", "gelu") or not (
-                type(eps) is float and 0 < eps < 1) or sizes.get("hidden_size", 1) % heads:
-            raise UserError(f"{path}: {part}hidden_act {sizes['hidden_act']!r}, heads {heads}, "
-                            f"layer_norm_eps {eps!r}: not what these towers implement "
-                            f"(quick_gelu or gelu, heads dividing the width, eps in (0, 1))")
-    if out["vision"]["image_size"] % out["vision"]["patch_size"]:
-        raise UserError(f"{path}: image_size {out['vision']['image_size']} is not a multiple "
-                        f"of patch_size {out['vision']['patch_size']}")
+                raise UserError(f"{path}: {part}{k} {v!r}: expected an integer in [1, {bound:,}]")
+        act, eps = sizes.get("hidden_act", "gelu"), sizes.get("layer_norm_eps", 0.1)
+        heads = sizes.get("num_attention_heads", 1)
+        if act not in ("quick_gelu", "gelu") or type(eps) is not float or not 0 < eps < 1 or (
+                sizes.get("hidden_size", 1) % heads):
+            raise UserError(f"{path}: {part}hidden_act {act!r}, heads {heads}, layer_norm_eps "
+                            f"{eps!r}: not what these towers implement (quick_gelu or gelu, "
+                            f"heads dividing the width, eps in (0, 1))")
+    if (vision := out["vision"])["image_size"] % vision["patch_size"]:
+        raise UserError(f"{path}: image_size {vision['image_size']} is not a multiple of "
+                        f"patch_size {vision['patch_size']}")
     return out
 
 SAFETENSORS = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
@@ -2139,17 +2133,17 @@ def read_safetensors(path: Path) -> dict:
         data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
     if not isinstance(header, dict):
         raise unreadable("its header is not an object")
+    header.pop("__metadata__", None)
     tensors, ranges = {}, []
     for name, t in header.items():
-        if name == "__metadata__":
-            continue
-        try:
+        try:  # whole numbers, and the range its shape needs, inside the file
             dtype, shape, (begin, end) = SAFETENSORS[t["dtype"]], t["shape"], t["data_offsets"]
             count = math.prod(shape)
-            ok = all(type(v) is int and v >= 0 for v in [begin, end, *shape])
+            fits = all(type(v) is int and v >= 0 for v in [begin, end, *shape]) and (
+                begin + count * dtype.itemsize == end <= size - 8 - n)
         except (KeyError, TypeError, ValueError):
-            ok = False
-        if not ok or begin + count * dtype.itemsize != end or end > size - 8 - n:
+            fits = False
+        if not fits:
             raise unreadable(f"{name}: its dtype, shape or bytes ({t!s:.80}) do not fit")
         ranges.append((begin, end, name))
         tensors[name] = (torch.frombuffer(data, dtype=dtype, count=count, offset=8 + n + begin)
@@ -2177,26 +2171,23 @@ def load_clip_weights(folder: str) -> tuple[dict, str]:
     elif (d / "pytorch_model.bin").is_file():
         state = load_tensors(d / "pytorch_model.bin", "CLIP state dict")
     else:
-        raise UserError(f"{d}: no model.safetensors or pytorch_model.bin (the weights of the "
-                        f"Hugging Face CLIP folder; README, Real data, says how to fetch them)")
+        raise UserError(f"{d}: no model.safetensors or pytorch_model.bin (README, Real data, "
+                        f"says how to fetch a CLIP)")
     # older transformers also saved the towers' position index buffers: not weights
     state = {k: v for k, v in state.items() if not k.endswith("position_ids")}
-    digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
-    digest.update(tensor_digest(state).encode())
-    return state, digest.hexdigest()
+    towers = json.dumps(config, sort_keys=True) + tensor_digest(state)
+    return state, hashlib.sha256(towers.encode()).hexdigest()
 
 def install_towers(model: nn.Module, state: dict, what: str):
-    """Fill a model's CLIP towers from Hugging Face's keys: vision_model.* and
-    visual_projection for the vision tower, text_model.* and text_projection for the text's."""
+    """Fill a model's CLIP towers from a CLIPModel's state dict, by their `hf_keys`."""
     for enc in model.enc.values():
-        names = {CLIPVision: ("vision_model.", "visual_projection.weight"),
-                 CLIPText: ("text_model.", "text_projection.weight")}.get(
-                     type(getattr(enc, "trunk", None)))  # the GPS encoder has no trunk
-        if names:
-            tower = {k[len(names[0]):]: v for k, v in state.items() if k.startswith(names[0])}
-            if names[1] in state:
-                tower["projection.weight"] = state[names[1]]
-            load_matching(enc.trunk, tower, what)
+        tower = getattr(enc, "trunk", None)  # the GPS encoder has no trunk
+        if isinstance(tower, (CLIPVision, CLIPText)):
+            prefix, projection = tower.hf_keys
+            own = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+            if projection in state:
+                own["projection.weight"] = state[projection]
+            load_matching(tower, own, what)
 
 def clip_tokenizer(folder: str, max_len: int) -> Tokenizer:
     """The folder's tokenizer.json: CLIP's byte-level BPE, each sentence between its start
@@ -2206,8 +2197,7 @@ def clip_tokenizer(folder: str, max_len: int) -> Tokenizer:
     try:
         tok = Tokenizer.from_str(read_text(path, 1 << 26))
     except Exception as e:  # the tokenizers library raises its own exception types
-        raise UserError(f"{path}: not a readable tokenizer ({str(e)[:80]}); a Hugging Face "
-                        f"CLIP folder holds one") from None
+        raise UserError(f"{path}: not a readable tokenizer ({str(e)[:80]})") from None
     end, vocab = tok.token_to_id("<|endoftext|>"), clip_config(folder)["text"]["vocab_size"]
     if end is None or tok.get_vocab_size() > vocab:
         raise UserError(f"{path}: {tok.get_vocab_size()} tokens, end-of-text {end}: not "
@@ -2227,16 +2217,27 @@ def convert(cfg: Config):
             raise UserError(f"{out}: exists; --out names a new file (--overwrite replaces an "
                             f"mml checkpoint)")
         load_checkpoint(out)  # anything but an mml checkpoint is refused in one line
-    kind = "clip" if (src / "config.json").exists() else "authors" if src.is_file() else ""
-    if not kind:
+    if not (is_clip := (src / "config.json").exists()) and not src.is_file():
         raise UserError(f"{src}: not a model `convert` knows: a Hugging Face CLIP folder "
                         f"(config.json) or the authors' weights_best.pth (with --clip)")
-    if kind != "clip" and not cfg.clip:
+    if not is_clip and not cfg.clip:
         clip_config(cfg.clip)  # one line saying --clip is needed
     writable_folder(out.parent, "--out")
-    folder = str((src if kind == "clip" else Path(cfg.clip)).resolve())
+    folder = str((src if is_clip else Path(cfg.clip)).resolve())
     weights, digest = load_clip_weights(folder)  # read once: 1.7 GB for ViT-L/14-336
-    new, state, tok = CONVERTERS[kind](src, folder, weights)
+    c = clip_config(folder)  # the towers decide the images' size and the sentences' length
+    sizes = dict(clip=folder, img_size=c["vision"]["image_size"],
+                 max_len=c["text"]["max_position_embeddings"])
+    if is_clip:  # off-the-shelf CLIP: both towers frozen, no heads, CLIP's own logit scale
+        new = Config(modalities="GST", image_backbone="clip", text_backbone="clip",
+                     share_image_trunk=True, freeze="GST", head="none", resize="clip",
+                     embed_dim=c["projection_dim"], **sizes)
+        if not torch.is_tensor(weights.get("logit_scale")):
+            raise UserError(f"{src}: its weights hold no logit_scale: not a CLIPModel's")
+        state = {"logit_scale": weights["logit_scale"]}
+    else:
+        new, state = Config(**PRESETS["paper"], **sizes), authors_state(src, folder, weights)
+    tok = clip_tokenizer(folder, new.max_len)
     sized(new, str(src))
     model = MML(new)
     install_towers(model, weights, folder)
@@ -2248,24 +2249,14 @@ def convert(cfg: Config):
     print(f"{out}: {new.modalities} from {src}, towers from {folder} (digest {digest[:12]}); "
           f"evaluate it with `python mml.py eval --ckpt {out} --data ROOT`")
 
-def clip_sized(folder: str, **fields) -> Config:
-    """A Config of CLIP towers from a folder: its image size and its text's positions."""
-    c = clip_config(folder)
-    return dataclasses.replace(Config(), clip=folder, img_size=c["vision"]["image_size"],
-                               max_len=c["text"]["max_position_embeddings"], **fields)
+# the authors' MmlCLIP's names of mml's heads, GPS encoder and scale
+AUTHORS = {"ground_projector.": "enc.G.head.", "satellite_projector.": "enc.S.head.",
+           "text_projector.": "enc.T.head.", "location_encoder.": "enc.C.",
+           "logit_scale": "logit_scale"}
 
-def convert_clip(src: Path, folder: str, weights: dict) -> tuple:
-    """Off-the-shelf CLIP: both towers frozen, no heads, CLIP's own logit scale."""
-    new = clip_sized(folder, modalities="GST", image_backbone="clip", text_backbone="clip",
-                     share_image_trunk=True, freeze="GST", head="none", resize="clip",
-                     embed_dim=clip_config(folder)["projection_dim"])
-    if not torch.is_tensor(weights.get("logit_scale")):
-        raise UserError(f"{src}: its weights hold no logit_scale: not a CLIPModel's")
-    return new, {"logit_scale": weights["logit_scale"]}, clip_tokenizer(folder, new.max_len)
-
-def convert_authors(src: Path, clip: str, weights: dict) -> tuple:
-    """The authors' MmlCLIP state dict (their weights_best.pth): its two copies of CLIP must
-    be the --clip folder's weights; its heads, GPS encoder and scale are renamed to mml's."""
+def authors_state(src: Path, clip: str, weights: dict) -> dict:
+    """The authors' MmlCLIP state dict (their weights_best.pth) in mml's names, less its two
+    copies of CLIP, which must be the --clip folder's weights."""
     theirs = {k: v for k, v in load_tensors(src, "authors' MmlCLIP state dict").items()
               if not k.endswith("position_ids")}
     for copy in ("image_encoder.clip_model.", "text_encoder.clip_model."):
@@ -2273,21 +2264,16 @@ def convert_authors(src: Path, clip: str, weights: dict) -> tuple:
         if tensor_digest(mine) != tensor_digest(weights):
             raise UserError(f"{src}: its {copy[:-1]} is not the CLIP of {clip}; give the "
                             f"folder they trained from (openai/clip-vit-large-patch14-336)")
-    names = {"ground_projector.": "enc.G.head.", "satellite_projector.": "enc.S.head.",
-             "text_projector.": "enc.T.head.", "location_encoder.": "enc.C.",
-             "logit_scale": "logit_scale"}
     state = {}
     for k, v in theirs.items():
-        if not k.startswith(("image_encoder.", "text_encoder.")):
-            prefix = next((p for p in names if k.startswith(p)), None)
-            if prefix is None:
-                raise UserError(f"{src}: {k} is not a key of the authors' MmlCLIP")
-            # their GPS heads are bare Linear layers, GeoCLIP's (and mml's) a Sequential of one
-            state[re.sub(r"(LocEnc\d+\.head)\.", r"\1.0.", names[prefix] + k[len(prefix):])] = v
-    new = clip_sized(clip, **PRESETS["paper"])
-    return new, state, clip_tokenizer(clip, new.max_len)
-
-CONVERTERS = {"clip": convert_clip, "authors": convert_authors}
+        if k.startswith(("image_encoder.", "text_encoder.")):
+            continue
+        prefix = next((p for p in AUTHORS if k.startswith(p)), None)
+        if prefix is None:
+            raise UserError(f"{src}: {k} is not a key of the authors' MmlCLIP")
+        # their GPS heads are bare Linear layers, GeoCLIP's (and mml's) a Sequential of one
+        state[re.sub(r"(LocEnc\d+\.head)\.", r"\1.0.", AUTHORS[prefix] + k[len(prefix):])] = v
+    return state
 
 # ---- tools: the pictures, the image cache, the bench --------------------------------------
 
@@ -2317,7 +2303,7 @@ def draw_grid(task: Task, q: Side, g: Side, q_emb, g_emb, ranks: dict, columns: 
     """A retrieval task's grid: eight queries (the same for every model), each its image or
     sentence, its top 5 with their scores, bordered green when of its landmark, red if not,
     distractors marked; and when the top 5 miss it, its best correct item and its rank."""
-    font, n_junk = ImageFont.load_default(size=13), int((g.labels == -1).sum())
+    font, n_junk, side = ImageFont.load_default(size=13), int((g.labels == -1).sum()), GRID_THUMB
     rows = grid_queries(len(q.ids))
     img = Image.new("RGB", (grid_cell(0, 7)[0], grid_cell(len(rows), 0)[1]), "white")
     draw = ImageDraw.Draw(img)
@@ -2325,12 +2311,11 @@ def draw_grid(task: Task, q: Side, g: Side, q_emb, g_emb, ranks: dict, columns: 
     def cell(r: int, c: int, j: int, colour, under: str):
         x, y = grid_cell(r, c)
         img.paste(thumbnail(g.show[j]), (x, y))
-        draw.rectangle((x, y, x + GRID_THUMB - 1, y + GRID_THUMB - 1), outline=colour, width=4)
-        if j < n_junk:
-            draw.rectangle((x + 4, y + GRID_THUMB - 20, x + GRID_THUMB - 5, y + GRID_THUMB - 5),
-                           fill="black")
-            draw.text((x + 8, y + GRID_THUMB - 19), "distractor", fill="white", font=font)
-        draw.text((x, y + GRID_THUMB + 2), under, fill="black", font=font)
+        draw.rectangle((x, y, x + side - 1, y + side - 1), outline=colour, width=4)
+        if j < n_junk:  # distractors come first in the gallery
+            draw.rectangle((x + 4, y + side - 20, x + side - 5, y + side - 5), fill="black")
+            draw.text((x + 8, y + side - 19), "distractor", fill="white", font=font)
+        draw.text((x, y + side + 2), under, fill="black", font=font)
     for r, i in enumerate(rows):
         x, y = grid_cell(r, 0)
         rank, official = columns["rank_strict"][i], columns["rank_official"][i]
@@ -2338,7 +2323,7 @@ def draw_grid(task: Task, q: Side, g: Side, q_emb, g_emb, ranks: dict, columns: 
             f" (landmark {int(q.labels[i])}): correct match at rank {rank} (official {official})")
         draw.text((x, y - GRID_LINE + 2), caption[:110], fill="black", font=font)
         if task.query == "T":  # the sentence itself, wrapped into the query's cell
-            draw.rectangle((x, y, x + GRID_THUMB - 1, y + GRID_THUMB - 1), fill=(235, 235, 235))
+            draw.rectangle((x, y, x + side - 1, y + side - 1), fill=(235, 235, 235))
             lines = textwrap.wrap(str(q.show[i]), 15)[:7] or ["(empty)"]
             draw.multiline_text((x + 3, y + 3), "\n".join(lines), fill="black", font=font)
         else:
@@ -2372,10 +2357,10 @@ class Cache:
     def __init__(self, array: Path, cfg: Config, needed):
         manifest, self.array, self.file, self.pid = array.with_suffix(".json"), array, None, None
         m = read_json(manifest, "cache manifest")
-        if bad := [k for k, kind in MANIFEST.items() if not isinstance(
-                m.get(k) if isinstance(m, dict) else None, kind)]:
-            raise UserError(f"{manifest}: not a cache manifest mml wrote (no {bad[0]} "
-                            f"{MANIFEST[bad[0]].__name__}); move it away and rerun `prepare`")
+        m = m if isinstance(m, dict) else {}
+        if bad := next((k for k, t in MANIFEST.items() if not isinstance(m.get(k), t)), None):
+            raise UserError(f"{manifest}: not a cache manifest mml wrote (no {bad} "
+                            f"{MANIFEST[bad].__name__}); move it away and rerun `prepare`")
         if (m["size"], m["resize"]) != (cfg.img_size, cfg.resize):
             raise UserError(f"{manifest}: the cache holds {m['size']} px images made by --resize "
                             f"{m['resize']}, not --img-size {cfg.img_size} --resize {cfg.resize}")
@@ -2404,18 +2389,19 @@ class Cache:
             raise UnreadableFile(f"{self.array}: ends before image {image_id}")
         return out
 
-def decode_or_none(job: tuple) -> np.ndarray | None:
+def decoded_row(job: tuple) -> bytes:
+    """An image's row of the cache, decoded in a worker; b"" when unreadable."""
     try:
-        return load_image(*job)
+        return load_image(*job).tobytes()
     except Exception:  # counted as broken in the manifest
-        return None
+        return b""
 
 def prepare(cfg: Config):
     """`prepare`: decode every image of --splits once into the cache. An array is replaced
     only if its manifest says mml made it; written as a stream, not through a memory map,
     so that a full disk is an error, not a SIGBUS."""
-    root = Path(cfg.data)
-    cache = writable_folder(cache_dir(cfg, root), "--cache")
+    root, size = Path(cfg.data), cfg.img_size
+    cache, blank = writable_folder(cache_dir(cfg, root), "--cache"), bytes(size * size * 3)
     jobs = []  # (split folder, kind, image ids)
     for split in cfg.splits.split(","):
         if split == "index":
@@ -2426,8 +2412,8 @@ def prepare(cfg: Config):
             tiles = dict.fromkeys(i for g in s.sat + [s.latest] for i in g)
             jobs += [(s.dir, "ground", [i for g in s.ground for i in g]),
                      (s.dir, "satellite", list(tiles))]
-    n, size = sum(len(ids) for *_, ids in jobs), cfg.img_size
-    print0(f"prepare: {n} images at {size}x{size} px ({n * size ** 2 * 3 / 1e9:.2f} GB) into "
+    n = sum(len(ids) for *_, ids in jobs)
+    print0(f"prepare: {n} images at {size}x{size} px ({n * len(blank) / 1e9:.2f} GB) into "
            f"{cache}")
     with torch.multiprocessing.get_context("fork").Pool(max(1, cfg.workers)) as pool:
         for split_dir, kind, ids in jobs:
@@ -2439,15 +2425,14 @@ def prepare(cfg: Config):
                                 f"refusing to replace it (--cache names another folder)")
 
             def decode_all(tmp: Path):
+                work = ((shard(split_dir, kind, i), size, cfg.resize) for i in ids)
                 with open(tmp, "wb") as f:
-                    jobs = ((shard(split_dir, kind, i), size, cfg.resize) for i in ids)
-                    for row, img in enumerate(pool.imap(decode_or_none, jobs, chunksize=32)):
-                        if img is None:
-                            broken.append(ids[row])
-                        f.write((img if img is not None else np.zeros((size, size, 3),
-                                                                      np.uint8)).tobytes())
+                    for i, row in zip(ids, pool.imap(decoded_row, work, chunksize=32)):
+                        if not row:  # a blank row keeps the others in place
+                            broken.append(i)
+                        f.write(row or blank)
                     if not ids:  # one blank row: an empty array cannot be mapped
-                        f.write(bytes(size * size * 3))
+                        f.write(blank)
             manifest.unlink(missing_ok=True)  # never an old manifest beside a new array
             write_atomically(array, decode_all)
             write_atomically(manifest, lambda tmp: tmp.write_text(json.dumps({
@@ -2490,37 +2475,39 @@ def bench(cfg: Config):
     """`bench`: steps (`train_step` itself: fp32; on a GPU bf16, + compile), loader, rank (at
     full scale, against the bare GEMM and the per-query argsort, whose metrics must agree)."""
     device, rate = device_of(cfg), 0.0
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    print(f"bench on {torch.cuda.get_device_name() if device.type == 'cuda' else 'the CPU'}, "
+    cuda = device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    print(f"bench on {torch.cuda.get_device_name() if cuda else 'the CPU'}, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}")
     row = lambda what, value, how: print(f"  {what:<34}{value:>14} {how}", flush=True)
     if "steps" in cfg.phases:
         gen, B, H = torch.Generator().manual_seed(0), cfg.batch_size, cfg.img_size
-        batch = {"G": torch.randint(0, 256, (B, 3, H, H), dtype=torch.uint8, generator=gen),
+        images = torch.randint(0, 256, (B, 3, H, H), dtype=torch.uint8, generator=gen)
+        batch = {"G": images, "S": images,
                  "T": torch.randint(1, cfg.vocab_size, (B, cfg.max_len), generator=gen),
                  "C": torch.rand(B, 2, generator=gen) * 20 + torch.tensor([28.0, -110.0])}
-        batch = {m: batch.get(m, batch["G"]) for m in cfg.modalities} | {"bad": [""] * B}
-        for bf16, compiled in [(False, False)] + [(True, False), (True, True)] * (
-                device.type == "cuda"):
+        batch = {m: batch[m] for m in cfg.modalities} | {"bad": [""] * B}
+        for bf16, compiled in [(False, False)] + [(True, False), (True, True)] * cuda:
             run, step = dataclasses.replace(cfg, bf16=bf16, compile=compiled), itertools.count()
             torch.manual_seed(0)
             raw = MML(run).to(device)
             model, optimizer = torch.compile(raw) if compiled else raw, make_optimizer(raw, run)
+            pairs = loss_pairs(run.modalities)
             with matmul_precision("high"):  # as the training loop
-                seconds = timed(lambda: train_step(model, raw, optimizer, batch, run, loss_pairs(
-                    run.modalities), 0, next(step), run.lr), sync, 3.0)
+                seconds = timed(lambda: train_step(model, raw, optimizer, batch, run, pairs, 0,
+                                                   next(step), run.lr), sync, 3.0)
             rate = max(rate, B / seconds)
             row(f"train step, {'bf16' if bf16 else 'fp32'}{' + compile' * compiled}",
                 f"{B / seconds:,.0f}", f"samples/s, batch {B}, H {H}")
     if "loader" in cfg.phases:
         data = training_sets(cfg, None)[0]
         B = min(cfg.batch_size, len(data))
-        batches = iter(training_loader(data, EpochSampler(len(data), B, 0, stop=10**9), cfg,
-                                       device))
+        sampler = EpochSampler(len(data), B, 0, stop=10**9)
+        batches = iter(training_loader(data, sampler, cfg, device))
         seconds = timed(lambda: next(batches), lambda: None, 3.0)  # after the workers start
-        row(f"training loader, {cfg.workers} workers", f"{B / seconds:,.0f}", "samples/s, " + (
-            "cached" if data.stores["G"].cache else "decoding") + (
-            ", faster than the step" if B / seconds >= rate else ", slower than the step"))
+        how = "cached" if data.stores["G"].cache else "decoding"
+        row(f"training loader, {cfg.workers} workers", f"{B / seconds:,.0f}", f"samples/s, "
+            f"{how}, {'faster' if B / seconds >= rate else 'slower'} than the step")
     tasks = [("G2S", 18688, 1000, 99539), ("S2G", 1000, 18688, 714554)]
     for task, nq, n_labelled, n_junk in tasks * ("rank" in cfg.phases):
         q, g, ql, gl = fake_embeddings(nq, n_labelled, n_junk, 512, device)
