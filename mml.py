@@ -1636,7 +1636,8 @@ def load_checkpoint(path: Path, resume: bool = False) -> dict:
         raise UserError(f"{path}: a folder; name a checkpoint in it"
                         + f" (it holds {inside})" * bool(inside))
     if not path.is_file():
-        raise UserError(f"{path}: no checkpoint there (name one with --ckpt)")
+        raise UserError(f"{path}: no checkpoint there (train one with `python mml.py "
+                        f"train`, or name one with --ckpt)")
     ckpt = load_tensors(path, "checkpoint")
     for part, kind in list(PARTS.items())[:8 if resume else 5]:
         if not isinstance(value := ckpt.get(part), kind) or isinstance(value, bool):
@@ -1883,40 +1884,38 @@ def evaluate_encoders(encoders, data, out="runs/encoders", tasks: str = "",
     return score(Protocol(Path(cfg.data)), embedder, cfg, source)
 
 # ---- outside models: torchvision, CLIP, the authors' -------------------------------------
-# torchvision's ImageNet backbones; CLIP's vision and text towers in plain torch from the
-# model section's Block, sized by a Hugging Face folder the user fetched once, filled from its
-# weights, tokenising with its tokenizer.json; `convert`, which makes the field's models mml
-# checkpoints. A file handed in is checked before it is trusted: a regular file of bounded
-# size, sizes within bounds, the byte ranges of safetensors inside the file and apart.
+# torchvision's ImageNet backbones; CLIP's towers in plain torch, from a Hugging
+# Face folder; `convert`, which makes the field's models mml checkpoints. A file
+# handed in is checked before it is trusted: a bounded regular file, sizes in
+# bounds, the byte ranges of safetensors inside the file and apart.
 
 def backbone_weights(name: str):
-    """torchvision's ImageNet weights of a backbone: their URL, image size, pixel statistics."""
+    """torchvision's ImageNet weights: their URL, image size, pixel statistics."""
     return torchvision.models.get_model_weights(name).DEFAULT
 
 def outside_backbone(cfg: Config, part: str) -> tuple[nn.Module, int, tuple]:
-    """(backbone, its width E, its pixel statistics) of the --clip folder's vision or text
-    tower, or of a torchvision classifier without its classifier layer (our head projects to
-    D instead). Random weights here: `train` loads pretrained ones, `eval` the checkpoint's."""
+    """(backbone, its width E, its pixel statistics): --clip's vision or text
+    tower, or a torchvision classifier less its last layer (our head projects
+    to D). Random weights: `train` loads pretrained ones, `eval` its own."""
     if "clip" in (cfg.image_backbone if part == "vision" else cfg.text_backbone):
         c = clip_config(cfg.clip)
-        tower = (CLIPVision if part == "vision" else CLIPText)(c[part], c["projection_dim"])
+        build = CLIPVision if part == "vision" else CLIPText
+        tower = build(c[part], c["projection_dim"])
         return tower, c["projection_dim"], (CLIP_MEAN, CLIP_STD) * (part == "vision")
     size = {"image_size": cfg.img_size} if cfg.image_backbone == "vit_b_16" else {}
     net = torchvision.models.get_model(cfg.image_backbone, weights=None, **size)
-    if cfg.image_backbone.startswith("resnet"):
-        width, net.fc = net.fc.in_features, nn.Identity()
-    elif cfg.image_backbone == "convnext_tiny":
-        width, net.classifier[2] = net.classifier[2].in_features, nn.Identity()
-    else:
-        width, net.heads = net.heads.head.in_features, nn.Identity()
+    # the classifier is each family's last Linear: fc, classifier.2, heads.head
+    name = [n for n, m in net.named_modules() if isinstance(m, nn.Linear)][-1]
+    parent, _, leaf = name.rpartition(".")
+    width = net.get_submodule(name).in_features
+    setattr(net.get_submodule(parent), leaf, nn.Identity())
     stats = backbone_weights(cfg.image_backbone).transforms()
     return net, width, (stats.mean, stats.std)
 
 def load_pretrained(model: MML, cfg: Config) -> dict | None:
-    """A fresh model's pretrained parts: CLIP's towers from --clip, and with --pretrained
-    torchvision's ImageNet weights through its weights API (from torch's cache, else fetched
-    into it; read with weights_only=True like every file mml loads). Returns the frozen
-    towers' record {folder, digest}, which checkpoints keep instead of the towers."""
+    """A fresh model's pretrained parts: CLIP's towers from --clip; torchvision's
+    ImageNet weights with --pretrained (from torch's cache, else fetched into it).
+    Returns the frozen towers' {folder, digest}: checkpoints keep it, not them."""
     towers = None
     if "clip" in (cfg.image_backbone, cfg.text_backbone):
         state, digest = load_clip_weights(cfg.clip)
@@ -1926,22 +1925,21 @@ def load_pretrained(model: MML, cfg: Config) -> dict | None:
     if cfg.pretrained and cfg.image_backbone not in ("small", "clip"):
         weights = backbone_weights(cfg.image_backbone)
         path = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
-        try:
-            state = weights.get_state_dict(progress=rank_and_world()[0] == 0, check_hash=True,
-                                           weights_only=True)
-        except Exception as e:  # no network, a truncated download, a file of another format
-            raise UserError(f"--pretrained: {cfg.image_backbone}'s ImageNet weights are not "
-                            f"usable at {path} and not downloadable from {weights.url} "
-                            f"({type(e).__name__}: {(str(e).splitlines() or [''])[0]}); put "
-                            f"that file there") from None
-        for m in {"G", "S"} & set(model.enc):  # a shared trunk loads twice: the same weights
-            own = model.enc[m].trunk.state_dict()  # the classifier's keys are dropped
+        try:  # weights_only=True, like every file mml loads
+            state = weights.get_state_dict(progress=rank_and_world()[0] == 0,
+                                           check_hash=True, weights_only=True)
+        except Exception as e:  # no network, a truncated download, another format
+            why = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
+            raise UserError(f"--pretrained: {path} is not usable, nor {weights.url} "
+                            f"downloadable ({why}); put that file there") from None
+        for m in {"G", "S"} & set(model.enc):  # a shared trunk loads twice: the same
+            own = model.enc[m].trunk.state_dict()  # the classifier's keys drop
             load_matching(model.enc[m].trunk, {k: v for k, v in state.items() if k in own},
                           f"--pretrained {path}")
     return towers
 
 def clip_layers(c: dict) -> nn.Module:
-    """A CLIP tower's stack of layers, at Hugging Face's key `encoder.layers.{i}`."""
+    """A CLIP tower's layers, at Hugging Face's key `encoder.layers.{i}`."""
     encoder = nn.Module()
     encoder.layers = nn.ModuleList(
         Block(c["hidden_size"], c["num_attention_heads"], c["intermediate_size"],
@@ -1949,18 +1947,20 @@ def clip_layers(c: dict) -> nn.Module:
     return encoder
 
 class CLIPVision(nn.Module):
-    """CLIP's vision tower (Radford et al. 2021): (B, 3, H, H) normalised pixels -> (B, E),
-    the projected image embedding. The image is cut into patches, each a token; a learnt
-    class token goes first, and its state after the layers, normed and projected, is the
-    image's (Hugging Face's `pooler_output`, then `visual_projection`)."""
+    """CLIP's vision tower (Radford et al. 2021): (B, 3, H, H) pixels -> (B, E).
+    The image is cut into patches, each a token; a learnt class token goes first,
+    and its state after the layers, normed and projected, is the image's (Hugging
+    Face's `pooler_output`, then `visual_projection`)."""
+    hf_keys = ("vision_model.", "visual_projection.weight")  # in a CLIPModel
 
     def __init__(self, c: dict, projection: int):
         super().__init__()
         W, patch, eps = c["hidden_size"], c["patch_size"], c["layer_norm_eps"]
+        n = (c["image_size"] // patch) ** 2 + 1  # the patches and the class token
         self.embeddings = nn.Module()
         self.embeddings.class_embedding = nn.Parameter(torch.randn(W) * 0.02)
         self.embeddings.patch_embedding = nn.Conv2d(3, W, patch, stride=patch, bias=False)
-        self.embeddings.position_embedding = nn.Embedding((c["image_size"] // patch) ** 2 + 1, W)
+        self.embeddings.position_embedding = nn.Embedding(n, W)
         self.pre_layrnorm = nn.LayerNorm(W, eps=eps)  # sic: Hugging Face's spelling
         self.encoder = clip_layers(c)
         self.post_layernorm = nn.LayerNorm(W, eps=eps)
@@ -1976,9 +1976,10 @@ class CLIPVision(nn.Module):
         return self.projection(self.post_layernorm(x[:, 0]))  # (B, E)
 
 class CLIPText(nn.Module):
-    """CLIP's text tower: (B, L) CLIP token ids -> (B, E). Causal layers; the sentence's
-    embedding is the state at its first end-of-text token, normed and projected. The padding
-    comes after that token, so under the causal mask it is never attended to."""
+    """CLIP's text tower: (B, L) CLIP token ids -> (B, E). Causal layers; the
+    sentence's embedding is the state at its first end-of-text token, normed and
+    projected. The padding comes after it: the causal mask never attends to it."""
+    hf_keys = ("text_model.", "text_projection.weight")
 
     def __init__(self, c: dict, projection: int):
         super().__init__()
@@ -1989,8 +1990,8 @@ class CLIPText(nn.Module):
         self.encoder = clip_layers(c)
         self.final_layer_norm = nn.LayerNorm(W, eps=c["layer_norm_eps"])
         self.projection = nn.Linear(W, projection, bias=False)
-        # Hugging Face's rule: an end-of-text id of 2 (old configs) means "the largest id",
-        # which in CLIP's vocabulary is the end-of-text token
+        # Hugging Face's rule: an end-of-text id of 2 (old configs) means "the
+        # largest id", which in CLIP's vocabulary is the end-of-text token
         self.end = c["eos_token_id"]
 
     def forward(self, ids):
@@ -2004,72 +2005,71 @@ class CLIPText(nn.Module):
 
 # CLIP's pixel statistics (its image processor's image_mean and image_std)
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
-# Hugging Face's defaults (CLIPVisionConfig, CLIPTextConfig), which a saved config.json omits
+# Hugging Face's defaults, for sizes a config.json omits
 CLIP_VISION = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
                "num_attention_heads": 12, "image_size": 224, "patch_size": 32,
                "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5}
 CLIP_TEXT = {"vocab_size": 49408, "hidden_size": 512, "intermediate_size": 2048,
-             "num_hidden_layers": 12, "num_attention_heads": 8, "max_position_embeddings": 77,
-             "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5, "eos_token_id": 49407}
-# Each size's bound, far above every CLIP's (ViT-bigG: 48 layers, width 1,664): a config
-# asking for 10**6 layers is one line, before anything is allocated (`sized` bounds their
-# product).
-CLIP_BOUNDS = {"num_hidden_layers": 64, "hidden_size": 16384, "intermediate_size": 65536,
-               "num_attention_heads": 256, "vocab_size": 10**6, "max_position_embeddings": 4096,
-               "image_size": 1024, "patch_size": 1024, "eos_token_id": 10**6,
-               "projection_dim": 16384}
+             "num_hidden_layers": 12, "num_attention_heads": 8,
+             "max_position_embeddings": 77, "hidden_act": "quick_gelu",
+             "layer_norm_eps": 1e-5, "eos_token_id": 49407}
+# Each size's bound, far above every CLIP's (ViT-bigG: 48 layers, width 1,664):
+# 10**6 layers is one line, not an allocation (`sized` bounds the product).
+CLIP_BOUNDS = {"num_hidden_layers": 64, "hidden_size": 16384,
+               "intermediate_size": 65536, "num_attention_heads": 256,
+               "vocab_size": 10**6, "max_position_embeddings": 4096, "image_size": 1024,
+               "patch_size": 1024, "eos_token_id": 10**6, "projection_dim": 16384}
 
 def read_json(path: Path, what: str, limit: int = 1 << 30):
-    """A JSON file handed in, or one line naming it (RecursionError: nested too deeply)."""
+    """A JSON file handed in, or one line naming it (RecursionError: too deep)."""
     try:
         return json.loads(read_text(path, limit))
     except (OSError, ValueError, RecursionError) as e:
-        raise UserError(f"{path}: not a readable {what} ({type(e).__name__}: {e})"[:300]
-                        ) from None
+        raise UserError(f"{path}: not a readable {what} ({type(e).__name__}: {e})"[:300]) from None
 
 def clip_config(folder: str) -> dict:
-    """A CLIP folder's config.json as {"vision": sizes, "text": sizes, "projection_dim": E},
-    held to the architecture the towers implement and to CLIP_BOUNDS."""
+    """A CLIP folder's config.json as {"vision": sizes, "text": sizes,
+    "projection_dim": E}, held to CLIP_BOUNDS and to what the towers do."""
     if not folder:
-        raise UserError("--clip: name the Hugging Face CLIP folder (such as "
-                        "clip-vit-large-patch14-336) that the clip backbones read")
+        raise UserError("--clip: name the Hugging Face CLIP folder to read (such as "
+                        "clip-vit-large-patch14-336)")
     path = Path(folder) / "config.json"
     c = read_json(path, "CLIP config", 1 << 20)
-    if not isinstance(c, dict) or c.get("model_type") != "clip":
-        raise UserError(f"{path}: model_type {c.get('model_type') if isinstance(c, dict) else c!r}"
-                        f"; supported: Hugging Face CLIPModel folders (model_type \"clip\")")
+    if (kind := c.get("model_type") if isinstance(c, dict) else c) != "clip":
+        raise UserError(f"{path}: model_type {kind!r}; supported: Hugging Face CLIPModel")
     out = {"projection_dim": c.get("projection_dim", 512)}
     for part, defaults in (("vision", CLIP_VISION), ("text", CLIP_TEXT)):
-        # old configs keep sizes in *_config_dict, which override *_config (as transformers)
+        # old configs keep sizes in *_config_dict, which wins (transformers)
         given = [c.get(f"{part}_config") or {}, c.get(f"{part}_config_dict") or {}]
         if not all(isinstance(g, dict) for g in given):
             raise UserError(f"{path}: {part}_config is not an object of sizes")
-        out[part] = {**defaults, **given[0], **given[1]}
-    for part, sizes in (("vision_config ", out["vision"]), ("text_config ", out["text"]),
-                        ("", out)):
-        for k, bound in CLIP_BOUNDS.items():
-            if type(v := sizes.get(k, 1)) is not int or not 0 < v <= bound:  # True: not an int
+        out[part] = defaults | given[0] | given[1]
+    parts = [("vision_config ", out["vision"]), ("text_config ", out["text"]), ("", out)]
+    for part, sizes in parts:
+        for k, bound in CLIP_BOUNDS.items():  # an absent size reads 1: in bounds
+            if type(v := sizes.get(k, 1)) is not int or not 0 < v <= bound:  # True: not int
                 raise UserError(f"{path}: {part}{k} {v!r}: expected an integer in "
                                 f"[1, {bound:,}]")
-        eps, heads = sizes.get("layer_norm_eps", 0.1), sizes.get("num_attention_heads", 1)
-        if sizes.get("hidden_act", "gelu") not in ("quick_gelu", "gelu") or not (
-                type(eps) is float and 0 < eps < 1) or sizes.get("hidden_size", 1) % heads:
-            raise UserError(f"{path}: {part}hidden_act {sizes['hidden_act']!r}, heads {heads}, "
+        act, eps = sizes.get("hidden_act", "gelu"), sizes.get("layer_norm_eps", 0.1)
+        heads = sizes.get("num_attention_heads", 1)
+        if act not in ("quick_gelu", "gelu") or type(eps) is not float or not (
+                0 < eps < 1) or sizes.get("hidden_size", 1) % heads:
+            raise UserError(f"{path}: {part}hidden_act {act!r}, heads {heads}, "
                             f"layer_norm_eps {eps!r}: not what these towers implement "
-                            f"(quick_gelu or gelu, heads dividing the width, eps in (0, 1))")
-    if out["vision"]["image_size"] % out["vision"]["patch_size"]:
-        raise UserError(f"{path}: image_size {out['vision']['image_size']} is not a multiple "
-                        f"of patch_size {out['vision']['patch_size']}")
+                            f"(quick_gelu or gelu, heads dividing the width, 0 < eps < 1)")
+    if (v := out["vision"])["image_size"] % v["patch_size"]:
+        raise UserError(f"{path}: image_size {v['image_size']} is not a multiple of "
+                        f"patch_size {v['patch_size']}")
     return out
 
 SAFETENSORS = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
                "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32}
 
 def read_safetensors(path: Path) -> dict:
-    """A .safetensors file without the safetensors package: 8 bytes of header length, a JSON
-    header of each tensor's dtype, shape and byte range, then the bytes. The ranges must lie
-    in the file, fit their shapes and not overlap; then the file is mapped copy-on-write and
-    each tensor is a view of the map, copied only when loaded."""
+    """A .safetensors file without the safetensors package: 8 bytes of header
+    length, a JSON header of each tensor's dtype, shape and byte range, the bytes.
+    The ranges must lie in the file, fit their shapes and not overlap; a tensor
+    is a view of the file mapped copy-on-write, copied only when loaded."""
     def unreadable(why) -> UserError:
         return UserError(f"{path}: not a readable safetensors file ({why})")
     with open(path, "rb") as f:
@@ -2078,33 +2078,34 @@ def read_safetensors(path: Path) -> dict:
             raise unreadable(f"a header of {n:,} bytes in a file of {size:,}")
         try:
             header = json.loads(f.read(n))
-        except (ValueError, RecursionError) as e:  # RecursionError: nested too deeply
+        except (ValueError, RecursionError) as e:  # RecursionError: too deep
             raise unreadable(f"{type(e).__name__}: {e}"[:200]) from None
         data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
     if not isinstance(header, dict):
         raise unreadable("its header is not an object")
+    header.pop("__metadata__", None)
     tensors, ranges = {}, []
     for name, t in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dtype, shape, (begin, end) = SAFETENSORS[t["dtype"]], t["shape"], t["data_offsets"]
+        try:  # whole numbers, and the bytes its shape needs, inside the file
+            dtype, shape = SAFETENSORS[t["dtype"]], t["shape"]
+            begin, end = t["data_offsets"]
             count = math.prod(shape)
-            ok = all(type(v) is int and v >= 0 for v in [begin, end, *shape])
+            fits = all(type(v) is int and v >= 0 for v in [begin, end, *shape]) and (
+                begin + count * dtype.itemsize == end <= size - 8 - n)
         except (KeyError, TypeError, ValueError):
-            ok = False
-        if not ok or begin + count * dtype.itemsize != end or end > size - 8 - n:
+            fits = False
+        if not fits:
             raise unreadable(f"{name}: its dtype, shape or bytes ({t!s:.80}) do not fit")
         ranges.append((begin, end, name))
-        tensors[name] = (torch.frombuffer(data, dtype=dtype, count=count, offset=8 + n + begin)
-                         if count else torch.empty(0, dtype=dtype)).reshape(shape)
+        view = torch.frombuffer(data, dtype=dtype, count=count, offset=8 + n + begin)
+        tensors[name] = (view if count else torch.empty(0, dtype=dtype)).reshape(shape)
     ranges.sort()
     if clash := next((b for a, b in zip(ranges, ranges[1:]) if b[0] < a[1]), None):
         raise unreadable(f"{clash[2]} overlaps another tensor's bytes")
     return tensors
 
 def tensor_digest(state: dict) -> str:
-    """sha256 over a state dict's names, dtypes, shapes and bytes, in name order."""
+    """sha256 of a state dict's names, dtypes, shapes and bytes, in name order."""
     h = hashlib.sha256()
     for k in sorted(state):
         v = state[k].detach().cpu().contiguous()
@@ -2113,74 +2114,80 @@ def tensor_digest(state: dict) -> str:
     return h.hexdigest()
 
 def load_clip_weights(folder: str) -> tuple[dict, str]:
-    """The folder's weights as Hugging Face's state dict (model.safetensors, else
-    pytorch_model.bin by weights_only) and the towers' digest: their config and weights."""
+    """The folder's CLIPModel state dict (model.safetensors, else
+    pytorch_model.bin) and the towers' digest, of their config and weights."""
     d, config = Path(folder), clip_config(folder)
     if (d / "model.safetensors").is_file():
         state = read_safetensors(d / "model.safetensors")
     elif (d / "pytorch_model.bin").is_file():
         state = load_tensors(d / "pytorch_model.bin", "CLIP state dict")
     else:
-        raise UserError(f"{d}: no model.safetensors or pytorch_model.bin (the weights of the "
-                        f"Hugging Face CLIP folder; README, Real data, says how to fetch them)")
-    # older transformers also saved the towers' position index buffers: not weights
+        raise UserError(f"{d}: no model.safetensors or pytorch_model.bin (README, "
+                        f"Real data, says how to fetch a CLIP)")
+    # older transformers also saved the position index buffers: not weights
     state = {k: v for k, v in state.items() if not k.endswith("position_ids")}
-    digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
-    digest.update(tensor_digest(state).encode())
-    return state, digest.hexdigest()
+    towers = json.dumps(config, sort_keys=True) + tensor_digest(state)
+    return state, hashlib.sha256(towers.encode()).hexdigest()
 
 def install_towers(model: nn.Module, state: dict, what: str):
-    """Fill a model's CLIP towers from Hugging Face's keys: vision_model.* and
-    visual_projection for the vision tower, text_model.* and text_projection for the text's."""
+    """Fill a model's CLIP towers from a CLIPModel's state dict, by `hf_keys`."""
     for enc in model.enc.values():
-        names = {CLIPVision: ("vision_model.", "visual_projection.weight"),
-                 CLIPText: ("text_model.", "text_projection.weight")}.get(
-                     type(getattr(enc, "trunk", None)))  # the GPS encoder has no trunk
-        if names:
-            tower = {k[len(names[0]):]: v for k, v in state.items() if k.startswith(names[0])}
-            if names[1] in state:
-                tower["projection.weight"] = state[names[1]]
-            load_matching(enc.trunk, tower, what)
+        tower = getattr(enc, "trunk", None)  # the GPS encoder has no trunk
+        if isinstance(tower, (CLIPVision, CLIPText)):
+            prefix, projection = tower.hf_keys
+            own = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+            if projection in state:
+                own["projection.weight"] = state[projection]
+            load_matching(tower, own, what)
 
 def clip_tokenizer(folder: str, max_len: int) -> Tokenizer:
-    """The folder's tokenizer.json: CLIP's byte-level BPE, each sentence between its start
-    and end-of-text tokens, truncated to max_len and padded with end-of-text as the authors'
-    CLIPTokenizer(padding="max_length", truncation=True); all ids in the tower's vocabulary."""
+    """The folder's tokenizer.json: CLIP's byte-level BPE, a sentence between
+    start and end-of-text, cut to max_len and padded with end-of-text (as the
+    authors' CLIPTokenizer(padding="max_length", truncation=True))."""
     path = Path(folder) / "tokenizer.json"
     try:
         tok = Tokenizer.from_str(read_text(path, 1 << 26))
-    except Exception as e:  # the tokenizers library raises its own exception types
-        raise UserError(f"{path}: not a readable tokenizer ({str(e)[:80]}); a Hugging Face "
-                        f"CLIP folder holds one") from None
+    except Exception as e:  # the tokenizers library raises its own types
+        raise UserError(f"{path}: not a readable tokenizer ({str(e)[:80]})") from None
     end, vocab = tok.token_to_id("<|endoftext|>"), clip_config(folder)["text"]["vocab_size"]
     if end is None or tok.get_vocab_size() > vocab:
-        raise UserError(f"{path}: {tok.get_vocab_size()} tokens, end-of-text {end}: not "
-                        f"CLIP's tokenizer for a text tower of {vocab} tokens")
+        raise UserError(f"{path}: {tok.get_vocab_size()} tokens, end-of-text {end}: "
+                        f"not CLIP's tokenizer for a text tower of {vocab} tokens")
     tok.enable_padding(pad_id=end, pad_token="<|endoftext|>", length=max_len)
     tok.enable_truncation(max_len)
     return tok
 
 def convert(cfg: Config):
-    """`convert SRC --out CKPT`: an outside model as an mml checkpoint, which `eval` and `load`
-    then use unchanged. SRC: a Hugging Face CLIP folder (off-the-shelf CLIP: its projected
-    embeddings, no GPS), or the authors' weights_best.pth with --clip of
-    clip-vit-large-patch14-336 (their released model)."""
+    """`convert SRC --out CKPT`: an outside model as an mml checkpoint, which
+    `eval` and `load` use unchanged. SRC: a Hugging Face CLIP folder (CLIP as it
+    is, no GPS), or the authors' weights_best.pth with --clip of their CLIP."""
     src, out = Path(cfg.source), Path(cfg.out)
-    if out.exists() or out.is_symlink():  # never the 3.5 GB download it reads, nor any file
+    if out.exists() or out.is_symlink():  # never the download it reads, nor any file
         if not cfg.overwrite:
-            raise UserError(f"{out}: exists; --out names a new file (--overwrite replaces an "
-                            f"mml checkpoint)")
+            raise UserError(f"{out}: exists; --out names a new file (--overwrite "
+                            f"replaces an mml checkpoint)")
         load_checkpoint(out)  # anything but an mml checkpoint is refused in one line
-    kind = "clip" if (src / "config.json").exists() else "authors" if src.is_file() else ""
-    if not kind:
+    if not (is_clip := (src / "config.json").exists()) and not src.is_file():
         raise UserError(f"{src}: not a model `convert` knows: a Hugging Face CLIP folder "
                         f"(config.json) or the authors' weights_best.pth (with --clip)")
-    if kind != "clip" and not cfg.clip:
+    if not is_clip and not cfg.clip:
         clip_config(cfg.clip)  # one line saying --clip is needed
     writable_folder(out.parent, "--out")
-    folder = str((src if kind == "clip" else Path(cfg.clip)).resolve())
+    folder = str((src if is_clip else Path(cfg.clip)).resolve())
     weights, digest = load_clip_weights(folder)  # read once: 1.7 GB for ViT-L/14-336
-    new, state, tok = CONVERTERS[kind](src, folder, weights)
+    c = clip_config(folder)  # the towers' sizes decide the images' and sentences'
+    sizes = dict(clip=folder, img_size=c["vision"]["image_size"],
+                 max_len=c["text"]["max_position_embeddings"])
+    if is_clip:  # both towers frozen, no heads, CLIP's own logit scale
+        new = Config(modalities="GST", image_backbone="clip", text_backbone="clip",
+                     share_image_trunk=True, freeze="GST", head="none",
+                     resize="clip", embed_dim=c["projection_dim"], **sizes)
+        if not torch.is_tensor(weights.get("logit_scale")):
+            raise UserError(f"{src}: its weights hold no logit_scale: not a CLIPModel's")
+        state = {"logit_scale": weights["logit_scale"]}
+    else:
+        new, state = Config(**PRESETS["paper"], **sizes), authors_state(src, folder, weights)
+    tok = clip_tokenizer(folder, new.max_len)
     sized(new, str(src))
     model = MML(new)
     install_towers(model, weights, folder)
@@ -2189,100 +2196,86 @@ def convert(cfg: Config):
                      "tokenizer": tok.to_str(), "step": 0, "epoch": 0,
                      "towers": {"folder": folder, "digest": digest},
                      "converted_from": str(src.resolve())}, out)
-    print(f"{out}: {new.modalities} from {src}, towers from {folder} (digest {digest[:12]}); "
-          f"evaluate it with `python mml.py eval --ckpt {out} --data ROOT`")
+    print(f"{out}: {new.modalities} from {src}, towers from {folder} (digest "
+          f"{digest[:12]}); evaluate it with `python mml.py eval --ckpt {out} --data ROOT`")
 
-def clip_sized(folder: str, **fields) -> Config:
-    """A Config of CLIP towers from a folder: its image size and its text's positions."""
-    c = clip_config(folder)
-    return dataclasses.replace(Config(), clip=folder, img_size=c["vision"]["image_size"],
-                               max_len=c["text"]["max_position_embeddings"], **fields)
+# the authors' MmlCLIP's names of mml's heads, GPS encoder and scale
+AUTHORS = {"ground_projector.": "enc.G.head.", "satellite_projector.": "enc.S.head.",
+           "text_projector.": "enc.T.head.", "location_encoder.": "enc.C.",
+           "logit_scale": "logit_scale"}
 
-def convert_clip(src: Path, folder: str, weights: dict) -> tuple:
-    """Off-the-shelf CLIP: both towers frozen, no heads, CLIP's own logit scale."""
-    new = clip_sized(folder, modalities="GST", image_backbone="clip", text_backbone="clip",
-                     share_image_trunk=True, freeze="GST", head="none", resize="clip",
-                     embed_dim=clip_config(folder)["projection_dim"])
-    if not torch.is_tensor(weights.get("logit_scale")):
-        raise UserError(f"{src}: its weights hold no logit_scale: not a CLIPModel's")
-    return new, {"logit_scale": weights["logit_scale"]}, clip_tokenizer(folder, new.max_len)
-
-def convert_authors(src: Path, clip: str, weights: dict) -> tuple:
-    """The authors' MmlCLIP state dict (their weights_best.pth): its two copies of CLIP must
-    be the --clip folder's weights; its heads, GPS encoder and scale are renamed to mml's."""
+def authors_state(src: Path, clip: str, weights: dict) -> dict:
+    """The authors' MmlCLIP state dict (weights_best.pth) in mml's names, less
+    its two copies of CLIP, which must be the --clip folder's weights."""
     theirs = {k: v for k, v in load_tensors(src, "authors' MmlCLIP state dict").items()
               if not k.endswith("position_ids")}
     for copy in ("image_encoder.clip_model.", "text_encoder.clip_model."):
         mine = {k[len(copy):]: v for k, v in theirs.items() if k.startswith(copy)}
         if tensor_digest(mine) != tensor_digest(weights):
             raise UserError(f"{src}: its {copy[:-1]} is not the CLIP of {clip}; give the "
-                            f"folder they trained from (openai/clip-vit-large-patch14-336)")
-    names = {"ground_projector.": "enc.G.head.", "satellite_projector.": "enc.S.head.",
-             "text_projector.": "enc.T.head.", "location_encoder.": "enc.C.",
-             "logit_scale": "logit_scale"}
+                            f"one they trained from (openai/clip-vit-large-patch14-336)")
     state = {}
     for k, v in theirs.items():
-        if not k.startswith(("image_encoder.", "text_encoder.")):
-            prefix = next((p for p in names if k.startswith(p)), None)
-            if prefix is None:
-                raise UserError(f"{src}: {k} is not a key of the authors' MmlCLIP")
-            # their GPS heads are bare Linear layers, GeoCLIP's (and mml's) a Sequential of one
-            state[re.sub(r"(LocEnc\d+\.head)\.", r"\1.0.", names[prefix] + k[len(prefix):])] = v
-    new = clip_sized(clip, **PRESETS["paper"])
-    return new, state, clip_tokenizer(clip, new.max_len)
-
-CONVERTERS = {"clip": convert_clip, "authors": convert_authors}
+        if k.startswith(("image_encoder.", "text_encoder.")):
+            continue
+        prefix = next((p for p in AUTHORS if k.startswith(p)), None)
+        if prefix is None:
+            raise UserError(f"{src}: {k} is not a key of the authors' MmlCLIP")
+        # their GPS heads are bare Linear layers, GeoCLIP's and mml's a Sequential
+        name = AUTHORS[prefix] + k[len(prefix):]
+        state[re.sub(r"(LocEnc\d+\.head)\.", r"\1.0.", name)] = v
+    return state
 
 # ---- tools: the pictures, the image cache, the bench --------------------------------------
 
-# `eval --viz`, with Pillow alone: per retrieval task a grid of eight queries, their top 5 and,
-# when not among them, their correct match.
+# `eval --viz`, with Pillow alone: per retrieval task a grid of eight queries,
+# their top 5 and, when not among them, their correct match.
 GRID_THUMB, GRID_GAP, GRID_LINE, GRID_ROWS = 96, 8, 18, 8  # px, px, px, queries
 GREEN, RED = (0, 160, 0), (200, 30, 30)
 
 def grid_cell(row: int, col: int) -> tuple[int, int]:
-    """A thumbnail's top-left pixel: a caption above each row, scores under it; columns 0
-    the query, 1-5 its top 5, 6 its correct match."""
+    """A thumbnail's top-left pixel: a caption above each row, scores under it;
+    columns 0 the query, 1-5 its top 5, 6 its correct match."""
     return (GRID_GAP + col * (GRID_THUMB + GRID_GAP),
             GRID_LINE + row * (GRID_THUMB + GRID_GAP + 2 * GRID_LINE))
 
 def grid_queries(n: int) -> list[int]:
-    """The queries a grid shows: GRID_ROWS of n, drawn once with a fixed seed, in order."""
+    """The queries a grid shows: GRID_ROWS of n, fixed by a seed, in order."""
     return sorted(random.Random(0).sample(range(n), min(GRID_ROWS, n)))
 
 def thumbnail(path) -> Image.Image:
     try:
         return Image.fromarray(load_image(Path(path), GRID_THUMB))
-    except Exception:  # the grid still shows the rest
+    except Exception:  # grey: the grid still shows the rest
         return Image.new("RGB", (GRID_THUMB, GRID_THUMB), (128, 128, 128))
 
 def draw_grid(task: Task, q: Side, g: Side, q_emb, g_emb, ranks: dict, columns: dict,
               path: Path):
-    """A retrieval task's grid: eight queries (the same for every model), each its image or
-    sentence, its top 5 with their scores, bordered green when of its landmark, red if not,
-    distractors marked; and when the top 5 miss it, its best correct item and its rank."""
-    font, n_junk = ImageFont.load_default(size=13), int((g.labels == -1).sum())
-    rows = grid_queries(len(q.ids))
+    """A retrieval task's grid: eight queries (the same for every model), each
+    its image or sentence, its top 5 with scores, bordered green when of its
+    landmark, red if not, distractors marked; when the top 5 miss, its match."""
+    font, side = ImageFont.load_default(size=13), GRID_THUMB
+    rows, n_junk = grid_queries(len(q.ids)), int((g.labels == -1).sum())
     img = Image.new("RGB", (grid_cell(0, 7)[0], grid_cell(len(rows), 0)[1]), "white")
     draw = ImageDraw.Draw(img)
 
     def cell(r: int, c: int, j: int, colour, under: str):
         x, y = grid_cell(r, c)
         img.paste(thumbnail(g.show[j]), (x, y))
-        draw.rectangle((x, y, x + GRID_THUMB - 1, y + GRID_THUMB - 1), outline=colour, width=4)
-        if j < n_junk:
-            draw.rectangle((x + 4, y + GRID_THUMB - 20, x + GRID_THUMB - 5, y + GRID_THUMB - 5),
-                           fill="black")
-            draw.text((x + 8, y + GRID_THUMB - 19), "distractor", fill="white", font=font)
-        draw.text((x, y + GRID_THUMB + 2), under, fill="black", font=font)
+        draw.rectangle((x, y, x + side - 1, y + side - 1), outline=colour, width=4)
+        if j < n_junk:  # distractors come first in the gallery
+            draw.rectangle((x + 4, y + side - 20, x + side - 5, y + side - 5), fill="black")
+            draw.text((x + 8, y + side - 19), "distractor", fill="white", font=font)
+        draw.text((x, y + side + 2), under, fill="black", font=font)
     for r, i in enumerate(rows):
         x, y = grid_cell(r, 0)
         rank, official = columns["rank_strict"][i], columns["rank_official"][i]
-        caption = (f"query {q.ids[i]}" if task.query != "T" else "sentence") + (
-            f" (landmark {int(q.labels[i])}): correct match at rank {rank} (official {official})")
+        who = f"query {q.ids[i]}" if task.query != "T" else "sentence"
+        caption = (f"{who} (landmark {int(q.labels[i])}): correct match at rank {rank} "
+                   f"(official {official})")
         draw.text((x, y - GRID_LINE + 2), caption[:110], fill="black", font=font)
         if task.query == "T":  # the sentence itself, wrapped into the query's cell
-            draw.rectangle((x, y, x + GRID_THUMB - 1, y + GRID_THUMB - 1), fill=(235, 235, 235))
+            draw.rectangle((x, y, x + side - 1, y + side - 1), fill=(235, 235, 235))
             lines = textwrap.wrap(str(q.show[i]), 15)[:7] or ["(empty)"]
             draw.multiline_text((x + 3, y + 3), "\n".join(lines), fill="black", font=font)
         else:
@@ -2295,18 +2288,20 @@ def draw_grid(task: Task, q: Side, g: Side, q_emb, g_emb, ranks: dict, columns: 
             cell(r, 6, j, GREEN, f"{float(g_emb[j] @ q_emb[i]):.3f}  #{rank}")
     img.save(path)
 
-# The image cache: `prepare` decodes each image of a split and kind once into a uint8 array
-# (n, H, H, 3), CACHE/SIZE-RESIZE/{split}_{kind}.u8, then writes its JSON manifest of ids,
-# so that an interrupted build is never taken for a whole one; `Cache` reads it back.
-MANIFEST = {"size": int, "resize": str, "ids": list, "broken": list}  # its fields' types
+# The image cache: `prepare` decodes each image of a split and kind once into a
+# uint8 array (n, H, H, 3), CACHE/SIZE-RESIZE/{split}_{kind}.u8, then writes its
+# JSON manifest of ids, so that an interrupted build is never taken for a whole
+# one; `Cache` reads it back.
+MANIFEST = {"size": int, "resize": str, "ids": list, "broken": list}  # field: type
 
 def cache_dir(cfg: Config, root: Path) -> Path:
-    """The caches of one image size and resize: --cache (default ROOT/cache)/SIZE-RESIZE."""
-    return (Path(cfg.cache) if cfg.cache else root / "cache") / f"{cfg.img_size}-{cfg.resize}"
+    """The caches of one size and resize: --cache (or ROOT/cache)/SIZE-RESIZE."""
+    folder = Path(cfg.cache) if cfg.cache else root / "cache"
+    return folder / f"{cfg.img_size}-{cfg.resize}"
 
 class Cache:
-    """One split's and kind's cached images, refused (never used) when made for another size
-    or --resize, lacking an image of this run, or not whole."""
+    """One split's and kind's cached images, refused (never used) when made for
+    another size or --resize, lacking an image of this run, or not whole."""
 
     @staticmethod
     def open(split_dir: Path, kind: str, cfg: Config, needed) -> "Cache | None":
@@ -2314,65 +2309,71 @@ class Cache:
         return Cache(array, cfg, needed) if array.with_suffix(".json").is_file() else None
 
     def __init__(self, array: Path, cfg: Config, needed):
-        manifest, self.array, self.file, self.pid = array.with_suffix(".json"), array, None, None
+        self.array, self.file, self.pid = array, None, None
+        manifest = array.with_suffix(".json")
         m = read_json(manifest, "cache manifest")
-        if bad := [k for k, kind in MANIFEST.items() if not isinstance(
-                m.get(k) if isinstance(m, dict) else None, kind)]:
+        m = m if isinstance(m, dict) else {}
+        bad = [k for k, t in MANIFEST.items() if not isinstance(m.get(k), t)]
+        if bad:
             raise UserError(f"{manifest}: not a cache manifest mml wrote (no {bad[0]} "
-                            f"{MANIFEST[bad[0]].__name__}); move it away and rerun `prepare`")
+                            f"{MANIFEST[bad[0]].__name__}); rerun `prepare`")
         if (m["size"], m["resize"]) != (cfg.img_size, cfg.resize):
-            raise UserError(f"{manifest}: the cache holds {m['size']} px images made by --resize "
-                            f"{m['resize']}, not --img-size {cfg.img_size} --resize {cfg.resize}")
-        whole = max(1, len(m["ids"])) * cfg.img_size ** 2 * 3  # an empty list keeps one row
+            raise UserError(f"{manifest}: the cache holds {m['size']} px images made by "
+                            f"--resize {m['resize']}, not --img-size {cfg.img_size} "
+                            f"--resize {cfg.resize}")
+        whole = max(1, len(m["ids"])) * cfg.img_size ** 2 * 3  # no ids: one blank row
         if (found := array.stat().st_size if array.is_file() else 0) != whole:
             raise UserError(f"{array}: {found} bytes where its manifest promises {whole} "
-                            f"({len(m['ids'])} images): the cache is not whole; rerun `prepare`")
-        self.row_of, self.broken = {i: n for n, i in enumerate(m["ids"])}, set(m["broken"])
+                            f"({len(m['ids'])} images): not whole; rerun `prepare`")
+        self.row_of = {i: n for n, i in enumerate(m["ids"])}
+        self.broken = set(m["broken"])
         if lacking := [i for i in needed if i not in self.row_of]:
-            raise UserError(f"{manifest}: the cache lacks {len(lacking)} images of this run "
-                            f"(first: {lacking[0]}); the file list changed: rerun `prepare`")
+            raise UserError(f"{manifest}: the cache lacks {len(lacking)} images of this "
+                            f"run (first: {lacking[0]}); rerun `prepare`")
 
     def __getstate__(self):
-        return {**self.__dict__, "file": None}  # reopened in each worker, not pickled into it
+        return {**self.__dict__, "file": None}  # each worker opens its own
 
     def read(self, image_id: str, out: np.ndarray, store) -> np.ndarray:
-        """The image, read straight into `out`: 5-10x faster than copying out of a memory map,
-        whose first touch of each page faults. Each process opens the file itself (forked
-        workers sharing a descriptor would share its read position)."""
+        """The image, read straight into `out`: 5-10x faster than copying out
+        of a memory map, whose first touch of each page faults. Each process
+        opens the file (forked workers sharing one would share its position)."""
         if image_id in self.broken:  # named by the file the store would have decoded
             raise UnreadableFile(f"{store.path(image_id)}: could not be decoded when cached")
         if self.pid != os.getpid():
             self.file, self.pid = open(self.array, "rb", buffering=0), os.getpid()
         self.file.seek(self.row_of[image_id] * out.nbytes)
-        if self.file.readinto(out) != out.nbytes:  # the array was cut short while in use
+        if self.file.readinto(out) != out.nbytes:  # the array was cut short since
             raise UnreadableFile(f"{self.array}: ends before image {image_id}")
         return out
 
-def decode_or_none(job: tuple) -> np.ndarray | None:
+def decoded_row(job: tuple) -> bytes:
+    """An image's row of the cache, decoded in a worker; b"" if unreadable."""
     try:
-        return load_image(*job)
+        return load_image(*job).tobytes()
     except Exception:  # counted as broken in the manifest
-        return None
+        return b""
 
 def prepare(cfg: Config):
-    """`prepare`: decode every image of --splits once into the cache. An array is replaced
-    only if its manifest says mml made it; written as a stream, not through a memory map,
-    so that a full disk is an error, not a SIGBUS."""
-    root = Path(cfg.data)
+    """`prepare`: decode every image of --splits once into the cache. An array is
+    replaced only if its manifest says mml made it; written as a stream, not through
+    a memory map, so that a full disk is an error, not a SIGBUS."""
+    root, size = Path(cfg.data), cfg.img_size
     cache = writable_folder(cache_dir(cfg, root), "--cache")
+    blank = bytes(size * size * 3)  # an unreadable image's row
     jobs = []  # (split folder, kind, image ids)
     for split in cfg.splits.split(","):
         if split == "index":
-            index = read_index(root)
-            jobs += [(index.dir, "ground", index.ground), (index.dir, "satellite", index.sat)]
+            s = read_index(root)
+            jobs += [(s.dir, "ground", s.ground), (s.dir, "satellite", s.sat)]
         else:
             s = read_split(root, split)
             tiles = dict.fromkeys(i for g in s.sat + [s.latest] for i in g)
             jobs += [(s.dir, "ground", [i for g in s.ground for i in g]),
                      (s.dir, "satellite", list(tiles))]
-    n, size = sum(len(ids) for *_, ids in jobs), cfg.img_size
-    print0(f"prepare: {n} images at {size}x{size} px ({n * size ** 2 * 3 / 1e9:.2f} GB) into "
-           f"{cache}")
+    n = sum(len(ids) for *_, ids in jobs)
+    print0(f"prepare: {n} images at {size}x{size} px ({n * len(blank) / 1e9:.2f} GB) "
+           f"into {cache}")
     with torch.multiprocessing.get_context("fork").Pool(max(1, cfg.workers)) as pool:
         for split_dir, kind, ids in jobs:
             t, array = time.time(), cache / f"{split_dir.name}_{kind}.u8"
@@ -2383,28 +2384,27 @@ def prepare(cfg: Config):
                                 f"refusing to replace it (--cache names another folder)")
 
             def decode_all(tmp: Path):
+                work = ((shard(split_dir, kind, i), size, cfg.resize) for i in ids)
                 with open(tmp, "wb") as f:
-                    jobs = ((shard(split_dir, kind, i), size, cfg.resize) for i in ids)
-                    for row, img in enumerate(pool.imap(decode_or_none, jobs, chunksize=32)):
-                        if img is None:
-                            broken.append(ids[row])
-                        f.write((img if img is not None else np.zeros((size, size, 3),
-                                                                      np.uint8)).tobytes())
+                    for i, row in zip(ids, pool.imap(decoded_row, work, chunksize=32)):
+                        if not row:  # a blank row keeps the others in place
+                            broken.append(i)
+                        f.write(row or blank)
                     if not ids:  # one blank row: an empty array cannot be mapped
-                        f.write(bytes(size * size * 3))
-            manifest.unlink(missing_ok=True)  # never an old manifest beside a new array
+                        f.write(blank)
+            manifest.unlink(missing_ok=True)  # never beside a new array
             write_atomically(array, decode_all)
-            write_atomically(manifest, lambda tmp: tmp.write_text(json.dumps({
-                "generator": "mml.py prepare", "size": size, "resize": cfg.resize, "ids": ids,
-                "broken": broken})))
-            print0(f"  {split_dir.name} {kind}: {len(ids)} images, {len(broken)} unreadable, "
-                   f"{len(ids) / (time.time() - t):.0f} images/s")
+            record = {"generator": "mml.py prepare", "size": size, "resize": cfg.resize,
+                      "ids": ids, "broken": broken}
+            write_atomically(manifest, lambda tmp: tmp.write_text(json.dumps(record)))
+            print0(f"  {split_dir.name} {kind}: {len(ids)} images, {len(broken)} "
+                   f"unreadable, {len(ids) / (time.time() - t):.0f} images/s")
 
-# `python mml.py bench`: each phase times the very code a run calls, on this machine; ratios
-# between rows of one run are what to trust, absolute numbers only with their device.
+# `python mml.py bench`: each phase times the very code a run calls, on this
+# machine; trust ratios between rows, absolute numbers only with their device.
 
 def timed(fn, sync, seconds: float = 1.0) -> float:
-    """Seconds a call of fn: of those that fill `seconds` after a warm-up, or (0) of one."""
+    """Seconds a call takes: warmed up, over `seconds` of calls (at 0: one call)."""
     if seconds:
         fn()
         sync()
@@ -2417,9 +2417,10 @@ def timed(fn, sync, seconds: float = 1.0) -> float:
 
 def fake_embeddings(n_queries: int, n_labelled: int, n_junk: int, dim: int, device,
                     n_landmarks: int = 1000) -> tuple:
-    """A task's (q, g, q_labels, g_labels), distractors first and anywhere, the others near
-    their landmark's centre (as a trained model's); in multiples of 2^-10, so that every
-    score is exact in float32 in any summation order: rankings compare, not roundings."""
+    """A task's (q, g, q_labels, g_labels), distractors first and anywhere,
+    the others near their landmark's centre (as a trained model's); multiples
+    of 2^-10, so that every score is exact in float32 in any order of sums:
+    rankings compare, not roundings."""
     gen = torch.Generator(device).manual_seed(0)
     noise = lambda n: torch.randn(n, dim, generator=gen, device=device)
     unit = lambda x: torch.round(F.normalize(x, dim=-1) * 1024) / 1024
@@ -2431,50 +2432,56 @@ def fake_embeddings(n_queries: int, n_labelled: int, n_junk: int, dim: int, devi
             torch.cat([torch.full((n_junk,), -1, device=device), labels]))
 
 def bench(cfg: Config):
-    """`bench`: steps (`train_step` itself: fp32; on a GPU bf16, + compile), loader, rank (at
-    full scale, against the bare GEMM and the per-query argsort, whose metrics must agree)."""
+    """`bench`: steps (`train_step` itself: fp32; on a GPU bf16, + compile),
+    loader, rank (at full scale, against the bare GEMM and the per-query argsort,
+    whose metrics must agree)."""
     device, rate = device_of(cfg), 0.0
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    print(f"bench on {torch.cuda.get_device_name() if device.type == 'cuda' else 'the CPU'}, "
+    cuda = device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    print(f"bench on {torch.cuda.get_device_name() if cuda else 'the CPU'}, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}")
     row = lambda what, value, how: print(f"  {what:<34}{value:>14} {how}", flush=True)
     if "steps" in cfg.phases:
         gen, B, H = torch.Generator().manual_seed(0), cfg.batch_size, cfg.img_size
-        batch = {"G": torch.randint(0, 256, (B, 3, H, H), dtype=torch.uint8, generator=gen),
-                 "T": torch.randint(1, cfg.vocab_size, (B, cfg.max_len), generator=gen),
-                 "C": torch.rand(B, 2, generator=gen) * 20 + torch.tensor([28.0, -110.0])}
-        batch = {m: batch.get(m, batch["G"]) for m in cfg.modalities} | {"bad": [""] * B}
-        for bf16, compiled in [(False, False)] + [(True, False), (True, True)] * (
-                device.type == "cuda"):
-            run, step = dataclasses.replace(cfg, bf16=bf16, compile=compiled), itertools.count()
+        images = torch.randint(0, 256, (B, 3, H, H), dtype=torch.uint8, generator=gen)
+        text = torch.randint(1, cfg.vocab_size, (B, cfg.max_len), generator=gen)
+        gps = torch.rand(B, 2, generator=gen) * 20 + torch.tensor([28.0, -110.0])
+        batch = {"G": images, "S": images, "T": text, "C": gps}
+        batch = {m: batch[m] for m in cfg.modalities} | {"bad": [""] * B}
+        for bf16, compiled in [(False, False)] + [(True, False), (True, True)] * cuda:
+            run = dataclasses.replace(cfg, bf16=bf16, compile=compiled)
             torch.manual_seed(0)
-            raw = MML(run).to(device)
-            model, optimizer = torch.compile(raw) if compiled else raw, make_optimizer(raw, run)
+            raw, step = MML(run).to(device), itertools.count()
+            model = torch.compile(raw) if compiled else raw
+            optimizer = make_optimizer(raw, run)
+            pairs = loss_pairs(run.modalities)
             with matmul_precision("high"):  # as the training loop
-                seconds = timed(lambda: train_step(model, raw, optimizer, batch, run, loss_pairs(
-                    run.modalities), 0, next(step), run.lr), sync, 3.0)
+                seconds = timed(lambda: train_step(model, raw, optimizer, batch, run,
+                                                   pairs, 0, next(step), run.lr), sync, 3.0)
             rate = max(rate, B / seconds)
             row(f"train step, {'bf16' if bf16 else 'fp32'}{' + compile' * compiled}",
                 f"{B / seconds:,.0f}", f"samples/s, batch {B}, H {H}")
     if "loader" in cfg.phases:
         data = training_sets(cfg, None)[0]
         B = min(cfg.batch_size, len(data))
-        batches = iter(training_loader(data, epoch_batches(len(data), B, 0, stop=10**9), cfg,
-                                       device))
-        seconds = timed(lambda: next(batches), lambda: None, 3.0)  # after the workers start
-        row(f"training loader, {cfg.workers} workers", f"{B / seconds:,.0f}", "samples/s, " + (
-            "cached" if data.stores["G"].cache else "decoding") + (
-            ", faster than the step" if B / seconds >= rate else ", slower than the step"))
+        sampler = epoch_batches(len(data), B, 0, stop=10**9)
+        batches = iter(training_loader(data, sampler, cfg, device))
+        seconds = timed(lambda: next(batches), lambda: None, 3.0)  # workers started
+        how = "cached" if data.stores["G"].cache else "decoding"
+        row(f"training loader, {cfg.workers} workers", f"{B / seconds:,.0f}", f"samples/s, "
+            f"{how}, {'faster' if B / seconds >= rate else 'slower'} than the step")
     tasks = [("G2S", 18688, 1000, 99539), ("S2G", 1000, 18688, 714554)]
     for task, nq, n_labelled, n_junk in tasks * ("rank" in cfg.phases):
         q, g, ql, gl = fake_embeddings(nq, n_labelled, n_junk, 512, device)
-        some = torch.randperm(nq, generator=torch.Generator().manual_seed(0))[:200].to(device)
+        pick = torch.Generator().manual_seed(0)
+        some = torch.randperm(nq, generator=pick)[:200].to(device)
         with matmul_precision("highest"):
             gemm = timed(lambda: [part @ g.T for part in q.split(cfg.chunk)], sync)
             ranks = rank_queries(q[some], g, ql[some], gl)  # and a warm-up
             fast = timed(lambda: rank_queries(q, g, ql, gl, chunk=cfg.chunk), sync, 0)
-            t0, slow = time.perf_counter(), argsort_ranks(q[some], g, ql[some], gl)
-            slow_s = (time.perf_counter() - t0) * nq / len(some)
+            slow = {}  # the per-query argsort of 200 queries, its time scaled to all
+            slow_s = timed(lambda: slow.update(argsort_ranks(q[some], g, ql[some], gl)),
+                           sync, 0) * nq / len(some)
         same = all(torch.allclose(v.double(), ranks[k].cpu().double(), rtol=0, atol=1e-9)
                    for k, v in slow.items())
         row(f"rank {task} {nq} x {len(g)}", f"{fast:.2f} s", f"{fast / gemm:.1f}x the score "
