@@ -1294,11 +1294,13 @@ class Side:
 
 class Protocol:
     """The sides of the protocol's tasks on one dataset, each built once, when asked."""
+
     def __init__(self, root: Path):
         self.query, self.index = read_split(root, "query"), read_index(root)
         self.lm = torch.as_tensor(self.query.ids)  # (Q,)
         self.latlon = torch.as_tensor(self.query.latlon, dtype=torch.float64)
         self.side = functools.cache(self.build)  # side(name): built once, when asked
+
     def build(self, name: str) -> Side:
         q, index, kind = self.query, self.index, name.split("_")[-1]
         landmarks = [str(i) for i in q.ids.tolist()]
@@ -1325,6 +1327,7 @@ class Protocol:
         ids = [i for *_, part in parts for i in part]
         show = [shard(d, k, i) for d, k, part in parts for i in part]
         return Side(name, LETTER[kind], labels, ids, latlon, show, parts)
+
     def sentences(self, mode: str) -> list[str]:
         """A sentence per query landmark: first, random, or mml_query_text_sentences.csv's
         no_cues. Random is the authors' own draw (eval_dataset.py): one Random(42) over
@@ -1344,11 +1347,14 @@ class Protocol:
 
 class ImageList(torch.utils.data.Dataset):
     """An image side's parts -> ((3, H, H) uint8, "" or why a file is unreadable)."""
+
     def __init__(self, parts: list, cfg: Config):
         stores = [ImageStore(d, kind, cfg, ids) for d, kind, ids in parts]
         self.rows = [(s, i) for s, (*_, ids) in zip(stores, parts) for i in ids]
+
     def __len__(self):
         return len(self.rows)
+
     def __getitem__(self, n):
         store, image_id = self.rows[n]
         try:
@@ -1425,12 +1431,14 @@ class Functions:
     strings; "C": (B, 2) float64 lat/lon."""
     fns: dict
     cfg: Config
+
     def width(self, m: str) -> int:
         """The width D of modality m's embeddings, from a batch of one blank input."""
         H = self.cfg.img_size
         blank = {"T": ["a"], "C": torch.zeros(1, 2, dtype=torch.float64)}.get(
             m, torch.zeros(1, 3, H, H, dtype=torch.uint8))
         return batch_rows(self.fns[m](blank), 1, f"{MODALITY[m]} encoder").shape[1]
+
     def embed_side(self, side: Side) -> torch.Tensor:
         m = side.modality
         data = ImageList(side.items, self.cfg) if m in "GS" else side.items
@@ -1747,6 +1755,7 @@ class Checkpoint(Functions):
 
     each (N, D) float32 unit vectors, by the checkpoint's own preprocessing and
     tokenizer; `evaluate_encoders(model, ...)` scores it as `eval` does."""
+
     def __init__(self, ckpt, device=None, clip: str = "", batch: int = 256,
                  workers: int = 0, cache: str = ""):
         if not isinstance(batch, int) or batch < 1:
@@ -1761,13 +1770,16 @@ class Checkpoint(Functions):
         self.tok = Tokenizer.from_str(saved["tokenizer"])
         self.record = {k: saved[k] for k in ("step", "epoch", "config")}  # metrics.json's
         super().__init__({m: functools.partial(self.encode, m) for m in self.model.enc}, cfg)
+
     def width(self, m: str) -> int:
         return self.cfg.embed_dim  # every encoder's, known without running one
+
     def encoder(self, m: str) -> Encoder:
         if m not in self.model.enc:
             raise UserError(f"{self.path}: has no {MODALITY.get(m, m)} encoder "
                             f"(trained on {self.cfg.modalities})")
         return self.model.enc[m]
+
     @torch.no_grad()
     def encode(self, m: str, x) -> torch.Tensor:
         """A batch of modality m through its encoder: (B, D). Images of another size are
@@ -1780,6 +1792,7 @@ class Checkpoint(Functions):
             x = x.round().clamp(0, 255).to(torch.uint8)
         with autocast_for(self.device, self.cfg):
             return self.encoder(m)(x)
+
     def embed_images(self, images, kind: str = "ground") -> torch.Tensor:
         """(N, D): images as paths, decoded (H, W, 3) uint8 arrays of any size, or a
         (B, 3, H, H) uint8 tensor. Anything else is one line."""
@@ -1794,6 +1807,7 @@ class Checkpoint(Functions):
             raise UserError(f"embed_images: a {tuple(x.shape)} {x.dtype} tensor; "
                             f"expected (B, 3, H, H) uint8")
         return self.embed_inputs(m, x, f"{kind} images")
+
     def image(self, n: int, image) -> np.ndarray:
         """Image n handed in: a path or an (H, W, 3) uint8 array -> (H, H, 3) uint8."""
         size, how = self.cfg.img_size, self.cfg.resize
@@ -1807,11 +1821,13 @@ class Checkpoint(Functions):
             return load_image(Path(image), size, how)
         except Exception as e:  # missing, not an image: decoders raise all sorts
             raise UserError(f"{Path(image)}: cannot read it as an image ({e})") from None
+
     def embed_text(self, sentences) -> torch.Tensor:
         """(N, D) of sentences, or of one."""
         self.encoder("T")
         sentences = [sentences] if isinstance(sentences, str) else list(sentences)
         return self.embed_inputs("T", sentences, "sentences")
+
     def embed_gps(self, latlon) -> torch.Tensor:
         """(N, D) of (N, 2) points, or of one, in degrees (lat, lon)."""
         self.encoder("C")
@@ -1822,8 +1838,10 @@ class Checkpoint(Functions):
             raise UserError(f"embed_gps: a {tuple(points.shape)} array; expected (N, 2) of "
                             f"latitudes in [-90, 90] and longitudes in [-180, 180]")
         return self.embed_inputs("C", points, "points")
+
     def embed_inputs(self, m: str, x, what: str) -> torch.Tensor:  # in this process
         return embed(self.fns[m], x, what, self.cfg, self.device, spread=False)
+
     def embed_side(self, side: Side) -> torch.Tensor:
         """A side of the protocol; images through a frozen CLIP tower via its cache."""
         m, enc = side.modality, self.encoder(side.modality)
@@ -1832,6 +1850,7 @@ class Checkpoint(Functions):
         features = torch.cat([self.tower_features(enc, part) for part in side.items])
         with autocast_for(self.device, self.cfg):
             return embed(enc.project, features, side.name, self.cfg, self.device)
+
     def tower_features(self, enc: Encoder, part: tuple) -> torch.Tensor:
         """(n, E) outputs of a frozen CLIP tower for one split's images, cached: keyed
         by the towers, the preprocessing, the precision and the images, so that a second
