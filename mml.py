@@ -2509,11 +2509,12 @@ def bench(cfg: Config):
         if not same:
             raise SystemExit("bench: the fast ranking differs from the per-query argsort")
 # ---- the synthetic world -----------------------------------------------------------------
-# A small world in the released layout, written where none is given, so that a demo run and
-# every test read data through the code a real run does. It is learnable across modalities:
-# a place's land colour shows from above and from the ground; a landmark's kind gives its
-# shape, its colour the roof and the facade; its article names kind, colour, city and state.
-# Landmarks share kinds and colours, so that retrieval has to combine cues.
+# A small world in the released layout, written where none is given, so that a
+# demo run and every test read data through the code a real run does. It is
+# learnable across modalities: a place's land colour shows from above and from
+# the ground; a landmark's kind gives its shape, its colour the roof and the
+# facade; its article names kind, colour, city and state. Landmarks share kinds
+# and colours, so that retrieval has to combine cues.
 
 CITIES = [("New York", "NY", 40.71, -74.01), ("Los Angeles", "CA", 34.05, -118.24),
           ("Chicago", "IL", 41.88, -87.63), ("Houston", "TX", 29.76, -95.37),
@@ -2523,135 +2524,150 @@ CITIES = [("New York", "NY", 40.71, -74.01), ("Los Angeles", "CA", 34.05, -118.2
           ("Omaha", "NE", 41.26, -95.93), ("Boston", "MA", 42.36, -71.06)]
 COLOURS = {"red": (178, 52, 44), "blue": (48, 82, 168), "white": (228, 228, 222),
            "black": (42, 42, 48), "yellow": (222, 190, 62), "teal": (40, 140, 140)}
-# each kind's outline from the front, (x, y) in [-1, 1] x [0, 1], and its footprint's shape
+# each kind's outline from the front, (x, y) in [-1, 1] x [0, 1], and the
+# shape of its footprint (its roof from above)
 KINDS = {"church": ([(-.4, 0), (-.4, .5), (0, 1), (.4, .5), (.4, 0)], "rectangle"),
          "tower": ([(-.12, 0), (0, 1), (.12, 0)], "rectangle"),
          "stadium": ([(-.5, 0), (-.44, .32), (.44, .32), (.5, 0)], "ellipse"),
          "dome": ([(-.45, 0), (-.45, .45), (0, .75), (.45, .45), (.45, 0)], "ellipse"),
          "castle": ([(-.4, 0), (-.4, .7), (-.1, .6), (.1, .6), (.4, .7), (.4, 0)], "rectangle")}
 
-def land(lat: float, lon: float) -> np.ndarray:
-    """The ground's colour at a place, smooth in location: drier to the south-west."""
-    dry = np.clip((-lon - 97) / 12, 0, 1) * np.clip((43 - lat) / 6, 0, 1)
-    farm = 0.5 + 0.5 * math.sin(lat * 0.9) * math.cos(lon * 0.7)  # forest to farmland
-    return (1 - dry) * np.array([40 + 110 * farm, 90 + 70 * farm, 50 + 40 * farm]) + dry * np.array(
-        [206, 182, 136])
-
-def paint(a) -> tuple:
-    return tuple(int(v) for v in np.clip(a, 0, 255))
-
-def aerial(lm: dict | None, lat: float, lon: float, rng: random.Random) -> Image.Image:
-    """A 96-px tile centred at (lat, lon): its land, fields and, for a landmark, its roof,
-    under a year's light and a slight turn."""
-    tile = Image.new("RGB", (96, 96), paint(land(lat, lon)))
-    draw, fields = ImageDraw.Draw(tile), random.Random(f"{lat:.4f},{lon:.4f}")  # every year
-    for _ in range(12):
-        x, y = fields.uniform(0, 96), fields.uniform(0, 96)
-        draw.rectangle((x, y, x + 20, y + 14), fill=paint(land(lat, lon) + fields.gauss(0, 20)))
-    if lm:
-        r = 48 * lm["size"]
-        getattr(draw, KINDS[lm["kind"]][1])((48 - r, 48 - r / 2, 48 + r, 48 + r / 2),
-                                            fill=paint(lm["rgb"]))
-    tile = tile.rotate(rng.uniform(-20, 20), Image.BILINEAR, fillcolor=paint(land(lat, lon)))
-    return ImageEnhance.Brightness(tile).enhance(rng.uniform(0.75, 1.25))
-
-def photo(lm: dict | None, lat: float, lon: float, rng: random.Random) -> Image.Image:
-    """A 128 x 96 photo from the ground: sky, the land and, for a landmark, its outline in
-    its facade's colour, from a random viewpoint and distance."""
-    img = Image.new("RGB", (128, 96), paint([rng.uniform(90, 150), 170, rng.uniform(200, 250)]))
-    draw, horizon = ImageDraw.Draw(img), rng.uniform(58, 77)
-    draw.rectangle((0, horizon, 128, 96), fill=paint(land(lat, lon) * 0.85))
-    if lm:
-        height, x = 96 * (0.4 + lm["size"]) * rng.uniform(0.75, 1.05), rng.uniform(38, 90)
-        draw.polygon([(x + u * height, horizon - v * height) for u, v in KINDS[lm["kind"]][0]],
-                     fill=paint(lm["rgb"] * rng.uniform(0.8, 1.1)))
-    return img.transpose(Image.FLIP_LEFT_RIGHT) if rng.random() < 0.5 else img
-
 def landmark(rng: random.Random) -> dict:
-    """A random landmark: its place (most near a city), kind, colour, size and year."""
+    """A random landmark: its place (most near a city), kind, colour, size, year."""
     city, state, lat, lon = rng.choice(CITIES)
     spread = rng.uniform(1.0, 2.5) if rng.random() < 0.3 else 0.08
     colour = rng.choice(list(COLOURS))
-    return {"lat": min(48.5, max(25.5, lat + rng.gauss(0, spread))), "city": city,
-            "lon": min(-67.5, max(-124, lon + rng.gauss(0, spread))), "state": state,
-            "kind": rng.choice(list(KINDS)), "colour": colour, "size": rng.uniform(0.25, 0.6),
+    lat = min(48.5, max(25.5, lat + rng.gauss(0, spread)))  # in the lower 48
+    lon = min(-67.5, max(-124, lon + rng.gauss(0, spread)))
+    return {"lat": lat, "lon": lon, "city": city, "state": state, "colour": colour,
+            "kind": rng.choice(list(KINDS)), "size": rng.uniform(0.25, 0.6),
             "rgb": np.array(COLOURS[colour]) + rng.gauss(0, 14), "year": rng.randint(1780, 2010)}
+
+def land(lm: dict) -> np.ndarray:
+    """The ground's colour at lm's place, smooth in location: drier to the
+    south-west, forest or farmland elsewhere."""
+    lat, lon = lm["lat"], lm["lon"]
+    dry = np.clip((-lon - 97) / 12, 0, 1) * np.clip((43 - lat) / 6, 0, 1)
+    farm = 0.5 + 0.5 * math.sin(lat * 0.9) * math.cos(lon * 0.7)
+    green = np.array([40 + 110 * farm, 90 + 70 * farm, 50 + 40 * farm])
+    return (1 - dry) * green + dry * np.array([206, 182, 136])
+
+def paint(a) -> tuple:  # PIL's fill colour of any floats
+    return tuple(int(v) for v in np.clip(a, 0, 255))
+
+def aerial(lm: dict, rng: random.Random, building=True) -> Image.Image:
+    """A 96-px tile centred on lm's place: its land, fields and (with the
+    building) its roof, under a year's light and a slight turn."""
+    tile = Image.new("RGB", (96, 96), paint(land(lm)))
+    draw = ImageDraw.Draw(tile)
+    # the fields are the place's own, the same in every year's tile
+    fields = random.Random(f"{lm['lat']:.4f},{lm['lon']:.4f}")
+    for _ in range(12):
+        x, y = fields.uniform(0, 96), fields.uniform(0, 96)
+        draw.rectangle((x, y, x + 20, y + 14), fill=paint(land(lm) + fields.gauss(0, 20)))
+    if building:
+        r = 48 * lm["size"]
+        roof = getattr(draw, KINDS[lm["kind"]][1])  # a rectangle or an ellipse
+        roof((48 - r, 48 - r / 2, 48 + r, 48 + r / 2), fill=paint(lm["rgb"]))
+    tile = tile.rotate(rng.uniform(-20, 20), Image.BILINEAR, fillcolor=paint(land(lm)))
+    return ImageEnhance.Brightness(tile).enhance(rng.uniform(0.75, 1.25))
+
+def photo(lm: dict, rng: random.Random, building=True) -> Image.Image:
+    """A 128 x 96 photo from the ground: sky, the land and (with the building)
+    its outline in its facade's colour, from a random viewpoint and distance."""
+    sky = [rng.uniform(90, 150), 170, rng.uniform(200, 250)]
+    img, horizon = Image.new("RGB", (128, 96), paint(sky)), rng.uniform(58, 77)
+    draw = ImageDraw.Draw(img)
+    draw.rectangle((0, horizon, 128, 96), fill=paint(land(lm) * 0.85))
+    if building:
+        height = 96 * (0.4 + lm["size"]) * rng.uniform(0.75, 1.05)
+        x, shape = rng.uniform(38, 90), KINDS[lm["kind"]][0]
+        outline = [(x + u * height, horizon - v * height) for u, v in shape]
+        draw.polygon(outline, fill=paint(lm["rgb"] * rng.uniform(0.8, 1.1)))
+    return img.transpose(Image.FLIP_LEFT_RIGHT) if rng.random() < 0.5 else img
+
+def made(path: Path) -> Path:  # path, its folders made
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+def picture(split_dir: Path, kind: str, lm: dict, rng, building=True) -> str:
+    """A new ground photo or aerial tile of lm, saved in split_dir: its id."""
+    image_id = f"{rng.getrandbits(64):016x}"  # 16 hex digits, as the release's
+    draw = photo if kind == "ground" else aerial
+    draw(lm, rng, building).save(made(shard(split_dir, kind, image_id)))
+    return image_id
 
 # only mml writes it: a folder holding it is mml's to replace
 SYNTH_MARKER = "mml_synthetic.json"
 
 def synthesize(out: Path, scale: float = 1.0, seed: int = 0) -> dict:
-    """A synthetic world in the released layout at `out`, its counts returned. Written to a
-    folder beside it, then renamed into place: an interrupted run never leaves a half world
-    that a later one would take for whole. mml replaces only a world it wrote (the marker)."""
+    """A synthetic world in the released layout at `out`, its counts returned.
+    Written to a folder beside it, then renamed into place: an interrupted run
+    never leaves a half world that a later one would take for whole. mml
+    replaces only a world it wrote (the marker)."""
     tmp = out.with_name(out.name + ".tmp")
     for folder in (out, tmp):
-        if folder.is_symlink():  # replacing it would replace the link, not what it names
+        if folder.is_symlink():  # replacing it would replace the link only
             raise UserError(f"{folder}: a symbolic link; name the folder itself with --out")
         if folder.exists() and not (folder / SYNTH_MARKER).is_file() and (
                 not folder.is_dir() or any(folder.iterdir())):
-            raise UserError(f"{folder}: not empty and not a synthetic world written by mml (no "
-                            f"{SYNTH_MARKER}); refusing to replace it")
+            raise UserError(f"{folder}: not empty and not a synthetic world written "
+                            f"by mml (no {SYNTH_MARKER}); refusing to replace it")
     writable_folder(out.parent, "--out")
     shutil.rmtree(tmp, ignore_errors=True)  # left by an interrupted run
     tmp.mkdir(parents=True)
-    (tmp / SYNTH_MARKER).write_text(json.dumps({"scale": scale, "seed": seed}))  # from the start
-    rng, files, counts = random.Random(seed), {}, {}
-    new_id = lambda: f"{rng.getrandbits(64):016x}"  # the release's 16 hex digits
-    row = lambda name, header, *cells: files.setdefault(name, [header]).append(cells)
-
-    def save(path: Path, content):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        content.save(path) if isinstance(content, Image.Image) else path.write_text(content)
+    marker = {"scale": scale, "seed": seed}
+    # written first: from now on the folder is mml's to replace
+    (tmp / SYNTH_MARKER).write_text(json.dumps(marker))
+    rng, tables, counts = random.Random(seed), {}, {}
+    # a row of a CSV table, its header written once
+    row = lambda name, header, *cells: tables.setdefault(name, [header]).append(cells)
+    images = ("landmark_id", "images")
     n_train, n_query = max(40, int(1600 * scale)), max(20, int(100 * scale))
     ids = rng.sample(range(10**5, 10**7), n_train + n_query)
-    for split, landmarks in (("train", ids[:n_train]), ("query", ids[n_train:])):
+    for split, lids in (("train", ids[:n_train]), ("query", ids[n_train:])):
         d, p, query = tmp / split, f"{split}/mml_{split}", split == "query"
-        counts[split] = dict.fromkeys(("landmarks", "text", "ground", "satellite"), 0)
-        for lid in landmarks:
-            lm, photos, tiles, text = landmark(rng), [], [], new_id()
-            for _ in range(rng.randint(3, 8)):
-                photos.append(new_id())
-                save(shard(d, "ground", photos[-1]), photo(lm, lm["lat"], lm["lon"], rng))
-            for _ in range(rng.randint(2, 5)):  # every year's, oldest first
-                tiles.append(new_id())
-                save(shard(d, "satellite", tiles[-1]), aerial(lm, lm["lat"], lm["lon"], rng))
-            name = f"The {rng.choice(['Old', 'Grand', 'North', 'Union'])} {lm['kind'].title()}"
-            first = f"{name} is a {lm['colour']} {lm['kind']}"  # the no_cues: no city, state
-            save(shard(d, "text", text), json.dumps({
-                "Introduction": f"{first} in {lm['city']}, {lm['state']}. It was completed in "
-                                f"{lm['year']}.\nVisitors know it for its {lm['colour']} roof.",
-                "History": f"Work on the {lm['kind']} began in {lm['year'] - 3}. It lies "
-                           f"near {lm['city']}.\nIt was restored in {lm['year'] + 60}."}))
+        n = counts[split] = dict(landmarks=len(lids), text=len(lids), ground=0, satellite=0)
+        for lid in lids:
+            lm, text = landmark(rng), f"{rng.getrandbits(64):016x}"
+            photos = [picture(d, "ground", lm, rng) for _ in range(rng.randint(3, 8))]
+            # every year's aerial image, oldest first
+            tiles = [picture(d, "satellite", lm, rng) for _ in range(rng.randint(2, 5))]
+            n["ground"] += len(photos)
+            n["satellite"] += len(tiles)
+            kind, colour, year = lm["kind"], lm["colour"], lm["year"]
+            adjective = rng.choice(["Old", "Grand", "North", "Union"])
+            name = f"The {adjective} {kind.title()}"
+            first = f"{name} is a {colour} {kind}"  # no_cues: no city or state
+            made(shard(d, "text", text)).write_text(json.dumps({
+                "Introduction": f"{first} in {lm['city']}, {lm['state']}. It was completed "
+                                f"in {year}.\nVisitors know it for its {colour} roof.",
+                "History": f"Work on the {kind} began in {year - 3}. It lies near "
+                           f"{lm['city']}.\nIt was restored in {year + 60}."}))
             row(f"{p}.csv", ("landmark_id", "CommonsCategory", "lat", "lon"), lid,
                 f"{name} ({lm['city']})", f"{lm['lat']:.6f}", f"{lm['lon']:.6f}")
-            row(f"{p}_ground.csv", ("landmark_id", "images"), lid, " ".join(photos))
-            # the query split lists the latest aerial image alone, every year apart
-            row(f"{p}_satellite.csv", ("landmark_id", "images"), lid,
-                tiles[-1] if query else " ".join(tiles))
+            row(f"{p}_ground.csv", images, lid, " ".join(photos))
+            # the query split lists the latest aerial image alone, all years apart
+            row(f"{p}_satellite.csv", images, lid, tiles[-1] if query else " ".join(tiles))
             row(f"{p}_text.csv", ("landmark_id", "json"), lid, text)
             if query:
-                row(f"{p}_all_satellite.csv", ("landmark_id", "images"), lid, " ".join(tiles))
+                row(f"{p}_all_satellite.csv", images, lid, " ".join(tiles))
                 row(f"{p}_text_sentences.csv", ("landmark_id", "sentences"), lid, first)
-            for k, n in (("landmarks", 1), ("text", 1), ("ground", len(photos)),
-                         ("satellite", len(tiles))):
-                counts[split][k] += n
-    # The index: photos of other buildings and of plain land; aerial tiles at random places,
-    # half with a building on them, whose centres are the GPS gallery's distractors.
+    # The index: photos of other buildings and of plain land; aerial tiles at
+    # random places, half with a building on them, whose centres are the GPS
+    # gallery's distractors.
     counts["index"] = {"ground": max(60, int(2000 * scale)),
                        "satellite": max(60, int(1000 * scale))}
     for kind, n in counts["index"].items():
         for i in range(n):
-            lm, image_id = landmark(rng), new_id()
-            draw = photo if kind == "ground" else aerial
-            save(shard(tmp / "index", kind, image_id),
-                 draw(lm if i % 2 else None, lm["lat"], lm["lon"], rng))
+            lm = landmark(rng)
+            image_id = picture(tmp / "index", kind, lm, rng, building=i % 2)
             row(f"index/mml_index_{kind}.csv", ("images", "lat", "lon"), image_id,
                 f"{lm['lat']:.6f}", f"{lm['lon']:.6f}")
-    for name, rows in files.items():
+    for name, rows in tables.items():
         with open(tmp / name, "w", newline="") as f:
             csv.writer(f).writerows(rows)
-    (tmp / SYNTH_MARKER).write_text(json.dumps({"scale": scale, "seed": seed, **counts}))
+    (tmp / SYNTH_MARKER).write_text(json.dumps(marker | counts))
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     return counts
@@ -2659,29 +2675,31 @@ def synthesize(out: Path, scale: float = 1.0, seed: int = 0) -> dict:
 def synth(cfg: Config):
     """`synth`: a synthetic world at --out (default: where `train` reads it)."""
     t = time.time()
-    counts = synthesize(Path(cfg.out), cfg.scale, cfg.seed)
-    print(f"synthetic world in {cfg.out} ({time.time() - t:.0f}s): {json.dumps(counts)}")
+    counts = json.dumps(synthesize(Path(cfg.out), cfg.scale, cfg.seed))
+    print(f"synthetic world in {cfg.out} ({time.time() - t:.0f}s): {counts}")
 
 def synthetic_root(scale: float) -> Path:
-    """Where `train`, `prepare` and `synth` put the synthetic world of a --scale."""
+    """Where `train`, `prepare` and `synth` put the world of a --scale."""
     return Path("data") / ("synthetic" if scale == 1 else f"synthetic-x{scale:g}")
 
 def synthetic_world(scale: float) -> Path:
-    """The data without --data: the synthetic world of --scale, written on first use by
-    process 0 while the others wait."""
+    """The data without --data: the synthetic world of --scale, written on
+    first use by process 0 while the others wait."""
     root = synthetic_root(scale)
-    if rank_and_world()[0] == 0 and not root.exists():  # renamed into place when whole
+    # a world is renamed into place only when whole: one there is complete
+    if rank_and_world()[0] == 0 and not root.exists():
         t = time.time()
         print0(f"no --data given: generating a synthetic world in {root} ...")
-        counts = synthesize(root, scale)
-        print0(f"  done in {time.time() - t:.0f}s: {json.dumps(counts)}")
-    if dist.is_initialized():  # every process, whether or not the world had to be written
+        counts = json.dumps(synthesize(root, scale))
+        print0(f"  done in {time.time() - t:.0f}s: {counts}")
+    if dist.is_initialized():  # every process, the world written or not
         dist.barrier()
     return root
 
 # ---- command line -------------------------------------------------------------------------
 
-COMMANDS = {  # command: its help, the Config fields it takes beyond train's, its own helps
+# command: its help, the Config fields it takes beyond train's, its own helps
+COMMANDS = {
     "train": ("train a model (on a synthetic world made on first use, without --data)", "", {}),
     "eval": ("evaluate a checkpoint on every task of the protocol",
              "ckpt data out tasks chunk eval_batch viz cache workers device clip",
@@ -2696,61 +2714,63 @@ COMMANDS = {  # command: its help, the Config fields it takes beyond train's, it
               "phases chunk", {}),
     "convert": ("make an mml checkpoint of CLIP or of the authors' released model",
                 "source out overwrite clip", {"out": "the checkpoint to write (required)",
-                                              "overwrite": "replace an mml checkpoint there"}),
-}
+                                              "overwrite": "replace an mml checkpoint there"})}
 FIELDS = [f.name for f in dataclasses.fields(Config)]
 TRAIN_FIELDS = FIELDS[:FIELDS.index("select") + 1]
-# what a checkpoint decides: the model and its preprocessing; and on --resume, what decides
-# the run's data and validation set, so that "best" keeps its meaning
+# What a checkpoint decides: the model and its preprocessing; and on --resume,
+# what decides the run's data and validation set, so that "best" keeps its
+# meaning.
 MODEL_FIELDS = FIELDS[FIELDS.index("preset"):FIELDS.index("gps_scaling") + 1] + [
     "img_size", "resize"]
 RUN_FIELDS = MODEL_FIELDS + ["data", "scale", "n_val", "holdout", "seed"]
-POSITIONAL = {"source": "?"}
 
 def parse_args(argv=None) -> tuple[str, Config, set]:
-    """(command, Config, the options given), each option's --help the comment beside its
-    field; an option the command does not take is an error naming the closest."""
+    """(command, Config, the options given), each option's --help the comment
+    beside its field; an option the command does not take is an error naming
+    the closest."""
     p = argparse.ArgumentParser(prog="mml.py", description=__doc__.split("\n\n")[0],
-                                allow_abbrev=False)  # abbreviations would hide typos too
+                                allow_abbrev=False)  # abbreviations hide typos too
     commands = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    config = Path(__file__).read_text(encoding="utf-8").split("class Config:")[1].split("\n\n")[0]
-    helps = dict(re.findall(r"^    (\w+): .*?  # (.*)$", config, re.M))  # the fields' comments
-    types, flags = {f.name: f.type for f in dataclasses.fields(Config)}, {}
+    source = Path(__file__).read_text(encoding="utf-8").split("class Config:")[1]
+    helps = dict(re.findall(r"^    (\w+): .*?  # (.*)$", source.split("\n\n")[0], re.M))
+    flags = {}  # each command's options, to name the closest to a typo
     for command, (about, extra, own) in COMMANDS.items():
         sub = commands.add_parser(command, help=about, description=about, allow_abbrev=False)
         names = (TRAIN_FIELDS if command in ("train", "bench") else []) + extra.split()
         flags[command] = ["--" + n.replace("_", "-") for n in names]
         for name, flag in zip(names, flags[command]):
-            default, kind, text = getattr(Config, name), types[name], own.get(name, helps[name])
-            choices = typing.get_args(kind)
-            # a default worth saying (0 is one; False is not: the flag's absence says it)
-            shown = "" if default is False or default == "" or name in own or (
-                "default" in text) else f" (default: {default})"
-            # an option not given is not set, so that `given` knows what the user said
-            args = {"help": text + shown, "default": argparse.SUPPRESS}
-            if name in POSITIONAL:
-                sub.add_argument(name, nargs=POSITIONAL[name], metavar=name.upper(), **args)
+            kind, text = Config.__annotations__[name], own.get(name, helps[name])
+            default, choices = getattr(Config, name), typing.get_args(kind)
+            # a default worth saying (0 is; False is not: the flag's absence says it)
+            if not (default is False or default == "" or name in own or "default" in text):
+                text += f" (default: {default})"
+            # an option not given is not set, so that `given` knows what was said
+            args = {"help": text, "default": argparse.SUPPRESS}
+            if name == "source":  # convert's SOURCE
+                sub.add_argument(name, nargs="?", metavar="SOURCE", **args)
             elif kind is bool:
                 sub.add_argument(flag, action=argparse.BooleanOptionalAction, **args)
-            else:  # choices: argparse names them in --help and in its errors
-                sub.add_argument(flag, type=str if choices else kind, choices=choices or None,
-                                 metavar=None if choices else kind.__name__.upper(), **args)
+            elif choices:  # argparse names them in --help and in its errors
+                sub.add_argument(flag, choices=choices, **args)
+            else:
+                sub.add_argument(flag, type=kind, metavar=kind.__name__.upper(), **args)
     args, unknown = p.parse_known_args(argv)
-    for u in unknown:
-        flag = u.split("=")[0]
-        elsewhere = [c for c, names in flags.items() if flag in names]
-        close = difflib.get_close_matches(flag, flags[args.command], n=1)
+    if unknown:  # argparse would not name the closest option
+        flag = unknown[0].split("=")[0]
         if args.command == "eval" and flag in flags["train"]:
-            p.error(f"eval: {flag} is the checkpoint's (a model and its training settings come "
-                    f"from it)")
-        p.error(f"{args.command}: unknown option {u}" + (
-            f" (an option of {' and '.join(elsewhere)})" if elsewhere else
+            p.error(f"eval: {flag} is the checkpoint's (a model and its training "
+                    f"settings come from it)")
+        elsewhere = " and ".join(c for c, names in flags.items() if flag in names)
+        close = difflib.get_close_matches(flag, flags[args.command], n=1)
+        p.error(f"{args.command}: unknown option {unknown[0]}" + (
+            f" (an option of {elsewhere})" if elsewhere else
             f"; did you mean {close[0]}?" if close else ""))
     given = {k: v for k, v in vars(args).items() if k != "command"}
     return args.command, Config(**given), set(given)
 
-# The bounds of the numbers where a wrong one does harm (memory asked for, a crash at hour
-# five): the command line's and a checkpoint's config alike, before anything is allocated.
+# The bounds of the numbers where a wrong one does harm (memory asked for, a
+# crash at hour five): the command line's and a checkpoint's config alike,
+# before anything is allocated.
 BOUNDS = {"scale": (0.01, 100), "n_val": (2, None), "img_size": (16, 1024), "workers": (0, 256),
           "seed": (0, 2**63 - 1), "embed_dim": (2, 16384), "img_width": (8, 4096),
           "vocab_size": (32, 10**6), "max_len": (2, 4096), "text_width": (8, 16384),
@@ -2758,7 +2778,8 @@ BOUNDS = {"scale": (0.01, 100), "n_val": (2, None), "img_size": (16, 1024), "wor
           "batch_size": (2, 10**6), "epochs": (1, None), "max_steps": (0, None), "lr": (0, None),
           "weight_decay": (0, None), "log_every": (1, None), "chunk": (1, None),
           "eval_batch": (1, None)}
-# The settings that must agree: (is it wrong, the option to name, what is expected).
+# The settings that must agree: (is it wrong, the option to name, what is
+# expected).
 RULES = [
     (lambda c: len(set(c.modalities.upper())) < 2 or set(c.modalities.upper()) - set("GSTC")
      or len(set(c.modalities)) != len(c.modalities), "modalities",
@@ -2770,74 +2791,81 @@ RULES = [
      "share_image_trunk", "both G and S in --modalities")]
 
 def check_config(cfg: Config, where: str = "--") -> Config:
-    """Each field of its type and among its choices, the numbers within BOUNDS, the RULES
-    kept: one line naming the option (or "PATH: config field" of a checkpoint's)."""
+    """Each field of its type and among its choices, the numbers within BOUNDS,
+    the RULES kept: one line naming the option (or "PATH: config field" of a
+    checkpoint's)."""
     name = lambda k: where + (k.replace("_", "-") if where == "--" else k)
     for f in dataclasses.fields(Config):
-        value, choices = getattr(cfg, f.name), typing.get_args(f.type)
+        v, choices = getattr(cfg, f.name), typing.get_args(f.type)
+        # a float may be written as an int; True is an int to Python, not here
         kind = str if choices else {float: (int, float)}.get(f.type, f.type)
-        if not isinstance(value, kind) or isinstance(value, bool) != (f.type is bool):
-            raise UserError(f"{name(f.name)} {value!r}: expected a "
-                            f"{getattr(f.type, '__name__', 'str')}")
-        if choices and value not in choices:
-            raise UserError(f"{name(f.name)} {value!r}: expected one of "
-                            f"{', '.join(map(repr, choices))}")
         low, high = BOUNDS.get(f.name, (None, None))
-        if f.type is float and not math.isfinite(value):
-            raise UserError(f"{name(f.name)} {value}: expected a finite number")
-        if (low is not None and value < low) or (high is not None and value > high):
-            raise UserError(f"{name(f.name)} {value}: expected "
-                            f"{'an integer' if f.type is int else 'a number'} "
-                            + (f">= {low}" if high is None else f"in [{low}, {high}]"))
+        if not isinstance(v, kind) or isinstance(v, bool) != (f.type is bool):
+            wrong = f"{v!r}: expected a {getattr(f.type, '__name__', 'str')}"
+        elif choices and v not in choices:
+            wrong = f"{v!r}: expected one of {', '.join(map(repr, choices))}"
+        elif f.type is float and not math.isfinite(v):
+            wrong = f"{v}: expected a finite number"
+        elif (low is not None and v < low) or (high is not None and v > high):
+            number = "an integer" if f.type is int else "a number"
+            span = f">= {low}" if high is None else f"in [{low}, {high}]"
+            wrong = f"{v}: expected {number} {span}"
+        else:
+            continue
+        raise UserError(f"{name(f.name)} {wrong}")
     for wrong, field, expected in RULES:
         if wrong(cfg):
             raise UserError(f"{name(field)} {getattr(cfg, field)}: expected {expected}")
     return cfg
 
 def resolve(command: str, cfg: Config, given: set) -> Config:
-    """Settings that follow from others, in one place: a resumed run's own, a preset's,
-    modalities and --freeze as letters, the sizes pretrained weights were made for, where
-    eval reads and writes, the data (by default the synthetic world); all checked."""
-    out = Path(cfg.out)
-    if command == "train" and cfg.resume:  # the run's own settings, and those given now
+    """Settings that follow from others, in one place: a resumed run's own, a
+    preset's, modalities and --freeze as letters, the sizes pretrained weights
+    were made for, where eval reads and writes, the data (by default the
+    synthetic world); all checked."""
+    out, train = Path(cfg.out), command == "train"
+    last = out / "last.pt"
+    if train and cfg.resume:  # the run's own settings, and those given now
         if cfg.overwrite:
-            raise UserError("--resume continues the run in --out, --overwrite replaces it: "
-                            "give one of them")
-        if not (out / "last.pt").is_file():
-            raise UserError(f"{out / 'last.pt'}: no run to resume there (--resume continues "
-                            f"the run in --out: name its folder with --out)")
-        saved = checkpoint_config(out / "last.pt", load_checkpoint(out / "last.pt", True))
+            raise UserError("--resume continues the run in --out, --overwrite "
+                            "replaces it: give one of them")
+        if not last.is_file():
+            raise UserError(f"{last}: no run to resume there (--resume continues the "
+                            f"run in --out: name its folder with --out)")
+        saved = checkpoint_config(last, load_checkpoint(last, True))
         if "data" in given:
             cfg.data = str(data_root(cfg.data))
         for k in RUN_FIELDS:
             if k in given and getattr(cfg, k) != getattr(saved, k):
-                raise UserError(f"--{k.replace('_', '-')} {getattr(cfg, k)}: {out / 'last.pt'} "
-                                f"was trained with {getattr(saved, k)}; leave it out to resume")
+                raise UserError(f"--{k.replace('_', '-')} {getattr(cfg, k)}: {last} was "
+                                f"trained with {getattr(saved, k)}; leave it out to resume")
         return check_config(dataclasses.replace(saved, **{k: getattr(cfg, k) for k in given}))
     held = [n for n in ("last.pt", "best.pt", "log.jsonl") if (out / n).exists()]
-    if command == "train" and held and not cfg.overwrite:
-        raise UserError(f"{out}: holds a run already ({', '.join(held)}): continue it with "
-                        f"--resume, or start over with --overwrite")
-    if command == "train" and cfg.preset:  # a preset sets what the options given leave unsaid
-        cfg = dataclasses.replace(cfg, **{k: v for k, v in PRESETS[cfg.preset].items()
-                                         if k not in given})
+    if train and held and not cfg.overwrite:
+        raise UserError(f"{out}: holds a run already ({', '.join(held)}): continue "
+                        f"it with --resume, or start over with --overwrite")
+    if train and cfg.preset:  # a preset sets what the options given leave unsaid
+        chosen = PRESETS[cfg.preset].items()
+        cfg = dataclasses.replace(cfg, **{k: v for k, v in chosen if k not in given})
     try:
         check_config(cfg)
     except UserError as e:  # say which values the preset chose
-        raise UserError(f"{e}" + f" (with --preset {cfg.preset})" * bool(cfg.preset)) from None
-    letters = "".join(LETTER.get(n.strip().lower(), n.strip().upper())
-                      for n in cfg.freeze.split(","))
+        preset = f" (with --preset {cfg.preset})" if cfg.preset else ""
+        raise UserError(f"{e}{preset}") from None
+    names = [n.strip() for n in cfg.freeze.split(",")]
+    letters = "".join(LETTER.get(n.lower(), n.upper()) for n in names)
     if set(letters) - set("GSTC"):
-        raise UserError(f"--freeze {cfg.freeze}: expected some of ground, satellite, text, gps "
-                        f"(or G, S, T, C)")
+        raise UserError(f"--freeze {cfg.freeze}: expected some of ground, satellite, "
+                        f"text, gps (or G, S, T, C)")
     in_order = lambda s: "".join(m for m in "GSTC" if m in s.upper())
     cfg = dataclasses.replace(cfg, modalities=in_order(cfg.modalities), freeze=in_order(letters))
     if cfg.share_image_trunk and len({"G", "S"} & set(cfg.freeze)) == 1:
-        raise UserError(f"--freeze {cfg.freeze}: the ground and aerial encoders share one "
-                        f"backbone (--share-image-trunk): freeze both or neither")
+        raise UserError(f"--freeze {cfg.freeze}: the ground and aerial encoders share "
+                        f"one backbone (--share-image-trunk): freeze both or neither")
     if command in ("train", "bench", "prepare"):
         cfg = resolve_sizes(cfg, given)
-        # the checkpoint records the data as an absolute path: eval reads it from anywhere
+        # the checkpoint records the data as an absolute path: eval reads it
+        # from anywhere
         cfg.data = str(data_root(cfg.data or synthetic_root(cfg.scale)))
         if command != "prepare":
             sized(cfg, "the model of these options")
@@ -2845,55 +2873,57 @@ def resolve(command: str, cfg: Config, given: set) -> Config:
         cfg.out = str(synthetic_root(cfg.scale))
     if command == "eval" and "ckpt" not in given:
         cfg.ckpt = str(out / "best.pt")
-    elif command == "eval" and "out" not in given:  # eval writes beside its checkpoint
+    elif command == "eval" and "out" not in given:  # beside its checkpoint
         cfg.out = str(Path(cfg.ckpt).parent)
     if command == "convert" and not {"source", "out"} <= given:
-        raise UserError("convert: name what to convert (SOURCE) and the checkpoint to write "
-                        "(--out)")
+        raise UserError("convert: name what to convert (SOURCE) and the checkpoint "
+                        "to write (--out)")
     return cfg
 
 def data_root(path) -> Path:
-    """--data as an absolute path, or one line (a symbolic link that loops, say)."""
+    """--data as an absolute path, or one line (a symbolic link that loops)."""
     try:
         return Path(path).resolve()
-    except (OSError, RuntimeError) as e:  # RuntimeError: a symlink loop (Python 3.11)
+    except (OSError, RuntimeError) as e:  # RuntimeError: a loop (Python 3.11)
         raise UserError(f"--data {path}: not a usable path ({e})") from None
 
 def resolve_sizes(cfg: Config, given: set) -> Config:
-    """The image size and tokens of pretrained backbones: CLIP's from its folder, torchvision's
-    from its weights (224 px); a size given otherwise is one line where it cannot work."""
-    if "clip" in (cfg.image_backbone, cfg.text_backbone):
+    """The image size and tokens of pretrained backbones: CLIP's from its
+    folder, torchvision's from its weights (224 px); a size given otherwise is
+    one line where it cannot work."""
+    image, text = cfg.image_backbone, cfg.text_backbone
+    if "clip" in (image, text):
         c = clip_config(cfg.clip)
         side, tokens = c["vision"]["image_size"], c["text"]["max_position_embeddings"]
-        if cfg.image_backbone == "clip" and "img_size" in given and cfg.img_size != side:
-            raise UserError(f"--img-size {cfg.img_size}: the vision tower of {cfg.clip} takes "
-                            f"{side} px images")
-        if cfg.text_backbone == "clip" and "max_len" in given and cfg.max_len > tokens:
-            raise UserError(f"--max-len {cfg.max_len}: the text tower of {cfg.clip} takes at "
-                            f"most {tokens} tokens")
+        if image == "clip" and "img_size" in given and cfg.img_size != side:
+            raise UserError(f"--img-size {cfg.img_size}: the vision tower of "
+                            f"{cfg.clip} takes {side} px images")
+        if text == "clip" and "max_len" in given and cfg.max_len > tokens:
+            raise UserError(f"--max-len {cfg.max_len}: the text tower of {cfg.clip} "
+                            f"takes at most {tokens} tokens")
         return dataclasses.replace(
-            cfg, img_size=side if cfg.image_backbone == "clip" else cfg.img_size,
-            max_len=cfg.max_len if "max_len" in given or cfg.text_backbone != "clip" else tokens)
-    if cfg.image_backbone != "small":
-        crop = backbone_weights(cfg.image_backbone).transforms().crop_size[0]
+            cfg, img_size=side if image == "clip" else cfg.img_size,
+            max_len=tokens if text == "clip" and "max_len" not in given else cfg.max_len)
+    if image != "small":  # torchvision's
+        crop = backbone_weights(image).transforms().crop_size[0]
         cfg = cfg if "img_size" in given else dataclasses.replace(cfg, img_size=crop)
-        vit = cfg.image_backbone == "vit_b_16"
-        if vit and (cfg.img_size % 16 or cfg.pretrained and cfg.img_size != crop):
-            raise UserError(f"--img-size {cfg.img_size}: vit_b_16 takes {crop} px images with "
-                            f"--pretrained, and multiples of 16 without")
+        wrong = cfg.img_size % 16 or cfg.pretrained and cfg.img_size != crop
+        if image == "vit_b_16" and wrong:
+            raise UserError(f"--img-size {cfg.img_size}: vit_b_16 takes {crop} px "
+                            f"images with --pretrained, and multiples of 16 without")
     return cfg
 
 def main(argv=None):
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # workers are forked after use
+    # the tokenizer's threads would deadlock the DataLoader's forked workers
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     command, cfg, given = parse_args(argv)
     try:
         device_of(cfg)  # joins torchrun's group, if there is one
         cfg = resolve(command, cfg, given)
         if command in ("train", "prepare", "bench") and "data" not in given and not cfg.resume:
             synthetic_world(cfg.scale)  # the default data, written on first use
-        run = {"train": fit, "eval": evaluate, "synth": synth, "prepare": prepare,
-               "bench": bench, "convert": convert}
-        run[command](cfg)
+        {"train": fit, "eval": evaluate, "synth": synth, "prepare": prepare,
+         "bench": bench, "convert": convert}[command](cfg)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
