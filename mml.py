@@ -2901,10 +2901,10 @@ def resolve_sizes(cfg: Config, given: set) -> Config:
         if text == "clip" and "max_len" in given and cfg.max_len > tokens:
             raise UserError(f"--max-len {cfg.max_len}: the text tower of {cfg.clip} "
                             f"takes at most {tokens} tokens")
-        return dataclasses.replace(
+        cfg = dataclasses.replace(
             cfg, img_size=side if image == "clip" else cfg.img_size,
             max_len=tokens if text == "clip" and "max_len" not in given else cfg.max_len)
-    if image != "small":  # torchvision's
+    if image not in ("small", "clip"):  # torchvision's, also beside CLIP's text tower
         crop = backbone_weights(image).transforms().crop_size[0]
         cfg = cfg if "img_size" in given else dataclasses.replace(cfg, img_size=crop)
         wrong = cfg.img_size % 16 or cfg.pretrained and cfg.img_size != crop

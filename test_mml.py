@@ -1337,8 +1337,7 @@ def test_a_full_disk_is_one_line_and_leaves_no_tmp(world, tmp_path, monkeypatch,
 # ---- the field's models: CLIP and the authors' MmlCLIP, against their own code ------------
 
 FIXTURES = HERE / "assets/fixtures"
-# Sentences the tokenizer must split as CLIP's does: plain, long (truncated to 77), accented,
-# emoji, empty, odd whitespace, capitals.
+# Sentences the tokenizer must split as CLIP's does: plain, long (cut at 77), accented, emoji, empty, odd whitespace, capitals.
 SENTENCES = ["a red church in Denver", " ".join(["the old harbor lighthouse"] * 40),
              "Café Noël à São Paulo: naïve façade", "🏛️ museum 🗽 & 🌉!", "",
              "Mixed   whitespace\tand\nnewlines", "THE GRAND CAPITOL"]
@@ -1480,6 +1479,7 @@ def test_the_paper_preset_trains_on_frozen_towers_and_evaluates(world, tmp_path,
     saved = torch.load(tmp_path / "run/last.pt", weights_only=True)
     cfg = mml.Config(**saved["config"])
     assert (cfg.img_size, cfg.max_len, cfg.embed_dim, cfg.gps_width, cfg.freeze) == (32, 77, 512, 1024, "GST")
+    assert tiny_config(world, "--clip", str(folder), "--image-backbone", "resnet18", "--text-backbone", "clip").img_size == 224  # torchvision's
     assert not [k for k in saved["model"] if ".trunk." in k]  # what trains, not the towers
     assert saved["towers"]["digest"] == mml.load_clip_weights(str(folder))[1]
     assert {r["lr"] for r in log_records(tmp_path / "run") if "lr" in r} == {1e-4}  # no schedule
