@@ -406,7 +406,7 @@ class Sentences:
 
 class LandmarkSet(torch.utils.data.Dataset):
     """[(epoch, row), ...] -> {"G", "S": (B, 3, H, H) uint8, "T": (B, L), "C": (B, 2), "bad":
-    the unreadable files skipped}. Training draws a photo, a year's tile, a --train-text
+    B strings}, a row's unreadable files. Training draws a photo, a year's tile, a --train-text
     sentence by (seed, epoch, row), in any worker; validation the first photo, latest tile,
     first sentence. Images go into a shared-memory batch (no collating: 2x a worker's speed),
     stored (B, H, H, 3) so that (B, 3, H, H) is channels-last, as GPU convolutions prefer."""
@@ -452,7 +452,7 @@ def epoch_batches(n: int, batch: int, seed: int, rank: int = 0, world: int = 1,
                   start: int = 0, stop: int = 0):
     """Process r's (epoch, row) keys for steps start to stop: the r-th of W slices of global
     batches cut from a permutation per epoch, seeded by (seed, epoch), the last partial one
-    dropped. The same for any W, resumable, and one iterator for the run (no drain)."""
+    dropped. The same for any W, resumable, one iterator for the run (workers never restart)."""
     per_epoch, local = n // batch, batch // world
     for step in range(start, stop):
         epoch, b = divmod(step, per_epoch)
@@ -487,11 +487,12 @@ def augment(images: torch.Tensor, params: torch.Tensor, rotate: bool,
     adjust_sharpness (2), rot90, for a batch (tested against them); aerial views turned (no
     north). `hue`: whether any shift was drawn (known on the CPU: no sync asks the device)."""
     x = images.float() / 255
-    bright, contrast, sat, r, sigma, turns, shift = (p.view(-1, 1, 1, 1) for p in params.T)
+    # params (B, 7) -> seven (B, 1, 1, 1), one value per image
+    bright, contrast, saturation, r, sigma, turns, shift = (p.view(-1, 1, 1, 1) for p in params.T)
     gray = lambda x: (0.2989 * x[:, :1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:])  # ITU-R 601
-    x = (x * bright).clamp(0, 1)  # each param (B, 1, 1, 1)
+    x = (x * bright).clamp(0, 1)
     x = (contrast * x + (1 - contrast) * gray(x).mean((2, 3), keepdim=True)).clamp(0, 1)
-    x = (sat * x + (1 - sat) * gray(x)).clamp(0, 1)
+    x = (saturation * x + (1 - saturation) * gray(x)).clamp(0, 1)
     if hue:  # a rotation of RGB about its grey axis (Rodrigues' formula): greys and
         # brightness stay, HSV's hue shift approximated without a round trip through HSV
         c, s = torch.cos(2 * math.pi * shift[:, 0]), torch.sin(2 * math.pi * shift[:, 0])
@@ -641,7 +642,8 @@ def encoder(cfg: Config, m: str, share_with: Encoder | None = None) -> Encoder:
         trunk = SmallText(cfg.vocab_size, cfg.max_len, cfg.text_width, cfg.text_layers)
         return Encoder(trunk, cfg.text_width, (), cfg)
     if m != "T" and cfg.image_backbone == "small":
-        return Encoder(image_trunk(cfg.img_width), 8 * cfg.img_width, ((0.5,) * 3,) * 2, cfg)
+        pixels = ((0.5,) * 3,) * 2  # mean = std = 0.5: [0, 1] to [-1, 1]
+        return Encoder(image_trunk(cfg.img_width), 8 * cfg.img_width, pixels, cfg)
     return Encoder(*outside_backbone(cfg, "text" if m == "T" else "vision"), cfg)
 
 class RandomFourierFeatures(nn.Module):
@@ -692,7 +694,7 @@ class MML(nn.Module):
     def __init__(self, cfg: Config):
         super().__init__()
         enc = {}
-        for m in (m for m in "GST" if m in cfg.modalities):  # built in this order: the seed
+        for m in (m for m in "GST" if m in cfg.modalities):  # the order fixes initial draws
             shared = enc["G"] if m == "S" and cfg.share_image_trunk else None
             enc[m] = encoder(cfg, m, shared)
         if "C" in cfg.modalities:
@@ -701,10 +703,10 @@ class MML(nn.Module):
         self.enc = nn.ModuleDict(enc)
         # CLIP's initial temperature 0.07, learnt in log space (Radford et al. 2021)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
-        self.frozen = [f for f in cfg.freeze if f in self.enc]
-        clip = {"G": cfg.image_backbone, "S": cfg.image_backbone, "T": cfg.text_backbone}
+        self.frozen = [f for f in cfg.freeze if f in self.enc]  # letters, by `resolve`
+        backbone = {"G": cfg.image_backbone, "S": cfg.image_backbone, "T": cfg.text_backbone}
         # frozen CLIP towers come from their folder, never saved (1.7 GB for ViT-L/14-336)
-        self.towers = tuple(f"enc.{f}.trunk." for f in self.frozen if clip.get(f) == "clip")
+        self.towers = tuple(f"enc.{f}.trunk." for f in self.frozen if backbone.get(f) == "clip")
         for f in self.frozen:
             for name, p in self.enc[f].named_parameters():
                 p.requires_grad_(is_head(name))
@@ -785,10 +787,11 @@ def matmul_precision(level: str):
         torch.set_float32_matmul_precision(before)
 
 def argsort_ranks(q, g, q_labels, g_labels, map_top: int = 1000) -> dict:
-    """The definition, query by query: score, sort (positives after the items they tie with),
-    walk. Per query (Q,): its first positive's 0-based position with distractors ranked
-    ("first_strict") and removed ("first_official"); its AP: over hits j at positions r in
-    the top map_top, the mean of the precision before and at each, over all its positives."""
+    """The definition, which tests and `bench` hold `rank_queries` to, query by query: score,
+    sort (positives after the items they tie with), walk. Per query (Q,): its first
+    positive's 0-based position with distractors ranked ("first_strict") and removed
+    ("first_official"); its AP: over hits j at positions r in the top map_top, the mean of
+    the precision before and at each, over all its positives."""
     res = {k: [] for k in ("first_strict", "first_official", "ap_strict", "ap_official")}
     for i in range(len(q)):
         scores, positive = g @ q[i], g_labels == q_labels[i]  # (N,)
@@ -843,7 +846,8 @@ def rank_queries(q: torch.Tensor, g: torch.Tensor, q_labels: torch.Tensor,
             cutoff = top_scores[:, -1:]  # (c, 1): lower scores are out of the top K
             pos = scores.gather(1, pos_index[rows]).masked_fill(~is_pos[rows], -math.inf)
             out["match"].append(pos_index[rows].gather(1, pos.argmax(1, keepdim=True))[:, 0])
-            pos, ap = pos.sort(dim=1, descending=True).values, [0.0, 0.0]  # (c, P)
+            pos = pos.sort(dim=1, descending=True).values  # (c, P)
+            ap = [0.0, 0.0]  # strict, official
             for j in range(pos.shape[1]):
                 t, real = pos[:, j:j + 1], j < n_good[rows]  # (c, 1), (c,)
                 in_top = real & (t >= cutoff)[:, 0]
@@ -875,7 +879,7 @@ def rank_queries(q: torch.Tensor, g: torch.Tensor, q_labels: torch.Tensor,
     return out
 
 def summarise(ranks: dict, ks=(1, 5, 10), map_top: int = 1000) -> dict:
-    """Per-query ranks -> {"official": {R@k, mAP, medR}, "strict": ...}, percent but medR, the
+    """Per-query ranks -> {"official": {R@k, mAP, medR}, "strict": ...}, in percent but medR, the
     median 1-based position in the full ranking (as the authors'), numpy's median."""
     med = float(np.median(ranks["first_strict"].cpu().numpy() + 1))
     m = "mAP@1k" if map_top == 1000 else f"mAP@{map_top}"
@@ -898,7 +902,8 @@ def geo_metrics(km: torch.Tensor) -> dict:
 # ---- train --------------------------------------------------------------------------------
 # One process per GPU under torchrun (nanoGPT's shape): RANK in the environment means
 # distributed; process 0 logs, validates and saves while the others wait. Without torchrun,
-# rank 0 of 1. `train_step` is a step's work, `fit` the loop; checkpoints come after eval.
+# rank 0 of 1. `train_step` is a step's work, `fit` the loop; checkpoints (`restore`,
+# `load_pretrained`, `save_checkpoint`) and CLIP's towers come after eval.
 
 def device_of(cfg: Config) -> torch.device:
     """Where this process computes (--device, else its GPU if one is visible), after joining
@@ -1004,7 +1009,8 @@ def validate(model: MML, val_set: LandmarkSet, cfg: Config, pairs: list[str], de
                                              num_workers=min(cfg.workers, 2)):
         with autocast_for(device, cfg):
             emb, scale = model(batch_to(batch, device))
-        total += contrastive_loss(emb, scale, pairs, False)[0].item() * len(batch["bad"])
+        rows = len(batch["bad"])  # one "bad" entry a row
+        total += contrastive_loss(emb, scale, pairs, False)[0].item() * rows
         embs.append(emb)
     model.train()
     emb, labels = {m: torch.cat([e[m] for e in embs]) for m in embs[0]}, torch.arange(n)
@@ -1107,7 +1113,7 @@ def end_of_epoch(raw: MML, optimizer, saved: dict, cfg: Config, epoch: int, step
     """At an epoch's end, or stopping: the unreadable files reported; process 0 validates (at
     an epoch's end), saves best.pt if better, then last.pt, while the others wait. Returns
     the best validation value so far (process 0's counts)."""
-    n_bad = torch.tensor(len(unreadable))
+    n_bad = torch.tensor(len(unreadable), device=device)  # NCCL reduces GPU tensors only
     if dist.is_initialized():
         dist.all_reduce(n_bad)
     if n_bad:
@@ -1146,10 +1152,10 @@ def fit(cfg: Config):
     (rank, world), out, device = rank_and_world(), Path(cfg.out), device_of(cfg)
     writable_folder(out, "--out")  # before any data is read, not at the first save
     ckpt = load_checkpoint(out / "last.pt", resume=True) if cfg.resume else None
-    train_set, val_set, tok = training_sets(cfg, ckpt)
     if cfg.batch_size % world:
         raise UserError(f"--batch-size {cfg.batch_size} is the global batch: it must divide "
                         f"evenly over {world} processes")
+    train_set, val_set, tok = training_sets(cfg, ckpt)
     B = min(cfg.batch_size, len(train_set)) // world * world  # never more than the landmarks
     if B < cfg.batch_size:
         print0(f"batch {cfg.batch_size} > {len(train_set)} training landmarks: using {B}")
@@ -1162,7 +1168,7 @@ def fit(cfg: Config):
     # sample's place in the global batch.
     torch.manual_seed(cfg.seed)
     raw = restore(out / "last.pt", ckpt, cfg) if ckpt else MML(cfg)
-    towers = ckpt.get("towers") if ckpt else load_pretrained(raw, cfg)
+    tower_record = ckpt.get("towers") if ckpt else load_pretrained(raw, cfg)  # where from
     raw = raw.to(device)
     if device.type == "cuda":
         raw = raw.to(memory_format=torch.channels_last)
@@ -1185,8 +1191,8 @@ def fit(cfg: Config):
     if cfg.preset:
         print0(f"--preset {cfg.preset}: " + " ".join(
             f"--{k.replace('_', '-')} {getattr(cfg, k)}" for k in PRESETS[cfg.preset]))
-    sizes = [sum(p.numel() for p in raw.parameters() if p.requires_grad or all_) / 1e6
-             for all_ in (True, False)]
+    sizes = [sum(p.numel() for p in raw.parameters() if p.requires_grad or every) / 1e6
+             for every in (True, False)]  # all parameters, the trained ones
     print0(f"training {cfg.modalities} (pairs {' '.join(pairs)}), {sizes[0]:.2f}M "
            f"parameters ({sizes[1]:.2f}M trained), {len(train_set)} landmarks ({len(val_set)} "
            f"held out) from {cfg.data}, batch {B} on {world} x {device.type}, {per_epoch} "
@@ -1195,7 +1201,7 @@ def fit(cfg: Config):
         out.mkdir(parents=True, exist_ok=True)
     log = open(out / "log.jsonl", "a", buffering=1) if rank == 0 else None  # lines flushed
     saved = {"config": dataclasses.asdict(cfg), "tokenizer": tok.to_str()} | (
-        {"towers": towers} if towers else {})  # in every checkpoint
+        {"towers": tower_record} if tower_record else {})  # in every checkpoint
     t_start = t_last = time.time()
     first, last, bad_in_row, skipped, unreadable = step, step, 0, 0, []
     with stop_signals() as stop, matmul_precision("high"):  # TF32 for training, not scores
