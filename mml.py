@@ -1280,12 +1280,17 @@ class Index:
     sat_latlon: np.ndarray  # (n, 2): the tiles' centres, the GPS distractors
 
 def read_index(root: Path) -> Index:
+    """One image id a row (the authors read the cell whole): a tile's id beside its lat, lon,
+    which the GPS gallery pairs with it row by row."""
     d = check_root(root, "index")
-    ground = read_csv(d / "mml_index_ground.csv", ["images"])["images"]
+    ground = read_csv(d / "mml_index_ground.csv", ["images"])
     sat = read_csv(d / "mml_index_satellite.csv", ["images", "lat", "lon"])
-    latlon = np.array([sat["lat"], sat["lon"]], dtype=np.float64).T
-    flat = lambda rows: [i for row in rows for i in row]
-    return Index(d, flat(ground), flat(sat["images"]), latlon.reshape(-1, 2))
+    for name, table in (("ground", ground), ("satellite", sat)):
+        if line := next((n for n, ids in enumerate(table["images"], 2) if len(ids) != 1), 0):
+            raise UserError(f"{d}/mml_index_{name}.csv, line {line}: expected one image id")
+    latlon = np.array([sat["lat"], sat["lon"]], dtype=np.float64).T.reshape(-1, 2)
+    return Index(d, [ids[0] for ids in ground["images"]], [ids[0] for ids in sat["images"]],
+                 latlon)
 
 @dataclass
 class Side:
@@ -1480,8 +1485,8 @@ def score(protocol: Protocol, embedder: Functions, cfg: Config, source: dict) ->
             continue
         (q, g), t0 = map(protocol.side, task.sides), time.time()
         q_emb, g_emb = embedded[q.name], embedded[g.name]
-        ranks = rank_queries(q_emb, g_emb, q.labels.to(device), g.labels.to(device),
-                             chunk=cfg.chunk)
+        ranks = rank_queries(q_emb, g_emb, q.labels.to(q_emb.device),
+                             g.labels.to(q_emb.device), chunk=cfg.chunk)
         res = summarise(ranks) | {"queries": len(q.ids), "gallery": len(g.ids),
                                   "distractors": int((g.labels < 0).sum())}
         columns = per_query(ranks, q, g)  # the CSV, by column
@@ -1768,10 +1773,10 @@ class Checkpoint(Functions):
             raise UserError(f"batch {batch!r}: expected an integer of at least 1")
         self.path = Path(ckpt)
         saved = load_checkpoint(self.path)
-        cfg = checkpoint_config(self.path, saved)
-        cfg = dataclasses.replace(cfg, eval_batch=batch, workers=workers, cache=cache,
-                                  clip=clip or cfg.clip)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        cfg = checkpoint_config(self.path, saved)  # its --device is training's, not ours
+        cfg = dataclasses.replace(cfg, eval_batch=batch, workers=workers, cache=cache,
+                                  clip=clip or cfg.clip, device=self.device.type)
         self.model = restore(self.path, saved, cfg).to(self.device).eval()
         self.tok = Tokenizer.from_str(saved["tokenizer"])
         self.record = {k: saved[k] for k in ("step", "epoch", "config")}  # metrics.json's
@@ -2417,7 +2422,9 @@ def prepare(cfg: Config):
                         f.write(row or blank)
                     if not ids:  # one blank row: an empty array cannot be mapped
                         f.write(blank)
-            manifest.unlink(missing_ok=True)  # never beside a new array
+            # until the array is whole its manifest lists no ids: never taken for a cache,
+            # and an interrupted build stays mml's own to replace
+            write_atomically(manifest, lambda p: p.write_text('{"generator": "mml.py prepare"}'))
             write_atomically(array, decode_all)
             record = {"generator": "mml.py prepare", "size": size, "resize": cfg.resize,
                       "ids": ids, "broken": broken}

@@ -133,10 +133,9 @@ def test_map_cut_at_top_and_chunking_do_not_change_results(map_top):
         assert got[protocol]["R@5"] == pytest.approx(want["R@5"], abs=1e-9)
 
 def test_medr_is_numpys_median_and_ties_go_against_the_query():
-    """Hand-built rankings. Four queries whose positive sits at positions 1, 2, 3 and 10: medR
-    2.5, numpy's median, not torch's 2. Ties, the documented policy: an item scoring exactly
-    the positive's score ranks before it, unless it is a positive too; a tied distractor
-    counts only in the strict ranking."""
+    """Hand-built rankings. Positives at positions 1, 2, 3 and 10: medR 2.5 (numpy's median,
+    not torch's 2). Ties go against the query: an item scoring the positive's score ranks
+    before it, unless a positive too; a tied distractor counts only in the strict ranking."""
     g = torch.eye(10)
     q = torch.stack([g[0], 0.9 * g[0] + 0.5 * g[1], 0.9 * g[0] + 0.8 * g[1] + 0.5 * g[2], torch.linspace(1, 0.1, 10)])  # scores against the identity are q itself
     ranks = mml.rank_queries(F.normalize(q, dim=-1), g, torch.tensor([0, 1, 2, 9]), torch.arange(10))
@@ -168,9 +167,8 @@ def test_haversine_and_geo_metrics_known_distances():
 
 def test_bench_baseline_ranks_exactly_like_the_chunked_counts():
     """The per-query argsort (the definition, which the bench times) and rank_queries agree on
-    the bench's own embeddings, ties between distractors and positives included, so its
-    speed-up compares equal work; and the embeddings put positives high, as a trained model
-    would."""
+    the bench's own embeddings, ties between distractors and positives included, so the
+    speed-up compares equal work; the positives rank high, as a trained model's would."""
     q, g, ql, gl = mml.fake_embeddings(60, 24, 400, 16, torch.device("cpu"), n_landmarks=12)
     assert (gl == -1).sum() == 400 and bool((gl[:400] == -1).all()) and set(ql.tolist()) == set(range(12))
     g[:24] = g[400:]  # distractors that tie with every labelled item: the tie policy counts
@@ -410,6 +408,7 @@ def test_reader_on_a_hand_written_fixture(fixture_root):
     (lambda r: write(r / "query/mml_query.csv", "landmark_id,CommonsCategory,lat,lon\n11,A,40,-73\n2x,B,1,120\n"), r"mml_query.csv, line 3: landmark_id '2x': expected an integer"),
     (lambda r: write(r / "query/mml_query_ground.csv", "landmark_id,images\n11\n22,bbb0000000000001\n"), r"mml_query_ground.csv, line 2: 1 fields, expected 2"),
     (lambda r: write(r / "index/mml_index_satellite.csv", "images,lat,lon,year\n888,30,-190,2015\n"), r"mml_index_satellite.csv, line 2: lon '-190': expected a longitude in \[-180, 180\]"),
+    (lambda r: write(r / "index/mml_index_satellite.csv", "images,lat,lon,year\n,30,-90,2015\n"), r"mml_index_satellite.csv, line 2: expected one image id"),  # its point kept
     (lambda r: write(r / "query/mml_query.csv", "landmark_id,CommonsCategory,lat,lon\n11,A,40,-73\n22,B,1,2\n11,C,3,4\n"), r"mml_query.csv, line 4: landmark 11 again \(first on line 2\)"),  # a repeated row would count its queries twice
     (lambda r: write(r / "query/mml_query_text.csv", "landmark_id,json\n11,eee0000000000001\n22,fff0000000000001\n22,fff0000000000002\n"), r"mml_query_text.csv, line 4: landmark 22 again \(first on line 3\)"),
     (lambda r: (r / "query/mml_query.csv").write_bytes((r / "query/mml_query.csv").read_bytes().replace(b"Beta", b"B\xe9ta")), r"mml_query.csv, line 3: not UTF-8 text \(byte 0xe9\)"),  # Latin-1, not UTF-8
@@ -907,7 +906,7 @@ def test_pictures_show_what_the_csv_says(world, trained, tmp_path):
             assert grid.getpixel((x + 1, y + 1)) == (mml.GREEN if ranks[i] > 5 else (255, 255, 255))
     assert not (tmp_path / "eval/G2C.png").exists()  # geolocalisation has no grid
 
-def test_eval_reads_the_checkpoints_data_from_anywhere_and_records_the_evaluation(world, trained, evaluated, capsys):
+def test_eval_reads_the_checkpoints_data_from_anywhere_and_records_the_evaluation(world, trained, evaluated, capsys, tmp_path):
     folder, printed = evaluated
     assert f"on {world}" in printed.splitlines()[0] and sorted(os.listdir(folder.parent)) == ["e"]  # nothing generated
     metrics = json.loads((folder / "eval/metrics.json").read_text())
@@ -918,6 +917,8 @@ def test_eval_reads_the_checkpoints_data_from_anywhere_and_records_the_evaluatio
     assert metrics["eval"] == {"tasks": "", "chunk": 512, "eval_batch": 256, "img_size": 32, "resize": "crop"} and metrics["device"] == "cpu"
     assert metrics["code"]["mml_sha256"] == hashlib.sha256((HERE / "mml.py").read_bytes()).hexdigest()
     assert metrics["torch"] == torch.__version__ and metrics["date"][:4].isdigit()
+    torch.save(saved | {"config": saved["config"] | {"device": "cuda"}}, tmp_path / "gpu.pt")  # trained on a GPU
+    run("eval", "--ckpt", tmp_path / "gpu.pt", "--tasks", "G2S", "--workers", 0, "--device", "cpu")  # evaluated here
     # the model is the checkpoint's: eval takes no model option
     with pytest.raises(SystemExit):
         run("eval", "--ckpt", trained / "best.pt", "--embed-dim", 64)
@@ -1005,10 +1006,9 @@ def test_the_readme_section_runs_as_written(world, trained, evaluated, tmp_path)
 
 @pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
 def test_the_python_api_refuses_what_it_cannot_embed_in_one_line(trained, tmp_path):
-    """Images that are not (H, W, 3) uint8, files that are not bounded regular images, points
-    off the globe or of another shape, a batch size below 1: one UserError naming them; an
-    old checkpoint's retired options are dropped; a checkpoint whose GPS encoder gives NaN is
-    refused at the first point."""
+    """Images not (H, W, 3) uint8, files not bounded regular images, points off the globe or of
+    another shape, a batch size below 1: one UserError naming them; an old checkpoint's
+    retired options are dropped; a GPS encoder giving NaN is refused at the first point."""
     model = mml.load(trained / "best.pt", device="cpu")
     for bad in ([np.full((50, 60, 3), 0.5)], [np.full((50, 60, 3), 300)], [np.zeros((50, 60))]):
         with pytest.raises(mml.UserError, match=r"expected \(H, W, 3\) uint8"):
@@ -1295,9 +1295,8 @@ def test_a_truncated_image_cache_is_refused(world, trained, tmp_path, capsys):
     assert json.loads((tmp_path / "eval/metrics.json").read_text())["tasks"]["G2S"]["official"] == whole
 
 def run_limited(max_bytes: int, *argv) -> tuple[int, str]:
-    """mml.main(argv) in a forked child that may not write files past max_bytes (a full disk,
-    as it looks to a writer): (exit status, its standard error). Forked, not started anew:
-    it needs no second import of torch."""
+    """mml.main(argv) in a forked child (no second import of torch) that may not write files
+    past max_bytes, a full disk as a writer sees it: (exit status, its standard error)."""
     import resource
     read, write = os.pipe()
     pid = os.fork()
@@ -1318,9 +1317,12 @@ def run_limited(max_bytes: int, *argv) -> tuple[int, str]:
 
 def test_a_full_disk_is_one_line_and_leaves_no_tmp(world, tmp_path, monkeypatch, capsys):
     cache = tmp_path / "cache"
-    code, err = run_limited(200_000, "prepare", "--data", world, "--img-size", 64, "--splits", "query", "--cache", cache, "--workers", 1)
+    prepare = ("prepare", "--data", world, "--img-size", 64, "--splits", "query", "--cache", cache, "--workers", 1)
+    run(*prepare)  # a whole cache, then a rebuild the disk stops, then a rerun that finishes it
+    code, err = run_limited(200_000, *prepare)
     assert code == 1 and err.count("\n") == 1 and "64-crop/query_ground.u8: could not be written" in err, err
-    assert not list(cache.rglob("*.tmp")) and not (cache / "64-crop/query_ground.json").exists()
+    assert not list(cache.rglob("*.tmp")) and b'"ids"' not in (cache / "64-crop/query_ground.json").read_bytes()
+    run(*prepare)
     # a checkpoint save that fails keeps the old checkpoint and leaves no .tmp
     run("train", "--data", world, "--out", tmp_path / "run", *TINY, "--epochs", 1)
     before = (tmp_path / "run/last.pt").read_bytes()
@@ -1614,8 +1616,7 @@ def edit(change):
 ])
 def test_a_bad_clip_folder_is_one_line_within_seconds_and_leaves_nothing(world, tmp_path, capsys, break_it, message):
     """`convert` of the folder, and `train --preset paper` on it: one line naming the file and
-    what was expected (message: both's, or train's and convert's), within seconds, no file
-    written and no run folder made."""
+    what was expected (both's, or train's and convert's), in seconds, no file or run made."""
     folder = clip_folder(tmp_path)
     break_it(folder)
     for argv, made in ((["convert", folder, "--out", tmp_path / "x.pt"], tmp_path / "x.pt"),
@@ -1735,9 +1736,8 @@ def test_torchrun_eval_equals_one_process(world, trained, evaluated, tmp_path):
 
 def test_torchrun_processes_stop_together_on_sigterm(world, tmp_path):
     """Both processes stop after one agreed step, process 0 saves the raw model's weights (no
-    "module." prefixes), and one process resumes to the weights of an uninterrupted
-    one-process run: two processes train what one does, and a run resumes on another process
-    count."""
+    "module." prefixes), and one process resumes to an uninterrupted one-process run's
+    weights: two processes train what one does, resumed on another process count."""
     args = ["--data", world, *TINY, "--batch-size", 8, "--epochs", 1, "--lr", "1e-3"]
     logged, output = train_until_sigterm([*TORCHRUN, "train", "--out", tmp_path / "two", *args], 3, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert "--resume`" in output, output
