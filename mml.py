@@ -156,10 +156,10 @@ def ok(value, test):  # value if it passes its test (read_csv names the line of 
 
 # Each column mml reads: a cell's parser and what it must be. Ids become file names: plain
 # names only, so that no path built from a CSV leaves the dataset root (no separator, no
-# "..", never absolute). The release's ids are 16 hex digits.
+# "..", never absolute). The release's ids are 16 hex digits; -1 labels a distractor.
 PLAIN = re.compile(r"[A-Za-z0-9_-]{3,}")
 IDS = "letters, digits, _ or -, at least 3"
-CELLS = {"landmark_id": (int, "an integer"),
+CELLS = {"landmark_id": (lambda c: ok(int(c), 0 <= int(c) < 2**63), "an integer in [0, 2**63)"),
          "lat": (lambda c: ok(float(c), abs(float(c)) <= 90), "a latitude in [-90, 90]"),
          "lon": (lambda c: ok(float(c), abs(float(c)) <= 180), "a longitude in [-180, 180]"),
          "json": (lambda c: ok(c, PLAIN.fullmatch(c)), f"a plain id ({IDS})"),
@@ -281,6 +281,7 @@ def read_train(cfg: Config, root: Path) -> tuple[Split, Split]:
 # 800 px, its articles well under a megabyte).
 MAX_PIXELS = 50_000_000  # a decoded image (after draft): 50 megapixels, 150 MB of RGB
 MAX_ARTICLE_BYTES = 1 << 24  # an article: 16 MiB of JSON
+MAX_PIECES = 100_000  # an article's paragraphs and sentences (a long real one: thousands)
 
 class UnreadableFile(Exception):  # an image or article: skipped in training, fatal in eval
     pass
@@ -307,6 +308,8 @@ def to_square(im: Image.Image, size: int, resize: str = "crop") -> np.ndarray:
         return x[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy()
     short, long = sorted(im.size)
     long = int(size * long / short)  # as transformers' get_resize_output_image_size rounds
+    if long * size > MAX_PIXELS:  # a 10^6 x 1 strip would first become 10^8 x 100
+        raise ValueError(f"{im.width}x{im.height} px: too thin to resize as CLIP does")
     im = im.resize((size, long) if im.width == short else (long, size), Image.BICUBIC)
     left, top = (im.width - size) // 2, (im.height - size) // 2
     return np.array(im.crop((left, top, left + size, top + size)))
@@ -319,6 +322,8 @@ def load_image(path: Path, size: int, resize: str = "crop") -> np.ndarray:
             im.draft("RGB", (size, size))
         if im.width * im.height > MAX_PIXELS:  # known from the header, before decoding
             raise ValueError(f"{im.width}x{im.height} px, over the {MAX_PIXELS:,}-pixel limit")
+        if im.mode.startswith(("I", "F")):  # convert("RGB") would clip 16-bit or float to 255
+            raise ValueError(f"a {im.mode} image; 8-bit images only")
         return to_square(im.convert("RGB"), size, resize)
 
 class ImageStore:
@@ -354,6 +359,8 @@ def read_articles(split: Split) -> tuple[list[dict | None], list[str]]:
             if not (isinstance(article, dict) and article and all(
                     isinstance(text, str) for text in article.values())):
                 raise ValueError("expected a JSON object {section title: text}")
+            if sum(t.count("\n") + t.count(". ") for t in article.values()) > MAX_PIECES:
+                raise ValueError(f"over {MAX_PIECES:,} paragraphs and sentences")
         except (OSError, ValueError, RecursionError) as e:  # RecursionError: nested too deep
             article = bad.append(f"{path}: {type(e).__name__}: {e}")
         articles.append(article)
@@ -1308,6 +1315,8 @@ class Protocol:
 
     def __init__(self, root: Path):
         self.query, self.index = read_split(root, "query"), read_index(root)
+        if not len(self.query.ids):
+            raise UserError(f"{self.query.dir}: no query landmark with a photo and a tile")
         self.lm = torch.as_tensor(self.query.ids)  # (Q,)
         self.latlon = torch.as_tensor(self.query.latlon, dtype=torch.float64)
         self.side = functools.cache(self.build)  # side(name): built once, when asked
@@ -1729,10 +1738,18 @@ def restore(path: Path, ckpt: dict, cfg: Config) -> MML:
     meta = sized(cfg, str(path))
     load_matching(meta, ckpt["model"], str(path), ignore=meta.towers)
     if "T" in meta.enc:  # a token past the text tower's vocabulary would index nothing
+        tok = Tokenizer.from_str(ckpt["tokenizer"])
         vocab = next(m for m in meta.enc["T"].modules() if isinstance(m, nn.Embedding))
-        if (n := Tokenizer.from_str(ckpt["tokenizer"]).get_vocab_size()) > vocab.num_embeddings:
+        if (n := tok.get_vocab_size()) > vocab.num_embeddings:
             raise UserError(f"{path}: its tokenizer has {n} tokens, its text encoder "
                             f"{vocab.num_embeddings}")
+        # padded on the right (small encoder: with the id 0 it masks) and cut to max_len
+        pad, cut, small = tok.padding or {}, tok.truncation or {}, cfg.text_backbone == "small"
+        if (pad.get("length"), cut.get("max_length"), pad.get("direction"), cut.get(
+                "direction")) != (cfg.max_len, cfg.max_len, "right", "right") or (
+                small and pad.get("pad_id") != 0):
+            raise UserError(f"{path}: its tokenizer does not pad and cut on the right to "
+                            f"{cfg.max_len} tokens (the small text encoder pads with id 0)")
     model = MML(cfg)
     if model.towers:
         state, digest = load_clip_weights(cfg.clip)
@@ -2343,7 +2360,8 @@ class Cache:
         manifest = array.with_suffix(".json")
         m = read_json(manifest, "cache manifest")
         m = m if isinstance(m, dict) else {}
-        bad = [k for k, t in MANIFEST.items() if not isinstance(m.get(k), t)]
+        bad = [k for k, t in MANIFEST.items() if not isinstance(m.get(k), t)] or [
+            k for k in ("ids", "broken") if not all(isinstance(i, str) for i in m[k])]
         if bad:
             raise UserError(f"{manifest}: not a cache manifest mml wrote (no {bad[0]} "
                             f"{MANIFEST[bad[0]].__name__}); rerun `prepare`")

@@ -246,9 +246,8 @@ def test_every_backbone_trains_a_step_and_evaluates_from_its_checkpoint(world, t
     assert set(tasks) == {"S2C", "G2S"} and not offline.exists()  # nothing was downloaded
 
 def test_pretrained_weights_come_from_torchvisions_cache_and_frozen_backbones_stay(world, tmp_path, offline, capsys):
-    """resnet18 from a weights file under torchvision's name in TORCH_HOME, no network; after
-    steps with ground, aerial and text frozen, their backbones (BatchNorm statistics
-    included) are bit-identical, and their heads and the GPS encoder have moved."""
+    """resnet18 from its file in TORCH_HOME, no network; after steps with G, S and T frozen,
+    their backbones (BatchNorm statistics too) are bit-identical, their heads and GPS moved."""
     weights = mml.backbone_weights("resnet18")
     args = ["train", "--data", world, *TINY, "--image-backbone", "resnet18", "--pretrained"]
     err = fails_in_one_line(capsys, *args, "--out", tmp_path / "none")
@@ -330,9 +329,8 @@ def authors_sentence(article: dict, mode: str, rng: random.Random) -> str:
     return rng.choice(paragraph.split(". "))
 
 def test_sentence_table_picks_what_the_authors_rule_picks(world):
-    """Every article of the world, tokenised once: the same rng picks the same sentence as
-    the authors' per-article code, and its token row is that sentence tokenised. The
-    tokenizer is learnt the same twice and pads to max_len (0, which the model masks)."""
+    """Every article tokenised once: an rng picks the authors' rule's sentence, its token row
+    that sentence's; the tokenizer is learnt the same twice, padded with 0 to max_len."""
     articles, bad = mml.read_articles(mml.read_split(world, "query"))
     tok = mml.train_tokenizer([str(v) for a in articles for v in a.values()], mml.Config())
     table, first = mml.Sentences(articles, tok, "random"), mml.Sentences(articles, tok, "first")
@@ -396,6 +394,13 @@ def test_reader_on_a_hand_written_fixture(fixture_root):
     path = fixture_root / "query/mml_query.csv"  # a byte-order mark: read as if absent
     path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
     assert mml.read_split(fixture_root, "query").ids.tolist() == [11, 22]
+    for odd, why in ((Image.new("RGB", (100_000, 1)), "too thin to resize"), (Image.new("I;16", (8, 8), 40_000), "8-bit images only")):
+        odd.save(fixture_root / "odd.png")  # a strip CLIP's resize would blow up; 16 bits convert("RGB") would clip
+        with pytest.raises(ValueError, match=why):
+            mml.load_image(fixture_root / "odd.png", 32, "clip")
+    write(fixture_root / "query/mml_query_ground.csv", "landmark_id,images\n11,\n22,\n")  # no photo at all
+    with pytest.raises(mml.UserError, match="no query landmark with a photo and a tile"):
+        mml.Protocol(fixture_root)
 
 @pytest.mark.parametrize("break_it,message", [
     (lambda r: os.rename(r, r.with_name("gone")), r"mml: dataset root not found"),
@@ -406,6 +411,7 @@ def test_reader_on_a_hand_written_fixture(fixture_root):
     (lambda r: write(r / "query/mml_query_text.csv", "landmark_id,json\n" + "".join(f"{i},xyz\n" for i in [11, 22, 1, 2, 3, 4, 5, 6, 7])), r"mml_query.csv: landmark 1, 2, 3, 4, 5 and 2 more listed in mml_query_text.csv but missing here"),
     (lambda r: write(r / "query/mml_query.csv", "landmark_id,CommonsCategory,lat,lon\n11,A,40,-73\n22,B,nan,120\n"), r"mml_query.csv, line 3: lat 'nan': expected a latitude in \[-90, 90\]"),
     (lambda r: write(r / "query/mml_query.csv", "landmark_id,CommonsCategory,lat,lon\n11,A,40,-73\n2x,B,1,120\n"), r"mml_query.csv, line 3: landmark_id '2x': expected an integer"),
+    (lambda r: write(r / "query/mml_query.csv", "landmark_id,CommonsCategory,lat,lon\n11,A,40,-73\n-1,B,1,120\n"), r"line 3: landmark_id '-1': expected an integer in \[0, 2\*\*63\)"),  # -1: a distractor's
     (lambda r: write(r / "query/mml_query_ground.csv", "landmark_id,images\n11\n22,bbb0000000000001\n"), r"mml_query_ground.csv, line 2: 1 fields, expected 2"),
     (lambda r: write(r / "index/mml_index_satellite.csv", "images,lat,lon,year\n888,30,-190,2015\n"), r"mml_index_satellite.csv, line 2: lon '-190': expected a longitude in \[-180, 180\]"),
     (lambda r: write(r / "index/mml_index_satellite.csv", "images,lat,lon,year\n,30,-90,2015\n"), r"mml_index_satellite.csv, line 2: expected one image id"),  # its point kept
@@ -596,9 +602,8 @@ def test_every_modality_set_trains(world, modalities):
         assert any(not torch.equal(p, q) for p, q in zip(e.parameters(), before[m])), m
 
 def test_the_loops_step_caps_the_logit_scale_at_clips_100(world):
-    """train_step, the function the loop calls each step (and the bench times), caps the
-    learnt scale at ln(100) after the update, CLIP's cap; --recipe paper (the authors') does
-    not cap it."""
+    """train_step, which the loop calls (and the bench times), caps the learnt scale at CLIP's
+    ln(100) after the update; --recipe paper (the authors') does not cap it."""
     cfg = tiny_config(world)
     batch, pairs = fixed_batch() | {"bad": [""] * 8}, mml.loss_pairs(cfg.modalities)
     for recipe in ("mml", "paper"):
@@ -677,7 +682,7 @@ def test_unreadable_images_are_skipped_in_training_and_fatal_in_eval(world, tmp_
     err = fails_in_one_line(capsys, "eval", "--data", root, "--ckpt", tmp_path / "run/last.pt", "--tasks", "G2S", "--workers", 0, "--device", "cpu")
     assert q.ground[3][1] in err and "evaluation needs every file" in err
 
-@pytest.mark.parametrize("content,why", [("{not json", "JSONDecodeError"), ("[" * 100_000, "RecursionError"), ('["a list"]', "expected a JSON object")])
+@pytest.mark.parametrize("content,why", [("{not json", "JSONDecodeError"), ("[" * 100_000, "RecursionError"), ('["a list"]', "expected a JSON object"), (json.dumps({"a": "\n" * 100_001}), "over 100,000 paragraphs")])
 def test_an_unreadable_article_is_skipped_in_training_and_fatal_in_eval(world, trained, tmp_path, capsys, content, why):
     """An article that is not JSON, nested too deeply (100,000 levels) or not an object:
     training gives its landmark an empty sentence and counts it; evaluation names it, after
@@ -704,9 +709,8 @@ def torchvision_jitter(image: torch.Tensor, p: list, rotate: bool) -> torch.Tens
     return torch.rot90(y, int(turns), dims=(1, 2)) if rotate else y
 
 def test_batched_augmentation_equals_torchvision_per_image():
-    """Each transformation alone, then all together with drawn parameters: torchvision's
-    per-image functions on float images give the same pixels to 1e-6 (float rounding);
-    `jitter` turns a batch's aerial views and not its ground photos."""
+    """Each transformation alone, then all with drawn parameters: torchvision's per-image
+    functions give the same pixels to 1e-6; `jitter` turns aerial views, not ground photos."""
     gen = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (6, 3, 20, 20), dtype=torch.uint8, generator=gen)
     x = images.float() / 255
@@ -733,9 +737,8 @@ def test_batched_augmentation_equals_torchvision_per_image():
     assert torch.equal(out["G"], x) and torch.equal(out["S"], torch.rot90(x.flip(0), 1, dims=(2, 3)))
 
 def test_the_papers_augmentation_strengths_and_hue_rotation():
-    """--recipe paper: the authors' albumentations settings, drawn after mml's own (which
-    therefore stay as they were); the hue shift is a rotation about the grey axis: a third of
-    a turn sends red to green exactly, and greys never change."""
+    """--recipe paper: the authors' albumentations settings, drawn after mml's own (unchanged);
+    the hue shift rotates about the grey axis: a third of a turn sends red to green, greys stay."""
     mine, theirs = mml.augment_params(5, 2, 3, 4000), mml.augment_params(5, 2, 3, 4000, "paper")
     assert torch.equal(mine[..., :6], mml.augment_params(5, 2, 3, 4000)[..., :6]) and not mine[..., 6].any()
     jittered = (theirs[..., :3] != 1).all(-1)
@@ -925,9 +928,8 @@ def test_eval_reads_the_checkpoints_data_from_anywhere_and_records_the_evaluatio
     assert "eval: --embed-dim is the checkpoint's" in capsys.readouterr().err
 
 def test_the_random_sentences_are_the_authors_draw(world, tmp_path):
-    """Their eval_dataset.py: random.seed(42), then per row of mml_query_text.csv in file
-    order one choice of section, of paragraph, of piece. The draw follows the file's order;
-    the sentences come in the query split's row order."""
+    """Their eval_dataset.py: random.seed(42), then per row of mml_query_text.csv in file order
+    a choice of section, paragraph, piece; the sentences come in the query split's row order."""
     def theirs(root: Path) -> dict:
         random.seed(42)
         out = {}
@@ -954,9 +956,8 @@ def task_results(folder: Path) -> dict:
     return {t: {k: v for k, v in r.items() if k not in source} for t, r in tasks.items()}
 
 def test_the_api_composes_and_any_encoders_give_evals_metrics(world, trained, evaluated, tmp_path):
-    """load(ckpt), handed to evaluate_encoders itself or as its embed_* functions, gives eval's
-    very metrics and per-query CSVs; so do the bare encoders; the tasks a subset of the
-    modalities cannot run are named and skipped."""
+    """load(ckpt), handed to evaluate_encoders itself or as its embed_* functions, or the bare
+    encoders: eval's very metrics and CSVs; tasks of absent modalities are named and skipped."""
     want = task_results(evaluated[0])
     csvs = lambda folder: {p.name: p.read_bytes() for p in (folder / "eval").glob("*.csv")}
     model = mml.load(trained / "best.pt", device="cpu")
@@ -1197,10 +1198,10 @@ def corrupt(ckpt: dict, where: str, value) -> dict:
         ckpt[where] = value(ckpt) if callable(value) else value
     return ckpt
 
-def more_tokens(ckpt: dict) -> str:
-    """The checkpoint's tokenizer with 400 tokens added: more than its text encoder's rows."""
+def retokenized(ckpt: dict, edit) -> str:
+    """The checkpoint's tokenizer after edit(tok)."""
     tok = Tokenizer.from_str(ckpt["tokenizer"])
-    tok.add_tokens([f"zzz{i}" for i in range(400)])
+    edit(tok)
     return tok.to_str()
 
 RESUME_ONLY = ("optimizer", "torch_rng", "best")  # what eval does not read
@@ -1221,7 +1222,8 @@ RESUME_ONLY = ("optimizer", "torch_rng", "best")  # what eval does not read
     ("model", lambda c: c["model"] | {"logit_scale": torch.tensor(1 + 2j)}, "its model entry 'logit_scale' is not what mml saves"),
     ("model", lambda c: c["model"] | {3: torch.zeros(1)}, "its model entry 3 is not what mml saves"),
     ("tokenizer", "{garbage", "its tokenizer does not load"),
-    ("tokenizer", more_tokens, "its tokenizer has 700 tokens, its text encoder 300"),
+    ("tokenizer", lambda c: retokenized(c, lambda t: t.add_tokens([f"z{i}" for i in range(400)])), "its tokenizer has 700 tokens, its text encoder 300"),
+    ("tokenizer", lambda c: retokenized(c, lambda t: t.enable_padding(length=16, direction="left")), "does not pad and cut on the right to 16 tokens"),
     ("optimizer", None, "not an mml checkpoint to resume (optimizer is missing)"),
     ("optimizer", lambda c: c["optimizer"] | {"state": c["optimizer"]["state"] | {0: c["optimizer"]["state"][0] | {"exp_avg": torch.zeros(3)}}},
      "its optimizer state does not fit the model (a moment of another shape"),
@@ -1287,6 +1289,7 @@ def test_a_truncated_image_cache_is_refused(world, trained, tmp_path, capsys):
     array.write_bytes(data)
     for text, why in (('{"generator": "mml.py prepare", "size": 32, "ids": ', "not a readable cache manifest (JSONDecodeError"),
                       ('{"generator": "mml.py prepare", "size": 32, "resize": "crop"}', "not a cache manifest mml wrote (no ids list)"),
+                      ('{"size": 32, "resize": "crop", "ids": [[1]], "broken": []}', "not a cache manifest mml wrote (no ids list)"),
                       ('["a", "list"]', "not a cache manifest mml wrote (no size int)")):
         manifest.write_text(text)
         assert f"{manifest}: {why}" in fails_in_one_line(capsys, *argv)
@@ -1368,9 +1371,8 @@ def location_spec(prefix: str, head: str) -> dict:
     return spec
 
 def authors_weights(clip_state: dict) -> dict:
-    """A weights_best.pth of the authors' MmlCLIP on the tiny CLIP: model.state_dict() of their
-    code, two full copies of CLIP (image_encoder.clip_model.*, text_encoder.clip_model.*), drawn
-    heads and location encoder, and the position_ids that older transformers saved."""
+    """The authors' MmlCLIP state dict on the tiny CLIP: two copies of CLIP (image_encoder. and
+    text_encoder.clip_model.*), drawn heads and GPS, the position_ids old transformers saved."""
     spec = location_spec("location_encoder.", "head")
     for head in ("ground_projector", "satellite_projector", "text_projector"):
         spec |= {f"{head}.0.weight": ((512, 32), 32 ** -0.5), f"{head}.0.bias": ((512,), 0.02),
@@ -1530,9 +1532,8 @@ def test_frozen_towers_run_once_per_image_in_evaluation(world, tmp_path, monkeyp
     assert json.loads((tmp_path / "c/eval/metrics.json").read_text())["tasks"]["S2G"] == tasks[0]["S2G"]
 
 def test_the_towers_digest_covers_their_config_and_dtypes(world, tmp_path, capsys):
-    """The same weight bytes under another config.json (4 heads, not 2; gelu, not quick_gelu)
-    or with a tensor's dtype relabelled are other towers: eval refuses them, naming --clip;
-    towers too big to build are refused before anything is allocated."""
+    """The same bytes under another config.json (4 heads, not 2; gelu) or a dtype relabelled are
+    other towers: eval refuses them, naming --clip; towers too big are refused unallocated."""
     folder = clip_folder(tmp_path)
     run("convert", folder, "--out", tmp_path / "clip.pt")
     digest = mml.load_clip_weights(str(folder))[1]
@@ -1696,9 +1697,8 @@ def two_process_worker(rank: int, ddp_port: int, port: int, argv: list, out: str
 
 @pytest.fixture(scope="session")
 def two_processes(world, tmp_path_factory) -> Path:
-    """Two gloo processes, spawned once for two tests (each spawn imports torch again): the
-    loss and gradients of a fixed batch split in halves (ddp.pt), then a one-epoch `train`
-    recording what `augment` received on each process (0.pt, 1.pt)."""
+    """Two gloo processes, spawned once for two tests: the loss and gradients of a batch split
+    in halves (ddp.pt), then a one-epoch `train` recording what `augment` got (0.pt, 1.pt)."""
     out, ports = tmp_path_factory.mktemp("two"), [free_port()]
     while len(ports) < 2:
         ports = list({ports[0], free_port()})
