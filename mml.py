@@ -1000,33 +1000,6 @@ def lr_at(step: int, total: int, cfg: Config) -> float:
         return cfg.lr * (step + 1) / warmup
     return cfg.lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
-# The validation batch (the authors' batch_size_eval), fixed: the loss depends on how many
-# negatives a batch holds, and runs of other batch sizes must compare.
-VAL_BATCH = 128
-
-@torch.no_grad()
-def validate(model: MML, val_set: LandmarkSet, cfg: Config, pairs: list[str], device) -> dict:
-    """The held-out landmarks' loss, and per pair an in-set R@1 (the first modality's items
-    searching the second's) and their mean "val_R@1" (--select recall's)."""
-    model.eval()
-    n, B = len(val_set), min(VAL_BATCH, len(val_set))
-    batches = [[(0, i) for i in range(s, min(s + B, n))] for s in range(0, n, B)]
-    total, embs = 0.0, []
-    for batch in torch.utils.data.DataLoader(val_set, batch_size=None, sampler=batches,
-                                             num_workers=min(cfg.workers, 2)):
-        with autocast_for(device, cfg):
-            emb, scale = model(batch_to(batch, device))
-        rows = len(batch["bad"])  # one "bad" entry a row
-        total += contrastive_loss(emb, scale, pairs, False)[0].item() * rows
-        embs.append(emb)
-    model.train()
-    emb, labels = {m: torch.cat([e[m] for e in embs]) for m in embs[0]}, torch.arange(n)
-    r1 = {f"val_{a}2{b}_R@1": retrieval_metrics(emb[a], emb[b], labels.to(device),
-                                                labels.to(device))["official"]["R@1"]
-          for a, b in pairs}
-    return {"val_loss": total / n, "val_R@1": sum(r1.values()) / len(r1), **r1,
-            "chance_R@1": 100 / n}
-
 @contextlib.contextmanager
 def stop_signals():
     """SIGTERM (a cluster's preemption) or SIGINT (Ctrl-C) asks the loop to save last.pt
@@ -1052,12 +1025,39 @@ def ignore_stop_signals(worker_id: int):
     for s in (signal.SIGTERM, signal.SIGINT):
         signal.signal(s, signal.SIG_IGN)
 
-def training_loader(data: LandmarkSet, sampler, cfg: Config, device):
-    """Training batches from workers (batch_size None: the sampler yields whole batches)."""
+def batch_loader(data: LandmarkSet, sampler, workers: int, device):
+    """Training's and validation's batches from workers (batch_size None: the sampler yields
+    whole batches), which leave a stop signal to the main process."""
     return torch.utils.data.DataLoader(
-        data, batch_size=None, sampler=sampler, num_workers=cfg.workers,
-        pin_memory=device.type == "cuda", prefetch_factor=4 if cfg.workers > 0 else None,
+        data, batch_size=None, sampler=sampler, num_workers=workers,
+        pin_memory=device.type == "cuda", prefetch_factor=4 if workers > 0 else None,
         worker_init_fn=ignore_stop_signals)
+
+# The validation batch (the authors' batch_size_eval), fixed: the loss depends on how many
+# negatives a batch holds, and runs of other batch sizes must compare.
+VAL_BATCH = 128
+
+@torch.no_grad()
+def validate(model: MML, val_set: LandmarkSet, cfg: Config, pairs: list[str], device) -> dict:
+    """The held-out landmarks' loss, and per pair an in-set R@1 (the first modality's items
+    searching the second's) and their mean "val_R@1" (--select recall's)."""
+    model.eval()
+    n, B = len(val_set), min(VAL_BATCH, len(val_set))
+    batches = [[(0, i) for i in range(s, min(s + B, n))] for s in range(0, n, B)]
+    total, embs = 0.0, []
+    for batch in batch_loader(val_set, batches, min(cfg.workers, 2), device):
+        with autocast_for(device, cfg):
+            emb, scale = model(batch_to(batch, device))
+        rows = len(batch["bad"])  # one "bad" entry a row
+        total += contrastive_loss(emb, scale, pairs, False)[0].item() * rows
+        embs.append(emb)
+    model.train()
+    emb, labels = {m: torch.cat([e[m] for e in embs]) for m in embs[0]}, torch.arange(n)
+    r1 = {f"val_{a}2{b}_R@1": retrieval_metrics(emb[a], emb[b], labels.to(device),
+                                                labels.to(device))["official"]["R@1"]
+          for a, b in pairs}
+    return {"val_loss": total / n, "val_R@1": sum(r1.values()) / len(r1), **r1,
+            "chance_R@1": 100 / n}
 
 def train_step(model: nn.Module, raw: MML, optimizer, batch: dict, cfg: Config, pairs: list,
                epoch: int, step: int, lr: float,
@@ -1168,8 +1168,8 @@ def fit(cfg: Config):
         print0(f"batch {cfg.batch_size} > {len(train_set)} training landmarks: using {B}")
     per_epoch = len(train_set) // B
     total, step = cfg.max_steps or cfg.epochs * per_epoch, ckpt["step"] if ckpt else 0
-    loader = training_loader(train_set, epoch_batches(len(train_set), B, cfg.seed, rank, world,
-                                                      step, total), cfg, device)
+    sampler = epoch_batches(len(train_set), B, cfg.seed, rank, world, step, total)
+    loader = batch_loader(train_set, sampler, cfg.workers, device)
     # The same seed on every process: identical initial weights. No per-rank offset (nanoGPT
     # has one for its data): every draw of the data is keyed by (seed, epoch, row) or by a
     # sample's place in the global batch.
@@ -1220,10 +1220,10 @@ def fit(cfg: Config):
             bad_in_row = 0 if math.isfinite(losses[0]) else bad_in_row + 1
             if bad_in_row:
                 skipped += 1
-                print0(f"step {step}: loss is {losses[0]}, step skipped")
+                print0(f"step {step + 1}: loss is {losses[0]}, step skipped")
                 if bad_in_row >= MAX_BAD_STEPS:
                     raise UserError(f"{bad_in_row} non-finite losses in a row at step "
-                                    f"{step}; {out / 'last.pt'} is the last good one (try a "
+                                    f"{step + 1}; {out / 'last.pt'} is the last good one (try a "
                                     f"lower --lr)")
             step += 1
             if log and (step % cfg.log_every == 0 or step == total or stopping):
@@ -1236,7 +1236,7 @@ def fit(cfg: Config):
             if epoch_done or stopping:
                 best = end_of_epoch(raw, optimizer, saved, cfg, epoch, step, best, unreadable,
                                     val_set, pairs, device, log, epoch_done)
-                unreadable = []
+                unreadable, t_last, last = [], time.time(), step  # rates without validation
             if stopping and step < total:
                 print0(f"stopped at step {step} of {total}, saved {out / 'last.pt'}: continue "
                        f"with `python mml.py train --out {out} --resume`")
@@ -2515,7 +2515,7 @@ def bench(cfg: Config):
         data = training_sets(cfg, None)[0]
         B = min(cfg.batch_size, len(data))
         sampler = epoch_batches(len(data), B, 0, stop=10**9)
-        batches = iter(training_loader(data, sampler, cfg, device))
+        batches = iter(batch_loader(data, sampler, cfg.workers, device))
         seconds = timed(lambda: next(batches), lambda: None, 3.0)  # workers started
         how = "cached" if data.stores["G"].cache else "decoding"
         row(f"training loader, {cfg.workers} workers", f"{B / seconds:,.0f}", f"samples/s, "
@@ -2753,7 +2753,8 @@ TRAIN_FIELDS = FIELDS[:FIELDS.index("select") + 1]
 # meaning.
 MODEL_FIELDS = FIELDS[FIELDS.index("preset"):FIELDS.index("gps_scaling") + 1] + [
     "img_size", "resize"]
-RUN_FIELDS = MODEL_FIELDS + ["data", "scale", "n_val", "holdout", "seed"]
+RUN_FIELDS = [f for f in MODEL_FIELDS if f != "clip"] + [  # CLIP's towers: by their digest
+    "data", "scale", "n_val", "holdout", "seed", "select"]
 
 def parse_args(argv=None) -> tuple[str, Config, set]:
     """(command, Config, the options given), each option's --help the comment
@@ -2949,8 +2950,8 @@ def main(argv=None):
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     command, cfg, given = parse_args(argv)
     try:
+        cfg = resolve(command, cfg, given)  # a resumed run's --device too
         device_of(cfg)  # joins torchrun's group, if there is one
-        cfg = resolve(command, cfg, given)
         if command in ("train", "prepare", "bench") and "data" not in given and not cfg.resume:
             synthetic_world(cfg.scale)  # the default data, written on first use
         {"train": fit, "eval": evaluate, "synth": synth, "prepare": prepare,

@@ -648,7 +648,7 @@ def test_nonfinite_losses_are_skipped_then_stop_the_run(world, tmp_path, monkeyp
     monkeypatch.setattr(mml, "contrastive_loss", sometimes_nan)
     run("train", "--data", world, "--out", tmp_path, *TINY, "--epochs", 1)
     out = capsys.readouterr().out
-    assert "step 1: loss is nan, step skipped" in out and "2 skipped" in out
+    assert "step 3: loss is nan, step skipped" in out and "2 skipped" in out  # the 2nd and 3rd, as log lines count
     good = torch.load(tmp_path / "last.pt", weights_only=True)
     assert all(torch.isfinite(v).all() for v in good["model"].values())
     monkeypatch.setattr(mml, "contrastive_loss", lambda e, s, p, gather=True: (real(e, s, p, gather)[0] * float("inf"), {}))
@@ -684,9 +684,8 @@ def test_unreadable_images_are_skipped_in_training_and_fatal_in_eval(world, tmp_
 
 @pytest.mark.parametrize("content,why", [("{not json", "JSONDecodeError"), ("[" * 100_000, "RecursionError"), ('["a list"]', "expected a JSON object"), (json.dumps({"a": "\n" * 100_001}), "over 100,000 paragraphs")])
 def test_an_unreadable_article_is_skipped_in_training_and_fatal_in_eval(world, trained, tmp_path, capsys, content, why):
-    """An article that is not JSON, nested too deeply (100,000 levels) or not an object:
-    training gives its landmark an empty sentence and counts it; evaluation names it, after
-    writing the tasks before it (each task's CSV and its metrics.json entry together)."""
+    """An article not JSON, nested 100,000 deep, not an object or too long: training gives it an
+    empty sentence and counts it; eval names it after writing the tasks before it (CSV and all)."""
     root = copy_world(world, tmp_path)
     for split in ("train", "query"):
         s = mml.read_split(root, split)
@@ -862,9 +861,8 @@ def test_eval_recomputes_g2s_exactly(world, trained, evaluated):
             assert got[protocol][k] == pytest.approx(want[k], abs=1e-6), (protocol, k)
 
 def test_geolocalisation_is_the_top_1_point_of_the_protocols_gps_gallery(world, trained, evaluated):
-    """The GPS gallery: the index tiles' centres, then the query landmarks' points; the guess
-    is its top-1 point, right or wrong (the best-scoring true point would always be right):
-    S2C's numbers and predictions recomputed by hand from the checkpoint's encoders."""
+    """The GPS gallery: index tiles' centres, then query points; the guess is the top-1 point, right
+    or wrong (not the best true one): S2C recomputed by hand from the checkpoint's encoders."""
     q, model = mml.read_split(world, "query"), restored(trained / "best.pt")
     gallery = torch.cat([torch.tensor(mml.read_index(world).sat_latlon), torch.tensor(q.latlon)])
     assert torch.equal(mml.Protocol(world).side("gallery_gps").latlon, gallery)
@@ -990,9 +988,8 @@ def test_the_api_composes_and_any_encoders_give_evals_metrics(world, trained, ev
     assert torch.equal(model.embed_gps([40.7, -74.0]), model.embed_gps([[40.7, -74.0]])) and model.embed_gps([40.7, -74.0]).shape == (1, 32)
 
 def test_the_readme_section_runs_as_written(world, trained, evaluated, tmp_path):
-    """README's "Evaluate your own model", its Python block executed as written, here on the
-    tiny world and run where the README's data/synthetic and runs/mml would be: a checkpoint
-    handed to evaluate_encoders as README shows gives eval's very numbers."""
+    """README's "Evaluate your own model" executed as written, on the tiny world where README's
+    data/synthetic and runs/mml would be: a checkpoint handed to evaluate_encoders gives eval's numbers."""
     readme = (HERE / "README.md").read_text()
     section = readme.split("## Evaluate your own model", 1)[1]
     code = section.split("```python\n", 1)[1].split("```", 1)[0]
@@ -1140,6 +1137,7 @@ def test_overwrite_starts_over(world, trained, tmp_path):
     (["--out", "{run}", "--resume", "--data", "{tmp}/other"], "--data {tmp}/other: {run}/last.pt was trained with {world}; leave it out to resume"),
     (["--out", "{run}", "--resume", "--scale", 2], "--scale 2.0: {run}/last.pt was trained with 1.0; leave it out to resume"),
     (["--out", "{run}", "--resume", "--embed-dim", 64], "--embed-dim 64: {run}/last.pt was trained with 32; leave it out to resume"),
+    (["--out", "{run}", "--resume", "--select", "loss"], "--select loss: {run}/last.pt was trained with recall; leave it out to resume"),
 ])
 def test_a_refused_train_is_one_line_and_leaves_nothing(world, trained, tmp_path, monkeypatch, capsys, argv, message):
     """Refused within seconds, before any work: no --out folder made (--out is {tmp}/new/run
@@ -1505,6 +1503,8 @@ def test_the_paper_preset_trains_on_frozen_towers_and_evaluates(world, tmp_path,
     # --resume with another preset is the checkpoint's option, differing
     err = fails_in_one_line(capsys, "train", "--out", tmp_path / "run", "--resume", "--preset", "")
     assert "--preset : " in err and "was trained with paper" in err
+    # its CLIP folder moved: --clip names where, the towers' digest says whether they are the same
+    run("train", "--out", tmp_path / "run", "--resume", "--epochs", 3, "--clip", clip_folder(tmp_path / "moved"))
 
 def test_frozen_towers_run_once_per_image_in_evaluation(world, tmp_path, monkeypatch):
     """The towers' outputs are cached under CACHE/SIZE-RESIZE/towers/: a second evaluation runs
