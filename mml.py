@@ -925,7 +925,8 @@ def device_of(cfg: Config) -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
 
 def bf16_on(device: torch.device, cfg: Config) -> bool:
-    return device.type == "cuda" and cfg.bf16 and torch.cuda.is_bf16_supported()
+    """bf16 where the GPU computes it natively (Ampere on); emulated (V100, T4) it is slower."""
+    return device.type == "cuda" and cfg.bf16 and torch.cuda.get_device_capability(device)[0] >= 8
 
 def autocast_for(device: torch.device, cfg: Config):
     """bf16 autocast on a GPU that has it, else a no-op: the one mixed-precision switch."""
@@ -1827,8 +1828,9 @@ class Checkpoint(Functions):
         m = LETTER.get(kind, kind)
         self.encoder(m)  # an error now, not after reading the images
         if not torch.is_tensor(x := images):
-            listed = [x] if isinstance(x, (str, Path)) else x
-            x = np.stack([self.image(n, image) for n, image in enumerate(listed)])
+            listed = [x] if isinstance(x, (str, Path)) else list(x)
+            H, images = self.cfg.img_size, [self.image(n, im) for n, im in enumerate(listed)]
+            x = np.stack(images) if images else np.zeros((0, H, H, 3), np.uint8)
             x = torch.from_numpy(x).permute(0, 3, 1, 2)  # (N, 3, H, H)
         if x.dtype != torch.uint8 or x.dim() != 4 or x.shape[1] != 3 or (
                 x.shape[2] != x.shape[3]):
@@ -1854,6 +1856,8 @@ class Checkpoint(Functions):
         """(N, D) of sentences, or of one."""
         self.encoder("T")
         sentences = [sentences] if isinstance(sentences, str) else list(sentences)
+        if not all(isinstance(s, str) for s in sentences):  # bytes would give their numbers
+            raise UserError("embed_text: expected a sentence (str) or sentences")
         return self.embed_inputs("T", sentences, "sentences")
 
     def embed_gps(self, latlon) -> torch.Tensor:
@@ -1868,6 +1872,8 @@ class Checkpoint(Functions):
         return self.embed_inputs("C", points, "points")
 
     def embed_inputs(self, m: str, x, what: str) -> torch.Tensor:  # in this process
+        if not len(x):  # (0, D), as any other count gives (N, D)
+            return torch.zeros(0, self.cfg.embed_dim, device=self.device)
         return embed(self.fns[m], x, what, self.cfg, self.device, spread=False)
 
     def embed_side(self, side: Side) -> torch.Tensor:

@@ -133,9 +133,8 @@ def test_map_cut_at_top_and_chunking_do_not_change_results(map_top):
         assert got[protocol]["R@5"] == pytest.approx(want["R@5"], abs=1e-9)
 
 def test_medr_is_numpys_median_and_ties_go_against_the_query():
-    """Hand-built rankings. Positives at positions 1, 2, 3 and 10: medR 2.5 (numpy's median,
-    not torch's 2). Ties go against the query: an item scoring the positive's score ranks
-    before it, unless a positive too; a tied distractor counts only in the strict ranking."""
+    """Positives at positions 1, 2, 3, 10: medR 2.5 (numpy's median, not torch's 2). Ties go against
+    the query unless between positives; a tied distractor counts only in the strict ranking."""
     g = torch.eye(10)
     q = torch.stack([g[0], 0.9 * g[0] + 0.5 * g[1], 0.9 * g[0] + 0.8 * g[1] + 0.5 * g[2], torch.linspace(1, 0.1, 10)])  # scores against the identity are q itself
     ranks = mml.rank_queries(F.normalize(q, dim=-1), g, torch.tensor([0, 1, 2, 9]), torch.arange(10))
@@ -1004,9 +1003,8 @@ def test_the_readme_section_runs_as_written(world, trained, evaluated, tmp_path)
 
 @pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
 def test_the_python_api_refuses_what_it_cannot_embed_in_one_line(trained, tmp_path):
-    """Images not (H, W, 3) uint8, files not bounded regular images, points off the globe or of
-    another shape, a batch size below 1: one UserError naming them; an old checkpoint's
-    retired options are dropped; a GPS encoder giving NaN is refused at the first point."""
+    """Images not (H, W, 3) uint8, files not bounded regular images, points off the globe, bytes,
+    a batch below 1: a UserError naming them; no input, (0, D); old options dropped; NaN refused."""
     model = mml.load(trained / "best.pt", device="cpu")
     for bad in ([np.full((50, 60, 3), 0.5)], [np.full((50, 60, 3), 300)], [np.zeros((50, 60))]):
         with pytest.raises(mml.UserError, match=r"expected \(H, W, 3\) uint8"):
@@ -1027,6 +1025,9 @@ def test_the_python_api_refuses_what_it_cannot_embed_in_one_line(trained, tmp_pa
             model.embed_gps(bad)
     with pytest.raises(mml.UserError, match="batch -5: expected an integer of at least 1"):
         mml.load(trained / "best.pt", batch=-5)
+    with pytest.raises(mml.UserError, match=r"embed_text: expected a sentence \(str\)"):
+        model.embed_text(b"abc")  # not the sentences "97", "98", "99"
+    assert model.embed_text([]).shape == model.embed_images([]).shape == model.embed_gps(np.zeros((0, 2))).shape == (0, 32)
     ckpt = torch.load(trained / "best.pt", weights_only=True)
     torch.save(ckpt | {"config": ckpt["config"] | {"loss": "imagebind", "outdoor_only": True, "last_sat_only": False}}, tmp_path / "old.pt")
     assert mml.load(tmp_path / "old.pt", device="cpu").cfg == model.cfg
@@ -1735,9 +1736,8 @@ def test_torchrun_eval_equals_one_process(world, trained, evaluated, tmp_path):
     assert list(two) == ["G2S", "S2G", "S2C", "T2S-first"]
 
 def test_torchrun_processes_stop_together_on_sigterm(world, tmp_path):
-    """Both processes stop after one agreed step, process 0 saves the raw model's weights (no
-    "module." prefixes), and one process resumes to an uninterrupted one-process run's
-    weights: two processes train what one does, resumed on another process count."""
+    """Both stop after one agreed step, process 0 saves the raw model (no "module."), and one
+    process resumes to an uninterrupted one-process run's weights, on another process count."""
     args = ["--data", world, *TINY, "--batch-size", 8, "--epochs", 1, "--lr", "1e-3"]
     logged, output = train_until_sigterm([*TORCHRUN, "train", "--out", tmp_path / "two", *args], 3, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert "--resume`" in output, output
