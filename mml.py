@@ -2760,7 +2760,7 @@ TRAIN_FIELDS = FIELDS[:FIELDS.index("select") + 1]
 MODEL_FIELDS = FIELDS[FIELDS.index("preset"):FIELDS.index("gps_scaling") + 1] + [
     "img_size", "resize"]
 RUN_FIELDS = [f for f in MODEL_FIELDS if f != "clip"] + [  # CLIP's towers: by their digest
-    "data", "scale", "n_val", "holdout", "seed", "select"]
+    "data", "scale", "n_val", "holdout", "seed", "select", "batch_size"]  # B maps steps to data
 
 def parse_args(argv=None) -> tuple[str, Config, set]:
     """(command, Config, the options given), each option's --help the comment

@@ -165,9 +165,8 @@ def test_haversine_and_geo_metrics_known_distances():
     assert m["median_km"] == pytest.approx((11.1195 + 111.195) / 2, abs=0.01)
 
 def test_bench_baseline_ranks_exactly_like_the_chunked_counts():
-    """The per-query argsort (the definition, which the bench times) and rank_queries agree on
-    the bench's own embeddings, ties between distractors and positives included, so the
-    speed-up compares equal work; the positives rank high, as a trained model's would."""
+    """The per-query argsort (the definition the bench times) and rank_queries agree on the bench's
+    embeddings, ties included, so its speed-up compares equal work; positives rank high."""
     q, g, ql, gl = mml.fake_embeddings(60, 24, 400, 16, torch.device("cpu"), n_landmarks=12)
     assert (gl == -1).sum() == 400 and bool((gl[:400] == -1).all()) and set(ql.tolist()) == set(range(12))
     g[:24] = g[400:]  # distractors that tie with every labelled item: the tie policy counts
@@ -1139,6 +1138,7 @@ def test_overwrite_starts_over(world, trained, tmp_path):
     (["--out", "{run}", "--resume", "--scale", 2], "--scale 2.0: {run}/last.pt was trained with 1.0; leave it out to resume"),
     (["--out", "{run}", "--resume", "--embed-dim", 64], "--embed-dim 64: {run}/last.pt was trained with 32; leave it out to resume"),
     (["--out", "{run}", "--resume", "--select", "loss"], "--select loss: {run}/last.pt was trained with recall; leave it out to resume"),
+    (["--out", "{run}", "--resume", "--batch-size", 8], "--batch-size 8: {run}/last.pt was trained with 16; leave it out to resume"),
 ])
 def test_a_refused_train_is_one_line_and_leaves_nothing(world, trained, tmp_path, monkeypatch, capsys, argv, message):
     """Refused within seconds, before any work: no --out folder made (--out is {tmp}/new/run
