@@ -251,6 +251,9 @@ def read_split(root: Path, split: str) -> Split:
     # the latest alone, every year in _all_satellite
     sat = by_landmark(listing, "all_satellite" if query else "satellite", "images", ids)
     latest = by_landmark(listing, "satellite", "images", ids) if query else sat
+    if query and (two := next((i for i in ids if len(latest[i]) > 1), None)):
+        raise UserError(f"{d}/mml_query_satellite.csv: landmark {two} has "
+                        f"{len(latest[two])} tiles; expected the latest alone")
     text = by_landmark(listing, "text", "json", ids)
     no_cues = by_landmark(listing, "text_sentences", "sentences", ids) if query else None
     kept = [i for i in ids if ground[i] and sat[i] and latest[i]]
@@ -322,7 +325,7 @@ def load_image(path: Path, size: int, resize: str = "crop") -> np.ndarray:
             im.draft("RGB", (size, size))
         if im.width * im.height > MAX_PIXELS:  # known from the header, before decoding
             raise ValueError(f"{im.width}x{im.height} px, over the {MAX_PIXELS:,}-pixel limit")
-        if im.mode.startswith(("I", "F")):  # convert("RGB") would clip 16-bit or float to 255
+        if im.mode.startswith(("I", "F")):  # 16-bit or float: convert("RGB") would clip
             raise ValueError(f"a {im.mode} image; 8-bit images only")
         return to_square(im.convert("RGB"), size, resize)
 
@@ -494,7 +497,7 @@ def augment(images: torch.Tensor, params: torch.Tensor, rotate: bool,
     adjust_sharpness (2), rot90, for a batch (tested against them); aerial views turned (no
     north). `hue`: whether any shift was drawn (known on the CPU: no sync asks the device)."""
     x = images.float() / 255
-    # params (B, 7) -> seven (B, 1, 1, 1), one value per image
+    # params (B, 7) -> seven (B, 1, 1, 1)
     bright, contrast, saturation, r, sigma, turns, shift = (p.view(-1, 1, 1, 1) for p in params.T)
     gray = lambda x: (0.2989 * x[:, :1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:])  # ITU-R 601
     x = (x * bright).clamp(0, 1)
@@ -886,7 +889,7 @@ def rank_queries(q: torch.Tensor, g: torch.Tensor, q_labels: torch.Tensor,
     return out
 
 def summarise(ranks: dict, ks=(1, 5, 10), map_top: int = 1000) -> dict:
-    """Per-query ranks -> {"official": {R@k, mAP, medR}, "strict": ...}, in percent but medR, the
+    """Per-query ranks -> {"official": {R@k, mAP, medR}, "strict": ...}, percent but medR, the
     median 1-based position in the full ranking (as the authors'), numpy's median."""
     med = float(np.median(ranks["first_strict"].cpu().numpy() + 1))
     m = "mAP@1k" if map_top == 1000 else f"mAP@{map_top}"
@@ -925,7 +928,7 @@ def device_of(cfg: Config) -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
 
 def bf16_on(device: torch.device, cfg: Config) -> bool:
-    """bf16 where the GPU computes it natively (Ampere on); emulated (V100, T4) it is slower."""
+    """bf16 where the GPU has it natively (Ampere on): emulated (V100, T4), it is slower."""
     return device.type == "cuda" and cfg.bf16 and torch.cuda.get_device_capability(device)[0] >= 8
 
 def autocast_for(device: torch.device, cfg: Config):
@@ -1121,7 +1124,7 @@ def end_of_epoch(raw: MML, optimizer, saved: dict, cfg: Config, epoch: int, step
     """At an epoch's end, or stopping: the unreadable files reported; process 0 validates (at
     an epoch's end), saves best.pt if better, then last.pt, while the others wait. Returns
     the best validation value so far (process 0's counts)."""
-    n_bad = torch.tensor(len(unreadable), device=device)  # NCCL reduces GPU tensors only
+    n_bad = torch.tensor(len(unreadable), device=device)  # NCCL: GPU tensors only
     if dist.is_initialized():
         dist.all_reduce(n_bad)
     if n_bad:
@@ -1176,7 +1179,7 @@ def fit(cfg: Config):
     # sample's place in the global batch.
     torch.manual_seed(cfg.seed)
     raw = restore(out / "last.pt", ckpt, cfg) if ckpt else MML(cfg)
-    tower_record = ckpt.get("towers") if ckpt else load_pretrained(raw, cfg)  # where from
+    tower_record = ckpt.get("towers") if ckpt else load_pretrained(raw, cfg)
     raw = raw.to(device)
     if device.type == "cuda":
         raw = raw.to(memory_format=torch.channels_last)
@@ -1200,7 +1203,7 @@ def fit(cfg: Config):
         print0(f"--preset {cfg.preset}: " + " ".join(
             f"--{k.replace('_', '-')} {getattr(cfg, k)}" for k in PRESETS[cfg.preset]))
     sizes = [sum(p.numel() for p in raw.parameters() if p.requires_grad or every) / 1e6
-             for every in (True, False)]  # all parameters, the trained ones
+             for every in (True, False)]  # all, trained
     print0(f"training {cfg.modalities} (pairs {' '.join(pairs)}), {sizes[0]:.2f}M "
            f"parameters ({sizes[1]:.2f}M trained), {len(train_set)} landmarks ({len(val_set)} "
            f"held out) from {cfg.data}, batch {B} on {world} x {device.type}, {per_epoch} "
@@ -1288,8 +1291,8 @@ class Index:
     sat_latlon: np.ndarray  # (n, 2): the tiles' centres, the GPS distractors
 
 def read_index(root: Path) -> Index:
-    """One image id a row (the authors read the cell whole): a tile's id beside its lat, lon,
-    which the GPS gallery pairs with it row by row."""
+    """One image id a row (the authors read the cell whole): a tile beside its lat, lon, which
+    the GPS gallery pairs row by row."""
     d = check_root(root, "index")
     ground = read_csv(d / "mml_index_ground.csv", ["images"])
     sat = read_csv(d / "mml_index_satellite.csv", ["images", "lat", "lon"])
@@ -1819,7 +1822,9 @@ class Checkpoint(Functions):
         if m in "GS" and x.shape[-1] != H:
             x = F.interpolate(x.float(), (H, H), mode="bilinear", antialias=True)
             x = x.round().clamp(0, 255).to(torch.uint8)
-        with autocast_for(self.device, self.cfg):
+        # points in float32, as the authors': bf16 would blur places km apart;
+        # images and text in bf16 (theirs: fp16)
+        with autocast_for(self.device, self.cfg) if m != "C" else contextlib.nullcontext():
             return self.encoder(m)(x)
 
     def embed_images(self, images, kind: str = "ground") -> torch.Tensor:
@@ -1856,7 +1861,7 @@ class Checkpoint(Functions):
         """(N, D) of sentences, or of one."""
         self.encoder("T")
         sentences = [sentences] if isinstance(sentences, str) else list(sentences)
-        if not all(isinstance(s, str) for s in sentences):  # bytes would give their numbers
+        if not all(isinstance(s, str) for s in sentences):  # bytes: their numbers
             raise UserError("embed_text: expected a sentence (str) or sentences")
         return self.embed_inputs("T", sentences, "sentences")
 
@@ -1872,7 +1877,7 @@ class Checkpoint(Functions):
         return self.embed_inputs("C", points, "points")
 
     def embed_inputs(self, m: str, x, what: str) -> torch.Tensor:  # in this process
-        if not len(x):  # (0, D), as any other count gives (N, D)
+        if not len(x):  # (0, D), as N inputs give (N, D)
             return torch.zeros(0, self.cfg.embed_dim, device=self.device)
         return embed(self.fns[m], x, what, self.cfg, self.device, spread=False)
 
@@ -2446,8 +2451,8 @@ def prepare(cfg: Config):
                         f.write(row or blank)
                     if not ids:  # one blank row: an empty array cannot be mapped
                         f.write(blank)
-            # until the array is whole its manifest lists no ids: never taken for a cache,
-            # and an interrupted build stays mml's own to replace
+            # no ids until the array is whole: never taken for a cache, and an
+            # interrupted build stays mml's to replace
             write_atomically(manifest, lambda p: p.write_text('{"generator": "mml.py prepare"}'))
             write_atomically(array, decode_all)
             record = {"generator": "mml.py prepare", "size": size, "resize": cfg.resize,
@@ -2760,7 +2765,7 @@ TRAIN_FIELDS = FIELDS[:FIELDS.index("select") + 1]
 MODEL_FIELDS = FIELDS[FIELDS.index("preset"):FIELDS.index("gps_scaling") + 1] + [
     "img_size", "resize"]
 RUN_FIELDS = [f for f in MODEL_FIELDS if f != "clip"] + [  # CLIP's towers: by their digest
-    "data", "scale", "n_val", "holdout", "seed", "select", "batch_size"]  # B maps steps to data
+    "data", "scale", "n_val", "holdout", "seed", "select", "batch_size"]  # B: steps to data
 
 def parse_args(argv=None) -> tuple[str, Config, set]:
     """(command, Config, the options given), each option's --help the comment

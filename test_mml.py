@@ -327,8 +327,7 @@ def authors_sentence(article: dict, mode: str, rng: random.Random) -> str:
     return rng.choice(paragraph.split(". "))
 
 def test_sentence_table_picks_what_the_authors_rule_picks(world):
-    """Every article tokenised once: an rng picks the authors' rule's sentence, its token row
-    that sentence's; the tokenizer is learnt the same twice, padded with 0 to max_len."""
+    """Each article tokenised once: an rng picks the authors' rule's sentence and its tokens; the tokenizer, learnt the same twice, pads with 0."""
     articles, bad = mml.read_articles(mml.read_split(world, "query"))
     tok = mml.train_tokenizer([str(v) for a in articles for v in a.values()], mml.Config())
     table, first = mml.Sentences(articles, tok, "random"), mml.Sentences(articles, tok, "first")
@@ -406,6 +405,7 @@ def test_reader_on_a_hand_written_fixture(fixture_root):
     (lambda r: os.remove(r / "query/mml_query_text.csv"), r"mml_query_text.csv: file not found"),
     (lambda r: write(r / "query/mml_query.csv", "landmark_id,CommonsCategory,lat\n11,A,40\n"), r"mml_query.csv: no column 'lon'"),
     (lambda r: write(r / "query/mml_query_ground.csv", "landmark_id,images\n11,aaa0000000000009\n"), r"mml_query_ground.csv: landmark 22 listed in mml_query.csv but missing here"),
+    (lambda r: write(r / "query/mml_query_satellite.csv", "landmark_id,images\n22,ddd1 ddd2\n11,ccc3\n"), r"mml_query_satellite.csv: landmark 22 has 2 tiles; expected the latest alone"),
     (lambda r: write(r / "query/mml_query_text.csv", "landmark_id,json\n" + "".join(f"{i},xyz\n" for i in [11, 22, 1, 2, 3, 4, 5, 6, 7])), r"mml_query.csv: landmark 1, 2, 3, 4, 5 and 2 more listed in mml_query_text.csv but missing here"),
     (lambda r: write(r / "query/mml_query.csv", "landmark_id,CommonsCategory,lat,lon\n11,A,40,-73\n22,B,nan,120\n"), r"mml_query.csv, line 3: lat 'nan': expected a latitude in \[-90, 90\]"),
     (lambda r: write(r / "query/mml_query.csv", "landmark_id,CommonsCategory,lat,lon\n11,A,40,-73\n2x,B,1,120\n"), r"mml_query.csv, line 3: landmark_id '2x': expected an integer"),
