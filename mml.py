@@ -251,7 +251,7 @@ def read_split(root: Path, split: str) -> Split:
     # the latest alone, every year in _all_satellite
     sat = by_landmark(listing, "all_satellite" if query else "satellite", "images", ids)
     latest = by_landmark(listing, "satellite", "images", ids) if query else sat
-    if query and (two := next((i for i in ids if len(latest[i]) > 1), None)):
+    if query and (two := next((i for i in ids if len(latest[i]) > 1), None)) is not None:
         raise UserError(f"{d}/mml_query_satellite.csv: landmark {two} has "
                         f"{len(latest[two])} tiles; expected the latest alone")
     text = by_landmark(listing, "text", "json", ids)
