@@ -1747,11 +1747,12 @@ def restore(path: Path, ckpt: dict, cfg: Config) -> MML:
         if (n := tok.get_vocab_size()) > vocab.num_embeddings:
             raise UserError(f"{path}: its tokenizer has {n} tokens, its text encoder "
                             f"{vocab.num_embeddings}")
-        # padded on the right (small encoder: with the id 0 it masks) and cut to max_len
-        pad, cut, small = tok.padding or {}, tok.truncation or {}, cfg.text_backbone == "small"
-        if (pad.get("length"), cut.get("max_length"), pad.get("direction"), cut.get(
-                "direction")) != (cfg.max_len, cfg.max_len, "right", "right") or (
-                small and pad.get("pad_id") != 0):
+        # padded and cut on the right to max_len, as mml's are (the small encoder masks id 0)
+        pad, cut = tok.padding or {}, tok.truncation or {}
+        want = {"length": cfg.max_len, "direction": "right"} | (
+            {"pad_id": 0} if cfg.text_backbone == "small" else {})
+        if any(pad.get(k) != v for k, v in want.items()) or (
+                cut.get("max_length"), cut.get("direction")) != (cfg.max_len, "right"):
             raise UserError(f"{path}: its tokenizer does not pad and cut on the right to "
                             f"{cfg.max_len} tokens (the small text encoder pads with id 0)")
     model = MML(cfg)
