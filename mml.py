@@ -175,6 +175,7 @@ def read_csv(path: Path, columns: list[str]) -> dict[str, list]:
     try:
         lines = csv.reader(io.StringIO(data.decode("utf-8-sig"), newline=""))
         header, *rows = list(lines) or [[]]
+        rows = [(n, row) for n, row in enumerate(rows, 2) if row]  # pandas skips blank lines
     except UnicodeDecodeError as e:
         line = data[:e.start].count(b"\n") + 1
         raise UserError(f"{path}, line {line}: not UTF-8 text (byte {data[e.start]:#04x})"
@@ -187,14 +188,14 @@ def read_csv(path: Path, columns: list[str]) -> dict[str, list]:
             raise UserError(f"{path}: no column {c!r} (expected {','.join(columns)}, found "
                             f"{','.join(header)})")
         (parse, rule), k, table[c] = CELLS.get(c, (str, "")), header.index(c), []
-        for n, row in enumerate(rows, 2):
+        for n, row in rows:
             try:
                 table[c].append(parse(row[k]))
             except (ValueError, IndexError):
                 what = (f"{c} {row[k]!r:.60}: expected {rule}" if k < len(row) else
                         f"{len(row)} fields, expected {len(header)}")
                 raise UserError(f"{path}, line {n}: {what}") from None
-    for n, landmark in enumerate(table.get("landmark_id", []), 2):
+    for (n, _), landmark in zip(rows, table.get("landmark_id", [])):
         if first.setdefault(landmark, n) != n:
             raise UserError(f"{path}, line {n}: landmark {landmark} again (first on line "
                             f"{first[landmark]})")

@@ -388,8 +388,8 @@ def test_reader_on_a_hand_written_fixture(fixture_root):
     index = mml.read_index(fixture_root)
     assert index.ground == ["9990000000000001", "9990000000000002"]
     assert index.sat_latlon.tolist() == [[30.25, -90.5]]
-    path = fixture_root / "query/mml_query.csv"  # a byte-order mark: read as if absent
-    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    path = fixture_root / "query/mml_query.csv"  # a byte-order mark, CRLF, blank lines: as if absent
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes().replace(b"\n", b"\r\n\r\n"))
     assert mml.read_split(fixture_root, "query").ids.tolist() == [11, 22]
     for odd, why in ((Image.new("RGB", (100_000, 1)), "too thin to resize"), (Image.new("I;16", (8, 8), 40_000), "8-bit images only")):
         odd.save(fixture_root / "odd.png")  # a strip CLIP's resize would blow up; 16 bits convert("RGB") would clip
@@ -413,7 +413,7 @@ def test_reader_on_a_hand_written_fixture(fixture_root):
     (lambda r: write(r / "query/mml_query_ground.csv", "landmark_id,images\n11\n22,bbb0000000000001\n"), r"mml_query_ground.csv, line 2: 1 fields, expected 2"),
     (lambda r: write(r / "index/mml_index_satellite.csv", "images,lat,lon,year\n888,30,-190,2015\n"), r"mml_index_satellite.csv, line 2: lon '-190': expected a longitude in \[-180, 180\]"),
     (lambda r: write(r / "index/mml_index_satellite.csv", "images,lat,lon,year\n,30,-90,2015\n"), r"mml_index_satellite.csv, line 2: expected one image id"),  # its point kept
-    (lambda r: write(r / "query/mml_query.csv", "landmark_id,CommonsCategory,lat,lon\n11,A,40,-73\n22,B,1,2\n11,C,3,4\n"), r"mml_query.csv, line 4: landmark 11 again \(first on line 2\)"),  # a repeated row would count its queries twice
+    (lambda r: write(r / "query/mml_query.csv", "landmark_id,CommonsCategory,lat,lon\n11,A,40,-73\n\n22,B,1,2\n11,C,3,4\n"), r"mml_query.csv, line 5: landmark 11 again \(first on line 2\)"),  # a repeated row would count its queries twice
     (lambda r: write(r / "query/mml_query_text.csv", "landmark_id,json\n11,eee0000000000001\n22,fff0000000000001\n22,fff0000000000002\n"), r"mml_query_text.csv, line 4: landmark 22 again \(first on line 3\)"),
     (lambda r: (r / "query/mml_query.csv").write_bytes((r / "query/mml_query.csv").read_bytes().replace(b"Beta", b"B\xe9ta")), r"mml_query.csv, line 3: not UTF-8 text \(byte 0xe9\)"),  # Latin-1, not UTF-8
 ])
