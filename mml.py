@@ -2762,12 +2762,13 @@ COMMANDS = {
 FIELDS = [f.name for f in dataclasses.fields(Config)]
 TRAIN_FIELDS = FIELDS[:FIELDS.index("select") + 1]
 # What a checkpoint decides: the model and its preprocessing; and on --resume,
-# what decides the run's data and validation set, so that "best" keeps its
-# meaning.
+# what decides the run's data, recipe and validation set, so that the run goes on
+# as it began and "best" keeps its meaning.
 MODEL_FIELDS = FIELDS[FIELDS.index("preset"):FIELDS.index("gps_scaling") + 1] + [
     "img_size", "resize"]
 RUN_FIELDS = [f for f in MODEL_FIELDS if f != "clip"] + [  # CLIP's towers: by their digest
-    "data", "scale", "n_val", "holdout", "seed", "select", "batch_size"]  # B: steps to data
+    "data", "scale", "n_val", "holdout", "seed", "select", "batch_size",  # B: steps to data
+    "train_text", "recipe"]
 
 def parse_args(argv=None) -> tuple[str, Config, set]:
     """(command, Config, the options given), each option's --help the comment

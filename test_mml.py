@@ -1138,6 +1138,7 @@ def test_overwrite_starts_over(world, trained, tmp_path):
     (["--out", "{run}", "--resume", "--scale", 2], "--scale 2.0: {run}/last.pt was trained with 1.0; leave it out to resume"),
     (["--out", "{run}", "--resume", "--embed-dim", 64], "--embed-dim 64: {run}/last.pt was trained with 32; leave it out to resume"),
     (["--out", "{run}", "--resume", "--select", "loss"], "--select loss: {run}/last.pt was trained with recall; leave it out to resume"),
+    (["--out", "{run}", "--resume", "--recipe", "paper"], "--recipe paper: {run}/last.pt was trained with mml; leave it out to resume"),
     (["--out", "{run}", "--resume", "--batch-size", 8], "--batch-size 8: {run}/last.pt was trained with 16; leave it out to resume"),
 ])
 def test_a_refused_train_is_one_line_and_leaves_nothing(world, trained, tmp_path, monkeypatch, capsys, argv, message):
