@@ -41,7 +41,7 @@ class Config:
     # data (the fields from here to `select` are `train`'s options)
     data: str = ""  # dataset root, released layout (default: synthetic; eval: the ckpt's)
     scale: float = 1.0  # size of the synthetic world (1: 1,600 train, 100 query landmarks)
-    n_val: int = 1024  # training landmarks held out for validation (at most a tenth)
+    n_val: int = 1024  # training landmarks held out for validation (at most a tenth, or 2)
     holdout: Literal["seeded", "authors"] = "seeded"  # by --seed, or the authors' own draw
     train_text: Literal["first", "random"] = "first"  # the training sentence (PROTOCOL 2)
     img_size: int = 64  # images are resized to H x H (pretrained backbones: their size)
@@ -72,10 +72,10 @@ class Config:
     # training
     batch_size: int = 128  # the global batch, split across torchrun's processes
     epochs: int = 25  # passes over the training landmarks, one sample of each
-    max_steps: int = 0  # stop after this many steps (0: --epochs)
+    max_steps: int = 0  # the run's length in steps (0: --epochs)
     lr: float = 2e-3  # peak AdamW learning rate
     weight_decay: float = 0.05  # AdamW weight decay
-    recipe: Literal["mml", "paper"] = "mml"  # optimisation and jitter (see train_step)
+    recipe: Literal["mml", "paper"] = "mml"  # optimiser, schedule and jitter
     bf16: bool = True  # bf16 autocast on GPUs that have it (the CPU: float32)
     compile: bool = False  # torch.compile the model
     log_every: int = 10  # steps between log lines
@@ -216,8 +216,7 @@ def by_landmark(listing: Path, name: str, column: str, ids: list[int]) -> dict:
 
 def check_root(root: Path, split: str) -> Path:  # ROOT/split, or which folder is missing
     if not root.is_dir():
-        raise UserError(f"{root}: dataset root not found (expected the MMLandmarks layout: "
-                        f"mmlandmarks.csv, train/, query/, index/)")
+        raise UserError(f"{root}: dataset root not found (expected train/, query/, index/)")
     if not (root / split).is_dir():  # --data ROOT/train, say, for ROOT
         hint = f"; the root is {root.parent}" if (root.parent / split).is_dir() else ""
         raise UserError(f"{root / split}: split folder not found (expected mml_{split}*.csv "
@@ -390,10 +389,11 @@ class Sentences:
     sections, paragraphs at newlines, pieces at '. '; tree[i] holds article i's rows of
     `texts` (and `tokens`), mode "first" only the first piece:
 
-        {"Lead": "A. B\\nC", "Past": "D"}  ->  texts [A, B, C, D], tree [[[0, 1], [2]], [[3]]]
+        {"Lead": "A. B\\nC", "Past": "D"}  ->  texts [A, B, C, D], tree[0] [[[0, 1], [2]], [[3]]]
     """
 
     def __init__(self, articles: list[dict | None], tok: Tokenizer | None, mode: str):
+        # keep: each level's first branch (1) or all ([:None])
         self.texts, self.tree, keep = [], [], 1 if mode == "first" else None
         for article in articles:  # an unreadable article (None) gives one empty sentence
             self.tree.append([])
@@ -403,7 +403,7 @@ class Sentences:
                     pieces, n = paragraph.split(". ")[:keep], len(self.texts)
                     self.tree[-1][-1].append(list(range(n, n + len(pieces))))
                     self.texts += pieces
-        if tok is not None:  # (P, L), 64k sentences at a time
+        if tok is not None:  # (pieces, L), 64k at a time
             self.tokens = torch.cat([tokenize(tok, self.texts[i:i + 65536])
                                      for i in range(0, len(self.texts), 65536)])
 
@@ -444,17 +444,17 @@ class LandmarkSet(torch.utils.data.Dataset):
         images = {m: torch.empty(B, H, H, 3, dtype=torch.uint8) for m in "GS" if m in mods}
         if torch.utils.data.get_worker_info() is not None:  # in a worker: shared memory
             images = {m: x.share_memory_() for m, x in images.items()}
-        rows, tokens, bad = [i for _, i in keys], [], []
+        rows, text_rows, bad = [i for _, i in keys], [], []
         for j, (epoch, i) in enumerate(keys):
             rng, problems = random.Random(f"{self.cfg.seed}/{epoch}/{i}"), []
             views = {"G": s.ground[i], "S": s.sat[i] if self.train else [s.latest[i]]}
             for m, x in images.items():  # G, then S: the draws' order
                 self.view(m, views[m], rng, x[j].numpy(), problems)
-            tokens.append(self.sentences.pick(i, self.mode, rng) if "T" in mods else 0)
+            text_rows.append(self.sentences.pick(i, self.mode, rng) if "T" in mods else 0)
             bad.append("\n".join(problems))
         out = {m: x.permute(0, 3, 1, 2) for m, x in images.items()}  # (B, 3, H, H)
         if "T" in mods:
-            out["T"] = self.sentences.tokens[tokens]  # (B, L)
+            out["T"] = self.sentences.tokens[text_rows]  # (B, L)
         if "C" in mods:
             out["C"] = torch.tensor(s.latlon[rows], dtype=torch.float32)  # (B, 2)
         return out | {"bad": bad}
@@ -475,7 +475,7 @@ def epoch_batches(n: int, batch: int, seed: int, rank: int = 0, world: int = 1,
 def augment_params(seed: int, epoch: int, step: int, n: int, recipe: str = "mml"):
     """(n, 2, 7) jitter of a global batch's ground and aerial views: brightness, contrast,
     saturation, r (blur if r < 0.2, sharpen if < 0.4), blur sigma, quarter turns, hue shift.
-    mml: factors in [0.8, 1.2]; paper (the authors' albumentations): ColorJitter(0.15 x 4) on
+    mml: factors in [0.8, 1.2]; paper (after the authors' albumentations): ColorJitter(0.15 x 4) on
     half, blur, sharpen 15% each. Keyed by (seed, epoch, step) and place: any W, resume."""
     rng = np.random.default_rng([seed, epoch, step])
     u = torch.from_numpy(rng.random((n, 2, 6)))
@@ -562,7 +562,7 @@ def image_trunk(width: int) -> nn.Sequential:
         ResBlock(4 * width, 8 * width), nn.AdaptiveAvgPool2d(1), nn.Flatten())
 
 class Block(nn.Module):
-    """A pre-norm transformer layer, (B, L, W) -> (B, L, W): x + attention(norm(x)), then x +
+    """A pre-norm transformer layer, (B, L, E) -> (B, L, E): x + attention(norm(x)), then x +
     MLP(norm(x)); its modules carry Hugging Face CLIP's names, so that CLIP's weights load."""
 
     def __init__(self, width: int, heads: int, hidden: int, act: str = "gelu",
@@ -577,14 +577,14 @@ class Block(nn.Module):
                                   "fc2": nn.Linear(hidden, width)})
 
     def forward(self, x, keep=None, causal: bool = False):
-        """keep: (B, L), False at padding; causal: a token sees only those before it."""
-        B, L, W = x.shape
+        """keep: (B, L), False at padding; causal: a token sees itself and those before."""
+        B, L, E = x.shape
         y = self.layer_norm1(x)
         q, k, v = (self.self_attn[p](y).view(B, L, self.heads, -1).transpose(1, 2)
-                   for p in ("q_proj", "k_proj", "v_proj"))  # (B, heads, L, W/heads)
+                   for p in ("q_proj", "k_proj", "v_proj"))  # (B, heads, L, E/heads)
         mask = None if keep is None else keep[:, None, None, :]  # (B, 1, 1, L)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
-        x = x + self.self_attn["out_proj"](y.transpose(1, 2).reshape(B, L, W))
+        x = x + self.self_attn["out_proj"](y.transpose(1, 2).reshape(B, L, E))
         y = self.mlp["fc1"](self.layer_norm2(x))
         # quick_gelu, x sigmoid(1.702 x): CLIP's approximation of gelu
         y = y * torch.sigmoid(1.702 * y) if self.act == "quick_gelu" else F.gelu(y)
@@ -731,7 +731,7 @@ class MML(nn.Module):
         return self
 
     def forward(self, batch: dict):
-        # the scale is returned, not read off the module, so that DDP sees it used in forward
+        # the scale is returned, not read off the module: DDP must see it used in forward
         return {m: self.enc[m](batch[m]) for m in self.enc}, self.logit_scale.exp()
 
 # ---- loss ---------------------------------------------------------------------------------
@@ -873,7 +873,8 @@ def rank_queries(q: torch.Tensor, g: torch.Tensor, q_labels: torch.Tensor,
                     tied = real & (t == cutoff)[:, 0]  # the tie may go on past the top K
                     if bool(tied.any()):
                         junk_above[tied], others_above[tied] = count(scores[tied] >= t[tied])
-                official = others_above - (pos >= t).sum(1) + j  # (c,) 0-based positions
+                # 0-based: after the non-positives >= t (ties go against it), j positives
+                official = others_above - (pos >= t).sum(1) + j  # (c,)
                 strict = official + junk_above
                 if j == 0:
                     out["first_official"].append(official)
@@ -938,7 +939,7 @@ def autocast_for(device: torch.device, cfg: Config):
 
 def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
     """A tensor to the device (asynchronously from pinned memory); images channels-last on a
-    GPU, where convolutions run fastest so, plain on the CPU (the jitter: 1.4x faster)."""
+    GPU (faster convolutions), plain on the CPU (faster jitter: 1.4x)."""
     x = x.to(device, non_blocking=True)
     layout = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     return x.contiguous(memory_format=layout) if x.dim() == 4 else x
@@ -1075,7 +1076,7 @@ def train_step(model: nn.Module, raw: MML, optimizer, batch: dict, cfg: Config, 
     device, local = raw.logit_scale.device, len(batch["bad"])  # this process's rows
     for group in optimizer.param_groups:
         group["lr"] = lr
-    params = augment_params(cfg.seed, epoch, step, local * world, cfg.recipe)  # (B, 2, 7)
+    params = augment_params(cfg.seed, epoch, step, local * world, cfg.recipe)  # (W*local, 2, 7)
     inputs = jitter(batch_to(batch, device), params[rank * local:(rank + 1) * local])
     with autocast_for(device, cfg):
         emb, scale = model(inputs)
@@ -1124,7 +1125,7 @@ def end_of_epoch(raw: MML, optimizer, saved: dict, cfg: Config, epoch: int, step
                  epoch_done: bool) -> float:
     """At an epoch's end, or stopping: the unreadable files reported; process 0 validates (at
     an epoch's end), saves best.pt if better, then last.pt, while the others wait. Returns
-    the best validation value so far (process 0's counts)."""
+    the best validation value so far (process 0's value is used)."""
     n_bad = torch.tensor(len(unreadable), device=device)  # NCCL: GPU tensors only
     if dist.is_initialized():
         dist.all_reduce(n_bad)
@@ -1155,7 +1156,7 @@ def end_of_epoch(raw: MML, optimizer, saved: dict, cfg: Config, epoch: int, step
         dist.barrier()
     return best
 
-# Non-finite losses in a row that stop a run: one is skipped, ten mean the run has diverged.
+# Non-finite losses in a row that stop a run: one is skipped, ten mean it diverged.
 MAX_BAD_STEPS = 10
 
 def fit(cfg: Config):
@@ -1203,10 +1204,10 @@ def fit(cfg: Config):
     if cfg.preset:
         print0(f"--preset {cfg.preset}: " + " ".join(
             f"--{k.replace('_', '-')} {getattr(cfg, k)}" for k in PRESETS[cfg.preset]))
-    sizes = [sum(p.numel() for p in raw.parameters() if p.requires_grad or every) / 1e6
-             for every in (True, False)]  # all, trained
-    print0(f"training {cfg.modalities} (pairs {' '.join(pairs)}), {sizes[0]:.2f}M "
-           f"parameters ({sizes[1]:.2f}M trained), {len(train_set)} landmarks ({len(val_set)} "
+    n_all = sum(p.numel() for p in raw.parameters()) / 1e6
+    n_trained = sum(p.numel() for p in raw.parameters() if p.requires_grad) / 1e6
+    print0(f"training {cfg.modalities} (pairs {' '.join(pairs)}), {n_all:.2f}M "
+           f"parameters ({n_trained:.2f}M trained), {len(train_set)} landmarks ({len(val_set)} "
            f"held out) from {cfg.data}, batch {B} on {world} x {device.type}, {per_epoch} "
            f"steps/epoch, {total} steps")
     if rank == 0:
@@ -2761,9 +2762,8 @@ COMMANDS = {
                                               "overwrite": "replace an mml checkpoint there"})}
 FIELDS = [f.name for f in dataclasses.fields(Config)]
 TRAIN_FIELDS = FIELDS[:FIELDS.index("select") + 1]
-# What a checkpoint decides: the model and its preprocessing; and on --resume,
-# what decides the run's data, recipe and validation set, so that the run goes on
-# as it began and "best" keeps its meaning.
+# What a checkpoint decides: the model and its preprocessing; on --resume also
+# the run's data, recipe and validation set, so that "best" keeps its meaning.
 MODEL_FIELDS = FIELDS[FIELDS.index("preset"):FIELDS.index("gps_scaling") + 1] + [
     "img_size", "resize"]
 RUN_FIELDS = [f for f in MODEL_FIELDS if f != "clip"] + [  # CLIP's towers: by their digest
@@ -2915,6 +2915,8 @@ def resolve(command: str, cfg: Config, given: set) -> Config:
         cfg.data = str(data_root(cfg.data or synthetic_root(cfg.scale)))
         if command != "prepare":
             sized(cfg, "the model of these options")
+    if command == "bench" and set(cfg.phases.split(",")) - {"steps", "loader", "rank"}:
+        raise UserError(f"--phases {cfg.phases}: expected some of steps, loader, rank")
     if command == "synth" and "out" not in given:
         cfg.out = str(synthetic_root(cfg.scale))
     if command == "eval" and "ckpt" not in given:

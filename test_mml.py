@@ -165,8 +165,7 @@ def test_haversine_and_geo_metrics_known_distances():
     assert m["median_km"] == pytest.approx((11.1195 + 111.195) / 2, abs=0.01)
 
 def test_bench_baseline_ranks_exactly_like_the_chunked_counts():
-    """The per-query argsort (the definition the bench times) and rank_queries agree on the bench's
-    embeddings, ties included, so its speed-up compares equal work; positives rank high."""
+    """The argsort the bench times and rank_queries agree on its embeddings, ties included."""
     q, g, ql, gl = mml.fake_embeddings(60, 24, 400, 16, torch.device("cpu"), n_landmarks=12)
     assert (gl == -1).sum() == 400 and bool((gl[:400] == -1).all()) and set(ql.tolist()) == set(range(12))
     g[:24] = g[400:]  # distractors that tie with every labelled item: the tie policy counts
@@ -1173,6 +1172,7 @@ def test_messages_say_what_the_user_most_likely_meant(world, trained, tmp_path, 
     assert "log.jsonl: not a checkpoint (not a file torch.save writes)" in err and "code" not in err
     err = fails_in_one_line(capsys, "train", "--data", world / "train", "--out", tmp_path / "r", *TINY)
     assert f"the root is {world}" in err
+    assert "--phases steps,rnak: expected some of steps, loader, rank" in fails_in_one_line(capsys, "bench", "--phases", "steps,rnak")
     folder = clip_folder(tmp_path)
     run("convert", folder, "--out", tmp_path / "clip.pt")
     shutil.move(folder, tmp_path / "moved")
@@ -1187,8 +1187,7 @@ class Trap:
         return (Path.touch, (Path("sprung"),))
 
 def corrupt(ckpt: dict, where: str, value) -> dict:
-    """A checkpoint with one part changed: config.FIELD, or a part (None: removed; a function:
-    of the checkpoint)."""
+    """A checkpoint with config.FIELD or a part replaced (None: removed; a function: of it)."""
     ckpt = {**ckpt, "config": dict(ckpt["config"])}
     if where.startswith("config."):
         ckpt["config"][where[7:]] = value
