@@ -174,8 +174,8 @@ def read_csv(path: Path, columns: list[str]) -> dict[str, list]:
     data = path.read_bytes()
     try:
         lines = csv.reader(io.StringIO(data.decode("utf-8-sig"), newline=""))
-        header, *rows = list(lines) or [[]]
-        rows = [(n, row) for n, row in enumerate(rows, 2) if row]  # pandas skips blank lines
+        header = next(lines, [])  # rows numbered by their file line; pandas skips blank ones
+        rows = [(lines.line_num, row) for row in lines if row]
     except UnicodeDecodeError as e:
         line = data[:e.start].count(b"\n") + 1
         raise UserError(f"{path}, line {line}: not UTF-8 text (byte {data[e.start]:#04x})"
@@ -184,9 +184,9 @@ def read_csv(path: Path, columns: list[str]) -> dict[str, list]:
         raise UserError(f"{path}, line {lines.line_num}: not a CSV row ({e})") from None
     table, first = {}, {}
     for c in columns:
-        if c not in header:
-            raise UserError(f"{path}: no column {c!r} (expected {','.join(columns)}, found "
-                            f"{','.join(header)})")
+        if header.count(c) != 1:  # pandas would read the first of two
+            raise UserError(f"{path}: {'a repeated' if c in header else 'no'} column {c!r} "
+                            f"(expected {','.join(columns)}, found {','.join(header)})")
         (parse, rule), k, table[c] = CELLS.get(c, (str, "")), header.index(c), []
         for n, row in rows:
             try:
@@ -376,7 +376,8 @@ def train_tokenizer(texts, cfg: Config) -> Tokenizer:
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.train_from_iterator(texts, trainers.BpeTrainer(
-        vocab_size=cfg.vocab_size, special_tokens=["[PAD]", "[UNK]"], show_progress=False))
+        vocab_size=cfg.vocab_size, special_tokens=["[PAD]", "[UNK]"], show_progress=False,
+        limit_alphabet=cfg.vocab_size - 2))  # else 3,000 CJK letters overflow the 2,000
     tok.enable_padding(pad_id=0, pad_token="[PAD]", length=cfg.max_len)  # SmallText masks 0
     tok.enable_truncation(cfg.max_len)
     return tok
@@ -1169,6 +1170,10 @@ def fit(cfg: Config):
         raise UserError(f"--batch-size {cfg.batch_size} is the global batch: it must divide "
                         f"evenly over {world} processes")
     train_set, val_set, tok = training_sets(cfg, ckpt)
+    ids = np.sort(np.concatenate([train_set.split.ids, val_set.split.ids]))
+    landmarks = hashlib.sha256(ids.tobytes()).hexdigest()[:16]  # the data, by its landmarks
+    if ckpt and ckpt.get("landmarks", landmarks) != landmarks:  # a world written over, say
+        raise UserError(f"{cfg.data}: not the landmarks {out / 'last.pt'} was trained on")
     B = min(cfg.batch_size, len(train_set)) // world * world  # never more than the landmarks
     if B < cfg.batch_size:
         print0(f"batch {cfg.batch_size} > {len(train_set)} training landmarks: using {B}")
@@ -1213,8 +1218,8 @@ def fit(cfg: Config):
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
     log = open(out / "log.jsonl", "a", buffering=1) if rank == 0 else None  # lines flushed
-    saved = {"config": dataclasses.asdict(cfg), "tokenizer": tok.to_str()} | (
-        {"towers": tower_record} if tower_record else {})  # in every checkpoint
+    saved = {"config": dataclasses.asdict(cfg), "tokenizer": tok.to_str(),  # in every one
+             "landmarks": landmarks} | ({"towers": tower_record} if tower_record else {})
     t_start = t_last = time.time()
     first, last, bad_in_row, skipped, unreadable = step, step, 0, 0, []
     with stop_signals() as stop, matmul_precision("high"):  # TF32 for training, not scores
@@ -1408,7 +1413,8 @@ def embed(fn, data, what: str, cfg: Config, device, spread=True) -> torch.Tensor
             raise UserError(f"{bad[0]} (evaluation needs every file of the protocol)")
         done = lo + sum(map(len, parts))
         width = parts[0].shape[1] if parts else 0
-        parts.append(batch_rows(fn(x), len(x), what, width, done).to(device))
+        # a copy: an encoder may hand back the same buffer every batch
+        parts.append(batch_rows(fn(x), len(x), what, width, done).to(device, copy=True))
         if time.time() - t_print > 10:
             rate = (done - lo) * world / (time.time() - t0)
             eta, t_print = fmt_time((n - done * world) / max(rate, 1e-9)), time.time()
@@ -1459,11 +1465,11 @@ class Functions:
     cfg: Config
 
     def width(self, m: str) -> int:
-        """The width D of modality m's embeddings, from a batch of one blank input."""
+        """The width D of modality m's embeddings, from a batch of one input."""
         H = self.cfg.img_size
-        blank = {"T": ["a"], "C": torch.zeros(1, 2, dtype=torch.float64)}.get(
-            m, torch.zeros(1, 3, H, H, dtype=torch.uint8))
-        return batch_rows(self.fns[m](blank), 1, f"{MODALITY[m]} encoder").shape[1]
+        probe = {"T": ["a"], "C": torch.zeros(1, 2, dtype=torch.float64)}.get(
+            m, (torch.arange(3 * H * H) % 251).to(torch.uint8).view(1, 3, H, H))  # not flat
+        return batch_rows(self.fns[m](probe), 1, f"{MODALITY[m]} encoder").shape[1]
 
     def embed_side(self, side: Side) -> torch.Tensor:
         m = side.modality
@@ -1493,6 +1499,8 @@ def score(protocol: Protocol, embedder: Functions, cfg: Config, source: dict) ->
              for t in tasks if width[t.query] != width[t.gallery]]
     for line in clash:
         print0(f"skipping {line}")
+    for name in {n for t in tasks for n in t.sides}:  # every file listed and read first
+        protocol.side(name)
     for task in (t for t in tasks if width[t.query] == width[t.gallery]):
         for side in (protocol.side(n) for n in task.sides if n not in embedded):
             embedded[side.name] = unit_rows(embedder.embed_side(side), side)
@@ -1833,7 +1841,8 @@ class Checkpoint(Functions):
     def embed_images(self, images, kind: str = "ground") -> torch.Tensor:
         """(N, D): images as paths, decoded (H, W, 3) uint8 arrays of any size, or a
         (B, 3, H, H) uint8 tensor. Anything else is one line."""
-        m = LETTER.get(kind, kind)
+        if (m := LETTER.get(kind, kind)) not in ("G", "S"):
+            raise UserError(f"embed_images: kind {kind!r}; expected ground or satellite")
         self.encoder(m)  # an error now, not after reading the images
         if not torch.is_tensor(x := images):
             listed = [x] if isinstance(x, (str, Path)) else list(x)
@@ -2433,6 +2442,12 @@ def prepare(cfg: Config):
             tiles = dict.fromkeys(i for g in s.sat + [s.latest] for i in g)
             jobs += [(s.dir, "ground", [i for g in s.ground for i in g]),
                      (s.dir, "satellite", list(tiles))]
+    for split_dir, kind, _ in jobs:  # every array refused before any is decoded
+        array = cache / f"{split_dir.name}_{kind}.u8"
+        head = (m := array.with_suffix(".json")).is_file() and m.read_bytes()[:100]
+        if (array.exists() or m.exists()) and b'"mml.py prepare"' not in (head or b""):
+            raise UserError(f"{array}: exists and was not made by `mml.py prepare`; "
+                            f"refusing to replace it (--cache names another folder)")
     n = sum(len(ids) for *_, ids in jobs)
     print0(f"prepare: {n} images at {size}x{size} px ({n * len(blank) / 1e9:.2f} GB) "
            f"into {cache}")
@@ -2440,10 +2455,6 @@ def prepare(cfg: Config):
         for split_dir, kind, ids in jobs:
             t, array = time.time(), cache / f"{split_dir.name}_{kind}.u8"
             manifest, broken = array.with_suffix(".json"), []
-            head = manifest.read_bytes()[:100] if manifest.is_file() else b""
-            if (array.exists() or manifest.exists()) and b'"mml.py prepare"' not in head:
-                raise UserError(f"{array}: exists and was not made by `mml.py prepare`; "
-                                f"refusing to replace it (--cache names another folder)")
 
             def decode_all(tmp: Path):
                 work = ((shard(split_dir, kind, i), size, cfg.resize) for i in ids)
@@ -2644,6 +2655,7 @@ def picture(split_dir: Path, kind: str, lm: dict, rng, building=True) -> str:
 
 # only mml writes it: a folder holding it is mml's to replace
 SYNTH_MARKER = "mml_synthetic.json"
+WORLD = {SYNTH_MARKER, "train", "query", "index", "cache"}  # cache: `prepare`'s
 
 def synthesize(out: Path, scale: float = 1.0, seed: int = 0) -> dict:
     """A synthetic world in the released layout at `out`, its counts returned.
@@ -2658,6 +2670,9 @@ def synthesize(out: Path, scale: float = 1.0, seed: int = 0) -> dict:
                 not folder.is_dir() or any(folder.iterdir())):
             raise UserError(f"{folder}: not empty and not a synthetic world written "
                             f"by mml (no {SYNTH_MARKER}); refusing to replace it")
+        if folder.is_dir() and (extra := {p.name for p in folder.iterdir()} - WORLD):
+            raise UserError(f"{folder}: holds {min(extra)}, which mml did not write there; "
+                            f"refusing to replace it")
     writable_folder(out.parent, "--out")
     shutil.rmtree(tmp, ignore_errors=True)  # left by an interrupted run
     tmp.mkdir(parents=True)
@@ -2720,7 +2735,7 @@ def synthesize(out: Path, scale: float = 1.0, seed: int = 0) -> dict:
 def synth(cfg: Config):
     """`synth`: a synthetic world at --out (default: where `train` reads it)."""
     t = time.time()
-    counts = json.dumps(synthesize(Path(cfg.out), cfg.scale, cfg.seed))
+    counts = json.dumps(synthesize(Path(os.path.abspath(cfg.out)), cfg.scale, cfg.seed))
     print(f"synthetic world in {cfg.out} ({time.time() - t:.0f}s): {counts}")
 
 def synthetic_root(scale: float) -> Path:
@@ -2885,7 +2900,10 @@ def resolve(command: str, cfg: Config, given: set) -> Config:
             if k in given and getattr(cfg, k) != getattr(saved, k):
                 raise UserError(f"--{k.replace('_', '-')} {getattr(cfg, k)}: {last} was "
                                 f"trained with {getattr(saved, k)}; leave it out to resume")
-        return check_config(dataclasses.replace(saved, **{k: getattr(cfg, k) for k in given}))
+        now = {k: getattr(cfg, k) for k in given | {"out"}}  # out: where last.pt was found
+        if "epochs" in given and "max_steps" not in given:  # the length, said in epochs
+            now["max_steps"] = 0
+        return check_config(dataclasses.replace(saved, **now))
     held = [n for n in ("last.pt", "best.pt", "log.jsonl") if (out / n).exists()]
     if train and held and not cfg.overwrite:
         raise UserError(f"{out}: holds a run already ({', '.join(held)}): continue "

@@ -378,6 +378,7 @@ def test_reader_on_a_hand_written_fixture(fixture_root):
     articles, bad = mml.read_articles(s)  # the second article's file is missing: None, and why
     assert articles[0] == article(s, 0) and articles[1] is None and len(bad) == 1 and "fff0000000000001.json" in bad[0]
     tok = mml.train_tokenizer(["Alpha is a tower in Ohio. It is tall."], mml.Config(vocab_size=60))
+    assert mml.train_tokenizer(["".join(map(chr, range(0x4E00, 0x5A00)))], mml.Config(vocab_size=60)).get_vocab_size() == 60
     for mode in ("first", "random"):
         table = mml.Sentences(articles[:1], tok, mode)
         picks = {table.texts[table.pick(0, mode, random.Random(i))] for i in range(200)}
@@ -410,6 +411,8 @@ def test_reader_on_a_hand_written_fixture(fixture_root):
     (lambda r: write(r / "query/mml_query.csv", "landmark_id,CommonsCategory,lat,lon\n11,A,40,-73\n2x,B,1,120\n"), r"mml_query.csv, line 3: landmark_id '2x': expected an integer"),
     (lambda r: write(r / "query/mml_query.csv", "landmark_id,CommonsCategory,lat,lon\n11,A,40,-73\n-1,B,1,120\n"), r"line 3: landmark_id '-1': expected an integer in \[0, 2\*\*63\)"),  # -1: a distractor's
     (lambda r: write(r / "query/mml_query_ground.csv", "landmark_id,images\n11\n22,bbb0000000000001\n"), r"mml_query_ground.csv, line 2: 1 fields, expected 2"),
+    (lambda r: write(r / "query/mml_query.csv", "landmark_id,lat,lat,lon\n11,0,40,-73\n22,0,1,120\n"), r"mml_query.csv: a repeated column 'lat'"),  # pandas: the first
+    (lambda r: write(r / "query/mml_query.csv", 'landmark_id,CommonsCategory,lat,lon\n11,"A\n\nB",40,-73\n22,B,abc,120\n'), r"mml_query.csv, line 5: lat 'abc'"),  # the file's line
     (lambda r: write(r / "index/mml_index_satellite.csv", "images,lat,lon,year\n888,30,-190,2015\n"), r"mml_index_satellite.csv, line 2: lon '-190': expected a longitude in \[-180, 180\]"),
     (lambda r: write(r / "index/mml_index_satellite.csv", "images,lat,lon,year\n,30,-90,2015\n"), r"mml_index_satellite.csv, line 2: expected one image id"),  # its point kept
     (lambda r: write(r / "query/mml_query.csv", "landmark_id,CommonsCategory,lat,lon\n11,A,40,-73\n\n22,B,1,2\n11,C,3,4\n"), r"mml_query.csv, line 5: landmark 11 again \(first on line 2\)"),  # a repeated row would count its queries twice
@@ -513,8 +516,8 @@ def same_weights(a: Path, b: Path, names=("last.pt",)):
 def test_resume_is_exact(world, tmp_path, monkeypatch, crash_after):
     """3 epochs straight == 2 epochs, a crash, --resume, 1 more: bit-identical weights. The
     crash comes right after last.pt, or between best.pt and last.pt: best.pt is right too."""
-    args = ["--data", world, *TINY, "--epochs", 3, "--train-text", "random", "--select", "loss"]
-    run("train", "--out", tmp_path / "a", *args)
+    args = ["--data", world, *TINY, "--train-text", "random", "--select", "loss"]
+    run("train", "--out", tmp_path / "a", *args, "--epochs", 3)
     real_save = mml.save_checkpoint
 
     def save_then_crash(state, path):
@@ -523,11 +526,13 @@ def test_resume_is_exact(world, tmp_path, monkeypatch, crash_after):
             raise KeyboardInterrupt  # as if the machine went down right after the save
     monkeypatch.setattr(mml, "save_checkpoint", save_then_crash)
     with pytest.raises(KeyboardInterrupt):
-        run("train", "--out", tmp_path / "b", *args)
+        run("train", "--out", tmp_path / "b", *args, "--max-steps", 3 * STEPS)  # 3 epochs, in steps
     monkeypatch.setattr(mml, "save_checkpoint", real_save)
-    run("train", "--out", tmp_path / "b", "--resume")  # the run's own settings come from last.pt
-    same_weights(tmp_path / "a", tmp_path / "b", ("last.pt", "best.pt"))
-    assert torch.load(tmp_path / "b/last.pt", weights_only=True)["step"] == 3 * STEPS
+    shutil.move(tmp_path / "b", tmp_path / "runs/mml")  # moved: resumed where it is, the default --out
+    run("train", "--resume")  # the run's own settings come from last.pt
+    same_weights(tmp_path / "a", tmp_path / "runs/mml", ("last.pt", "best.pt"))
+    run("train", "--resume", "--epochs", 4)  # --epochs alone: the run's new length
+    assert torch.load(tmp_path / "runs/mml/last.pt", weights_only=True)["step"] == 4 * STEPS
 
 def train_until_sigterm(cmd: list, after_step: int, env=None) -> tuple[int, str]:
     """Start a training command, send SIGTERM to its whole process group (as a scheduler
@@ -682,7 +687,7 @@ def test_unreadable_images_are_skipped_in_training_and_fatal_in_eval(world, tmp_
 @pytest.mark.parametrize("content,why", [("{not json", "JSONDecodeError"), ("[" * 100_000, "RecursionError"), ('["a list"]', "expected a JSON object"), (json.dumps({"a": "\n" * 100_001}), "over 100,000 paragraphs")])
 def test_an_unreadable_article_is_skipped_in_training_and_fatal_in_eval(world, trained, tmp_path, capsys, content, why):
     """An article not JSON, nested 100,000 deep, not an object or too long: training gives it an
-    empty sentence and counts it; eval names it after writing the tasks before it (CSV and all)."""
+    empty sentence and counts it; eval names it before anything is embedded or written."""
     root = copy_world(world, tmp_path)
     for split in ("train", "query"):
         s = mml.read_split(root, split)
@@ -691,8 +696,7 @@ def test_an_unreadable_article_is_skipped_in_training_and_fatal_in_eval(world, t
     assert "1 unreadable articles" in capsys.readouterr().out  # skipped and counted
     err = fails_in_one_line(capsys, "eval", "--ckpt", trained / "best.pt", "--data", root, "--out", tmp_path, "--tasks", "G2S,T2S-first", "--workers", 0)
     assert why in err and "evaluation needs every file" in err
-    assert list(json.loads((tmp_path / "eval/metrics.json").read_text())["tasks"]) == ["G2S"]
-    assert (tmp_path / "eval/G2S.csv").is_file() and not (tmp_path / "eval/T2S-first.csv").exists()
+    assert not (tmp_path / "eval").exists()
 
 def torchvision_jitter(image: torch.Tensor, p: list, rotate: bool) -> torch.Tensor:
     """The jitter one image at a time with torchvision's functions: the reference."""
@@ -1021,6 +1025,8 @@ def test_the_python_api_refuses_what_it_cannot_embed_in_one_line(trained, tmp_pa
     for bad in ([[91.0, 0.0]], [[0.0, -180.5]], [1.0, 2.0, 3.0], [[[1.0, 2.0]]], [[float("nan"), 0.0]]):
         with pytest.raises(mml.UserError, match=r"embed_gps: .*expected \(N, 2\) of latitudes in \[-90, 90\] and longitudes in \[-180, 180\]"):
             model.embed_gps(bad)
+    with pytest.raises(mml.UserError, match="kind 'text'; expected ground or satellite"):
+        model.embed_images(np.zeros((1, 8, 8, 3), np.uint8), kind="text")  # not sentences "[[[0 0 0]..."
     with pytest.raises(mml.UserError, match="batch -5: expected an integer of at least 1"):
         mml.load(trained / "best.pt", batch=-5)
     with pytest.raises(mml.UserError, match=r"embed_text: expected a sentence \(str\)"):
@@ -1035,12 +1041,15 @@ def test_the_python_api_refuses_what_it_cannot_embed_in_one_line(trained, tmp_pa
         mml.load(tmp_path / "nan.pt", device="cpu").embed_gps([[40.7, -74.0]])
 
 def test_rows_of_any_norm_are_normalised_and_a_zero_row_is_one_line(world, trained, tmp_path):
-    """Embeddings scaled by 3 or by 1e20 (a float32 norm of such rows overflows to inf) give
-    the unit vectors' metrics, with a warning; a row of zeros has no direction: one line."""
+    """Embeddings scaled by 3 or by 1e20 (a float32 norm of such rows overflows to inf), handed
+    back in one buffer, or not finite on a flat image (as a centring encoder's) give the unit
+    vectors' metrics; a row of zeros has no direction: one line."""
     enc = mml.load(trained / "best.pt", device="cpu").model.enc
     want = mml.evaluate_encoders({"G": enc["G"], "S": enc["S"]}, data=world, out=tmp_path / "u", img_size=32)
-    for scale in (3.0, 1e20):
-        got = mml.evaluate_encoders({"G": lambda x: scale * enc["G"](x), "S": lambda x: scale * enc["S"](x)}, data=world, out=tmp_path / f"x{scale}", img_size=32)
+    buffer = {m: torch.empty(16, 32) for m in "GS"}
+    for n, f in enumerate((lambda m, x: 3 * enc[m](x), lambda m, x: 1e20 * enc[m](x), lambda m, x: buffer[m][:len(x)].copy_(enc[m](x)),
+                           lambda m, x: enc[m](x) / (x.float().std((1, 2, 3)) > 0)[:, None])):
+        got = mml.evaluate_encoders({m: lambda x, m=m: f(m, x) for m in "GS"}, data=world, out=tmp_path / f"x{n}", img_size=32, batch=16)
         assert {t: r["official"] for t, r in got.items()} == {t: r["official"] for t, r in want.items()}
     zero_row = lambda x: enc["G"](x) * (torch.arange(len(x)) != 3)[:, None]
     with pytest.raises(mml.UserError, match="query_ground: the embedding of row 3 is zero"):
@@ -1090,15 +1099,21 @@ def test_synth_never_replaces_what_mml_did_not_write(fixture_root, tmp_path, cap
     assert (tmp_path / "fresh.tmp/notes.txt").read_text() == "mine"
     # a world mml wrote is regenerated in place
     run("synth", "--out", tmp_path / "own", "--scale", 0.01, "--seed", 1)
+    run("train", "--data", tmp_path / "own", "--out", tmp_path / "r", *TINY, "--max-steps", 1)
     run("synth", "--out", tmp_path / "own", "--scale", 0.01, "--seed", 2)
     assert json.loads((tmp_path / f"own/{mml.SYNTH_MARKER}").read_text())["seed"] == 2
+    assert "own: not the landmarks" in fails_in_one_line(capsys, "train", "--out", tmp_path / "r", "--resume")  # a world written over
+    (tmp_path / "own/run").mkdir()  # what else a world holds is not mml's to replace; nor is "." (the test's folder)
+    assert "own: holds run, which mml did not write" in fails_in_one_line(capsys, "synth", "--out", tmp_path / "own", "--scale", 0.01)
+    assert "not empty and not a synthetic world" in fails_in_one_line(capsys, "synth", "--out", ".", "--scale", 0.01)
     # synth writes where train reads, whatever the scale
     assert all(Path(mml.resolve("synth", mml.Config(scale=s), {"scale"}).out) == mml.synthetic_root(s) for s in (1.0, 0.5))
     # nor does prepare replace a file it did not make
     (tmp_path / "c/64-crop").mkdir(parents=True)
-    (tmp_path / "c/64-crop/query_ground.u8").write_bytes(b"someone's")
+    (tmp_path / "c/64-crop/query_satellite.u8").write_bytes(b"someone's")
     assert "not made by `mml.py prepare`" in fails_in_one_line(capsys, "prepare", "--data", fixture_root, "--splits", "query", "--cache", tmp_path / "c")
-    assert (tmp_path / "c/64-crop/query_ground.u8").read_bytes() == b"someone's"
+    assert (tmp_path / "c/64-crop/query_satellite.u8").read_bytes() == b"someone's"  # refused before any array is built
+    assert sorted(p.name for p in (tmp_path / "c/64-crop").iterdir()) == ["query_satellite.u8"]
 
 def test_overwrite_starts_over(world, trained, tmp_path):
     shutil.copytree(trained, tmp_path / "run")  # --overwrite removes what mml wrote there, nothing else
