@@ -95,7 +95,7 @@ class Config:
 
 # The authors' baseline (PROTOCOL 5; their train.py, configs/mml_clip.yaml): frozen CLIP
 # towers (one for both image views), MLP heads, GeoCLIP's GPS encoder from scratch without
-# its scaling, their images, optimisation, jitter and selection; sizes from --clip's folder.
+# its scaling, their images, optimisation, jitter and selection; sizes from --clip.
 PRESETS = {"paper": {
     "image_backbone": "clip", "text_backbone": "clip", "share_image_trunk": True,
     "freeze": "GST", "head": "mlp", "embed_dim": 512, "gps_width": 1024, "gps_depth": 3,
@@ -103,7 +103,7 @@ PRESETS = {"paper": {
     "train_text": "first", "lr": 1e-4, "weight_decay": 5e-4, "recipe": "paper",
     "batch_size": 512, "epochs": 20, "n_val": 1024, "holdout": "authors", "select": "loss"}}
 
-# The modalities by letter, and the names the command line and the API also accept.
+# The modalities by letter, and the names the command line and API also accept.
 MODALITY = {"G": "ground", "S": "satellite", "T": "text", "C": "gps"}
 LETTER = {name: m for m, name in MODALITY.items()}
 
@@ -143,7 +143,7 @@ def haversine_km(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 # The released layout (PROTOCOL 1): per split, mml_{split}.csv lists landmark_id, lat, lon,
 # mml_{split}_{ground,satellite,text}.csv each landmark's photo ids, aerial ids (oldest
 # first) and article id, the files at {split}/{kind}/a/b/c/{id}.{jpg,png,json} (a/b/c: the
-# id's first letters); index/ holds the distractors. A bad cell is one line naming its line.
+# id's first letters); index/ holds the distractors. A bad cell is one line naming it.
 
 def shard(split_dir: Path, kind: str, file_id: str) -> Path:
     ext = {"ground": ".jpg", "satellite": ".png", "text": ".json"}[kind]
@@ -174,7 +174,7 @@ def read_csv(path: Path, columns: list[str]) -> dict[str, list]:
     data = path.read_bytes()
     try:
         lines = csv.reader(io.StringIO(data.decode("utf-8-sig"), newline=""))
-        header = next(lines, [])  # rows numbered by their file line; pandas skips blank ones
+        header = next(lines, [])  # rows by file line; blank ones skipped, as pandas does
         rows = [(lines.line_num, row) for row in lines if row]
     except UnicodeDecodeError as e:
         line = data[:e.start].count(b"\n") + 1
@@ -281,7 +281,7 @@ def read_train(cfg: Config, root: Path) -> tuple[Split, Split]:
     return split.take(np.sort(perm[n_val:])), split.take(np.sort(perm[:n_val]))
 
 # A file past these bounds is unreadable, as a corrupt one is (the release's photos are about
-# 800 px, its articles well under a megabyte).
+# 800 px, its articles under a megabyte).
 MAX_PIXELS = 50_000_000  # a decoded image (after draft): 50 megapixels, 150 MB of RGB
 MAX_ARTICLE_BYTES = 1 << 24  # an article: 16 MiB of JSON
 MAX_PIECES = 100_000  # an article's paragraphs and sentences (a long real one: thousands)
@@ -319,7 +319,7 @@ def to_square(im: Image.Image, size: int, resize: str = "crop") -> np.ndarray:
 
 def load_image(path: Path, size: int, resize: str = "crop") -> np.ndarray:
     """(H, H, 3) uint8. For crop, draft() lets JPEGs decode at 1/2, 1/4 or 1/8 scale, never
-    below H (2-3x faster); the others decode in full, as their models do."""
+    below H (2-3x faster); the others in full, as their models do."""
     with Image.open(regular_file(path)) as im:
         if resize == "crop":
             im.draft("RGB", (size, size))
@@ -353,8 +353,8 @@ class ImageStore:
         return out
 
 def read_articles(split: Split) -> tuple[list[dict | None], list[str]]:
-    """A split's articles, each {section title: text} (paragraphs split by newlines) or None
-    where unreadable; and why each unreadable one failed."""
+    """A split's articles, each {section title: text} or None where unreadable; and why each
+    unreadable one failed."""
     articles, bad = [], []
     for path in (shard(split.dir, "text", i) for i in split.text):
         try:
@@ -377,7 +377,7 @@ def train_tokenizer(texts, cfg: Config) -> Tokenizer:
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.train_from_iterator(texts, trainers.BpeTrainer(
         vocab_size=cfg.vocab_size, special_tokens=["[PAD]", "[UNK]"], show_progress=False,
-        limit_alphabet=cfg.vocab_size - 2))  # else 3,000 CJK letters overflow the 2,000
+        limit_alphabet=cfg.vocab_size - 2))  # else a CJK text overflows it
     tok.enable_padding(pad_id=0, pad_token="[PAD]", length=cfg.max_len)  # SmallText masks 0
     tok.enable_truncation(cfg.max_len)
     return tok
@@ -386,7 +386,7 @@ def tokenize(tok: Tokenizer, sentences: list[str]) -> torch.Tensor:
     return torch.tensor([e.ids for e in tok.encode_batch(sentences)], dtype=torch.long)
 
 class Sentences:
-    """A split's sentences, cut the authors' way (PROTOCOL 2; naive, so that numbers compare):
+    """A split's sentences, cut the authors' way (PROTOCOL 2; naive, so numbers compare):
     sections, paragraphs at newlines, pieces at '. '; tree[i] holds article i's rows of
     `texts` (and `tokens`), mode "first" only the first piece:
 
@@ -410,7 +410,7 @@ class Sentences:
 
     def pick(self, i: int, mode: str, rng: random.Random) -> int:
         """Article i's row: the first or a random branch at each level of its tree; randrange
-        (n) draws what the authors' rng.choice of n items draws: the same rng, the same pick."""
+        (n) draws what the authors' rng.choice of n items draws."""
         node = self.tree[i]
         while isinstance(node, list):
             node = node[rng.randrange(len(node)) if mode == "random" else 0]
@@ -420,8 +420,8 @@ class LandmarkSet(torch.utils.data.Dataset):
     """[(epoch, row), ...] -> {"G", "S": (B, 3, H, H) uint8, "T": (B, L), "C": (B, 2), "bad":
     B strings}, a row's unreadable files. Training draws a photo, a year's tile, a --train-text
     sentence by (seed, epoch, row), in any worker; validation the first photo, latest tile,
-    first sentence. Images go into a shared-memory batch (no collating: 2x a worker's speed),
-    stored (B, H, H, 3) so that (B, 3, H, H) is channels-last, as GPU convolutions prefer."""
+    first sentence. Images go into a shared-memory batch (no collating: 2x faster), stored
+    (B, H, H, 3): (B, 3, H, H) is then channels-last, as GPU convolutions prefer."""
 
     def __init__(self, split: Split, stores: dict, sentences: Sentences, cfg: Config,
                  train: bool):
@@ -464,7 +464,7 @@ def epoch_batches(n: int, batch: int, seed: int, rank: int = 0, world: int = 1,
                   start: int = 0, stop: int = 0):
     """Process r's (epoch, row) keys for steps start to stop: the r-th of W slices of global
     batches cut from a permutation per epoch, seeded by (seed, epoch), the last partial one
-    dropped. The same for any W, resumable, one iterator for the run (workers never restart)."""
+    dropped. The same for any W, resumable, one iterator for the run (no worker restarts)."""
     per_epoch, local = n // batch, batch // world
     for step in range(start, stop):
         epoch, b = divmod(step, per_epoch)
@@ -476,8 +476,8 @@ def epoch_batches(n: int, batch: int, seed: int, rank: int = 0, world: int = 1,
 def augment_params(seed: int, epoch: int, step: int, n: int, recipe: str = "mml"):
     """(n, 2, 7) jitter of a global batch's ground and aerial views: brightness, contrast,
     saturation, r (blur if r < 0.2, sharpen if < 0.4), blur sigma, quarter turns, hue shift.
-    mml: factors in [0.8, 1.2]; paper (after the authors' albumentations): ColorJitter(0.15 x 4) on
-    half, blur, sharpen 15% each. Keyed by (seed, epoch, step) and place: any W, resume."""
+    mml: factors in [0.8, 1.2]; paper (after the authors' albumentations): ColorJitter(0.15
+    x 4) on half, blur, sharpen 15% each. Keyed by (seed, epoch, step) and place: any W, resume."""
     rng = np.random.default_rng([seed, epoch, step])
     u = torch.from_numpy(rng.random((n, 2, 6)))
     low = torch.tensor([0.8, 0.8, 0.8, 0.0, 0.3, 0.0], dtype=torch.float64)
@@ -496,8 +496,8 @@ def augment(images: torch.Tensor, params: torch.Tensor, rotate: bool,
             hue: bool = False) -> torch.Tensor:
     """(B, 3, H, H) uint8 -> float in [0, 1], each image by its row of params, all at once on
     its device: torchvision's adjust_brightness, _contrast, _saturation, gaussian_blur (3x3),
-    adjust_sharpness (2), rot90, for a batch (tested against them); aerial views turned (no
-    north). `hue`: whether any shift was drawn (known on the CPU: no sync asks the device)."""
+    adjust_sharpness (2), rot90 (tested against them); aerial views turned (no north).
+    `hue`: whether any shift was drawn (known on the CPU: no sync asks the device)."""
     x = images.float() / 255
     # params (B, 7) -> seven (B, 1, 1, 1)
     bright, contrast, saturation, r, sigma, turns, shift = (p.view(-1, 1, 1, 1) for p in params.T)
@@ -506,7 +506,7 @@ def augment(images: torch.Tensor, params: torch.Tensor, rotate: bool,
     x = (contrast * x + (1 - contrast) * gray(x).mean((2, 3), keepdim=True)).clamp(0, 1)
     x = (saturation * x + (1 - saturation) * gray(x)).clamp(0, 1)
     if hue:  # a rotation of RGB about its grey axis (Rodrigues' formula): greys and
-        # brightness stay, HSV's hue shift approximated without a round trip through HSV
+        # brightness stay: HSV's hue shift, without a round trip through HSV
         c, s = torch.cos(2 * math.pi * shift[:, 0]), torch.sin(2 * math.pi * shift[:, 0])
         cross = torch.tensor([[0.0, -1, 1], [1, 0, -1], [-1, 1, 0]], device=x.device)
         rotation = c * torch.eye(3, device=x.device) + s * cross / math.sqrt(3) + (1 - c) / 3
@@ -535,7 +535,7 @@ def augment(images: torch.Tensor, params: torch.Tensor, rotate: bool,
 
 # ---- model --------------------------------------------------------------------------------
 # Four encoders, one per modality, each a backbone (the trunk), a projection head to the
-# shared width D and an L2 normalisation, so that the dot product of two embeddings is their
+# shared width D and an L2 normalisation: the dot product of two embeddings is their
 # cosine similarity. Backbones: a small CNN (or torchvision's, or CLIP's) for images, a small
 # transformer (or CLIP's) for text, GeoCLIP's location encoder for GPS. GroupNorm, not
 # BatchNorm: an embedding must not depend on the rest of its batch.
@@ -564,7 +564,7 @@ def image_trunk(width: int) -> nn.Sequential:
 
 class Block(nn.Module):
     """A pre-norm transformer layer, (B, L, E) -> (B, L, E): x + attention(norm(x)), then x +
-    MLP(norm(x)); its modules carry Hugging Face CLIP's names, so that CLIP's weights load."""
+    MLP(norm(x)); in Hugging Face CLIP's module names, so that CLIP's weights load."""
 
     def __init__(self, width: int, heads: int, hidden: int, act: str = "gelu",
                  eps: float = 1e-5):
@@ -625,7 +625,7 @@ def projection_head(cfg: Config, width: int) -> nn.Module:
 
 class Encoder(nn.Module):
     """A backbone (trunk) and its head: (B, ...) -> (B, D) unit vectors. Images are normalised
-    by `pixels` (mean, std) from uint8 (evaluation: 4x less to copy) or float in [0, 1]."""
+    by `pixels` (mean, std) from uint8 (eval: 4x less to copy) or float in [0, 1]."""
 
     def __init__(self, trunk: nn.Module, width: int, pixels: tuple, cfg: Config):
         super().__init__()
@@ -742,7 +742,7 @@ def loss_pairs(modalities: str) -> list[str]:
     return [a + b for a, b in itertools.combinations(modalities, 2)]
 
 class GatherWithGrad(torch.autograd.Function):
-    """(B, D) on each of W processes -> (W*B, D) on every process, gradients flowing back. A
+    """(B, D) on each of W processes -> (W*B, D) on all, gradients flowing back. A
     plain all_gather's tensors have no history: each loss would push gradient into its own
     rows only, learning from a fraction of the negatives. A row is in every process's loss,
     so its gradient is the sum over processes: backward all-reduces and keeps our slice."""
@@ -799,7 +799,7 @@ def matmul_precision(level: str):
         torch.set_float32_matmul_precision(before)
 
 def argsort_ranks(q, g, q_labels, g_labels, map_top: int = 1000) -> dict:
-    """The definition, which tests and `bench` hold `rank_queries` to, query by query: score,
+    """The definition tests and `bench` hold `rank_queries` to, query by query: score,
     sort (positives after the items they tie with), walk. Per query (Q,): its first
     positive's 0-based position with distractors ranked ("first_strict") and removed
     ("first_official"); its AP: over hits j at positions r in the top map_top, the mean of
@@ -835,7 +835,7 @@ def positives(q_labels: torch.Tensor, g_labels: torch.Tensor) -> tuple:
 def rank_queries(q: torch.Tensor, g: torch.Tensor, q_labels: torch.Tensor,
                  g_labels: torch.Tensor, map_top: int = 1000, chunk: int = 512,
                  top: int = 5) -> dict:
-    """argsort_ranks' numbers without a sort, plus each query's `top` best items ("top") and
+    """argsort_ranks' numbers without a sort, and each query's `top` best items ("top") and
     best positive ("match"). A positive's position is a count of the items scoring at least
     as high: in the whole gallery for the first (medR), else among the top K = map_top
     scores (AP sees no further), the gallery only for a tie at the K-th. 6 bytes x chunk x N."""
@@ -919,7 +919,7 @@ def geo_metrics(km: torch.Tensor) -> dict:
 # `load_pretrained`, `save_checkpoint`) and CLIP's towers come after eval.
 
 def device_of(cfg: Config) -> torch.device:
-    """Where this process computes (--device, else its GPU if one is visible), after joining
+    """Where this process computes (--device, else its GPU if visible), after joining
     torchrun's group if there is one: NCCL on GPUs, gloo on the CPU."""
     cuda = cfg.device != "cpu" and torch.cuda.is_available()
     if cfg.device == "cuda" and not cuda:
@@ -931,15 +931,15 @@ def device_of(cfg: Config) -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
 
 def bf16_on(device: torch.device, cfg: Config) -> bool:
-    """bf16 where the GPU has it natively (Ampere on): emulated (V100, T4), it is slower."""
+    """bf16 where the GPU has it natively (Ampere on): emulated (V100, T4) it is slower."""
     return device.type == "cuda" and cfg.bf16 and torch.cuda.get_device_capability(device)[0] >= 8
 
 def autocast_for(device: torch.device, cfg: Config):
-    """bf16 autocast on a GPU that has it, else a no-op: the one mixed-precision switch."""
+    """bf16 autocast on a GPU that has it, else a no-op: the one precision switch."""
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16_on(device, cfg))
 
 def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A tensor to the device (asynchronously from pinned memory); images channels-last on a
+    """A tensor to the device (async from pinned memory); images channels-last on a
     GPU (faster convolutions), plain on the CPU (faster jitter: 1.4x)."""
     x = x.to(device, non_blocking=True)
     layout = torch.channels_last if device.type == "cuda" else torch.contiguous_format
@@ -958,7 +958,7 @@ def jitter(inputs: dict, params: torch.Tensor) -> dict:
     return inputs
 
 def training_sets(cfg: Config, ckpt: dict | None) -> tuple:
-    """(training set, validation set, tokenizer), every article read and tokenised once."""
+    """(training set, validation set, tokenizer), each article read and tokenised once."""
     root = Path(cfg.data)
     splits = read_train(cfg, root)
     if min(len(s.ids) for s in splits) < 2:
@@ -988,7 +988,7 @@ def training_sets(cfg: Config, ckpt: dict | None) -> tuple:
             LandmarkSet(splits[1], stores, val, cfg, False), tok)
 
 def make_optimizer(raw: MML, cfg: Config) -> torch.optim.AdamW:
-    """AdamW over the trained parameters. mml: decay on weight matrices only, CLIP's betas.
+    """AdamW over the trained parameters. mml: decay on matrices only, CLIP's betas.
     The authors: AdamW(model.parameters(), lr, weight_decay)."""
     trained = [p for p in raw.parameters() if p.requires_grad]
     if cfg.recipe == "paper":
@@ -1033,7 +1033,7 @@ def ignore_stop_signals(worker_id: int):
         signal.signal(s, signal.SIG_IGN)
 
 def batch_loader(data: LandmarkSet, sampler, workers: int, device):
-    """Training's and validation's batches from workers (batch_size None: the sampler yields
+    """Training's and validation's batches from workers (batch_size None: the sampler gives
     whole batches), which leave a stop signal to the main process."""
     return torch.utils.data.DataLoader(
         data, batch_size=None, sampler=sampler, num_workers=workers,
@@ -1041,13 +1041,13 @@ def batch_loader(data: LandmarkSet, sampler, workers: int, device):
         worker_init_fn=ignore_stop_signals)
 
 # The validation batch (the authors' batch_size_eval), fixed: the loss depends on how many
-# negatives a batch holds, and runs of other batch sizes must compare.
+# negatives a batch holds, and runs of other batches must compare.
 VAL_BATCH = 128
 
 @torch.no_grad()
 def validate(model: MML, val_set: LandmarkSet, cfg: Config, pairs: list[str], device) -> dict:
-    """The held-out landmarks' loss, and per pair an in-set R@1 (the first modality's items
-    searching the second's) and their mean "val_R@1" (--select recall's)."""
+    """The held-out landmarks' loss, and per pair an in-set R@1 (the first modality
+    searching the second) and their mean "val_R@1" (--select recall's)."""
     model.eval()
     n, B = len(val_set), min(VAL_BATCH, len(val_set))
     batches = [[(0, i) for i in range(s, min(s + B, n))] for s in range(0, n, B)]
@@ -1072,18 +1072,18 @@ def train_step(model: nn.Module, raw: MML, optimizer, batch: dict, cfg: Config, 
     """One step on this process's rows of a global batch: jitter on the device, forward, the
     loss, one all-reduce of the losses and the stop vote, backward and update unless the
     loss is not finite. Returns ([loss, per-pair losses] averaged over the processes, the
-    logit scale, whether any process was told to stop). `bench` times this very function."""
+    logit scale, whether any process was told to stop). `bench` times this function."""
     rank, world = rank_and_world()
     device, local = raw.logit_scale.device, len(batch["bad"])  # this process's rows
     for group in optimizer.param_groups:
         group["lr"] = lr
-    params = augment_params(cfg.seed, epoch, step, local * world, cfg.recipe)  # (W*local, 2, 7)
+    params = augment_params(cfg.seed, epoch, step, local * world, cfg.recipe)
     inputs = jitter(batch_to(batch, device), params[rank * local:(rank + 1) * local])
     with autocast_for(device, cfg):
         emb, scale = model(inputs)
     loss, parts = contrastive_loss(emb, scale, pairs)  # float32, outside autocast
     # One all-reduce carries the losses and whether any process was told to stop, so that
-    # every process skips the same steps and stops after the same step.
+    # all processes skip the same steps and stop after the same step.
     values = torch.stack([loss.detach(), *(v.detach() for v in parts.values()),
                           torch.tensor(float(stop), device=device)])
     if world > 1:
@@ -1124,7 +1124,7 @@ def log_step(log, epoch: int, step: int, total: int, losses: dict, lr: float, sc
 def end_of_epoch(raw: MML, optimizer, saved: dict, cfg: Config, epoch: int, step: int,
                  best: float, unreadable: list, val_set, pairs: list, device, log,
                  epoch_done: bool) -> float:
-    """At an epoch's end, or stopping: the unreadable files reported; process 0 validates (at
+    """At an epoch's end, or stopping: unreadable files reported; process 0 validates (at
     an epoch's end), saves best.pt if better, then last.pt, while the others wait. Returns
     the best validation value so far (process 0's value is used)."""
     n_bad = torch.tensor(len(unreadable), device=device)  # NCCL: GPU tensors only
@@ -1148,7 +1148,7 @@ def end_of_epoch(raw: MML, optimizer, saved: dict, cfg: Config, epoch: int, step
             log.write(json.dumps({"epoch": epoch, "step": step, **val,
                                   "unreadable": int(n_bad)}) + "\n")
             state |= {"best": best, "val": val}
-            # best.pt first: a crash between the two saves leaves last.pt at the epoch before,
+            # best.pt first: a crash between the saves leaves last.pt at the epoch before,
             # whose resume redoes this epoch and rewrites best.pt the same
             if improved:
                 save_checkpoint(state, Path(cfg.out) / "best.pt")
@@ -1171,8 +1171,8 @@ def fit(cfg: Config):
                         f"evenly over {world} processes")
     train_set, val_set, tok = training_sets(cfg, ckpt)
     ids = np.sort(np.concatenate([train_set.split.ids, val_set.split.ids]))
-    landmarks = hashlib.sha256(ids.tobytes()).hexdigest()[:16]  # the data, by its landmarks
-    if ckpt and ckpt.get("landmarks", landmarks) != landmarks:  # a world written over, say
+    landmarks = hashlib.sha256(ids.tobytes()).hexdigest()[:16]
+    if ckpt and ckpt.get("landmarks", landmarks) != landmarks:
         raise UserError(f"{cfg.data}: not the landmarks {out / 'last.pt'} was trained on")
     B = min(cfg.batch_size, len(train_set)) // world * world  # never more than the landmarks
     if B < cfg.batch_size:
@@ -1182,7 +1182,7 @@ def fit(cfg: Config):
     sampler = epoch_batches(len(train_set), B, cfg.seed, rank, world, step, total)
     loader = batch_loader(train_set, sampler, cfg.workers, device)
     # The same seed on every process: identical initial weights. No per-rank offset (nanoGPT
-    # has one for its data): every draw of the data is keyed by (seed, epoch, row) or by a
+    # has one for its data): every draw of the data is keyed by (seed, epoch, row) or a
     # sample's place in the global batch.
     torch.manual_seed(cfg.seed)
     raw = restore(out / "last.pt", ckpt, cfg) if ckpt else MML(cfg)
@@ -1194,13 +1194,13 @@ def fit(cfg: Config):
     if ckpt:
         resume_state(optimizer, ckpt, out / "last.pt")
         print0(f"resumed {out / 'last.pt'} at step {step}")
-    elif rank == 0 and cfg.overwrite:  # what an earlier run of mml wrote here, nothing else
+    elif rank == 0 and cfg.overwrite:  # what mml wrote here before, nothing else
         for name in ("last.pt", "best.pt", "log.jsonl", "eval/metrics.json"):
             (out / name).unlink(missing_ok=True)
     # best.pt: the lowest validation loss, or the highest mean R@1
     best = ckpt["best"] if ckpt else (math.inf if cfg.select == "loss" else -math.inf)
     # Keep `raw` for saving: checkpoints then never carry compile's `_orig_mod.` or DDP's
-    # `module.` prefixes (nanoGPT and open_clip both had to patch those out later).
+    # `module.` prefixes (nanoGPT and open_clip both patched those out later).
     model = torch.compile(raw) if cfg.compile else raw
     if world > 1:
         model = nn.parallel.DistributedDataParallel(
@@ -1258,7 +1258,7 @@ def fit(cfg: Config):
            f"{best:.3f}; checkpoints in {out}/")
 
 # ---- eval ---------------------------------------------------------------------------------
-# PROTOCOL 3: the queries are every query photo and each query landmark's latest tile; a
+# PROTOCOL 3: the queries are every query photo and each query landmark's latest tile. A
 # gallery is the index's distractors (label -1), then the query split's items (for GPS: the
 # index tiles' centres, then the landmarks' points; a guess is the top-1 point). A task's
 # two sides are embedded by `Functions` (a checkpoint is one); `score` ranks and writes.
@@ -1413,7 +1413,7 @@ def embed(fn, data, what: str, cfg: Config, device, spread=True) -> torch.Tensor
             raise UserError(f"{bad[0]} (evaluation needs every file of the protocol)")
         done = lo + sum(map(len, parts))
         width = parts[0].shape[1] if parts else 0
-        # a copy: an encoder may hand back the same buffer every batch
+        # copied: an encoder may reuse one output buffer
         parts.append(batch_rows(fn(x), len(x), what, width, done).to(device, copy=True))
         if time.time() - t_print > 10:
             rate = (done - lo) * world / (time.time() - t0)
@@ -1458,17 +1458,17 @@ def unit_rows(emb: torch.Tensor, side: Side) -> torch.Tensor:
 
 @dataclass
 class Functions:
-    """Any encoders, as functions of a batch on the CPU -> (B, D) floats (a tensor or an
+    """Any encoders, as functions of a CPU batch -> (B, D) floats (a tensor or an
     array): "G", "S": (B, 3, H, H) uint8 images, decoded by --resize to img_size; "T": B
     strings; "C": (B, 2) float64 lat/lon."""
     fns: dict
     cfg: Config
 
     def width(self, m: str) -> int:
-        """The width D of modality m's embeddings, from a batch of one input."""
+        """The width D of modality m's embeddings, from a batch of one (not flat) input."""
         H = self.cfg.img_size
         probe = {"T": ["a"], "C": torch.zeros(1, 2, dtype=torch.float64)}.get(
-            m, (torch.arange(3 * H * H) % 251).to(torch.uint8).view(1, 3, H, H))  # not flat
+            m, (torch.arange(3 * H * H) % 251).to(torch.uint8).view(1, 3, H, H))
         return batch_rows(self.fns[m](probe), 1, f"{MODALITY[m]} encoder").shape[1]
 
     def embed_side(self, side: Side) -> torch.Tensor:
@@ -1478,7 +1478,7 @@ class Functions:
         return embed(self.fns[m], data, what, self.cfg, device_of(self.cfg))
 
 def score(protocol: Protocol, embedder: Functions, cfg: Config, source: dict) -> dict:
-    """The tasks of --tasks the embedder has encoders for (the others named and skipped),
+    """The tasks of --tasks the embedder has encoders for (others named and skipped),
     each side embedded once, ranked, summarised and written: its CSV, then its entry in
     metrics.json (--viz: its picture). A task whose sides differ in width is named before
     anything is embedded; the others run, then it ends in an error."""
@@ -1499,7 +1499,7 @@ def score(protocol: Protocol, embedder: Functions, cfg: Config, source: dict) ->
              for t in tasks if width[t.query] != width[t.gallery]]
     for line in clash:
         print0(f"skipping {line}")
-    for name in {n for t in tasks for n in t.sides}:  # every file listed and read first
+    for name in {n for t in tasks for n in t.sides}:  # all files listed, read first
         protocol.side(name)
     for task in (t for t in tasks if width[t.query] == width[t.gallery]):
         for side in (protocol.side(n) for n in task.sides if n not in embedded):
@@ -1563,7 +1563,7 @@ def code_record() -> dict:
     return {"mml_sha256": hashlib.sha256(here.read_bytes()).hexdigest(), "git": commit}
 
 def write_metrics(path: Path, results: dict, cfg: Config, device, source: dict):
-    """metrics.json, merged by task (others' earlier ones stay, each naming its source),
+    """metrics.json, merged by task (earlier ones stay, each naming its source),
     under this evaluation's record: options, code, torch, device and date."""
     earlier, now = {}, datetime.datetime.now(datetime.timezone.utc)
     with contextlib.suppress(ValueError, KeyError, TypeError, OSError):
@@ -1609,7 +1609,7 @@ def print_tables(results: dict):
 
 # ---- checkpoints and the Python API -------------------------------------------------------
 # A checkpoint is one dict (model, optimizer, step, epoch, config, tokenizer, RNG state,
-# best value), written atomically and read back checked, never unpickled. `load` makes one
+# best value), written atomically, read back checked, never unpickled. `load` makes one
 # an embedder (for `eval` and a researcher's script); `evaluate_encoders` scores any.
 
 def writable_folder(path: Path, option: str) -> Path:
@@ -1703,7 +1703,7 @@ def load_checkpoint(path: Path, resume: bool = False) -> dict:
 
 def checkpoint_config(path: Path, ckpt: dict) -> Config:
     """The Config a checkpoint was trained with, held to the command line's checks.
-    Options added since take their defaults; one this mml.py does not know is an error."""
+    Options added since take their defaults; one this mml.py does not know: an error."""
     defaults = dataclasses.asdict(Config())
     saved = {k: v for k, v in ckpt["config"].items() if k not in RETIRED}
     if unknown := sorted(str(k) for k in saved if k not in defaults):
@@ -1734,7 +1734,7 @@ def load_matching(module: nn.Module, state: dict, what: str, ignore: tuple = ())
 MAX_PARAMETERS = 3 * 10**9
 
 def sized(cfg: Config, what: str) -> nn.Module:
-    """The model cfg describes, on the meta device (no memory), if not too large."""
+    """The model cfg describes, on the meta device (no memory), unless too large."""
     with torch.device("meta"):
         model = MML(cfg)
     if (n := sum(p.numel() for p in model.parameters())) > MAX_PARAMETERS:
@@ -1757,7 +1757,6 @@ def restore(path: Path, ckpt: dict, cfg: Config) -> MML:
         if (n := tok.get_vocab_size()) > vocab.num_embeddings:
             raise UserError(f"{path}: its tokenizer has {n} tokens, its text encoder "
                             f"{vocab.num_embeddings}")
-        # padded and cut on the right to max_len, as mml's are (the small encoder masks id 0)
         pad, cut = tok.padding or {}, tok.truncation or {}
         want = {"length": cfg.max_len, "direction": "right"} | (
             {"pad_id": 0} if cfg.text_backbone == "small" else {})
@@ -1825,7 +1824,7 @@ class Checkpoint(Functions):
 
     @torch.no_grad()
     def encode(self, m: str, x) -> torch.Tensor:
-        """A batch of modality m through its encoder: (B, D). Images of another size are
+        """A batch of modality m through its encoder: (B, D). Images of other sizes are
         resized to the checkpoint's own (antialiased bilinear)."""
         if m == "T":
             x = tokenize(self.tok, [str(s) for s in x])  # (B, L)
@@ -1904,7 +1903,7 @@ class Checkpoint(Functions):
 
     def tower_features(self, enc: Encoder, part: tuple) -> torch.Tensor:
         """(n, E) outputs of a frozen CLIP tower for one split's images, cached: keyed
-        by the towers, the preprocessing, the precision and the images, so that a second
+        by the towers, preprocessing, precision and images, so that a second
         checkpoint on the same towers runs only its heads."""
         split_dir, kind, ids = part
         cfg, device = self.cfg, self.device
@@ -1935,7 +1934,7 @@ def evaluate_encoders(encoders, data, out="runs/encoders", tasks: str = "",
                       img_size: int = 224, resize: str = "crop", batch: int = 256,
                       device: str = "", workers: int = 0, viz: bool = False,
                       name: str = "encoders") -> dict:
-    """Any model on the benchmark, from Python: a Checkpoint (`load`), or a dict mapping
+    """Any model on the benchmark, from Python: a Checkpoint (`load`) or a dict mapping
     some of "G", "S", "T", "C" to functions of a batch (see Functions; tasks needing
     others are named and skipped). Writes what `eval` writes to OUT/eval/; returns
     {task: results}."""
@@ -2442,8 +2441,8 @@ def prepare(cfg: Config):
             tiles = dict.fromkeys(i for g in s.sat + [s.latest] for i in g)
             jobs += [(s.dir, "ground", [i for g in s.ground for i in g]),
                      (s.dir, "satellite", list(tiles))]
-    for split_dir, kind, _ in jobs:  # every array refused before any is decoded
-        array = cache / f"{split_dir.name}_{kind}.u8"
+    arrays = [cache / f"{split_dir.name}_{kind}.u8" for split_dir, kind, _ in jobs]
+    for array in arrays:  # all refused before any is decoded
         head = (m := array.with_suffix(".json")).is_file() and m.read_bytes()[:100]
         if (array.exists() or m.exists()) and b'"mml.py prepare"' not in (head or b""):
             raise UserError(f"{array}: exists and was not made by `mml.py prepare`; "
@@ -2452,9 +2451,8 @@ def prepare(cfg: Config):
     print0(f"prepare: {n} images at {size}x{size} px ({n * len(blank) / 1e9:.2f} GB) "
            f"into {cache}")
     with torch.multiprocessing.get_context("fork").Pool(max(1, cfg.workers)) as pool:
-        for split_dir, kind, ids in jobs:
-            t, array = time.time(), cache / f"{split_dir.name}_{kind}.u8"
-            manifest, broken = array.with_suffix(".json"), []
+        for (split_dir, kind, ids), array in zip(jobs, arrays):
+            t, manifest, broken = time.time(), array.with_suffix(".json"), []
 
             def decode_all(tmp: Path):
                 work = ((shard(split_dir, kind, i), size, cfg.resize) for i in ids)
@@ -2900,7 +2898,7 @@ def resolve(command: str, cfg: Config, given: set) -> Config:
             if k in given and getattr(cfg, k) != getattr(saved, k):
                 raise UserError(f"--{k.replace('_', '-')} {getattr(cfg, k)}: {last} was "
                                 f"trained with {getattr(saved, k)}; leave it out to resume")
-        now = {k: getattr(cfg, k) for k in given | {"out"}}  # out: where last.pt was found
+        now = {k: getattr(cfg, k) for k in given | {"out"}}  # out: where last.pt is
         if "epochs" in given and "max_steps" not in given:  # the length, said in epochs
             now["max_steps"] = 0
         return check_config(dataclasses.replace(saved, **now))

@@ -23,14 +23,12 @@ STEPS = 72 // 16  # steps per epoch of TINY on the tiny world: 72 training landm
 
 @pytest.fixture(autouse=True)
 def in_an_empty_folder(tmp_path, monkeypatch):
-    """Every test runs in its own empty folder, so the checkout's runs/ and data/ (a newcomer
-    runs `python mml.py train` before the tests) neither change a test nor are changed by one."""
+    """Each test in its own empty folder: a newcomer's runs/ and data/ neither change a test nor are changed by one."""
     monkeypatch.chdir(tmp_path)
 
 @pytest.fixture(scope="session")
 def world(tmp_path_factory) -> Path:
-    """A tiny synthetic world (80 train, 20 query landmarks, 100 index photos, 60 index tiles),
-    shared by the tests that only read it."""
+    """A tiny world (80 train, 20 query landmarks; 100 index photos, 60 tiles), shared by tests that only read it."""
     root = tmp_path_factory.mktemp("world") / "w"
     mml.synthesize(root, scale=0.05, seed=0)
     return root
@@ -535,8 +533,7 @@ def test_resume_is_exact(world, tmp_path, monkeypatch, crash_after):
     assert torch.load(tmp_path / "runs/mml/last.pt", weights_only=True)["step"] == 4 * STEPS
 
 def train_until_sigterm(cmd: list, after_step: int, env=None) -> tuple[int, str]:
-    """Start a training command, send SIGTERM to its whole process group (as a scheduler
-    does) once it logs `after_step`; return (last step logged, its output)."""
+    """Run cmd, SIGTERM its process group (as a scheduler does) once it logs after_step: (last step logged, output)."""
     proc = subprocess.Popen([str(a) for a in cmd], stdout=subprocess.PIPE, text=True, env=env, stderr=subprocess.STDOUT, start_new_session=True)
     lines = []
     for line in proc.stdout:
@@ -562,8 +559,7 @@ def test_sigterm_saves_the_step_and_resume_matches_an_uninterrupted_run(world, t
     assert torch.load(tmp_path / "b/last.pt", weights_only=True)["step"] == 72 // 8
 
 def test_best_pt_is_the_epoch_of_best_validation_recall_or_loss(world, tmp_path):
-    """mml's default keeps the epoch of the highest mean validation R@1; --select loss (the
-    authors' rule, and --preset paper's) the lowest validation loss."""
+    """best.pt: the highest mean validation R@1 (mml's default), or lowest loss (--select loss: the authors', the preset's)."""
     run("train", "--data", world, "--out", tmp_path / "r", *TINY, "--epochs", 3)
     epochs = [r for r in log_records(tmp_path / "r") if "val_R@1" in r]
     for r in epochs:  # the mean over the trained pairs
@@ -604,8 +600,7 @@ def test_every_modality_set_trains(world, modalities):
         assert any(not torch.equal(p, q) for p, q in zip(e.parameters(), before[m])), m
 
 def test_the_loops_step_caps_the_logit_scale_at_clips_100(world):
-    """train_step, which the loop calls (and the bench times), caps the learnt scale at CLIP's
-    ln(100) after the update; --recipe paper (the authors') does not cap it."""
+    """train_step (the loop's and the bench's) caps the learnt scale at CLIP's ln(100); --recipe paper does not."""
     cfg = tiny_config(world)
     batch, pairs = fixed_batch() | {"bad": [""] * 8}, mml.loss_pairs(cfg.modalities)
     for recipe in ("mml", "paper"):
@@ -794,8 +789,7 @@ def restored(ckpt: Path) -> mml.MML:
 
 @pytest.fixture(scope="session")
 def evaluated(trained, tmp_path_factory) -> tuple[Path, str]:
-    """`eval` of the tiny model's best.pt on every task, run from an empty folder without
-    --data (the checkpoint names its data): (the folder it wrote, what it printed)."""
+    """`eval` of the tiny best.pt on every task from an empty folder, no --data (the checkpoint's): (folder, output)."""
     here, printed, before = tmp_path_factory.mktemp("elsewhere"), io.StringIO(), os.getcwd()
     os.chdir(here)  # (contextlib.chdir needs Python 3.11; a failure leaves it to the test's own)
     with contextlib.redirect_stdout(printed):
@@ -1041,9 +1035,8 @@ def test_the_python_api_refuses_what_it_cannot_embed_in_one_line(trained, tmp_pa
         mml.load(tmp_path / "nan.pt", device="cpu").embed_gps([[40.7, -74.0]])
 
 def test_rows_of_any_norm_are_normalised_and_a_zero_row_is_one_line(world, trained, tmp_path):
-    """Embeddings scaled by 3 or by 1e20 (a float32 norm of such rows overflows to inf), handed
-    back in one buffer, or not finite on a flat image (as a centring encoder's) give the unit
-    vectors' metrics; a row of zeros has no direction: one line."""
+    """Embeddings scaled by 3 or 1e20 (a float32 norm overflows), handed back in one buffer, or not finite on a flat image
+    (a centring encoder's; the width probe is not flat) give the unit vectors' metrics; a zero row is one line."""
     enc = mml.load(trained / "best.pt", device="cpu").model.enc
     want = mml.evaluate_encoders({"G": enc["G"], "S": enc["S"]}, data=world, out=tmp_path / "u", img_size=32)
     buffer = {m: torch.empty(16, 32) for m in "GS"}
@@ -1156,8 +1149,7 @@ def test_overwrite_starts_over(world, trained, tmp_path):
     (["--out", "{run}", "--resume", "--batch-size", 8], "--batch-size 8: {run}/last.pt was trained with 16; leave it out to resume"),
 ])
 def test_a_refused_train_is_one_line_and_leaves_nothing(world, trained, tmp_path, monkeypatch, capsys, argv, message):
-    """Refused within seconds, before any work: no --out folder made (--out is {tmp}/new/run
-    unless given), no data generated, and a run's files as they were."""
+    """Refused in seconds, before any work: no --out made (default {tmp}/new/run), no data generated, a run as it was."""
     (tmp_path / "loop").symlink_to(tmp_path / "loop")  # a symbolic link to itself
     shutil.copytree(trained, tmp_path / "run")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
@@ -1248,8 +1240,7 @@ RESUME_ONLY = ("optimizer", "torch_rng", "best")  # what eval does not read
     ("model", lambda c: {k: v for k, v in c["model"].items() if k != "enc.T.head.weight"}, "enc.T.head.weight is absent in the file and (32, 32) in the model"),
 ])
 def test_a_checkpoint_is_checked_before_use(trained, tmp_path, capsys, where, value, message):
-    """Every part of a checkpoint, and for --resume of its training state, is held to what mml
-    saves: one line naming the file and the part, and the run's files as they were."""
+    """Each part of a checkpoint (--resume: its training state too) is checked: one line naming file and part, run unchanged."""
     (tmp_path / "run").mkdir()
     torch.save(corrupt(torch.load(trained / "last.pt", weights_only=True), where, value), tmp_path / "run/last.pt")
     before = tree_bytes(tmp_path / "run")
@@ -1312,8 +1303,7 @@ def test_a_truncated_image_cache_is_refused(world, trained, tmp_path, capsys):
     assert json.loads((tmp_path / "eval/metrics.json").read_text())["tasks"]["G2S"]["official"] == whole
 
 def run_limited(max_bytes: int, *argv) -> tuple[int, str]:
-    """mml.main(argv) in a forked child (no second import of torch) that may not write files
-    past max_bytes, a full disk as a writer sees it: (exit status, its standard error)."""
+    """mml.main(argv) in a forked child (torch imported once) whose files stop at max_bytes, a full disk: (status, stderr)."""
     import resource
     read, write = os.pipe()
     pid = os.fork()
@@ -1364,9 +1354,8 @@ SENTENCES = ["a red church in Denver", " ".join(["the old harbor lighthouse"] * 
 LATLON = torch.tensor([[40.71, -74.01], [34.05, -118.24], [47.61, -122.33], [25.76, -80.19]])
 
 def seeded(spec: dict, seed: int) -> dict:
-    """Random weights that the fixtures' maker and the tests both draw: numpy's PCG64 stream in
-    sorted key order, each tensor standard normal times its scale. Drawn, not committed: the
-    authors' location encoder alone holds 4.7M numbers."""
+    """Random weights the fixtures' maker and the tests both draw: numpy's PCG64 in sorted key order, normal x scale.
+    Drawn, not committed: the authors' location encoder alone holds 4.7M numbers."""
     rng, out = np.random.default_rng(seed), {}
     for key in sorted(spec):
         shape, scale = spec[key]
@@ -1523,8 +1512,7 @@ def test_the_paper_preset_trains_on_frozen_towers_and_evaluates(world, tmp_path,
     run("train", "--out", tmp_path / "run", "--resume", "--epochs", 3, "--clip", clip_folder(tmp_path / "moved"))
 
 def test_frozen_towers_run_once_per_image_in_evaluation(world, tmp_path, monkeypatch):
-    """The towers' outputs are cached under CACHE/SIZE-RESIZE/towers/: a second evaluation runs
-    the heads only; a damaged cache file, or one of another dtype, is rebuilt, not used."""
+    """Tower outputs cached in CACHE/SIZE-RESIZE/towers/: a second eval runs heads only; a damaged or mistyped one is rebuilt."""
     run("convert", clip_folder(tmp_path), "--out", tmp_path / "clip.pt")
     calls, real = [], mml.Encoder.features
     monkeypatch.setattr(mml.Encoder, "features", lambda self, x: calls.append(len(x)) or real(self, x))
@@ -1696,8 +1684,7 @@ def loss_and_grads(model, emb, scale) -> dict:
     return {"loss": torch.stack([total.detach(), *(p.detach() for p in parts.values())]), "grads": {n: p.grad.clone() for n, p in model.named_parameters()}}
 
 def two_process_worker(rank: int, ddp_port: int, port: int, argv: list, out: str):
-    """The loss and gradients of a fixed batch's half (ddp.pt), then `train` recording what
-    `augment` receives ({rank}.pt)."""
+    """The loss and gradients of a fixed batch's half (ddp.pt), then `train` recording `augment`'s input ({rank}.pt)."""
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{ddp_port}", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=60))
     cfg, model, batch = ddp_setup()
     ddp = torch.nn.parallel.DistributedDataParallel(model)  # kept alive: its hooks all-reduce in backward
@@ -1713,8 +1700,7 @@ def two_process_worker(rank: int, ddp_port: int, port: int, argv: list, out: str
 
 @pytest.fixture(scope="session")
 def two_processes(world, tmp_path_factory) -> Path:
-    """Two gloo processes, spawned once for two tests: the loss and gradients of a batch split
-    in halves (ddp.pt), then a one-epoch `train` recording what `augment` got (0.pt, 1.pt)."""
+    """Two gloo processes spawned once for two tests: a halved batch's loss and gradients (ddp.pt), then `train` (0.pt, 1.pt)."""
     out, ports = tmp_path_factory.mktemp("two"), [free_port()]
     while len(ports) < 2:
         ports = list({ports[0], free_port()})
@@ -1792,8 +1778,7 @@ def test_gpu_bf16_step_is_close_to_fp32_and_keeps_fourier_features_in_fp32():
 
 @gpu
 def test_gpu_ranking_equals_cpu():
-    """Small-integer embeddings: every score is exact in float32 on both devices (and ties
-    abound), so the counts must agree exactly."""
+    """Small-integer embeddings: scores exact in float32 on both devices (ties abound): the counts must agree exactly."""
     gen = torch.Generator().manual_seed(0)
     q, g = (torch.randint(-2, 3, (n, 64), generator=gen).float() for n in (300, 3000))
     ql, gl = torch.randint(0, 50, (300,), generator=gen), torch.randint(-1, 50, (3000,), generator=gen)
