@@ -348,7 +348,7 @@ class ImageStore:
             return self.cache.read(image_id, out, self)
         try:
             out[...] = load_image(self.path(image_id), self.size, self.resize)
-        except Exception as e:  # missing, truncated, not an image: decoders raise all sorts
+        except Exception as e:  # missing, truncated, not an image: decoders raise anything
             raise UnreadableFile(f"{self.path(image_id)}: {e}") from None
         return out
 
@@ -364,7 +364,7 @@ def read_articles(split: Split) -> tuple[list[dict | None], list[str]]:
                 raise ValueError("expected a JSON object {section title: text}")
             if sum(t.count("\n") + t.count(". ") for t in article.values()) > MAX_PIECES:
                 raise ValueError(f"over {MAX_PIECES:,} paragraphs and sentences")
-        except (OSError, ValueError, RecursionError) as e:  # RecursionError: nested too deep
+        except (OSError, ValueError, RecursionError) as e:  # RecursionError: too deep
             article = bad.append(f"{path}: {type(e).__name__}: {e}")
         articles.append(article)
     return articles, bad
@@ -443,7 +443,7 @@ class LandmarkSet(torch.utils.data.Dataset):
     def __getitem__(self, keys: list[tuple[int, int]]) -> dict:
         s, H, mods, B = self.split, self.cfg.img_size, self.cfg.modalities, len(keys)
         images = {m: torch.empty(B, H, H, 3, dtype=torch.uint8) for m in "GS" if m in mods}
-        if torch.utils.data.get_worker_info() is not None:  # in a worker: shared memory
+        if torch.utils.data.get_worker_info():  # in a worker: shared memory
             images = {m: x.share_memory_() for m, x in images.items()}
         rows, text_rows, bad = [i for _, i in keys], [], []
         for j, (epoch, i) in enumerate(keys):
@@ -536,7 +536,7 @@ def augment(images: torch.Tensor, params: torch.Tensor, rotate: bool,
 # ---- model --------------------------------------------------------------------------------
 # Four encoders, one per modality, each a backbone (the trunk), a projection head to the
 # shared width D and an L2 normalisation: the dot product of two embeddings is their
-# cosine similarity. Backbones: a small CNN (or torchvision's, or CLIP's) for images, a small
+# cosine similarity. Backbones: a small CNN (or torchvision's or CLIP's) for images, a small
 # transformer (or CLIP's) for text, GeoCLIP's location encoder for GPS. GroupNorm, not
 # BatchNorm: an embedding must not depend on the rest of its batch.
 
@@ -612,7 +612,7 @@ class SmallText(nn.Module):
         return (self.norm(x) * weight).sum(1) / weight.sum(1)  # (B, width)
 
 def projection_head(cfg: Config, width: int) -> nn.Module:
-    """(B, E) -> (B, D): a Linear (mml's), Linear-ReLU-Linear (the authors'), or none (CLIP's
+    """(B, E) -> (B, D): a Linear (mml's), Linear-ReLU-Linear (the authors') or none (CLIP's
     towers end in a projection of their own)."""
     if cfg.head == "none":
         if width != cfg.embed_dim:
@@ -949,7 +949,7 @@ def batch_to(batch: dict, device: torch.device) -> dict:
     return {m: to_device(x, device) for m, x in batch.items() if torch.is_tensor(x)}
 
 def jitter(inputs: dict, params: torch.Tensor) -> dict:
-    """A batch's image views, on their device, augmented by their rows of params (B, 2, 7)."""
+    """A batch's image views, on their device, jittered by their rows of params (B, 2, 7)."""
     hue = bool(params[..., 6].any())  # on the CPU: no sync
     for k, m in enumerate("GS"):
         if m in inputs:
@@ -958,7 +958,7 @@ def jitter(inputs: dict, params: torch.Tensor) -> dict:
     return inputs
 
 def training_sets(cfg: Config, ckpt: dict | None) -> tuple:
-    """(training set, validation set, tokenizer), each article read and tokenised once."""
+    """(training set, validation set, tokenizer), each article read, tokenised once."""
     root = Path(cfg.data)
     splits = read_train(cfg, root)
     if min(len(s.ids) for s in splits) < 2:
@@ -1100,7 +1100,7 @@ def train_step(model: nn.Module, raw: MML, optimizer, batch: dict, cfg: Config, 
         else:
             nn.utils.clip_grad_norm_(raw.parameters(), 1.0)
         optimizer.step()
-        if cfg.recipe == "mml":  # CLIP caps the scale at 100 so training cannot blow up
+        if cfg.recipe == "mml":  # CLIP caps the scale at 100: no blow-up
             with torch.no_grad():
                 raw.logit_scale.clamp_(max=math.log(100.0))
     return losses, scale.detach(), stop_votes > 0
@@ -1174,7 +1174,7 @@ def fit(cfg: Config):
     landmarks = hashlib.sha256(ids.tobytes()).hexdigest()[:16]
     if ckpt and ckpt.get("landmarks", landmarks) != landmarks:
         raise UserError(f"{cfg.data}: not the landmarks {out / 'last.pt'} was trained on")
-    B = min(cfg.batch_size, len(train_set)) // world * world  # never more than the landmarks
+    B = min(cfg.batch_size, len(train_set)) // world * world  # at most the landmarks
     if B < cfg.batch_size:
         print0(f"batch {cfg.batch_size} > {len(train_set)} training landmarks: using {B}")
     per_epoch = len(train_set) // B
@@ -1217,7 +1217,7 @@ def fit(cfg: Config):
            f"steps/epoch, {total} steps")
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-    log = open(out / "log.jsonl", "a", buffering=1) if rank == 0 else None  # lines flushed
+    log = open(out / "log.jsonl", "a", buffering=1) if rank == 0 else None
     saved = {"config": dataclasses.asdict(cfg), "tokenizer": tok.to_str(),  # in every one
              "landmarks": landmarks} | ({"towers": tower_record} if tower_record else {})
     t_start = t_last = time.time()
@@ -1298,7 +1298,7 @@ class Index:
     sat_latlon: np.ndarray  # (n, 2): the tiles' centres, the GPS distractors
 
 def read_index(root: Path) -> Index:
-    """One image id a row (the authors read the cell whole): a tile beside its lat, lon, which
+    """One image id a row (the authors read the cell whole): a tile beside its lat, lon, that
     the GPS gallery pairs row by row."""
     d = check_root(root, "index")
     ground = read_csv(d / "mml_index_ground.csv", ["images"])
@@ -1804,7 +1804,11 @@ class Checkpoint(Functions):
             raise UserError(f"batch {batch!r}: expected an integer of at least 1")
         self.path = Path(ckpt)
         saved = load_checkpoint(self.path)
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        try:  # an absent device fails here, not mid-way
+            self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+            torch.empty(0, device=self.device)
+        except (RuntimeError, NotImplementedError) as e:
+            raise UserError(f"device {device!r}: not usable ({str(e)[:80]})") from None
         cfg = checkpoint_config(self.path, saved)  # its --device is training's, not ours
         cfg = dataclasses.replace(cfg, eval_batch=batch, workers=workers, cache=cache,
                                   clip=clip or cfg.clip, device=self.device.type)
@@ -1849,7 +1853,7 @@ class Checkpoint(Functions):
             x = np.stack(images) if images else np.zeros((0, H, H, 3), np.uint8)
             x = torch.from_numpy(x).permute(0, 3, 1, 2)  # (N, 3, H, H)
         if x.dtype != torch.uint8 or x.dim() != 4 or x.shape[1] != 3 or (
-                x.shape[2] != x.shape[3]):
+                x.shape[2] != x.shape[3] or not x.shape[2]):
             raise UserError(f"embed_images: a {tuple(x.shape)} {x.dtype} tensor; "
                             f"expected (B, 3, H, H) uint8")
         return self.embed_inputs(m, x, f"{kind} images")
@@ -1859,7 +1863,7 @@ class Checkpoint(Functions):
         size, how = self.cfg.img_size, self.cfg.resize
         if not isinstance(image, (str, Path)):
             a = np.asarray(image)
-            if a.dtype != np.uint8 or a.shape[2:] != (3,):
+            if a.dtype != np.uint8 or a.shape[2:] != (3,) or not a.size:
                 raise UserError(f"embed_images: image {n} is a {a.shape} {a.dtype} "
                                 f"array; expected (H, W, 3) uint8 (or a path)")
             return to_square(Image.fromarray(a), size, how)
@@ -1879,8 +1883,11 @@ class Checkpoint(Functions):
     def embed_gps(self, latlon) -> torch.Tensor:
         """(N, D) of (N, 2) points, or of one, in degrees (lat, lon)."""
         self.encoder("C")
-        points = torch.as_tensor(np.asarray(latlon, dtype=np.float64))
-        points = points[None] if points.shape == (2,) else points
+        try:  # ragged lists, dicts, tensors needing grad
+            points = torch.as_tensor(np.asarray(latlon, dtype=np.float64))
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise UserError(f"embed_gps: not an array of numbers ({str(e)[:80]})") from None
+        points = points.reshape(-1, 2) if points.shape in ((2,), (0,)) else points
         if points.dim() != 2 or points.shape[1] != 2 or not bool(
                 (points.abs() <= torch.tensor([90, 180])).all()):  # NaN too
             raise UserError(f"embed_gps: a {tuple(points.shape)} array; expected (N, 2) of "

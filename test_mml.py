@@ -616,8 +616,7 @@ def test_the_loops_step_caps_the_logit_scale_at_clips_100(world):
             assert raw.logit_scale.item() > math.log(390)
 
 def test_validation_sees_each_landmarks_first_photo_latest_tile_and_first_sentence(world):
-    """Validation must not depend on a draw: the held-out landmarks' first ground photo, latest
-    aerial tile and first sentence, whatever the epoch; so best.pt is chosen on one fixed set."""
+    """Validation: each held-out landmark's first photo, latest tile, first sentence in any epoch: best.pt on one fixed set."""
     cfg = tiny_config(world)
     _, val, tok = mml.training_sets(cfg, None)
     s, rows = val.split, list(range(len(val)))
@@ -732,8 +731,7 @@ def test_batched_augmentation_equals_torchvision_per_image():
     assert torch.equal(out["G"], x) and torch.equal(out["S"], torch.rot90(x.flip(0), 1, dims=(2, 3)))
 
 def test_the_papers_augmentation_strengths_and_hue_rotation():
-    """--recipe paper: the authors' albumentations settings, drawn after mml's own (unchanged);
-    the hue shift rotates about the grey axis: a third of a turn sends red to green, greys stay."""
+    """--recipe paper: the authors' albumentations, drawn after mml's (unchanged); hue turns about grey: red to green."""
     mine, theirs = mml.augment_params(5, 2, 3, 4000), mml.augment_params(5, 2, 3, 4000, "paper")
     assert torch.equal(mine[..., :6], mml.augment_params(5, 2, 3, 4000)[..., :6]) and not mine[..., 6].any()
     jittered = (theirs[..., :3] != 1).all(-1)
@@ -1002,10 +1000,10 @@ def test_the_python_api_refuses_what_it_cannot_embed_in_one_line(trained, tmp_pa
     """Images not (H, W, 3) uint8, files not bounded regular images, points off the globe, bytes,
     a batch below 1: a UserError naming them; no input, (0, D); old options dropped; NaN refused."""
     model = mml.load(trained / "best.pt", device="cpu")
-    for bad in ([np.full((50, 60, 3), 0.5)], [np.full((50, 60, 3), 300)], [np.zeros((50, 60))]):
+    for bad in ([np.full((50, 60, 3), 0.5)], [np.full((50, 60, 3), 300)], [np.zeros((50, 60))], [np.zeros((0, 0, 3), np.uint8)]):
         with pytest.raises(mml.UserError, match=r"expected \(H, W, 3\) uint8"):
             model.embed_images(bad)
-    for bad in (torch.zeros(2, 3, 32, 32), torch.zeros(2, 3, 32, 16, dtype=torch.uint8), torch.zeros(3, 32, 32, dtype=torch.uint8)):
+    for bad in (torch.zeros(2, 3, 32, 32), torch.zeros(2, 3, 32, 16, dtype=torch.uint8), torch.zeros(3, 32, 32, dtype=torch.uint8), torch.zeros(2, 3, 0, 0, dtype=torch.uint8)):
         with pytest.raises(mml.UserError, match=r"expected \(B, 3, H, H\) uint8"):
             model.embed_images(bad)
     fifo, big = tmp_path / "pipe.jpg", tmp_path / "big.png"
@@ -1021,11 +1019,15 @@ def test_the_python_api_refuses_what_it_cannot_embed_in_one_line(trained, tmp_pa
             model.embed_gps(bad)
     with pytest.raises(mml.UserError, match="kind 'text'; expected ground or satellite"):
         model.embed_images(np.zeros((1, 8, 8, 3), np.uint8), kind="text")  # not sentences "[[[0 0 0]..."
-    with pytest.raises(mml.UserError, match="batch -5: expected an integer of at least 1"):
-        mml.load(trained / "best.pt", batch=-5)
+    for bad, message in (([[1.0, 2.0], [3.0]], "embed_gps: not an array of numbers"), (torch.zeros(1, 2, requires_grad=True), "embed_gps: not an array")):
+        with pytest.raises(mml.UserError, match=message):
+            model.embed_gps(bad)
+    for kwargs, message in (({"batch": -5}, "batch -5: expected an integer of at least 1"), ({"device": "cuda:99"}, "device 'cuda:99': not usable")):
+        with pytest.raises(mml.UserError, match=message):
+            mml.load(trained / "best.pt", **kwargs)
     with pytest.raises(mml.UserError, match=r"embed_text: expected a sentence \(str\)"):
         model.embed_text(b"abc")  # not the sentences "97", "98", "99"
-    assert model.embed_text([]).shape == model.embed_images([]).shape == model.embed_gps(np.zeros((0, 2))).shape == (0, 32)
+    assert model.embed_text([]).shape == model.embed_images([]).shape == model.embed_gps([]).shape == (0, 32)
     ckpt = torch.load(trained / "best.pt", weights_only=True)
     torch.save(ckpt | {"config": ckpt["config"] | {"loss": "imagebind", "outdoor_only": True, "last_sat_only": False}}, tmp_path / "old.pt")
     assert mml.load(tmp_path / "old.pt", device="cpu").cfg == model.cfg
@@ -1068,8 +1070,7 @@ def test_what_an_encoder_returns_is_checked_batch_by_batch(world, tmp_path, enco
     assert str(e.value).startswith("ground encoder") and message in str(e.value) and "\n" not in str(e.value)
 
 def test_a_width_mismatch_is_named_before_any_gallery_is_embedded(world, trained, tmp_path, capsys):
-    """Text embeddings 16-d, images 32-d: the T2G and T2S tasks are named before anything is
-    embedded, the others run and are written, and the run ends in one line, status 1."""
+    """Text 16-d, images 32-d: T2G and T2S named before anything is embedded, the others run and are written, then one line."""
     enc, seen = mml.load(trained / "best.pt", device="cpu").model.enc, []
     record = lambda m, fn: lambda x: seen.append(m) or fn(x)
     fns = {"G": record("G", enc["G"]), "S": record("S", enc["S"]), "T": record("T", lambda s: torch.randn(len(s), 16))}
@@ -1737,8 +1738,7 @@ def test_torchrun_eval_equals_one_process(world, trained, evaluated, tmp_path):
     assert list(two) == ["G2S", "S2G", "S2C", "T2S-first"]
 
 def test_torchrun_processes_stop_together_on_sigterm(world, tmp_path):
-    """Both stop after one agreed step, process 0 saves the raw model (no "module."), and one
-    process resumes to an uninterrupted one-process run's weights, on another process count."""
+    """Both stop after one agreed step, 0 saves the raw model (no "module."); a resume on 1 process matches an uninterrupted run."""
     args = ["--data", world, *TINY, "--batch-size", 8, "--epochs", 1, "--lr", "1e-3"]
     logged, output = train_until_sigterm([*TORCHRUN, "train", "--out", tmp_path / "two", *args], 3, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert "--resume`" in output, output
