@@ -2909,7 +2909,9 @@ def resolve(command: str, cfg: Config, given: set) -> Config:
         if "epochs" in given and "max_steps" not in given:  # the length, said in epochs
             now["max_steps"] = 0
         return check_config(dataclasses.replace(saved, **now))
-    held = [n for n in ("last.pt", "best.pt", "log.jsonl") if (out / n).exists()]
+    # a log still empty: a first step that failed (out of memory, say) made no run yet
+    held = [n for n in ("last.pt", "best.pt", "log.jsonl")
+            if (out / n).exists() and (out / n).stat().st_size]
     if train and held and not cfg.overwrite:
         raise UserError(f"{out}: holds a run already ({', '.join(held)}): continue "
                         f"it with --resume, or start over with --overwrite")

@@ -241,8 +241,7 @@ def test_every_backbone_trains_a_step_and_evaluates_from_its_checkpoint(world, t
     assert set(tasks) == {"S2C", "G2S"} and not offline.exists()  # nothing was downloaded
 
 def test_pretrained_weights_come_from_torchvisions_cache_and_frozen_backbones_stay(world, tmp_path, offline, capsys):
-    """resnet18 from its file in TORCH_HOME, no network; after steps with G, S and T frozen,
-    their backbones (BatchNorm statistics too) are bit-identical, their heads and GPS moved."""
+    """resnet18 from TORCH_HOME, no network; G, S, T frozen: backbones (BatchNorm too) stay bit for bit, heads and GPS move."""
     weights = mml.backbone_weights("resnet18")
     args = ["train", "--data", world, *TINY, "--image-backbone", "resnet18", "--pretrained"]
     err = fails_in_one_line(capsys, *args, "--out", tmp_path / "none")
@@ -547,8 +546,7 @@ def train_until_sigterm(cmd: list, after_step: int, env=None) -> tuple[int, str]
     return (max(logged) if logged else 0), "".join(lines)
 
 def test_sigterm_saves_the_step_and_resume_matches_an_uninterrupted_run(world, tmp_path):
-    """SIGTERM mid-run (loader worker included): last.pt at a step no earlier than the last
-    one logged, and --resume reaches the weights of an uninterrupted run, bit for bit."""
+    """SIGTERM mid-run (a loader worker too): last.pt at the last step logged or later; --resume ends bit for bit as one run."""
     args = ["--data", world, *TINY, "--batch-size", 8, "--epochs", 1, "--workers", 1]
     run("train", "--out", tmp_path / "a", *args)
     logged, output = train_until_sigterm([sys.executable, HERE / "mml.py", "train", "--out", tmp_path / "b", *args], 3)
@@ -703,8 +701,7 @@ def torchvision_jitter(image: torch.Tensor, p: list, rotate: bool) -> torch.Tens
     return torch.rot90(y, int(turns), dims=(1, 2)) if rotate else y
 
 def test_batched_augmentation_equals_torchvision_per_image():
-    """Each transformation alone, then all with drawn parameters: torchvision's per-image
-    functions give the same pixels to 1e-6; `jitter` turns aerial views, not ground photos."""
+    """Each transformation alone, then all drawn: torchvision's per-image pixels to 1e-6; `jitter` turns aerial views only."""
     gen = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (6, 3, 20, 20), dtype=torch.uint8, generator=gen)
     x = images.float() / 255
@@ -1109,7 +1106,11 @@ def test_synth_never_replaces_what_mml_did_not_write(fixture_root, tmp_path, cap
     assert (tmp_path / "c/64-crop/query_satellite.u8").read_bytes() == b"someone's"  # refused before any array is built
     assert sorted(p.name for p in (tmp_path / "c/64-crop").iterdir()) == ["query_satellite.u8"]
 
-def test_overwrite_starts_over(world, trained, tmp_path):
+def test_overwrite_starts_over(world, trained, tmp_path, monkeypatch):
+    monkeypatch.setattr(mml, "train_step", lambda *a: 1 / 0)  # a first step that fails (out of memory, say): no run yet
+    pytest.raises(ZeroDivisionError, run, "train", "--data", world, "--out", tmp_path / "oom", *TINY)
+    monkeypatch.undo()
+    run("train", "--data", world, "--out", tmp_path / "oom", *TINY, "--max-steps", 1)  # again, without --overwrite
     shutil.copytree(trained, tmp_path / "run")  # --overwrite removes what mml wrote there, nothing else
     write(tmp_path / "run/eval/metrics.json", "{}")
     write(tmp_path / "run/notes.txt", "mine")
@@ -1537,8 +1538,7 @@ def test_frozen_towers_run_once_per_image_in_evaluation(world, tmp_path, monkeyp
     assert json.loads((tmp_path / "c/eval/metrics.json").read_text())["tasks"]["S2G"] == tasks[0]["S2G"]
 
 def test_the_towers_digest_covers_their_config_and_dtypes(world, tmp_path, capsys):
-    """The same bytes under another config.json (4 heads, not 2; gelu) or a dtype relabelled are
-    other towers: eval refuses them, naming --clip; towers too big are refused unallocated."""
+    """Same bytes under another config.json (4 heads, gelu) or dtype are other towers: refused; too big ones unallocated."""
     folder = clip_folder(tmp_path)
     run("convert", folder, "--out", tmp_path / "clip.pt")
     digest = mml.load_clip_weights(str(folder))[1]
