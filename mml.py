@@ -1445,8 +1445,8 @@ def batch_rows(out, n: int, what: str, width=0, first=0) -> torch.Tensor:
     return out.float()
 
 def unit_rows(emb: torch.Tensor, side: Side) -> torch.Tensor:
-    """A side's embeddings as unit vectors (others normalised, with a warning; a zero row
-    has no direction). Norms in float64: a float32 norm past about 1e19 overflows."""
+    """A side's embeddings, all normalised (with a warning) if a row is off unit norm by 1e-3;
+    a zero row has no direction. Norms in float64: a float32 norm past about 1e19 overflows."""
     norms = emb.double().norm(dim=1, keepdim=True)  # (N, 1)
     if bool((norms == 0).any()):
         row = int(torch.nonzero(norms[:, 0] == 0)[0])
@@ -1848,7 +1848,7 @@ class Checkpoint(Functions):
             raise UserError(f"embed_images: kind {kind!r}; expected ground or satellite")
         self.encoder(m)  # an error now, not after reading the images
         if not torch.is_tensor(x := images):
-            listed = [x] if isinstance(x, (str, Path)) else list(x)
+            listed = [x] if isinstance(x, (str, Path)) or np.ndim(x) == 3 else list(x)
             H, images = self.cfg.img_size, [self.image(n, im) for n, im in enumerate(listed)]
             x = np.stack(images) if images else np.zeros((0, H, H, 3), np.uint8)
             x = torch.from_numpy(x).permute(0, 3, 1, 2)  # (N, 3, H, H)
@@ -1904,13 +1904,13 @@ class Checkpoint(Functions):
         m, enc = side.modality, self.encoder(side.modality)
         if m not in "GS" or f"enc.{m}.trunk." not in self.model.towers:
             return super().embed_side(side)
-        features = torch.cat([self.tower_features(enc, part) for part in side.items])
+        features = torch.cat([self.tower_features(enc, p) for p in side.items if p[2]])
         with autocast_for(self.device, self.cfg):
             return embed(enc.project, features, side.name, self.cfg, self.device)
 
     def tower_features(self, enc: Encoder, part: tuple) -> torch.Tensor:
         """(n, E) outputs of a frozen CLIP tower for one split's images, cached: keyed
-        by the towers, preprocessing, precision and images, so that a second
+        by the towers, preprocessing, precision and image ids, so that a second
         checkpoint on the same towers runs only its heads."""
         split_dir, kind, ids = part
         cfg, device = self.cfg, self.device
@@ -1941,12 +1941,13 @@ def evaluate_encoders(encoders, data, out="runs/encoders", tasks: str = "",
                       img_size: int = 224, resize: str = "crop", batch: int = 256,
                       device: str = "", workers: int = 0, viz: bool = False,
                       name: str = "encoders") -> dict:
-    """Any model on the benchmark, from Python: a Checkpoint (`load`) or a dict mapping
+    """Any model on the benchmark, from Python: a Checkpoint (`load`'s settings) or a dict mapping
     some of "G", "S", "T", "C" to functions of a batch (see Functions; tasks needing
     others are named and skipped). Writes what `eval` writes to OUT/eval/; returns
     {task: results}."""
-    if isinstance(encoders, Checkpoint):  # its own image size and resize
-        img_size, resize, name = encoders.cfg.img_size, encoders.cfg.resize, encoders.path
+    if isinstance(encoders, Checkpoint):  # its own preprocessing, batch, workers, device
+        c, name, device = encoders.cfg, encoders.path, encoders.cfg.device
+        img_size, resize, batch, workers = c.img_size, c.resize, c.eval_batch, c.workers
     elif not isinstance(encoders, dict) or set(encoders) - set("GSTC"):
         raise UserError("evaluate_encoders: expected a Checkpoint or {G|S|T|C: function}")
     # bf16 off: the functions run in whatever precision they choose themselves
@@ -2009,9 +2010,10 @@ def load_pretrained(model: MML, cfg: Config) -> dict | None:
             raise UserError(f"--pretrained: {path} is not usable, nor {weights.url} "
                             f"downloadable ({why}); put that file there") from None
         for m in {"G", "S"} & set(model.enc):  # a shared trunk loads twice: the same
-            own = model.enc[m].trunk.state_dict()  # the classifier's keys drop
-            load_matching(model.enc[m].trunk, {k: v for k, v in state.items() if k in own},
-                          f"--pretrained {path}")
+            own = model.enc[m].trunk.state_dict()  # the classifier's keys drop; files of 2017
+            # lack num_batches_tracked, which BatchNorm's own loading fills in too
+            theirs = {k: state.get(k, v) for k, v in own.items() if k in state or "num_b" in k}
+            load_matching(model.enc[m].trunk, theirs, f"--pretrained {path}")
     return towers
 
 def clip_layers(c: dict) -> nn.Module:
@@ -2119,7 +2121,8 @@ def clip_config(folder: str) -> dict:
         given = [c.get(f"{part}_config") or {}, c.get(f"{part}_config_dict") or {}]
         if not all(isinstance(g, dict) for g in given):
             raise UserError(f"{path}: {part}_config is not an object of sizes")
-        out[part] = defaults | given[0] | given[1]
+        # a null (2022's configs write "eos_token_id": null in vision_config) is absent
+        out[part] = defaults | {k: v for g in given for k, v in g.items() if v is not None}
     parts = [("vision_config ", out["vision"]), ("text_config ", out["text"]), ("", out)]
     for part, sizes in parts:
         for k, bound in CLIP_BOUNDS.items():  # an absent size reads 1: in bounds
