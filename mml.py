@@ -31,7 +31,7 @@ from PIL import Image, ImageDraw, ImageEnhance, ImageFont, ImageOps
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
 
 # ---- config -------------------------------------------------------------------------------
-# One dataclass is the whole configuration; the comment beside a field is its --help line
+# One dataclass is the whole configuration; the comment beside a field is its --help
 # (`parse_args`). A checkpoint's Config is held to the command line's types and bounds.
 
 BACKBONE = Literal["small", "resnet18", "resnet50", "convnext_tiny", "vit_b_16", "clip"]
@@ -103,7 +103,7 @@ PRESETS = {"paper": {
     "train_text": "first", "lr": 1e-4, "weight_decay": 5e-4, "recipe": "paper",
     "batch_size": 512, "epochs": 20, "n_val": 1024, "holdout": "authors", "select": "loss"}}
 
-# The modalities by letter, and the names the command line and API also accept.
+# The modalities by letter, and the names the command line and API accept too.
 MODALITY = {"G": "ground", "S": "satellite", "T": "text", "C": "gps"}
 LETTER = {name: m for m, name in MODALITY.items()}
 
@@ -247,7 +247,7 @@ def read_split(root: Path, split: str) -> Split:
     table = read_csv(listing, ["landmark_id", "lat", "lon"])
     ids = table["landmark_id"]
     ground = by_landmark(listing, "ground", "images", ids)
-    # every year's aerial ids, oldest first (the last is the latest); the query split lists
+    # every year's aerial ids, oldest first (the last is the latest); the query split has
     # the latest alone, every year in _all_satellite
     sat = by_landmark(listing, "all_satellite" if query else "satellite", "images", ids)
     latest = by_landmark(listing, "satellite", "images", ids) if query else sat
@@ -717,7 +717,7 @@ class MML(nn.Module):
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
         self.frozen = [f for f in cfg.freeze if f in self.enc]  # letters, by `resolve`
         backbone = {"G": cfg.image_backbone, "S": cfg.image_backbone, "T": cfg.text_backbone}
-        # frozen CLIP towers come from their folder, never saved (1.7 GB for ViT-L/14-336)
+        # frozen CLIP towers come from their folder, never saved (ViT-L/14-336: 1.7 GB)
         self.towers = tuple(f"enc.{f}.trunk." for f in self.frozen if backbone.get(f) == "clip")
         for f in self.frozen:
             for name, p in self.enc[f].named_parameters():
@@ -913,7 +913,7 @@ def geo_metrics(km: torch.Tensor) -> dict:
     return within | {"median_km": float(np.median(km.cpu().numpy()))}
 
 # ---- train --------------------------------------------------------------------------------
-# One process per GPU under torchrun (nanoGPT's shape): RANK in the environment means
+# One process per GPU under torchrun, as nanoGPT: RANK in the environment means
 # distributed; process 0 logs, validates and saves while the others wait. Without torchrun,
 # rank 0 of 1. `train_step` is a step's work, `fit` the loop; checkpoints (`restore`,
 # `load_pretrained`, `save_checkpoint`) and CLIP's towers come after eval.
@@ -969,7 +969,7 @@ def training_sets(cfg: Config, ckpt: dict | None) -> tuple:
         print0(f"{len(bad + val_bad)} unreadable articles, their sentences empty (first: "
                f"{(bad + val_bad)[0]})")
     # the tokenizer: the checkpoint's on --resume, CLIP's with its text tower, else learnt on
-    # process 0 from the training articles and sent to the others, as all must agree
+    # process 0 from the training articles, sent to the others: all must agree
     if ckpt or cfg.text_backbone == "clip":
         tok = Tokenizer.from_str(ckpt["tokenizer"]) if ckpt else clip_tokenizer(cfg.clip,
                                                                                 cfg.max_len)
@@ -1265,7 +1265,7 @@ def fit(cfg: Config):
 
 @dataclass(frozen=True)
 class Task:
-    """What queries (G, S, T), what is searched (G, S, C), which sentences (T2x)."""
+    """What queries (G, S, T), what is searched (G, S, C), the sentences (T2x)."""
     query: str
     gallery: str
     text: str = ""
@@ -1322,7 +1322,7 @@ class Side:
     items: object  # images: [(split folder, kind, ids)]; sentences; points
 
 class Protocol:
-    """The sides of the protocol's tasks on one dataset, each built once, when asked."""
+    """The sides of the protocol's tasks on one dataset, each built once when asked."""
 
     def __init__(self, root: Path):
         self.query, self.index = read_split(root, "query"), read_index(root)
@@ -1445,8 +1445,8 @@ def batch_rows(out, n: int, what: str, width=0, first=0) -> torch.Tensor:
     return out.float()
 
 def unit_rows(emb: torch.Tensor, side: Side) -> torch.Tensor:
-    """A side's embeddings, all normalised (with a warning) if a row is off unit norm by 1e-3;
-    a zero row has no direction. Norms in float64: a float32 norm past about 1e19 overflows."""
+    """A side's embeddings, normalised (warning) if a row is 1e-3 off unit norm; a zero row
+    has no direction. Norms in float64: a float32 norm past 1e19 overflows."""
     norms = emb.double().norm(dim=1, keepdim=True)  # (N, 1)
     if bool((norms == 0).any()):
         row = int(torch.nonzero(norms[:, 0] == 0)[0])
@@ -1465,7 +1465,7 @@ class Functions:
     cfg: Config
 
     def width(self, m: str) -> int:
-        """The width D of modality m's embeddings, from a batch of one (not flat) input."""
+        """The width D of modality m's embeddings, from one input (not flat)."""
         H = self.cfg.img_size
         probe = {"T": ["a"], "C": torch.zeros(1, 2, dtype=torch.float64)}.get(
             m, (torch.arange(3 * H * H) % 251).to(torch.uint8).view(1, 3, H, H))
@@ -1557,7 +1557,7 @@ def code_record() -> dict:
     """mml.py's sha256 and, in a git checkout, its commit: asked once a process."""
     here, commit = Path(__file__).resolve(), None
     git = ["git", "-C", str(here.parent), "rev-parse", "HEAD"]
-    with contextlib.suppress(OSError, subprocess.SubprocessError):  # no git, no checkout
+    with contextlib.suppress(OSError, subprocess.SubprocessError):  # no git or checkout
         commit = subprocess.run(git, capture_output=True, text=True, timeout=10,
                                 check=True).stdout.strip()
     return {"mml_sha256": hashlib.sha256(here.read_bytes()).hexdigest(), "git": commit}
@@ -1577,8 +1577,8 @@ def write_metrics(path: Path, results: dict, cfg: Config, device, source: dict):
     write_atomically(path, lambda p: p.write_text(json.dumps(merged, indent=1)))
 
 def evaluate(cfg: Config):
-    """`eval`: the protocol on the checkpoint's data (or --data), by the checkpoint."""
-    writable_folder(Path(cfg.out) / "eval", "--out")  # before hours of embedding
+    """`eval`: the protocol on the checkpoint's data (or --data)."""
+    writable_folder(Path(cfg.out) / "eval", "--out")  # before hours of work
     model = Checkpoint(cfg.ckpt, device_of(cfg), cfg.clip, cfg.eval_batch,
                        cfg.workers, cfg.cache)
     cfg = dataclasses.replace(cfg, data=cfg.data or model.cfg.data,
@@ -1590,7 +1590,7 @@ def evaluate(cfg: Config):
     score(Protocol(Path(cfg.data)), model, cfg, source)
 
 def print_tables(results: dict):
-    """The results as the authors' tables (PROTOCOL 5), then the geolocalisation."""
+    """The results as the authors' tables (PROTOCOL 5), then geolocalisation."""
     cols = ("mAP@1k", "R@1", "R@5", "R@10")
     row = lambda head, cell: print(head + " | " + "   | ".join(
         "".join(cell(p, c) for c in cols) for p in ("official", "strict")))
@@ -1643,7 +1643,7 @@ def trained_state(model: MML) -> dict:
 
 def load_tensors(path: Path, what: str) -> dict:
     """torch.load that never runs code: weights_only=True loads tensors and plain data,
-    and a file that needs more (it could run anything) is refused, never unpickled."""
+    and a file needing more (it could run anything) is refused."""
     if not path.is_file():
         raise UserError(f"{path}: no {what} there")
     with open(path, "rb") as f:  # torch.save: a zip (PK); old torch: a pickle (0x80 2)
@@ -1696,7 +1696,7 @@ def load_checkpoint(path: Path, resume: bool = False) -> dict:
         raise UserError(f"{path}: not an mml checkpoint (its {bad[0]} is not what mml saves)")
     try:
         Tokenizer.from_str(ckpt["tokenizer"])
-    except Exception as e:  # the tokenizers library raises its own exception types
+    except Exception as e:  # tokenizers raises its own exception types
         raise UserError(f"{path}: not an mml checkpoint (its tokenizer does not load: "
                         f"{str(e)[:80]})") from None
     return ckpt
@@ -1711,7 +1711,7 @@ def checkpoint_config(path: Path, ckpt: dict) -> Config:
                         f"{', '.join(unknown)})")
     return check_config(Config(**(defaults | saved)), f"{path}: config field ")
 
-# Options of earlier mml.py that change nothing a checkpoint holds: dropped when read.
+# Options of earlier mml.py that change nothing a checkpoint holds: dropped.
 RETIRED = {"outdoor_only", "last_sat_only", "loss", "inputs", "text", "satellite", "top",
            "gallery", "json", "runs", "latex", "resamples", "bench_queries"}
 
@@ -1751,7 +1751,7 @@ def restore(path: Path, ckpt: dict, cfg: Config) -> MML:
                         f"there (moved?); name it with --clip")
     meta = sized(cfg, str(path))
     load_matching(meta, ckpt["model"], str(path), ignore=meta.towers)
-    if "T" in meta.enc:  # a token past the text tower's vocabulary would index nothing
+    if "T" in meta.enc:  # a token past the text tower's vocabulary indexes nothing
         tok = Tokenizer.from_str(ckpt["tokenizer"])
         vocab = next(m for m in meta.enc["T"].modules() if isinstance(m, nn.Embedding))
         if (n := tok.get_vocab_size()) > vocab.num_embeddings:
@@ -1836,7 +1836,7 @@ class Checkpoint(Functions):
         if m in "GS" and x.shape[-1] != H:
             x = F.interpolate(x.float(), (H, H), mode="bilinear", antialias=True)
             x = x.round().clamp(0, 255).to(torch.uint8)
-        # points in float32, as the authors': bf16 would blur places km apart;
+        # points in float32, as the authors': bf16 blurs places km apart;
         # images and text in bf16 (theirs: fp16)
         with autocast_for(self.device, self.cfg) if m != "C" else contextlib.nullcontext():
             return self.encoder(m)(x)
@@ -1900,7 +1900,7 @@ class Checkpoint(Functions):
         return embed(self.fns[m], x, what, self.cfg, self.device, spread=False)
 
     def embed_side(self, side: Side) -> torch.Tensor:
-        """A side of the protocol; images through a frozen CLIP tower via its cache."""
+        """A side of the protocol; images through a frozen CLIP tower, cached."""
         m, enc = side.modality, self.encoder(side.modality)
         if m not in "GS" or f"enc.{m}.trunk." not in self.model.towers:
             return super().embed_side(side)
@@ -1950,7 +1950,7 @@ def evaluate_encoders(encoders, data, out="runs/encoders", tasks: str = "",
         img_size, resize, batch, workers = c.img_size, c.resize, c.eval_batch, c.workers
     elif not isinstance(encoders, dict) or set(encoders) - set("GSTC"):
         raise UserError("evaluate_encoders: expected a Checkpoint or {G|S|T|C: function}")
-    # bf16 off: the functions run in whatever precision they choose themselves
+    # bf16 off: the functions run in the precision they choose
     cfg = check_config(Config(
         data=str(data), out=str(out), tasks=tasks, img_size=img_size, resize=resize,
         eval_batch=batch, device=device, workers=workers, viz=viz, bf16=False),
@@ -1981,7 +1981,7 @@ def outside_backbone(cfg: Config, part: str) -> tuple[nn.Module, int, tuple]:
         return tower, c["projection_dim"], (CLIP_MEAN, CLIP_STD) * (part == "vision")
     size = {"image_size": cfg.img_size} if cfg.image_backbone == "vit_b_16" else {}
     net = torchvision.models.get_model(cfg.image_backbone, weights=None, **size)
-    # the classifier is each family's last Linear: fc, classifier.2, heads.head
+    # the classifier: each family's last Linear (fc, classifier.2, heads.head)
     name = [n for n, m in net.named_modules() if isinstance(m, nn.Linear)][-1]
     parent, _, leaf = name.rpartition(".")
     width = net.get_submodule(name).in_features
@@ -2010,8 +2010,8 @@ def load_pretrained(model: MML, cfg: Config) -> dict | None:
             raise UserError(f"--pretrained: {path} is not usable, nor {weights.url} "
                             f"downloadable ({why}); put that file there") from None
         for m in {"G", "S"} & set(model.enc):  # a shared trunk loads twice: the same
-            own = model.enc[m].trunk.state_dict()  # the classifier's keys drop; files of 2017
-            # lack num_batches_tracked, which BatchNorm's own loading fills in too
+            own = model.enc[m].trunk.state_dict()  # the classifier's keys drop
+            # 2017's files lack num_batches_tracked (BatchNorm's loading fills it in)
             theirs = {k: state.get(k, v) for k, v in own.items() if k in state or "num_b" in k}
             load_matching(model.enc[m].trunk, theirs, f"--pretrained {path}")
     return towers
@@ -2121,7 +2121,7 @@ def clip_config(folder: str) -> dict:
         given = [c.get(f"{part}_config") or {}, c.get(f"{part}_config_dict") or {}]
         if not all(isinstance(g, dict) for g in given):
             raise UserError(f"{path}: {part}_config is not an object of sizes")
-        # a null (2022's configs write "eos_token_id": null in vision_config) is absent
+        # null reads as absent (2022's configs: vision eos_token_id null)
         out[part] = defaults | {k: v for g in given for k, v in g.items() if v is not None}
     parts = [("vision_config ", out["vision"]), ("text_config ", out["text"]), ("", out)]
     for part, sizes in parts:
@@ -2300,7 +2300,7 @@ def authors_state(src: Path, clip: str, weights: dict) -> dict:
         prefix = next((p for p in AUTHORS if k.startswith(p)), None)
         if prefix is None:
             raise UserError(f"{src}: {k} is not a key of the authors' MmlCLIP")
-        # their GPS heads are bare Linear layers, GeoCLIP's and mml's a Sequential
+        # their GPS heads are bare Linears, GeoCLIP's and mml's a Sequential
         name = AUTHORS[prefix] + k[len(prefix):]
         state[re.sub(r"(LocEnc\d+\.head)\.", r"\1.0.", name)] = v
     return state
@@ -2715,7 +2715,7 @@ def synthesize(out: Path, scale: float = 1.0, seed: int = 0) -> dict:
             row(f"{p}.csv", ("landmark_id", "CommonsCategory", "lat", "lon"), lid,
                 f"{name} ({lm['city']})", f"{lm['lat']:.6f}", f"{lm['lon']:.6f}")
             row(f"{p}_ground.csv", images, lid, " ".join(photos))
-            # the query split lists the latest aerial image alone, all years apart
+            # the query split lists the latest tile alone, all years apart
             row(f"{p}_satellite.csv", images, lid, tiles[-1] if query else " ".join(tiles))
             row(f"{p}_text.csv", ("landmark_id", "json"), lid, text)
             if query:
@@ -2810,7 +2810,7 @@ def parse_args(argv=None) -> tuple[str, Config, set]:
         for name, flag in zip(names, flags[command]):
             kind, text = Config.__annotations__[name], own.get(name, helps[name])
             default, choices = getattr(Config, name), typing.get_args(kind)
-            # a default worth saying (0 is; False is not: the flag's absence says it)
+            # a default worth saying (0 is; False is not: the flag's absence says so)
             if not (default is False or default == "" or name in own or "default" in text):
                 text += f" (default: {default})"
             # an option not given is not set, so that `given` knows what was said
@@ -2912,7 +2912,7 @@ def resolve(command: str, cfg: Config, given: set) -> Config:
         if "epochs" in given and "max_steps" not in given:  # the length, said in epochs
             now["max_steps"] = 0
         return check_config(dataclasses.replace(saved, **now))
-    # a log still empty: a first step that failed (out of memory, say) made no run yet
+    # an empty log: a first step that failed (out of memory, say) made no run
     held = [n for n in ("last.pt", "best.pt", "log.jsonl")
             if (out / n).exists() and (out / n).stat().st_size]
     if train and held and not cfg.overwrite:

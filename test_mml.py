@@ -131,8 +131,7 @@ def test_map_cut_at_top_and_chunking_do_not_change_results(map_top):
         assert got[protocol]["R@5"] == pytest.approx(want["R@5"], abs=1e-9)
 
 def test_medr_is_numpys_median_and_ties_go_against_the_query():
-    """Positives at positions 1, 2, 3, 10: medR 2.5 (numpy's median, not torch's 2). Ties go against
-    the query unless between positives; a tied distractor counts only in the strict ranking."""
+    """Positives at 1, 2, 3, 10: medR 2.5 (numpy's, not torch's 2); ties go against the query; a tied distractor counts strict only."""
     g = torch.eye(10)
     q = torch.stack([g[0], 0.9 * g[0] + 0.5 * g[1], 0.9 * g[0] + 0.8 * g[1] + 0.5 * g[2], torch.linspace(1, 0.1, 10)])  # scores against the identity are q itself
     ranks = mml.rank_queries(F.normalize(q, dim=-1), g, torch.tensor([0, 1, 2, 9]), torch.arange(10))
@@ -678,8 +677,7 @@ def test_unreadable_images_are_skipped_in_training_and_fatal_in_eval(world, tmp_
 
 @pytest.mark.parametrize("content,why", [("{not json", "JSONDecodeError"), ("[" * 100_000, "RecursionError"), ('["a list"]', "expected a JSON object"), (json.dumps({"a": "\n" * 100_001}), "over 100,000 paragraphs")])
 def test_an_unreadable_article_is_skipped_in_training_and_fatal_in_eval(world, trained, tmp_path, capsys, content, why):
-    """An article not JSON, nested 100,000 deep, not an object or too long: training gives it an
-    empty sentence and counts it; eval names it before anything is embedded or written."""
+    """An article not JSON, 100,000 deep, not an object or too long: training counts it, empty; eval refuses it before any work."""
     root = copy_world(world, tmp_path)
     for split in ("train", "query"):
         s = mml.read_split(root, split)
@@ -851,8 +849,7 @@ def test_eval_recomputes_g2s_exactly(world, trained, evaluated):
             assert got[protocol][k] == pytest.approx(want[k], abs=1e-6), (protocol, k)
 
 def test_geolocalisation_is_the_top_1_point_of_the_protocols_gps_gallery(world, trained, evaluated):
-    """The GPS gallery: index tiles' centres, then query points; the guess is the top-1 point, right
-    or wrong (not the best true one): S2C recomputed by hand from the checkpoint's encoders."""
+    """GPS gallery: index tiles' centres, then query points; the guess is the top-1 point, right or wrong: S2C by hand."""
     q, model = mml.read_split(world, "query"), restored(trained / "best.pt")
     gallery = torch.cat([torch.tensor(mml.read_index(world).sat_latlon), torch.tensor(q.latlon)])
     assert torch.equal(mml.Protocol(world).side("gallery_gps").latlon, gallery)
@@ -916,8 +913,7 @@ def test_eval_reads_the_checkpoints_data_from_anywhere_and_records_the_evaluatio
     assert "eval: --embed-dim is the checkpoint's" in capsys.readouterr().err
 
 def test_the_random_sentences_are_the_authors_draw(world, tmp_path):
-    """Their eval_dataset.py: random.seed(42), then per row of mml_query_text.csv in file order
-    a choice of section, paragraph, piece; the sentences come in the query split's row order."""
+    """Their eval_dataset.py: Random(42), per mml_query_text.csv row in file order a section, paragraph, piece; in query order."""
     def theirs(root: Path) -> dict:
         random.seed(42)
         out = {}
@@ -978,8 +974,7 @@ def test_the_api_composes_and_any_encoders_give_evals_metrics(world, trained, ev
     assert torch.equal(model.embed_gps([40.7, -74.0]), model.embed_gps([[40.7, -74.0]])) and model.embed_gps([40.7, -74.0]).shape == (1, 32)
 
 def test_the_readme_section_runs_as_written(world, trained, evaluated, tmp_path):
-    """README's "Evaluate your own model" executed as written, on the tiny world where README's
-    data/synthetic and runs/mml would be: a checkpoint handed to evaluate_encoders gives eval's numbers."""
+    """README's "Evaluate your own model" as written, on the tiny world where data/synthetic and runs/mml would be: eval's numbers."""
     readme = (HERE / "README.md").read_text()
     section = readme.split("## Evaluate your own model", 1)[1]
     code = section.split("```python\n", 1)[1].split("```", 1)[0]
@@ -1379,8 +1374,7 @@ def location_spec(prefix: str, head: str) -> dict:
     return spec
 
 def authors_weights(clip_state: dict) -> dict:
-    """The authors' MmlCLIP state dict on the tiny CLIP: two copies of CLIP (image_encoder. and
-    text_encoder.clip_model.*), drawn heads and GPS, the position_ids old transformers saved."""
+    """The authors' MmlCLIP state dict on the tiny CLIP: two CLIP copies, drawn heads and GPS, old transformers' position_ids."""
     spec = location_spec("location_encoder.", "head")
     for head in ("ground_projector", "satellite_projector", "text_projector"):
         spec |= {f"{head}.0.weight": ((512, 32), 32 ** -0.5), f"{head}.0.bias": ((512,), 0.02),
