@@ -1034,11 +1034,17 @@ def ignore_stop_signals(worker_id: int):
 
 def batch_loader(data: LandmarkSet, sampler, workers: int, device):
     """Training's and validation's batches from workers (batch_size None: the sampler gives
-    whole batches), which leave a stop signal to the main process."""
-    return torch.utils.data.DataLoader(
+    whole batches), which leave a stop signal to the main process: they start with the
+    signals held until they ignore them (one arriving at a worker's birth would kill it)."""
+    loader = torch.utils.data.DataLoader(
         data, batch_size=None, sampler=sampler, num_workers=workers,
         pin_memory=device.type == "cuda", prefetch_factor=4 if workers > 0 else None,
         worker_init_fn=ignore_stop_signals)
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, (signal.SIGTERM, signal.SIGINT))
+    try:
+        return iter(loader)  # the workers start here
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 # The validation batch (the authors' batch_size_eval), fixed: the loss depends on how many
 # negatives a batch holds, and runs of other batches must compare.
@@ -1195,7 +1201,8 @@ def fit(cfg: Config):
         resume_state(optimizer, ckpt, out / "last.pt")
         print0(f"resumed {out / 'last.pt'} at step {step}")
     elif rank == 0 and cfg.overwrite:  # what mml wrote here before, nothing else
-        for name in ("last.pt", "best.pt", "log.jsonl", "eval/metrics.json"):
+        wrote = [f"eval/{t.name}.{ext}" for t in ALL_TASKS for ext in ("csv", "png")]
+        for name in ("last.pt", "best.pt", "log.jsonl", "eval/metrics.json", *wrote):
             (out / name).unlink(missing_ok=True)
     # best.pt: the lowest validation loss, or the highest mean R@1
     best = ckpt["best"] if ckpt else (math.inf if cfg.select == "loss" else -math.inf)
@@ -2857,7 +2864,9 @@ RULES = [
     (lambda c: c.text_width > 64 and c.text_width % 64, "text_width",
      "a multiple of 64 (one attention head each), or at most 64"),
     (lambda c: c.share_image_trunk and not {"G", "S"} <= set(c.modalities.upper()),
-     "share_image_trunk", "both G and S in --modalities")]
+     "share_image_trunk", "both G and S in --modalities"),
+    (lambda c: c.pretrained and c.image_backbone in ("small", "clip"), "pretrained",
+     "a torchvision --image-backbone (CLIP's weights come with --clip)")]
 
 def check_config(cfg: Config, where: str = "--") -> Config:
     """Each field of its type and among its choices, the numbers within BOUNDS,
@@ -2995,6 +3004,8 @@ def main(argv=None):
     command, cfg, given = parse_args(argv)
     try:
         cfg = resolve(command, cfg, given)  # a resumed run's --device too
+        if "RANK" in os.environ and command in ("synth", "prepare", "convert"):
+            raise UserError(f"{command}: run it once, without torchrun (its files are shared)")
         device_of(cfg)  # joins torchrun's group, if there is one
         if command in ("train", "prepare", "bench") and "data" not in given and not cfg.resume:
             synthetic_world(cfg.scale)  # the default data, written on first use

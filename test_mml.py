@@ -754,8 +754,10 @@ def record_training_inputs(argv: list, out: Path):
         run(*argv)
     torch.save(seen, out)
 
-def test_a_samples_pixels_and_jitter_do_not_depend_on_workers_or_processes(world, tmp_path, two_processes):
-    argv = ["train", "--data", world, *TINY, "--epochs", 1]
+def test_a_samples_pixels_and_jitter_do_not_depend_on_workers_or_processes(world, tmp_path, two_processes, monkeypatch):
+    argv, ignore = ["train", "--data", world, *TINY, "--epochs", 1], mml.ignore_stop_signals
+    # each worker signalled at its birth (a scheduler's SIGTERM may come then): none dies of it
+    monkeypatch.setattr(mml, "ignore_stop_signals", lambda i: os.kill(os.getpid(), signal.SIGTERM) or ignore(i))
     for workers in (0, 2):
         record_training_inputs([*argv, "--workers", workers, "--out", tmp_path / f"w{workers}"], tmp_path / f"w{workers}.pt")
     one = torch.load(tmp_path / "w0.pt")
@@ -1075,7 +1077,10 @@ def test_a_width_mismatch_is_named_before_any_gallery_is_embedded(world, trained
 
 # ---- untrusted input: nothing replaced, nothing half-made, one line each -----------------
 
-def test_synth_never_replaces_what_mml_did_not_write(fixture_root, tmp_path, capsys):
+def test_synth_never_replaces_what_mml_did_not_write(fixture_root, tmp_path, capsys, monkeypatch):
+    with monkeypatch.context() as env:  # under torchrun every process would write the same files
+        env.setenv("RANK", "0")
+        assert "synth: run it once, without torchrun" in fails_in_one_line(capsys, "synth", "--out", tmp_path / "t", "--scale", 0.01)
     before = tree_bytes(fixture_root)  # a folder in the released layout, with mmlandmarks.csv
     assert "not a synthetic world written by mml" in fails_in_one_line(capsys, "synth", "--out", fixture_root, "--scale", 0.01)
     assert tree_bytes(fixture_root) == before
@@ -1108,11 +1113,13 @@ def test_overwrite_starts_over(world, trained, tmp_path, monkeypatch):
     run("train", "--data", world, "--out", tmp_path / "oom", *TINY, "--max-steps", 1)  # again, without --overwrite
     shutil.copytree(trained, tmp_path / "run")  # --overwrite removes what mml wrote there, nothing else
     write(tmp_path / "run/eval/metrics.json", "{}")
+    write(tmp_path / "run/eval/G2S.csv", "an earlier model's")
     write(tmp_path / "run/notes.txt", "mine")
     run("train", "--data", world, "--out", tmp_path / "run", *TINY, "--epochs", 1, "--overwrite")
     assert [r["epoch"] for r in log_records(tmp_path / "run") if "val_loss" in r] == [0]
     assert torch.load(tmp_path / "run/last.pt", weights_only=True)["step"] == STEPS
-    assert not (tmp_path / "run/eval/metrics.json").exists() and (tmp_path / "run/notes.txt").read_text() == "mine"
+    assert not (tmp_path / "run/eval/metrics.json").exists() and not (tmp_path / "run/eval/G2S.csv").exists()
+    assert (tmp_path / "run/notes.txt").read_text() == "mine"
 
 @pytest.mark.parametrize("argv,message", [
     (["--batch-size", 0], "--batch-size 0: expected an integer in [2, "),
@@ -1122,6 +1129,7 @@ def test_overwrite_starts_over(world, trained, tmp_path, monkeypatch):
     (["--img-width", 12], "--img-width 12: expected a multiple of 8"),
     (["--modalities", "TC", "--share-image-trunk"], "--share-image-trunk True: expected both G and S in --modalities"),
     (["--image-backbone", "vit_b_16", "--pretrained", "--img-size", 32], "--img-size 32: vit_b_16 takes 224 px images with --pretrained"),
+    (["--pretrained"], "--pretrained True: expected a torchvision --image-backbone"),  # the small CNN has no weights to load
     (["--resume"], "no run to resume there (--resume continues the run in --out"),
     (["--device", "cuda"], "--device cuda: no CUDA GPU is visible to PyTorch"),  # (none is, in this test)
     # issue 30: seeds are bounded; a preset's values are checked like any other, first
