@@ -1034,8 +1034,8 @@ def ignore_stop_signals(worker_id: int):
 
 def batch_loader(data: LandmarkSet, sampler, workers: int, device):
     """Training's and validation's batches from workers (batch_size None: the sampler gives
-    whole batches), which leave a stop signal to the main process: they start with the
-    signals held until they ignore them (one arriving at a worker's birth would kill it)."""
+    whole batches), which leave a stop signal to the main process: they start with
+    signals held until they ignore them (one at a worker's birth would kill it)."""
     loader = torch.utils.data.DataLoader(
         data, batch_size=None, sampler=sampler, num_workers=workers,
         pin_memory=device.type == "cuda", prefetch_factor=4 if workers > 0 else None,
@@ -1200,8 +1200,8 @@ def fit(cfg: Config):
     if ckpt:
         resume_state(optimizer, ckpt, out / "last.pt")
         print0(f"resumed {out / 'last.pt'} at step {step}")
-    elif rank == 0 and cfg.overwrite:  # what mml wrote here before, nothing else
-        wrote = [f"eval/{t.name}.{ext}" for t in ALL_TASKS for ext in ("csv", "png")]
+    elif rank == 0 and cfg.overwrite:  # what mml wrote here, nothing else
+        wrote = [f"eval/{t.name}.{x}" for t in ALL_TASKS for x in ("csv", "png")]
         for name in ("last.pt", "best.pt", "log.jsonl", "eval/metrics.json", *wrote):
             (out / name).unlink(missing_ok=True)
     # best.pt: the lowest validation loss, or the highest mean R@1
@@ -2866,7 +2866,7 @@ RULES = [
     (lambda c: c.share_image_trunk and not {"G", "S"} <= set(c.modalities.upper()),
      "share_image_trunk", "both G and S in --modalities"),
     (lambda c: c.pretrained and c.image_backbone in ("small", "clip"), "pretrained",
-     "a torchvision --image-backbone (CLIP's weights come with --clip)")]
+     "a torchvision --image-backbone")]
 
 def check_config(cfg: Config, where: str = "--") -> Config:
     """Each field of its type and among its choices, the numbers within BOUNDS,
@@ -3005,7 +3005,7 @@ def main(argv=None):
     try:
         cfg = resolve(command, cfg, given)  # a resumed run's --device too
         if "RANK" in os.environ and command in ("synth", "prepare", "convert"):
-            raise UserError(f"{command}: run it once, without torchrun (its files are shared)")
+            raise UserError(f"{command}: run it once, without torchrun (one set of files)")
         device_of(cfg)  # joins torchrun's group, if there is one
         if command in ("train", "prepare", "bench") and "data" not in given and not cfg.resume:
             synthetic_world(cfg.scale)  # the default data, written on first use
