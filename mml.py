@@ -1186,7 +1186,6 @@ def fit(cfg: Config):
     per_epoch = len(train_set) // B
     total, step = cfg.max_steps or cfg.epochs * per_epoch, ckpt["step"] if ckpt else 0
     sampler = epoch_batches(len(train_set), B, cfg.seed, rank, world, step, total)
-    loader = batch_loader(train_set, sampler, cfg.workers, device)
     # The same seed on every process: identical initial weights. No per-rank offset (nanoGPT
     # has one for its data): every draw of the data is keyed by (seed, epoch, row) or a
     # sample's place in the global batch.
@@ -1227,6 +1226,7 @@ def fit(cfg: Config):
     log = open(out / "log.jsonl", "a", buffering=1) if rank == 0 else None
     saved = {"config": dataclasses.asdict(cfg), "tokenizer": tok.to_str(),  # in every one
              "landmarks": landmarks} | ({"towers": tower_record} if tower_record else {})
+    loader = batch_loader(train_set, sampler, cfg.workers, device)
     t_start = t_last = time.time()
     first, last, bad_in_row, skipped, unreadable = step, step, 0, 0, []
     with stop_signals() as stop, matmul_precision("high"):  # TF32 for training, not scores
