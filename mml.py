@@ -476,8 +476,8 @@ def epoch_batches(n: int, batch: int, seed: int, rank: int = 0, world: int = 1,
 def augment_params(seed: int, epoch: int, step: int, n: int, recipe: str = "mml"):
     """(n, 2, 7) jitter of a global batch's ground and aerial views: brightness, contrast,
     saturation, r (blur if r < 0.2, sharpen if < 0.4), blur sigma, quarter turns, hue shift.
-    mml: factors in [0.8, 1.2]; paper (after the authors' albumentations): ColorJitter(0.15
-    x 4) on half, blur, sharpen 15% each. Keyed by (seed, epoch, step) and place: any W, resume."""
+    mml: factors in [0.8, 1.2]; paper (the authors' settings): ColorJitter(0.15 x 4) on
+    half, blur, sharpen 15% each. Keyed by (seed, epoch, step) and place: any W, resume."""
     rng = np.random.default_rng([seed, epoch, step])
     u = torch.from_numpy(rng.random((n, 2, 6)))
     low = torch.tensor([0.8, 0.8, 0.8, 0.0, 0.3, 0.0], dtype=torch.float64)
@@ -799,7 +799,7 @@ def matmul_precision(level: str):
         torch.set_float32_matmul_precision(before)
 
 def argsort_ranks(q, g, q_labels, g_labels, map_top: int = 1000) -> dict:
-    """The definition tests and `bench` hold `rank_queries` to, query by query: score,
+    """The definition `rank_queries` is held to (tests, `bench`), query by query: score,
     sort (positives after the items they tie with), walk. Per query (Q,): its first
     positive's 0-based position with distractors ranked ("first_strict") and removed
     ("first_official"); its AP: over hits j at positions r in the top map_top, the mean of
@@ -1855,7 +1855,8 @@ class Checkpoint(Functions):
             raise UserError(f"embed_images: kind {kind!r}; expected ground or satellite")
         self.encoder(m)  # an error now, not after reading the images
         if not torch.is_tensor(x := images):
-            listed = [x] if isinstance(x, (str, Path)) or np.ndim(x) == 3 else list(x)
+            one = isinstance(x, (str, Path)) or isinstance(x, np.ndarray) and x.ndim == 3
+            listed = [x] if one else list(x)
             H, images = self.cfg.img_size, [self.image(n, im) for n, im in enumerate(listed)]
             x = np.stack(images) if images else np.zeros((0, H, H, 3), np.uint8)
             x = torch.from_numpy(x).permute(0, 3, 1, 2)  # (N, 3, H, H)
@@ -1948,7 +1949,7 @@ def evaluate_encoders(encoders, data, out="runs/encoders", tasks: str = "",
                       img_size: int = 224, resize: str = "crop", batch: int = 256,
                       device: str = "", workers: int = 0, viz: bool = False,
                       name: str = "encoders") -> dict:
-    """Any model on the benchmark, from Python: a Checkpoint (`load`'s settings) or a dict mapping
+    """Any model on the benchmark, from Python: a Checkpoint (as `load` set it) or a dict mapping
     some of "G", "S", "T", "C" to functions of a batch (see Functions; tasks needing
     others are named and skipped). Writes what `eval` writes to OUT/eval/; returns
     {task: results}."""

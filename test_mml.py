@@ -964,7 +964,8 @@ def test_the_api_composes_and_any_encoders_give_evals_metrics(world, trained, ev
     assert by_path.shape == (1, 32) and torch.equal(model.embed_images(str(photo)), by_path)
     assert torch.allclose(by_path, model.embed_images(torch.from_numpy(mml.load_image(photo, 32)).permute(2, 0, 1)[None]), atol=1e-6)
     full = np.asarray(Image.open(photo).convert("RGB"))  # decoded in full
-    assert torch.allclose(model.embed_images(full), model.embed_images(torch.from_numpy(mml.to_square(Image.fromarray(full), 32)).permute(2, 0, 1)[None]), atol=1e-6)
+    assert torch.allclose(model.embed_images([full]), model.embed_images(torch.from_numpy(mml.to_square(Image.fromarray(full), 32)).permute(2, 0, 1)[None]), atol=1e-6)
+    assert model.embed_images([full, full[::2]]).shape == (2, 32) and model.embed_images(full).shape == (1, 32)  # arrays of any size, or one
     # a batch of another size is resized to the checkpoint's own (antialiased bilinear)
     big = torch.from_numpy(mml.load_image(photo, 64)).permute(2, 0, 1)[None]
     small = F.interpolate(big.float(), (32, 32), mode="bilinear", antialias=True).round().clamp(0, 255).to(torch.uint8)
@@ -1100,10 +1101,9 @@ def test_synth_never_replaces_what_mml_did_not_write(fixture_root, tmp_path, cap
     assert (tmp_path / "c/64-crop/query_satellite.u8").read_bytes() == b"someone's"  # refused before any array is built
     assert sorted(p.name for p in (tmp_path / "c/64-crop").iterdir()) == ["query_satellite.u8"]
 
-def test_overwrite_starts_over(world, trained, tmp_path, monkeypatch):
-    monkeypatch.setattr(mml, "train_step", lambda *a: 1 / 0)  # a first step that fails (out of memory, say): no run yet
-    pytest.raises(ZeroDivisionError, run, "train", "--data", world, "--out", tmp_path / "oom", *TINY)
-    monkeypatch.undo()
+def test_overwrite_starts_over(world, trained, tmp_path):
+    with unittest.mock.patch.object(mml, "train_step", lambda *a: 1 / 0):  # a first step that fails (out of memory, say): no run yet
+        pytest.raises(ZeroDivisionError, run, "train", "--data", world, "--out", tmp_path / "oom", *TINY)
     run("train", "--data", world, "--out", tmp_path / "oom", *TINY, "--max-steps", 1)  # again, without --overwrite
     shutil.copytree(trained, tmp_path / "run")  # --overwrite removes what mml wrote there, nothing else
     write(tmp_path / "run/eval/metrics.json", "{}")
