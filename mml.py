@@ -1430,8 +1430,12 @@ def embed(fn, data, what: str, cfg: Config, device, spread=True) -> torch.Tensor
     if world == 1:
         return emb
     sizes = [n * (r + 1) // world - n * r // world for r in range(world)]
-    padded = [emb.new_zeros(max(sizes), emb.shape[1]) for _ in range(world)]
-    dist.all_gather(padded, torch.cat([emb, padded[0][len(emb):]]))
+    width = torch.tensor(emb.shape[1], device=device)  # a process with no rows: 1
+    dist.all_reduce(width, dist.ReduceOp.MAX)
+    mine = emb.new_zeros(max(sizes), int(width))
+    mine[:len(emb)] = emb
+    padded = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(padded, mine)
     return torch.cat([p[:s] for p, s in zip(padded, sizes)])
 
 def batch_rows(out, n: int, what: str, width=0, first=0) -> torch.Tensor:

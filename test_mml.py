@@ -1355,8 +1355,7 @@ SENTENCES = ["a red church in Denver", " ".join(["the old harbor lighthouse"] * 
 LATLON = torch.tensor([[40.71, -74.01], [34.05, -118.24], [47.61, -122.33], [25.76, -80.19]])
 
 def seeded(spec: dict, seed: int) -> dict:
-    """Random weights the fixtures' maker and the tests both draw: numpy's PCG64 in sorted key order, normal x scale.
-    Drawn, not committed: the authors' location encoder alone holds 4.7M numbers."""
+    """Random weights the fixtures' maker and the tests both draw (PCG64, sorted keys, normal x scale), not committed: 4.7M numbers."""
     rng, out = np.random.default_rng(seed), {}
     for key in sorted(spec):
         shape, scale = spec[key]
@@ -1460,8 +1459,7 @@ def test_the_authors_released_model_converts_to_their_embeddings(tmp_path, capsy
                 "T": model.enc["T"](mml.tokenize(Tokenizer.from_str(saved["tokenizer"]), SENTENCES))}
     for m in "GSTC":
         assert cosines(ours[m], ref[m]).min() > 0.9999, m
-    # their file with another CLIP in it, a key missing, or of the wrong form is refused in one
-    # line, and nothing is written
+    # their file with another CLIP in it, a key missing, or of the wrong form: one line, nothing written
     wrong = authors_weights({k: v + 1e-3 if k.startswith("vision_model.") else v for k, v in clip_state.items()})
     partial = authors_weights(clip_state)
     del partial["text_projector.2.bias"]
@@ -1693,6 +1691,8 @@ def two_process_worker(rank: int, ddp_port: int, port: int, argv: list, out: str
     r = loss_and_grads(model, emb, scale)
     dist.all_reduce(r["loss"])
     r["loss"] /= 2  # the mean of the two halves' losses is the global batch's loss
+    # a side of fewer items than processes: process 0 embeds none of it
+    assert mml.embed(lambda x: 2 * x, torch.ones(1, 2), "x", cfg, torch.device("cpu")).tolist() == [[2.0, 2.0]]
     if rank == 0:
         torch.save(r, f"{out}/ddp.pt")
     dist.destroy_process_group()
