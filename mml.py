@@ -2871,7 +2871,9 @@ RULES = [
     (lambda c: c.share_image_trunk and not {"G", "S"} <= set(c.modalities.upper()),
      "share_image_trunk", "both G and S in --modalities"),
     (lambda c: c.pretrained and c.image_backbone in ("small", "clip"), "pretrained",
-     "a torchvision --image-backbone")]
+     "a torchvision --image-backbone"),
+    (lambda c: c.image_backbone == "convnext_tiny" and c.img_size < 32, "img_size",
+     "at least 32 for convnext_tiny (its stages halve it to one pixel)")]
 
 def check_config(cfg: Config, where: str = "--") -> Config:
     """Each field of its type and among its choices, the numbers within BOUNDS,

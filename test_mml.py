@@ -1027,8 +1027,7 @@ def test_the_python_api_refuses_what_it_cannot_embed_in_one_line(trained, tmp_pa
         mml.load(tmp_path / "nan.pt", device="cpu").embed_gps([[40.7, -74.0]])
 
 def test_rows_of_any_norm_are_normalised_and_a_zero_row_is_one_line(world, trained, tmp_path):
-    """Embeddings scaled by 3 or 1e20 (a float32 norm overflows), handed back in one buffer, or not finite on a flat image
-    (a centring encoder's; the width probe is not flat) give the unit vectors' metrics; a zero row is one line."""
+    """Embeddings scaled by 3 or 1e20 (float32 norms overflow), in one buffer, or not finite on a flat image (the width probe is not flat): the unit vectors' metrics; a zero row: one line."""
     enc = mml.load(trained / "best.pt", device="cpu").model.enc
     want = mml.evaluate_encoders({"G": enc["G"], "S": enc["S"]}, data=world, out=tmp_path / "u", img_size=32)
     buffer = {m: torch.empty(16, 32) for m in "GS"}
@@ -1120,6 +1119,7 @@ def test_overwrite_starts_over(world, trained, tmp_path):
     (["--scale", 0], "--scale 0.0: expected a number in [0.01, 100]"),
     (["--lr", "nan"], "--lr nan: expected a finite number"),
     (["--img-width", 12], "--img-width 12: expected a multiple of 8"),
+    (["--image-backbone", "convnext_tiny", "--img-size", 16], "--img-size 16: expected at least 32 for convnext_tiny"),
     (["--modalities", "TC", "--share-image-trunk"], "--share-image-trunk True: expected both G and S in --modalities"),
     (["--image-backbone", "vit_b_16", "--pretrained", "--img-size", 32], "--img-size 32: vit_b_16 takes 224 px images with --pretrained"),
     (["--pretrained"], "--pretrained True: expected a torchvision --image-backbone"),  # the small CNN has no weights to load
