@@ -172,6 +172,7 @@ def read_csv(path: Path, columns: list[str]) -> dict[str, list]:
     if not path.is_file():
         raise UserError(f"{path}: file not found (a CSV with columns {','.join(columns)})")
     data = path.read_bytes()
+    csv.field_size_limit(max(csv.field_size_limit(), len(data)))  # a cell of 8,000 photos
     try:
         lines = csv.reader(io.StringIO(data.decode("utf-8-sig"), newline=""))
         header = next(lines, [])  # rows by file line; blank ones skipped, as pandas does
@@ -233,12 +234,11 @@ class Split:
     sat: list[list[str]]  # its aerial images' ids, every year, oldest first
     latest: list[str]  # its latest aerial image (the query split's evaluation view)
     text: list[str]  # its article's id
-    no_cues: list[str] | None  # the query's first sentence without geographic cues
 
     def take(self, rows) -> "Split":
         pick = lambda column: [column[i] for i in rows]
         return Split(self.dir, self.ids[rows], self.latlon[rows], pick(self.ground),
-                     pick(self.sat), pick(self.latest), pick(self.text), None)
+                     pick(self.sat), pick(self.latest), pick(self.text))
 
 def read_split(root: Path, split: str) -> Split:
     """ROOT/train or ROOT/query: each landmark's GPS, photos, aerial images and article."""
@@ -247,24 +247,21 @@ def read_split(root: Path, split: str) -> Split:
     table = read_csv(listing, ["landmark_id", "lat", "lon"])
     ids = table["landmark_id"]
     ground = by_landmark(listing, "ground", "images", ids)
-    # every year's aerial ids, oldest first (the last is the latest); the query split has
-    # the latest alone, every year in _all_satellite
-    sat = by_landmark(listing, "all_satellite" if query else "satellite", "images", ids)
-    latest = by_landmark(listing, "satellite", "images", ids) if query else sat
-    if query and (two := next((i for i in ids if len(latest[i]) > 1), None)) is not None:
+    # every year's aerial ids, oldest first (the last is the latest); the query split's
+    # lists the latest alone, all evaluation reads (mml_query_all_satellite.csv: unread)
+    sat = by_landmark(listing, "satellite", "images", ids)
+    if query and (two := next((i for i in ids if len(sat[i]) > 1), None)) is not None:
         raise UserError(f"{d}/mml_query_satellite.csv: landmark {two} has "
-                        f"{len(latest[two])} tiles; expected the latest alone")
+                        f"{len(sat[two])} tiles; expected the latest alone")
     text = by_landmark(listing, "text", "json", ids)
-    no_cues = by_landmark(listing, "text_sentences", "sentences", ids) if query else None
-    kept = [i for i in ids if ground[i] and sat[i] and latest[i]]
+    kept = [i for i in ids if ground[i] and sat[i]]
     if len(kept) < len(ids):
         print0(f"{d}: {len(ids) - len(kept)} landmarks without photo or tile skipped")
     latlon = dict(zip(ids, zip(table["lat"], table["lon"])))
     return Split(d, np.array(kept, dtype=np.int64),
                  np.array([latlon[i] for i in kept], dtype=np.float64).reshape(-1, 2),
                  [ground[i] for i in kept], [sat[i] for i in kept],
-                 [latest[i][-1] for i in kept], [text[i] for i in kept],
-                 [no_cues[i] for i in kept] if query else None)
+                 [sat[i][-1] for i in kept], [text[i] for i in kept])
 
 def read_train(cfg: Config, root: Path) -> tuple[Split, Split]:
     """The training split less a hold-out: (train, validation), seeded by --seed, or the
@@ -1368,11 +1365,15 @@ class Protocol:
 
     def sentences(self, mode: str) -> list[str]:
         """A sentence per query landmark: first, random, or mml_query_text_sentences.csv's
-        no_cues. Random is the authors' own draw (eval_dataset.py): one Random(42) over
-        mml_query_text.csv's rows in order, a section, paragraph and piece each."""
+        no_cues (read for these tasks alone, as the authors do). Random is the authors' own
+        draw (eval_dataset.py): one Random(42) over mml_query_text.csv's rows in order, a
+        section, paragraph and piece each."""
         q = self.query
         if mode == "no_cues":
-            return q.no_cues
+            listing = q.dir / "mml_query.csv"  # checked against all it lists, skipped or not
+            listed = read_csv(listing, ["landmark_id"])["landmark_id"]
+            cells = by_landmark(listing, "text_sentences", "sentences", listed)
+            return [cells[i] for i in q.ids.tolist()]
         articles, bad = read_articles(q)
         if bad:
             raise UserError(f"{bad[0]} (evaluation needs every file of the protocol)")
@@ -1456,16 +1457,16 @@ def batch_rows(out, n: int, what: str, width=0, first=0) -> torch.Tensor:
     return out.float()
 
 def unit_rows(emb: torch.Tensor, side: Side) -> torch.Tensor:
-    """A side's embeddings, normalised (warning) if a row is 1e-3 off unit norm; a zero row
-    has no direction. Norms in float64: a float32 norm past 1e19 overflows."""
+    """A side's embeddings, every row normalised (as the authors' F.normalize), with a warning
+    if one is 1e-3 off unit norm; a zero row has no direction. Norms in float64: a float32
+    norm past 1e19 overflows."""
     norms = emb.double().norm(dim=1, keepdim=True)  # (N, 1)
     if bool((norms == 0).any()):
         row = int(torch.nonzero(norms[:, 0] == 0)[0])
         raise UserError(f"{side.name}: the embedding of row {row} is zero (no direction)")
     if off := int(((norms - 1).abs() > 1e-3).sum()):
         print0(f"warning: {off} rows of {side.name} are not unit vectors; normalising them")
-        emb = (emb.double() / norms).float()
-    return emb
+    return (emb.double() / norms).float()
 
 @dataclass
 class Functions:
@@ -2460,7 +2461,7 @@ def prepare(cfg: Config):
             jobs += [(s.dir, "ground", s.ground), (s.dir, "satellite", s.sat)]
         else:
             s = read_split(root, split)
-            tiles = dict.fromkeys(i for g in s.sat + [s.latest] for i in g)
+            tiles = dict.fromkeys(i for g in s.sat for i in g)
             jobs += [(s.dir, "ground", [i for g in s.ground for i in g]),
                      (s.dir, "satellite", list(tiles))]
     arrays = [cache / f"{split_dir.name}_{kind}.u8" for split_dir, kind, _ in jobs]
@@ -2714,7 +2715,7 @@ def synthesize(out: Path, scale: float = 1.0, seed: int = 0) -> dict:
             # every year's aerial image, oldest first
             tiles = [picture(d, "satellite", lm, rng) for _ in range(rng.randint(2, 5))]
             n["ground"] += len(photos)
-            n["satellite"] += len(tiles)
+            n["satellite"] += 1 if query else len(tiles)  # those listed
             kind, colour, year = lm["kind"], lm["colour"], lm["year"]
             adjective = rng.choice(["Old", "Grand", "North", "Union"])
             name = f"The {adjective} {kind.title()}"
@@ -2731,7 +2732,6 @@ def synthesize(out: Path, scale: float = 1.0, seed: int = 0) -> dict:
             row(f"{p}_satellite.csv", images, lid, tiles[-1] if query else " ".join(tiles))
             row(f"{p}_text.csv", ("landmark_id", "json"), lid, text)
             if query:
-                row(f"{p}_all_satellite.csv", images, lid, " ".join(tiles))
                 row(f"{p}_text_sentences.csv", ("landmark_id", "sentences"), lid, first)
     # The index: photos of other buildings and of plain land; aerial tiles at
     # random places, half with a building on them, whose centres are the GPS
