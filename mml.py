@@ -232,13 +232,13 @@ class Split:
     latlon: np.ndarray  # (n, 2) degrees
     ground: list[list[str]]  # its photos' ids
     sat: list[list[str]]  # its aerial images' ids, every year, oldest first
-    latest: list[str]  # its latest aerial image (the query split's evaluation view)
     text: list[str]  # its article's id
+    latest = property(lambda s: [years[-1] for years in s.sat])  # evaluation's view
 
     def take(self, rows) -> "Split":
         pick = lambda column: [column[i] for i in rows]
         return Split(self.dir, self.ids[rows], self.latlon[rows], pick(self.ground),
-                     pick(self.sat), pick(self.latest), pick(self.text))
+                     pick(self.sat), pick(self.text))
 
 def read_split(root: Path, split: str) -> Split:
     """ROOT/train or ROOT/query: each landmark's GPS, photos, aerial images and article."""
@@ -260,8 +260,7 @@ def read_split(root: Path, split: str) -> Split:
     latlon = dict(zip(ids, zip(table["lat"], table["lon"])))
     return Split(d, np.array(kept, dtype=np.int64),
                  np.array([latlon[i] for i in kept], dtype=np.float64).reshape(-1, 2),
-                 [ground[i] for i in kept], [sat[i] for i in kept],
-                 [sat[i][-1] for i in kept], [text[i] for i in kept])
+                 [ground[i] for i in kept], [sat[i] for i in kept], [text[i] for i in kept])
 
 def read_train(cfg: Config, root: Path) -> tuple[Split, Split]:
     """The training split less a hold-out: (train, validation), seeded by --seed, or the
@@ -445,7 +444,7 @@ class LandmarkSet(torch.utils.data.Dataset):
         rows, text_rows, bad = [i for _, i in keys], [], []
         for j, (epoch, i) in enumerate(keys):
             rng, problems = random.Random(f"{self.cfg.seed}/{epoch}/{i}"), []
-            views = {"G": s.ground[i], "S": s.sat[i] if self.train else [s.latest[i]]}
+            views = {"G": s.ground[i], "S": s.sat[i] if self.train else s.sat[i][-1:]}
             for m, x in images.items():  # G, then S: the draws' order
                 self.view(m, views[m], rng, x[j].numpy(), problems)
             text_rows.append(self.sentences.pick(i, self.mode, rng) if "T" in mods else 0)
