@@ -657,7 +657,8 @@ def encoder(cfg: Config, m: str, share_with: Encoder | None = None) -> Encoder:
 class RandomFourierFeatures(nn.Module):
     """(B, 2) -> (B, 2n): [cos(2 pi v b^T), sin(2 pi v b^T)], b ~ N(0, sigma^2) a saved buffer
     (GeoCLIP's `capsule.0.b`). At sigma 256 the phases reach thousands of radians: float32
-    even under bf16 autocast, which would round them to noise."""
+    even under bf16 autocast, which would round them to noise; a multiply-add (on CPUs the
+    matmul's bits), as training's TF32 would round a matmul."""
 
     def __init__(self, n: int, sigma: float):
         super().__init__()
@@ -665,7 +666,8 @@ class RandomFourierFeatures(nn.Module):
 
     def forward(self, v):
         with torch.autocast(v.device.type, enabled=False):
-            phase = 2 * math.pi * v.float() @ self.b.T  # (B, n)
+            x, b = 2 * math.pi * v.float(), self.b  # (B, 2), (n, 2)
+            phase = torch.addcmul(x[:, :1] * b[:, 0], x[:, 1:], b[:, 1])  # (B, n)
             return torch.cat([torch.cos(phase), torch.sin(phase)], dim=-1)
 
 class GPSEncoder(nn.Module):
@@ -2797,12 +2799,13 @@ COMMANDS = {
 FIELDS = [f.name for f in dataclasses.fields(Config)]
 TRAIN_FIELDS = FIELDS[:FIELDS.index("select") + 1]
 # What a checkpoint decides: the model and its preprocessing; on --resume also
-# the run's data, recipe and validation set, so that "best" keeps its meaning.
+# the run's data, recipe and validation set, so that "best" keeps its meaning, and
+# the weight decay its optimizer state holds.
 MODEL_FIELDS = FIELDS[FIELDS.index("preset"):FIELDS.index("gps_scaling") + 1] + [
     "img_size", "resize"]
 RUN_FIELDS = [f for f in MODEL_FIELDS if f != "clip"] + [  # CLIP's towers: by their digest
     "data", "scale", "n_val", "holdout", "seed", "select", "batch_size",  # B: steps to data
-    "train_text", "recipe"]
+    "train_text", "recipe", "weight_decay"]
 
 def parse_args(argv=None) -> tuple[str, Config, set]:
     """(command, Config, the options given), each option's --help the comment
