@@ -39,7 +39,7 @@ BACKBONE = Literal["small", "resnet18", "resnet50", "convnext_tiny", "vit_b_16",
 @dataclass
 class Config:
     # data (the fields from here to `select` are `train`'s options)
-    data: str = ""  # dataset root, released layout (default: synthetic; eval: the ckpt's)
+    data: str = ""  # dataset root, released layout (default: the synthetic world)
     scale: float = 1.0  # size of the synthetic world (1: 1,600 train, 100 query landmarks)
     n_val: int = 1024  # training landmarks held out for validation (at most a tenth, or 2)
     holdout: Literal["seeded", "authors"] = "seeded"  # by --seed, or the authors' own draw
@@ -52,7 +52,7 @@ class Config:
     device: Literal["", "cuda", "cpu"] = ""  # where to compute (default: cuda if visible)
     # model
     preset: Literal["", "paper"] = ""  # paper: the authors' baseline (needs --clip)
-    clip: str = ""  # a Hugging Face CLIP folder, for the clip backbones
+    clip: str = ""  # a Hugging Face CLIP folder, read for CLIP's towers
     modalities: str = "GSTC"  # the modalities to train: two or more of G S T C
     embed_dim: int = 128  # width D of the shared space (the authors: 512)
     image_backbone: BACKBONE = "small"  # small: a CNN; clip: CLIP's; or torchvision's
@@ -79,12 +79,12 @@ class Config:
     bf16: bool = True  # bf16 autocast on GPUs that have it (the CPU: float32)
     compile: bool = False  # torch.compile the model
     log_every: int = 10  # steps between log lines
-    out: str = "runs/mml"  # the run folder (eval: the ckpt's)
+    out: str = "runs/mml"  # the run folder
     resume: bool = False  # continue the run in --out from its last.pt, exactly
     overwrite: bool = False  # start over in an --out that holds a run
     select: Literal["recall", "loss"] = "recall"  # best.pt: best validation R@1, or loss
     # evaluation and the tools
-    ckpt: str = ""  # the checkpoint (default: OUT/best.pt)
+    ckpt: str = ""  # the checkpoint (default: best.pt in --out, runs/mml)
     tasks: str = ""  # comma-separated tasks, e.g. G2S,T2C-no_cues (default: all 13)
     chunk: int = 512  # queries scored at once: memory about 6 bytes x chunk x gallery
     eval_batch: int = 256  # batch of embedding in evaluation
