@@ -247,8 +247,7 @@ def read_split(root: Path, split: str) -> Split:
     table = read_csv(listing, ["landmark_id", "lat", "lon"])
     ids = table["landmark_id"]
     ground = by_landmark(listing, "ground", "images", ids)
-    # every year's aerial ids, oldest first (the last is the latest); the query split's
-    # lists the latest alone, all evaluation reads (mml_query_all_satellite.csv: unread)
+    # every year's aerial ids, oldest first; the query split's: the latest, evaluation's view
     sat = by_landmark(listing, "satellite", "images", ids)
     if query and (two := next((i for i in ids if len(sat[i]) > 1), None)) is not None:
         raise UserError(f"{d}/mml_query_satellite.csv: landmark {two} has "
@@ -967,7 +966,7 @@ def training_sets(cfg: Config, ckpt: dict | None) -> tuple:
         print0(f"{len(bad + val_bad)} unreadable articles, their sentences empty (first: "
                f"{(bad + val_bad)[0]})")
     # the tokenizer: the checkpoint's on --resume, CLIP's with its text tower, else learnt on
-    # process 0 from the training articles, sent to the others: all must agree
+    # process 0 from the training articles, sent to all: all must agree
     if ckpt or cfg.text_backbone == "clip":
         tok = Tokenizer.from_str(ckpt["tokenizer"]) if ckpt else clip_tokenizer(cfg.clip,
                                                                                 cfg.max_len)
@@ -1458,9 +1457,9 @@ def batch_rows(out, n: int, what: str, width=0, first=0) -> torch.Tensor:
     return out.float()
 
 def unit_rows(emb: torch.Tensor, side: Side) -> torch.Tensor:
-    """A side's embeddings, every row normalised (as the authors' F.normalize), with a warning
-    if one is 1e-3 off unit norm; a zero row has no direction. Norms in float64: a float32
-    norm past 1e19 overflows."""
+    """A side's embeddings, each row normalised as by the authors' F.normalize (a warning if
+    1e-3 off unit norm); a zero row has no direction. Norms in float64: float32's overflow
+    past 1e19."""
     norms = emb.double().norm(dim=1, keepdim=True)  # (N, 1)
     if bool((norms == 0).any()):
         row = int(torch.nonzero(norms[:, 0] == 0)[0])
@@ -1855,8 +1854,8 @@ class Checkpoint(Functions):
             return self.encoder(m)(x)
 
     def embed_images(self, images, kind: str = "ground") -> torch.Tensor:
-        """(N, D): images as paths, decoded (H, W, 3) uint8 arrays of any size, or a
-        (B, 3, H, H) uint8 tensor. Anything else is one line."""
+        """(N, D): images as paths (read as eval reads them: a JPEG drafted for crop),
+        decoded (H, W, 3) uint8 arrays of any size, or a (B, 3, H, H) uint8 tensor."""
         if (m := LETTER.get(kind, kind)) not in ("G", "S"):
             raise UserError(f"embed_images: kind {kind!r}; expected ground or satellite")
         self.encoder(m)  # an error now, not after reading the images
@@ -2234,9 +2233,9 @@ def install_towers(model: nn.Module, state: dict, what: str):
             load_matching(tower, own, what)
 
 def clip_tokenizer(folder: str, max_len: int) -> Tokenizer:
-    """The folder's tokenizer.json: CLIP's byte-level BPE, a sentence between
-    start and end-of-text, cut to max_len and padded with end-of-text (as the
-    authors' CLIPTokenizer(padding="max_length", truncation=True))."""
+    """The folder's tokenizer.json: CLIP's byte-level BPE, a sentence between start and
+    end-of-text, cut to max_len, padded with end-of-text: the authors' CLIPTokenizer(
+    padding="max_length", truncation=True) but for CJK and control characters."""
     path = Path(folder) / "tokenizer.json"
     try:
         tok = Tokenizer.from_str(read_text(path, 1 << 26))
