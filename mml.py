@@ -107,6 +107,12 @@ PRESETS = {"paper": {
 MODALITY = {"G": "ground", "S": "satellite", "T": "text", "C": "gps"}
 LETTER = {name: m for m, name in MODALITY.items()}
 
+def as_letters(text: str) -> str:
+    """"ground,S", "sg" -> "GS": names or letters, GSTC's order; else as given (checked)."""
+    letters = "".join(LETTER.get(n.strip().lower(), n.strip().upper()) for n in text.split(","))
+    in_order = "".join(m for m in "GSTC" if m in letters)
+    return in_order if set(in_order) == set(letters) else text
+
 class UserError(Exception):
     """A mistake in the input (a path, a file, an option): one line, exit status 1."""
 
@@ -1086,7 +1092,7 @@ def train_step(model: nn.Module, raw: MML, optimizer, batch: dict, cfg: Config, 
         emb, scale = model(inputs)
     loss, parts = contrastive_loss(emb, scale, pairs)  # float32, outside autocast
     # One all-reduce carries the losses and whether any process was told to stop, so that
-    # all processes skip the same steps and stop after the same step.
+    # all skip the same steps and stop after the same one.
     values = torch.stack([loss.detach(), *(v.detach() for v in parts.values()),
                           torch.tensor(float(stop), device=device)])
     if world > 1:
@@ -1183,9 +1189,9 @@ def fit(cfg: Config):
     per_epoch = len(train_set) // B
     total, step = cfg.max_steps or cfg.epochs * per_epoch, ckpt["step"] if ckpt else 0
     sampler = epoch_batches(len(train_set), B, cfg.seed, rank, world, step, total)
-    # The same seed on every process: identical initial weights. No per-rank offset (nanoGPT
-    # has one for its data): every draw of the data is keyed by (seed, epoch, row) or a
-    # sample's place in the global batch.
+    # One seed on every process: identical initial weights. No per-rank offset (nanoGPT's
+    # data has one): each draw of the data is keyed by (seed, epoch, row) or a place in the
+    # global batch.
     torch.manual_seed(cfg.seed)
     raw = restore(out / "last.pt", ckpt, cfg) if ckpt else MML(cfg)
     tower_record = ckpt.get("towers") if ckpt else load_pretrained(raw, cfg)
@@ -1203,7 +1209,7 @@ def fit(cfg: Config):
     # best.pt: the lowest validation loss, or the highest mean R@1
     best = ckpt["best"] if ckpt else (math.inf if cfg.select == "loss" else -math.inf)
     # Keep `raw` for saving: checkpoints then never carry compile's `_orig_mod.` or DDP's
-    # `module.` prefixes (nanoGPT and open_clip both patched those out later).
+    # `module.` prefixes (nanoGPT, open_clip patched them out later).
     model = torch.compile(raw) if cfg.compile else raw
     if world > 1:
         model = nn.parallel.DistributedDataParallel(
@@ -2540,7 +2546,7 @@ def bench(cfg: Config):
     if "steps" in cfg.phases:
         gen, B, H = torch.Generator().manual_seed(0), cfg.batch_size, cfg.img_size
         images = torch.randint(0, 256, (B, 3, H, H), dtype=torch.uint8, generator=gen)
-        text = torch.randint(1, cfg.vocab_size, (B, cfg.max_len), generator=gen)
+        text = torch.randint(1, 32, (B, cfg.max_len), generator=gen)  # any vocabulary's
         gps = torch.rand(B, 2, generator=gen) * 20 + torch.tensor([28.0, -110.0])
         batch = {"G": images, "S": images, "T": text, "C": gps}
         batch = {m: batch[m] for m in cfg.modalities} | {"bad": [""] * B}
@@ -2911,6 +2917,8 @@ def resolve(command: str, cfg: Config, given: set) -> Config:
     synthetic world); all checked."""
     out, train = Path(cfg.out), command == "train"
     last = out / "last.pt"
+    # as checkpoints hold them: a resume compares like to like
+    cfg.modalities, cfg.freeze = as_letters(cfg.modalities), as_letters(cfg.freeze)
     if train and cfg.resume:  # the run's own settings, and those given now
         if cfg.overwrite:
             raise UserError("--resume continues the run in --out, --overwrite "
@@ -2935,7 +2943,7 @@ def resolve(command: str, cfg: Config, given: set) -> Config:
     if train and held and not cfg.overwrite:
         raise UserError(f"{out}: holds a run already ({', '.join(held)}): continue "
                         f"it with --resume, or start over with --overwrite")
-    if train and cfg.preset:  # a preset sets what the options given leave unsaid
+    if command in ("train", "bench") and cfg.preset:  # what the options given leave unsaid
         chosen = PRESETS[cfg.preset].items()
         cfg = dataclasses.replace(cfg, **{k: v for k, v in chosen if k not in given})
     try:
@@ -2943,21 +2951,17 @@ def resolve(command: str, cfg: Config, given: set) -> Config:
     except UserError as e:  # say which values the preset chose
         preset = f" (with --preset {cfg.preset})" if cfg.preset else ""
         raise UserError(f"{e}{preset}") from None
-    names = [n.strip() for n in cfg.freeze.split(",")]
-    letters = "".join(LETTER.get(n.lower(), n.upper()) for n in names)
-    if set(letters) - set("GSTC"):
+    if set(cfg.freeze) - set("GSTC"):
         raise UserError(f"--freeze {cfg.freeze}: expected some of ground, satellite, "
                         f"text, gps (or G, S, T, C)")
-    in_order = lambda s: "".join(m for m in "GSTC" if m in s.upper())
-    cfg = dataclasses.replace(cfg, modalities=in_order(cfg.modalities), freeze=in_order(letters))
     if cfg.share_image_trunk and len({"G", "S"} & set(cfg.freeze)) == 1:
         raise UserError(f"--freeze {cfg.freeze}: the ground and aerial encoders share "
                         f"one backbone (--share-image-trunk): freeze both or neither")
     if command in ("train", "bench", "prepare"):
         cfg = resolve_sizes(cfg, given)
-        # the checkpoint records the data as an absolute path: eval reads it
-        # from anywhere
+        # absolute in the checkpoint: eval reads them from anywhere
         cfg.data = str(data_root(cfg.data or synthetic_root(cfg.scale)))
+        cfg.clip = cfg.clip and os.path.abspath(cfg.clip)
         if command != "prepare":
             sized(cfg, "the model of these options")
     if command == "bench" and set(cfg.phases.split(",")) - {"steps", "loader", "rank"}:
@@ -3012,8 +3016,8 @@ def main(argv=None):
     command, cfg, given = parse_args(argv)
     try:
         cfg = resolve(command, cfg, given)  # a resumed run's --device too
-        if "RANK" in os.environ and command in ("synth", "prepare", "convert"):
-            raise UserError(f"{command}: run it once, without torchrun (one set of files)")
+        if "RANK" in os.environ and command not in ("train", "eval"):  # one set of files
+            raise UserError(f"{command}: run it once, without torchrun")
         device_of(cfg)  # joins torchrun's group, if there is one
         if command in ("train", "prepare", "bench") and "data" not in given and not cfg.resume:
             synthetic_world(cfg.scale)  # the default data, written on first use

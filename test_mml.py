@@ -265,6 +265,7 @@ def test_pretrained_weights_come_from_torchvisions_cache_and_frozen_backbones_st
     moved = [k for k, v in start.items() if not torch.equal(trained[k], v)]
     assert {"enc.G.head.weight", "enc.S.head.weight", "enc.T.head.weight"} <= set(moved)
     assert any(k.startswith("enc.C.LocEnc0.capsule") for k in moved)  # not frozen: trains
+    run(*args, "--out", tmp_path / "run", "--freeze", "g,S,text", "--max-steps", 4, "--lr", "1e-2", "--resume")  # the same, spelt otherwise
 
 def test_parse_args_builds_config_and_names_the_nearest_option(capsys):
     cmd, cfg, given = mml.parse_args(["train", "--batch-size", "7", "--no-bf16", "--modalities", "GS"])
@@ -458,8 +459,7 @@ def test_image_cache_is_used_checked_and_exact(world, tmp_path):
     for i in photos[:10]:  # the same decode: identical pixels
         assert np.array_equal(cached(i), direct(i))
         # draft() decodes the JPEG at reduced scale: close to a full decode, not identical
-        full = mml.to_square(Image.open(direct.path(i)).convert("RGB"), 24)
-        assert np.abs(cached(i).astype(int) - full).mean() < 6
+        assert np.abs(cached(i).astype(int) - mml.to_square(Image.open(direct.path(i)).convert("RGB"), 24)).mean() < 6
     tile_store = mml.ImageStore(q.dir, "satellite", cfg, tiles)
     path = tile_store.path(tiles[0])
     exact = np.asarray(Image.open(path).convert("RGB").resize((24, 24), Image.BILINEAR))
@@ -737,8 +737,7 @@ def test_the_papers_augmentation_strengths_and_hue_rotation():
     # through augment, with the hue turn the only entry that is not the identity's
     hue = lambda turns: torch.tensor([[1.0, 1.0, 1.0, 0.5, 0.5, 0.0, t] for t in turns])
     x = torch.randint(0, 256, (2, 3, 5, 5), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    turned = mml.augment(x, hue([1 / 3, 1 / 3]), rotate=False, hue=True)
-    assert torch.allclose(turned, x[:, [2, 0, 1]].float() / 255, atol=1e-6)
+    assert torch.allclose(mml.augment(x, hue([1 / 3, 1 / 3]), rotate=False, hue=True), x[:, [2, 0, 1]].float() / 255, atol=1e-6)
     grey = x[:, :1].expand(2, 3, 5, 5)
     assert torch.allclose(mml.augment(grey, hue([0.1, -0.13]), rotate=False, hue=True), grey.float() / 255, atol=1e-6)
 
@@ -761,8 +760,7 @@ def test_a_samples_pixels_and_jitter_do_not_depend_on_workers_or_processes(world
         record_training_inputs([*argv, "--workers", workers, "--out", tmp_path / f"w{workers}"], tmp_path / f"w{workers}.pt")
     one = torch.load(tmp_path / "w0.pt")
     assert len(one) == 2 * STEPS  # two image views a step
-    other = torch.load(tmp_path / "w2.pt")
-    assert all(torch.equal(a, c) and torch.equal(b, d) for (a, b), (c, d) in zip(one, other))
+    assert all(torch.equal(a, c) and torch.equal(b, d) for (a, b), (c, d) in zip(one, torch.load(tmp_path / "w2.pt")))
     halves = [torch.load(two_processes / f"{rank}.pt") for rank in (0, 1)]
     for (pixels, params), (p0, j0), (p1, j1) in zip(one, *halves):  # rows split in two halves
         assert torch.equal(pixels, torch.cat([p0, p1])) and torch.equal(params, torch.cat([j0, j1]))
@@ -1480,7 +1478,7 @@ def test_the_authors_released_model_converts_to_their_embeddings(tmp_path, capsy
 
 def test_the_paper_preset_trains_on_frozen_towers_and_evaluates(world, tmp_path, capsys):
     folder = clip_folder(tmp_path)
-    run("train", "--preset", "paper", "--clip", folder, "--data", world, "--out", tmp_path / "run",
+    run("train", "--preset", "paper", "--clip", os.path.relpath(folder), "--data", world, "--out", tmp_path / "run",
         "--epochs", 2, "--batch-size", 16, "--workers", 0, "--device", "cpu", "--log-every", 1)
     first = capsys.readouterr().out.splitlines()[0]  # the first line names every setting the preset chose
     for setting in ("--image-backbone clip", "--head mlp", "--gps-scaling False", "--resize squash", "--lr 0.0001",
@@ -1488,7 +1486,9 @@ def test_the_paper_preset_trains_on_frozen_towers_and_evaluates(world, tmp_path,
         assert setting in first, (setting, first)
     saved = torch.load(tmp_path / "run/last.pt", weights_only=True)
     cfg = mml.Config(**saved["config"])
-    assert (cfg.img_size, cfg.max_len, cfg.embed_dim, cfg.gps_width, cfg.freeze) == (32, 77, 512, 1024, "GST")
+    assert (cfg.img_size, cfg.max_len, cfg.embed_dim, cfg.gps_width, cfg.freeze, cfg.clip) == (32, 77, 512, 1024, "GST", str(folder))
+    run("bench", "--preset", "paper", "--clip", folder, "--data", world, "--phases", "steps", "--batch-size", 4, "--workers", 0)
+    assert "H 32" in capsys.readouterr().out  # the preset's towers, fed ids of their vocabulary
     assert tiny_config(world, "--clip", str(folder), "--image-backbone", "resnet18", "--text-backbone", "clip").img_size == 224  # torchvision's
     assert not [k for k in saved["model"] if ".trunk." in k]  # what trains, not the towers
     assert saved["towers"]["digest"] == mml.load_clip_weights(str(folder))[1]
