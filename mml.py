@@ -2917,7 +2917,7 @@ def resolve(command: str, cfg: Config, given: set) -> Config:
     synthetic world); all checked."""
     out, train = Path(cfg.out), command == "train"
     last = out / "last.pt"
-    # as checkpoints hold them: a resume compares like to like
+    # as checkpoints hold them (--resume compares)
     cfg.modalities, cfg.freeze = as_letters(cfg.modalities), as_letters(cfg.freeze)
     if train and cfg.resume:  # the run's own settings, and those given now
         if cfg.overwrite:
@@ -3016,7 +3016,7 @@ def main(argv=None):
     command, cfg, given = parse_args(argv)
     try:
         cfg = resolve(command, cfg, given)  # a resumed run's --device too
-        if "RANK" in os.environ and command not in ("train", "eval"):  # one set of files
+        if "RANK" in os.environ and command not in ("train", "eval"):  # one writer, one timer
             raise UserError(f"{command}: run it once, without torchrun")
         device_of(cfg)  # joins torchrun's group, if there is one
         if command in ("train", "prepare", "bench") and "data" not in given and not cfg.resume:
