@@ -48,8 +48,7 @@ def tree_bytes(root: Path) -> dict:
     return {p.relative_to(root): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 def read_rows(path: Path) -> list[dict]:
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
+    return list(csv.DictReader(io.StringIO(path.read_bytes().decode(), newline="")))
 
 def article(split: "mml.Split", i: int) -> dict:
     """Landmark i's article, read as plain JSON."""
@@ -572,7 +571,7 @@ def test_best_pt_is_the_epoch_of_best_validation_recall_or_loss(world, tmp_path)
     torch.save(last | {"best": 100.0}, tmp_path / "r/last.pt")
     run("train", "--out", tmp_path / "r", "--resume", "--epochs", 4)
     assert (tmp_path / "r/best.pt").read_bytes() == before
-    assert torch.load(tmp_path / "r/last.pt", weights_only=True)["best"] == 100.0
+    assert torch.load(tmp_path / "r/last.pt", weights_only=True)["best"] == 100.0 and [r["epoch"] for r in log_records(tmp_path / "r") if "val_R@1" in r] == [0, 1, 2, 3]  # log.jsonl goes on
     run("train", "--data", world, "--out", tmp_path / "l", *TINY, "--epochs", 3, "--select", "loss")
     epochs = [r for r in log_records(tmp_path / "l") if "val_loss" in r]
     best = torch.load(tmp_path / "l/best.pt", weights_only=True)
@@ -1216,6 +1215,7 @@ RESUME_ONLY = ("optimizer", "torch_rng", "best")  # what eval does not read
     ("config.img_size", 100000, "config field img_size 100000: expected an integer in [16, 1024]"),
     ("config.image_backbone", "resnet9000", "config field image_backbone 'resnet9000': expected one of"),
     ("config.embed_dim", "32", "config field embed_dim '32': expected a int"),
+    ("config.epochs", True, "config field epochs True: expected a int"),  # True is an int to Python, not here
     ("config.lr", float("nan"), "config field lr nan: expected a finite number"),
     ("config.modalities", "GX", "config field modalities GX: expected two or more"),
     ("config.seed", -1, "config field seed -1: expected an integer in [0, 9223372036854775807]"),
