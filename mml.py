@@ -2446,12 +2446,15 @@ class Cache:
             raise UnreadableFile(f"{self.array}: ends before image {image_id}")
         return out
 
-def decoded_row(job: tuple) -> bytes:
-    """An image's row of the cache, decoded in a worker; b"" if unreadable."""
-    try:
-        return load_image(*job).tobytes()
-    except Exception:  # counted as broken in the manifest
-        return b""
+def decoded_rows(jobs: list[tuple]) -> list[bytes]:
+    """Images' rows of the cache, decoded in a loader worker; b"" for an unreadable one."""
+    rows = []
+    for job in jobs:
+        try:
+            rows.append(load_image(*job).tobytes())
+        except Exception:  # counted as broken in the manifest
+            rows.append(b"")
+    return rows
 
 def prepare(cfg: Config):
     """`prepare`: decode every image of --splits once into the cache. An array is
@@ -2479,28 +2482,32 @@ def prepare(cfg: Config):
     n = sum(len(ids) for *_, ids in jobs)
     print0(f"prepare: {n} images at {size}x{size} px ({n * len(blank) / 1e9:.2f} GB) "
            f"into {cache}")
-    with torch.multiprocessing.get_context("fork").Pool(max(1, cfg.workers)) as pool:
-        for (split_dir, kind, ids), array in zip(jobs, arrays):
-            t, manifest, broken = time.time(), array.with_suffix(".json"), []
+    for (split_dir, kind, ids), array in zip(jobs, arrays):
+        t, manifest, broken = time.time(), array.with_suffix(".json"), []
+        # a DataLoader, not a multiprocessing Pool: a Pool stopped by an error (a full disk)
+        # can hang, as a worker it kills may hold its queue's lock. Its collate_fn runs in
+        # the workers, on 32 images a call
+        rows = torch.utils.data.DataLoader(
+            [(shard(split_dir, kind, i), size, cfg.resize) for i in ids], batch_size=32,
+            num_workers=cfg.workers, collate_fn=decoded_rows)
 
-            def decode_all(tmp: Path):
-                work = ((shard(split_dir, kind, i), size, cfg.resize) for i in ids)
-                with open(tmp, "wb") as f:
-                    for i, row in zip(ids, pool.imap(decoded_row, work, chunksize=32)):
-                        if not row:  # a blank row keeps the others in place
-                            broken.append(i)
-                        f.write(row or blank)
-                    if not ids:  # one blank row: an empty array cannot be mapped
-                        f.write(blank)
-            # no ids until the array is whole: never taken for a cache, and an
-            # interrupted build stays mml's to replace
-            write_atomically(manifest, lambda p: p.write_text('{"generator": "mml.py prepare"}'))
-            write_atomically(array, decode_all)
-            record = {"generator": "mml.py prepare", "size": size, "resize": cfg.resize,
-                      "ids": ids, "broken": broken}
-            write_atomically(manifest, lambda tmp: tmp.write_text(json.dumps(record)))
-            print0(f"  {split_dir.name} {kind}: {len(ids)} images, {len(broken)} "
-                   f"unreadable, {len(ids) / (time.time() - t):.0f} images/s")
+        def decode_all(tmp: Path):
+            with open(tmp, "wb") as f:
+                for i, row in zip(ids, itertools.chain.from_iterable(rows)):
+                    if not row:  # a blank row keeps the others in place
+                        broken.append(i)
+                    f.write(row or blank)
+                if not ids:  # one blank row: an empty array cannot be mapped
+                    f.write(blank)
+        # no ids until the array is whole: never taken for a cache, and an
+        # interrupted build stays mml's to replace
+        write_atomically(manifest, lambda p: p.write_text('{"generator": "mml.py prepare"}'))
+        write_atomically(array, decode_all)
+        record = {"generator": "mml.py prepare", "size": size, "resize": cfg.resize,
+                  "ids": ids, "broken": broken}
+        write_atomically(manifest, lambda tmp: tmp.write_text(json.dumps(record)))
+        print0(f"  {split_dir.name} {kind}: {len(ids)} images, {len(broken)} "
+               f"unreadable, {len(ids) / (time.time() - t):.0f} images/s")
 
 # `python mml.py bench`: each phase times the very code a run calls, on this
 # machine; trust ratios between rows, absolute numbers only with their device.

@@ -1303,24 +1303,11 @@ def test_a_truncated_image_cache_is_refused(world, trained, tmp_path, capsys):
     assert json.loads((tmp_path / "eval/metrics.json").read_text())["tasks"]["G2S"]["official"] == whole
 
 def run_limited(max_bytes: int, *argv) -> tuple[int, str]:
-    """mml.main(argv) in a forked child (torch imported once) whose files stop at max_bytes, a full disk: (status, stderr)."""
-    import resource
-    read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        sys.stderr = open(write, "w", buffering=1)  # not pytest's capture
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # then a write past it fails with EFBIG
-        resource.setrlimit(resource.RLIMIT_FSIZE, (max_bytes, max_bytes))
-        code = 0
-        try:
-            run(*argv)
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else 1
-        os._exit(code)
-    os.close(write)
-    with os.fdopen(read) as f:
-        err = f.read()
-    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), err
+    """`mml.py ARGV` whose files stop at max_bytes, a full disk (Python ignores SIGXFSZ: a write past it fails with EFBIG):
+    (status, stderr). A new process, not a fork of this one, whose threads could leave a lock held in the child."""
+    limit = f"import resource, sys, mml; resource.setrlimit(resource.RLIMIT_FSIZE, ({max_bytes}, {max_bytes})); mml.main(sys.argv[1:])"
+    done = subprocess.run([sys.executable, "-c", limit, *map(str, argv)], cwd=HERE, capture_output=True, text=True, timeout=120)
+    return done.returncode, done.stderr
 
 def test_a_full_disk_is_one_line_and_leaves_no_tmp(world, tmp_path, monkeypatch, capsys):
     cache = tmp_path / "cache"
