@@ -2484,9 +2484,8 @@ def prepare(cfg: Config):
            f"into {cache}")
     for (split_dir, kind, ids), array in zip(jobs, arrays):
         t, manifest, broken = time.time(), array.with_suffix(".json"), []
-        # a DataLoader, not a multiprocessing Pool: a Pool stopped by an error (a full disk)
-        # can hang, as a worker it kills may hold its queue's lock. Its collate_fn runs in
-        # the workers, on 32 images a call
+        # a DataLoader, not a Pool: a Pool stopped by an error (a full disk) can hang, as a
+        # worker it kills may hold its queue's lock. collate_fn decodes, 32 images a call
         rows = torch.utils.data.DataLoader(
             [(shard(split_dir, kind, i), size, cfg.resize) for i in ids], batch_size=32,
             num_workers=cfg.workers, collate_fn=decoded_rows)
