@@ -308,7 +308,14 @@ def to_square(im: Image.Image, size: int, resize: str = "crop") -> np.ndarray:
         return np.array(ImageOps.fit(im, (size, size), Image.BILINEAR))
     if resize == "squash":
         x = torch.from_numpy(np.array(im)).permute(2, 0, 1)[None].float()  # (1, 3, h, w)
-        x = F.interpolate(x, (size, size), mode="bilinear", antialias=False)
+        # in one thread, as in loader workers: torch's threads split rows, and a split row
+        # can round 1 grey apart (so the cache, workers and --workers 0 agree)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            x = F.interpolate(x, (size, size), mode="bilinear", antialias=False)
+        finally:
+            torch.set_num_threads(threads)
         return x[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy()
     short, long = sorted(im.size)
     long = int(size * long / short)  # as transformers' get_resize_output_image_size rounds

@@ -448,6 +448,16 @@ def test_synthetic_world_reads_back_with_the_generators_counts(world, tmp_path):
     photo = mml.shard(q.dir, "ground", q.ground[0][0]).relative_to(tmp_path / "a")
     assert (tmp_path / "a" / photo).read_bytes() == (tmp_path / "b" / photo).read_bytes()
 
+def test_prepare_squashes_in_workers_forked_after_torch_ran_here(world, tmp_path):
+    """--resize squash resizes with torch in prepare's workers. Forked from a process whose torch threads ran (as this one's
+    have), a worker that kept its parent's thread pool would hang (as a multiprocessing Pool's did). Each row is load_image's
+    here, in this process's threads (two split a row, which then rounded up to 1 grey apart)."""
+    F.interpolate(torch.rand(1, 3, 600, 600), (400, 400))  # this process's torch threads, running
+    run("prepare", "--data", world, "--img-size", 200, "--resize", "squash", "--splits", "query", "--cache", tmp_path, "--workers", 2)
+    rows = np.fromfile(tmp_path / "200-squash/query_ground.u8", np.uint8).reshape(-1, 200, 200, 3)
+    q, ids = mml.read_split(world, "query"), json.loads((tmp_path / "200-squash/query_ground.json").read_text())["ids"]
+    assert len(rows) == len(ids) > 1 and all(np.array_equal(r, mml.load_image(mml.shard(q.dir, "ground", i), 200, "squash")) for r, i in zip(rows, ids))
+
 def test_image_cache_is_used_checked_and_exact(world, tmp_path):
     cache = tmp_path / "cache"
     run("prepare", "--data", world, "--img-size", 24, "--splits", "query", "--cache", cache, "--workers", 1)
