@@ -2519,7 +2519,7 @@ def prepare(cfg: Config):
 # machine; trust ratios between rows, absolute numbers only with their device.
 
 def timed(fn, sync, seconds: float = 1.0) -> float:
-    """Seconds a call takes: warmed up, over `seconds` of calls (at 0: one call)."""
+    """Seconds a call takes: warmed up, over `seconds` of calls (at 0: one cold call)."""
     if seconds:
         fn()
         sync()
@@ -2530,26 +2530,23 @@ def timed(fn, sync, seconds: float = 1.0) -> float:
     sync()
     return (time.perf_counter() - t0) / n
 
-def fake_embeddings(n_queries: int, n_labelled: int, n_junk: int, dim: int, device,
-                    n_landmarks: int = 1000) -> tuple:
-    """A task's (q, g, q_labels, g_labels), distractors first and anywhere,
-    the others near their landmark's centre (as a trained model's); multiples
-    of 2^-10, so that every score is exact in float32 in any order of sums:
-    rankings compare, not roundings."""
+def fake_embeddings(n_queries, n_labelled, n_junk, dim, device, n_landmarks=1000) -> tuple:
+    """A task's (q, g, q_labels, g_labels): distractors first, anywhere; the others near their
+    landmark's centre, as a trained model's. Multiples of 2^-10: every score is exact in
+    float32 in any order of sums, so rankings compare, not roundings."""
     gen = torch.Generator(device).manual_seed(0)
     noise = lambda n: torch.randn(n, dim, generator=gen, device=device)
     unit = lambda x: torch.round(F.normalize(x, dim=-1) * 1024) / 1024
     centres = F.normalize(noise(n_landmarks), dim=-1)
     near = lambda labels: unit(centres[labels] + 0.1 * noise(len(labels)))
-    q_labels, labels = (torch.arange(n, device=device) % n_landmarks
-                        for n in (n_queries, n_labelled))
+    q_labels = torch.arange(n_queries, device=device) % n_landmarks
+    labels = torch.arange(n_labelled, device=device) % n_landmarks
     return (near(q_labels), torch.cat([unit(noise(n_junk)), near(labels)]), q_labels,
             torch.cat([torch.full((n_junk,), -1, device=device), labels]))
 
 def bench(cfg: Config):
-    """`bench`: steps (`train_step` itself: fp32; on a GPU bf16, + compile),
-    loader, rank (at full scale, against the bare GEMM and the per-query argsort,
-    whose metrics must agree)."""
+    """`bench`: steps (`train_step` itself: fp32; on a GPU bf16, + compile), loader, rank (at
+    full scale, against the bare GEMM and the per-query argsort, whose metrics must agree)."""
     device, rate = device_of(cfg), 0.0
     cuda = device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
@@ -2559,28 +2556,28 @@ def bench(cfg: Config):
     if "steps" in cfg.phases:
         gen, B, H = torch.Generator().manual_seed(0), cfg.batch_size, cfg.img_size
         images = torch.randint(0, 256, (B, 3, H, H), dtype=torch.uint8, generator=gen)
-        text = torch.randint(1, 32, (B, cfg.max_len), generator=gen)  # any vocabulary's
-        gps = torch.rand(B, 2, generator=gen) * 20 + torch.tensor([28.0, -110.0])
-        batch = {"G": images, "S": images, "T": text, "C": gps}
-        batch = {m: batch[m] for m in cfg.modalities} | {"bad": [""] * B}
+        batch = {"G": images, "S": images, "bad": [""] * B,
+                 "T": torch.randint(1, 32, (B, cfg.max_len), generator=gen),  # any vocabulary
+                 "C": torch.rand(B, 2, generator=gen) * 20 + torch.tensor([28.0, -110.0])}
+        batch = {m: x for m, x in batch.items() if m in cfg.modalities or m == "bad"}
+        pairs = loss_pairs(cfg.modalities)
         for bf16, compiled in [(False, False)] + [(True, False), (True, True)] * cuda:
             run = dataclasses.replace(cfg, bf16=bf16, compile=compiled)
             torch.manual_seed(0)
             raw, step = MML(run).to(device), itertools.count()
             model = torch.compile(raw) if compiled else raw
             optimizer = make_optimizer(raw, run)
-            pairs = loss_pairs(run.modalities)
             with matmul_precision("high"):  # as the training loop
-                seconds = timed(lambda: train_step(model, raw, optimizer, batch, run,
-                                                   pairs, 0, next(step), run.lr), sync, 3.0)
+                seconds = timed(lambda: train_step(model, raw, optimizer, batch, run, pairs, 0,
+                                                   next(step), run.lr), sync, 3.0)
             rate = max(rate, B / seconds)
             row(f"train step, {'bf16' if bf16 else 'fp32'}{' + compile' * compiled}",
                 f"{B / seconds:,.0f}", f"samples/s, batch {B}, H {H}")
     if "loader" in cfg.phases:
         data = training_sets(cfg, None)[0]
         B = min(cfg.batch_size, len(data))
-        sampler = epoch_batches(len(data), B, 0, stop=10**9)
-        batches = iter(batch_loader(data, sampler, cfg.workers, device))
+        sampler = epoch_batches(len(data), B, 0, stop=10**9)  # epoch after epoch
+        batches = batch_loader(data, sampler, cfg.workers, device)
         seconds = timed(lambda: next(batches), lambda: None, 3.0)  # workers started
         how = "cached" if data.stores["G"].cache else "decoding"
         row(f"training loader, {cfg.workers} workers", f"{B / seconds:,.0f}", f"samples/s, "
@@ -2588,8 +2585,7 @@ def bench(cfg: Config):
     tasks = [("G2S", 18688, 1000, 99539), ("S2G", 1000, 18688, 714554)]
     for task, nq, n_labelled, n_junk in tasks * ("rank" in cfg.phases):
         q, g, ql, gl = fake_embeddings(nq, n_labelled, n_junk, 512, device)
-        pick = torch.Generator().manual_seed(0)
-        some = torch.randperm(nq, generator=pick)[:200].to(device)
+        some = torch.randperm(nq, generator=torch.Generator().manual_seed(0))[:200].to(device)
         with matmul_precision("highest"):
             gemm = timed(lambda: [part @ g.T for part in q.split(cfg.chunk)], sync)
             ranks = rank_queries(q[some], g, ql[some], gl)  # and a warm-up
