@@ -302,21 +302,20 @@ def read_text(path: Path, limit: int) -> str:  # else ValueError or OSError
 
 def to_square(im: Image.Image, size: int, resize: str = "crop") -> np.ndarray:
     """An RGB image -> (H, H, 3) uint8. crop: short side to H, centre square. squash: whole
-    image to H x H as the authors' OpenCV INTER_LINEAR_EXACT (torch's bilinear without
-    antialiasing: within a grey level; PIL's: up to 96). clip: as CLIP's processor (bicubic)."""
+    image to H x H, bit for bit the authors' OpenCV INTER_LINEAR_EXACT (PIL's bilinear: up to
+    96 grey levels off). clip: as CLIP's processor (bicubic short side, centre square)."""
     if resize == "crop":
         return np.array(ImageOps.fit(im, (size, size), Image.BILINEAR))
-    if resize == "squash":
-        x = torch.from_numpy(np.array(im)).permute(2, 0, 1)[None].float()  # (1, 3, h, w)
-        # in one thread, as in loader workers: torch's threads split rows, and a split row
-        # can round 1 grey apart (so the cache, workers and --workers 0 agree)
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            x = F.interpolate(x, (size, size), mode="bilinear", antialias=False)
-        finally:
-            torch.set_num_threads(threads)
-        return x[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy()
+    if resize == "squash":  # OpenCV's fixed point: each axis in turn, weights in 1/256
+        x = np.asarray(im, dtype=np.int32)  # (h, w, 3)
+        for axis, n in ((1, im.width), (0, im.height)):
+            t = (np.arange(size) + 0.5) * (1 / (size / n)) - 0.5  # as OpenCV rounds it
+            i = np.floor(t).astype(np.int64)  # each output's left (upper) source pixel
+            edge = (i < 0) | (i + 1 >= n)  # outside the first or last centre: that pixel alone
+            w = np.where(edge, 0, np.rint((t - i) * 256)).astype(np.int32)  # half to even
+            w, i = w.reshape([-1] + [1] * (2 - axis)), i.clip(0, n - 1)  # w along the axis
+            x = np.take(x, i, axis) * (256 - w) + np.take(x, np.minimum(i + 1, n - 1), axis) * w
+        return ((x + 32768) >> 16).astype(np.uint8)  # in 1/65536: rounded once, at the end
     short, long = sorted(im.size)
     long = int(size * long / short)  # as transformers' get_resize_output_image_size rounds
     if long * size > MAX_PIXELS:  # a 10^6 x 1 strip would first become 10^8 x 100

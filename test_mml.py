@@ -448,10 +448,13 @@ def test_synthetic_world_reads_back_with_the_generators_counts(world, tmp_path):
     photo = mml.shard(q.dir, "ground", q.ground[0][0]).relative_to(tmp_path / "a")
     assert (tmp_path / "a" / photo).read_bytes() == (tmp_path / "b" / photo).read_bytes()
 
-def test_prepare_squashes_in_workers_forked_after_torch_ran_here(world, tmp_path):
-    """--resize squash resizes with torch in prepare's workers. Forked from a process whose torch threads ran (as this one's
-    have), a worker that kept its parent's thread pool would hang (as a multiprocessing Pool's did). Each row is load_image's
-    here, in this process's threads (two split a row, which then rounded up to 1 grey apart)."""
+def test_squash_is_opencvs_inter_linear_exact_in_prepares_workers_too(world, tmp_path):
+    """--resize squash is the authors' cv2.resize(interpolation=cv2.INTER_LINEAR_EXACT) bit for bit: opencv_squash.pt holds
+    what opencv-python-headless 5.1.0 (in a separate venv) made of images/*.png and a PCG64 noise image at 32 and 75 px.
+    prepare's workers, forked after this process's torch threads ran (a multiprocessing Pool's hung), cache the same rows."""
+    want, noise = torch.load(FIXTURES / "opencv_squash.pt", weights_only=True), np.random.default_rng(0).integers(0, 256, (37, 53, 3), dtype=np.uint8)
+    images = [Image.open(p).convert("RGB") for p in sorted((FIXTURES / "images").glob("*.png"))] + [Image.fromarray(noise)]
+    assert all(np.array_equal(mml.to_square(im, size, "squash"), want[size][k].numpy()) for size in (32, 75) for k, im in enumerate(images))
     F.interpolate(torch.rand(1, 3, 600, 600), (400, 400))  # this process's torch threads, running
     run("prepare", "--data", world, "--img-size", 200, "--resize", "squash", "--splits", "query", "--cache", tmp_path, "--workers", 2)
     rows = np.fromfile(tmp_path / "200-squash/query_ground.u8", np.uint8).reshape(-1, 200, 200, 3)
