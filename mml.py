@@ -306,16 +306,18 @@ def to_square(im: Image.Image, size: int, resize: str = "crop") -> np.ndarray:
     96 grey levels off). clip: as CLIP's processor (bicubic short side, centre square)."""
     if resize == "crop":
         return np.array(ImageOps.fit(im, (size, size), Image.BILINEAR))
-    if resize == "squash":  # OpenCV's fixed point: each axis in turn, weights in 1/256
+    if resize == "squash":  # OpenCV's fixed point: weights in 1/256, one rounding
         x = np.asarray(im, dtype=np.int32)  # (h, w, 3)
-        for axis, n in ((1, im.width), (0, im.height)):
-            t = (np.arange(size) + 0.5) * (1 / (size / n)) - 0.5  # as OpenCV rounds it
-            i = np.floor(t).astype(np.int64)  # each output's left (upper) source pixel
-            edge = (i < 0) | (i + 1 >= n)  # outside the first or last centre: that pixel alone
-            w = np.where(edge, 0, np.rint((t - i) * 256)).astype(np.int32)  # half to even
-            w, i = w.reshape([-1] + [1] * (2 - axis)), i.clip(0, n - 1)  # w along the axis
-            x = np.take(x, i, axis) * (256 - w) + np.take(x, np.minimum(i + 1, n - 1), axis) * w
-        return ((x + 32768) >> 16).astype(np.uint8)  # in 1/65536: rounded once, at the end
+        for _ in "xy":  # along x, then y: each pass turns the image, (h, w) -> (H, h)
+            n = x.shape[1]
+            # the source positions as OpenCV computes them; outside the edge centres, one pixel
+            t = (np.arange(size) + 0.5) * (1 / (size / n)) - 0.5
+            i = np.floor(t).astype(np.int64)
+            w = np.rint((t - i) * 256).astype(np.int32)[:, None]  # i + 1's, half to even
+            w[(i < 0) | (i + 1 >= n)] = 0
+            i = i.clip(0, n - 1)
+            x = (x[:, i] * (256 - w) + x[:, np.minimum(i + 1, n - 1)] * w).transpose(1, 0, 2)
+        return ((x + 32768) >> 16).astype(np.uint8)  # in 1/65536, to the nearest
     short, long = sorted(im.size)
     long = int(size * long / short)  # as transformers' get_resize_output_image_size rounds
     if long * size > MAX_PIXELS:  # a 10^6 x 1 strip would first become 10^8 x 100
@@ -2530,9 +2532,10 @@ def timed(fn, sync, seconds: float = 1.0) -> float:
     return (time.perf_counter() - t0) / n
 
 def fake_embeddings(n_queries, n_labelled, n_junk, dim, device, n_landmarks=1000) -> tuple:
-    """A task's (q, g, q_labels, g_labels): distractors first, anywhere; the others near their
-    landmark's centre, as a trained model's. Multiples of 2^-10: every score is exact in
-    float32 in any order of sums, so rankings compare, not roundings."""
+    """A task's (q, g, q_labels, g_labels), distractors first and anywhere,
+    the others near their landmark's centre (as a trained model's); multiples
+    of 2^-10, so that every score is exact in float32 in any order of sums:
+    rankings compare, not roundings."""
     gen = torch.Generator(device).manual_seed(0)
     noise = lambda n: torch.randn(n, dim, generator=gen, device=device)
     unit = lambda x: torch.round(F.normalize(x, dim=-1) * 1024) / 1024
@@ -2584,7 +2587,8 @@ def bench(cfg: Config):
     tasks = [("G2S", 18688, 1000, 99539), ("S2G", 1000, 18688, 714554)]
     for task, nq, n_labelled, n_junk in tasks * ("rank" in cfg.phases):
         q, g, ql, gl = fake_embeddings(nq, n_labelled, n_junk, 512, device)
-        some = torch.randperm(nq, generator=torch.Generator().manual_seed(0))[:200].to(device)
+        pick = torch.Generator().manual_seed(0)
+        some = torch.randperm(nq, generator=pick)[:200].to(device)
         with matmul_precision("highest"):
             gemm = timed(lambda: [part @ g.T for part in q.split(cfg.chunk)], sync)
             ranks = rank_queries(q[some], g, ql[some], gl)  # and a warm-up
