@@ -2006,8 +2006,11 @@ def outside_backbone(cfg: Config, part: str) -> tuple[nn.Module, int, tuple]:
         build = CLIPVision if part == "vision" else CLIPText
         tower = build(c[part], c["projection_dim"])
         return tower, c["projection_dim"], (CLIP_MEAN, CLIP_STD) * (part == "vision")
-    size = {"image_size": cfg.img_size} if cfg.image_backbone == "vit_b_16" else {}
-    net = torchvision.models.get_model(cfg.image_backbone, weights=None, **size)
+    # no stochastic depth in convnext_tiny: it draws on torch's generator,
+    # alike on every process, so a run would depend on the process count
+    extra = {"vit_b_16": {"image_size": cfg.img_size},
+             "convnext_tiny": {"stochastic_depth_prob": 0.0}}.get(cfg.image_backbone, {})
+    net = torchvision.models.get_model(cfg.image_backbone, weights=None, **extra)
     # the classifier: each family's last Linear (fc, classifier.2, heads.head)
     name = [n for n, m in net.named_modules() if isinstance(m, nn.Linear)][-1]
     parent, _, leaf = name.rpartition(".")
