@@ -109,7 +109,8 @@ LETTER = {name: m for m, name in MODALITY.items()}
 
 def as_letters(text: str) -> str:
     """"ground,S", "sg" -> "GS": names or letters, GSTC's order; else as given (checked)."""
-    letters = "".join(LETTER.get(n.strip().lower(), n.strip().upper()) for n in text.split(","))
+    names = [n.strip() for n in text.split(",")]
+    letters = "".join(LETTER.get(n.lower(), n.upper()) for n in names)
     in_order = "".join(m for m in "GSTC" if m in letters)
     return in_order if set(in_order) == set(letters) else text
 
@@ -373,6 +374,7 @@ def read_articles(split: Split) -> tuple[list[dict | None], list[str]]:
                 raise ValueError("expected a JSON object {section title: text}")
             if sum(t.count("\n") + t.count(". ") for t in article.values()) > MAX_PIECES:
                 raise ValueError(f"over {MAX_PIECES:,} paragraphs and sentences")
+            "".join(article.values()).encode()  # lone surrogates: no UTF-8
         except (OSError, ValueError, RecursionError) as e:  # RecursionError: too deep
             article = bad.append(f"{path}: {type(e).__name__}: {e}")
         articles.append(article)
@@ -943,7 +945,8 @@ def device_of(cfg: Config) -> torch.device:
 
 def bf16_on(device: torch.device, cfg: Config) -> bool:
     """bf16 where the GPU has it natively (Ampere on): emulated (V100, T4) it is slower."""
-    return device.type == "cuda" and cfg.bf16 and torch.cuda.get_device_capability(device)[0] >= 8
+    return device.type == "cuda" and cfg.bf16 and (
+        torch.cuda.get_device_capability(device)[0] >= 8)
 
 def autocast_for(device: torch.device, cfg: Config):
     """bf16 autocast on a GPU that has it, else a no-op: the one precision switch."""
@@ -1213,6 +1216,8 @@ def fit(cfg: Config):
     elif rank == 0 and cfg.overwrite:  # what mml wrote here, nothing else
         wrote = [f"eval/{t.name}.{x}" for t in ALL_TASKS for x in ("csv", "png")]
         for name in ("last.pt", "best.pt", "log.jsonl", "eval/metrics.json", *wrote):
+            if (out / name).is_dir():
+                raise UserError(f"{out / name}: a folder, where mml writes a file")
             (out / name).unlink(missing_ok=True)
     # best.pt: the lowest validation loss, or the highest mean R@1
     best = ckpt["best"] if ckpt else (math.inf if cfg.select == "loss" else -math.inf)
@@ -1237,11 +1242,12 @@ def fit(cfg: Config):
     log = open(out / "log.jsonl", "a", buffering=1) if rank == 0 else None
     saved = {"config": dataclasses.asdict(cfg), "tokenizer": tok.to_str(),  # in every one
              "landmarks": landmarks} | ({"towers": tower_record} if tower_record else {})
-    loader = batch_loader(train_set, sampler, cfg.workers, device)
     t_start = t_last = time.time()
     first, last, bad_in_row, skipped, unreadable = step, step, 0, 0, []
     with stop_signals() as stop, matmul_precision("high"):  # TF32 for training, not scores
-        for batch in loader:
+        # the loader in no variable: a crash's traceback would keep its workers, which ignore
+        # SIGTERM, and the exit would wait on them for ever
+        for batch in batch_loader(train_set, sampler, cfg.workers, device):
             epoch, lr = step // per_epoch, lr_at(step, total, cfg)
             unreadable += [line for s in batch["bad"] for line in s.split("\n") if line]
             losses, scale, stopping = train_step(model, raw, optimizer, batch, cfg, pairs,
@@ -1457,7 +1463,7 @@ def batch_rows(out, n: int, what: str, width=0, first=0) -> torch.Tensor:
     """An encoder's answer to a batch of n, held to the protocol: (n, D) floats, D
     as in its earlier batches, every row finite (rows numbered from `first`)."""
     found = f"a {type(out).__name__}"  # a string, a dict: nothing like an array
-    with contextlib.suppress(TypeError, ValueError):
+    with contextlib.suppress(TypeError, ValueError, OverflowError):
         if not torch.is_tensor(out):
             out = torch.as_tensor(np.asarray(out, dtype=float))
         found = f"{tuple(out.shape)} {out.dtype}"
@@ -1490,6 +1496,7 @@ class Functions:
     fns: dict
     cfg: Config
 
+    @torch.no_grad()  # as `embed`: a function may return .numpy() of it
     def width(self, m: str) -> int:
         """The width D of modality m's embeddings, from one input (not flat)."""
         H = self.cfg.img_size
@@ -1592,8 +1599,8 @@ def write_metrics(path: Path, results: dict, cfg: Config, device, source: dict):
     """metrics.json, merged by task (earlier ones stay, each naming its source),
     under this evaluation's record: options, code, torch, device and date."""
     earlier, now = {}, datetime.datetime.now(datetime.timezone.utc)
-    with contextlib.suppress(ValueError, KeyError, TypeError, OSError):
-        earlier = dict(json.loads(path.read_text(encoding="utf-8"))["tasks"])
+    with contextlib.suppress(UserError, KeyError, TypeError, ValueError):
+        earlier = dict(read_json(path, "metrics file", 1 << 28)["tasks"])
     options = ("tasks", "chunk", "eval_batch", "img_size", "resize")
     merged = source | {
         "eval": {k: getattr(cfg, k) for k in options}, "code": code_record(),
@@ -1652,6 +1659,7 @@ def write_atomically(path: Path, write):
     tmp = path.with_name(path.name + ".tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.unlink(missing_ok=True)  # a link there would be written through
         write(tmp)
         os.replace(tmp, path)
     except (OSError, RuntimeError) as e:  # torch.save's full disk is a RuntimeError
@@ -1689,9 +1697,10 @@ def load_tensors(path: Path, what: str) -> dict:
     return obj
 
 def not_tensors(state: dict) -> list:
-    """The keys of a state dict that are not names or not of real tensors."""
+    """The keys of a state dict that are not names of real, dense tensors."""
     return [k for k, v in state.items()
-            if not isinstance(k, str) or not torch.is_tensor(v) or v.is_complex()]
+            if not isinstance(k, str) or not torch.is_tensor(v)
+            or v.is_complex() or v.layout != torch.strided or v.is_meta]
 
 # A checkpoint's parts and their types; the last three only --resume reads.
 PARTS = {"model": dict, "config": dict, "tokenizer": str, "step": int, "epoch": int,
@@ -1780,14 +1789,16 @@ def restore(path: Path, ckpt: dict, cfg: Config) -> MML:
     if "T" in meta.enc:  # a token past the text tower's vocabulary indexes nothing
         tok = Tokenizer.from_str(ckpt["tokenizer"])
         vocab = next(m for m in meta.enc["T"].modules() if isinstance(m, nn.Embedding))
-        if (n := tok.get_vocab_size()) > vocab.num_embeddings:
-            raise UserError(f"{path}: its tokenizer has {n} tokens, its text encoder "
-                            f"{vocab.num_embeddings}")
+        top = max(tok.get_vocab().values(), default=0)  # ids may have gaps
+        if top >= vocab.num_embeddings:
+            raise UserError(f"{path}: its tokenizer's ids reach {top}, its text encoder's "
+                            f"{vocab.num_embeddings - 1}")
         pad, cut = tok.padding or {}, tok.truncation or {}
         want = {"length": cfg.max_len, "direction": "right"} | (
             {"pad_id": 0} if cfg.text_backbone == "small" else {})
-        if any(pad.get(k) != v for k, v in want.items()) or (
-                cut.get("max_length"), cut.get("direction")) != (cfg.max_len, "right"):
+        cuts = {"max_length": cfg.max_len, "direction": "right", "stride": 0}
+        if any(pad.get(k) != v for k, v in want.items()) or any(
+                cut.get(k) != v for k, v in cuts.items()):
             raise UserError(f"{path}: its tokenizer does not pad and cut on the right to "
                             f"{cfg.max_len} tokens (the small text encoder pads with id 0)")
     model = MML(cfg)
@@ -1804,12 +1815,17 @@ def restore(path: Path, ckpt: dict, cfg: Config) -> MML:
     return model
 
 def resume_state(optimizer, ckpt: dict, path: Path):
-    """last.pt's optimizer state and torch RNG, checked to fit the model."""
+    """last.pt's AdamW moments and torch RNG, checked to fit the model (the
+    optimizer's settings stay this run's, whatever the file holds)."""
+    ours = [dict(group) for group in optimizer.param_groups]
     try:
         optimizer.load_state_dict(ckpt["optimizer"])
+        for group, own in zip(optimizer.param_groups, ours):
+            group.update(own)  # the same params, in the same order
         for p, state in optimizer.state.items():
-            if any(torch.is_tensor(v) and v.dim() and v.shape != p.shape for v in state.values()):
-                raise ValueError(f"a moment of another shape than its {tuple(p.shape)} weight")
+            got = {k: torch.is_tensor(v) and tuple(v.shape) for k, v in state.items()}
+            if got != {"step": (), "exp_avg": p.shape, "exp_avg_sq": p.shape}:
+                raise ValueError(f"a {tuple(p.shape)} weight's state is {got}"[:200])
         torch.set_rng_state(ckpt["torch_rng"])
     except (ValueError, KeyError, TypeError, RuntimeError) as e:
         raise UserError(f"{path}: its optimizer state does not fit the model ({e})") from None
@@ -1831,7 +1847,8 @@ class Checkpoint(Functions):
         self.path = Path(ckpt)
         saved = load_checkpoint(self.path)
         try:  # an absent device fails here, not mid-way
-            self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+            default = "cuda" if torch.cuda.is_available() else "cpu"
+            self.device = torch.device(device or default)
             torch.empty(0, device=self.device)
         except (RuntimeError, NotImplementedError) as e:
             raise UserError(f"device {device!r}: not usable ({str(e)[:80]})") from None
@@ -1912,7 +1929,7 @@ class Checkpoint(Functions):
         self.encoder("C")
         try:  # ragged lists, dicts, tensors needing grad
             points = torch.as_tensor(np.asarray(latlon, dtype=np.float64))
-        except (TypeError, ValueError, RuntimeError) as e:
+        except (TypeError, ValueError, RuntimeError, OverflowError) as e:
             raise UserError(f"embed_gps: not an array of numbers ({str(e)[:80]})") from None
         points = points.reshape(-1, 2) if points.shape in ((2,), (0,)) else points
         if points.dim() != 2 or points.shape[1] != 2 or not bool(
@@ -2133,7 +2150,8 @@ def read_json(path: Path, what: str, limit: int = 1 << 30):
     try:
         return json.loads(read_text(path, limit))
     except (OSError, ValueError, RecursionError) as e:
-        raise UserError(f"{path}: not a readable {what} ({type(e).__name__}: {e})"[:300]) from None
+        why = f"{type(e).__name__}: {e}"[:200]
+        raise UserError(f"{path}: not a readable {what} ({why})") from None
 
 def clip_config(folder: str) -> dict:
     """A CLIP folder's config.json as {"vision": sizes, "text": sizes,
@@ -2259,8 +2277,8 @@ def clip_tokenizer(folder: str, max_len: int) -> Tokenizer:
     except Exception as e:  # the tokenizers library raises its own types
         raise UserError(f"{path}: not a readable tokenizer ({str(e)[:80]})") from None
     end, vocab = tok.token_to_id("<|endoftext|>"), clip_config(folder)["text"]["vocab_size"]
-    if end is None or tok.get_vocab_size() > vocab:
-        raise UserError(f"{path}: {tok.get_vocab_size()} tokens, end-of-text {end}: "
+    if end is None or (top := max(tok.get_vocab().values())) >= vocab:
+        raise UserError(f"{path}: ids up to {top}, end-of-text {end}: "
                         f"not CLIP's tokenizer for a text tower of {vocab} tokens")
     tok.enable_padding(pad_id=end, pad_token="<|endoftext|>", length=max_len)
     tok.enable_truncation(max_len)
@@ -2395,7 +2413,7 @@ def draw_grid(task: Task, q: Side, g: Side, q_emb, g_emb, ranks: dict, columns: 
         if rank > len(top):
             j = int(ranks["match"][i])
             cell(r, 6, j, GREEN, f"{float(g_emb[j] @ q_emb[i]):.3f}  #{rank}")
-    img.save(path)
+    write_atomically(path, lambda tmp: img.save(tmp, format="PNG"))
 
 # The image cache: `prepare` decodes each image of a split and kind once into a
 # uint8 array (n, H, H, 3), CACHE/SIZE-RESIZE/{split}_{kind}.u8, then writes its

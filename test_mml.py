@@ -362,15 +362,13 @@ def fixture_root(tmp_path) -> Path:
 
 def test_reader_on_a_hand_written_fixture(fixture_root):
     s = mml.read_split(fixture_root, "query")
-    assert s.ids.tolist() == [11, 22]
-    assert s.latlon.tolist() == [[40.5, -73.25], [-10.0, 120.0]]
+    assert s.ids.tolist() == [11, 22] and s.latlon.tolist() == [[40.5, -73.25], [-10.0, 120.0]]
     assert s.ground == [["aaa0000000000001", "aaa0000000000002"], ["bbb0000000000001"]]
     assert s.latest == ["ccc0000000000003", "ddd0000000000002"]  # matched by id, not by row
     assert mml.Protocol(fixture_root).sentences("no_cues") == ["A tall tower", "A dome, white"]
     store = mml.ImageStore(s.dir, "ground", mml.Config(img_size=16))
     assert store.cache is None and store.path("aaa0000000000001") == fixture_root / "query/ground/a/a/a/aaa0000000000001.jpg"
-    assert store("aaa0000000000001").shape == (16, 16, 3)
-    assert abs(int(store("aaa0000000000001")[8, 8, 0]) - 200) < 4
+    assert store("aaa0000000000001").shape == (16, 16, 3) and abs(int(store("aaa0000000000001")[8, 8, 0]) - 200) < 4
     articles, bad = mml.read_articles(s)  # the second article's file is missing: None, and why
     assert articles[0] == article(s, 0) and articles[1] is None and len(bad) == 1 and "fff0000000000001.json" in bad[0]
     tok = mml.train_tokenizer(["Alpha is a tower in Ohio. It is tall."], mml.Config(vocab_size=60))
@@ -383,8 +381,7 @@ def test_reader_on_a_hand_written_fixture(fixture_root):
         assert picks == ({"Alpha is a tower in Ohio"} if mode == "first" else {
             "Alpha is a tower in Ohio", "It is tall.", "Second paragraph.", "Built once", "Then again."})
     index = mml.read_index(fixture_root)
-    assert index.ground == ["9990000000000001", "9990000000000002"]
-    assert index.sat_latlon.tolist() == [[30.25, -90.5]]
+    assert index.ground == ["9990000000000001", "9990000000000002"] and index.sat_latlon.tolist() == [[30.25, -90.5]]
     path = fixture_root / "query/mml_query.csv"  # a byte-order mark, CRLF, blank lines: as if absent
     path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes().replace(b"\n", b"\r\n\r\n"))
     assert mml.read_split(fixture_root, "query").ids.tolist() == [11, 22]
@@ -565,7 +562,9 @@ def test_sigterm_saves_the_step_and_resume_matches_an_uninterrupted_run(world, t
     run("train", "--out", tmp_path / "a", *args)
     logged, output = train_until_sigterm([sys.executable, HERE / "mml.py", "train", "--out", tmp_path / "b", *args], 3)
     assert "Traceback" not in output and "--resume`" in output, output
-    assert torch.load(tmp_path / "b/last.pt", weights_only=True)["step"] >= logged >= 3
+    assert (last := torch.load(tmp_path / "b/last.pt", weights_only=True))["step"] >= logged >= 3
+    groups = [g | {"betas": "ab", "amsgrad": True, "weight_decay": "x"} for g in last["optimizer"]["param_groups"]]  # the file's settings: not used
+    torch.save(last | {"optimizer": last["optimizer"] | {"param_groups": groups}}, tmp_path / "b/last.pt")
     run("train", "--out", tmp_path / "b", "--resume")
     same_weights(tmp_path / "a", tmp_path / "b")
     assert torch.load(tmp_path / "b/last.pt", weights_only=True)["step"] == 72 // 8
@@ -698,9 +697,9 @@ def test_unreadable_images_are_skipped_in_training_and_fatal_in_eval(world, tmp_
     mml.shard(q.dir, "ground", q.ground[3][1]).write_bytes(b"")
     assert re.search(f"{q.ground[3][1]}.*evaluation needs every file", fails_in_one_line(capsys, "eval", "--data", root, "--ckpt", tmp_path / "run/last.pt", "--tasks", "G2S", "--workers", 0))
 
-@pytest.mark.parametrize("content,why", [("{not json", "JSONDecodeError"), ("[" * 100_000, "RecursionError"), ('["a list"]', "expected a JSON object"), (json.dumps({"a": "\n" * 100_001}), "over 100,000 paragraphs"), (" " * (1 << 24) + "{}", "over the 16,777,216 allowed")])
+@pytest.mark.parametrize("content,why", [("{not json", "JSONDecodeError"), ("[" * 100_000, "RecursionError"), ('["a list"]', "expected a JSON object"), (json.dumps({"a": "\n" * 100_001}), "over 100,000 paragraphs"), (" " * (1 << 24) + "{}", "over the 16,777,216 allowed"), (json.dumps({"a": "\ud800"}), "surrogates not allowed")])
 def test_an_unreadable_article_is_skipped_in_training_and_fatal_in_eval(world, trained, tmp_path, capsys, content, why):
-    """An article not JSON, 100,000 deep, not an object or too long: training counts it, empty; eval refuses it before any work."""
+    """An article not JSON, 100,000 deep, not an object, too long or not UTF-8: training counts it, empty; eval refuses it first."""
     root = copy_world(world, tmp_path)
     for split in ("train", "query"):
         s = mml.read_split(root, split)
@@ -819,17 +818,15 @@ def test_eval_runs_every_task_with_the_protocols_galleries(world, trained, tmp_p
                "C": (len(index.sat) + len(q.ids), len(index.sat))}
     for name, r in tasks.items():
         assert (r["gallery"], r["distractors"]) == gallery[name[2]], name
-        assert r["queries"] == (photos if name[0] == "G" else len(q.ids))
         rows = read_rows(tmp_path / f"eval/{name}.csv")
-        assert len(rows) == r["queries"]
+        assert r["queries"] == len(rows) == (photos if name[0] == "G" else len(q.ids))
         ranks = np.array([int(x["rank_strict"]) for x in rows])
         official = np.array([int(x["rank_official"]) for x in rows])
         # the summary is the per-query file, summarised
         for k in (1, 5, 10):
             assert r["strict"][f"R@{k}"] == pytest.approx(100 * np.mean(ranks <= k))
             assert r["official"][f"R@{k}"] == pytest.approx(100 * np.mean(official <= k))
-        assert r["strict"]["medR"] == r["official"]["medR"] == np.median(ranks)
-        assert (official <= ranks).all()
+        assert r["strict"]["medR"] == r["official"]["medR"] == np.median(ranks) and (official <= ranks).all()
         if name[2] == "C":
             true = torch.tensor(q.latlon, dtype=torch.float64)[torch.tensor([list(q.ids).index(int(x["landmark_id"])) for x in rows])]
             pred = torch.tensor([[float(x["pred_lat"]), float(x["pred_lon"])] for x in rows], dtype=torch.float64)
@@ -839,8 +836,7 @@ def test_eval_runs_every_task_with_the_protocols_galleries(world, trained, tmp_p
     # a later evaluation of some tasks (any case, spaces after commas) keeps the others
     run("eval", "--data", world, "--ckpt", trained / "last.pt", "--out", tmp_path, "--workers", 0, "--device", "cpu", "--tasks", "t2c, g2s")
     again = json.loads((tmp_path / "eval/metrics.json").read_text())["tasks"]
-    assert list(again) == list(tasks)
-    assert {n: r["checkpoint"] for n, r in again.items()} == {n: str(trained / ("last.pt" if n[:3] in ("T2C", "G2S") else "best.pt")) for n in tasks}
+    assert list(again) == list(tasks) and {n: r["checkpoint"] for n, r in again.items()} == {n: str(trained / ("last.pt" if n[:3] in ("T2C", "G2S") else "best.pt")) for n in tasks}
     # a sentence query carries its landmark id and its sentence; a photo query its own id
     sentences = mml.Protocol(world).side("query_text_random")
     rows = read_rows(tmp_path / "eval/T2S-random.csv")
@@ -894,7 +890,10 @@ def test_eval_bad_input(world, trained, tmp_path, capsys):
     assert list(json.loads((tmp_path / "gs/eval/metrics.json").read_text())["tasks"]) == ["G2S", "S2G"]
 
 def test_pictures_show_what_the_csv_says(world, trained, tmp_path):
+    write(tmp_path / "eval/metrics.json", "[" * 100_000)  # unreadable: started afresh; links where eval writes: replaced, not written through
+    [(tmp_path / "eval" / name).symlink_to(tmp_path / "victim") for name in ("G2S.png", "G2S.csv.tmp", "metrics.json.tmp")]
     run("eval", "--ckpt", trained / "best.pt", "--out", tmp_path, "--tasks", "G2S,T2S-first,G2C", "--workers", 0, "--viz")
+    assert not (tmp_path / "victim").exists() and list(json.loads((tmp_path / "eval/metrics.json").read_text())["tasks"]) == ["G2S", "T2S-first", "G2C"]
     for task in ("G2S", "T2S-first"):
         grid = Image.open(tmp_path / f"eval/{task}.png").convert("RGB")
         rows = read_rows(tmp_path / f"eval/{task}.csv")
@@ -969,8 +968,7 @@ def test_the_api_composes_and_any_encoders_give_evals_metrics(world, trained, ev
     mml.evaluate_encoders({"G": enc["G"], "S": enc["S"], "C": enc["C"], "T": lambda texts: enc["T"](mml.tokenize(model.tok, texts))},
                           data=world, out=tmp_path / "fns", img_size=32)
     assert task_results(tmp_path / "fns") == want
-    mml.evaluate_encoders({"G": enc["G"], "S": enc["S"]}, data=world, out=tmp_path / "gs", img_size=32)
-    assert set(task_results(tmp_path / "gs")) == {"G2S", "S2G"}
+    assert set(mml.evaluate_encoders({"G": enc["G"], "S": enc["S"]}, data=world, out=tmp_path / "gs", img_size=32)) == {"G2S", "S2G"}
     # an image as a path (a list of them, or one), an (H, W, 3) array or a (1, 3, H, H) tensor
     q = mml.read_split(world, "query")
     photo = mml.shard(q.dir, "ground", q.ground[0][0])
@@ -1023,6 +1021,7 @@ def test_the_python_api_refuses_what_it_cannot_embed_in_one_line(trained, tmp_pa
             model.embed_gps(bad)
     for call, message in ((lambda: model.embed_gps([[1.0, 2.0], [3.0]]), "embed_gps: not an array of numbers"),
                           (lambda: model.embed_gps(torch.zeros(1, 2, requires_grad=True)), "embed_gps: not an array"),
+                          (lambda: model.embed_gps([[10**400, 0]]), "embed_gps: not an array of numbers"),
                           (lambda: mml.load(trained / "best.pt", batch=-5), "batch -5: expected an integer of at least 1"),
                           (lambda: mml.load(trained / "best.pt", device="cuda:99"), "device 'cuda:99': not usable"),
                           (lambda: model.embed_images(np.zeros((1, 8, 8, 3), np.uint8), kind="text"), "kind 'text'; expected ground or satellite"),
@@ -1041,7 +1040,7 @@ def test_the_python_api_refuses_what_it_cannot_embed_in_one_line(trained, tmp_pa
 def test_rows_of_any_norm_are_normalised_and_a_zero_row_is_one_line(world, trained, tmp_path):
     """Embeddings scaled by 3 or 1e20 (float32 norms overflow), in one buffer, or not finite on a flat image (the width probe is not flat): the unit vectors' metrics; a zero row: one line."""
     enc = mml.load(trained / "best.pt", device="cpu").model.enc
-    want = mml.evaluate_encoders({"G": enc["G"], "S": enc["S"]}, data=world, out=tmp_path / "u", img_size=32)
+    want = mml.evaluate_encoders({m: lambda x, m=m: enc[m](x).numpy() for m in "GS"}, data=world, out=tmp_path / "u", img_size=32)  # no grad, the probe too
     buffer = {m: torch.empty(16, 32) for m in "GS"}
     for n, f in enumerate((lambda m, x: 3 * enc[m](x), lambda m, x: 1e20 * enc[m](x), lambda m, x: buffer[m][:len(x)].copy_(enc[m](x)),
                            lambda m, x: enc[m](x) / (x.float().std((1, 2, 3)) > 0)[:, None])):
@@ -1113,14 +1112,15 @@ def test_synth_never_replaces_what_mml_did_not_write(fixture_root, tmp_path, cap
     assert (tmp_path / "c/64-crop/query_satellite.u8").read_bytes() == b"someone's"  # refused before any array is built
     assert sorted(p.name for p in (tmp_path / "c/64-crop").iterdir()) == ["query_satellite.u8"]
 
-def test_overwrite_starts_over(world, trained, tmp_path):
-    with unittest.mock.patch.object(mml, "train_step", lambda *a: 1 / 0):  # a first step that fails (out of memory, say): no run yet
-        pytest.raises(ZeroDivisionError, run, "train", "--data", world, "--out", tmp_path / "oom", *TINY)
+def test_overwrite_starts_over(world, trained, tmp_path, capsys):
+    crash = "import sys, mml; mml.train_step = lambda *a: 1 / 0; mml.main(sys.argv[1:])"  # a first step that fails (out of memory, say): no run yet
+    done = subprocess.run([sys.executable, "-c", crash, *map(str, ["train", "--data", world, "--out", tmp_path / "oom", *TINY, "--workers", 1])], cwd=HERE, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and done.stderr.strip().endswith("ZeroDivisionError: division by zero")  # and it ends: its traceback does not keep the loader's workers (they ignore SIGTERM)
     run("train", "--data", world, "--out", tmp_path / "oom", *TINY, "--max-steps", 1)  # again, without --overwrite
+    (tmp_path / "oom/best.pt").unlink() or (tmp_path / "oom/best.pt").mkdir()  # a folder where mml writes a file
+    assert "oom/best.pt: a folder, where mml writes a file" in fails_in_one_line(capsys, "train", "--data", world, "--out", tmp_path / "oom", *TINY, "--overwrite")
     shutil.copytree(trained, tmp_path / "run")  # --overwrite removes what mml wrote there, nothing else
-    write(tmp_path / "run/eval/metrics.json", "{}")
-    write(tmp_path / "run/eval/G2S.csv", "an earlier model's")
-    write(tmp_path / "run/notes.txt", "mine")
+    [write(tmp_path / "run" / name, text) for name, text in (("eval/metrics.json", "{}"), ("eval/G2S.csv", "an earlier model's"), ("notes.txt", "mine"))]
     run("train", "--data", world, "--out", tmp_path / "run", *TINY, "--epochs", 1, "--overwrite")
     assert [r["epoch"] for r in log_records(tmp_path / "run") if "val_loss" in r] == [0]
     assert torch.load(tmp_path / "run/last.pt", weights_only=True)["step"] == STEPS
@@ -1240,12 +1240,15 @@ RESUME_ONLY = ("optimizer", "torch_rng", "best")  # what eval does not read
     ("model", [1, 2], "(model is a list)"),
     ("model", lambda c: c["model"] | {"logit_scale": torch.tensor(1 + 2j)}, "its model entry 'logit_scale' is not what mml saves"),
     ("model", lambda c: c["model"] | {3: torch.zeros(1)}, "its model entry 3 is not what mml saves"),
+    ("model", lambda c: c["model"] | {"enc.G.head.bias": c["model"]["enc.G.head.bias"].to_sparse()}, "its model entry 'enc.G.head.bias' is not"),
     ("tokenizer", "{garbage", "its tokenizer does not load"),
-    ("tokenizer", lambda c: retokenized(c, lambda t: t.add_tokens(["zzz"])), "its tokenizer has 301 tokens, its text encoder 300"),
+    ("tokenizer", lambda c: retokenized(c, lambda t: t.add_tokens(["zzz"])), "its tokenizer's ids reach 300, its text encoder's 299"),
+    ("tokenizer", lambda c: c["tokenizer"].replace('"[UNK]":1,', '"[UNK]":100000,'), "its tokenizer's ids reach 100000"),  # 300 ids, not 0-299
+    ("tokenizer", lambda c: retokenized(c, lambda t: t.enable_truncation(16, stride=4)), "does not pad and cut on the right to 16 tokens"),
     ("tokenizer", lambda c: retokenized(c, lambda t: t.enable_padding(length=16, direction="left")), "does not pad and cut on the right to 16 tokens"),
     ("optimizer", None, "not an mml checkpoint to resume (optimizer is missing)"),
-    ("optimizer", lambda c: c["optimizer"] | {"state": c["optimizer"]["state"] | {0: c["optimizer"]["state"][0] | {"exp_avg": torch.zeros(3)}}},
-     "its optimizer state does not fit the model (a moment of another shape"),
+    ("optimizer", lambda c: c["optimizer"] | {"state": c["optimizer"]["state"] | {0: c["optimizer"]["state"][0] | {"exp_avg": torch.tensor(0.0)}}},
+     "its optimizer state does not fit the model (a ("),
     ("torch_rng", None, "not an mml checkpoint to resume (torch_rng is missing)"),
     ("torch_rng", lambda c: c["torch_rng"][:100], "its RNG state is not what mml saves"),
     ("best", float("nan"), "its best nan is not what mml saves"),
@@ -1390,24 +1393,20 @@ def fixture_pixels(resize: str) -> torch.Tensor:
     return torch.stack([torch.from_numpy(mml.load_image(p, 32, resize)).permute(2, 0, 1) for p in sorted((FIXTURES / "images").glob("*.png"))])
 
 def references() -> dict:
-    """What transformers 4.57.6 and the authors' MmlCLIP computed, in a separate virtual
-    environment (never in requirements.txt), from assets/fixtures:
-    - clip-tiny: CLIPModel(CLIPConfig(vision 32 wide, 2 layers, 2 heads, patch 8, 32 px; text
-      32 wide, 2 layers, vocabulary 664, 77 positions, eos_token_id 2 as openai's configs;
-      projection 32)) with torch.manual_seed(0), saved by save_pretrained in both formats;
-      its tokenizer.json from CLIPTokenizerFast on a CLIP-style byte-level BPE (vocab.json,
-      merges.txt) of 150 merges learnt from synthetic-world sentences. "pixels": a standard
-      normal (2, 3, 32, 32), "image": normalize(get_image_features(pixels)); "ids":
-      CLIPTokenizer (the slow, python one the authors used, without ftfy) of SENTENCES with
-      padding="max_length", truncation=True, max_length=77, which the fast one matched;
-      "text": normalize(get_text_features(ids, attention_mask)); "processor_pixels" and
-      "processor_image": CLIPImageProcessor (shortest_edge 32, crop 32) on images/*.png.
-    - "authors": their MmlCLIP(model_name=clip-tiny, output_dim=512) loaded with
-      authors_weights(clip-tiny's state dict) (strict=False, as their train.py), on
-      images/*.png through their get_transforms(..., "val") (albumentations Resize with
-      cv2.INTER_LINEAR_EXACT, CLIP's Normalize), CLIPTokenizer.from_pretrained(clip-tiny) on
-      SENTENCES and LATLON: each of the four outputs, normalised.
-    (Its "geoclip" part, and clip-tiny-768, are from when mml converted GeoCLIP: unused.)"""
+    """What transformers 4.57.6 and the authors' MmlCLIP computed, in a separate virtual environment (never in
+    requirements.txt), from assets/fixtures:
+    - clip-tiny: CLIPModel(CLIPConfig(vision 32 wide, 2 layers, 2 heads, patch 8, 32 px; text 32 wide, 2 layers, vocabulary
+      664, 77 positions, eos_token_id 2 as openai's configs; projection 32)) with torch.manual_seed(0), saved by
+      save_pretrained in both formats; its tokenizer.json from CLIPTokenizerFast on a CLIP-style byte-level BPE (vocab.json,
+      merges.txt) of 150 merges learnt from synthetic-world sentences. "pixels": a standard normal (2, 3, 32, 32), "image":
+      normalize(get_image_features(pixels)); "ids": CLIPTokenizer (the slow, python one the authors used, without ftfy) of
+      SENTENCES with padding="max_length", truncation=True, max_length=77, which the fast one matched; "text":
+      normalize(get_text_features(ids, attention_mask)); "processor_pixels" and "processor_image": CLIPImageProcessor
+      (shortest_edge 32, crop 32) on images/*.png.
+    - "authors": their MmlCLIP(model_name=clip-tiny, output_dim=512) loaded with authors_weights(clip-tiny's state dict)
+      (strict=False, as their train.py), on images/*.png through their get_transforms(..., "val") (albumentations Resize with
+      cv2.INTER_LINEAR_EXACT, CLIP's Normalize), CLIPTokenizer.from_pretrained(clip-tiny) on SENTENCES and LATLON: each of
+      the four outputs, normalised."""
     return torch.load(FIXTURES / "references.pt", weights_only=True)
 
 def clip_folder(tmp_path: Path, name: str = "clip-tiny", drop=()) -> Path:
@@ -1617,7 +1616,8 @@ def edit(change):
     (edit(lambda c: c["vision_config"].update(hidden_act="silu")), "vision_config hidden_act 'silu'"),
     (edit(lambda c: c["text_config"].update(layer_norm_eps=float("nan"))), "text_config hidden_act 'quick_gelu', heads 2, layer_norm_eps nan: not what these towers implement"),
     (edit(lambda c: c["vision_config"].update(layer_norm_eps=-1e-5)), "layer_norm_eps -1e-05: not what these towers implement"),
-    (edit(lambda c: c["text_config"].update(vocab_size=100)), "tokenizer.json: 664 tokens, end-of-text 663: not CLIP's tokenizer for a text tower of 100"),
+    (edit(lambda c: c["text_config"].update(vocab_size=100)), "tokenizer.json: ids up to 663, end-of-text 663: not CLIP's tokenizer for a text tower of 100"),
+    (lambda f: (f / "tokenizer.json").write_text((f / "tokenizer.json").read_text().replace('"!": 0,', '"!": 100000,')), "tokenizer.json: ids up to 100000"),  # 664 ids
     (edit(lambda c: c["text_config"].update(HUGE_TEXT)), "parameters, over the 3,000,000,000 allowed"),  # sized before it is built
 ])
 def test_a_bad_clip_folder_is_one_line_within_seconds_and_leaves_nothing(world, tmp_path, capsys, break_it, message):
