@@ -362,11 +362,11 @@ class ImageStore:
             raise UnreadableFile(f"{self.path(image_id)}: {e}") from None
         return out
 
-def read_articles(split: Split) -> tuple[list[dict | None], list[str]]:
-    """A split's articles, each {section title: text} or None where unreadable; and why each
-    unreadable one failed."""
+def read_articles(split_dir: Path, ids: list[str]) -> tuple[list[dict | None], list[str]]:
+    """A split's articles by id, each {section title: text} or None where unreadable; and why
+    each unreadable one failed."""
     articles, bad = [], []
-    for path in (shard(split.dir, "text", i) for i in split.text):
+    for path in (shard(split_dir, "text", i) for i in ids):
         try:
             article = json.loads(read_text(path, MAX_ARTICLE_BYTES))
             if not (isinstance(article, dict) and article and all(
@@ -978,7 +978,8 @@ def training_sets(cfg: Config, ckpt: dict | None) -> tuple:
     if min(len(s.ids) for s in splits) < 2:
         raise UserError(f"{root}: {len(splits[0].ids)} training and {len(splits[1].ids)} "
                         f"validation landmarks; need at least 2 of each")
-    (articles, bad), (val_articles, val_bad) = map(read_articles, splits)
+    (articles, bad), (val_articles, val_bad) = (
+        read_articles(split.dir, split.text) for split in splits)
     if bad + val_bad:
         print0(f"{len(bad + val_bad)} unreadable articles, their sentences empty (first: "
                f"{(bad + val_bad)[0]})")
@@ -1386,22 +1387,21 @@ class Protocol:
     def sentences(self, mode: str) -> list[str]:
         """A sentence per query landmark: first, random, or mml_query_text_sentences.csv's
         no_cues (read for these tasks alone, as the authors do). Random is the authors' own
-        draw (eval_dataset.py): one Random(42) over mml_query_text.csv's rows in order, a
-        section, paragraph and piece each."""
+        draw (eval_dataset.py): one Random(42) over every row of mml_query_text.csv in
+        order (a skipped landmark's too), a section, paragraph and piece each."""
         q = self.query
         if mode == "no_cues":
             listing = q.dir / "mml_query.csv"  # checked against all it lists, skipped or not
             listed = read_csv(listing, ["landmark_id"])["landmark_id"]
             cells = by_landmark(listing, "text_sentences", "sentences", listed)
             return [cells[i] for i in q.ids.tolist()]
-        articles, bad = read_articles(q)
+        rows = read_csv(q.dir / "mml_query_text.csv", ["landmark_id", "json"])
+        articles, bad = read_articles(q.dir, rows["json"])
         if bad:
             raise UserError(f"{bad[0]} (evaluation needs every file of the protocol)")
         table, rng = Sentences(articles, None, "random"), random.Random(42)
-        row = {landmark: n for n, landmark in enumerate(q.ids.tolist())}
-        csv_rows = read_csv(q.dir / "mml_query_text.csv", ["landmark_id"])
-        texts = {i: table.texts[table.pick(row[i], mode, rng)]
-                 for i in csv_rows["landmark_id"] if i in row}
+        texts = {i: table.texts[table.pick(n, mode, rng)]
+                 for n, i in enumerate(rows["landmark_id"])}
         return [texts[i] for i in q.ids.tolist()]
 
 class ImageList(torch.utils.data.Dataset):
@@ -2165,12 +2165,13 @@ def clip_config(folder: str) -> dict:
         raise UserError(f"{path}: model_type {kind!r}; supported: Hugging Face CLIPModel")
     out = {"projection_dim": c.get("projection_dim", 512)}
     for part, defaults in (("vision", CLIP_VISION), ("text", CLIP_TEXT)):
-        # old configs keep sizes in *_config_dict, which wins (transformers)
-        given = [c.get(f"{part}_config") or {}, c.get(f"{part}_config_dict") or {}]
-        if not all(isinstance(g, dict) for g in given):
+        # old configs hold *_config_dict, which replaces *_config whole (transformers)
+        names = (f"{part}_config_dict", f"{part}_config")
+        sizes = next((c[n] for n in names if c.get(n) is not None), {})
+        if not isinstance(sizes, dict):
             raise UserError(f"{path}: {part}_config is not an object of sizes")
         # null reads as absent (2022's configs: vision eos_token_id null)
-        out[part] = defaults | {k: v for g in given for k, v in g.items() if v is not None}
+        out[part] = defaults | {k: v for k, v in sizes.items() if v is not None}
     parts = [("vision_config ", out["vision"]), ("text_config ", out["text"]), ("", out)]
     for part, sizes in parts:
         for k, bound in CLIP_BOUNDS.items():  # an absent size reads 1: in bounds
