@@ -1214,11 +1214,12 @@ def fit(cfg: Config):
     if ckpt:
         resume_state(optimizer, ckpt, out / "last.pt")
         print0(f"resumed {out / 'last.pt'} at step {step}")
-    elif rank == 0 and cfg.overwrite:  # what mml wrote here, nothing else
+    elif cfg.overwrite:  # only what mml wrote, all checked before any goes
         wrote = [f"eval/{t.name}.{x}" for t in ALL_TASKS for x in ("csv", "png")]
-        for name in ("last.pt", "best.pt", "log.jsonl", "eval/metrics.json", *wrote):
-            if (out / name).is_dir():
-                raise UserError(f"{out / name}: a folder, where mml writes a file")
+        names = ["last.pt", "best.pt", "log.jsonl", "eval/metrics.json", *wrote]
+        if folder := next((n for n in names if (out / n).is_dir()), None):
+            raise UserError(f"{out / folder}: a folder, where mml writes a file")
+        for name in names if rank == 0 else ():
             (out / name).unlink(missing_ok=True)
     # best.pt: the lowest validation loss, or the highest mean R@1
     best = ckpt["best"] if ckpt else (math.inf if cfg.select == "loss" else -math.inf)
@@ -1655,18 +1656,22 @@ def writable_folder(path: Path, option: str) -> Path:
 
 def write_atomically(path: Path, write):
     """write(tmp), then rename tmp to path: a crash never leaves a half-written file; a
-    failed write (a full disk) is one line and leaves no .tmp."""
-    tmp = path.with_name(path.name + ".tmp")
+    failed write (a full disk) is one line, no tmp left. The tmp is this process's and
+    new (O_EXCL): nothing already there is written through or removed."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    made = False
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.unlink(missing_ok=True)  # a link there would be written through
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        made = True
         write(tmp)
         os.replace(tmp, path)
     except (OSError, RuntimeError) as e:  # torch.save's full disk is a RuntimeError
         why = (str(e).splitlines() or [type(e).__name__])[0]
         raise UserError(f"{path}: could not be written ({why})") from None
     finally:
-        tmp.unlink(missing_ok=True)
+        if made:  # renamed, or half-written
+            tmp.unlink(missing_ok=True)
 
 def save_checkpoint(state: dict, path: Path):
     write_atomically(path, lambda tmp: torch.save(state, tmp))
@@ -2491,7 +2496,6 @@ def prepare(cfg: Config):
     replaced only if its manifest says mml made it; written as a stream, not through
     a memory map, so that a full disk is an error, not a SIGBUS."""
     root, size = Path(cfg.data), cfg.img_size
-    cache = writable_folder(cache_dir(cfg, root), "--cache")
     blank = bytes(size * size * 3)  # an unreadable image's row
     jobs = []  # (split folder, kind, image ids)
     for split in cfg.splits.split(","):
@@ -2503,6 +2507,7 @@ def prepare(cfg: Config):
             tiles = dict.fromkeys(i for g in s.sat for i in g)
             jobs += [(s.dir, "ground", [i for g in s.ground for i in g]),
                      (s.dir, "satellite", list(tiles))]
+    cache = writable_folder(cache_dir(cfg, root), "--cache")  # after the data is found
     arrays = [cache / f"{split_dir.name}_{kind}.u8" for split_dir, kind, _ in jobs]
     for array in arrays:  # all refused before any is decoded
         head = (m := array.with_suffix(".json")).is_file() and m.read_bytes()[:100]

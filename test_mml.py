@@ -893,7 +893,7 @@ def test_pictures_show_what_the_csv_says(world, trained, tmp_path):
     write(tmp_path / "eval/metrics.json", "[" * 100_000)  # unreadable: started afresh; links where eval writes: replaced, not written through
     [(tmp_path / "eval" / name).symlink_to(tmp_path / "victim") for name in ("G2S.png", "G2S.csv.tmp", "metrics.json.tmp")]
     run("eval", "--ckpt", trained / "best.pt", "--out", tmp_path, "--tasks", "G2S,T2S-first,G2C", "--workers", 0, "--viz")
-    assert not (tmp_path / "victim").exists() and list(json.loads((tmp_path / "eval/metrics.json").read_text())["tasks"]) == ["G2S", "T2S-first", "G2C"]
+    assert not (tmp_path / "victim").exists() and (tmp_path / "eval/G2S.csv.tmp").is_symlink() and list(json.loads((tmp_path / "eval/metrics.json").read_text())["tasks"]) == ["G2S", "T2S-first", "G2C"]
     for task in ("G2S", "T2S-first"):
         grid = Image.open(tmp_path / f"eval/{task}.png").convert("RGB")
         rows = read_rows(tmp_path / f"eval/{task}.csv")
@@ -1118,7 +1118,7 @@ def test_overwrite_starts_over(world, trained, tmp_path, capsys):
     assert done.returncode == 1 and done.stderr.strip().endswith("ZeroDivisionError: division by zero")  # and it ends: its traceback does not keep the loader's workers (they ignore SIGTERM)
     run("train", "--data", world, "--out", tmp_path / "oom", *TINY, "--max-steps", 1)  # again, without --overwrite
     (tmp_path / "oom/best.pt").unlink() or (tmp_path / "oom/best.pt").mkdir()  # a folder where mml writes a file
-    assert "oom/best.pt: a folder, where mml writes a file" in fails_in_one_line(capsys, "train", "--data", world, "--out", tmp_path / "oom", *TINY, "--overwrite")
+    assert "oom/best.pt: a folder, where mml writes a file" in fails_in_one_line(capsys, "train", "--data", world, "--out", tmp_path / "oom", *TINY, "--overwrite") and (tmp_path / "oom/last.pt").exists()  # nothing removed
     shutil.copytree(trained, tmp_path / "run")  # --overwrite removes what mml wrote there, nothing else
     [write(tmp_path / "run" / name, text) for name, text in (("eval/metrics.json", "{}"), ("eval/G2S.csv", "an earlier model's"), ("notes.txt", "mine"))]
     run("train", "--data", world, "--out", tmp_path / "run", *TINY, "--epochs", 1, "--overwrite")
