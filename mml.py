@@ -311,7 +311,7 @@ def to_square(im: Image.Image, size: int, resize: str = "crop") -> np.ndarray:
         x = np.asarray(im, dtype=np.int32)  # (h, w, 3)
         for _ in "xy":  # along x, then y: each pass turns the image, (h, w) -> (H, h)
             n = x.shape[1]
-            # the source positions as OpenCV computes them; outside the edge centres, one pixel
+            # source positions as OpenCV computes them; past the edge centres, one pixel
             t = (np.arange(size) + 0.5) * (1 / (size / n)) - 0.5
             i = np.floor(t).astype(np.int64)
             w = np.rint((t - i) * 256).astype(np.int32)[:, None]  # i + 1's, half to even
@@ -1656,21 +1656,18 @@ def writable_folder(path: Path, option: str) -> Path:
 
 def write_atomically(path: Path, write):
     """write(tmp), then rename tmp to path: a crash never leaves a half-written file; a
-    failed write (a full disk) is one line, no tmp left. The tmp is this process's and
-    new (O_EXCL): nothing already there is written through or removed."""
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    made = False
+    failed write (a full disk) is one line and leaves no .tmp."""
+    tmp = path.with_name(path.name + ".tmp")  # torch.save's archive holds its name
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-        made = True
+        tmp.unlink(missing_ok=True)  # a crash's, or a link: not written through
         write(tmp)
         os.replace(tmp, path)
     except (OSError, RuntimeError) as e:  # torch.save's full disk is a RuntimeError
         why = (str(e).splitlines() or [type(e).__name__])[0]
         raise UserError(f"{path}: could not be written ({why})") from None
     finally:
-        if made:  # renamed, or half-written
+        with contextlib.suppress(OSError):  # a folder: named by the error above
             tmp.unlink(missing_ok=True)
 
 def save_checkpoint(state: dict, path: Path):
@@ -2507,7 +2504,7 @@ def prepare(cfg: Config):
             tiles = dict.fromkeys(i for g in s.sat for i in g)
             jobs += [(s.dir, "ground", [i for g in s.ground for i in g]),
                      (s.dir, "satellite", list(tiles))]
-    cache = writable_folder(cache_dir(cfg, root), "--cache")  # after the data is found
+    cache = writable_folder(cache_dir(cfg, root), "--cache")  # the data found first
     arrays = [cache / f"{split_dir.name}_{kind}.u8" for split_dir, kind, _ in jobs]
     for array in arrays:  # all refused before any is decoded
         head = (m := array.with_suffix(".json")).is_file() and m.read_bytes()[:100]
@@ -2547,7 +2544,7 @@ def prepare(cfg: Config):
 # machine; trust ratios between rows, absolute numbers only with their device.
 
 def timed(fn, sync, seconds: float = 1.0) -> float:
-    """Seconds a call takes: warmed up, over `seconds` of calls (at 0: one cold call)."""
+    """Seconds a call takes: warmed up, over `seconds` of calls (at 0: one call)."""
     if seconds:
         fn()
         sync()
@@ -2574,8 +2571,9 @@ def fake_embeddings(n_queries, n_labelled, n_junk, dim, device, n_landmarks=1000
             torch.cat([torch.full((n_junk,), -1, device=device), labels]))
 
 def bench(cfg: Config):
-    """`bench`: steps (`train_step` itself: fp32; on a GPU bf16, + compile), loader, rank (at
-    full scale, against the bare GEMM and the per-query argsort, whose metrics must agree)."""
+    """`bench`: steps (`train_step` itself: fp32; on a GPU bf16, + compile),
+    loader, rank (at full scale, against the bare GEMM and the per-query argsort,
+    whose metrics must agree)."""
     device, rate = device_of(cfg), 0.0
     cuda = device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
@@ -2585,10 +2583,10 @@ def bench(cfg: Config):
     if "steps" in cfg.phases:
         gen, B, H = torch.Generator().manual_seed(0), cfg.batch_size, cfg.img_size
         images = torch.randint(0, 256, (B, 3, H, H), dtype=torch.uint8, generator=gen)
-        batch = {"G": images, "S": images, "bad": [""] * B,
-                 "T": torch.randint(1, 32, (B, cfg.max_len), generator=gen),  # any vocabulary
-                 "C": torch.rand(B, 2, generator=gen) * 20 + torch.tensor([28.0, -110.0])}
-        batch = {m: x for m, x in batch.items() if m in cfg.modalities or m == "bad"}
+        text = torch.randint(1, 32, (B, cfg.max_len), generator=gen)  # any vocabulary's
+        gps = torch.rand(B, 2, generator=gen) * 20 + torch.tensor([28.0, -110.0])
+        batch = {"G": images, "S": images, "T": text, "C": gps}
+        batch = {m: batch[m] for m in cfg.modalities} | {"bad": [""] * B}
         pairs = loss_pairs(cfg.modalities)
         for bf16, compiled in [(False, False)] + [(True, False), (True, True)] * cuda:
             run = dataclasses.replace(cfg, bf16=bf16, compile=compiled)
