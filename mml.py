@@ -18,9 +18,9 @@ train. Then eval, checkpoints and the Python API, outside models (CLIP, torchvis
 line. PROTOCOL N cites section N of the protocol in README.md. Shapes: B batch, D embedding
 width, E a backbone's width, H image side, L tokens, Q queries, N gallery, P positives.
 """
-import argparse, contextlib, csv, dataclasses, datetime, difflib, functools, hashlib, io
-import itertools, json, math, mmap, os, pickle, random, re, shutil, signal, subprocess, sys
-import textwrap, time, typing
+import argparse, contextlib, csv, dataclasses, datetime, difflib, fcntl, functools, hashlib
+import io, itertools, json, math, mmap, os, pickle, random, re, shutil, signal, subprocess
+import sys, textwrap, time, typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -2811,10 +2811,16 @@ def synthetic_world(scale: float) -> Path:
     root = synthetic_root(scale)
     # a world is renamed into place only when whole: one there is complete
     if rank_and_world()[0] == 0 and not root.exists():
-        t = time.time()
-        print0(f"no --data given: generating a synthetic world in {root} ...")
-        counts = json.dumps(synthesize(root, scale))
-        print0(f"  done in {time.time() - t:.0f}s: {counts}")
+        folder = writable_folder(root.parent, "--data (default)")
+        folder.mkdir(parents=True, exist_ok=True)
+        # two runs at once: one writes it, the other waits, then finds it
+        with open(folder / f".{root.name}.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not root.exists():
+                t = time.time()
+                print0(f"no --data given: generating a synthetic world in {root} ...")
+                counts = json.dumps(synthesize(root, scale))
+                print0(f"  done in {time.time() - t:.0f}s: {counts}")
     if dist.is_initialized():  # every process, the world written or not
         dist.barrier()
     return root
